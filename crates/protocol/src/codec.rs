@@ -1,0 +1,186 @@
+//! The codec: MessagePack (`to_vec_named`, maps not arrays) is native; JSON is read when the
+//! `Content-Type` header says `application/json` or the payload is plainly a JSON object, and
+//! written when a deployment asks for it. Decode errors are classified into reject reasons.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::headers::{APPLICATION_JSON, APPLICATION_MSGPACK};
+use crate::types::RejectReason;
+
+/// Format of payloads a service writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    /// MessagePack with named fields (native, default).
+    #[default]
+    Msgpack,
+    /// JSON, for human-readable streams.
+    Json,
+}
+
+impl WireFormat {
+    /// The `Content-Type` header value for this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Msgpack => APPLICATION_MSGPACK,
+            Self::Json => APPLICATION_JSON,
+        }
+    }
+}
+
+impl std::str::FromStr for WireFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "msgpack" | "messagepack" => Ok(Self::Msgpack),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown wire format {other:?} (use msgpack or json)")),
+        }
+    }
+}
+
+/// A value could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("failed to encode MessagePack: {0}")]
+    Msgpack(#[from] rmp_serde::encode::Error),
+    #[error("failed to encode JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// A payload could not be decoded; `reason` says how, for rejections and dead letters.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{message}")]
+pub struct DecodeError {
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+/// Encodes `value` in `format`.
+pub fn encode<T: Serialize + ?Sized>(format: WireFormat, value: &T) -> Result<Vec<u8>, EncodeError> {
+    Ok(match format {
+        WireFormat::Msgpack => rmp_serde::to_vec_named(value)?,
+        WireFormat::Json => serde_json::to_vec(value)?,
+    })
+}
+
+/// True when the payload should be read as JSON: the content type says so, or there is no
+/// content type and the first non-blank byte is `{` (never the start of a MessagePack map).
+pub fn is_json(content_type: Option<&str>, payload: &[u8]) -> bool {
+    match content_type {
+        Some(ct) => ct.trim().to_ascii_lowercase().starts_with(APPLICATION_JSON),
+        None => payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
+    }
+}
+
+/// Decodes a payload, choosing the format from the content type (see [`is_json`]).
+pub fn decode<T: DeserializeOwned>(content_type: Option<&str>, payload: &[u8]) -> Result<T, DecodeError> {
+    decode_reporting(content_type, payload).map(|(v, _)| v)
+}
+
+/// Decodes a payload and also returns the paths of fields this version does not know, so they can
+/// be reported instead of silently dropped.
+pub fn decode_reporting<T: DeserializeOwned>(
+    content_type: Option<&str>,
+    payload: &[u8],
+) -> Result<(T, Vec<String>), DecodeError> {
+    let mut unknown = Vec::new();
+    let result = if is_json(content_type, payload) {
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        serde_ignored::deserialize(&mut de, |p| unknown.push(p.to_string()))
+            .and_then(|v| de.end().map(|()| v))
+            .map_err(classify_json)
+    } else {
+        let mut de = rmp_serde::Deserializer::new(payload);
+        serde_ignored::deserialize(&mut de, |p| unknown.push(p.to_string())).map_err(classify_msgpack)
+    };
+    result.map(|v| (v, unknown))
+}
+
+fn classify_message(message: String) -> DecodeError {
+    let reason = if message.contains("expected struct") || message.contains("expected a map") {
+        RejectReason::Malformed
+    } else if message.starts_with("missing field") {
+        RejectReason::MissingField
+    } else if message.starts_with("invalid type") {
+        RejectReason::WrongType
+    } else if message.starts_with("invalid value")
+        || message.starts_with("invalid length")
+        || message.starts_with("unknown variant")
+        || message.contains("did not match any variant")
+    {
+        RejectReason::InvalidField
+    } else {
+        RejectReason::Malformed
+    };
+    DecodeError { reason, message }
+}
+
+fn classify_json(e: serde_json::Error) -> DecodeError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => classify_message(e.to_string()),
+        Category::Io | Category::Syntax | Category::Eof => {
+            DecodeError { reason: RejectReason::Malformed, message: format!("malformed JSON: {e}") }
+        }
+    }
+}
+
+fn classify_msgpack(e: rmp_serde::decode::Error) -> DecodeError {
+    match e {
+        rmp_serde::decode::Error::Syntax(m) => classify_message(m),
+        other => DecodeError { reason: RejectReason::Malformed, message: format!("malformed MessagePack: {other}") },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{Priority, TaskSubmission};
+
+    fn sub() -> TaskSubmission {
+        TaskSubmission {
+            capability: "echo".into(),
+            input: serde_json::json!({"text": "hi"}),
+            priority: Some(Priority::BATCH),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn msgpack_and_json_round_trip() {
+        for fmt in [WireFormat::Msgpack, WireFormat::Json] {
+            let bytes = encode(fmt, &sub()).unwrap();
+            let back: TaskSubmission = decode(Some(fmt.content_type()), &bytes).unwrap();
+            assert_eq!(back, sub());
+        }
+    }
+
+    #[test]
+    fn json_is_sniffed_without_header() {
+        let back: TaskSubmission = decode(None, br#" {"capability":"echo","priority":"interactive"}"#).unwrap();
+        assert_eq!(back.priority, Some(Priority::INTERACTIVE));
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let r = |ct: Option<&str>, b: &[u8]| decode::<TaskSubmission>(ct, b).unwrap_err().reason;
+        assert_eq!(r(None, b"\xff\xfe garbage"), RejectReason::Malformed);
+        assert_eq!(r(Some(APPLICATION_JSON), b"{not json"), RejectReason::Malformed);
+        assert_eq!(r(None, br#"{"input": 1}"#), RejectReason::MissingField);
+        assert_eq!(r(None, br#"{"capability": 7}"#), RejectReason::WrongType);
+        assert_eq!(r(None, br#"{"capability": "x", "priority": 42}"#), RejectReason::InvalidField);
+        let mp = rmp_serde::to_vec_named(&serde_json::json!({"capability": ["x"]})).unwrap();
+        assert_eq!(r(None, &mp), RejectReason::WrongType);
+        let mp = rmp_serde::to_vec_named(&serde_json::json!({"input": 1})).unwrap();
+        assert_eq!(r(None, &mp), RejectReason::MissingField);
+    }
+
+    #[test]
+    fn unknown_fields_are_reported_not_fatal() {
+        let (s, unknown) =
+            decode_reporting::<TaskSubmission>(None, br#"{"capability":"echo","colour":"red"}"#).unwrap();
+        assert_eq!(s.capability, "echo");
+        assert_eq!(unknown, vec!["colour".to_string()]);
+    }
+}

@@ -1,0 +1,103 @@
+//! Acknowledgement of JetStream messages: an [`AckGuard`] that NAKs a message dropped without a
+//! decision, plus in-progress acks that keep a long piece of work from being redelivered.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+
+/// Owns a JetStream message until it is acked, NAKed or terminated. Dropping it undecided NAKs
+/// the message so it is redelivered promptly instead of waiting for the ack timeout.
+#[derive(Debug)]
+pub struct AckGuard {
+    msg: Option<Message>,
+}
+
+impl AckGuard {
+    pub fn new(msg: Message) -> Self {
+        Self { msg: Some(msg) }
+    }
+
+    /// The message.
+    pub fn message(&self) -> Option<&Message> {
+        self.msg.as_ref()
+    }
+
+    /// How many times the message has been delivered (1 on first delivery).
+    pub fn delivered(&self) -> u64 {
+        self.msg
+            .as_ref()
+            .and_then(|m| m.info().ok())
+            .map(|i| u64::try_from(i.delivered).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Stream sequence of the message.
+    pub fn stream_sequence(&self) -> Option<u64> {
+        self.msg.as_ref().and_then(|m| m.info().ok()).map(|i| i.stream_sequence)
+    }
+
+    async fn decide(mut self, kind: AckKind) -> Result<(), async_nats::Error> {
+        match self.msg.take() {
+            Some(m) => m.ack_with(kind).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Work is durable: stop redelivering.
+    pub async fn ack(self) -> Result<(), async_nats::Error> {
+        self.decide(AckKind::Ack).await
+    }
+
+    /// Redeliver, after `delay` if given.
+    pub async fn nak(self, delay: Option<Duration>) -> Result<(), async_nats::Error> {
+        self.decide(AckKind::Nak(delay)).await
+    }
+
+    /// Never redeliver (poison); the caller records the reason in a dead letter.
+    pub async fn term(self) -> Result<(), async_nats::Error> {
+        self.decide(AckKind::Term).await
+    }
+
+    /// Resets the ack timer: the work is still going.
+    pub async fn progress(&self) -> Result<(), async_nats::Error> {
+        match &self.msg {
+            Some(m) => m.ack_with(AckKind::Progress).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `work`, sending an in-progress ack every `every` while it runs, for at most `cap` in
+    /// total (after which the ack timer is allowed to run out).
+    pub async fn with_progress<F: Future>(&self, every: Duration, cap: Duration, work: F) -> F::Output {
+        let started = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval_at(started + every, every);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    if started.elapsed() < cap
+                        && let Err(e) = self.progress().await
+                    {
+                        tracing::warn!(error = %e, "failed to send in-progress ack");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AckGuard {
+    fn drop(&mut self) {
+        if let Some(m) = self.msg.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                if let Err(e) = m.ack_with(AckKind::Nak(None)).await {
+                    tracing::debug!(error = %e, "failed to NAK a dropped message");
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Plumbing every Flotilla service shares: layered configuration, telemetry, shutdown, the NATS
+//! connection, idempotent creation of streams / consumers / buckets, publishing and acking.
+
+pub mod ack;
+pub mod config;
+pub mod health;
+pub mod local_server;
+pub mod nats;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+pub use ack::AckGuard;
+pub use config::{CommonConfig, StreamSettings};
+pub use nats::Fleet;
+pub use topology::Topology;

@@ -1,0 +1,194 @@
+//! The NATS connection and the [`Fleet`] handle every service works through: encoded publishes
+//! with content-type and de-duplication headers, awaited JetStream acks, and typed KV access with
+//! revision checks.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use flotilla_protocol::{Names, TaskEvent, WireFormat, codec, headers};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Errors of the fleet handle's operations.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Encode(#[from] codec::EncodeError),
+    #[error("stored value under {key:?} is unreadable: {source}")]
+    Decode { key: String, source: codec::DecodeError },
+    #[error("failed to publish to {subject}: {source}")]
+    Publish { subject: String, source: async_nats::Error },
+    #[error("key-value operation on {key:?} failed: {source}")]
+    Kv { key: String, source: async_nats::Error },
+    /// A revision-checked write lost to a concurrent writer.
+    #[error("key {key:?} changed concurrently (revision check failed)")]
+    Conflict { key: String },
+    /// `create` found the key already present.
+    #[error("key {key:?} already exists")]
+    Exists { key: String },
+}
+
+impl FleetError {
+    /// True for a lost revision race or an existing key: re-read and decide again.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Conflict { .. } | Self::Exists { .. })
+    }
+}
+
+/// Connects to NATS, retrying the first connection so services can start before the server.
+pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    use anyhow::Context as _;
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)))
+        .connect(url)
+        .await
+        .with_context(|| format!("failed to connect to NATS at {url}"))
+}
+
+/// One fleet on one connection: names, output format and JetStream context.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub format: WireFormat,
+    /// This process's instance id (logs, health, registry).
+    pub instance: String,
+}
+
+impl Fleet {
+    /// A fleet handle on an existing connection.
+    pub fn new(client: async_nats::Client, names: Names, format: WireFormat, instance: String) -> Self {
+        let js = jetstream::new(client.clone());
+        Self { client, js, names, format, instance }
+    }
+
+    /// Headers every published message carries.
+    pub fn headers(&self, msg_id: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, self.format.content_type());
+        if let Some(id) = msg_id {
+            h.insert(headers::NATS_MSG_ID, id);
+        }
+        h
+    }
+
+    /// Encodes a value in the fleet's output format.
+    pub fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes, FleetError> {
+        Ok(Bytes::from(codec::encode(self.format, value)?))
+    }
+
+    /// Publishes to a stream and waits until the stream has stored it.
+    pub async fn publish_durable<T: Serialize + ?Sized>(
+        &self,
+        subject: String,
+        value: &T,
+        msg_id: Option<&str>,
+    ) -> Result<(), FleetError> {
+        let payload = self.encode(value)?;
+        let err = |e: async_nats::Error, s: &str| FleetError::Publish { subject: s.to_owned(), source: e };
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), self.headers(msg_id), payload)
+            .await
+            .map_err(|e| err(e.into(), &subject))?;
+        ack.await.map_err(|e| err(e.into(), &subject))?;
+        Ok(())
+    }
+
+    /// Publishes a task event, de-duplicated per task, kind and attempt.
+    pub async fn publish_event(&self, event: &TaskEvent) -> Result<(), FleetError> {
+        let subject = self.names.task_event_subject(&event.task_id, &event.kind);
+        let msg_id = format!("{}:{}:{}", event.task_id, event.kind, event.attempt.unwrap_or(0));
+        self.publish_durable(subject, event, Some(&msg_id)).await
+    }
+
+    /// Reads and decodes a KV value with its revision.
+    pub async fn kv_get<T: DeserializeOwned>(
+        &self,
+        store: &kv::Store,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, FleetError> {
+        let entry = store
+            .entry(key)
+            .await
+            .map_err(|e| FleetError::Kv { key: key.to_owned(), source: e.into() })?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let v = codec::decode(None, &e.value)
+                    .map_err(|source| FleetError::Decode { key: key.to_owned(), source })?;
+                Ok(Some((v, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Creates a KV key; fails with [`FleetError::Exists`] when it is already there.
+    pub async fn kv_create<T: Serialize>(&self, store: &kv::Store, key: &str, value: &T) -> Result<u64, FleetError> {
+        let payload = self.encode(value)?;
+        store.create(key, payload).await.map_err(|e| {
+            if e.kind() == kv::CreateErrorKind::AlreadyExists {
+                FleetError::Exists { key: key.to_owned() }
+            } else {
+                FleetError::Kv { key: key.to_owned(), source: e.into() }
+            }
+        })
+    }
+
+    /// Writes a KV key only if it is still at `revision`; [`FleetError::Conflict`] otherwise.
+    pub async fn kv_update<T: Serialize>(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        value: &T,
+        revision: u64,
+    ) -> Result<u64, FleetError> {
+        let payload = self.encode(value)?;
+        store.update(key, payload, revision).await.map_err(|e| {
+            if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                FleetError::Conflict { key: key.to_owned() }
+            } else {
+                FleetError::Kv { key: key.to_owned(), source: e.into() }
+            }
+        })
+    }
+
+    /// Writes a KV key unconditionally (for values with a single writer, such as heartbeats).
+    pub async fn kv_put<T: Serialize>(&self, store: &kv::Store, key: &str, value: &T) -> Result<u64, FleetError> {
+        let payload = self.encode(value)?;
+        store.put(key, payload).await.map_err(|e| FleetError::Kv { key: key.to_owned(), source: e.into() })
+    }
+
+    /// Reads, changes and writes back a KV value with a revision check, retrying lost races up to
+    /// `attempts` times. `change` returns `None` to leave the value alone.
+    pub async fn kv_modify<T, F>(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        attempts: u32,
+        mut change: F,
+    ) -> Result<Option<(T, u64)>, FleetError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut(T) -> Option<T>,
+    {
+        for _ in 0..attempts.max(1) {
+            let Some((current, rev)) = self.kv_get::<T>(store, key).await? else {
+                return Ok(None);
+            };
+            let Some(next) = change(current) else {
+                return Ok(None);
+            };
+            match self.kv_update(store, key, &next, rev).await {
+                Ok(new_rev) => return Ok(Some((next, new_rev))),
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(FleetError::Conflict { key: key.to_owned() })
+    }
+}

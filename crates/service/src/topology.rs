@@ -1,0 +1,106 @@
+//! Idempotent creation of every stream and bucket a fleet uses, from the names in `protocol`.
+//! Every service calls [`Topology::ensure`] at start-up; repeated or concurrent calls converge.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, kv, stream};
+use flotilla_protocol::Names;
+
+use crate::config::StreamSettings;
+
+/// Handles to a fleet's buckets, after they were ensured.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Current record of every task.
+    pub tasks: kv::Store,
+    /// Agent registry with heartbeats.
+    pub agents: kv::Store,
+    /// Every capability a fleet ever declared.
+    pub capabilities: kv::Store,
+}
+
+impl Topology {
+    /// Creates or updates the fleet's streams and buckets.
+    pub async fn ensure(js: &jetstream::Context, names: &Names, s: &StreamSettings) -> anyhow::Result<Self> {
+        for cfg in stream_configs(names, s) {
+            let name = cfg.name.clone();
+            js.create_or_update_stream(cfg)
+                .await
+                .with_context(|| format!("failed to ensure stream {name}"))?;
+        }
+        let bucket = |bucket: String, description: &str, history: i64, max_age: Duration| kv::Config {
+            bucket,
+            description: description.to_owned(),
+            history,
+            max_age,
+            num_replicas: s.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let tasks = ensure_bucket(
+            js,
+            bucket(names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
+        )
+        .await?;
+        let agents = ensure_bucket(
+            js,
+            bucket(names.agents_bucket(), "Flotilla: agent registry and heartbeats", 1, Duration::from_secs(3600)),
+        )
+        .await?;
+        let capabilities = ensure_bucket(
+            js,
+            bucket(names.capabilities_bucket(), "Flotilla: capabilities declared by fleets", 1, Duration::ZERO),
+        )
+        .await?;
+        Ok(Self { tasks, agents, capabilities })
+    }
+}
+
+async fn ensure_bucket(js: &jetstream::Context, cfg: kv::Config) -> anyhow::Result<kv::Store> {
+    let name = cfg.bucket.clone();
+    js.create_or_update_key_value(cfg)
+        .await
+        .with_context(|| format!("failed to ensure bucket {name}"))
+}
+
+/// The configuration of every stream of a fleet.
+pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> {
+    let base = |name: String, subjects: Vec<String>, description: &str| stream::Config {
+        name,
+        subjects,
+        description: Some(description.to_owned()),
+        storage: stream::StorageType::File,
+        num_replicas: s.replicas,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    };
+    vec![
+        stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            max_age: s.submissions_max_age,
+            duplicate_window: s.duplicate_window,
+            max_message_size: s.max_msg_size,
+            ..base(names.submissions_stream(), vec![names.submit_subject()], "Flotilla: task submissions")
+        },
+        stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            max_age: s.events_max_age,
+            max_bytes: s.events_max_bytes,
+            duplicate_window: Duration::from_secs(120),
+            deny_delete: true,
+            ..base(names.events_stream(), vec![names.events_all()], "Flotilla: lifecycle events (audit trail)")
+        },
+        stream::Config {
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::from_secs(24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            ..base(names.assignments_stream(), vec![names.assign_all()], "Flotilla: assignments to runners")
+        },
+        stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            ..base(names.deadletter_stream(), vec![names.deadletter_all()], "Flotilla: dead-letter records")
+        },
+    ]
+}

@@ -1,0 +1,180 @@
+//! Dev-only test kit: a fresh `nats-server` per test (free loopback port, temporary store, killed
+//! on drop), the project's service binaries as child processes, and small async helpers.
+
+// The test kit is dev-only: failing loudly on a broken test environment is the right behaviour.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use flotilla_service::local_server::{LocalServer, LocalServerOptions, locate};
+
+/// Root of the workspace (where `nats/`, `scripts/` and `.tools/` live).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// Turns on test logging once (`RUST_LOG` picks the level; default warnings only).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A nats-server started for one test.
+#[derive(Debug)]
+pub struct NatsServer {
+    server: LocalServer,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a fresh server with JetStream in a new temporary directory.
+    pub fn start() -> Self {
+        init_tracing();
+        let dir = tempfile::Builder::new().prefix("flotilla-nats-").tempdir().expect("temp dir");
+        let store = dir.path().to_path_buf();
+        Self::start_in(store, None, Some(dir))
+    }
+
+    fn start_in(store: PathBuf, port: Option<u16>, dir: Option<tempfile::TempDir>) -> Self {
+        let root = workspace_root();
+        let binary = locate(&[root.clone()]).expect("nats-server (run scripts/install-nats-server)");
+        let server = LocalServer::start(LocalServerOptions {
+            binary,
+            store_dir: store,
+            port,
+            config_file: Some(root.join("nats/test.conf")),
+        })
+        .expect("nats-server starts");
+        Self { server, _dir: dir }
+    }
+
+    /// Client URL.
+    pub fn url(&self) -> &str {
+        self.server.url()
+    }
+
+    /// Port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in url")
+    }
+
+    /// Connects a client.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connect to test nats-server")
+    }
+
+    /// Kills the server and starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        let port = self.port();
+        let store = self.server.options().store_dir.clone();
+        self.server.stop();
+        let dir = self._dir.take();
+        *self = Self::start_in(store, Some(port), dir);
+    }
+}
+
+/// Path of one of the workspace's binaries (`flotilla-agent-runner`, `flotilla`, …), building it
+/// first when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--bin", name])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// A child process killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct ChildProcess {
+    child: Option<Child>,
+    pub name: String,
+}
+
+impl ChildProcess {
+    /// Spawns `program` with `args` and `env`; stdout and stderr go to the test's output.
+    pub fn spawn(program: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("failed to spawn {}", program.display()))?;
+        Ok(Self { child: Some(child), name: program.display().to_string() })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) with the `kill` command.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit code, or `None` on timeout.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A unique subject prefix for tests that share a server.
+pub fn unique_prefix(base: &str) -> String {
+    format!("{base}{}", std::process::id() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)))
+}

@@ -1,0 +1,122 @@
+//! The fleet file (TOML): agent templates a runner hosts, with their capabilities, model provider,
+//! system prompt, concurrency and replicas.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use flotilla_protocol::names::is_token;
+use flotilla_protocol::validate::is_capability;
+use serde::Deserialize;
+
+/// A parsed fleet file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFile {
+    /// Agent templates.
+    #[serde(rename = "agent", default)]
+    pub agents: Vec<AgentTemplate>,
+}
+
+/// One agent template.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTemplate {
+    /// Template name: 1–64 of `[A-Za-z0-9_-]`.
+    pub name: String,
+    /// Capabilities its agents serve.
+    pub capabilities: Vec<String>,
+    /// Model provider; `offline` is the built-in deterministic model.
+    #[serde(default = "default_provider")]
+    pub provider: String,
+    /// Model name passed to the provider.
+    #[serde(default)]
+    pub model: String,
+    /// System prompt.
+    #[serde(default)]
+    pub system_prompt: String,
+    /// Tasks one agent runs at once.
+    #[serde(default = "one")]
+    pub concurrency: u32,
+    /// Agents started from this template on each runner.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Labels tasks can require.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_provider() -> String {
+    "offline".to_owned()
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl FleetFile {
+    /// Parses and validates fleet TOML.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let fleet: FleetFile = toml::from_str(text).context("invalid fleet file")?;
+        fleet.validate()?;
+        Ok(fleet)
+    }
+
+    /// Reads and validates a fleet file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("failed to read fleet file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.agents.is_empty() {
+            bail!("the fleet declares no agents (add an [[agent]] table)");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for a in &self.agents {
+            if !is_token(&a.name) || a.name.len() > 64 {
+                bail!("agent name {:?} must be 1-64 characters of A-Z a-z 0-9 _ -", a.name);
+            }
+            if !seen.insert(&a.name) {
+                bail!("agent name {:?} is declared twice", a.name);
+            }
+            if a.capabilities.is_empty() {
+                bail!("agent {:?} declares no capabilities", a.name);
+            }
+            if let Some(c) = a.capabilities.iter().find(|c| !is_capability(c)) {
+                bail!("agent {:?}: capability {c:?} must be 1-128 characters of A-Z a-z 0-9 _ - .", a.name);
+            }
+            if a.concurrency == 0 || a.concurrency > 10_000 {
+                bail!("agent {:?}: concurrency must be 1-10000", a.name);
+            }
+            if a.replicas > 10_000 {
+                bail!("agent {:?}: replicas must be at most 10000", a.name);
+            }
+            if a.provider != "offline" {
+                bail!("agent {:?}: provider {:?} is not available in this version (use \"offline\")", a.name, a.provider);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_demo_fleet() {
+        let f = FleetFile::parse(include_str!("../../../examples/demo-fleet.toml")).unwrap();
+        assert_eq!(f.agents.len(), 2);
+        assert_eq!(f.agents[0].replicas, 2);
+    }
+
+    #[test]
+    fn rejects_bad_fleets() {
+        assert!(FleetFile::parse("").is_err());
+        assert!(FleetFile::parse("[[agent]]\nname='a b'\ncapabilities=['x']").is_err());
+        assert!(FleetFile::parse("[[agent]]\nname='a'\ncapabilities=[]").is_err());
+        assert!(FleetFile::parse("[[agent]]\nname='a'\ncapabilities=['x']\ncolour='red'").is_err());
+        assert!(FleetFile::parse("[[agent]]\nname='a'\ncapabilities=['x']\nprovider='mystery'").is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! The agent-runner: hosts the agents of a fleet file, keeps them registered with heartbeats,
+//! takes the assignments the dispatcher sends them, runs each on its model and reports the
+//! lifecycle. Claims and completions are revision-checked KV updates, so a redelivered or late
+//! assignment never completes twice.
+
+pub mod fleet;
+pub mod model;
+mod registry;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use flotilla_service::{Fleet, Topology};
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use fleet::FleetFile;
+pub use registry::Agents;
+
+/// Agent-runner settings (`[agent_runner]` in the config file, `FLOTILLA_AGENT_RUNNER__*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Fleet file to load.
+    pub fleet: Option<PathBuf>,
+    /// Stable id of this runner (`[A-Za-z0-9_-]`); a restarted runner with the same id picks up
+    /// its durable consumer again. Defaults to a random id.
+    pub runner_id: Option<String>,
+    /// Heartbeat period of the registry entries.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Ack wait of the assignment consumer; in-progress acks go out every third of it.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Longest a single task may keep its assignment alive with in-progress acks.
+    #[serde(with = "humantime_serde")]
+    pub max_task_time: Duration,
+    /// On shutdown, how long in-flight tasks get to finish before they are handed back.
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            fleet: None,
+            runner_id: None,
+            heartbeat_interval: Duration::from_secs(1),
+            ack_wait: Duration::from_secs(30),
+            max_task_time: Duration::from_secs(3600),
+            drain_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Runs the agent-runner for `fleet_file` until `shutdown` is cancelled, then drains.
+pub async fn run(
+    config: Config,
+    fleet_file: FleetFile,
+    fleet: Fleet,
+    topology: Topology,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let runner_id = config.runner_id.clone().unwrap_or_else(|| fleet.instance.clone());
+    anyhow::ensure!(
+        flotilla_protocol::names::is_token(&runner_id) && runner_id.len() <= 48,
+        "runner id {runner_id:?} must be 1-48 characters of A-Z a-z 0-9 _ -"
+    );
+    let agents = Arc::new(Agents::new(&runner_id, &fleet_file, config.heartbeat_interval));
+    registry::declare_capabilities(&fleet, &topology, &fleet_file).await?;
+    agents.beat(&fleet, &topology).await.context("failed to register agents")?;
+    tracing::info!(runner = %runner_id, agents = agents.len(), "agents registered");
+
+    let stream = fleet
+        .js
+        .get_stream(fleet.names.assignments_stream())
+        .await
+        .context("failed to open the assignments stream")?;
+    let capacity = i64::from(agents.total_capacity());
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(fleet.names.runner_consumer(&runner_id)),
+            description: Some(format!("Flotilla runner {runner_id}: its assignments")),
+            filter_subject: fleet.names.assign_subject(&runner_id),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: capacity.saturating_add(16),
+            inactive_threshold: Duration::from_secs(24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .context("failed to ensure the runner's assignment consumer")?;
+
+    let health = {
+        let agents = agents.clone();
+        flotilla_service::health::serve(
+            fleet.clone(),
+            flotilla_protocol::names::service::AGENT_RUNNER,
+            Arc::new(move || agents.health_details()),
+            shutdown.clone(),
+        )
+        .await?
+    };
+
+    let heartbeat = tokio::spawn(registry::heartbeat_loop(
+        agents.clone(),
+        fleet.clone(),
+        topology.clone(),
+        config.heartbeat_interval,
+        shutdown.clone(),
+    ));
+
+    let tracker = TaskTracker::new();
+    // Cancelled after the drain grace: handlers still running give their work back.
+    let abort = CancellationToken::new();
+    let ctx = Arc::new(worker::Context {
+        fleet: fleet.clone(),
+        topology: topology.clone(),
+        agents: agents.clone(),
+        runner_id: runner_id.clone(),
+        progress_every: config.ack_wait / 3,
+        max_task_time: config.max_task_time,
+        abort: abort.clone(),
+    });
+
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(usize::try_from(capacity).unwrap_or(64).clamp(1, 256))
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .context("failed to start consuming assignments")?;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        match next {
+            Some(Ok(msg)) => {
+                let ctx = ctx.clone();
+                tracker.spawn(async move { worker::handle(ctx, msg).await });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "assignment stream error; continuing");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None => break,
+        }
+    }
+    drop(messages);
+
+    // Drain: no more intake; mark agents draining; let in-flight work finish within the grace.
+    tracing::info!(in_flight = agents.in_flight_total(), "draining");
+    agents.draining.store(true, Ordering::SeqCst);
+    let _ = agents.beat(&fleet, &topology).await;
+    tracker.close();
+    if tokio::time::timeout(config.drain_grace, tracker.wait()).await.is_err() {
+        tracing::warn!("drain grace over; handing unfinished tasks back for redelivery");
+        abort.cancel();
+        tracker.wait().await;
+    }
+    let _ = heartbeat.await;
+    agents.deregister(&fleet, &topology).await;
+    let _ = health.await;
+    tracing::info!(runner = %runner_id, "runner stopped");
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The dispatcher: takes submissions from the submissions stream, validates and records them, and
+//! assigns each queued task to a live agent that has its capability and free capacity. Its whole
+//! view of tasks and agents is a projection of two KV buckets, rebuilt from NATS on every start.
+
+mod intake;
+mod scheduler;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use flotilla_service::{Fleet, Topology};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// What to do with a task whose capability no fleet has ever declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownCapability {
+    /// Reject it with `unknown_capability` (default: catches typos at once).
+    #[default]
+    Reject,
+    /// Queue it until an agent with the capability registers.
+    Wait,
+}
+
+/// Dispatcher settings (`[dispatcher]` in the config file, `FLOTILLA_DISPATCHER__*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Largest accepted task input (bytes of its JSON form).
+    pub max_input_bytes: usize,
+    /// Policy for capabilities no fleet has declared.
+    pub unknown_capability: UnknownCapability,
+    /// An agent is dead after this many missed heartbeats.
+    pub missed_heartbeats: u32,
+    /// A task assigned but not claimed for this long is given to another agent.
+    #[serde(with = "humantime_serde")]
+    pub assign_timeout: Duration,
+    /// Submissions processed concurrently.
+    pub intake_concurrency: usize,
+    /// How often liveness, timeouts and deadlines are checked.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_input_bytes: 256 * 1024,
+            unknown_capability: UnknownCapability::Reject,
+            missed_heartbeats: 3,
+            assign_timeout: Duration::from_secs(30),
+            intake_concurrency: 64,
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Counters shown in health replies.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub assigned: AtomicU64,
+    pub requeued: AtomicU64,
+    pub queued: AtomicU64,
+    pub live_agents: AtomicU64,
+}
+
+impl Stats {
+    fn details(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "accepted": g(&self.accepted),
+            "rejected": g(&self.rejected),
+            "duplicates": g(&self.duplicates),
+            "assigned": g(&self.assigned),
+            "requeued": g(&self.requeued),
+            "queued": g(&self.queued),
+            "live_agents": g(&self.live_agents),
+        })
+    }
+}
+
+/// Runs the dispatcher until `shutdown` is cancelled.
+pub async fn run(config: Config, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    let health = {
+        let stats = stats.clone();
+        flotilla_service::health::serve(
+            fleet.clone(),
+            flotilla_protocol::names::service::DISPATCHER,
+            Arc::new(move || stats.details()),
+            shutdown.clone(),
+        )
+        .await?
+    };
+    let scheduler = tokio::spawn(scheduler::run(
+        config.clone(),
+        fleet.clone(),
+        topology.clone(),
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    let intake = intake::run(config, fleet, topology, stats, shutdown.clone()).await;
+    shutdown.cancel();
+    let sched = scheduler.await.context("scheduler task panicked")?;
+    let _ = health.await;
+    intake.and(sched)
+}

@@ -1,0 +1,38 @@
+//! `flotilla-dispatcher`: loads config, connects, ensures the topology and runs the dispatcher
+//! until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use flotilla_dispatcher::Config;
+use flotilla_service::{CommonConfig, Fleet, Topology, config};
+
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-dispatcher", version, about = "Assigns Flotilla tasks to agents")]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS URL.
+    #[arg(long, env = "FLOTILLA_NATS_URL")]
+    nats_url: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    flotilla_service::telemetry::init("info");
+    let args = Args::parse();
+    let fig = config::figment(args.config.as_deref());
+    let common: CommonConfig = config::extract(&fig, None, serde_json::json!({ "nats_url": args.nats_url }))?;
+    let cfg: Config = config::extract(&fig, Some("dispatcher"), serde_json::json!({}))?;
+    let names = common.names()?;
+    let instance = common.instance.clone().unwrap_or_else(config::random_instance_id);
+    let client = flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-dispatcher").await?;
+    let fleet = Fleet::new(client.clone(), names, common.wire_format, instance);
+    let topology = Topology::ensure(&fleet.js, &fleet.names, &common.streams).await?;
+    let shutdown = flotilla_service::shutdown::on_signal();
+    flotilla_dispatcher::run(cfg, fleet, topology, shutdown).await?;
+    client.drain().await.context("failed to drain the NATS connection")?;
+    Ok(())
+}

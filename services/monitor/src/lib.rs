@@ -1,0 +1,199 @@
+//! The monitor: follows the event stream and the agent registry, and serves what it sees as
+//! Prometheus text on `/metrics` (plus `/healthz`) and in health replies.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::kv;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use flotilla_protocol::{AgentRecord, codec, time::now_ms};
+use flotilla_service::{Fleet, Topology};
+use futures::StreamExt as _;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Monitor settings (`[monitor]`, `FLOTILLA_MONITOR__*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`); port 0 picks a free one.
+    pub http_addr: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)) }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+#[derive(Debug)]
+struct Metrics {
+    registry: Registry,
+    task_events: Family<KindLabel, Counter>,
+    agents: Family<StatusLabel, Gauge>,
+    tokens: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let task_events = Family::<KindLabel, Counter>::default();
+        let agents = Family::<StatusLabel, Gauge>::default();
+        let tokens = Counter::default();
+        registry.register("flotilla_task_events", "Task lifecycle events seen, by kind", task_events.clone());
+        registry.register("flotilla_agents", "Registered agents by status (dead: no recent heartbeat)", agents.clone());
+        registry.register("flotilla_tokens", "Tokens used by completed tasks", tokens.clone());
+        Self { registry, task_events, agents, tokens }
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "failed to render metrics");
+        }
+        out
+    }
+}
+
+/// Binds the HTTP listener (separately, so callers learn the port before running).
+pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.http_addr).await.with_context(|| format!("failed to bind {}", config.http_addr))
+}
+
+/// Runs the monitor on `listener` until `shutdown`.
+pub async fn run(listener: TcpListener, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let addr = listener.local_addr().context("listener has no address")?;
+    let health = {
+        let m = metrics.clone();
+        flotilla_service::health::serve(
+            fleet.clone(),
+            flotilla_protocol::names::service::MONITOR,
+            Arc::new(move || {
+                let by_kind: serde_json::Map<String, serde_json::Value> = ["accepted", "rejected", "assigned", "started", "completed", "failed", "requeued"]
+                    .iter()
+                    .map(|k| ((*k).to_owned(), m.task_events.get_or_create(&KindLabel { kind: (*k).to_owned() }).get().into()))
+                    .collect();
+                serde_json::json!({ "http_addr": addr.to_string(), "task_events": by_kind })
+            }),
+            shutdown.clone(),
+        )
+        .await?
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(metrics.clone());
+    let http_shutdown = shutdown.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await
+    });
+    tracing::info!(%addr, "monitor serving /metrics");
+    let events = tokio::spawn(follow_events(fleet.clone(), metrics.clone(), shutdown.clone()));
+    let agents = tokio::spawn(follow_agents(topology.agents.clone(), metrics.clone(), shutdown.clone()));
+    shutdown.cancelled().await;
+    let _ = events.await;
+    let _ = agents.await;
+    let _ = health.await;
+    http.await.context("http task panicked")?.context("http server failed")?;
+    Ok(())
+}
+
+#[tracing::instrument(skip_all)]
+async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
+}
+
+/// Counts every task event in the stream, from the beginning, with an ordered consumer.
+async fn follow_events(fleet: Fleet, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = follow_events_once(&fleet, &metrics, &shutdown).await {
+            tracing::warn!(error = %e, "event follower stopped; restarting");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn follow_events_once(fleet: &Fleet, metrics: &Metrics, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let stream = fleet.js.get_stream(fleet.names.events_stream()).await.context("failed to open events stream")?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: fleet.names.task_events_all(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("failed to create event consumer")?;
+    let mut messages = consumer.messages().await.context("failed to follow events")?;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = messages.next() => match m {
+                Some(m) => m.context("event stream error")?,
+                None => return Ok(()),
+            },
+        };
+        // Subject: <prefix>.events.task.<id>.<kind>
+        let kind = msg.subject.rsplit('.').next().unwrap_or("unknown").to_owned();
+        metrics.task_events.get_or_create(&KindLabel { kind: kind.clone() }).inc();
+        if kind == "completed" {
+            let ct = msg.headers.as_ref().and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
+            if let Ok(ev) = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload)
+                && let Some(u) = ev.usage
+            {
+                metrics.tokens.inc_by(u.total_tokens);
+            }
+        }
+    }
+}
+
+/// Keeps the agent gauges current from the registry.
+async fn follow_agents(store: kv::Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut counts: std::collections::HashMap<String, i64> = Default::default();
+        let Ok(mut keys) = store.keys().await else { continue };
+        while let Some(Ok(key)) = keys.next().await {
+            if let Ok(Some(v)) = store.get(&key).await
+                && let Ok(rec) = codec::decode::<AgentRecord>(None, &v)
+            {
+                let stale = now_ms().saturating_sub(rec.heartbeat_at_ms) > rec.heartbeat_interval_ms.saturating_mul(3) + 500;
+                let status = if stale { "dead".to_owned() } else { format!("{:?}", rec.status).to_lowercase() };
+                *counts.entry(status).or_default() += 1;
+            }
+        }
+        for status in ["idle", "busy", "draining", "dead"] {
+            metrics.agents.get_or_create(&StatusLabel { status: status.to_owned() }).set(counts.get(status).copied().unwrap_or(0));
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Cross-service system tests live in this package's `[[test]]` targets.
