@@ -1,1 +1,112 @@
-fn main() {}
+//! `flotilla`: run a local fleet (`up`, `demo`) and talk to any fleet (`submit`, `status`,
+//! `agents`, `tail`). Human-readable output by default, `--json` for scripts.
+//!
+//! Exit codes: 0 success; 1 the task failed or was rejected; 2 bad usage; 3 not found;
+//! 4 timed out; 5 NATS or the fleet could not be reached or used.
+
+mod client;
+mod local;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+        Self { code, error: error.into() }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self { code: exit::UNAVAILABLE, error }
+    }
+}
+
+/// Exit codes.
+pub mod exit {
+    pub const TASK_FAILED: u8 = 1;
+    pub const NOT_FOUND: u8 = 3;
+    pub const TIMEOUT: u8 = 4;
+    pub const UNAVAILABLE: u8 = 5;
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about = "Flotilla: an operating system for fleets of AI agents")]
+pub struct Cli {
+    /// NATS URL. `up` and `demo` start their own nats-server when it is not given.
+    #[arg(long, global = true, env = "FLOTILLA_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Subject prefix of the fleet.
+    #[arg(long, global = true, env = "FLOTILLA_PREFIX", default_value = "flotilla")]
+    pub prefix: String,
+    /// Configuration file (TOML) for the services `up` runs.
+    #[arg(long, global = true, env = "FLOTILLA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the four services (and, without --nats-url, a local nats-server) until Ctrl-C.
+    Up(local::UpArgs),
+    /// Start a local fleet, push demo tasks through it end to end, print the results, stop.
+    Demo(local::DemoArgs),
+    /// Submit a task.
+    Submit(client::SubmitArgs),
+    /// Show a task's current record.
+    Status {
+        /// Task id.
+        id: String,
+    },
+    /// List registered agents.
+    Agents,
+    /// Follow lifecycle events live.
+    Tail(client::TailArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Up(args) => local::up(&cli, args).await,
+            Command::Demo(args) => local::demo(&cli, args).await,
+            Command::Submit(args) => client::submit(&cli, args).await,
+            Command::Status { id } => client::status(&cli, id).await,
+            Command::Agents => client::agents(&cli).await,
+            Command::Tail(args) => client::tail(&cli, args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if cli.json {
+                let out = serde_json::json!({ "error": format!("{:#}", f.error), "exit_code": f.code });
+                println!("{out}");
+            } else {
+                eprintln!("error: {:#}", f.error);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}

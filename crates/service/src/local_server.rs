@@ -148,6 +148,21 @@ impl LocalServer {
         self.child.id()
     }
 
+    /// Asks the server to stop (SIGTERM, so it flushes and closes its store), waits up to
+    /// `grace`, then kills it.
+    pub fn terminate(&mut self, grace: Duration) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+    }
+
     /// Stops the server (SIGKILL) and waits for it.
     pub fn stop(&mut self) {
         let _ = self.child.kill();

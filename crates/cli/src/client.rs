@@ -1,0 +1,241 @@
+//! Client commands: submit (and wait), status, agents, tail. They talk to any fleet over NATS,
+//! exactly as a non-Flotilla client would.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
+use flotilla_protocol::names::event_kind;
+use flotilla_protocol::{
+    AgentRecord, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord, TaskSubmission, WireFormat, codec, headers,
+};
+use futures::StreamExt as _;
+
+use crate::{Cli, Failure, exit, output};
+
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// Capability the task needs.
+    pub capability: String,
+    /// Input as JSON (a bare word is taken as a string).
+    #[arg(long)]
+    pub input: Option<String>,
+    /// Task id (generated when absent).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Priority: 0-9 or critical, interactive, normal, batch.
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// Tenant.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Timeout, e.g. 30s.
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// Token budget.
+    #[arg(long)]
+    pub budget_tokens: Option<u64>,
+    /// Affinity key.
+    #[arg(long)]
+    pub context_key: Option<String>,
+    /// Wait for the task to finish and print its result.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub wait_timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TailArgs {
+    /// Only this task's events.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Replay from the start of the stream instead of following new events only.
+    #[arg(long)]
+    pub from_start: bool,
+}
+
+/// Connects to the fleet named by the CLI flags.
+pub async fn connect(cli: &Cli) -> Result<(async_nats::Client, jetstream::Context, Names), Failure> {
+    let names = Names::new(Prefix::new(cli.prefix.clone()).map_err(|e| Failure::new(2, e))?);
+    let url = cli.nats_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+    let client = async_nats::ConnectOptions::new()
+        .name("flotilla-cli")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .with_context(|| format!("cannot reach NATS at {url} (is `flotilla up` running? set --nats-url)"))
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
+    let js = jetstream::new(client.clone());
+    Ok((client, js, names))
+}
+
+fn parse_input(raw: Option<&str>) -> serde_json::Value {
+    match raw {
+        None => serde_json::Value::Null,
+        Some(s) => serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_owned())),
+    }
+}
+
+/// Opens an ordered consumer on the events of one task (or all), from the start or from now.
+pub async fn follow(
+    js: &jetstream::Context,
+    names: &Names,
+    task: Option<&str>,
+    from_start: bool,
+) -> anyhow::Result<jetstream::consumer::pull::Ordered> {
+    let stream = js
+        .get_stream(names.events_stream())
+        .await
+        .context("the fleet's event stream does not exist (has a Flotilla service run against this NATS?)")?;
+    let filter = task.map_or_else(|| names.task_events_all(), |t| names.task_events_of(t));
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: if from_start { DeliverPolicy::All } else { DeliverPolicy::New },
+            ..Default::default()
+        })
+        .await
+        .context("failed to follow events")?;
+    consumer.messages().await.context("failed to follow events")
+}
+
+/// Decodes an event message.
+pub fn decode_event(m: &async_nats::jetstream::Message) -> Option<TaskEvent> {
+    let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
+    codec::decode(ct.as_deref(), &m.payload).ok()
+}
+
+pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
+    let priority = match &args.priority {
+        Some(p) => Some(Priority::from_name(p).ok_or_else(|| Failure::new(2, anyhow::anyhow!("bad priority {p:?}")))?),
+        None => None,
+    };
+    let id = args.id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let sub = TaskSubmission {
+        id: Some(id.clone()),
+        capability: args.capability.clone(),
+        input: parse_input(args.input.as_deref()),
+        priority,
+        tenant: args.tenant.clone(),
+        budget_tokens: args.budget_tokens,
+        timeout: args.timeout.clone().map(DurationSpec::Text),
+        deadline: None,
+        context_key: args.context_key.clone(),
+        parent_id: None,
+        labels: Default::default(),
+    };
+    let (client, js, names) = connect(cli).await?;
+    let events = if args.wait { Some(follow(&js, &names, Some(&id), true).await?) } else { None };
+    let mut hdrs = async_nats::HeaderMap::new();
+    hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
+    hdrs.insert(headers::NATS_MSG_ID, id.as_str());
+    let payload = codec::encode(WireFormat::Msgpack, &sub).context("failed to encode the task")?;
+    let ack = js
+        .publish_with_headers(names.submit_subject(), hdrs, payload.into())
+        .await
+        .context("failed to submit")?
+        .await
+        .context("the submissions stream did not accept the task")?;
+    let Some(mut events) = events else {
+        if cli.json {
+            println!("{}", serde_json::json!({ "id": id, "stream_sequence": ack.sequence, "duplicate": ack.duplicate }));
+        } else {
+            println!("{id}");
+        }
+        return Ok(());
+    };
+    if !cli.json {
+        eprintln!("submitted {id}; waiting…");
+    }
+    let deadline = tokio::time::Instant::now() + args.wait_timeout;
+    loop {
+        let next = tokio::time::timeout_at(deadline, events.next()).await;
+        let msg = match next {
+            Err(_) => return Err(Failure::new(exit::TIMEOUT, anyhow::anyhow!("task {id} did not finish within {:?}", args.wait_timeout))),
+            Ok(None) => return Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("event stream ended"))),
+            Ok(Some(m)) => m.context("event stream error")?,
+        };
+        let Some(ev) = decode_event(&msg) else { continue };
+        if !cli.json {
+            eprintln!("{}", output::event_line(&ev));
+        }
+        if [event_kind::COMPLETED, event_kind::FAILED, event_kind::REJECTED].contains(&ev.kind.as_str()) {
+            if cli.json {
+                println!("{}", serde_json::to_string(&ev).context("failed to render event")?);
+            } else if let Some(o) = &ev.output {
+                println!("{}", serde_json::to_string_pretty(o).context("failed to render output")?);
+            }
+            client.flush().await.ok();
+            return if ev.kind == event_kind::COMPLETED {
+                Ok(())
+            } else {
+                let err = ev.error.map(|e| format!("{}: {}", e.code, e.message)).unwrap_or_default();
+                Err(Failure::new(exit::TASK_FAILED, anyhow::anyhow!("task {id} {}: {err}", ev.kind)))
+            };
+        }
+    }
+}
+
+pub async fn status(cli: &Cli, id: &str) -> Result<(), Failure> {
+    let (_client, js, names) = connect(cli).await?;
+    let store = js.get_key_value(names.tasks_bucket()).await.context("the tasks bucket does not exist")?;
+    let entry = store.get(id).await.context("failed to read the task")?;
+    let Some(bytes) = entry else {
+        return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("no task {id}")));
+    };
+    let rec: TaskRecord = codec::decode(None, &bytes).context("unreadable task record")?;
+    if cli.json {
+        println!("{}", serde_json::to_string(&rec).context("failed to render")?);
+    } else {
+        print!("{}", output::task_block(&rec));
+    }
+    Ok(())
+}
+
+pub async fn agents(cli: &Cli) -> Result<(), Failure> {
+    let (_client, js, names) = connect(cli).await?;
+    let store = js.get_key_value(names.agents_bucket()).await.context("the agents bucket does not exist")?;
+    let mut keys = store.keys().await.context("failed to list agents")?;
+    let mut list: Vec<AgentRecord> = Vec::new();
+    while let Some(k) = keys.next().await {
+        let k = k.context("failed to list agents")?;
+        if let Some(v) = store.get(&k).await.context("failed to read agent")?
+            && let Ok(rec) = codec::decode::<AgentRecord>(None, &v)
+        {
+            list.push(rec);
+        }
+    }
+    list.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    if cli.json {
+        println!("{}", serde_json::to_string(&list).context("failed to render")?);
+    } else if list.is_empty() {
+        println!("no agents registered");
+    } else {
+        print!("{}", output::agents_table(&list));
+    }
+    Ok(())
+}
+
+pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<(), Failure> {
+    let (_client, js, names) = connect(cli).await?;
+    let mut events = follow(&js, &names, args.task.as_deref(), args.from_start).await?;
+    let stop = flotilla_service::shutdown::wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        let msg = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            m = events.next() => match m {
+                None => return Ok(()),
+                Some(m) => m.context("event stream error")?,
+            },
+        };
+        let Some(ev) = decode_event(&msg) else { continue };
+        if cli.json {
+            println!("{}", serde_json::to_string(&ev).context("failed to render")?);
+        } else {
+            println!("{}", output::event_line(&ev));
+        }
+    }
+}

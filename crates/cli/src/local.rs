@@ -1,0 +1,325 @@
+//! `flotilla up` and `flotilla demo`: the four services in one process against a given NATS, or
+//! against a nats-server this command starts in a data directory and stops on exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use flotilla_agent_runner::FleetFile;
+use flotilla_protocol::names::event_kind;
+use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
+use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
+use flotilla_service::{CommonConfig, Fleet, Topology, config};
+use futures::StreamExt as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Cli, Failure, client, exit, output};
+
+/// The demo fleet, also the default fleet of `up`.
+const DEMO_FLEET: &str = include_str!("../../../examples/demo-fleet.toml");
+/// nats-server settings for a local server (durable writes).
+const SERVER_CONF: &str = include_str!("../../../nats/server.conf");
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Fleet file for the agent-runner (default: the built-in demo fleet).
+    #[arg(long, env = "FLOTILLA_FLEET")]
+    pub fleet: Option<PathBuf>,
+    /// Where a local nats-server keeps its data.
+    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = ".flotilla")]
+    pub data_dir: PathBuf,
+    /// Client port of a local nats-server.
+    #[arg(long, env = "FLOTILLA_PORT", default_value_t = 4222)]
+    pub port: u16,
+    /// Monitor's HTTP address (/metrics).
+    #[arg(long, env = "FLOTILLA_MONITOR_HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    pub monitor_addr: SocketAddr,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Number of demo tasks.
+    #[arg(long, default_value_t = 24)]
+    pub tasks: usize,
+    /// Fleet file (default: the built-in demo fleet).
+    #[arg(long, env = "FLOTILLA_FLEET")]
+    pub fleet: Option<PathBuf>,
+    /// Data directory of the local nats-server (default: a temporary directory).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+struct LocalFleet {
+    server: Option<LocalServer>,
+    url: String,
+    shutdown: CancellationToken,
+    services: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    clients: Vec<async_nats::Client>,
+    monitor_addr: SocketAddr,
+}
+
+async fn start(
+    cli: &Cli,
+    fleet_file: FleetFile,
+    data_dir: PathBuf,
+    port: Option<u16>,
+    monitor_addr: SocketAddr,
+) -> anyhow::Result<LocalFleet> {
+    let fig = config::figment(cli.config.as_deref());
+    let mut common: CommonConfig =
+        config::extract(&fig, None, serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix }))?;
+    let mut server = None;
+    if common.nats_url.is_none() {
+        let binary = locate(&default_search_roots())?;
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("failed to create {}", data_dir.display()))?;
+        let conf = data_dir.join("nats-server.conf");
+        std::fs::write(&conf, SERVER_CONF).context("failed to write nats-server.conf")?;
+        let s = LocalServer::start(LocalServerOptions {
+            binary,
+            store_dir: data_dir.join("jetstream"),
+            port,
+            config_file: Some(conf),
+        })?;
+        eprintln!("nats-server {} started (pid {}, data in {})", s.url(), s.pid(), data_dir.display());
+        common.nats_url = Some(s.url().to_owned());
+        server = Some(s);
+    }
+    let url = common.nats_url_or_default();
+    let names = common.names()?;
+    let instance = common.instance.clone().unwrap_or_else(config::random_instance_id);
+    let shutdown = CancellationToken::new();
+    let mut services: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    let mut clients = Vec::new();
+    let mut fleet_for = |service: &'static str, client: async_nats::Client| {
+        clients.push(client.clone());
+        Fleet::new(client, names.clone(), common.wire_format, format!("{instance}-{service}"))
+    };
+    let connect = |service: &'static str| {
+        let url = url.clone();
+        async move { flotilla_service::nats::connect(&url, &format!("flotilla-{service}")).await }
+    };
+    let dispatcher = fleet_for("dispatcher", connect("dispatcher").await?);
+    let topology = Topology::ensure(&dispatcher.js, &dispatcher.names, &common.streams).await?;
+    let dcfg: flotilla_dispatcher::Config = config::extract(&fig, Some("dispatcher"), serde_json::json!({}))?;
+    services.push(("dispatcher", tokio::spawn(flotilla_dispatcher::run(dcfg, dispatcher, topology.clone(), shutdown.clone()))));
+
+    let bk = fleet_for("budget-keeper", connect("budget-keeper").await?);
+    let bcfg: flotilla_budget_keeper::Config = config::extract(&fig, Some("budget_keeper"), serde_json::json!({}))?;
+    let replicas = common.streams.replicas;
+    services.push(("budget-keeper", tokio::spawn(flotilla_budget_keeper::run(bcfg, bk, replicas, shutdown.clone()))));
+
+    let mon = fleet_for("monitor", connect("monitor").await?);
+    let listener = flotilla_monitor::bind(&flotilla_monitor::Config { http_addr: monitor_addr }).await?;
+    let monitor_addr = listener.local_addr().context("monitor listener has no address")?;
+    services.push(("monitor", tokio::spawn(flotilla_monitor::run(listener, mon, topology.clone(), shutdown.clone()))));
+
+    let runner = fleet_for("agent-runner", connect("agent-runner").await?);
+    let mut rcfg: flotilla_agent_runner::Config = config::extract(&fig, Some("agent_runner"), serde_json::json!({}))?;
+    rcfg.runner_id.get_or_insert_with(|| format!("local-{instance}"));
+    services.push((
+        "agent-runner",
+        tokio::spawn(flotilla_agent_runner::run(rcfg, fleet_file, runner, topology, shutdown.clone())),
+    ));
+    Ok(LocalFleet { server, url, shutdown, services, clients, monitor_addr })
+}
+
+impl LocalFleet {
+    /// Stops the services in order, drains the connections and stops the local server.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let mut first_error = None;
+        for (name, handle) in self.services.drain(..) {
+            match tokio::time::timeout(Duration::from_secs(30), handle).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    eprintln!("{name} stopped with an error: {e:#}");
+                    first_error.get_or_insert(e);
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(anyhow::anyhow!("{name} panicked: {e}"));
+                }
+                Err(_) => eprintln!("{name} did not stop within 30 s"),
+            }
+        }
+        for c in self.clients.drain(..) {
+            let _ = c.drain().await;
+        }
+        if let Some(mut s) = self.server.take() {
+            s.terminate(Duration::from_secs(10));
+            eprintln!("nats-server stopped");
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Resolves when any service ends on its own (an error).
+    async fn any_service_ended(&mut self) -> String {
+        loop {
+            for (name, h) in &self.services {
+                if h.is_finished() {
+                    return (*name).to_owned();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn load_fleet(path: Option<&PathBuf>) -> anyhow::Result<FleetFile> {
+    match path {
+        Some(p) => FleetFile::load(p),
+        None => FleetFile::parse(DEMO_FLEET),
+    }
+}
+
+pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
+    flotilla_service::telemetry::init("info");
+    let fleet_file = load_fleet(args.fleet.as_ref())?;
+    let mut fleet = start(cli, fleet_file, args.data_dir.clone(), Some(args.port), args.monitor_addr).await?;
+    eprintln!(
+        "flotilla is up: NATS {}  prefix {}  metrics http://{}/metrics  (Ctrl-C to stop)",
+        fleet.url, cli.prefix, fleet.monitor_addr
+    );
+    let ended = tokio::select! {
+        _ = flotilla_service::shutdown::wait_for_signal() => None,
+        name = fleet.any_service_ended() => Some(name),
+    };
+    eprintln!("stopping…");
+    let result = fleet.stop().await;
+    match (ended, result) {
+        (_, Err(e)) => Err(Failure::new(exit::UNAVAILABLE, e)),
+        (Some(name), Ok(())) => Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("{name} stopped unexpectedly"))),
+        (None, Ok(())) => {
+            eprintln!("stopped");
+            Ok(())
+        }
+    }
+}
+
+const DEMO_TEXTS: [&str; 8] = [
+    "JetStream keeps every submission until the dispatcher has recorded it",
+    "Agents share token budgets and rate limits across the fleet",
+    "A crashed runner's tasks are requeued and never complete twice",
+    "Any NATS client can submit a task as plain JSON",
+    "Events form an audit trail that can be replayed",
+    "Scale out by starting more agent-runners",
+    "fn main() { println!(\"hello\"); }",
+    "let x: Vec<u8> = vec![]; x[0]",
+];
+
+pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
+    flotilla_service::telemetry::init("warn");
+    let fleet_file = load_fleet(args.fleet.as_ref())?;
+    let temp = tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("failed to create a temp dir")?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+    let local = start(cli, fleet_file.clone(), data_dir, None, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let result = run_demo(cli, args, &local, &fleet_file).await;
+    let stopped = local.stop().await;
+    result?;
+    stopped.map_err(|e| Failure::new(exit::UNAVAILABLE, e))
+}
+
+async fn run_demo(cli: &Cli, args: &DemoArgs, local: &LocalFleet, fleet_file: &FleetFile) -> Result<(), Failure> {
+    let cli_for_demo = Cli { nats_url: Some(local.url.clone()), prefix: cli.prefix.clone(), config: None, json: cli.json, command: crate::Command::Agents };
+    let (_client, js, names) = client::connect(&cli_for_demo).await?;
+    let agents_bucket = js.get_key_value(names.agents_bucket()).await.context("no agents bucket")?;
+    let expected_agents: u32 = fleet_file.agents.iter().map(|a| a.replicas).sum();
+    // Wait until the runner has registered its agents.
+    let t0 = Instant::now();
+    loop {
+        let n = agents_bucket.keys().await.context("failed to list agents")?.count().await;
+        if n >= usize::try_from(expected_agents).unwrap_or(0) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            return Err(Failure::new(exit::TIMEOUT, anyhow::anyhow!("agents did not register within 20 s")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let caps: Vec<String> = fleet_file.agents.iter().flat_map(|a| a.capabilities.clone()).collect();
+    eprintln!("{} agents registered; submitting {} tasks plus 2 bad submissions", expected_agents, args.tasks);
+    let mut events = client::follow(&js, &names, None, false).await?;
+    let started = Instant::now();
+    let mut hdrs = async_nats::HeaderMap::new();
+    hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
+    for i in 0..args.tasks {
+        let cap = caps.get(i % caps.len().max(1)).cloned().unwrap_or_default();
+        let text = DEMO_TEXTS.get(i % DEMO_TEXTS.len()).copied().unwrap_or_default();
+        let sub = TaskSubmission {
+            id: Some(format!("demo-{i:04}")),
+            capability: cap,
+            input: serde_json::json!({ "text": text }),
+            ..Default::default()
+        };
+        let payload = codec::encode(WireFormat::Msgpack, &sub).context("failed to encode")?;
+        js.publish_with_headers(names.submit_subject(), hdrs.clone(), payload.into())
+            .await
+            .context("failed to submit")?
+            .await
+            .context("submission not stored")?;
+    }
+    // Two bad submissions, to show that they are rejected with a reason and nothing stalls.
+    let mut json = async_nats::HeaderMap::new();
+    json.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+    for bad in [&br#"{"capability": "translate.klingon", "id": "demo-bad-capability"}"#[..], &b"{not json"[..]] {
+        js.publish_with_headers(names.submit_subject(), json.clone(), bad.to_vec().into())
+            .await
+            .context("failed to submit")?
+            .await
+            .context("submission not stored")?;
+    }
+    let expected = args.tasks + 2;
+    let (mut done, mut completed, mut failed, mut rejected, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0u64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while done < expected {
+        let msg = match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return Err(Failure::new(exit::TIMEOUT, anyhow::anyhow!("only {done} of {expected} tasks finished within 60 s"))),
+            Ok(None) => break,
+            Ok(Some(m)) => m.context("event stream error")?,
+        };
+        let Some(ev) = client::decode_event(&msg) else { continue };
+        let terminal = match ev.kind.as_str() {
+            event_kind::COMPLETED => {
+                completed += 1;
+                tokens += ev.usage.map_or(0, |u| u.total_tokens);
+                true
+            }
+            event_kind::FAILED => {
+                failed += 1;
+                true
+            }
+            event_kind::REJECTED => {
+                rejected += 1;
+                true
+            }
+            _ => false,
+        };
+        if terminal {
+            done += 1;
+            if cli.json {
+                println!("{}", serde_json::to_string(&ev).context("render")?);
+            } else {
+                println!("[{done:>3}/{expected}] {}", output::event_line(&ev));
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let summary = serde_json::json!({
+        "completed": completed, "failed": failed, "rejected": rejected,
+        "tokens": tokens, "seconds": (secs * 1000.0).round() / 1000.0,
+    });
+    if cli.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "\ndemo finished in {secs:.2}s: {completed} completed, {failed} failed, {rejected} rejected (expected 2), {tokens} tokens used"
+        );
+        println!("metrics were at http://{}/metrics while it ran", local.monitor_addr);
+    }
+    if completed == args.tasks && rejected == 2 {
+        Ok(())
+    } else {
+        Err(Failure::new(exit::TASK_FAILED, anyhow::anyhow!("the demo did not complete every task: {summary}")))
+    }
+}
