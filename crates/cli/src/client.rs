@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
-    AgentRecord, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord, TaskSubmission, WireFormat, codec, headers,
+    AgentRecord, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord, TaskSubmission, WireFormat,
+    codec, headers,
 };
 use futures::StreamExt as _;
 
@@ -109,7 +110,9 @@ pub fn decode_event(m: &async_nats::jetstream::Message) -> Option<TaskEvent> {
 
 pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
     let priority = match &args.priority {
-        Some(p) => Some(Priority::from_name(p).ok_or_else(|| Failure::new(2, anyhow::anyhow!("bad priority {p:?}")))?),
+        Some(p) => Some(
+            Priority::from_name(p).ok_or_else(|| Failure::new(2, anyhow::anyhow!("bad priority {p:?}")))?,
+        ),
         None => None,
     };
     let id = args.id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
@@ -140,7 +143,10 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
         .context("the submissions stream did not accept the task")?;
     let Some(mut events) = events else {
         if cli.json {
-            println!("{}", serde_json::json!({ "id": id, "stream_sequence": ack.sequence, "duplicate": ack.duplicate }));
+            println!(
+                "{}",
+                serde_json::json!({ "id": id, "stream_sequence": ack.sequence, "duplicate": ack.duplicate })
+            );
         } else {
             println!("{id}");
         }
@@ -153,7 +159,12 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
     loop {
         let next = tokio::time::timeout_at(deadline, events.next()).await;
         let msg = match next {
-            Err(_) => return Err(Failure::new(exit::TIMEOUT, anyhow::anyhow!("task {id} did not finish within {:?}", args.wait_timeout))),
+            Err(_) => {
+                return Err(Failure::new(
+                    exit::TIMEOUT,
+                    anyhow::anyhow!("task {id} did not finish within {:?}", args.wait_timeout),
+                ));
+            }
             Ok(None) => return Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("event stream ended"))),
             Ok(Some(m)) => m.context("event stream error")?,
         };

@@ -10,7 +10,7 @@ use flotilla_agent_runner::FleetFile;
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
 use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{CommonConfig, Fleet, Topology, config};
+use flotilla_service::{CommonConfig, Fleet, Mode, Topology, config};
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +73,8 @@ async fn start(
     let mut server = None;
     if common.nats_url.is_none() {
         let binary = locate(&default_search_roots())?;
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("failed to create {}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("failed to create {}", data_dir.display()))?;
         let conf = data_dir.join("nats-server.conf");
         std::fs::write(&conf, SERVER_CONF).context("failed to write nats-server.conf")?;
         let s = LocalServer::start(LocalServerOptions {
@@ -101,22 +102,33 @@ async fn start(
         async move { flotilla_service::nats::connect(&url, &format!("flotilla-{service}")).await }
     };
     let dispatcher = fleet_for("dispatcher", connect("dispatcher").await?);
-    let topology = Topology::ensure(&dispatcher.js, &dispatcher.names, &common.streams).await?;
+    let topology = Topology::ensure(&dispatcher.js, &dispatcher.names, &common.streams, Mode::Own).await?;
     let dcfg: flotilla_dispatcher::Config = config::extract(&fig, Some("dispatcher"), serde_json::json!({}))?;
-    services.push(("dispatcher", tokio::spawn(flotilla_dispatcher::run(dcfg, dispatcher, topology.clone(), shutdown.clone()))));
+    services.push((
+        "dispatcher",
+        tokio::spawn(flotilla_dispatcher::run(dcfg, dispatcher, topology.clone(), shutdown.clone())),
+    ));
 
     let bk = fleet_for("budget-keeper", connect("budget-keeper").await?);
-    let bcfg: flotilla_budget_keeper::Config = config::extract(&fig, Some("budget_keeper"), serde_json::json!({}))?;
+    let bcfg: flotilla_budget_keeper::Config =
+        config::extract(&fig, Some("budget_keeper"), serde_json::json!({}))?;
     let replicas = common.streams.replicas;
-    services.push(("budget-keeper", tokio::spawn(flotilla_budget_keeper::run(bcfg, bk, replicas, shutdown.clone()))));
+    services.push((
+        "budget-keeper",
+        tokio::spawn(flotilla_budget_keeper::run(bcfg, bk, replicas, shutdown.clone())),
+    ));
 
     let mon = fleet_for("monitor", connect("monitor").await?);
     let listener = flotilla_monitor::bind(&flotilla_monitor::Config { http_addr: monitor_addr }).await?;
     let monitor_addr = listener.local_addr().context("monitor listener has no address")?;
-    services.push(("monitor", tokio::spawn(flotilla_monitor::run(listener, mon, topology.clone(), shutdown.clone()))));
+    services.push((
+        "monitor",
+        tokio::spawn(flotilla_monitor::run(listener, mon, topology.clone(), shutdown.clone())),
+    ));
 
     let runner = fleet_for("agent-runner", connect("agent-runner").await?);
-    let mut rcfg: flotilla_agent_runner::Config = config::extract(&fig, Some("agent_runner"), serde_json::json!({}))?;
+    let mut rcfg: flotilla_agent_runner::Config =
+        config::extract(&fig, Some("agent_runner"), serde_json::json!({}))?;
     rcfg.runner_id.get_or_insert_with(|| format!("local-{instance}"));
     services.push((
         "agent-runner",
@@ -189,7 +201,9 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
     let result = fleet.stop().await;
     match (ended, result) {
         (_, Err(e)) => Err(Failure::new(exit::UNAVAILABLE, e)),
-        (Some(name), Ok(())) => Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("{name} stopped unexpectedly"))),
+        (Some(name), Ok(())) => {
+            Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("{name} stopped unexpectedly")))
+        }
         (None, Ok(())) => {
             eprintln!("stopped");
             Ok(())
@@ -211,7 +225,8 @@ const DEMO_TEXTS: [&str; 8] = [
 pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
     flotilla_service::telemetry::init("warn");
     let fleet_file = load_fleet(args.fleet.as_ref())?;
-    let temp = tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("failed to create a temp dir")?;
+    let temp =
+        tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("failed to create a temp dir")?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let local = start(cli, fleet_file.clone(), data_dir, None, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let result = run_demo(cli, args, &local, &fleet_file).await;
@@ -220,8 +235,19 @@ pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
     stopped.map_err(|e| Failure::new(exit::UNAVAILABLE, e))
 }
 
-async fn run_demo(cli: &Cli, args: &DemoArgs, local: &LocalFleet, fleet_file: &FleetFile) -> Result<(), Failure> {
-    let cli_for_demo = Cli { nats_url: Some(local.url.clone()), prefix: cli.prefix.clone(), config: None, json: cli.json, command: crate::Command::Agents };
+async fn run_demo(
+    cli: &Cli,
+    args: &DemoArgs,
+    local: &LocalFleet,
+    fleet_file: &FleetFile,
+) -> Result<(), Failure> {
+    let cli_for_demo = Cli {
+        nats_url: Some(local.url.clone()),
+        prefix: cli.prefix.clone(),
+        config: None,
+        json: cli.json,
+        command: crate::Command::Agents,
+    };
     let (_client, js, names) = client::connect(&cli_for_demo).await?;
     let agents_bucket = js.get_key_value(names.agents_bucket()).await.context("no agents bucket")?;
     let expected_agents: u32 = fleet_file.agents.iter().map(|a| a.replicas).sum();
@@ -238,7 +264,10 @@ async fn run_demo(cli: &Cli, args: &DemoArgs, local: &LocalFleet, fleet_file: &F
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let caps: Vec<String> = fleet_file.agents.iter().flat_map(|a| a.capabilities.clone()).collect();
-    eprintln!("{} agents registered; submitting {} tasks plus 2 bad submissions", expected_agents, args.tasks);
+    eprintln!(
+        "{} agents registered; submitting {} tasks plus 2 bad submissions",
+        expected_agents, args.tasks
+    );
     let mut events = client::follow(&js, &names, None, false).await?;
     let started = Instant::now();
     let mut hdrs = async_nats::HeaderMap::new();
@@ -262,7 +291,9 @@ async fn run_demo(cli: &Cli, args: &DemoArgs, local: &LocalFleet, fleet_file: &F
     // Two bad submissions, to show that they are rejected with a reason and nothing stalls.
     let mut json = async_nats::HeaderMap::new();
     json.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
-    for bad in [&br#"{"capability": "translate.klingon", "id": "demo-bad-capability"}"#[..], &b"{not json"[..]] {
+    for bad in
+        [&br#"{"capability": "translate.klingon", "id": "demo-bad-capability"}"#[..], &b"{not json"[..]]
+    {
         js.publish_with_headers(names.submit_subject(), json.clone(), bad.to_vec().into())
             .await
             .context("failed to submit")?
@@ -270,11 +301,17 @@ async fn run_demo(cli: &Cli, args: &DemoArgs, local: &LocalFleet, fleet_file: &F
             .context("submission not stored")?;
     }
     let expected = args.tasks + 2;
-    let (mut done, mut completed, mut failed, mut rejected, mut tokens) = (0usize, 0usize, 0usize, 0usize, 0u64);
+    let (mut done, mut completed, mut failed, mut rejected, mut tokens) =
+        (0usize, 0usize, 0usize, 0usize, 0u64);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while done < expected {
         let msg = match tokio::time::timeout_at(deadline, events.next()).await {
-            Err(_) => return Err(Failure::new(exit::TIMEOUT, anyhow::anyhow!("only {done} of {expected} tasks finished within 60 s"))),
+            Err(_) => {
+                return Err(Failure::new(
+                    exit::TIMEOUT,
+                    anyhow::anyhow!("only {done} of {expected} tasks finished within 60 s"),
+                ));
+            }
             Ok(None) => break,
             Ok(Some(m)) => m.context("event stream error")?,
         };
@@ -320,6 +357,9 @@ async fn run_demo(cli: &Cli, args: &DemoArgs, local: &LocalFleet, fleet_file: &F
     if completed == args.tasks && rejected == 2 {
         Ok(())
     } else {
-        Err(Failure::new(exit::TASK_FAILED, anyhow::anyhow!("the demo did not complete every task: {summary}")))
+        Err(Failure::new(
+            exit::TASK_FAILED,
+            anyhow::anyhow!("the demo did not complete every task: {summary}"),
+        ))
     }
 }

@@ -59,7 +59,10 @@ pub fn task_block(r: &TaskRecord) -> String {
         s.push_str(&format!("agent      {a}\n"));
     }
     if let Some(u) = &r.usage {
-        s.push_str(&format!("tokens     {} (prompt {}, completion {})\n", u.total_tokens, u.prompt_tokens, u.completion_tokens));
+        s.push_str(&format!(
+            "tokens     {} (prompt {}, completion {})\n",
+            u.total_tokens, u.prompt_tokens, u.completion_tokens
+        ));
     }
     if let Some(e) = &r.error {
         s.push_str(&format!("error      {}: {}\n", e.code, e.message));
@@ -75,10 +78,17 @@ pub fn task_block(r: &TaskRecord) -> String {
 
 /// A table of agents.
 pub fn agents_table(agents: &[AgentRecord]) -> String {
-    let mut s = format!("{:<36} {:<10} {:<9} {:>4}/{:<4} {:<8} {}\n", "AGENT", "TEMPLATE", "STATUS", "LOAD", "CAP", "BEAT", "CAPABILITIES");
+    let mut s = format!(
+        "{:<36} {:<10} {:<9} {:>4}/{:<4} {:<8} {}\n",
+        "AGENT", "TEMPLATE", "STATUS", "LOAD", "CAP", "BEAT", "CAPABILITIES"
+    );
     for a in agents {
         let age = now_ms().saturating_sub(a.heartbeat_at_ms);
-        let status = if age > a.heartbeat_interval_ms.saturating_mul(3) + 500 { "dead".to_owned() } else { format!("{:?}", a.status).to_lowercase() };
+        let status = if age > a.heartbeat_interval_ms.saturating_mul(3) + 500 {
+            "dead".to_owned()
+        } else {
+            format!("{:?}", a.status).to_lowercase()
+        };
         s.push_str(&format!(
             "{:<36} {:<10} {:<9} {:>4}/{:<4} {:<8} {}\n",
             a.agent_id,

@@ -92,7 +92,18 @@ pub fn decode_reporting<T: DeserializeOwned>(
             .map_err(classify_json)
     } else {
         let mut de = rmp_serde::Deserializer::new(payload);
-        serde_ignored::deserialize(&mut de, |p| unknown.push(p.to_string())).map_err(classify_msgpack)
+        serde_ignored::deserialize(&mut de, |p| unknown.push(p.to_string())).map_err(|e| {
+            // Every Flotilla message is a map; anything else was never a message at all.
+            let is_map = matches!(payload.first(), Some(0x80..=0x8f | 0xde | 0xdf));
+            if is_map {
+                classify_msgpack(e)
+            } else {
+                DecodeError {
+                    reason: RejectReason::Malformed,
+                    message: format!("malformed MessagePack: expected a map ({e})"),
+                }
+            }
+        })
     };
     result.map(|v| (v, unknown))
 }
@@ -129,7 +140,14 @@ fn classify_json(e: serde_json::Error) -> DecodeError {
 fn classify_msgpack(e: rmp_serde::decode::Error) -> DecodeError {
     match e {
         rmp_serde::decode::Error::Syntax(m) => classify_message(m),
-        other => DecodeError { reason: RejectReason::Malformed, message: format!("malformed MessagePack: {other}") },
+        rmp_serde::decode::Error::TypeMismatch(marker) if marker != rmp::Marker::Reserved => DecodeError {
+            reason: RejectReason::WrongType,
+            message: format!("invalid type: a field holds MessagePack {marker:?}"),
+        },
+        other => DecodeError {
+            reason: RejectReason::Malformed,
+            message: format!("malformed MessagePack: {other}"),
+        },
     }
 }
 
@@ -158,7 +176,8 @@ mod tests {
 
     #[test]
     fn json_is_sniffed_without_header() {
-        let back: TaskSubmission = decode(None, br#" {"capability":"echo","priority":"interactive"}"#).unwrap();
+        let back: TaskSubmission =
+            decode(None, br#" {"capability":"echo","priority":"interactive"}"#).unwrap();
         assert_eq!(back.priority, Some(Priority::INTERACTIVE));
     }
 
@@ -174,6 +193,13 @@ mod tests {
         assert_eq!(r(None, &mp), RejectReason::WrongType);
         let mp = rmp_serde::to_vec_named(&serde_json::json!({"input": 1})).unwrap();
         assert_eq!(r(None, &mp), RejectReason::MissingField);
+        let mp = rmp_serde::to_vec_named(&serde_json::json!({"capability": "x", "budget_tokens": "lots"}))
+            .unwrap();
+        assert_eq!(r(None, &mp), RejectReason::WrongType);
+        let mp = rmp_serde::to_vec_named(&serde_json::json!(["x", 1])).unwrap();
+        assert_eq!(r(None, &mp), RejectReason::Malformed);
+        assert_eq!(r(None, b"\xc1"), RejectReason::Malformed);
+        assert_eq!(r(None, b""), RejectReason::Malformed);
     }
 
     #[test]

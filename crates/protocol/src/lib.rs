@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod headers;
 pub mod names;
+pub mod schema;
 pub mod time;
 pub mod types;
 pub mod validate;

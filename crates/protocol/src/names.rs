@@ -46,9 +46,7 @@ impl fmt::Display for Prefix {
 
 /// True when `s` can be used as one subject token and as a KV key: `[A-Za-z0-9_-]{1,128}`.
 pub fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Kinds of task lifecycle events; the last token of `<prefix>.events.task.<id>.<kind>`.
@@ -154,6 +152,11 @@ impl Names {
     /// Health request subject of one service: `<p>.health.<service>`.
     pub fn health_subject(&self, service: &str) -> String {
         format!("{}.health.{service}", self.prefix)
+    }
+
+    /// Health request subject of one instance of a service: `<p>.health.<service>.<instance>`.
+    pub fn instance_health_subject(&self, service: &str, instance: &str) -> String {
+        format!("{}.health.{service}.{instance}", self.prefix)
     }
 
     // ---- streams ---------------------------------------------------------------------------

@@ -201,7 +201,11 @@ pub struct Usage {
 impl Usage {
     /// Usage from prompt and completion counts.
     pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
-        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens.saturating_add(completion_tokens) }
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
     }
 
     /// Adds another usage to this one.

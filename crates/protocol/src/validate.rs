@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use crate::names::is_token;
-use crate::types::{DEFAULT_TENANT, DurationSpec, RejectReason, TaskRecord, TaskState, TaskSubmission, TimeSpec};
+use crate::types::{
+    DEFAULT_TENANT, DurationSpec, RejectReason, TaskRecord, TaskState, TaskSubmission, TimeSpec,
+};
 
 /// Limits applied to submissions.
 #[derive(Debug, Clone, Copy)]
@@ -71,13 +73,13 @@ pub fn parse_duration(spec: &DurationSpec) -> Result<Duration, String> {
 pub fn parse_time_ms(spec: &TimeSpec) -> Result<u64, String> {
     match spec {
         TimeSpec::Millis(ms) => Ok(*ms),
-        TimeSpec::Text(t) => humantime::parse_rfc3339_weak(t)
-            .map_err(|e| format!("{t:?}: {e}"))
-            .and_then(|st| {
+        TimeSpec::Text(t) => {
+            humantime::parse_rfc3339_weak(t).map_err(|e| format!("{t:?}: {e}")).and_then(|st| {
                 st.duration_since(std::time::UNIX_EPOCH)
                     .map_err(|_| format!("{t:?} is before 1970"))
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            }),
+            })
+        }
     }
 }
 

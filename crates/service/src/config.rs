@@ -65,7 +65,8 @@ pub struct StreamSettings {
     /// How long events are kept (the audit trail).
     #[serde(with = "humantime_serde")]
     pub events_max_age: Duration,
-    /// Byte cap on the events stream (oldest events go first).
+    /// Byte cap on the events stream (oldest events go first); -1 for none. A cap reserves that
+    /// much of the server's JetStream storage.
     pub events_max_bytes: i64,
     /// How long task records are kept after their last change.
     #[serde(with = "humantime_serde")]
@@ -81,7 +82,7 @@ impl Default for StreamSettings {
             duplicate_window: Duration::from_secs(120),
             submissions_max_age: Duration::from_secs(7 * 24 * 3600),
             events_max_age: Duration::from_secs(30 * 24 * 3600),
-            events_max_bytes: 10 * 1024 * 1024 * 1024,
+            events_max_bytes: -1,
             tasks_max_age: Duration::from_secs(30 * 24 * 3600),
             max_msg_size: 1024 * 1024,
         }
@@ -126,7 +127,9 @@ pub fn extract<T: DeserializeOwned + Serialize + Default>(
 pub fn random_instance_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
     h.write_u32(std::process::id());
     format!("{:08x}", h.finish() & 0xffff_ffff)
 }
@@ -136,9 +139,13 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error type
     fn file_then_env_then_overrides() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("f.toml", "prefix = \"fromfile\"\nwire_format = \"json\"\n[streams]\nreplicas = 3\n")?;
+            jail.create_file(
+                "f.toml",
+                "prefix = \"fromfile\"\nwire_format = \"json\"\n[streams]\nreplicas = 3\n",
+            )?;
             jail.set_env("FLOTILLA_PREFIX", "fromenv");
             let f = figment(Some(Path::new("f.toml")));
             let c: CommonConfig = extract(&f, None, serde_json::json!({})).unwrap();

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::service::ServiceExt as _;
-use futures::StreamExt as _;
 use flotilla_protocol::{HealthReply, PROTOCOL_VERSION};
+use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::Fleet;
@@ -28,12 +28,20 @@ pub async fn serve(
         .start(format!("flotilla-{service}"), env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("failed to start micro service for {service}: {e}"))?;
-    let mut endpoint = svc
+    let shared = svc
         .endpoint_builder()
         .name("health")
         .add(fleet.names.health_subject(service))
         .await
         .map_err(|e| anyhow::anyhow!("failed to add health endpoint for {service}: {e}"))?;
+    // The same answer from this instance only: <prefix>.health.<service>.<instance>.
+    let own = svc
+        .endpoint_builder()
+        .name("health-instance")
+        .add(fleet.names.instance_health_subject(service, &fleet.instance))
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to add instance health endpoint for {service}: {e}"))?;
+    let mut endpoint = futures::stream::select(shared, own);
     let started = Instant::now();
     Ok(tokio::spawn(async move {
         loop {
@@ -50,15 +58,14 @@ pub async fn serve(
                 uptime_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 details: details(),
             };
-            let body = fleet.encode(&reply).map_err(|e| async_nats::service::error::Error {
-                status: e.to_string(),
-                code: 500,
-            });
+            let body = fleet
+                .encode(&reply)
+                .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
             if let Err(e) = req.respond(body).await {
                 tracing::debug!(error = %e, "failed to answer health request");
             }
         }
-        let _ = endpoint.stop().await;
+        drop(endpoint);
         let _ = svc.stop().await;
     }))
 }

@@ -13,4 +13,4 @@ pub mod topology;
 pub use ack::AckGuard;
 pub use config::{CommonConfig, StreamSettings};
 pub use nats::Fleet;
-pub use topology::Topology;
+pub use topology::{Mode, Topology};

@@ -111,7 +111,8 @@ impl LocalServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let mut child = cmd.spawn().with_context(|| format!("failed to start {}", options.binary.display()))?;
+        let mut child =
+            cmd.spawn().with_context(|| format!("failed to start {}", options.binary.display()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let url = loop {
             if let Some(url) = read_ports_file(&ports_dir) {
@@ -152,7 +153,8 @@ impl LocalServer {
     /// `grace`, then kills it.
     pub fn terminate(&mut self, grace: Duration) {
         let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ =
+            Command::new("kill").args(["-TERM", &pid]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -177,7 +179,10 @@ impl Drop for LocalServer {
 }
 
 fn read_ports_file(dir: &Path) -> Option<String> {
-    let entry = std::fs::read_dir(dir).ok()?.flatten().find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let entry = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
     let text = std::fs::read_to_string(entry.path()).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("nats")?.get(0)?.as_str().map(str::to_owned)

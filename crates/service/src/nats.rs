@@ -113,10 +113,8 @@ impl Fleet {
         store: &kv::Store,
         key: &str,
     ) -> Result<Option<(T, u64)>, FleetError> {
-        let entry = store
-            .entry(key)
-            .await
-            .map_err(|e| FleetError::Kv { key: key.to_owned(), source: e.into() })?;
+        let entry =
+            store.entry(key).await.map_err(|e| FleetError::Kv { key: key.to_owned(), source: e.into() })?;
         match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 let v = codec::decode(None, &e.value)
@@ -128,7 +126,12 @@ impl Fleet {
     }
 
     /// Creates a KV key; fails with [`FleetError::Exists`] when it is already there.
-    pub async fn kv_create<T: Serialize>(&self, store: &kv::Store, key: &str, value: &T) -> Result<u64, FleetError> {
+    pub async fn kv_create<T: Serialize>(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        value: &T,
+    ) -> Result<u64, FleetError> {
         let payload = self.encode(value)?;
         store.create(key, payload).await.map_err(|e| {
             if e.kind() == kv::CreateErrorKind::AlreadyExists {
@@ -158,7 +161,12 @@ impl Fleet {
     }
 
     /// Writes a KV key unconditionally (for values with a single writer, such as heartbeats).
-    pub async fn kv_put<T: Serialize>(&self, store: &kv::Store, key: &str, value: &T) -> Result<u64, FleetError> {
+    pub async fn kv_put<T: Serialize>(
+        &self,
+        store: &kv::Store,
+        key: &str,
+        value: &T,
+    ) -> Result<u64, FleetError> {
         let payload = self.encode(value)?;
         store.put(key, payload).await.map_err(|e| FleetError::Kv { key: key.to_owned(), source: e.into() })
     }

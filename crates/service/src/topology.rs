@@ -9,6 +9,17 @@ use flotilla_protocol::Names;
 
 use crate::config::StreamSettings;
 
+/// Whether a service owns the task topology (applies configuration changes to existing streams
+/// and buckets) or joins it (creates what is missing, leaves existing ones as they are, so that
+/// services with different settings never fight over a stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Create or update: the dispatcher, the owner of the task topology.
+    Own,
+    /// Create if missing: every other service.
+    Join,
+}
+
 /// Handles to a fleet's buckets, after they were ensured.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -21,13 +32,20 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Creates or updates the fleet's streams and buckets.
-    pub async fn ensure(js: &jetstream::Context, names: &Names, s: &StreamSettings) -> anyhow::Result<Self> {
+    /// Creates (and in [`Mode::Own`] updates) the fleet's streams and buckets.
+    pub async fn ensure(
+        js: &jetstream::Context,
+        names: &Names,
+        s: &StreamSettings,
+        mode: Mode,
+    ) -> anyhow::Result<Self> {
         for cfg in stream_configs(names, s) {
             let name = cfg.name.clone();
-            js.create_or_update_stream(cfg)
-                .await
-                .with_context(|| format!("failed to ensure stream {name}"))?;
+            let result = match mode {
+                Mode::Own => js.create_or_update_stream(cfg).await.map(drop).map_err(anyhow::Error::from),
+                Mode::Join => js.get_or_create_stream(cfg).await.map(drop).map_err(anyhow::Error::from),
+            };
+            result.with_context(|| format!("failed to ensure stream {name}"))?;
         }
         let bucket = |bucket: String, description: &str, history: i64, max_age: Duration| kv::Config {
             bucket,
@@ -40,28 +58,55 @@ impl Topology {
         };
         let tasks = ensure_bucket(
             js,
+            mode,
             bucket(names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
         )
         .await?;
         let agents = ensure_bucket(
             js,
-            bucket(names.agents_bucket(), "Flotilla: agent registry and heartbeats", 1, Duration::from_secs(3600)),
+            mode,
+            bucket(
+                names.agents_bucket(),
+                "Flotilla: agent registry and heartbeats",
+                1,
+                Duration::from_secs(3600),
+            ),
         )
         .await?;
         let capabilities = ensure_bucket(
             js,
-            bucket(names.capabilities_bucket(), "Flotilla: capabilities declared by fleets", 1, Duration::ZERO),
+            mode,
+            bucket(
+                names.capabilities_bucket(),
+                "Flotilla: capabilities declared by fleets",
+                1,
+                Duration::ZERO,
+            ),
         )
         .await?;
         Ok(Self { tasks, agents, capabilities })
     }
 }
 
-async fn ensure_bucket(js: &jetstream::Context, cfg: kv::Config) -> anyhow::Result<kv::Store> {
+/// Creates (and in [`Mode::Own`] updates) one bucket.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    mode: Mode,
+    cfg: kv::Config,
+) -> anyhow::Result<kv::Store> {
     let name = cfg.bucket.clone();
-    js.create_or_update_key_value(cfg)
-        .await
-        .with_context(|| format!("failed to ensure bucket {name}"))
+    let result = match mode {
+        Mode::Own => js.create_or_update_key_value(cfg).await.map_err(anyhow::Error::from),
+        Mode::Join => match js.get_key_value(&name).await {
+            Ok(store) => Ok(store),
+            // Missing: create it; if another service won that race, open theirs.
+            Err(_) => match js.create_key_value(cfg).await {
+                Ok(store) => Ok(store),
+                Err(_) => js.get_key_value(&name).await.map_err(anyhow::Error::from),
+            },
+        },
+    };
+    result.with_context(|| format!("failed to ensure bucket {name}"))
 }
 
 /// The configuration of every stream of a fleet.
@@ -89,7 +134,11 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
             max_bytes: s.events_max_bytes,
             duplicate_window: Duration::from_secs(120),
             deny_delete: true,
-            ..base(names.events_stream(), vec![names.events_all()], "Flotilla: lifecycle events (audit trail)")
+            ..base(
+                names.events_stream(),
+                vec![names.events_all()],
+                "Flotilla: lifecycle events (audit trail)",
+            )
         },
         stream::Config {
             retention: stream::RetentionPolicy::WorkQueue,

@@ -45,7 +45,8 @@ impl NatsServer {
 
     fn start_in(store: PathBuf, port: Option<u16>, dir: Option<tempfile::TempDir>) -> Self {
         let root = workspace_root();
-        let binary = locate(&[root.clone()]).expect("nats-server (run scripts/install-nats-server)");
+        let binary =
+            locate(std::slice::from_ref(&root)).expect("nats-server (run scripts/install-nats-server)");
         let server = LocalServer::start(LocalServerOptions {
             binary,
             store_dir: store,
@@ -176,5 +177,12 @@ where
 
 /// A unique subject prefix for tests that share a server.
 pub fn unique_prefix(base: &str) -> String {
-    format!("{base}{}", std::process::id() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)))
+    format!(
+        "{base}{}",
+        std::process::id()
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0))
+    )
 }

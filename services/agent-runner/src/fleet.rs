@@ -64,7 +64,8 @@ impl FleetFile {
 
     /// Reads and validates a fleet file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("failed to read fleet file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read fleet file {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("in {}", path.display()))
     }
 
@@ -93,7 +94,11 @@ impl FleetFile {
                 bail!("agent {:?}: replicas must be at most 10000", a.name);
             }
             if a.provider != "offline" {
-                bail!("agent {:?}: provider {:?} is not available in this version (use \"offline\")", a.name, a.provider);
+                bail!(
+                    "agent {:?}: provider {:?} is not available in this version (use \"offline\")",
+                    a.name,
+                    a.provider
+                );
             }
         }
         Ok(())

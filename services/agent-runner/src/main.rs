@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use flotilla_agent_runner::{Config, FleetFile};
-use flotilla_service::{CommonConfig, Fleet, Topology, config};
+use flotilla_service::{CommonConfig, Fleet, Mode, Topology, config};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-agent-runner", version, about = "Hosts Flotilla agents and runs their tasks")]
@@ -41,10 +41,12 @@ async fn main() -> anyhow::Result<()> {
     let fleet_path = cfg.fleet.clone().context("no fleet file: pass --fleet or set FLOTILLA_FLEET")?;
     let fleet_file = FleetFile::load(&fleet_path)?;
     let names = common.names()?;
-    let instance = cfg.runner_id.clone().or(common.instance.clone()).unwrap_or_else(config::random_instance_id);
-    let client = flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-agent-runner").await?;
+    let instance =
+        cfg.runner_id.clone().or(common.instance.clone()).unwrap_or_else(config::random_instance_id);
+    let client =
+        flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-agent-runner").await?;
     let fleet = Fleet::new(client.clone(), names, common.wire_format, instance);
-    let topology = Topology::ensure(&fleet.js, &fleet.names, &common.streams).await?;
+    let topology = Topology::ensure(&fleet.js, &fleet.names, &common.streams, Mode::Join).await?;
     let shutdown = flotilla_service::shutdown::on_signal();
     flotilla_agent_runner::run(cfg, fleet_file, fleet, topology, shutdown).await?;
     client.drain().await.context("failed to drain the NATS connection")?;

@@ -27,7 +27,12 @@ fn tokens(text_len: usize) -> u64 {
 }
 
 /// Runs the offline model for one task.
-pub async fn offline(agent: &str, system_prompt: &str, capability: &str, input: &Value) -> Result<Answer, ModelError> {
+pub async fn offline(
+    agent: &str,
+    system_prompt: &str,
+    capability: &str,
+    input: &Value,
+) -> Result<Answer, ModelError> {
     let directives = input.get("_offline");
     if let Some(ms) = directives.and_then(|d| d.get("sleep_ms")).and_then(Value::as_u64) {
         tokio::time::sleep(Duration::from_millis(ms.min(3_600_000))).await;

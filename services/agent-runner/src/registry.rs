@@ -163,7 +163,11 @@ impl Agents {
 }
 
 /// Records every capability of the fleet file in the capabilities bucket (first writer wins).
-pub async fn declare_capabilities(fleet: &Fleet, topology: &Topology, file: &FleetFile) -> anyhow::Result<()> {
+pub async fn declare_capabilities(
+    fleet: &Fleet,
+    topology: &Topology,
+    file: &FleetFile,
+) -> anyhow::Result<()> {
     let mut caps: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for t in &file.agents {
         for c in &t.capabilities {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::Message;
 use flotilla_protocol::names::event_kind;
-use flotilla_protocol::{Assignment, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, codec, headers, time::now_ms};
+use flotilla_protocol::{
+    Assignment, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, codec, headers, time::now_ms,
+};
 use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -44,7 +46,8 @@ pub async fn handle(ctx: Arc<Context>, msg: Message) {
             return;
         }
     };
-    let span = tracing::info_span!("assignment", task_id = %a.task_id, agent_id = %a.agent_id, attempt = a.attempt);
+    let span =
+        tracing::info_span!("assignment", task_id = %a.task_id, agent_id = %a.agent_id, attempt = a.attempt);
     handle_assignment(ctx, guard, a).instrument(span).await;
 }
 
@@ -83,7 +86,8 @@ enum Claim {
 async fn claim(ctx: &Context, slot: &Slot, a: &Assignment) -> Result<Claim, FleetError> {
     let ours = |r: &TaskRecord| r.attempt == a.attempt && r.agent_id.as_deref() == Some(a.agent_id.as_str());
     for _ in 0..5 {
-        let Some((mut rec, rev)) = ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &a.task_id).await? else {
+        let Some((mut rec, rev)) = ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &a.task_id).await?
+        else {
             return Ok(Claim::Stale("unknown task"));
         };
         if !ours(&rec) {
@@ -102,7 +106,8 @@ async fn claim(ctx: &Context, slot: &Slot, a: &Assignment) -> Result<Claim, Flee
                 }
             }
             TaskState::Running => {
-                let live = slot.running.lock().map(|r| r.contains(&(a.task_id.clone(), a.attempt))).unwrap_or(false);
+                let live =
+                    slot.running.lock().map(|r| r.contains(&(a.task_id.clone(), a.attempt))).unwrap_or(false);
                 // Running our attempt but not in this process: we crashed mid-run. Run it again.
                 return Ok(if live { Claim::AlreadyRunning } else { Claim::Run(rec, rev) });
             }
@@ -190,7 +195,13 @@ enum Outcome {
     Abandoned,
 }
 
-async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, mut rec: TaskRecord, mut rev: u64) -> Outcome {
+async fn run_claimed(
+    ctx: &Context,
+    slot: &Slot,
+    guard: &AckGuard,
+    mut rec: TaskRecord,
+    mut rev: u64,
+) -> Outcome {
     let mut started = TaskEvent::for_task(&rec, event_kind::STARTED);
     started.runner_id = Some(ctx.runner_id.clone());
     if let Err(e) = ctx.fleet.publish_event(&started).await {

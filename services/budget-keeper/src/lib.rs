@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream::{kv, stream};
 use flotilla_service::Fleet;
 use serde::{Deserialize, Serialize};
@@ -19,11 +18,17 @@ pub struct Config {
 }
 
 /// Ensures the budgets bucket and serves health until `shutdown`.
-pub async fn run(config: Config, fleet: Fleet, replicas: usize, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    fleet: Fleet,
+    replicas: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let bucket = fleet.names.budgets_bucket();
-    let store = fleet
-        .js
-        .create_or_update_key_value(kv::Config {
+    let store = flotilla_service::topology::ensure_bucket(
+        &fleet.js,
+        flotilla_service::Mode::Own,
+        kv::Config {
             bucket: bucket.clone(),
             description: "Flotilla: token budgets and their usage".to_owned(),
             history: 1,
@@ -31,9 +36,9 @@ pub async fn run(config: Config, fleet: Fleet, replicas: usize, shutdown: Cancel
             num_replicas: config.replicas.unwrap_or(replicas),
             storage: stream::StorageType::File,
             ..Default::default()
-        })
-        .await
-        .with_context(|| format!("failed to ensure bucket {bucket}"))?;
+        },
+    )
+    .await?;
     let store = Arc::new(store);
     let health = flotilla_service::health::serve(
         fleet.clone(),

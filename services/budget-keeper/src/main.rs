@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use flotilla_budget_keeper::Config;
-use flotilla_service::{CommonConfig, Fleet, Topology, config};
+use flotilla_service::{CommonConfig, Fleet, Mode, Topology, config};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-budget-keeper", version, about = "Flotilla token budgets")]
@@ -28,9 +28,10 @@ async fn main() -> anyhow::Result<()> {
     let cfg: Config = config::extract(&fig, Some("budget_keeper"), serde_json::json!({}))?;
     let names = common.names()?;
     let instance = common.instance.clone().unwrap_or_else(config::random_instance_id);
-    let client = flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-budget-keeper").await?;
+    let client =
+        flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-budget-keeper").await?;
     let fleet = Fleet::new(client.clone(), names, common.wire_format, instance);
-    Topology::ensure(&fleet.js, &fleet.names, &common.streams).await?;
+    Topology::ensure(&fleet.js, &fleet.names, &common.streams, Mode::Join).await?;
     let shutdown = flotilla_service::shutdown::on_signal();
     flotilla_budget_keeper::run(cfg, fleet, common.streams.replicas, shutdown).await?;
     client.drain().await.context("failed to drain the NATS connection")?;

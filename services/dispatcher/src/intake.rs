@@ -14,8 +14,8 @@ use async_nats::jetstream::consumer::{AckPolicy, pull};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::validate::{Limits, task_id_for, validate};
 use flotilla_protocol::{
-    CapabilityRecord, DeadLetter, ErrorInfo, RejectReason, TaskEvent, TaskRecord, TaskState, TaskSubmission, codec,
-    headers, time::now_ms,
+    CapabilityRecord, DeadLetter, ErrorInfo, RejectReason, TaskEvent, TaskRecord, TaskState, TaskSubmission,
+    codec, headers, time::now_ms,
 };
 use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
@@ -66,7 +66,8 @@ pub async fn run(
         .messages()
         .await
         .context("failed to start consuming submissions")?;
-    let intake = Arc::new(Intake { config, fleet, topology, stats, known_capabilities: RwLock::new(HashSet::new()) });
+    let intake =
+        Arc::new(Intake { config, fleet, topology, stats, known_capabilities: RwLock::new(HashSet::new()) });
     let permits = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
     loop {
@@ -102,7 +103,8 @@ fn header(m: &Message, name: &str) -> Option<String> {
 impl Intake {
     async fn handle(&self, msg: Message) {
         let seq = msg.info().ok().map(|i| i.stream_sequence).unwrap_or(0);
-        let span = tracing::info_span!("submission", subject = %msg.subject, seq, task_id = tracing::field::Empty);
+        let span =
+            tracing::info_span!("submission", subject = %msg.subject, seq, task_id = tracing::field::Empty);
         let guard = AckGuard::new(msg);
         async {
             match self.process(&guard).await {
@@ -139,7 +141,9 @@ impl Intake {
             Ok(r) => r,
             Err(r) => return self.reject(m, Some(id), r.reason, &r.message).await,
         };
-        if self.config.unknown_capability == UnknownCapability::Reject && !self.capability_known(&rec.capability).await? {
+        if self.config.unknown_capability == UnknownCapability::Reject
+            && !self.capability_known(&rec.capability).await?
+        {
             let why = format!("no agent in this fleet declares capability {:?}", rec.capability);
             return self.reject(m, Some(id), RejectReason::UnknownCapability, &why).await;
         }
@@ -154,7 +158,8 @@ impl Intake {
                 tracing::info!("duplicate submission: the task already exists");
                 // A crash between create and the event would lose `accepted`: announce again
                 // while the task is still queued (de-duplicated by the event stream).
-                if let Some((existing, _)) = self.fleet.kv_get::<TaskRecord>(&self.topology.tasks, &id).await?
+                if let Some((existing, _)) =
+                    self.fleet.kv_get::<TaskRecord>(&self.topology.tasks, &id).await?
                     && existing.state == TaskState::Queued
                 {
                     self.announce_accepted(&existing).await?;
@@ -177,7 +182,8 @@ impl Intake {
         if self.known_capabilities.read().map(|k| k.contains(capability)).unwrap_or(false) {
             return Ok(true);
         }
-        let found = self.fleet.kv_get::<CapabilityRecord>(&self.topology.capabilities, capability).await?.is_some();
+        let found =
+            self.fleet.kv_get::<CapabilityRecord>(&self.topology.capabilities, capability).await?.is_some();
         if found && let Ok(mut k) = self.known_capabilities.write() {
             k.insert(capability.to_owned());
         }
@@ -185,7 +191,13 @@ impl Intake {
     }
 
     /// Publishes a `rejected` event and a dead-letter record; the submission is then acked.
-    async fn reject(&self, m: &Message, id: Option<String>, reason: RejectReason, message: &str) -> Result<(), FleetError> {
+    async fn reject(
+        &self,
+        m: &Message,
+        id: Option<String>,
+        reason: RejectReason,
+        message: &str,
+    ) -> Result<(), FleetError> {
         use base64::Engine as _;
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         let seq = m.info().ok().map(|i| i.stream_sequence);

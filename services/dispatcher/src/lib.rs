@@ -86,7 +86,12 @@ impl Stats {
 }
 
 /// Runs the dispatcher until `shutdown` is cancelled.
-pub async fn run(config: Config, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    fleet: Fleet,
+    topology: Topology,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let health = {
         let stats = stats.clone();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use flotilla_dispatcher::Config;
-use flotilla_service::{CommonConfig, Fleet, Topology, config};
+use flotilla_service::{CommonConfig, Fleet, Mode, Topology, config};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-dispatcher", version, about = "Assigns Flotilla tasks to agents")]
@@ -28,9 +28,10 @@ async fn main() -> anyhow::Result<()> {
     let cfg: Config = config::extract(&fig, Some("dispatcher"), serde_json::json!({}))?;
     let names = common.names()?;
     let instance = common.instance.clone().unwrap_or_else(config::random_instance_id);
-    let client = flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-dispatcher").await?;
+    let client =
+        flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-dispatcher").await?;
     let fleet = Fleet::new(client.clone(), names, common.wire_format, instance);
-    let topology = Topology::ensure(&fleet.js, &fleet.names, &common.streams).await?;
+    let topology = Topology::ensure(&fleet.js, &fleet.names, &common.streams, Mode::Own).await?;
     let shutdown = flotilla_service::shutdown::on_signal();
     flotilla_dispatcher::run(cfg, fleet, topology, shutdown).await?;
     client.drain().await.context("failed to drain the NATS connection")?;

@@ -224,7 +224,9 @@ impl Scheduler {
                 best = Some((a, load, held));
             }
         }
-        best.map(|(a, _, held)| (a.rec.agent_id.clone(), if held == 0 { "idle_agent" } else { "least_loaded" }))
+        best.map(|(a, _, held)| {
+            (a.rec.agent_id.clone(), if held == 0 { "idle_agent" } else { "least_loaded" })
+        })
     }
 
     async fn schedule(&mut self) {
@@ -234,15 +236,11 @@ impl Scheduler {
             return;
         }
         // Capabilities with work, most urgent head first.
-        let mut heads: Vec<(QueueKey, String)> = self
-            .queues
-            .iter()
-            .filter_map(|(cap, q)| q.first().map(|k| (k.clone(), cap.clone())))
-            .collect();
+        let mut heads: Vec<(QueueKey, String)> =
+            self.queues.iter().filter_map(|(cap, q)| q.first().map(|k| (k.clone(), cap.clone()))).collect();
         heads.sort();
         for (_, cap) in heads {
-            loop {
-                let Some(key) = self.queues.get(&cap).and_then(|q| q.first().cloned()) else { break };
+            while let Some(key) = self.queues.get(&cap).and_then(|q| q.first().cloned()) {
                 let Some(view) = self.tasks.get(&key.2) else {
                     if let Some(q) = self.queues.get_mut(&cap) {
                         q.remove(&key);
@@ -307,7 +305,9 @@ impl Scheduler {
             assigned_at_ms: rec.updated_at_ms,
         };
         let msg_id = format!("{}:{}", rec.id, rec.attempt);
-        if let Err(e) = self.fleet.publish_durable(self.fleet.names.assign_subject(runner_id), &a, Some(&msg_id)).await {
+        if let Err(e) =
+            self.fleet.publish_durable(self.fleet.names.assign_subject(runner_id), &a, Some(&msg_id)).await
+        {
             // The task stays assigned; the assign timeout gives it to someone else.
             tracing::warn!(task_id = %rec.id, error = %e, "failed to publish assignment");
         }
@@ -406,7 +406,8 @@ impl Scheduler {
         let Some(view) = self.tasks.get(task_id) else { return };
         let mut rec = view.rec.clone();
         rec.state = TaskState::Failed;
-        rec.error = Some(ErrorInfo::new("deadline_exceeded", "the deadline passed while the task was queued"));
+        rec.error =
+            Some(ErrorInfo::new("deadline_exceeded", "the deadline passed while the task was queued"));
         rec.finished_at_ms = Some(now_ms());
         rec.updated_at_ms = now_ms();
         match self.fleet.kv_update(&self.topology.tasks, task_id, &rec, view.rev).await {

@@ -64,7 +64,11 @@ impl Metrics {
         let agents = Family::<StatusLabel, Gauge>::default();
         let tokens = Counter::default();
         registry.register("flotilla_task_events", "Task lifecycle events seen, by kind", task_events.clone());
-        registry.register("flotilla_agents", "Registered agents by status (dead: no recent heartbeat)", agents.clone());
+        registry.register(
+            "flotilla_agents",
+            "Registered agents by status (dead: no recent heartbeat)",
+            agents.clone(),
+        );
         registry.register("flotilla_tokens", "Tokens used by completed tasks", tokens.clone());
         Self { registry, task_events, agents, tokens }
     }
@@ -84,7 +88,12 @@ pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
 }
 
 /// Runs the monitor on `listener` until `shutdown`.
-pub async fn run(listener: TcpListener, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    fleet: Fleet,
+    topology: Topology,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let addr = listener.local_addr().context("listener has no address")?;
     let health = {
@@ -93,10 +102,19 @@ pub async fn run(listener: TcpListener, fleet: Fleet, topology: Topology, shutdo
             fleet.clone(),
             flotilla_protocol::names::service::MONITOR,
             Arc::new(move || {
-                let by_kind: serde_json::Map<String, serde_json::Value> = ["accepted", "rejected", "assigned", "started", "completed", "failed", "requeued"]
-                    .iter()
-                    .map(|k| ((*k).to_owned(), m.task_events.get_or_create(&KindLabel { kind: (*k).to_owned() }).get().into()))
-                    .collect();
+                let by_kind: serde_json::Map<String, serde_json::Value> =
+                    ["accepted", "rejected", "assigned", "started", "completed", "failed", "requeued"]
+                        .iter()
+                        .map(|k| {
+                            (
+                                (*k).to_owned(),
+                                m.task_events
+                                    .get_or_create(&KindLabel { kind: (*k).to_owned() })
+                                    .get()
+                                    .into(),
+                            )
+                        })
+                        .collect();
                 serde_json::json!({ "http_addr": addr.to_string(), "task_events": by_kind })
             }),
             shutdown.clone(),
@@ -109,7 +127,9 @@ pub async fn run(listener: TcpListener, fleet: Fleet, topology: Topology, shutdo
         .with_state(metrics.clone());
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+            .await
     });
     tracing::info!(%addr, "monitor serving /metrics");
     let events = tokio::spawn(follow_events(fleet.clone(), metrics.clone(), shutdown.clone()));
@@ -140,8 +160,13 @@ async fn follow_events(fleet: Fleet, metrics: Arc<Metrics>, shutdown: Cancellati
     }
 }
 
-async fn follow_events_once(fleet: &Fleet, metrics: &Metrics, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let stream = fleet.js.get_stream(fleet.names.events_stream()).await.context("failed to open events stream")?;
+async fn follow_events_once(
+    fleet: &Fleet,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let stream =
+        fleet.js.get_stream(fleet.names.events_stream()).await.context("failed to open events stream")?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: fleet.names.task_events_all(),
@@ -163,7 +188,11 @@ async fn follow_events_once(fleet: &Fleet, metrics: &Metrics, shutdown: &Cancell
         let kind = msg.subject.rsplit('.').next().unwrap_or("unknown").to_owned();
         metrics.task_events.get_or_create(&KindLabel { kind: kind.clone() }).inc();
         if kind == "completed" {
-            let ct = msg.headers.as_ref().and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
+            let ct = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
+                .map(|v| v.as_str().to_owned());
             if let Ok(ev) = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload)
                 && let Some(u) = ev.usage
             {
@@ -187,13 +216,18 @@ async fn follow_agents(store: kv::Store, metrics: Arc<Metrics>, shutdown: Cancel
             if let Ok(Some(v)) = store.get(&key).await
                 && let Ok(rec) = codec::decode::<AgentRecord>(None, &v)
             {
-                let stale = now_ms().saturating_sub(rec.heartbeat_at_ms) > rec.heartbeat_interval_ms.saturating_mul(3) + 500;
-                let status = if stale { "dead".to_owned() } else { format!("{:?}", rec.status).to_lowercase() };
+                let stale = now_ms().saturating_sub(rec.heartbeat_at_ms)
+                    > rec.heartbeat_interval_ms.saturating_mul(3) + 500;
+                let status =
+                    if stale { "dead".to_owned() } else { format!("{:?}", rec.status).to_lowercase() };
                 *counts.entry(status).or_default() += 1;
             }
         }
         for status in ["idle", "busy", "draining", "dead"] {
-            metrics.agents.get_or_create(&StatusLabel { status: status.to_owned() }).set(counts.get(status).copied().unwrap_or(0));
+            metrics
+                .agents
+                .get_or_create(&StatusLabel { status: status.to_owned() })
+                .set(counts.get(status).copied().unwrap_or(0));
         }
     }
 }

@@ -1,0 +1,23 @@
+//! JSON Schemas of every public message, generated from the Rust types (see `schemas/`).
+
+use schemars::{JsonSchema, Schema, schema_for};
+
+use crate::types::*;
+
+/// Every public message type with the file name of its schema.
+pub fn all() -> Vec<(&'static str, Schema)> {
+    fn s<T: JsonSchema>() -> Schema {
+        schema_for!(T)
+    }
+    vec![
+        ("task-submission", s::<TaskSubmission>()),
+        ("task-record", s::<TaskRecord>()),
+        ("task-event", s::<TaskEvent>()),
+        ("assignment", s::<Assignment>()),
+        ("agent-record", s::<AgentRecord>()),
+        ("capability-record", s::<CapabilityRecord>()),
+        ("dead-letter", s::<DeadLetter>()),
+        ("health-reply", s::<HealthReply>()),
+        ("error-reply", s::<ErrorReply>()),
+    ]
+}

@@ -1,0 +1,56 @@
+//! "Any NATS client": a task published by nats-py as plain JSON, with no Flotilla code on the
+//! client side, completes, and nats-py reads its `completed` event back.
+
+mod support;
+
+use flotilla_protocol::WireFormat;
+use flotilla_service::StreamSettings;
+use flotilla_testkit::workspace_root;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plain_json_task_from_nats_py_completes() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Json).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &worker_fleet(1, 2)).await;
+    sys.wait_for_agents("r1", 1).await;
+
+    let root = workspace_root();
+    let pythonpath = root.join(".tools/python");
+    assert!(pythonpath.join("nats").is_dir(), "nats-py missing: run scripts/install-nats-server");
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("tests/py/json_client.py"))
+        .arg(sys.server.url())
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let event = &reply["event"];
+    assert_eq!(event["kind"], "completed");
+    assert_eq!(event["task_id"], reply["id"]);
+    assert_eq!(event["tenant"], "python");
+    assert_eq!(event["priority"], 2);
+    assert!(event["agent_id"].as_str().unwrap().starts_with("r1-worker-"));
+    assert!(event["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(event["output"]["answer"], "[worker] work: hello from python");
+
+    // The task record agrees.
+    let rec = sys.task(reply["id"].as_str().unwrap()).await.unwrap();
+    assert_eq!(rec.state, flotilla_protocol::TaskState::Completed);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_without_a_content_type_header_is_understood() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &worker_fleet(1, 2)).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.submit_raw(br#"{"id": "no-header", "capability": "work", "input": "plain"}"#.to_vec(), None).await;
+    let events = sys.wait_for_kind("completed", 1, std::time::Duration::from_secs(20)).await;
+    let done = events.iter().find(|e| e.kind == "completed").unwrap();
+    assert_eq!(done.task_id, "no-header");
+    sys.stop().await;
+}

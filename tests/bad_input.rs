@@ -1,0 +1,109 @@
+//! Bad input — undecodable bytes, a missing or unknown capability, wrong types, an oversized
+//! input — each gets a `rejected` event with a machine-readable reason and a dead-letter record,
+//! and the services keep serving.
+
+mod support;
+
+use std::time::Duration;
+
+use flotilla_protocol::{DeadLetter, TaskSubmission, WireFormat, codec, headers};
+use flotilla_service::StreamSettings;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_bad_input_is_rejected_and_dead_lettered() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(flotilla_dispatcher::Config { max_input_bytes: 1024, ..dispatcher_config() }).await;
+    sys.start_runner("r1", &worker_fleet(1, 2)).await;
+    sys.wait_for_agents("r1", 1).await;
+
+    let json = Some(headers::APPLICATION_JSON);
+    let big = format!(r#"{{"capability": "work", "input": "{}"}}"#, "x".repeat(4096));
+    let mp_wrong =
+        rmp_serde::to_vec_named(&serde_json::json!({"capability": "work", "budget_tokens": "lots"})).unwrap();
+    let cases: Vec<(&str, Vec<u8>, Option<&str>, &str)> = vec![
+        ("bad-undecodable", b"\xc1\xff\x00 not a message".to_vec(), None, "malformed"),
+        ("bad-json-syntax", b"{\"capability\": ".to_vec(), json, "malformed"),
+        ("bad-missing-cap", br#"{"input": 1}"#.to_vec(), json, "missing_field"),
+        ("bad-empty-cap", br#"{"capability": ""}"#.to_vec(), json, "missing_field"),
+        ("bad-unknown-cap", br#"{"capability": "translate.klingon"}"#.to_vec(), json, "unknown_capability"),
+        ("bad-wrong-type", br#"{"capability": 42}"#.to_vec(), json, "wrong_type"),
+        ("bad-msgpack-type", mp_wrong, Some(headers::APPLICATION_MSGPACK), "wrong_type"),
+        ("bad-priority", br#"{"capability": "work", "priority": "urgent!"}"#.to_vec(), json, "invalid_field"),
+        ("bad-too-large", big.into_bytes(), json, "input_too_large"),
+        (
+            "bad-past-deadline",
+            br#"{"capability": "work", "deadline": 1000}"#.to_vec(),
+            json,
+            "deadline_exceeded",
+        ),
+    ];
+    for (msg_id, payload, ct, _) in &cases {
+        let mut h = async_nats::HeaderMap::new();
+        if let Some(ct) = ct {
+            h.insert(headers::CONTENT_TYPE, *ct);
+        }
+        h.insert(headers::NATS_MSG_ID, *msg_id);
+        sys.js
+            .publish_with_headers(sys.names.submit_subject(), h, payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // The services keep serving: a good task after all that completes.
+    let good =
+        TaskSubmission { id: Some("good-after".into()), capability: "work".into(), ..Default::default() };
+    sys.submit(&good).await;
+
+    let events = sys.wait_for_kind("rejected", cases.len(), Duration::from_secs(20)).await;
+    let events = if events.iter().any(|e| e.kind == "completed" && e.task_id == "good-after") {
+        events
+    } else {
+        sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await
+    };
+    let dead: Vec<DeadLetter> = sys
+        .read_stream(&sys.names.deadletter_stream(), &sys.names.deadletter_all())
+        .await
+        .into_iter()
+        .map(|(_, p)| codec::decode(None, &p).unwrap())
+        .collect();
+    for (msg_id, payload, _, reason) in &cases {
+        let ev = events
+            .iter()
+            .find(|e| e.kind == "rejected" && e.task_id == *msg_id)
+            .unwrap_or_else(|| panic!("no rejected event for {msg_id}"));
+        assert_eq!(ev.error.as_ref().unwrap().code, *reason, "reason for {msg_id}");
+        let dl = dead.iter().find(|d| d.task_id.as_deref() == Some(*msg_id)).expect("dead letter");
+        assert_eq!(dl.reason, *reason);
+        assert_eq!(dl.source, "dispatcher.intake");
+        assert_eq!(dl.payload_len as usize, payload.len());
+        assert!(dl.stream_sequence.is_some());
+        assert!(!dl.message.is_empty());
+    }
+    assert!(events.iter().any(|e| e.kind == "completed" && e.task_id == "good-after"));
+    // None of the rejected ids became a task.
+    for (msg_id, ..) in &cases {
+        assert!(sys.task(msg_id).await.is_none(), "{msg_id} must not be recorded");
+    }
+    let h = sys.health("dispatcher", "dispatcher-1").await;
+    assert_eq!(h.details["rejected"], cases.len());
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_fields_are_accepted_with_a_warning() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &worker_fleet(1, 2)).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.submit_raw(
+        br#"{"id": "extra", "capability": "work", "colour": "red"}"#.to_vec(),
+        Some(headers::APPLICATION_JSON),
+    )
+    .await;
+    sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    let rec = sys.task("extra").await.unwrap();
+    assert_eq!(rec.warnings, vec!["unknown field ignored: colour".to_string()]);
+    sys.stop().await;
+}

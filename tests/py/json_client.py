@@ -1,0 +1,35 @@
+"""Submits a task to Flotilla as plain JSON with nats-py (no Flotilla code) and prints the
+`completed` event it reads back. Usage: json_client.py NATS_URL [PREFIX]"""
+import asyncio
+import json
+import sys
+import uuid
+
+import nats
+
+
+async def main(url: str, prefix: str) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    task_id = "py-" + uuid.uuid4().hex[:12]
+    task = {
+        "id": task_id,
+        "capability": "work",
+        "input": {"text": "hello from python"},
+        "priority": "interactive",
+        "tenant": "python",
+    }
+    ack = await js.publish(
+        f"{prefix}.tasks.submit",
+        json.dumps(task).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    sub = await js.subscribe(f"{prefix}.events.task.{task_id}.completed", ordered_consumer=True)
+    msg = await sub.next_msg(timeout=30)
+    event = json.loads(msg.data)
+    print(json.dumps({"id": task_id, "stream": ack.stream, "seq": ack.seq, "event": event}))
+    await nc.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "flotilla"))

@@ -1,0 +1,292 @@
+//! Shared harness of the system tests: a fresh nats-server, the services in this process (or the
+//! agent-runner as real child processes), and helpers to submit tasks and read events back.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
+use flotilla_agent_runner::FleetFile;
+use flotilla_protocol::{
+    HealthReply, Names, Prefix, TaskEvent, TaskRecord, TaskSubmission, WireFormat, codec, headers,
+};
+use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_testkit::{ChildProcess, NatsServer, bin};
+use futures::StreamExt as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const HEARTBEAT: Duration = Duration::from_millis(300);
+
+/// A fleet under test.
+pub struct System {
+    pub server: NatsServer,
+    pub names: Names,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub topology: Topology,
+    pub format: WireFormat,
+    shutdown: CancellationToken,
+    services: Vec<JoinHandle<anyhow::Result<()>>>,
+    runner_tokens: HashMap<String, CancellationToken>,
+    dir: tempfile::TempDir,
+}
+
+pub fn dispatcher_config() -> flotilla_dispatcher::Config {
+    flotilla_dispatcher::Config { tick: Duration::from_millis(100), ..Default::default() }
+}
+
+pub fn runner_config(id: &str) -> flotilla_agent_runner::Config {
+    flotilla_agent_runner::Config {
+        runner_id: Some(id.to_owned()),
+        heartbeat_interval: HEARTBEAT,
+        ..Default::default()
+    }
+}
+
+/// One template `worker` serving `work`, `replicas` agents of `concurrency` each.
+pub fn worker_fleet(replicas: u32, concurrency: u32) -> String {
+    format!(
+        "[[agent]]\nname = \"worker\"\ncapabilities = [\"work\"]\nprovider = \"offline\"\n\
+         system_prompt = \"You work.\"\nconcurrency = {concurrency}\nreplicas = {replicas}\n"
+    )
+}
+
+impl System {
+    pub async fn start(settings: StreamSettings, format: WireFormat) -> Self {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        let names = Names::new(Prefix::default());
+        let js = jetstream::new(client.clone());
+        let topology = Topology::ensure(&js, &names, &settings, Mode::Own).await.unwrap();
+        Self {
+            server,
+            names,
+            client,
+            js,
+            topology,
+            format,
+            shutdown: CancellationToken::new(),
+            services: Vec::new(),
+            runner_tokens: HashMap::new(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    async fn fleet(&self, instance: &str) -> Fleet {
+        let client = self.server.client().await;
+        Fleet::new(client, self.names.clone(), self.format, instance.to_owned())
+    }
+
+    pub async fn start_dispatcher(&mut self, config: flotilla_dispatcher::Config) {
+        let fleet = self.fleet("dispatcher-1").await;
+        let h = tokio::spawn(flotilla_dispatcher::run(
+            config,
+            fleet,
+            self.topology.clone(),
+            self.shutdown.clone(),
+        ));
+        self.services.push(h);
+    }
+
+    pub async fn start_monitor(&mut self) -> std::net::SocketAddr {
+        let fleet = self.fleet("monitor-1").await;
+        let listener =
+            flotilla_monitor::bind(&flotilla_monitor::Config { http_addr: "127.0.0.1:0".parse().unwrap() })
+                .await
+                .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let h = tokio::spawn(flotilla_monitor::run(
+            listener,
+            fleet,
+            self.topology.clone(),
+            self.shutdown.clone(),
+        ));
+        self.services.push(h);
+        addr
+    }
+
+    /// A runner in this process.
+    pub async fn start_runner(&mut self, id: &str, fleet_toml: &str) {
+        let fleet = self.fleet(id).await;
+        let file = FleetFile::parse(fleet_toml).unwrap();
+        let token = self.shutdown.child_token();
+        self.runner_tokens.insert(id.to_owned(), token.clone());
+        let h = tokio::spawn(flotilla_agent_runner::run(
+            runner_config(id),
+            file,
+            fleet,
+            self.topology.clone(),
+            token,
+        ));
+        self.services.push(h);
+    }
+
+    /// A runner as a separate `flotilla-agent-runner` process.
+    pub fn spawn_runner_process(&self, id: &str, fleet_toml: &str) -> ChildProcess {
+        let path: PathBuf = self.dir.path().join(format!("{id}-fleet.toml"));
+        std::fs::write(&path, fleet_toml).unwrap();
+        let hb = format!("{}ms", HEARTBEAT.as_millis());
+        let format = if self.format == WireFormat::Json { "json" } else { "msgpack" };
+        ChildProcess::spawn(
+            &bin("flotilla-agent-runner"),
+            &[],
+            &[
+                ("FLOTILLA_NATS_URL", self.server.url()),
+                ("FLOTILLA_FLEET", path.to_str().unwrap()),
+                ("FLOTILLA_RUNNER_ID", id),
+                ("FLOTILLA_WIRE_FORMAT", format),
+                ("FLOTILLA_AGENT_RUNNER__HEARTBEAT_INTERVAL", &hb),
+                ("RUST_LOG", "warn"),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Waits until `n` agents of runner `id` have a fresh heartbeat.
+    pub async fn wait_for_agents(&self, runner: &str, n: usize) {
+        let store = self.topology.agents.clone();
+        let prefix = format!("{runner}-");
+        flotilla_testkit::eventually(Duration::from_secs(30), "agents to register", || {
+            let store = store.clone();
+            let prefix = prefix.clone();
+            async move {
+                let keys: Vec<String> =
+                    store.keys().await.ok()?.filter_map(|k| async { k.ok() }).collect().await;
+                let mut fresh = 0;
+                for k in keys.iter().filter(|k| k.starts_with(&prefix)) {
+                    let v = store.get(k).await.ok()??;
+                    let rec: flotilla_protocol::AgentRecord = codec::decode(None, &v).ok()?;
+                    if flotilla_protocol::time::now_ms().saturating_sub(rec.heartbeat_at_ms) < 1000 {
+                        fresh += 1;
+                    }
+                }
+                (fresh >= n).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Publishes a submission (MessagePack) and waits for the stream's ack.
+    pub async fn submit(&self, sub: &TaskSubmission) -> jetstream::publish::PublishAck {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, headers::APPLICATION_MSGPACK);
+        if let Some(id) = &sub.id {
+            h.insert(headers::NATS_MSG_ID, id.as_str());
+        }
+        let bytes = codec::encode(WireFormat::Msgpack, sub).unwrap();
+        self.js
+            .publish_with_headers(self.names.submit_subject(), h, bytes.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+    }
+
+    /// Publishes raw bytes as a submission with an optional content type.
+    pub async fn submit_raw(&self, bytes: Vec<u8>, content_type: Option<&str>) {
+        let mut h = async_nats::HeaderMap::new();
+        if let Some(ct) = content_type {
+            h.insert(headers::CONTENT_TYPE, ct);
+        }
+        self.js
+            .publish_with_headers(self.names.submit_subject(), h, bytes.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Every message of a stream whose subject matches `filter`, from the start to its current end.
+    pub async fn read_stream(&self, stream: &str, filter: &str) -> Vec<(String, bytes::Bytes)> {
+        let mut s = self.js.get_stream(stream).await.unwrap();
+        let last = s.info().await.unwrap().state.last_sequence;
+        let consumer = s
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        if last == 0 {
+            return out;
+        }
+        let mut msgs = consumer.messages().await.unwrap();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(2), msgs.next()).await;
+            let Ok(Some(Ok(m))) = next else { break };
+            let seq = m.info().unwrap().stream_sequence;
+            out.push((m.subject.to_string(), m.payload.clone()));
+            if seq >= last {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Every task event so far.
+    pub async fn events(&self) -> Vec<TaskEvent> {
+        self.read_stream(&self.names.events_stream(), &self.names.task_events_all())
+            .await
+            .into_iter()
+            .map(|(_, p)| codec::decode(None, &p).unwrap())
+            .collect()
+    }
+
+    /// Waits until at least `n` events of `kind` exist, then returns all events.
+    pub async fn wait_for_kind(&self, kind: &str, n: usize, timeout: Duration) -> Vec<TaskEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let events = self.events().await;
+            let have = events.iter().filter(|e| e.kind == kind).count();
+            if have >= n {
+                return events;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {have} of {n} {kind} events after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn task(&self, id: &str) -> Option<TaskRecord> {
+        let v = self.topology.tasks.get(id).await.unwrap()?;
+        Some(codec::decode(None, &v).unwrap())
+    }
+
+    /// Health reply of one instance of a service.
+    pub async fn health(&self, service: &str, instance: &str) -> HealthReply {
+        let subject = self.names.instance_health_subject(service, instance);
+        let reply = self.client.request(subject, bytes::Bytes::new()).await.unwrap();
+        codec::decode(None, &reply.payload).unwrap()
+    }
+
+    /// Stops one in-process runner (graceful drain).
+    pub fn stop_runner(&self, id: &str) {
+        if let Some(t) = self.runner_tokens.get(id) {
+            t.cancel();
+        }
+    }
+
+    /// Stops every in-process service and checks that each ended cleanly.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for h in self.services.drain(..) {
+            tokio::time::timeout(Duration::from_secs(30), h).await.unwrap().unwrap().unwrap();
+        }
+    }
+}
+
+/// Counts events of `kind` per task id.
+pub fn count_by_task(events: &[TaskEvent], kind: &str) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for e in events.iter().filter(|e| e.kind == kind) {
+        *m.entry(e.task_id.clone()).or_insert(0) += 1;
+    }
+    m
+}
