@@ -2,6 +2,8 @@
 //! agent-runner as real child processes), and helpers to submit tasks and read events back.
 
 #![allow(dead_code)]
+// Test support: a broken environment should fail the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
