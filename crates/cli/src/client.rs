@@ -60,7 +60,13 @@ pub struct TailArgs {
 /// Connects to the fleet named by the CLI flags.
 pub async fn connect(cli: &Cli) -> Result<(async_nats::Client, jetstream::Context, Names), Failure> {
     let names = Names::new(Prefix::new(cli.prefix.clone()).map_err(|e| Failure::new(2, e))?);
-    let url = cli.nats_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+    let url = cli
+        .nats_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .unwrap_or("nats://127.0.0.1:4222")
+        .to_owned();
     let client = async_nats::ConnectOptions::new()
         .name("flotilla-cli")
         .connection_timeout(Duration::from_secs(5))

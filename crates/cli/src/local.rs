@@ -71,7 +71,7 @@ async fn start(
     let mut common: CommonConfig =
         config::extract(&fig, None, serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix }))?;
     let mut server = None;
-    if common.nats_url.is_none() {
+    if common.nats_url().is_none() {
         let binary = locate(&default_search_roots())?;
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("failed to create {}", data_dir.display()))?;

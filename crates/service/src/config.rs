@@ -44,9 +44,14 @@ impl CommonConfig {
         Ok(Names::new(Prefix::new(self.prefix.clone())?))
     }
 
+    /// The NATS URL if one was given (an empty value counts as none).
+    pub fn nats_url(&self) -> Option<&str> {
+        self.nats_url.as_deref().map(str::trim).filter(|u| !u.is_empty())
+    }
+
     /// The NATS URL, or the local default.
     pub fn nats_url_or_default(&self) -> String {
-        self.nats_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned())
+        self.nats_url().unwrap_or("nats://127.0.0.1:4222").to_owned()
     }
 }
 

@@ -186,3 +186,23 @@ pub fn unique_prefix(base: &str) -> String {
                 .unwrap_or(0))
     )
 }
+
+/// A plain HTTP/1.0 GET on loopback, returning the body (enough for `/metrics` and `/healthz`).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("write");
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.expect("read");
+    let (head, body) = buf.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.") && head.contains(" 200 "), "unexpected response: {head}");
+    body.to_owned()
+}
+
+/// A free loopback TCP port (bound and released: fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

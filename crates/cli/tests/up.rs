@@ -1,0 +1,98 @@
+//! `flotilla up` without a NATS URL starts its own nats-server, the client commands work against
+//! it with meaningful exit codes, and Ctrl-C stops everything, leaving no process behind.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_testkit::{ChildProcess, bin, free_port};
+
+fn flotilla(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("flotilla")).args(args).env("FLOTILLA_NATS_URL", url).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn nats_server_pid(data_dir: &Path) -> Option<u32> {
+    let dir = data_dir.join("jetstream/ports");
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        name.strip_suffix(".ports")?.rsplit('_').next()?.parse().ok()
+    })
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is not alive; a reaped process has no /proc entry.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn up_runs_its_own_nats_and_leaves_nothing_behind() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut up = ChildProcess::spawn(
+        &bin("flotilla"),
+        &[
+            "up",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+            "--monitor-addr",
+            "127.0.0.1:0",
+        ],
+        &[("FLOTILLA_NATS_URL", ""), ("RUST_LOG", "warn")],
+    )
+    .unwrap();
+
+    // Wait until the fleet's agents are registered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, out, _) = flotilla(&url, &["agents", "--json"]);
+        if code == 0 && serde_json::from_str::<Vec<serde_json::Value>>(&out).is_ok_and(|v| v.len() == 3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "agents never registered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let server_pid = nats_server_pid(data.path()).expect("nats-server ports file");
+    assert!(alive(server_pid));
+
+    // submit --wait prints the completed event and exits 0.
+    let (code, out, err) = flotilla(
+        &url,
+        &["submit", "summarize", "--input", r#"{"text":"hi"}"#, "--id", "cli-1", "--wait", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let ev: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ev["kind"], "completed");
+    assert_eq!(ev["output"]["answer"], "[writer] summarize: hi");
+
+    // status: 0 for a known task, 3 for an unknown one.
+    let (code, out, _) = flotilla(&url, &["status", "cli-1", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["state"], "completed");
+    assert_eq!(flotilla(&url, &["status", "no-such-task"]).0, 3);
+    // A rejected task exits 1 with the reason.
+    let (code, _, err) = flotilla(&url, &["submit", "no.such.capability", "--wait"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown_capability"), "{err}");
+    // Unreachable NATS exits 5.
+    assert_eq!(flotilla(&format!("nats://127.0.0.1:{}", free_port()), &["agents"]).0, 5);
+
+    // Ctrl-C: clean exit, and the nats-server is gone too.
+    up.signal("INT");
+    let code = up.wait_timeout(Duration::from_secs(40)).expect("flotilla up exits after Ctrl-C");
+    assert_eq!(code, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive(server_pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(server_pid), "nats-server {server_pid} left behind");
+}

@@ -1,0 +1,173 @@
+//! The agent-runner alone against a real nats-server. The test plays the dispatcher: it writes
+//! task records and publishes assignments.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use flotilla_agent_runner::FleetFile;
+use flotilla_protocol::{
+    AgentRecord, Assignment, HealthReply, Names, Prefix, TaskEvent, TaskRecord, TaskState, WireFormat, codec,
+    time::now_ms,
+};
+use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_testkit::{NatsServer, eventually};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+const FLEET: &str = "[[agent]]\nname = \"echo\"\ncapabilities = [\"echo\"]\nconcurrency = 2\nreplicas = 2\n";
+
+async fn setup()
+-> (NatsServer, Fleet, Topology, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let server = NatsServer::start();
+    let fleet =
+        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "r1".into());
+    let topology =
+        Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let config = flotilla_agent_runner::Config {
+        runner_id: Some("r1".into()),
+        heartbeat_interval: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let runner = tokio::spawn(flotilla_agent_runner::run(
+        config,
+        FleetFile::parse(FLEET).unwrap(),
+        fleet.clone(),
+        topology.clone(),
+        shutdown.clone(),
+    ));
+    (server, fleet, topology, shutdown, runner)
+}
+
+fn record(id: &str, attempt: u32, agent: &str) -> TaskRecord {
+    TaskRecord {
+        id: id.into(),
+        capability: "echo".into(),
+        input: serde_json::json!("ping"),
+        priority: Default::default(),
+        tenant: "default".into(),
+        budget_tokens: None,
+        deadline_ms: None,
+        context_key: None,
+        parent_id: None,
+        labels: Default::default(),
+        state: TaskState::Assigned,
+        attempt,
+        agent_id: Some(agent.into()),
+        runner_id: Some("r1".into()),
+        submitted_at_ms: now_ms(),
+        updated_at_ms: now_ms(),
+        started_at_ms: None,
+        finished_at_ms: None,
+        output: None,
+        usage: None,
+        error: None,
+        warnings: vec![],
+    }
+}
+
+async fn assign(fleet: &Fleet, rec: &TaskRecord, msg_id: &str) {
+    let a = Assignment {
+        task_id: rec.id.clone(),
+        attempt: rec.attempt,
+        agent_id: rec.agent_id.clone().unwrap(),
+        capability: rec.capability.clone(),
+        input: rec.input.clone(),
+        priority: rec.priority,
+        tenant: rec.tenant.clone(),
+        deadline_ms: None,
+        budget_tokens: None,
+        context_key: None,
+        assigned_at_ms: now_ms(),
+    };
+    fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
+}
+
+async fn health(fleet: &Fleet) -> HealthReply {
+    let reply = fleet
+        .client
+        .request(fleet.names.instance_health_subject("agent-runner", "r1"), "".into())
+        .await
+        .unwrap();
+    codec::decode(None, &reply.payload).unwrap()
+}
+
+async fn events_of(fleet: &Fleet, id: &str) -> Vec<TaskEvent> {
+    let stream = fleet.js.get_stream(fleet.names.events_stream()).await.unwrap();
+    let c = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: fleet.names.task_events_of(id),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut msgs = c.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(300), msgs.next()).await {
+        out.push(codec::decode(None, &m.payload).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_heartbeats_runs_and_fences() {
+    let (_server, fleet, topo, shutdown, runner) = setup().await;
+
+    // Registration and heartbeats.
+    let first: AgentRecord = eventually(Duration::from_secs(10), "registration", || async {
+        fleet.kv_get::<AgentRecord>(&topo.agents, "r1-echo-1").await.unwrap().map(|(r, _)| r)
+    })
+    .await;
+    assert_eq!(first.capabilities, vec!["echo".to_string()]);
+    assert_eq!(first.concurrency, 2);
+    eventually(Duration::from_secs(5), "a later heartbeat", || async {
+        let (r, _) = fleet.kv_get::<AgentRecord>(&topo.agents, "r1-echo-1").await.unwrap()?;
+        (r.heartbeat_at_ms > first.heartbeat_at_ms).then_some(())
+    })
+    .await;
+
+    // An assignment runs and completes, with usage.
+    let rec = record("job-1", 1, "r1-echo-0");
+    fleet.kv_create(&topo.tasks, "job-1", &rec).await.unwrap();
+    assign(&fleet, &rec, "job-1:1").await;
+    let done: TaskRecord = eventually(Duration::from_secs(10), "completion", || async {
+        let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-1").await.unwrap()?;
+        (r.state == TaskState::Completed).then_some(r)
+    })
+    .await;
+    assert_eq!(done.output.unwrap()["answer"], "[echo] echo: ping");
+    assert!(done.usage.unwrap().total_tokens > 0);
+
+    // The same assignment delivered again (another message id) does not execute again.
+    assign(&fleet, &rec, "job-1:1:again").await;
+    // An assignment for an attempt that is not current is fenced.
+    assign(&fleet, &record("job-1", 7, "r1-echo-1"), "job-1:7").await;
+    eventually(Duration::from_secs(10), "the stale assignment to be fenced", || async {
+        (health(&fleet).await.details["fenced"] == 1).then_some(())
+    })
+    .await;
+    let h = health(&fleet).await;
+    assert_eq!(h.details["executions"], 1);
+    assert_eq!(h.details["completed"], 1);
+    let events = events_of(&fleet, "job-1").await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["started", "completed"], "the re-announced completion was de-duplicated");
+
+    // A failing model call fails the task with a reason.
+    let mut bad = record("job-2", 1, "r1-echo-0");
+    bad.input = serde_json::json!({"_offline": {"fail": "model exploded"}});
+    fleet.kv_create(&topo.tasks, "job-2", &bad).await.unwrap();
+    assign(&fleet, &bad, "job-2:1").await;
+    let failed: TaskRecord = eventually(Duration::from_secs(10), "failure", || async {
+        let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-2").await.unwrap()?;
+        (r.state == TaskState::Failed).then_some(r)
+    })
+    .await;
+    assert_eq!(failed.error.unwrap().message, "model exploded");
+
+    // Shutdown deregisters the agents.
+    shutdown.cancel();
+    runner.await.unwrap().unwrap();
+    assert!(fleet.kv_get::<AgentRecord>(&topo.agents, "r1-echo-0").await.unwrap().is_none());
+}

@@ -1,0 +1,35 @@
+//! The budget-keeper ensures its bucket and answers health requests, also as a NATS micro service.
+
+use flotilla_protocol::{HealthReply, Names, Prefix, WireFormat};
+use flotilla_service::Fleet;
+use flotilla_testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensures_its_bucket_and_answers_health() {
+    let server = NatsServer::start();
+    let fleet =
+        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "bk1".into());
+    let shutdown = CancellationToken::new();
+    let task =
+        tokio::spawn(flotilla_budget_keeper::run(Default::default(), fleet.clone(), 1, shutdown.clone()));
+
+    let subject = fleet.names.health_subject("budget-keeper");
+    let reply = flotilla_testkit::eventually(std::time::Duration::from_secs(10), "health reply", || async {
+        fleet.client.request(subject.clone(), "".into()).await.ok()
+    })
+    .await;
+    let h: HealthReply = flotilla_protocol::decode(None, &reply.payload).unwrap();
+    assert_eq!(h.service, "budget-keeper");
+    assert_eq!(h.instance, "bk1");
+    assert_eq!(h.status, "ok");
+    assert!(fleet.js.get_key_value(fleet.names.budgets_bucket()).await.is_ok());
+
+    // Discoverable through the micro service protocol.
+    let ping = fleet.client.request("$SRV.PING.flotilla-budget-keeper", "".into()).await.unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "flotilla-budget-keeper");
+
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -1,0 +1,60 @@
+//! The monitor counts task events from the stream and serves them as Prometheus text.
+
+use std::time::Duration;
+
+use flotilla_protocol::{Names, Prefix, TaskEvent, Usage, WireFormat};
+use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_testkit::{NatsServer, eventually, http_get};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_events_show_up_in_metrics() {
+    let server = NatsServer::start();
+    let fleet =
+        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Json, "m1".into());
+    let topo =
+        Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    // Events published before the monitor starts are counted too (it replays the stream).
+    for (id, kind) in [("a", "accepted"), ("a", "completed"), ("b", "accepted")] {
+        let mut e = TaskEvent::new(id, kind);
+        if kind == "completed" {
+            e.usage = Some(Usage::new(30, 12));
+        }
+        fleet.publish_event(&e).await.unwrap();
+    }
+    let listener =
+        flotilla_monitor::bind(&flotilla_monitor::Config { http_addr: "127.0.0.1:0".parse().unwrap() })
+            .await
+            .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let mon = tokio::spawn(flotilla_monitor::run(listener, fleet.clone(), topo, shutdown.clone()));
+
+    let body = eventually(Duration::from_secs(10), "counts", || async {
+        let body = http_get(addr, "/metrics").await;
+        body.contains(r#"flotilla_task_events_total{kind="accepted"} 2"#).then_some(body)
+    })
+    .await;
+    assert!(body.contains(r#"flotilla_task_events_total{kind="completed"} 1"#), "{body}");
+    assert!(body.contains("flotilla_tokens_total 42"), "{body}");
+    assert_eq!(http_get(addr, "/healthz").await, "ok\n");
+
+    // Live events keep counting.
+    fleet.publish_event(&TaskEvent::new("b", "failed")).await.unwrap();
+    eventually(Duration::from_secs(10), "a live event", || async {
+        http_get(addr, "/metrics")
+            .await
+            .contains(r#"flotilla_task_events_total{kind="failed"} 1"#)
+            .then_some(())
+    })
+    .await;
+
+    // Health over NATS.
+    let reply = fleet.client.request(fleet.names.health_subject("monitor"), "".into()).await.unwrap();
+    let h: flotilla_protocol::HealthReply = flotilla_protocol::decode(None, &reply.payload).unwrap();
+    assert_eq!(h.service, "monitor");
+    assert_eq!(h.details["task_events"]["accepted"], 2);
+
+    shutdown.cancel();
+    mon.await.unwrap().unwrap();
+}
