@@ -1,6 +1,8 @@
 //! The same task submitted three times — twice inside the stream's duplicate window and once
 //! after it — executes once. Also for a task identified only by its `Nats-Msg-Id`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 mod support;
 
 use std::time::Duration;

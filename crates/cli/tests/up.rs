@@ -1,6 +1,8 @@
 //! `flotilla up` without a NATS URL starts its own nats-server, the client commands work against
 //! it with meaningful exit codes, and Ctrl-C stops everything, leaving no process behind.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

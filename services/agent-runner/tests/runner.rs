@@ -1,6 +1,8 @@
 //! The agent-runner alone against a real nats-server. The test plays the dispatcher: it writes
 //! task records and publishes assignments.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};

@@ -1,5 +1,7 @@
 //! The budget-keeper ensures its bucket and answers health requests, also as a NATS micro service.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use flotilla_protocol::{HealthReply, Names, Prefix, WireFormat};
 use flotilla_service::Fleet;
 use flotilla_testkit::NatsServer;

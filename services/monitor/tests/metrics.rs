@@ -1,5 +1,7 @@
 //! The monitor counts task events from the stream and serves them as Prometheus text.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::time::Duration;
 
 use flotilla_protocol::{Names, Prefix, TaskEvent, Usage, WireFormat};
