@@ -29,7 +29,7 @@ fn nats_server_pid(data_dir: &Path) -> Option<u32> {
 fn alive(pid: u32) -> bool {
     // A zombie is not alive; a reaped process has no /proc entry.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 
