@@ -59,6 +59,12 @@ impl AckGuard {
         self.decide(AckKind::Term).await
     }
 
+    /// Leaves the message undecided without NAKing it: another holder of the same delivery
+    /// (a concurrent redelivery being worked on) will decide.
+    pub fn release(mut self) {
+        self.msg = None;
+    }
+
     /// Resets the ack timer: the work is still going.
     pub async fn progress(&self) -> Result<(), async_nats::Error> {
         match &self.msg {

@@ -152,7 +152,7 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
         }
         Ok(Claim::AlreadyRunning) => {
             // Leave the message to the handler that runs it; it acks when done.
-            std::mem::forget(guard);
+            guard.release();
             return;
         }
         Err(e) => {

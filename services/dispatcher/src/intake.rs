@@ -26,6 +26,9 @@ use tracing::Instrument as _;
 
 use crate::{Config, Stats, UnknownCapability};
 
+/// Deliveries of one submission before it is dead-lettered instead of retried.
+const MAX_DELIVER: u64 = 20;
+
 struct Intake {
     config: Config,
     fleet: Fleet,
@@ -53,7 +56,7 @@ pub async fn run(
             description: Some("Flotilla dispatcher: intake of submissions".to_owned()),
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
-            max_deliver: 20,
+            max_deliver: i64::try_from(MAX_DELIVER).unwrap_or(20),
             max_ack_pending: i64::try_from(concurrency * 4).unwrap_or(256),
             ..Default::default()
         })
@@ -112,6 +115,16 @@ impl Intake {
                     if let Err(e) = guard.ack().await {
                         tracing::warn!(error = %e, "ack failed; the redelivery will be de-duplicated");
                     }
+                }
+                Err(e) if guard.delivered() >= MAX_DELIVER => {
+                    tracing::error!(error = %e, "submission failed on every delivery; dead-lettering it");
+                    if let Some(m) = guard.message() {
+                        let why = format!("gave up after {MAX_DELIVER} deliveries: {e}");
+                        if let Err(e) = self.dead_letter(m, None, "intake_failed", &why).await {
+                            tracing::error!(error = %e, "failed to write the dead letter");
+                        }
+                    }
+                    let _ = guard.term().await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "submission not recorded; will retry");
@@ -198,7 +211,6 @@ impl Intake {
         reason: RejectReason,
         message: &str,
     ) -> Result<(), FleetError> {
-        use base64::Engine as _;
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         let seq = m.info().ok().map(|i| i.stream_sequence);
         // An undecodable submission has no id of its own: use its message id or stream position.
@@ -209,6 +221,19 @@ impl Intake {
         let mut ev = TaskEvent::new(task_id.clone(), event_kind::REJECTED);
         ev.error = Some(ErrorInfo::new(reason.code(), message));
         self.fleet.publish_event(&ev).await?;
+        self.dead_letter(m, Some(task_id), reason.code(), message).await
+    }
+
+    /// Records a submission that will not run, with the reason and the original bytes.
+    async fn dead_letter(
+        &self,
+        m: &Message,
+        task_id: Option<String>,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), FleetError> {
+        use base64::Engine as _;
+        let seq = m.info().ok().map(|i| i.stream_sequence);
         let mut hdrs = BTreeMap::new();
         if let Some(h) = &m.headers {
             for (k, vs) in h.iter() {
@@ -220,9 +245,9 @@ impl Intake {
         let cut = m.payload.get(..m.payload.len().min(64 * 1024)).unwrap_or_default();
         let dl = DeadLetter {
             source: "dispatcher.intake".to_owned(),
-            reason: reason.code().to_owned(),
+            reason: reason.to_owned(),
             message: message.to_owned(),
-            task_id: Some(task_id.clone()),
+            task_id,
             subject: m.subject.to_string(),
             stream_sequence: seq,
             payload_base64: base64::engine::general_purpose::STANDARD.encode(cut),
