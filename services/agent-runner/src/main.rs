@@ -25,6 +25,18 @@ struct Args {
     runner_id: Option<String>,
 }
 
+/// The host name as a runner id (`[A-Za-z0-9_-]`, at most 48 characters), if there is one.
+fn host_name() -> Option<String> {
+    let raw = std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/etc/hostname").ok())?;
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .take(48)
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     flotilla_service::telemetry::init("info");
@@ -41,8 +53,15 @@ async fn main() -> anyhow::Result<()> {
     let fleet_path = cfg.fleet.clone().context("no fleet file: pass --fleet or set FLOTILLA_FLEET")?;
     let fleet_file = FleetFile::load(&fleet_path)?;
     let names = common.names()?;
-    let instance =
-        cfg.runner_id.clone().or(common.instance.clone()).unwrap_or_else(config::random_instance_id);
+    // Default runner id: the host name (stable across restarts of one container or machine),
+    // else a random id.
+    let instance = cfg
+        .runner_id
+        .clone()
+        .or(common.instance.clone())
+        .or_else(host_name)
+        .unwrap_or_else(config::random_instance_id);
+    cfg.runner_id = Some(instance.clone());
     let client =
         flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-agent-runner").await?;
     let fleet = Fleet::new(client.clone(), names, common.wire_format, instance);
