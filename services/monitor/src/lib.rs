@@ -202,32 +202,59 @@ async fn follow_events_once(
     }
 }
 
-/// Keeps the agent gauges current from the registry.
+/// Keeps the agent gauges current from a watch of the registry.
 async fn follow_agents(store: kv::Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut agents: std::collections::HashMap<String, AgentRecord> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let mut counts: std::collections::HashMap<String, i64> = Default::default();
-        let Ok(mut keys) = store.keys().await else { continue };
-        while let Some(Ok(key)) = keys.next().await {
-            if let Ok(Some(v)) = store.get(&key).await
-                && let Ok(rec) = codec::decode::<AgentRecord>(None, &v)
-            {
-                let stale = now_ms().saturating_sub(rec.heartbeat_at_ms)
-                    > rec.heartbeat_interval_ms.saturating_mul(3) + 500;
-                let status =
-                    if stale { "dead".to_owned() } else { format!("{:?}", rec.status).to_lowercase() };
-                *counts.entry(status).or_default() += 1;
+        let mut watch = match store.watch_all().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to watch the agent registry; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                entry = watch.next() => match entry {
+                    Some(Ok(e)) if e.operation == kv::Operation::Put => {
+                        if let Ok(rec) = codec::decode::<AgentRecord>(None, &e.value) {
+                            agents.insert(e.key, rec);
+                        }
+                    }
+                    Some(Ok(e)) => {
+                        agents.remove(&e.key);
+                    }
+                    Some(Err(_)) | None => break,
+                },
+                _ = tick.tick() => set_agent_gauges(&metrics, &agents),
             }
         }
-        for status in ["idle", "busy", "draining", "dead"] {
-            metrics
-                .agents
-                .get_or_create(&StatusLabel { status: status.to_owned() })
-                .set(counts.get(status).copied().unwrap_or(0));
-        }
+    }
+}
+
+fn set_agent_gauges(metrics: &Metrics, agents: &std::collections::HashMap<String, AgentRecord>) {
+    let mut counts: std::collections::HashMap<&'static str, i64> = Default::default();
+    let now = now_ms();
+    for rec in agents.values() {
+        let stale =
+            now.saturating_sub(rec.heartbeat_at_ms) > rec.heartbeat_interval_ms.saturating_mul(3) + 500;
+        let status = match (stale, rec.status) {
+            (true, _) => "dead",
+            (false, flotilla_protocol::AgentStatus::Idle) => "idle",
+            (false, flotilla_protocol::AgentStatus::Busy) => "busy",
+            (false, flotilla_protocol::AgentStatus::Draining) => "draining",
+        };
+        *counts.entry(status).or_default() += 1;
+    }
+    for status in ["idle", "busy", "draining", "dead"] {
+        metrics
+            .agents
+            .get_or_create(&StatusLabel { status: status.to_owned() })
+            .set(counts.get(status).copied().unwrap_or(0));
     }
 }

@@ -30,6 +30,7 @@ async fn task_events_show_up_in_metrics() {
             .unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
+    let topo_agents = topo.agents.clone();
     let mon = tokio::spawn(flotilla_monitor::run(listener, fleet.clone(), topo, shutdown.clone()));
 
     let body = eventually(Duration::from_secs(10), "counts", || async {
@@ -48,6 +49,34 @@ async fn task_events_show_up_in_metrics() {
             .await
             .contains(r#"flotilla_task_events_total{kind="failed"} 1"#)
             .then_some(())
+    })
+    .await;
+
+    // Agents in the registry show up by status; one without recent heartbeats counts as dead.
+    for (id, beat) in [("fresh", flotilla_protocol::time::now_ms()), ("silent", 1_000)] {
+        let rec = flotilla_protocol::AgentRecord {
+            agent_id: id.into(),
+            name: "t".into(),
+            runner_id: "r".into(),
+            capabilities: vec!["x".into()],
+            labels: Default::default(),
+            provider: "offline".into(),
+            model: String::new(),
+            concurrency: 1,
+            in_flight: 0,
+            status: flotilla_protocol::AgentStatus::Idle,
+            started_at_ms: beat,
+            heartbeat_at_ms: beat,
+            heartbeat_interval_ms: 60_000,
+            protocol_version: 1,
+        };
+        fleet.kv_put(&topo_agents, id, &rec).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "agent gauges", || async {
+        let body = http_get(addr, "/metrics").await;
+        (body.contains(r#"flotilla_agents{status="idle"} 1"#)
+            && body.contains(r#"flotilla_agents{status="dead"} 1"#))
+        .then_some(())
     })
     .await;
 
