@@ -45,6 +45,14 @@ async fn a_thousand_tasks_across_two_runner_processes_complete_exactly_once() {
     let completed = count_by_task(&events, "completed");
     assert_eq!(completed.len(), N);
     assert!(completed.values().all(|&n| n == 1), "every task completes exactly once");
+    // The stream tells each task's story in causal order.
+    let mut story: HashMap<&str, Vec<&str>> = HashMap::new();
+    for e in &events {
+        story.entry(e.task_id.as_str()).or_default().push(e.kind.as_str());
+    }
+    for (id, kinds) in &story {
+        assert_eq!(kinds, &["accepted", "assigned", "started", "completed"], "events of {id}");
+    }
     let mut per_runner: HashMap<String, usize> = HashMap::new();
     for e in events.iter().filter(|e| e.kind == "completed") {
         *per_runner.entry(e.runner_id.clone().unwrap()).or_default() += 1;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
@@ -24,7 +25,7 @@ pub const HEARTBEAT: Duration = Duration::from_millis(300);
 
 /// A fleet under test.
 pub struct System {
-    pub server: NatsServer,
+    pub server: Arc<NatsServer>,
     pub names: Names,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
@@ -58,9 +59,18 @@ pub fn worker_fleet(replicas: u32, concurrency: u32) -> String {
 
 impl System {
     pub async fn start(settings: StreamSettings, format: WireFormat) -> Self {
-        let server = NatsServer::start();
+        Self::start_on(Arc::new(NatsServer::start()), "flotilla", settings, format).await
+    }
+
+    /// A fleet under `prefix` on an existing server (several fleets may share one).
+    pub async fn start_on(
+        server: Arc<NatsServer>,
+        prefix: &str,
+        settings: StreamSettings,
+        format: WireFormat,
+    ) -> Self {
         let client = server.client().await;
-        let names = Names::new(Prefix::default());
+        let names = Names::new(Prefix::new(prefix).unwrap());
         let js = jetstream::new(client.clone());
         let topology = Topology::ensure(&js, &names, &settings, Mode::Own).await.unwrap();
         Self {
@@ -132,6 +142,7 @@ impl System {
         std::fs::write(&path, fleet_toml).unwrap();
         let hb = format!("{}ms", HEARTBEAT.as_millis());
         let format = if self.format == WireFormat::Json { "json" } else { "msgpack" };
+        let prefix = self.names.prefix().to_string();
         ChildProcess::spawn(
             &bin("flotilla-agent-runner"),
             &[],
@@ -140,6 +151,7 @@ impl System {
                 ("FLOTILLA_FLEET", path.to_str().unwrap()),
                 ("FLOTILLA_RUNNER_ID", id),
                 ("FLOTILLA_WIRE_FORMAT", format),
+                ("FLOTILLA_PREFIX", &prefix),
                 ("FLOTILLA_AGENT_RUNNER__HEARTBEAT_INTERVAL", &hb),
                 ("RUST_LOG", "warn"),
             ],

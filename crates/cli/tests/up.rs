@@ -76,6 +76,31 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
     assert_eq!(ev["kind"], "completed");
     assert_eq!(ev["output"]["answer"], "[writer] summarize: hi");
 
+    // tail replays the task's events in order and stops on Ctrl-C with exit code 0.
+    let mut tail = Command::new(bin("flotilla"))
+        .args(["tail", "--from-start", "--json", "--task", "cli-1"])
+        .env("FLOTILLA_NATS_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut kinds = Vec::new();
+    while kinds.last().map(String::as_str) != Some("completed") {
+        let line = rx.recv_timeout(Duration::from_secs(10)).expect("tail prints the events");
+        let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+        kinds.push(ev["kind"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(kinds, ["accepted", "assigned", "started", "completed"]);
+    Command::new("kill").args(["-INT", &tail.id().to_string()]).status().unwrap();
+    assert_eq!(tail.wait().unwrap().code(), Some(0));
+
     // status: 0 for a known task, 3 for an unknown one.
     let (code, out, _) = flotilla(&url, &["status", "cli-1", "--json"]);
     assert_eq!(code, 0);

@@ -125,6 +125,13 @@ impl Fleet {
         }
     }
 
+    /// True when the key holds a value (not deleted or purged).
+    pub async fn kv_exists(&self, store: &kv::Store, key: &str) -> Result<bool, FleetError> {
+        let entry =
+            store.entry(key).await.map_err(|e| FleetError::Kv { key: key.to_owned(), source: e.into() })?;
+        Ok(entry.is_some_and(|e| e.operation == kv::Operation::Put))
+    }
+
     /// Creates a KV key; fails with [`FleetError::Exists`] when it is already there.
     pub async fn kv_create<T: Serialize>(
         &self,

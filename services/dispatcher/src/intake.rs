@@ -14,8 +14,8 @@ use async_nats::jetstream::consumer::{AckPolicy, pull};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::validate::{Limits, task_id_for, validate};
 use flotilla_protocol::{
-    CapabilityRecord, DeadLetter, ErrorInfo, RejectReason, TaskEvent, TaskRecord, TaskState, TaskSubmission,
-    codec, headers, time::now_ms,
+    CapabilityRecord, DeadLetter, ErrorInfo, RejectReason, TaskEvent, TaskRecord, TaskSubmission, codec,
+    headers, time::now_ms,
 };
 use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
@@ -161,26 +161,31 @@ impl Intake {
             return self.reject(m, Some(id), RejectReason::UnknownCapability, &why).await;
         }
         rec.warnings = unknown.into_iter().map(|f| format!("unknown field ignored: {f}")).collect();
+        // An id seen before is a duplicate at any age: that task already ran, or will.
+        if self.fleet.kv_exists(&self.topology.tasks, &id).await? {
+            self.duplicate();
+            return Ok(());
+        }
+        // Announce before recording, so that `accepted` precedes every later event of the task
+        // in the stream. The event is de-duplicated per task: a retry after a failed `create`, or
+        // a racing copy of the same submission, adds nothing.
+        self.announce_accepted(&rec).await?;
         match self.fleet.kv_create(&self.topology.tasks, &id, &rec).await {
             Ok(_) => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                self.announce_accepted(&rec).await
+                Ok(())
             }
             Err(FleetError::Exists { .. }) => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::info!("duplicate submission: the task already exists");
-                // A crash between create and the event would lose `accepted`: announce again
-                // while the task is still queued (de-duplicated by the event stream).
-                if let Some((existing, _)) =
-                    self.fleet.kv_get::<TaskRecord>(&self.topology.tasks, &id).await?
-                    && existing.state == TaskState::Queued
-                {
-                    self.announce_accepted(&existing).await?;
-                }
+                self.duplicate();
                 Ok(())
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn duplicate(&self) {
+        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("duplicate submission: the task already exists");
     }
 
     async fn announce_accepted(&self, rec: &TaskRecord) -> Result<(), FleetError> {

@@ -272,12 +272,13 @@ impl Scheduler {
             Ok(rev) => {
                 self.apply_task(rec.clone(), rev);
                 self.stats.assigned.fetch_add(1, Ordering::Relaxed);
-                self.send_assignment(&rec, &runner_id).await;
+                // The event goes first, so `assigned` precedes the runner's `started`.
                 let mut ev = TaskEvent::for_task(&rec, event_kind::ASSIGNED);
                 ev.reason = Some(reason.to_owned());
                 if let Err(e) = self.fleet.publish_event(&ev).await {
                     tracing::warn!(error = %e, "failed to publish assigned event");
                 }
+                self.send_assignment(&rec, &runner_id).await;
                 Ok(())
             }
             Err(e) if e.is_conflict() => {
