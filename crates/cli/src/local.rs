@@ -186,7 +186,7 @@ fn load_fleet(path: Option<&PathBuf>) -> anyhow::Result<FleetFile> {
 }
 
 pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
-    flotilla_service::telemetry::init("info");
+    let _telemetry = flotilla_service::telemetry::init("flotilla", "info");
     let fleet_file = load_fleet(args.fleet.as_ref())?;
     let mut fleet = start(cli, fleet_file, args.data_dir.clone(), Some(args.port), args.monitor_addr).await?;
     eprintln!(
@@ -223,7 +223,7 @@ const DEMO_TEXTS: [&str; 8] = [
 ];
 
 pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
-    flotilla_service::telemetry::init("warn");
+    let _telemetry = flotilla_service::telemetry::init("flotilla", "warn");
     let fleet_file = load_fleet(args.fleet.as_ref())?;
     let temp =
         tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("failed to create a temp dir")?;

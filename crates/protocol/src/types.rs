@@ -315,6 +315,9 @@ pub struct TaskRecord {
     /// Warnings about the submission (e.g. fields this version does not know).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// W3C `traceparent` of the submission, so that all work on the task joins one trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 fn default_tenant() -> String {

@@ -164,6 +164,7 @@ pub fn validate(
         usage: None,
         error: None,
         warnings: Vec::new(),
+        trace: None,
     })
 }
 

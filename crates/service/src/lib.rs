@@ -9,6 +9,7 @@ pub mod nats;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 
 pub use ack::AckGuard;
 pub use config::{CommonConfig, StreamSettings};

@@ -74,6 +74,7 @@ impl Fleet {
         if let Some(id) = msg_id {
             h.insert(headers::NATS_MSG_ID, id);
         }
+        crate::trace::inject(&mut h);
         h
     }
 

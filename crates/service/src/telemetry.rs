@@ -1,12 +1,75 @@
 //! Telemetry: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON
-//! (`FLOTILLA_LOG_FORMAT=json`).
+//! (`FLOTILLA_LOG_FORMAT=json`), with every span also an OpenTelemetry span. Spans are exported
+//! over OTLP/HTTP when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set;
+//! either way W3C trace context travels in NATS headers (see [`crate::trace`]), so one task is one
+//! trace across services.
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
-/// Installs the global subscriber once; later calls (several services in one process) are no-ops.
-pub fn init(default_filter: &str) {
+/// Keeps the tracer provider alive; flushes pending spans when dropped.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("failed to flush traces: {e}");
+        }
+    }
+}
+
+fn otlp_configured() -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Installs the global subscriber once for `service`; later calls (several services in one
+/// process) keep the first and return an inert handle.
+pub fn init(service: &str, default_filter: &str) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(service.to_owned()).build());
+    if otlp_configured() {
+        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(e) => eprintln!("OTLP export disabled: {e}"),
+        }
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service.to_owned());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("FLOTILLA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    // Flotilla's own spans always reach OpenTelemetry (trace context must propagate even when
+    // logging is quiet); other crates' spans only when they are logged.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(Targets::new().with_target("flotilla", LevelFilter::INFO));
+    let registry = tracing_subscriber::registry().with(otel);
+    let installed = if json {
+        registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(filter))
+            .try_init()
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
+            .try_init()
+    };
+    if installed.is_ok() {
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        Telemetry { provider: Some(provider) }
+    } else {
+        Telemetry { provider: None }
+    }
 }

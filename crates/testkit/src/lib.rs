@@ -16,15 +16,12 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
 }
 
-/// Turns on test logging once (`RUST_LOG` picks the level; default warnings only).
+/// Turns on telemetry once, as the services do (`RUST_LOG` picks the log level; default
+/// warnings only), so that trace context propagates in tests too.
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    static TELEMETRY: std::sync::OnceLock<flotilla_service::telemetry::Telemetry> =
+        std::sync::OnceLock::new();
+    TELEMETRY.get_or_init(|| flotilla_service::telemetry::init("flotilla-tests", "warn"));
 }
 
 /// A nats-server started for one test.

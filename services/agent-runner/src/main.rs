@@ -39,7 +39,7 @@ fn host_name() -> Option<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    flotilla_service::telemetry::init("info");
+    let _telemetry = flotilla_service::telemetry::init("flotilla-agent-runner", "info");
     let args = Args::parse();
     let fig = config::figment(args.config.as_deref());
     let common: CommonConfig = config::extract(&fig, None, serde_json::json!({ "nats_url": args.nats_url }))?;

@@ -48,6 +48,7 @@ pub async fn handle(ctx: Arc<Context>, msg: Message) {
     };
     let span =
         tracing::info_span!("assignment", task_id = %a.task_id, agent_id = %a.agent_id, attempt = a.attempt);
+    flotilla_service::trace::continue_from(&span, m.headers.as_ref());
     handle_assignment(ctx, guard, a).instrument(span).await;
 }
 

@@ -65,6 +65,7 @@ fn record(id: &str, attempt: u32, agent: &str) -> TaskRecord {
         usage: None,
         error: None,
         warnings: vec![],
+        trace: None,
     }
 }
 

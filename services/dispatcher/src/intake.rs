@@ -108,6 +108,7 @@ impl Intake {
         let seq = msg.info().ok().map(|i| i.stream_sequence).unwrap_or(0);
         let span =
             tracing::info_span!("submission", subject = %msg.subject, seq, task_id = tracing::field::Empty);
+        flotilla_service::trace::continue_from(&span, msg.headers.as_ref());
         let guard = AckGuard::new(msg);
         async {
             match self.process(&guard).await {
@@ -161,6 +162,8 @@ impl Intake {
             return self.reject(m, Some(id), RejectReason::UnknownCapability, &why).await;
         }
         rec.warnings = unknown.into_iter().map(|f| format!("unknown field ignored: {f}")).collect();
+        rec.trace = flotilla_service::trace::current_traceparent();
+        rec.trace = flotilla_service::trace::current_traceparent();
         // An id seen before is a duplicate at any age: that task already ran, or will.
         if self.fleet.kv_exists(&self.topology.tasks, &id).await? {
             self.duplicate();

@@ -21,7 +21,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    flotilla_service::telemetry::init("info");
+    let _telemetry = flotilla_service::telemetry::init("flotilla-dispatcher", "info");
     let args = Args::parse();
     let fig = config::figment(args.config.as_deref());
     let common: CommonConfig = config::extract(&fig, None, serde_json::json!({ "nats_url": args.nats_url }))?;

@@ -18,6 +18,7 @@ use flotilla_protocol::{
 use flotilla_service::{Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{Config, Stats};
 
@@ -256,8 +257,19 @@ impl Scheduler {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(task_id = %task_id, agent_id = %agent_id))]
     async fn assign(&mut self, task_id: &str, agent_id: &str, reason: &str) -> Result<(), FleetError> {
+        let span = tracing::info_span!("assign", task_id = %task_id, agent_id = %agent_id, reason);
+        let trace = self.tasks.get(task_id).and_then(|v| v.rec.trace.clone());
+        flotilla_service::trace::continue_from_traceparent(&span, trace.as_deref());
+        self.assign_in_span(task_id, agent_id, reason).instrument(span).await
+    }
+
+    async fn assign_in_span(
+        &mut self,
+        task_id: &str,
+        agent_id: &str,
+        reason: &str,
+    ) -> Result<(), FleetError> {
         let Some(view) = self.tasks.get(task_id) else { return Ok(()) };
         let Some(agent) = self.agents.get_mut(agent_id) else { return Ok(()) };
         let mut rec = view.rec.clone();
@@ -376,6 +388,7 @@ impl Scheduler {
         }
     }
 
+    #[tracing::instrument(skip(self))]
     async fn requeue(&mut self, task_id: &str, why: &'static str) {
         let Some(view) = self.tasks.get(task_id) else { return };
         let mut rec = view.rec.clone();
@@ -403,6 +416,7 @@ impl Scheduler {
         }
     }
 
+    #[tracing::instrument(skip(self))]
     async fn expire(&mut self, task_id: &str) {
         let Some(view) = self.tasks.get(task_id) else { return };
         let mut rec = view.rec.clone();
