@@ -2,6 +2,7 @@
 //! connection, idempotent creation of streams / consumers / buckets, publishing and acking.
 
 pub mod ack;
+pub mod bootstrap;
 pub mod config;
 pub mod health;
 pub mod local_server;

@@ -1,39 +1,25 @@
-//! `flotilla-dispatcher`: loads config, connects, ensures the topology and runs the dispatcher
-//! until SIGINT or SIGTERM.
+//! `flotilla-dispatcher`: loads config, connects, ensures the topology (which it owns) and runs
+//! the dispatcher until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
-
-use anyhow::Context as _;
 use clap::Parser;
-use flotilla_dispatcher::Config;
-use flotilla_service::{CommonConfig, Fleet, Mode, Topology, config};
+use flotilla_service::Mode;
+use flotilla_service::bootstrap::{CommonArgs, Loaded, drain};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-dispatcher", version, about = "Assigns Flotilla tasks to agents")]
 struct Args {
-    /// Configuration file (TOML).
-    #[arg(long, env = "FLOTILLA_CONFIG")]
-    config: Option<PathBuf>,
-    /// NATS URL.
-    #[arg(long, env = "FLOTILLA_NATS_URL")]
-    nats_url: Option<String>,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _telemetry = flotilla_service::telemetry::init("flotilla-dispatcher", "info");
     let args = Args::parse();
-    let fig = config::figment(args.config.as_deref());
-    let common: CommonConfig = config::extract(&fig, None, serde_json::json!({ "nats_url": args.nats_url }))?;
-    let cfg: Config = config::extract(&fig, Some("dispatcher"), serde_json::json!({}))?;
-    let names = common.names()?;
-    let instance = common.instance.clone().unwrap_or_else(config::random_instance_id);
-    let client =
-        flotilla_service::nats::connect(&common.nats_url_or_default(), "flotilla-dispatcher").await?;
-    let fleet = Fleet::new(client.clone(), names, common.wire_format, instance);
-    let topology = Topology::ensure(&fleet.js, &fleet.names, &common.streams, Mode::Own).await?;
+    let loaded = Loaded::load(&args.common)?;
+    let cfg: flotilla_dispatcher::Config = loaded.section("dispatcher", serde_json::json!({}))?;
+    let (fleet, topology) = loaded.connect("dispatcher", None, Mode::Own).await?;
     let shutdown = flotilla_service::shutdown::on_signal();
-    flotilla_dispatcher::run(cfg, fleet, topology, shutdown).await?;
-    client.drain().await.context("failed to drain the NATS connection")?;
-    Ok(())
+    flotilla_dispatcher::run(cfg, fleet.clone(), topology, shutdown).await?;
+    drain(&fleet).await
 }

@@ -1,0 +1,69 @@
+//! What every service binary does before its real work: read the common flags, load the layered
+//! configuration, connect to NATS, and ensure the topology.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use figment::Figment;
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{CommonConfig, Fleet, Mode, Topology, config};
+
+/// Flags every service binary takes (each with its environment twin).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS URL(s), comma-separated.
+    #[arg(long, env = "FLOTILLA_NATS_URL")]
+    pub nats_url: Option<String>,
+}
+
+/// Loaded configuration of a service binary.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub figment: Figment,
+    pub common: CommonConfig,
+}
+
+impl Loaded {
+    /// Loads defaults, the file, the environment, then the common flags.
+    pub fn load(args: &CommonArgs) -> anyhow::Result<Self> {
+        let figment = config::figment(args.config.as_deref());
+        let common = config::extract(&figment, None, serde_json::json!({ "nats_url": args.nats_url }))?;
+        Ok(Self { figment, common })
+    }
+
+    /// The service's own section (e.g. `dispatcher`) with `overrides` (its flags) on top.
+    pub fn section<T: DeserializeOwned + Serialize + Default>(
+        &self,
+        name: &str,
+        overrides: impl Serialize,
+    ) -> anyhow::Result<T> {
+        config::extract(&self.figment, Some(name), overrides)
+    }
+
+    /// Connects as `service` with `instance` (default: the configured or a random id) and
+    /// ensures the topology.
+    pub async fn connect(
+        &self,
+        service: &str,
+        instance: Option<String>,
+        mode: Mode,
+    ) -> anyhow::Result<(Fleet, Topology)> {
+        let names = self.common.names()?;
+        let instance =
+            instance.or_else(|| self.common.instance.clone()).unwrap_or_else(config::random_instance_id);
+        let client =
+            crate::nats::connect(&self.common.nats_url_or_default(), &format!("flotilla-{service}")).await?;
+        let fleet = Fleet::new(client, names, self.common.wire_format, instance);
+        let topology = Topology::ensure(&fleet.js, &fleet.names, &self.common.streams, mode).await?;
+        Ok((fleet, topology))
+    }
+}
+
+/// Drains the fleet's connection (pending publishes and acks go out) at the end of `main`.
+pub async fn drain(fleet: &Fleet) -> anyhow::Result<()> {
+    fleet.client.drain().await.context("failed to drain the NATS connection")
+}
