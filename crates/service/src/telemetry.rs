@@ -42,6 +42,8 @@ pub fn init(service: &str, default_filter: &str) -> Telemetry {
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service.to_owned()).build());
     if otlp_configured() {
+        // The exporter's HTTP client uses rustls with the ring provider, as the NATS client does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
             Ok(exporter) => builder = builder.with_batch_exporter(exporter),
             Err(e) => eprintln!("OTLP export disabled: {e}"),

@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use flotilla_service::local_server::{LocalServer, LocalServerOptions, locate};
 
+pub mod stub_llm;
+
 /// Root of the workspace (where `nats/`, `scripts/` and `.tools/` live).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))

@@ -4,6 +4,7 @@
 //! assignment never completes twice.
 
 pub mod fleet;
+pub mod llm;
 pub mod model;
 mod registry;
 mod worker;

@@ -1,0 +1,232 @@
+//! Language-model providers behind one interface: OpenAI-compatible chat completions (OpenAI,
+//! vLLM, Ollama, llama.cpp's server, TGI), the Anthropic Messages API, and the built-in offline
+//! model. HTTP calls time out, retry 429 and 5xx with backoff (honouring `Retry-After`), and turn
+//! a malformed response into a clear error.
+//!
+//! The clients are written here on reqwest rather than taken from a crate: the two wire shapes
+//! are small, and we need exact control of retries, `Retry-After`, `max_tokens` caps and the
+//! quirks of local servers (empty `content` next to tool calls, arguments as text with newlines).
+
+pub mod anthropic;
+pub mod offline;
+pub mod openai;
+mod retry;
+
+use std::fmt;
+use std::time::Duration;
+
+use flotilla_protocol::Usage;
+use serde_json::Value;
+
+pub use retry::RetryPolicy;
+
+/// A tool the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments object.
+    pub parameters: Value,
+}
+
+/// A tool call the model made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments, or the text that failed to parse as a JSON object.
+    pub arguments: Result<Value, String>,
+}
+
+/// One turn of the conversation, in a provider-neutral form.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Turn {
+    User(String),
+    Assistant { text: String, tool_calls: Vec<ToolCall> },
+    ToolResult { call_id: String, name: String, content: String, is_error: bool },
+}
+
+/// One model call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRequest {
+    pub model: String,
+    pub system: String,
+    pub turns: Vec<Turn>,
+    pub tools: Vec<ToolSpec>,
+    /// Upper bound on completion tokens.
+    pub max_tokens: u32,
+    /// What the call is for (the task's capability); only the offline model uses it.
+    pub purpose: String,
+}
+
+/// Why the model stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A final answer.
+    Stop,
+    /// It wants tool results.
+    ToolCalls,
+    /// It ran out of `max_tokens`.
+    Length,
+    Other,
+}
+
+/// The model's answer to one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatResponse {
+    pub text: String,
+    pub tool_calls: Vec<ToolCall>,
+    pub usage: Usage,
+    pub finish: Finish,
+}
+
+/// Why a model call failed. [`ProviderError::is_retryable`] tells the retry loop what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("rate limited by the provider (HTTP 429){}", .retry_after.map(|d| format!(", retry after {d:?}")).unwrap_or_default())]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("provider server error (HTTP {status}): {message}")]
+    Server { status: u16, message: String, retry_after: Option<Duration> },
+    #[error("the provider did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("could not reach the provider: {0}")]
+    Transport(String),
+    #[error("the provider refused the request (HTTP {status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("malformed response from the provider: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("provider configuration: {0}")]
+    Config(String),
+}
+
+impl ProviderError {
+    /// True for failures that another try may fix.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::RateLimited { .. } | Self::Server { .. } | Self::Timeout(_) | Self::Transport(_))
+    }
+
+    /// A stable, snake_case code for task errors.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::RateLimited { .. } => "provider_rate_limited",
+            Self::Server { .. } => "provider_server_error",
+            Self::Timeout(_) => "provider_timeout",
+            Self::Transport(_) => "provider_unreachable",
+            Self::Refused { .. } => "provider_refused",
+            Self::Malformed(_) => "provider_malformed_response",
+            Self::Failed(_) => "model_error",
+            Self::Config(_) => "provider_config",
+        }
+    }
+}
+
+/// An API key: never shown by `Debug` or `Display`.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The key itself, for the request header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "Secret(<empty>)" } else { "Secret(<redacted>)" })
+    }
+}
+
+/// Connection settings of an HTTP provider.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Base URL, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8080/v1`.
+    pub base_url: String,
+    pub api_key: Secret,
+    /// Limit on one HTTP request.
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+/// A configured model provider.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// The built-in deterministic model.
+    Offline {
+        agent: String,
+    },
+    OpenAi(openai::Client),
+    Anthropic(anthropic::Client),
+}
+
+impl Provider {
+    /// Provider name as written in fleet files.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Offline { .. } => "offline",
+            Self::OpenAi(_) => "openai",
+            Self::Anthropic(_) => "anthropic",
+        }
+    }
+
+    /// One model call, with the provider's retries.
+    pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+        match self {
+            Self::Offline { agent } => offline::chat(agent, req).await,
+            Self::OpenAi(c) => c.chat(req).await,
+            Self::Anthropic(c) => c.chat(req).await,
+        }
+    }
+}
+
+/// The HTTP client every provider of a runner shares (TLS by rustls with the ring provider, the
+/// same one the NATS client uses).
+pub fn http_client() -> Result<reqwest::Client, ProviderError> {
+    // Fails only when a provider is already installed, which is just as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ProviderError::Config(format!("failed to build the HTTP client: {e}")))
+}
+
+/// Renders a task input as the user's message.
+pub fn input_text(input: &Value) -> String {
+    match input {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Object(m) => match m.get("text") {
+            Some(Value::String(s)) if m.len() == 1 => s.clone(),
+            _ => input.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_stay_secret() {
+        let s = Secret::new("sk-very-secret");
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+        let h = HttpSettings {
+            base_url: "http://x".into(),
+            api_key: s,
+            timeout: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
+        };
+        assert!(!format!("{h:?}").contains("very-secret"));
+    }
+}

@@ -1,0 +1,135 @@
+//! The built-in offline model: deterministic, no network. Its answer and token counts depend only
+//! on the request, so tests can assert on them. The task input may carry `_offline` directives:
+//! `sleep_ms` (think that long on every call), `fail` (fail with that text), and `tool_calls`
+//! (a list of `{"name", "arguments"}` the model calls on its first turn before answering).
+
+use std::time::Duration;
+
+use flotilla_protocol::Usage;
+use serde_json::Value;
+
+use super::{ChatRequest, ChatResponse, Finish, ProviderError, ToolCall, Turn};
+
+fn tokens(text_len: usize) -> u64 {
+    u64::try_from(text_len.div_ceil(4)).unwrap_or(u64::MAX).max(1)
+}
+
+/// The task input, as the first user turn carries it.
+fn input(req: &ChatRequest) -> (String, Value) {
+    let first = req.turns.iter().find_map(|t| match t {
+        Turn::User(text) => Some(text.clone()),
+        _ => None,
+    });
+    let raw = first.unwrap_or_default();
+    let parsed = serde_json::from_str::<Value>(&raw).unwrap_or(Value::Null);
+    let text = match parsed.get("text") {
+        Some(Value::String(s)) => s.clone(),
+        _ => raw.clone(),
+    };
+    (text, parsed.get("_offline").cloned().unwrap_or(Value::Null))
+}
+
+/// Answers one call.
+pub async fn chat(agent: &str, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+    let (text, directives) = input(req);
+    if let Some(ms) = directives.get("sleep_ms").and_then(Value::as_u64) {
+        tokio::time::sleep(Duration::from_millis(ms.min(3_600_000))).await;
+    }
+    if let Some(reason) = directives.get("fail").and_then(Value::as_str) {
+        return Err(ProviderError::Failed(reason.to_owned()));
+    }
+    let prompt_len = req.system.len()
+        + req
+            .turns
+            .iter()
+            .map(|t| match t {
+                Turn::User(s) => s.len(),
+                Turn::Assistant { text, tool_calls } => text.len() + tool_calls.len() * 16,
+                Turn::ToolResult { content, .. } => content.len(),
+            })
+            .sum::<usize>();
+    let results: Vec<String> = req
+        .turns
+        .iter()
+        .filter_map(|t| match t {
+            Turn::ToolResult { name, content, .. } => Some(format!("{name} -> {content}")),
+            _ => None,
+        })
+        .collect();
+    let planned = directives.get("tool_calls").and_then(Value::as_array).cloned().unwrap_or_default();
+    if results.is_empty() && !planned.is_empty() {
+        let calls: Vec<ToolCall> = planned
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ToolCall {
+                id: format!("offline-{i}"),
+                name: c.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                arguments: Ok(c.get("arguments").cloned().unwrap_or_else(|| serde_json::json!({}))),
+            })
+            .collect();
+        let completion = tokens(calls.iter().map(|c| c.name.len() + 16).sum());
+        return Ok(ChatResponse {
+            text: String::new(),
+            tool_calls: calls,
+            usage: Usage::new(tokens(prompt_len), completion),
+            finish: Finish::ToolCalls,
+        });
+    }
+    let mut shown: String = text.chars().take(200).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    let mut answer = format!("[{agent}] {}: {shown}", req.purpose);
+    if !results.is_empty() {
+        answer.push_str(&format!(" (tools: {})", results.join("; ")));
+    }
+    let usage = Usage::new(tokens(prompt_len), tokens(answer.len()));
+    Ok(ChatResponse { text: answer, tool_calls: vec![], usage, finish: Finish::Stop })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn req(input: &Value) -> ChatRequest {
+        ChatRequest {
+            model: "offline".into(),
+            system: "sys".into(),
+            turns: vec![Turn::User(crate::llm::input_text(input))],
+            tools: vec![],
+            max_tokens: 100,
+            purpose: "summarize".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn is_deterministic() {
+        let a = chat("w", &req(&json!({"text": "hello"}))).await.unwrap();
+        let b = chat("w", &req(&json!({"text": "hello"}))).await.unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.text, "[w] summarize: hello");
+        assert_eq!(a.usage.total_tokens, a.usage.prompt_tokens + a.usage.completion_tokens);
+    }
+
+    #[tokio::test]
+    async fn directives_fail_and_call_tools() {
+        let e = chat("w", &req(&json!({"_offline": {"fail": "boom"}}))).await.unwrap_err();
+        assert_eq!(e.to_string(), "boom");
+        let input = json!({"text": "t", "_offline": {"tool_calls": [{"name": "memory_get", "arguments": {"key": "k"}}]}});
+        let mut r = req(&input);
+        let first = chat("w", &r).await.unwrap();
+        assert_eq!(first.finish, Finish::ToolCalls);
+        assert_eq!(first.tool_calls[0].name, "memory_get");
+        r.turns.push(Turn::Assistant { text: String::new(), tool_calls: first.tool_calls });
+        r.turns.push(Turn::ToolResult {
+            call_id: "offline-0".into(),
+            name: "memory_get".into(),
+            content: "42".into(),
+            is_error: false,
+        });
+        let second = chat("w", &r).await.unwrap();
+        assert_eq!(second.finish, Finish::Stop);
+        assert_eq!(second.text, "[w] summarize: t (tools: memory_get -> 42)");
+    }
+}

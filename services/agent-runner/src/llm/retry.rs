@@ -1,0 +1,132 @@
+//! The retry loop shared by the HTTP providers: exponential backoff with jitter, `Retry-After`
+//! honoured (capped), retryable errors only, a bounded number of attempts.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::ProviderError;
+
+/// How often and how patiently to retry a provider call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RetryPolicy {
+    /// Tries in total (1 = no retry).
+    pub max_attempts: u32,
+    /// First backoff; doubles each time.
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    /// Longest single wait, also the cap on a provider's `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 5, base_delay: Duration::from_millis(500), max_delay: Duration::from_secs(60) }
+    }
+}
+
+impl RetryPolicy {
+    fn delay(&self, attempt: u32, hint: Option<Duration>) -> Duration {
+        if let Some(h) = hint {
+            return h.min(self.max_delay);
+        }
+        let exp = self.base_delay.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+        let capped = exp.min(self.max_delay);
+        // Up to 25 % jitter, so that many runners do not retry in lockstep.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let jitter = capped.mul_f64(f64::from(nanos % 250) / 1000.0);
+        capped.saturating_add(jitter).min(self.max_delay)
+    }
+
+    /// Runs `call` until it succeeds, fails with a non-retryable error, or runs out of attempts.
+    pub async fn run<T, F, Fut>(&self, mut call: F) -> Result<T, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ProviderError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && attempt < self.max_attempts.max(1) => {
+                    let hint = match &e {
+                        ProviderError::RateLimited { retry_after } => *retry_after,
+                        ProviderError::Server { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    let wait = self.delay(attempt, hint);
+                    tracing::warn!(attempt, error = %e, wait = ?wait, "provider call failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Parses a `Retry-After` header: seconds, or an HTTP date.
+pub fn parse_retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option<Duration> {
+    let v = value?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// Turns a reqwest error into a provider error.
+pub fn transport(e: reqwest::Error, timeout: Duration) -> ProviderError {
+    if e.is_timeout() { ProviderError::Timeout(timeout) } else { ProviderError::Transport(e.to_string()) }
+}
+
+/// Maps a non-success HTTP status and its body to a provider error.
+pub fn status_error(status: reqwest::StatusCode, retry_after: Option<Duration>, body: &str) -> ProviderError {
+    let message = error_message(body);
+    match status.as_u16() {
+        429 => ProviderError::RateLimited { retry_after },
+        s @ (500..=599) => ProviderError::Server { status: s, message, retry_after },
+        s => ProviderError::Refused { status: s, message },
+    }
+}
+
+/// The `error.message` of an OpenAI- or Anthropic-shaped error body, else the body (cut short).
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("error").and_then(|e| e.get("message")).and_then(|m| m.as_str()).map(str::to_owned)
+        })
+        .unwrap_or_else(|| body.chars().take(300).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        assert!(p.delay(1, None) >= Duration::from_millis(100));
+        assert!(p.delay(3, None) >= Duration::from_millis(400));
+        assert!(p.delay(9, None) <= Duration::from_secs(1));
+        assert_eq!(p.delay(1, Some(Duration::from_secs(30))), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        let v = reqwest::header::HeaderValue::from_static("2");
+        assert_eq!(parse_retry_after(Some(&v)), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(None), None);
+        let past = reqwest::header::HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(parse_retry_after(Some(&past)), Some(Duration::ZERO));
+    }
+}
