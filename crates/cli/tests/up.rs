@@ -77,13 +77,22 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
     assert_eq!(ev["output"]["answer"], "[writer] summarize: hi");
 
     // tail replays the task's events in order and stops on Ctrl-C with exit code 0.
-    let mut tail = Command::new(bin("flotilla"))
-        .args(["tail", "--from-start", "--json", "--task", "cli-1"])
-        .env("FLOTILLA_NATS_URL", &url)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = tail.stdout.take().unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut tail = KillOnDrop(
+        Command::new(bin("flotilla"))
+            .args(["tail", "--from-start", "--json", "--task", "cli-1"])
+            .env("FLOTILLA_NATS_URL", &url)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = tail.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead as _;
@@ -97,9 +106,9 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
         let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
         kinds.push(ev["kind"].as_str().unwrap().to_owned());
     }
-    assert_eq!(kinds, ["accepted", "assigned", "started", "completed"]);
-    Command::new("kill").args(["-INT", &tail.id().to_string()]).status().unwrap();
-    assert_eq!(tail.wait().unwrap().code(), Some(0));
+    assert_eq!(kinds, ["accepted", "assigned", "started", "progress", "completed"]);
+    Command::new("kill").args(["-INT", &tail.0.id().to_string()]).status().unwrap();
+    assert_eq!(tail.0.wait().unwrap().code(), Some(0));
 
     // status: 0 for a known task, 3 for an unknown one.
     let (code, out, _) = flotilla(&url, &["status", "cli-1", "--json"]);
@@ -113,8 +122,9 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
     // Unreachable NATS exits 5.
     assert_eq!(flotilla(&format!("nats://127.0.0.1:{}", free_port()), &["agents"]).0, 5);
 
-    // Ctrl-C: clean exit, and the nats-server is gone too.
-    up.signal("INT");
+    // Ctrl-C, as a terminal sends it (to the whole foreground process group): clean exit, and
+    // the nats-server is gone too.
+    up.signal_group("INT");
     let code = up.wait_timeout(Duration::from_secs(40)).expect("flotilla up exits after Ctrl-C");
     assert_eq!(code, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

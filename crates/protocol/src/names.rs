@@ -58,6 +58,7 @@ pub mod event_kind {
     pub const COMPLETED: &str = "completed";
     pub const FAILED: &str = "failed";
     pub const REQUEUED: &str = "requeued";
+    pub const PROGRESS: &str = "progress";
 }
 
 /// Names of the services, used in health subjects, dead-letter sources and registry records.
@@ -203,6 +204,16 @@ impl Names {
     /// KV bucket: agent registry with heartbeats, keyed by agent id.
     pub fn agents_bucket(&self) -> String {
         format!("{}_agents", self.lower)
+    }
+
+    /// KV bucket: agents' shared memory, keys `<namespace>.<key>`.
+    pub fn memory_bucket(&self) -> String {
+        format!("{}_memory", self.lower)
+    }
+
+    /// Topic an agent's `publish` tool writes to: `<p>.topics.<topic>`.
+    pub fn topic_subject(&self, topic: &str) -> String {
+        format!("{}.topics.{topic}", self.prefix)
     }
 
     /// KV bucket: token budgets, owned by the budget-keeper.

@@ -216,6 +216,15 @@ impl Usage {
     }
 }
 
+/// Token usage of one model call of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CallUsage {
+    /// Step of the agent loop (1-based).
+    pub step: u32,
+    pub model: String,
+    pub usage: Usage,
+}
+
 /// A machine-readable error: a stable `code` and a human `message`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorInfo {
@@ -318,6 +327,12 @@ pub struct TaskRecord {
     /// W3C `traceparent` of the submission, so that all work on the task joins one trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
+    /// Sub-tasks this task delegated, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<String>,
+    /// Token usage of every model call of the finishing attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallUsage>,
 }
 
 fn default_tenant() -> String {
@@ -379,6 +394,15 @@ pub struct TaskEvent {
     /// Why the scheduler made the decision this event reports (e.g. `least_loaded`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Step of the agent loop a `progress` event reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// What a `progress` event reports: the step's text, tool calls and results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+    /// Usage of every model call (on `completed` and `failed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallUsage>,
 }
 
 impl TaskEvent {
@@ -398,6 +422,9 @@ impl TaskEvent {
             usage: None,
             error: None,
             reason: None,
+            step: None,
+            detail: None,
+            calls: Vec::new(),
         }
     }
 
@@ -421,6 +448,8 @@ pub enum AgentStatus {
     Idle,
     Busy,
     Draining,
+    /// Crashed repeatedly; takes no work until its runner restarts it.
+    Error,
 }
 
 /// An agent's entry in the registry bucket, rewritten on every heartbeat.

@@ -165,6 +165,8 @@ pub fn validate(
         error: None,
         warnings: Vec::new(),
         trace: None,
+        children: Vec::new(),
+        calls: Vec::new(),
     })
 }
 

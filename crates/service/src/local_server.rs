@@ -111,6 +111,7 @@ impl LocalServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        detach_from_terminal(&mut cmd);
         let mut child =
             cmd.spawn().with_context(|| format!("failed to start {}", options.binary.display()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -175,6 +176,26 @@ impl LocalServer {
 impl Drop for LocalServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The server gets its own process group, so a terminal's Ctrl-C reaches only its parent, which
+/// then stops services and server in order; and on Linux it receives SIGTERM if the thread that
+/// started it dies (the parent was killed), so it is never left behind.
+fn detach_from_terminal(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    cmd.process_group(0);
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2), which
+    // is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -101,10 +101,13 @@ impl Fleet {
         Ok(())
     }
 
-    /// Publishes a task event, de-duplicated per task, kind and attempt.
+    /// Publishes a task event, de-duplicated per task, kind, attempt (and step).
     pub async fn publish_event(&self, event: &TaskEvent) -> Result<(), FleetError> {
         let subject = self.names.task_event_subject(&event.task_id, &event.kind);
-        let msg_id = format!("{}:{}:{}", event.task_id, event.kind, event.attempt.unwrap_or(0));
+        let mut msg_id = format!("{}:{}:{}", event.task_id, event.kind, event.attempt.unwrap_or(0));
+        if let Some(step) = event.step {
+            msg_id.push_str(&format!(":{step}"));
+        }
         self.publish_durable(subject, event, Some(&msg_id)).await
     }
 

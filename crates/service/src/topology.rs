@@ -29,6 +29,8 @@ pub struct Topology {
     pub agents: kv::Store,
     /// Every capability a fleet ever declared.
     pub capabilities: kv::Store,
+    /// Agents' shared memory.
+    pub memory: kv::Store,
 }
 
 impl Topology {
@@ -84,7 +86,13 @@ impl Topology {
             ),
         )
         .await?;
-        Ok(Self { tasks, agents, capabilities })
+        let memory = ensure_bucket(
+            js,
+            mode,
+            bucket(names.memory_bucket(), "Flotilla: agents' shared memory", 1, Duration::ZERO),
+        )
+        .await?;
+        Ok(Self { tasks, agents, capabilities, memory })
     }
 }
 

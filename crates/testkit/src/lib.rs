@@ -99,7 +99,8 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A child process killed (SIGKILL) on drop.
+/// A child process in its own process group; the whole group is killed (SIGKILL) on drop, so
+/// nothing it started outlives the test.
 #[derive(Debug)]
 pub struct ChildProcess {
     child: Option<Child>,
@@ -109,8 +110,9 @@ pub struct ChildProcess {
 impl ChildProcess {
     /// Spawns `program` with `args` and `env`; stdout and stderr go to the test's output.
     pub fn spawn(program: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null());
+        cmd.args(args).stdin(Stdio::null()).process_group(0);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -123,12 +125,18 @@ impl ChildProcess {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
-    /// `kill -9`.
+    /// `kill -9` of the process (not its group).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends a signal by name to the whole process group, as a terminal's Ctrl-C does.
+    pub fn signal_group(&self, sig: &str) {
+        let _ =
+            Command::new("kill").arg(format!("-{sig}")).arg("--").arg(format!("-{}", self.pid())).status();
     }
 
     /// Sends a signal by name (`TERM`, `INT`) with the `kill` command.
@@ -154,6 +162,9 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal_group("KILL");
+        }
         self.kill9();
     }
 }

@@ -4,10 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::time::Duration;
+
 use anyhow::{Context as _, bail};
 use flotilla_protocol::names::is_token;
 use flotilla_protocol::validate::is_capability;
 use serde::Deserialize;
+
+use crate::llm::RetryPolicy;
 
 /// A parsed fleet file.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +48,44 @@ pub struct AgentTemplate {
     /// Labels tasks can require.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Tools its agents may call (built-in names such as `memory_get`, `delegate`).
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Model calls per task before it fails with `max_steps_exceeded`.
+    #[serde(default = "default_max_steps")]
+    pub max_steps: u32,
+    /// Default token cap of one task (a submission's `budget_tokens` overrides it).
+    #[serde(default)]
+    pub max_tokens_per_task: Option<u64>,
+    /// Completion tokens one model call may produce.
+    #[serde(default = "default_call_tokens")]
+    pub max_tokens_per_call: u32,
+    /// Provider endpoint (OpenAI-compatible: `…/v1`; Anthropic: the host). Defaults to the
+    /// provider's public API.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Environment variable (or secrets-file entry) holding the API key; defaults to
+    /// `OPENAI_API_KEY` or `ANTHROPIC_API_KEY`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Limit on one HTTP request to the provider.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Retries of failed provider calls.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+fn default_max_steps() -> u32 {
+    8
+}
+
+fn default_call_tokens() -> u32 {
+    1024
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_provider() -> String {
@@ -93,12 +135,15 @@ impl FleetFile {
             if a.replicas > 10_000 {
                 bail!("agent {:?}: replicas must be at most 10000", a.name);
             }
-            if a.provider != "offline" {
+            if !["offline", "openai", "anthropic"].contains(&a.provider.as_str()) {
                 bail!(
-                    "agent {:?}: provider {:?} is not available in this version (use \"offline\")",
+                    "agent {:?}: unknown provider {:?} (use offline, openai or anthropic)",
                     a.name,
                     a.provider
                 );
+            }
+            if a.max_steps == 0 || a.max_tokens_per_call == 0 {
+                bail!("agent {:?}: max_steps and max_tokens_per_call must be positive", a.name);
             }
         }
         Ok(())
@@ -123,5 +168,11 @@ mod tests {
         assert!(FleetFile::parse("[[agent]]\nname='a'\ncapabilities=[]").is_err());
         assert!(FleetFile::parse("[[agent]]\nname='a'\ncapabilities=['x']\ncolour='red'").is_err());
         assert!(FleetFile::parse("[[agent]]\nname='a'\ncapabilities=['x']\nprovider='mystery'").is_err());
+        let f = FleetFile::parse(
+            "[[agent]]\nname='a'\ncapabilities=['x']\nprovider='openai'\ntools=['memory_get']\nrequest_timeout='90s'\n[agent.retry]\nmax_attempts=2",
+        )
+        .unwrap();
+        assert_eq!(f.agents[0].request_timeout, Duration::from_secs(90));
+        assert_eq!(f.agents[0].retry.max_attempts, 2);
     }
 }

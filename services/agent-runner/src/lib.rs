@@ -3,10 +3,11 @@
 //! lifecycle. Claims and completions are revision-checked KV updates, so a redelivered or late
 //! assignment never completes twice.
 
+pub mod agent_loop;
 pub mod fleet;
 pub mod llm;
-pub mod model;
 mod registry;
+pub mod tools;
 mod worker;
 
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ pub struct Config {
     /// On shutdown, how long in-flight tasks get to finish before they are handed back.
     #[serde(with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// TOML file of API keys (`NAME = "value"`), consulted when the environment lacks a key.
+    pub secrets_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -57,11 +60,13 @@ impl Default for Config {
             ack_wait: Duration::from_secs(30),
             max_task_time: Duration::from_secs(3600),
             drain_grace: Duration::from_secs(10),
+            secrets_file: None,
         }
     }
 }
 
-/// Runs the agent-runner for `fleet_file` until `shutdown` is cancelled, then drains.
+/// Runs the agent-runner for `fleet_file` with the built-in tools until `shutdown` is cancelled,
+/// then drains.
 pub async fn run(
     config: Config,
     fleet_file: FleetFile,
@@ -69,6 +74,83 @@ pub async fn run(
     topology: Topology,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let registry = tools::Registry::with_builtins()?;
+    run_with_tools(config, fleet_file, fleet, topology, registry, shutdown).await
+}
+
+/// Builds each template's provider, with its API key from the environment or the secrets file.
+fn providers(
+    config: &Config,
+    fleet_file: &FleetFile,
+) -> anyhow::Result<std::collections::HashMap<String, llm::Provider>> {
+    let secrets: std::collections::HashMap<String, String> = match &config.secrets_file {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p)
+                .with_context(|| format!("failed to read secrets file {}", p.display()))?,
+        )
+        .with_context(|| format!("secrets file {} must hold NAME = \"value\" lines", p.display()))?,
+        None => Default::default(),
+    };
+    let http = llm::http_client()?;
+    let mut out = std::collections::HashMap::new();
+    for t in &fleet_file.agents {
+        let key_name = t.api_key_env.clone().unwrap_or_else(|| match t.provider.as_str() {
+            "anthropic" => "ANTHROPIC_API_KEY".to_owned(),
+            _ => "OPENAI_API_KEY".to_owned(),
+        });
+        let key =
+            std::env::var(&key_name).ok().or_else(|| secrets.get(&key_name).cloned()).unwrap_or_default();
+        let settings = |default_base: &str| llm::HttpSettings {
+            base_url: t.base_url.clone().unwrap_or_else(|| default_base.to_owned()),
+            api_key: llm::Secret::new(key.clone()),
+            timeout: t.request_timeout,
+            retry: t.retry,
+        };
+        let provider = match t.provider.as_str() {
+            "openai" => {
+                anyhow::ensure!(
+                    !key.is_empty() || t.base_url.is_some(),
+                    "agent {:?}: no API key for OpenAI: set {key_name} (or base_url for a local server)",
+                    t.name
+                );
+                llm::Provider::OpenAi(llm::openai::Client::new(
+                    http.clone(),
+                    settings("https://api.openai.com/v1"),
+                ))
+            }
+            "anthropic" => {
+                anyhow::ensure!(
+                    !key.is_empty(),
+                    "agent {:?}: no API key for Anthropic: set {key_name}",
+                    t.name
+                );
+                llm::Provider::Anthropic(llm::anthropic::Client::new(
+                    http.clone(),
+                    settings("https://api.anthropic.com"),
+                ))
+            }
+            _ => llm::Provider::Offline { agent: t.name.clone() },
+        };
+        out.insert(t.name.clone(), provider);
+    }
+    Ok(out)
+}
+
+/// Like [`run`], with a tool registry of the caller's (built-ins plus its own tools).
+pub async fn run_with_tools(
+    config: Config,
+    fleet_file: FleetFile,
+    fleet: Fleet,
+    topology: Topology,
+    registry: tools::Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    for t in &fleet_file.agents {
+        if let Some(unknown) = t.tools.iter().find(|n| !registry.contains(n)) {
+            anyhow::bail!("agent {:?}: unknown tool {unknown:?}", t.name);
+        }
+    }
+    let providers = providers(&config, &fleet_file)?;
     let runner_id = config.runner_id.clone().unwrap_or_else(|| fleet.instance.clone());
     anyhow::ensure!(
         flotilla_protocol::names::is_token(&runner_id) && runner_id.len() <= 48,
@@ -130,6 +212,8 @@ pub async fn run(
         progress_every: config.ack_wait / 3,
         max_task_time: config.max_task_time,
         abort: abort.clone(),
+        providers,
+        registry: Arc::new(registry),
     });
 
     let mut messages = consumer

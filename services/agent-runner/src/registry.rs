@@ -24,6 +24,18 @@ pub struct Slot {
     pub in_flight: AtomicU32,
     /// (task, attempt) pairs this process is running now, to ignore redeliveries of live work.
     pub running: Mutex<HashSet<(String, u32)>>,
+    /// Crashes since the last success; at [`MAX_CRASHES`] the agent goes to `error`.
+    pub crashes: AtomicU32,
+}
+
+/// Consecutive crashes after which an agent stops taking work.
+pub const MAX_CRASHES: u32 = 3;
+
+impl Slot {
+    /// True when the agent crashed too often and takes no more work.
+    pub fn in_error(&self) -> bool {
+        self.crashes.load(Ordering::Relaxed) >= MAX_CRASHES
+    }
 }
 
 /// All agents of this runner, plus counters for health replies.
@@ -59,6 +71,7 @@ impl Agents {
                         permits: Arc::new(Semaphore::new(permits)),
                         in_flight: AtomicU32::new(0),
                         running: Mutex::new(HashSet::new()),
+                        crashes: AtomicU32::new(0),
                     }),
                 );
             }
@@ -98,7 +111,9 @@ impl Agents {
 
     fn record(&self, slot: &Slot) -> AgentRecord {
         let in_flight = slot.in_flight.load(Ordering::Relaxed);
-        let status = if self.draining.load(Ordering::Relaxed) {
+        let status = if slot.in_error() {
+            AgentStatus::Error
+        } else if self.draining.load(Ordering::Relaxed) {
             AgentStatus::Draining
         } else if in_flight > 0 {
             AgentStatus::Busy

@@ -15,8 +15,10 @@ use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::model;
-use crate::registry::{Agents, Slot};
+use crate::agent_loop::{self, LoopError};
+use crate::llm::Provider;
+use crate::registry::{Agents, MAX_CRASHES, Slot};
+use crate::tools::{Registry, ToolCtx};
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -29,6 +31,9 @@ pub struct Context {
     pub max_task_time: Duration,
     /// Cancelled when the drain grace is over: give unfinished work back.
     pub abort: CancellationToken,
+    /// Model provider of each template.
+    pub providers: std::collections::HashMap<String, Provider>,
+    pub registry: Arc<Registry>,
 }
 
 /// Handles one assignment message; never panics, never returns an error: every outcome is an
@@ -80,22 +85,49 @@ enum Claim {
     Finished(TaskRecord),
     /// The task moved on (reassigned, finished elsewhere, unknown): ack and forget.
     Stale(&'static str),
-    /// This process is running the attempt now; the redelivery is ignored.
-    AlreadyRunning,
+    /// The task record cannot be read: dead-letter the assignment.
+    Unreadable(String),
 }
 
-async fn claim(ctx: &Context, slot: &Slot, a: &Assignment) -> Result<Claim, FleetError> {
+/// Marks (task, attempt) as running in this process for as long as it lives (also on panic).
+struct Reservation<'a> {
+    slot: &'a Slot,
+    key: (String, u32),
+}
+
+impl<'a> Reservation<'a> {
+    /// Reserves the attempt, or `None` if this process already works on it.
+    fn take(slot: &'a Slot, task_id: &str, attempt: u32) -> Option<Self> {
+        let key = (task_id.to_owned(), attempt);
+        let inserted = slot.running.lock().map(|mut r| r.insert(key.clone())).unwrap_or(false);
+        inserted.then_some(Self { slot, key })
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.slot.running.lock() {
+            r.remove(&self.key);
+        }
+    }
+}
+
+async fn claim(ctx: &Context, a: &Assignment) -> Result<Claim, FleetError> {
     let ours = |r: &TaskRecord| r.attempt == a.attempt && r.agent_id.as_deref() == Some(a.agent_id.as_str());
     for _ in 0..5 {
-        let Some((mut rec, rev)) = ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &a.task_id).await?
-        else {
-            return Ok(Claim::Stale("unknown task"));
+        let (mut rec, rev) = match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &a.task_id).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return Ok(Claim::Stale("unknown task")),
+            Err(FleetError::Decode { source, .. }) => return Ok(Claim::Unreadable(source.to_string())),
+            Err(e) => return Err(e),
         };
         if !ours(&rec) {
             return Ok(Claim::Stale("task was reassigned"));
         }
         match rec.state {
-            TaskState::Assigned => {
+            // Assigned: claim it. Running but not in this process: a crashed run of ours (or
+            // another process with our runner id); claim it again, so only one copy wins.
+            TaskState::Assigned | TaskState::Running => {
                 rec.state = TaskState::Running;
                 rec.runner_id = Some(ctx.runner_id.clone());
                 rec.started_at_ms = Some(now_ms());
@@ -105,12 +137,6 @@ async fn claim(ctx: &Context, slot: &Slot, a: &Assignment) -> Result<Claim, Flee
                     Err(e) if e.is_conflict() => continue,
                     Err(e) => return Err(e),
                 }
-            }
-            TaskState::Running => {
-                let live =
-                    slot.running.lock().map(|r| r.contains(&(a.task_id.clone(), a.attempt))).unwrap_or(false);
-                // Running our attempt but not in this process: we crashed mid-run. Run it again.
-                return Ok(if live { Claim::AlreadyRunning } else { Claim::Run(rec, rev) });
             }
             TaskState::Completed | TaskState::Failed => return Ok(Claim::Finished(rec)),
             TaskState::Queued => return Ok(Claim::Stale("task was requeued")),
@@ -128,13 +154,24 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
         let _ = guard.ack().await;
         return;
     };
+    if slot.in_error() {
+        // The dispatcher requeues the work of an agent in error; until then, hand it back.
+        let _ = guard.nak(Some(Duration::from_secs(1))).await;
+        return;
+    }
+    let Some(_reservation) = Reservation::take(&slot, &a.task_id, a.attempt) else {
+        // Another delivery of this attempt is being worked on here; it will decide.
+        guard.release();
+        return;
+    };
+    // Wait for a free slot while keeping the assignment alive.
     let permit = tokio::select! {
-        p = slot.permits.clone().acquire_owned() => p,
+        p = guard.with_progress(ctx.progress_every, ctx.max_task_time, slot.permits.clone().acquire_owned()) => p,
         _ = ctx.abort.cancelled() => return, // guard drops: NAK
     };
     let Ok(_permit) = permit else { return };
 
-    let (rec, rev) = match claim(&ctx, &slot, &a).await {
+    let (rec, rev) = match claim(&ctx, &a).await {
         Ok(Claim::Run(rec, rev)) => (rec, rev),
         Ok(Claim::Finished(rec)) => {
             if let Err(e) = announce_outcome(&ctx.fleet, &rec).await {
@@ -151,37 +188,46 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             let _ = guard.ack().await;
             return;
         }
-        Ok(Claim::AlreadyRunning) => {
-            // Leave the message to the handler that runs it; it acks when done.
-            guard.release();
+        Ok(Claim::Unreadable(why)) => {
+            tracing::error!(%why, "task record unreadable; dead-lettering the assignment");
+            if let Some(m) = guard.message() {
+                dead_letter(&ctx.fleet, m, "unreadable_task_record", &why).await;
+            }
+            let _ = guard.term().await;
             return;
         }
         Err(e) => {
             tracing::warn!(error = %e, "claim failed; retrying later");
-            let _ = guard.nak(Some(Duration::from_millis(500))).await;
+            let delay = retry_delay(guard.delivered());
+            let _ = guard.nak(Some(delay)).await;
             return;
         }
     };
 
-    let key = (a.task_id.clone(), a.attempt);
-    if let Ok(mut r) = slot.running.lock() {
-        r.insert(key.clone());
-    }
     slot.in_flight.fetch_add(1, Ordering::Relaxed);
     let outcome = run_claimed(&ctx, &slot, &guard, rec, rev).await;
     slot.in_flight.fetch_sub(1, Ordering::Relaxed);
-    if let Ok(mut r) = slot.running.lock() {
-        r.remove(&key);
-    }
     match outcome {
         Outcome::Done => {
+            slot.crashes.store(0, Ordering::Relaxed);
             if let Err(e) = guard.ack().await {
                 tracing::warn!(error = %e, "ack failed; a redelivery will be fenced");
             }
         }
         Outcome::Retry(e) => {
             tracing::warn!(error = %e, "task handling failed; handing the assignment back");
-            let _ = guard.nak(Some(Duration::from_millis(500))).await;
+            let delay = retry_delay(guard.delivered());
+            let _ = guard.nak(Some(delay)).await;
+        }
+        Outcome::Crashed(why) => {
+            let crashes = slot.crashes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+            let backoff = Duration::from_secs(1) * 2u32.saturating_pow(crashes.saturating_sub(1).min(5));
+            if crashes >= MAX_CRASHES {
+                tracing::error!(%why, crashes, "agent crashed repeatedly; it goes to error and takes no more work");
+            } else {
+                tracing::warn!(%why, crashes, ?backoff, "agent crashed; the attempt is retried after a backoff");
+            }
+            let _ = guard.nak(Some(backoff)).await;
         }
         Outcome::Abandoned => {
             tracing::info!("drain grace over; assignment handed back");
@@ -190,66 +236,107 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
     }
 }
 
+/// Backoff for retries after infrastructure errors: grows with the delivery count, up to 30 s.
+fn retry_delay(delivered: u64) -> Duration {
+    let exp = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
+    Duration::from_millis(500).saturating_mul(2u32.saturating_pow(exp)).min(Duration::from_secs(30))
+}
+
 enum Outcome {
     Done,
     Retry(FleetError),
+    Crashed(String),
     Abandoned,
 }
 
-async fn run_claimed(
-    ctx: &Context,
-    slot: &Slot,
-    guard: &AckGuard,
-    mut rec: TaskRecord,
-    mut rev: u64,
-) -> Outcome {
+async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskRecord, rev: u64) -> Outcome {
     let mut started = TaskEvent::for_task(&rec, event_kind::STARTED);
     started.runner_id = Some(ctx.runner_id.clone());
     if let Err(e) = ctx.fleet.publish_event(&started).await {
         return Outcome::Retry(e);
     }
+    let Some(provider) = ctx.providers.get(&slot.template.name).cloned() else {
+        return Outcome::Crashed(format!("no provider for template {}", slot.template.name));
+    };
+    let cancel = ctx.abort.child_token();
+    let env = agent_loop::Env {
+        provider,
+        template: slot.template.clone(),
+        registry: ctx.registry.clone(),
+        tool_ctx: ToolCtx {
+            fleet: ctx.fleet.clone(),
+            memory: ctx.topology.memory.clone(),
+            tasks: ctx.topology.tasks.clone(),
+            task: rec.clone(),
+            agent_id: slot.agent_id.clone(),
+            step: 0,
+            index: 0,
+            cancel: cancel.clone(),
+        },
+    };
 
     let result = if rec.deadline_ms.is_some_and(|d| d <= now_ms()) {
-        Err(ErrorInfo::new("deadline_exceeded", "the deadline passed before the task started"))
+        Err(LoopError::Failed {
+            error: ErrorInfo::new("deadline_exceeded", "the deadline passed before the task started"),
+            usage: Default::default(),
+            calls: vec![],
+        })
     } else {
         ctx.agents.executions.fetch_add(1, Ordering::Relaxed);
-        let t = &slot.template;
-        let work = model::offline(&t.name, &t.system_prompt, &rec.capability, &rec.input);
-        let work = guard.with_progress(ctx.progress_every, ctx.max_task_time, work);
+        let work = guard.with_progress(ctx.progress_every, ctx.max_task_time, agent_loop::run(&env, &rec));
         tokio::select! {
-            r = work => r.map_err(|e| ErrorInfo::new("model_error", e.to_string())),
+            r = work => r,
             _ = ctx.abort.cancelled() => return Outcome::Abandoned,
         }
     };
 
     let now = now_ms();
-    match result {
+    let apply: Box<dyn Fn(&mut TaskRecord) + Send + Sync> = match result {
         Ok(answer) => {
-            rec.state = TaskState::Completed;
-            rec.output = Some(answer.output);
-            rec.usage = Some(answer.usage);
+            let model = slot.template.model.clone();
+            Box::new(move |r: &mut TaskRecord| {
+                r.state = TaskState::Completed;
+                r.output =
+                    Some(serde_json::json!({ "answer": answer.text, "model": model, "steps": answer.steps }));
+                r.usage = Some(answer.usage);
+                r.calls = answer.calls.clone();
+                r.finished_at_ms = Some(now);
+                r.updated_at_ms = now;
+            })
         }
-        Err(err) => {
-            rec.state = TaskState::Failed;
-            rec.error = Some(err);
-        }
-    }
-    rec.finished_at_ms = Some(now);
-    rec.updated_at_ms = now;
+        Err(LoopError::Failed { error, usage, calls }) => Box::new(move |r: &mut TaskRecord| {
+            r.state = TaskState::Failed;
+            r.error = Some(error.clone());
+            r.usage = Some(usage);
+            r.calls = calls.clone();
+            r.finished_at_ms = Some(now);
+            r.updated_at_ms = now;
+        }),
+        Err(LoopError::Crashed(why)) => return Outcome::Crashed(why),
+        Err(LoopError::Infrastructure(e)) => return Outcome::Retry(e),
+    };
 
-    // Record the outcome, fenced by the revision of our claim.
+    // Record the outcome, fenced by the revision of our claim. Someone else may have written the
+    // record meanwhile (a delegated child is linked into it): if it is still our running attempt,
+    // apply the outcome to the current record; otherwise the result is fenced off.
+    let mut current = rec;
+    let mut rev = rev;
     loop {
-        match ctx.fleet.kv_update(&ctx.topology.tasks, &rec.id, &rec, rev).await {
-            Ok(_) => break,
+        let mut next = current.clone();
+        apply(&mut next);
+        match ctx.fleet.kv_update(&ctx.topology.tasks, &next.id, &next, rev).await {
+            Ok(_) => {
+                current = next;
+                break;
+            }
             Err(e) if e.is_conflict() => {
-                // Someone else wrote the task. Only if it is still our running attempt may we
-                // try again; otherwise our result is fenced off.
-                match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &rec.id).await {
+                match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &current.id).await {
                     Ok(Some((cur, cur_rev)))
                         if cur.state == TaskState::Running
-                            && cur.attempt == rec.attempt
-                            && cur.agent_id == rec.agent_id =>
+                            && cur.attempt == current.attempt
+                            && cur.agent_id == current.agent_id =>
                     {
+                        current = cur;
                         rev = cur_rev;
                     }
                     Ok(_) => {
@@ -263,12 +350,12 @@ async fn run_claimed(
             Err(e) => return Outcome::Retry(e),
         }
     }
-    if rec.state == TaskState::Completed {
+    if current.state == TaskState::Completed {
         ctx.agents.completed.fetch_add(1, Ordering::Relaxed);
     } else {
         ctx.agents.failed.fetch_add(1, Ordering::Relaxed);
     }
-    match announce_outcome(&ctx.fleet, &rec).await {
+    match announce_outcome(&ctx.fleet, &current).await {
         Ok(()) => Outcome::Done,
         Err(e) => Outcome::Retry(e),
     }
@@ -281,5 +368,6 @@ async fn announce_outcome(fleet: &Fleet, rec: &TaskRecord) -> Result<(), FleetEr
     ev.output = rec.output.clone();
     ev.usage = rec.usage;
     ev.error = rec.error.clone();
+    ev.calls = rec.calls.clone();
     fleet.publish_event(&ev).await
 }

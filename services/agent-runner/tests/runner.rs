@@ -66,6 +66,8 @@ fn record(id: &str, attempt: u32, agent: &str) -> TaskRecord {
         error: None,
         warnings: vec![],
         trace: None,
+        children: vec![],
+        calls: vec![],
     }
 }
 
@@ -155,7 +157,7 @@ async fn registers_heartbeats_runs_and_fences() {
     assert_eq!(h.details["completed"], 1);
     let events = events_of(&fleet, "job-1").await;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["started", "completed"], "the re-announced completion was de-duplicated");
+    assert_eq!(kinds, ["started", "progress", "completed"], "the re-announced completion was de-duplicated");
 
     // A failing model call fails the task with a reason.
     let mut bad = record("job-2", 1, "r1-echo-0");

@@ -201,7 +201,7 @@ impl Scheduler {
     fn pick_agent(&self, rec: &TaskRecord) -> Option<(String, &'static str)> {
         let mut best: Option<(&AgentView, u64, usize)> = None;
         for a in self.agents.values() {
-            if a.rec.status == AgentStatus::Draining
+            if matches!(a.rec.status, AgentStatus::Draining | AgentStatus::Error)
                 || !a.rec.capabilities.iter().any(|c| c == &rec.capability)
                 || !rec.labels.iter().all(|(k, v)| a.rec.labels.get(k) == Some(v))
                 || !self.alive(a)
@@ -350,7 +350,10 @@ impl Scheduler {
         let mut resend: Vec<String> = Vec::new();
         let mut expired: Vec<String> = Vec::new();
         for (agent_id, held) in &self.by_agent {
-            let lost = self.agents.get(agent_id).is_none_or(|a| !self.alive(a));
+            let lost = self
+                .agents
+                .get(agent_id)
+                .is_none_or(|a| !self.alive(a) || a.rec.status == AgentStatus::Error);
             if lost {
                 requeue.extend(held.iter().map(|t| (t.clone(), "agent_lost")));
             }

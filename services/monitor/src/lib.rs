@@ -248,10 +248,11 @@ fn set_agent_gauges(metrics: &Metrics, agents: &std::collections::HashMap<String
             (false, flotilla_protocol::AgentStatus::Idle) => "idle",
             (false, flotilla_protocol::AgentStatus::Busy) => "busy",
             (false, flotilla_protocol::AgentStatus::Draining) => "draining",
+            (false, flotilla_protocol::AgentStatus::Error) => "error",
         };
         *counts.entry(status).or_default() += 1;
     }
-    for status in ["idle", "busy", "draining", "dead"] {
+    for status in ["idle", "busy", "draining", "error", "dead"] {
         metrics
             .agents
             .get_or_create(&StatusLabel { status: status.to_owned() })

@@ -1,0 +1,129 @@
+//! The agent loop: plan (a model call with the system prompt, the task input and the tool
+//! results so far), execute the tool calls the model chose, repeat until a final answer or the
+//! step limit. Every step is published as a `progress` event; usage is counted per call. Tool
+//! calls run on their own tokio task, so a panicking tool fails the attempt, not the runner.
+
+use std::sync::Arc;
+
+use flotilla_protocol::names::event_kind;
+use flotilla_protocol::{CallUsage, ErrorInfo, TaskEvent, TaskRecord, Usage};
+use serde_json::{Value, json};
+
+use crate::fleet::AgentTemplate;
+use crate::llm::{ChatRequest, Provider, Turn, input_text};
+use crate::tools::{Registry, ToolCtx};
+
+/// What the loop needs.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub provider: Provider,
+    pub template: Arc<AgentTemplate>,
+    pub registry: Arc<Registry>,
+    /// Base context of tool calls (step and index are filled in per call).
+    pub tool_ctx: ToolCtx,
+}
+
+/// A finished loop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub text: String,
+    pub steps: u32,
+    pub usage: Usage,
+    pub calls: Vec<CallUsage>,
+}
+
+/// Why the loop did not produce an answer.
+#[derive(Debug)]
+pub enum LoopError {
+    /// The task fails with this error (usage so far attached).
+    Failed { error: ErrorInfo, usage: Usage, calls: Vec<CallUsage> },
+    /// A tool panicked: the attempt is retried (supervision decides how).
+    Crashed(String),
+    /// Publishing progress failed: retry the attempt later.
+    Infrastructure(flotilla_service::nats::FleetError),
+}
+
+/// Runs the loop for one claimed task.
+pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
+    let t = &env.template;
+    let tools = env.registry.specs(&t.tools);
+    let cap = rec.budget_tokens.or(t.max_tokens_per_task);
+    let mut turns = vec![Turn::User(input_text(&rec.input))];
+    let mut usage = Usage::default();
+    let mut calls: Vec<CallUsage> = Vec::new();
+    let mut previous_results: Vec<Value> = Vec::new();
+    let fail = |code: &str, message: String, usage: Usage, calls: Vec<CallUsage>| LoopError::Failed {
+        error: ErrorInfo::new(code, message),
+        usage,
+        calls,
+    };
+    for step in 1..=t.max_steps {
+        let remaining = cap.map(|c| c.saturating_sub(usage.total_tokens));
+        if remaining == Some(0) {
+            let msg = format!("the task's token cap of {} is used up", cap.unwrap_or_default());
+            return Err(fail("budget_exceeded", msg, usage, calls));
+        }
+        let max_tokens = remaining.map_or(t.max_tokens_per_call, |r| {
+            u32::try_from(r).unwrap_or(u32::MAX).min(t.max_tokens_per_call)
+        });
+        let req = ChatRequest {
+            model: t.model.clone(),
+            system: t.system_prompt.clone(),
+            turns: turns.clone(),
+            tools: tools.clone(),
+            max_tokens,
+            purpose: rec.capability.clone(),
+        };
+        let resp = match env.provider.chat(&req).await {
+            Ok(r) => r,
+            Err(e) => return Err(fail(e.code(), e.to_string(), usage, calls)),
+        };
+        usage.add(resp.usage);
+        calls.push(CallUsage { step, model: t.model.clone(), usage: resp.usage });
+
+        let mut ev = TaskEvent::for_task(rec, event_kind::PROGRESS);
+        ev.step = Some(step);
+        ev.usage = Some(resp.usage);
+        ev.detail = Some(json!({
+            "text": resp.text,
+            "tool_calls": resp.tool_calls.iter().map(|c| json!({
+                "name": c.name,
+                "arguments": c.arguments.clone().unwrap_or_else(Value::String),
+            })).collect::<Vec<_>>(),
+            "previous_tool_results": previous_results,
+        }));
+        env.tool_ctx.fleet.publish_event(&ev).await.map_err(LoopError::Infrastructure)?;
+
+        if resp.tool_calls.is_empty() {
+            return Ok(Answer { text: resp.text, steps: step, usage, calls });
+        }
+        turns.push(Turn::Assistant { text: resp.text.clone(), tool_calls: resp.tool_calls.clone() });
+        previous_results = Vec::new();
+        for (index, call) in resp.tool_calls.into_iter().enumerate() {
+            let mut ctx = env.tool_ctx.clone();
+            ctx.step = step;
+            ctx.index = index;
+            let registry = env.registry.clone();
+            let allowed = t.tools.clone();
+            let (name, args) = (call.name.clone(), call.arguments.clone());
+            let span = tracing::info_span!("tool", tool = %name, step, index);
+            let joined = tokio::spawn(tracing::Instrument::instrument(
+                async move { registry.call(&allowed, &name, args, &ctx).await },
+                span,
+            ))
+            .await;
+            let (content, is_error) = match joined {
+                Ok(Ok(v)) => (v.to_string(), false),
+                Ok(Err(e)) => (format!("error: {e}"), true),
+                Err(e) if e.is_panic() => {
+                    return Err(LoopError::Crashed(format!("tool {} panicked", call.name)));
+                }
+                Err(e) => return Err(LoopError::Crashed(format!("tool {} was aborted: {e}", call.name))),
+            };
+            previous_results.push(json!({ "name": call.name, "content": content, "is_error": is_error }));
+            turns.push(Turn::ToolResult { call_id: call.id, name: call.name, content, is_error });
+        }
+    }
+    let msg = format!("no final answer within {} steps", t.max_steps);
+    Err(fail("max_steps_exceeded", msg, usage, calls))
+}

@@ -1,0 +1,310 @@
+//! The built-in tools: shared memory (`memory_get`, `memory_put`, `memory_list`, in a KV bucket
+//! namespaced by tenant), `publish` to a topic, and `delegate` a sub-task and wait for it.
+
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use flotilla_protocol::names::event_kind;
+use flotilla_protocol::{TaskEvent, TaskRecord, TaskSubmission, codec, headers};
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+
+use super::{Tool, ToolCtx, ToolError};
+use crate::llm::ToolSpec;
+
+/// Every built-in tool.
+pub fn builtins() -> Vec<Arc<dyn Tool>> {
+    vec![
+        Arc::new(MemoryGet),
+        Arc::new(MemoryPut),
+        Arc::new(MemoryList),
+        Arc::new(Publish),
+        Arc::new(Delegate),
+    ]
+}
+
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 200
+        && !key.starts_with('.')
+        && !key.ends_with('.')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/' | '=' | '.'))
+}
+
+fn memory_key(ctx: &ToolCtx, key: &str) -> Result<String, ToolError> {
+    if valid_key(key) {
+        Ok(format!("{}.{key}", ctx.task.tenant))
+    } else {
+        Err(ToolError::new("key must be 1-200 characters of A-Z a-z 0-9 _ - / = ."))
+    }
+}
+
+fn str_arg<'a>(args: &'a Value, name: &str) -> Result<&'a str, ToolError> {
+    args.get(name).and_then(Value::as_str).ok_or_else(|| ToolError::new(format!("missing {name}")))
+}
+
+fn nats_err(e: impl std::fmt::Display) -> ToolError {
+    ToolError::new(format!("shared state unavailable: {e}"))
+}
+
+#[derive(Debug)]
+struct MemoryGet;
+
+impl Tool for MemoryGet {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "memory_get".into(),
+            description: "Read a value from the fleet's shared memory. Returns null when the key is not set."
+                .into(),
+            parameters: json!({
+                "type": "object",
+                "properties": { "key": { "type": "string", "description": "memory key" } },
+                "required": ["key"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let key = memory_key(ctx, str_arg(&args, "key")?)?;
+            let v = ctx.memory.get(&key).await.map_err(nats_err)?;
+            Ok(v.map(|b| serde_json::from_slice(&b).unwrap_or(Value::Null)).unwrap_or(Value::Null))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct MemoryPut;
+
+impl Tool for MemoryPut {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "memory_put".into(),
+            description: "Store a JSON value in the fleet's shared memory under a key.".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "key": { "type": "string", "description": "memory key" },
+                    "value": { "description": "any JSON value" }
+                },
+                "required": ["key", "value"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let key = memory_key(ctx, str_arg(&args, "key")?)?;
+            let value = args.get("value").cloned().unwrap_or(Value::Null);
+            let bytes = serde_json::to_vec(&value).map_err(|e| ToolError::new(e.to_string()))?;
+            if bytes.len() > 64 * 1024 {
+                return Err(ToolError::new("value is larger than 64 KiB"));
+            }
+            ctx.memory.put(&key, bytes.into()).await.map_err(nats_err)?;
+            Ok(json!({ "stored": true }))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct MemoryList;
+
+impl Tool for MemoryList {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "memory_list".into(),
+            description:
+                "List keys in the fleet's shared memory, optionally only those starting with a prefix.".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": { "prefix": { "type": "string" } },
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let namespace = format!("{}.", ctx.task.tenant);
+            let prefix = args.get("prefix").and_then(Value::as_str).unwrap_or_default();
+            let mut keys = ctx.memory.keys().await.map_err(nats_err)?;
+            let mut out = Vec::new();
+            while let Some(k) = keys.next().await {
+                let k = k.map_err(nats_err)?;
+                if let Some(own) = k.strip_prefix(&namespace)
+                    && own.starts_with(prefix)
+                {
+                    out.push(own.to_owned());
+                }
+            }
+            out.sort();
+            out.truncate(200);
+            Ok(json!(out))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Publish;
+
+impl Tool for Publish {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "publish".into(),
+            description: "Publish a message to a topic other agents and services can subscribe to.".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "topic": { "type": "string", "description": "topic name, e.g. alerts or build.status" },
+                    "message": { "description": "any JSON value" }
+                },
+                "required": ["topic", "message"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let topic = str_arg(&args, "topic")?;
+            if !topic.split('.').all(flotilla_protocol::names::is_token) {
+                return Err(ToolError::new("topic must be dot-separated words of A-Z a-z 0-9 _ -"));
+            }
+            let body = json!({
+                "from_agent": ctx.agent_id,
+                "task_id": ctx.task.id,
+                "message": args.get("message").cloned().unwrap_or(Value::Null),
+            });
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+            let subject = ctx.fleet.names.topic_subject(topic);
+            ctx.fleet
+                .client
+                .publish_with_headers(subject.clone(), h, body.to_string().into())
+                .await
+                .map_err(nats_err)?;
+            Ok(json!({ "published": subject }))
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Delegate;
+
+/// Id of a child task: stable across retries of the parent, so a re-run finds its children.
+fn child_id(parent: &str, step: u32, index: usize) -> String {
+    let id = format!("{parent}-s{step}c{index}");
+    if id.len() <= 128 {
+        id
+    } else {
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, id.as_bytes()).to_string()
+    }
+}
+
+impl Tool for Delegate {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "delegate".into(),
+            description:
+                "Hand a sub-task to another agent with the given capability and wait for its result.".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "capability": { "type": "string" },
+                    "input": { "description": "the sub-task's input" },
+                    "budget_tokens": { "type": "integer", "minimum": 1 }
+                },
+                "required": ["capability", "input"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let capability = str_arg(&args, "capability")?.to_owned();
+            let id = child_id(&ctx.task.id, ctx.step, ctx.index);
+            let fleet = &ctx.fleet;
+            // Follow the child's events from the start, before submitting, so nothing is missed.
+            let stream = fleet.js.get_stream(fleet.names.events_stream()).await.map_err(nats_err)?;
+            let consumer = stream
+                .create_consumer(pull::OrderedConfig {
+                    filter_subject: fleet.names.task_events_of(&id),
+                    deliver_policy: DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(nats_err)?;
+            let mut events = consumer.messages().await.map_err(nats_err)?;
+            let sub = TaskSubmission {
+                id: Some(id.clone()),
+                capability,
+                input: args.get("input").cloned().unwrap_or(Value::Null),
+                priority: Some(ctx.task.priority),
+                tenant: Some(ctx.task.tenant.clone()),
+                budget_tokens: args.get("budget_tokens").and_then(Value::as_u64),
+                deadline: ctx.task.deadline_ms.map(flotilla_protocol::TimeSpec::Millis),
+                parent_id: Some(ctx.task.id.clone()),
+                ..Default::default()
+            };
+            fleet.publish_durable(fleet.names.submit_subject(), &sub, Some(&id)).await.map_err(nats_err)?;
+            // Link the child in the parent's record.
+            let parent = ctx.task.id.clone();
+            let child = id.clone();
+            fleet
+                .kv_modify::<TaskRecord, _>(&ctx.tasks, &parent, 10, |mut r| {
+                    (!r.children.contains(&child)).then(|| {
+                        r.children.push(child.clone());
+                        r
+                    })
+                })
+                .await
+                .map_err(nats_err)?;
+            tracing::info!(child = %id, "delegated; waiting for the sub-task");
+            loop {
+                let msg = tokio::select! {
+                    _ = ctx.cancel.cancelled() => return Err(ToolError::new("cancelled while waiting for the sub-task")),
+                    m = events.next() => match m {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => return Err(nats_err(e)),
+                        None => return Err(ToolError::new("event stream ended")),
+                    },
+                };
+                let ct = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(headers::CONTENT_TYPE))
+                    .map(|v| v.as_str().to_owned());
+                let Ok(ev) = codec::decode::<TaskEvent>(ct.as_deref(), &msg.payload) else { continue };
+                match ev.kind.as_str() {
+                    event_kind::COMPLETED => {
+                        return Ok(
+                            json!({ "task_id": id, "status": "completed", "output": ev.output, "usage": ev.usage }),
+                        );
+                    }
+                    event_kind::FAILED | event_kind::REJECTED => {
+                        return Ok(json!({ "task_id": id, "status": ev.kind, "error": ev.error }));
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_child_ids() {
+        assert!(valid_key("notes/today"));
+        assert!(!valid_key("a b"));
+        assert!(!valid_key(".x"));
+        assert_eq!(child_id("t1", 2, 0), "t1-s2c0");
+        assert!(child_id(&"x".repeat(128), 1, 0).len() <= 128);
+    }
+}

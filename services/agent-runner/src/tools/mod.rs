@@ -1,0 +1,121 @@
+//! Tools agents can call: a registry of built-in (and embedder-supplied) tools, each with a JSON
+//! Schema its arguments are validated against before anything runs, allow-listed per template.
+
+mod builtin;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use flotilla_protocol::TaskRecord;
+use flotilla_service::Fleet;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::llm::ToolSpec;
+
+pub use builtin::builtins;
+
+/// What a tool call can see.
+#[derive(Debug, Clone)]
+pub struct ToolCtx {
+    pub fleet: Fleet,
+    pub memory: kv::Store,
+    pub tasks: kv::Store,
+    /// The task being worked on (as claimed).
+    pub task: TaskRecord,
+    pub agent_id: String,
+    /// Loop step and index of the call within it, for idempotent side effects.
+    pub step: u32,
+    pub index: usize,
+    /// Cancelled when the task's work must stop.
+    pub cancel: CancellationToken,
+}
+
+/// A tool failure: shown to the model as an error result, so it can correct itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ToolError(pub String);
+
+impl ToolError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+/// A callable tool.
+pub trait Tool: Send + Sync + std::fmt::Debug {
+    /// Name, description and argument schema, as shown to the model.
+    fn spec(&self) -> ToolSpec;
+    /// Runs the tool with validated arguments.
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>>;
+}
+
+struct Entry {
+    tool: Arc<dyn Tool>,
+    spec: ToolSpec,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("tool", &self.spec.name).finish()
+    }
+}
+
+/// Every tool a runner knows, by name.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    tools: BTreeMap<String, Arc<Entry>>,
+}
+
+impl Registry {
+    /// The built-in tools.
+    pub fn with_builtins() -> anyhow::Result<Self> {
+        let mut r = Self::default();
+        for t in builtins() {
+            r.add(t)?;
+        }
+        Ok(r)
+    }
+
+    /// Adds (or replaces) a tool; its schema must compile.
+    pub fn add(&mut self, tool: Arc<dyn Tool>) -> anyhow::Result<()> {
+        let spec = tool.spec();
+        let validator = jsonschema::validator_for(&spec.parameters)
+            .map_err(|e| anyhow::anyhow!("tool {}: invalid argument schema: {e}", spec.name))?;
+        self.tools.insert(spec.name.clone(), Arc::new(Entry { tool, spec, validator }));
+        Ok(())
+    }
+
+    /// True when a tool of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
+    /// Specs of the named tools (for a template's allow-list).
+    pub fn specs(&self, names: &[String]) -> Vec<ToolSpec> {
+        names.iter().filter_map(|n| self.tools.get(n)).map(|e| e.spec.clone()).collect()
+    }
+
+    /// Validates the arguments and runs the tool. A tool not in `allowed` is refused.
+    pub async fn call(
+        &self,
+        allowed: &[String],
+        name: &str,
+        args: Result<Value, String>,
+        ctx: &ToolCtx,
+    ) -> Result<Value, ToolError> {
+        if !allowed.iter().any(|a| a == name) {
+            return Err(ToolError::new(format!("tool {name:?} is not available to this agent")));
+        }
+        let entry = self.tools.get(name).ok_or_else(|| ToolError::new(format!("unknown tool {name:?}")))?;
+        let args = args.map_err(|raw| ToolError::new(format!("arguments are not a JSON object: {raw}")))?;
+        let problems: Vec<String> = entry.validator.iter_errors(&args).map(|e| e.to_string()).collect();
+        if !problems.is_empty() {
+            return Err(ToolError::new(format!("invalid arguments for {name}: {}", problems.join("; "))));
+        }
+        entry.tool.call(ctx, args).await
+    }
+}
