@@ -20,6 +20,16 @@ async fn each_bad_input_is_rejected_and_dead_lettered() {
     sys.wait_for_agents("r1", 1).await;
 
     let json = Some(headers::APPLICATION_JSON);
+    // Nested far deeper than any decoder's stack should be asked to go.
+    let deep_json =
+        format!(r#"{{"capability": "work", "input": {}1{}}}"#, "[".repeat(5000), "]".repeat(5000))
+            .into_bytes();
+    let mut deep_msgpack = vec![0x82];
+    deep_msgpack.extend(rmp_serde::to_vec(&"capability").unwrap());
+    deep_msgpack.extend(rmp_serde::to_vec(&"work").unwrap());
+    deep_msgpack.extend(rmp_serde::to_vec(&"input").unwrap());
+    deep_msgpack.extend(std::iter::repeat_n(0x91u8, 5000));
+    deep_msgpack.push(0x01);
     let big = format!(r#"{{"capability": "work", "input": "{}"}}"#, "x".repeat(4096));
     let mp_wrong =
         rmp_serde::to_vec_named(&serde_json::json!({"capability": "work", "budget_tokens": "lots"})).unwrap();
@@ -39,6 +49,8 @@ async fn each_bad_input_is_rejected_and_dead_lettered() {
             json,
             "deadline_exceeded",
         ),
+        ("bad-deep-json", deep_json, json, "invalid_field"),
+        ("bad-deep-msgpack", deep_msgpack, None, "invalid_field"),
     ];
     for (msg_id, payload, ct, _) in &cases {
         let mut h = async_nats::HeaderMap::new();
@@ -90,6 +102,35 @@ async fn each_bad_input_is_rejected_and_dead_lettered() {
     }
     let h = sys.health("dispatcher", "dispatcher-1").await;
     assert_eq!(h.details["rejected"], cases.len());
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_copy_of_an_existing_task_is_a_duplicate_not_a_rejection() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &worker_fleet(1, 2)).await;
+    sys.wait_for_agents("r1", 1).await;
+    let good = TaskSubmission { id: Some("keep-me".into()), capability: "work".into(), ..Default::default() };
+    sys.submit(&good).await;
+    sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    // A retry of the same id whose deadline has since passed, and one with a bad priority.
+    for bad in [
+        &br#"{"id": "keep-me", "capability": "work", "deadline": 1000}"#[..],
+        &br#"{"id": "keep-me", "capability": "work", "priority": 99}"#[..],
+    ] {
+        sys.submit_raw(bad.to_vec(), Some(headers::APPLICATION_JSON)).await;
+    }
+    // The first decodes and is a duplicate; the second does not decode at all, so its rejection
+    // is filed under its stream position, not under the existing task.
+    flotilla_testkit::eventually(Duration::from_secs(10), "both copies seen", || async {
+        let h = sys.health("dispatcher", "dispatcher-1").await;
+        (h.details["duplicates"] == 1 && h.details["rejected"] == 1).then_some(())
+    })
+    .await;
+    let events = sys.events().await;
+    assert!(!events.iter().any(|e| e.task_id == "keep-me" && e.kind == "rejected"), "history untouched");
+    assert_eq!(sys.task("keep-me").await.unwrap().state, flotilla_protocol::TaskState::Completed);
     sys.stop().await;
 }
 

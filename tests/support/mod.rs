@@ -34,6 +34,7 @@ pub struct System {
     shutdown: CancellationToken,
     services: Vec<JoinHandle<anyhow::Result<()>>>,
     runner_tokens: HashMap<String, CancellationToken>,
+    dispatchers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     dir: tempfile::TempDir,
 }
 
@@ -83,6 +84,7 @@ impl System {
             shutdown: CancellationToken::new(),
             services: Vec::new(),
             runner_tokens: HashMap::new(),
+            dispatchers: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
         }
     }
@@ -94,13 +96,17 @@ impl System {
 
     pub async fn start_dispatcher(&mut self, config: flotilla_dispatcher::Config) {
         let fleet = self.fleet("dispatcher-1").await;
-        let h = tokio::spawn(flotilla_dispatcher::run(
-            config,
-            fleet,
-            self.topology.clone(),
-            self.shutdown.clone(),
-        ));
-        self.services.push(h);
+        let token = self.shutdown.child_token();
+        let h = tokio::spawn(flotilla_dispatcher::run(config, fleet, self.topology.clone(), token.clone()));
+        self.dispatchers.push((token, h));
+    }
+
+    /// Stops every dispatcher (all its state lives in NATS) and waits for them to end.
+    pub async fn stop_dispatchers(&mut self) {
+        for (token, h) in self.dispatchers.drain(..) {
+            token.cancel();
+            tokio::time::timeout(Duration::from_secs(30), h).await.unwrap().unwrap().unwrap();
+        }
     }
 
     pub async fn start_monitor(&mut self) -> std::net::SocketAddr {
@@ -289,6 +295,7 @@ impl System {
 
     /// Stops every in-process service and checks that each ended cleanly.
     pub async fn stop(mut self) {
+        self.stop_dispatchers().await;
         self.shutdown.cancel();
         for h in self.services.drain(..) {
             tokio::time::timeout(Duration::from_secs(30), h).await.unwrap().unwrap().unwrap();

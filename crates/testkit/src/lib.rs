@@ -81,20 +81,23 @@ impl NatsServer {
     }
 }
 
-/// Path of one of the workspace's binaries (`flotilla-agent-runner`, `flotilla`, …), building it
-/// first when it is missing.
+/// Path of one of the workspace's binaries (`flotilla-agent-runner`, `flotilla`, …), built
+/// (or brought up to date) once per test process, so a test never runs a stale binary.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
     let path = dir.join(name);
-    if !path.exists() {
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !built.iter().any(|b| b == name) {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--bin", name])
+            .args(["build", "--quiet", "--bin", name])
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build --bin {name} failed");
+        built.push(name.to_owned());
     }
     path
 }

@@ -151,6 +151,14 @@ pub async fn run_with_tools(
         }
     }
     let providers = providers(&config, &fleet_file)?;
+    anyhow::ensure!(
+        config.heartbeat_interval >= Duration::from_millis(10),
+        "agent_runner.heartbeat_interval must be at least 10ms"
+    );
+    anyhow::ensure!(
+        config.ack_wait >= Duration::from_millis(30),
+        "agent_runner.ack_wait must be at least 30ms"
+    );
     let runner_id = config.runner_id.clone().unwrap_or_else(|| fleet.instance.clone());
     anyhow::ensure!(
         flotilla_protocol::names::is_token(&runner_id) && runner_id.len() <= 48,
@@ -193,12 +201,15 @@ pub async fn run_with_tools(
         .await?
     };
 
+    // Heartbeats go on through the drain (as `draining`), so the dispatcher does not take back
+    // tasks that are still finishing here; they stop only when the work has.
+    let heartbeat_stop = CancellationToken::new();
     let heartbeat = tokio::spawn(registry::heartbeat_loop(
         agents.clone(),
         fleet.clone(),
         topology.clone(),
         config.heartbeat_interval,
-        shutdown.clone(),
+        heartbeat_stop.clone(),
     ));
 
     let tracker = TaskTracker::new();
@@ -253,6 +264,7 @@ pub async fn run_with_tools(
         abort.cancel();
         tracker.wait().await;
     }
+    heartbeat_stop.cancel();
     let _ = heartbeat.await;
     agents.deregister(&fleet, &topology).await;
     let _ = health.await;

@@ -26,8 +26,11 @@ use tracing::Instrument as _;
 
 use crate::{Config, Stats, UnknownCapability};
 
-/// Deliveries of one submission before it is dead-lettered instead of retried.
-const MAX_DELIVER: u64 = 20;
+/// Backoff for a submission that failed for infrastructure reasons: 0.5 s doubling to 30 s.
+fn retry_delay(delivered: u64) -> Duration {
+    let exp = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
+    Duration::from_millis(500).saturating_mul(2u32.saturating_pow(exp)).min(Duration::from_secs(30))
+}
 
 struct Intake {
     config: Config,
@@ -56,7 +59,7 @@ pub async fn run(
             description: Some("Flotilla dispatcher: intake of submissions".to_owned()),
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
-            max_deliver: i64::try_from(MAX_DELIVER).unwrap_or(20),
+            max_deliver: -1,
             max_ack_pending: i64::try_from(concurrency * 4).unwrap_or(256),
             ..Default::default()
         })
@@ -117,19 +120,13 @@ impl Intake {
                         tracing::warn!(error = %e, "ack failed; the redelivery will be de-duplicated");
                     }
                 }
-                Err(e) if guard.delivered() >= MAX_DELIVER => {
-                    tracing::error!(error = %e, "submission failed on every delivery; dead-lettering it");
-                    if let Some(m) = guard.message() {
-                        let why = format!("gave up after {MAX_DELIVER} deliveries: {e}");
-                        if let Err(e) = self.dead_letter(m, None, "intake_failed", &why).await {
-                            tracing::error!(error = %e, "failed to write the dead letter");
-                        }
-                    }
-                    let _ = guard.term().await;
-                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "submission not recorded; will retry");
-                    let _ = guard.nak(Some(Duration::from_millis(500))).await;
+                    // NATS itself is failing (e.g. a KV leader election): the submission was
+                    // acknowledged to its publisher, so it is retried, never dropped, with a
+                    // backoff that grows with the delivery count.
+                    let delay = retry_delay(guard.delivered());
+                    tracing::warn!(error = %e, ?delay, "submission not recorded; will retry");
+                    let _ = guard.nak(Some(delay)).await;
                 }
             }
         }
@@ -150,6 +147,13 @@ impl Intake {
             Err(r) => return self.reject(m, None, r.reason, &r.message).await,
         };
         tracing::Span::current().record("task_id", id.as_str());
+        // An id seen before is a duplicate at any age (while task records are kept): that task
+        // already ran, or will. Checked before validation, so a bad copy of an existing task
+        // never puts a rejection into that task's history.
+        if self.fleet.kv_exists(&self.topology.tasks, &id).await? {
+            self.duplicate();
+            return Ok(());
+        }
         let limits = Limits { max_input_bytes: self.config.max_input_bytes };
         let mut rec = match validate(sub, id.clone(), m.payload.len(), limits, now_ms()) {
             Ok(r) => r,
@@ -163,12 +167,6 @@ impl Intake {
         }
         rec.warnings = unknown.into_iter().map(|f| format!("unknown field ignored: {f}")).collect();
         rec.trace = flotilla_service::trace::current_traceparent();
-        rec.trace = flotilla_service::trace::current_traceparent();
-        // An id seen before is a duplicate at any age: that task already ran, or will.
-        if self.fleet.kv_exists(&self.topology.tasks, &id).await? {
-            self.duplicate();
-            return Ok(());
-        }
         // Announce before recording, so that `accepted` precedes every later event of the task
         // in the stream. The event is de-duplicated per task: a retry after a failed `create`, or
         // a racing copy of the same submission, adds nothing.
@@ -222,9 +220,14 @@ impl Intake {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         let seq = m.info().ok().map(|i| i.stream_sequence);
         // An undecodable submission has no id of its own: use its message id or stream position.
-        let task_id = id
+        let fallback = format!("rejected-{}", seq.unwrap_or(0));
+        let mut task_id = id
             .or_else(|| header(m, headers::NATS_MSG_ID).filter(|i| flotilla_protocol::names::is_token(i)))
-            .unwrap_or_else(|| format!("rejected-{}", seq.unwrap_or(0)));
+            .unwrap_or_else(|| fallback.clone());
+        // Never file a rejection under the id of a task that exists.
+        if task_id != fallback && self.fleet.kv_exists(&self.topology.tasks, &task_id).await? {
+            task_id = fallback;
+        }
         tracing::info!(task_id = %task_id, reason = reason.code(), %message, "submission rejected");
         let mut ev = TaskEvent::new(task_id.clone(), event_kind::REJECTED);
         ev.error = Some(ErrorInfo::new(reason.code(), message));

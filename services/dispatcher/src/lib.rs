@@ -58,6 +58,17 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Refuses settings that cannot work.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.tick.is_zero(), "dispatcher.tick must be positive");
+        anyhow::ensure!(!self.assign_timeout.is_zero(), "dispatcher.assign_timeout must be positive");
+        anyhow::ensure!(self.missed_heartbeats >= 1, "dispatcher.missed_heartbeats must be at least 1");
+        anyhow::ensure!(self.intake_concurrency >= 1, "dispatcher.intake_concurrency must be at least 1");
+        Ok(())
+    }
+}
+
 /// Counters shown in health replies.
 #[derive(Debug, Default)]
 pub struct Stats {

@@ -50,6 +50,8 @@ struct Scheduler {
     agents: HashMap<String, AgentView>,
     /// Assignments re-sent after a restart already.
     resent: HashSet<(String, u32)>,
+    /// No agent is declared lost before this: its heartbeats may not have been seen yet.
+    requeue_after: Instant,
 }
 
 pub async fn run(
@@ -69,12 +71,13 @@ pub async fn run(
         by_agent: HashMap::new(),
         agents: HashMap::new(),
         resent: HashSet::new(),
+        requeue_after: Instant::now(),
     };
+    s.requeue_after = Instant::now() + liveness_window(&s.config);
     let mut task_watch = watch(&s.topology.tasks).await?;
     let mut agent_watch = watch(&s.topology.agents).await?;
     let mut tick = tokio::time::interval(s.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut agents_initial = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -94,16 +97,17 @@ pub async fn run(
             },
             e = agent_watch.next() => match e {
                 Some(Ok(entry)) => {
-                    let initial = agents_initial;
-                    if entry.delta == 0 { agents_initial = false; }
-                    s.on_agent_entry(entry, initial);
+                    s.on_agent_entry(entry);
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "agent watch failed; re-watching");
                     agent_watch = watch(&s.topology.agents).await?;
-                    agents_initial = true;
+                    s.requeue_after = Instant::now() + liveness_window(&s.config);
                 }
-                None => { agent_watch = watch(&s.topology.agents).await?; agents_initial = true; }
+                None => {
+                    agent_watch = watch(&s.topology.agents).await?;
+                    s.requeue_after = Instant::now() + liveness_window(&s.config);
+                }
             },
             _ = tick.tick() => s.on_tick().await,
         }
@@ -166,17 +170,14 @@ impl Scheduler {
         }
     }
 
-    fn on_agent_entry(&mut self, entry: kv::Entry, initial: bool) {
+    fn on_agent_entry(&mut self, entry: kv::Entry) {
         match entry.operation {
             kv::Operation::Put => match codec::decode::<AgentRecord>(None, &entry.value) {
                 Ok(rec) => {
-                    let last_seen = if initial {
-                        // From a snapshot: judge by the heartbeat's own time.
-                        let age = now_ms().saturating_sub(rec.heartbeat_at_ms);
-                        Instant::now().checked_sub(Duration::from_millis(age)).unwrap_or_else(Instant::now)
-                    } else {
-                        Instant::now()
-                    };
+                    // An agent in a snapshot (start-up or re-watch) counts as seen now: judging it
+                    // by its own clock would let clock skew requeue healthy work. A dead one is
+                    // found out one liveness window later.
+                    let last_seen = Instant::now();
                     let last_assigned = self.agents.get(&rec.agent_id).and_then(|a| a.last_assigned);
                     self.agents.insert(rec.agent_id.clone(), AgentView { rec, last_seen, last_assigned });
                 }
@@ -284,6 +285,7 @@ impl Scheduler {
             Ok(rev) => {
                 self.apply_task(rec.clone(), rev);
                 self.stats.assigned.fetch_add(1, Ordering::Relaxed);
+                self.resent.insert((rec.id.clone(), rec.attempt));
                 // The event goes first, so `assigned` precedes the runner's `started`.
                 let mut ev = TaskEvent::for_task(&rec, event_kind::ASSIGNED);
                 ev.reason = Some(reason.to_owned());
@@ -293,10 +295,7 @@ impl Scheduler {
                 self.send_assignment(&rec, &runner_id).await;
                 Ok(())
             }
-            Err(e) if e.is_conflict() => {
-                self.refresh(task_id).await;
-                Ok(())
-            }
+            Err(e) if e.is_conflict() => self.refresh(task_id).await,
             Err(e) => Err(e),
         }
     }
@@ -326,14 +325,23 @@ impl Scheduler {
         }
     }
 
-    async fn refresh(&mut self, task_id: &str) {
+    async fn refresh(&mut self, task_id: &str) -> Result<(), FleetError> {
         match self.fleet.kv_get::<TaskRecord>(&self.topology.tasks, task_id).await {
             Ok(Some((rec, rev))) => self.apply_task(rec, rev),
             Ok(None) => {
                 self.forget_task(task_id);
             }
-            Err(e) => tracing::warn!(task_id, error = %e, "failed to re-read task"),
+            Err(FleetError::Decode { source, .. }) => {
+                // An unreadable record is left alone rather than retried in a loop.
+                tracing::error!(task_id, error = %source, "task record unreadable; dropping it from the schedule");
+                self.forget_task(task_id);
+            }
+            Err(e) => {
+                tracing::warn!(task_id, error = %e, "failed to re-read task");
+                return Err(e);
+            }
         }
+        Ok(())
     }
 
     // ---- housekeeping ------------------------------------------------------------------------
@@ -349,7 +357,8 @@ impl Scheduler {
         let mut requeue: Vec<(String, &'static str)> = Vec::new();
         let mut resend: Vec<String> = Vec::new();
         let mut expired: Vec<String> = Vec::new();
-        for (agent_id, held) in &self.by_agent {
+        let may_requeue = Instant::now() >= self.requeue_after;
+        for (agent_id, held) in self.by_agent.iter().filter(|_| may_requeue) {
             let lost = self
                 .agents
                 .get(agent_id)
@@ -414,7 +423,9 @@ impl Scheduler {
                     tracing::warn!(error = %e, "failed to publish requeued event");
                 }
             }
-            Err(e) if e.is_conflict() => self.refresh(task_id).await,
+            Err(e) if e.is_conflict() => {
+                let _ = self.refresh(task_id).await;
+            }
             Err(e) => tracing::warn!(task_id, error = %e, "requeue failed; will retry"),
         }
     }
@@ -437,10 +448,17 @@ impl Scheduler {
                     tracing::warn!(error = %e, "failed to publish failed event");
                 }
             }
-            Err(e) if e.is_conflict() => self.refresh(task_id).await,
+            Err(e) if e.is_conflict() => {
+                let _ = self.refresh(task_id).await;
+            }
             Err(e) => tracing::warn!(task_id, error = %e, "expiry failed; will retry"),
         }
     }
+}
+
+/// How long agents get to show a heartbeat after the registry is (re)loaded.
+fn liveness_window(config: &Config) -> Duration {
+    Duration::from_secs(u64::from(config.missed_heartbeats.max(1))) + Duration::from_millis(500)
 }
 
 fn queue_key(rec: &TaskRecord) -> QueueKey {

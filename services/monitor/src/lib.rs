@@ -39,6 +39,10 @@ impl Default for Config {
     }
 }
 
+/// Task event kinds counted under their own label.
+const KINDS: [&str; 8] =
+    ["accepted", "rejected", "assigned", "started", "progress", "completed", "failed", "requeued"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
@@ -102,19 +106,15 @@ pub async fn run(
             fleet.clone(),
             flotilla_protocol::names::service::MONITOR,
             Arc::new(move || {
-                let by_kind: serde_json::Map<String, serde_json::Value> =
-                    ["accepted", "rejected", "assigned", "started", "completed", "failed", "requeued"]
-                        .iter()
-                        .map(|k| {
-                            (
-                                (*k).to_owned(),
-                                m.task_events
-                                    .get_or_create(&KindLabel { kind: (*k).to_owned() })
-                                    .get()
-                                    .into(),
-                            )
-                        })
-                        .collect();
+                let by_kind: serde_json::Map<String, serde_json::Value> = KINDS
+                    .iter()
+                    .map(|k| {
+                        (
+                            (*k).to_owned(),
+                            m.task_events.get_or_create(&KindLabel { kind: (*k).to_owned() }).get().into(),
+                        )
+                    })
+                    .collect();
                 serde_json::json!({ "http_addr": addr.to_string(), "task_events": by_kind })
             }),
             shutdown.clone(),
@@ -147,10 +147,12 @@ async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
 }
 
-/// Counts every task event in the stream, from the beginning, with an ordered consumer.
+/// Counts every task event in the stream, from the beginning, with an ordered consumer; after an
+/// error it resumes after the last event it counted.
 async fn follow_events(fleet: Fleet, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut last_seq = 0u64;
     loop {
-        if let Err(e) = follow_events_once(&fleet, &metrics, &shutdown).await {
+        if let Err(e) = follow_events_once(&fleet, &metrics, &shutdown, &mut last_seq).await {
             tracing::warn!(error = %e, "event follower stopped; restarting");
         }
         tokio::select! {
@@ -164,13 +166,18 @@ async fn follow_events_once(
     fleet: &Fleet,
     metrics: &Metrics,
     shutdown: &CancellationToken,
+    last_seq: &mut u64,
 ) -> anyhow::Result<()> {
     let stream =
         fleet.js.get_stream(fleet.names.events_stream()).await.context("failed to open events stream")?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: fleet.names.task_events_all(),
-            deliver_policy: DeliverPolicy::All,
+            deliver_policy: if *last_seq == 0 {
+                DeliverPolicy::All
+            } else {
+                DeliverPolicy::ByStartSequence { start_sequence: last_seq.saturating_add(1) }
+            },
             ..Default::default()
         })
         .await
@@ -184,8 +191,13 @@ async fn follow_events_once(
                 None => return Ok(()),
             },
         };
-        // Subject: <prefix>.events.task.<id>.<kind>
-        let kind = msg.subject.rsplit('.').next().unwrap_or("unknown").to_owned();
+        if let Ok(info) = msg.info() {
+            *last_seq = info.stream_sequence;
+        }
+        // Subject: <prefix>.events.task.<id>.<kind>; unknown kinds share one label, so that no
+        // publisher can grow the label set without bound.
+        let kind = msg.subject.rsplit('.').next().unwrap_or_default();
+        let kind = if KINDS.contains(&kind) { kind.to_owned() } else { "other".to_owned() };
         metrics.task_events.get_or_create(&KindLabel { kind: kind.clone() }).inc();
         if kind == "completed" {
             let ct = msg
