@@ -128,15 +128,27 @@ impl System {
 
     /// A runner in this process.
     pub async fn start_runner(&mut self, id: &str, fleet_toml: &str) {
+        let registry = flotilla_agent_runner::tools::Registry::with_builtins().unwrap();
+        self.start_runner_with_tools(id, fleet_toml, registry).await;
+    }
+
+    /// A runner in this process with a tool registry of the test's.
+    pub async fn start_runner_with_tools(
+        &mut self,
+        id: &str,
+        fleet_toml: &str,
+        registry: flotilla_agent_runner::tools::Registry,
+    ) {
         let fleet = self.fleet(id).await;
         let file = FleetFile::parse(fleet_toml).unwrap();
         let token = self.shutdown.child_token();
         self.runner_tokens.insert(id.to_owned(), token.clone());
-        let h = tokio::spawn(flotilla_agent_runner::run(
+        let h = tokio::spawn(flotilla_agent_runner::run_with_tools(
             runner_config(id),
             file,
             fleet,
             self.topology.clone(),
+            registry,
             token,
         ));
         self.services.push(h);

@@ -1,0 +1,193 @@
+//! The agent loop end to end: a task that needs tools runs through the OpenAI-compatible provider
+//! (a local stub server), a parent delegates to two children that call tools themselves, and a
+//! panicking tool fails only its attempt, which is retried.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use flotilla_agent_runner::llm::ToolSpec;
+use flotilla_agent_runner::tools::{Registry, Tool, ToolCtx, ToolError};
+use flotilla_protocol::{TaskState, TaskSubmission, WireFormat};
+use flotilla_service::StreamSettings;
+use flotilla_testkit::stub_llm::{Reply, StubLlm};
+use futures::future::BoxFuture;
+use serde_json::{Value, json};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tool_using_task_runs_through_an_openai_compatible_provider() {
+    let stub = StubLlm::start(vec![
+        Reply::openai_tools(&[("memory_put", json!({"key": "greeting", "value": "hello"}))], 40, 10),
+        // One valid call and one with invalid arguments: the error goes back to the model.
+        Reply::openai_tools(
+            &[("memory_get", json!({"key": "greeting"})), ("memory_put", json!({"key": 5}))],
+            50,
+            12,
+        ),
+        Reply::openai_text("done: hello", 60, 5),
+    ])
+    .await;
+    let fleet = format!(
+        "[[agent]]\nname = \"assistant\"\ncapabilities = [\"chat\"]\nprovider = \"openai\"\nmodel = \"stub-model\"\n\
+         base_url = \"{}\"\nsystem_prompt = \"Use the memory.\"\ntools = [\"memory_get\", \"memory_put\"]\n",
+        stub.openai_base()
+    );
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &fleet).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.submit(&TaskSubmission {
+        id: Some("remember".into()),
+        capability: "chat".into(),
+        input: json!("remember hello"),
+        ..Default::default()
+    })
+    .await;
+    let events = sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    let done = events.iter().find(|e| e.kind == "completed").unwrap();
+    assert_eq!(done.output.as_ref().unwrap()["answer"], "done: hello");
+    assert_eq!(done.output.as_ref().unwrap()["steps"], 3);
+    assert_eq!(
+        done.usage.unwrap().total_tokens,
+        40 + 10 + 50 + 12 + 60 + 5,
+        "usage as the server reported it"
+    );
+    assert_eq!(done.calls.len(), 3);
+    assert_eq!(done.calls[1].usage.prompt_tokens, 50);
+    let steps: Vec<u32> = events.iter().filter(|e| e.kind == "progress").filter_map(|e| e.step).collect();
+    assert_eq!(steps, [1, 2, 3]);
+
+    // The tool really wrote shared memory, in the tenant's namespace.
+    let v = sys.topology.memory.get("default.greeting").await.unwrap().unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&v).unwrap(), json!("hello"));
+    // What the model saw: the system prompt and tools, then the tool results, including the
+    // validation error for the bad arguments (nothing ran for that call).
+    let requests = stub.requests();
+    assert_eq!(requests.len(), 3);
+    assert_eq!(requests[0]["messages"][0]["content"], "Use the memory.");
+    assert_eq!(requests[0]["tools"].as_array().unwrap().len(), 2);
+    let last: Vec<&Value> =
+        requests[2]["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "tool").collect();
+    assert_eq!(last.len(), 3);
+    assert_eq!(last[1]["content"], "\"hello\"");
+    assert!(last[2]["content"].as_str().unwrap().contains("invalid arguments"), "{}", last[2]);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parent_delegates_to_two_children_that_use_tools() {
+    let fleet = "[[agent]]\nname = \"lead\"\ncapabilities = [\"plan\"]\ntools = [\"delegate\"]\nconcurrency = 1\n\n\
+                 [[agent]]\nname = \"researcher\"\ncapabilities = [\"research\"]\ntools = [\"memory_put\", \"memory_get\"]\n\
+                 concurrency = 2\nreplicas = 2\n";
+    let child = |topic: &str| {
+        json!({
+            "capability": "research",
+            "input": { "text": topic, "_offline": { "tool_calls": [
+                { "name": "memory_put", "arguments": { "key": format!("notes/{topic}"), "value": topic } },
+                { "name": "memory_get", "arguments": { "key": format!("notes/{topic}") } }
+            ] } }
+        })
+    };
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", fleet).await;
+    sys.wait_for_agents("r1", 3).await;
+    sys.submit(&TaskSubmission {
+        id: Some("parent".into()),
+        capability: "plan".into(),
+        input: json!({ "text": "plan the trip", "_offline": { "tool_calls": [
+            { "name": "delegate", "arguments": child("trains") },
+            { "name": "delegate", "arguments": child("hotels") }
+        ] } }),
+        ..Default::default()
+    })
+    .await;
+    let events = sys.wait_for_kind("completed", 3, Duration::from_secs(30)).await;
+    let parent = sys.task("parent").await.unwrap();
+    assert_eq!(parent.state, TaskState::Completed);
+    assert_eq!(parent.children, ["parent-s1c0", "parent-s1c1"]);
+    let answer = parent.output.unwrap()["answer"].as_str().unwrap().to_owned();
+    assert!(answer.contains("[researcher] research: trains"), "{answer}");
+    assert!(answer.contains("[researcher] research: hotels"), "{answer}");
+    for (id, topic) in [("parent-s1c0", "trains"), ("parent-s1c1", "hotels")] {
+        let c = sys.task(id).await.unwrap();
+        assert_eq!(c.state, TaskState::Completed);
+        assert_eq!(c.parent_id.as_deref(), Some("parent"));
+        assert!(c.agent_id.unwrap().starts_with("r1-researcher-"));
+        assert_eq!(c.calls.len(), 2, "a tool step and an answer");
+        let stored = sys.topology.memory.get(format!("default.notes/{topic}")).await.unwrap().unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&stored).unwrap(), json!(topic));
+    }
+    // In the stream: the parent started before its children and completed after both.
+    let pos = |id: &str, kind: &str| events.iter().position(|e| e.task_id == id && e.kind == kind).unwrap();
+    for c in ["parent-s1c0", "parent-s1c1"] {
+        assert!(pos("parent", "started") < pos(c, "accepted"));
+        assert!(pos(c, "completed") < pos("parent", "completed"));
+    }
+    sys.stop().await;
+}
+
+/// A tool that panics the first time it is called.
+#[derive(Debug, Default)]
+struct Flaky {
+    panicked: AtomicBool,
+}
+
+impl Tool for Flaky {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "flaky".into(),
+            description: "panics once".into(),
+            parameters: json!({"type": "object"}),
+        }
+    }
+
+    fn call<'a>(&'a self, _ctx: &'a ToolCtx, _args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            if !self.panicked.swap(true, Ordering::SeqCst) {
+                panic!("injected tool panic");
+            }
+            Ok(json!("fine now"))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_panicking_tool_fails_only_its_attempt_which_is_retried() {
+    let fleet = "[[agent]]\nname = \"fragile\"\ncapabilities = [\"fragile\"]\ntools = [\"flaky\"]\n\n\
+                 [[agent]]\nname = \"steady\"\ncapabilities = [\"work\"]\nconcurrency = 2\n";
+    let mut registry = Registry::with_builtins().unwrap();
+    registry.add(Arc::new(Flaky::default())).unwrap();
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner_with_tools("r1", fleet, registry).await;
+    sys.wait_for_agents("r1", 2).await;
+    sys.submit(&TaskSubmission {
+        id: Some("bumpy".into()),
+        capability: "fragile".into(),
+        input: json!({ "text": "try", "_offline": { "tool_calls": [{ "name": "flaky", "arguments": {} }] } }),
+        ..Default::default()
+    })
+    .await;
+    // Other agents of the same runner keep serving meanwhile.
+    for i in 0..5 {
+        sys.submit(&TaskSubmission {
+            id: Some(format!("steady-{i}")),
+            capability: "work".into(),
+            ..Default::default()
+        })
+        .await;
+    }
+    let events = sys.wait_for_kind("completed", 6, Duration::from_secs(30)).await;
+    let bumpy = events.iter().find(|e| e.kind == "completed" && e.task_id == "bumpy").unwrap();
+    assert!(bumpy.output.as_ref().unwrap()["answer"].as_str().unwrap().contains("flaky -> \"fine now\""));
+    let h = sys.health("agent-runner", "r1").await;
+    assert_eq!(h.details["executions"], 7, "the crashed attempt ran again once: {}", h.details);
+    assert_eq!(h.details["completed"], 6);
+    sys.stop().await;
+}
