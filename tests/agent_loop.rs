@@ -129,6 +129,35 @@ async fn a_parent_delegates_to_two_children_that_use_tools() {
         assert!(pos("parent", "started") < pos(c, "accepted"));
         assert!(pos(c, "completed") < pos("parent", "completed"));
     }
+    // The lead agent's lifecycle for the parent task, in order, waiting once per child; and the
+    // children's tasks run (planning) while the lead is waiting.
+    let everything = sys.read_stream(&sys.names.events_stream(), &sys.names.events_all()).await;
+    let mut lead_states = Vec::new();
+    let mut waiting = false;
+    let mut child_planned_while_waiting = 0;
+    for (subject, payload) in &everything {
+        if !subject.contains(".events.agent.") {
+            continue;
+        }
+        let ev: flotilla_protocol::AgentEvent = flotilla_protocol::decode(None, payload).unwrap();
+        if ev.task_id.as_deref() == Some("parent") {
+            lead_states.push(ev.to.as_str());
+            waiting = ev.to == flotilla_protocol::AgentState::Waiting;
+        } else if waiting && ev.to == flotilla_protocol::AgentState::Planning {
+            child_planned_while_waiting += 1;
+        }
+    }
+    assert_eq!(
+        lead_states,
+        ["planning", "executing", "waiting", "executing", "waiting", "executing", "planning", "idle"]
+    );
+    assert!(child_planned_while_waiting >= 2, "children ran while the parent waited");
+    // The registry showed the lead back at idle with no activity.
+    let lead: flotilla_protocol::AgentRecord =
+        flotilla_protocol::decode(None, &sys.topology.agents.get("r1-lead-0").await.unwrap().unwrap())
+            .unwrap();
+    assert_eq!(lead.state, flotilla_protocol::AgentState::Idle);
+    assert!(lead.activities.is_empty());
     sys.stop().await;
 }
 

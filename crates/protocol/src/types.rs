@@ -339,6 +339,10 @@ fn default_tenant() -> String {
     "default".to_owned()
 }
 
+fn initializing() -> AgentState {
+    AgentState::Initializing
+}
+
 /// The default tenant name.
 pub const DEFAULT_TENANT: &str = "default";
 
@@ -441,6 +445,80 @@ impl TaskEvent {
     }
 }
 
+/// Lifecycle state of an agent, or of one agent's work on one task.
+///
+/// `initializing → idle → planning ⇄ executing ⇄ waiting → idle`, and from anywhere `error` or
+/// `terminated`; [`AgentState::can_become`] is the whole transition table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    Initializing,
+    Idle,
+    /// Calling the model.
+    Planning,
+    /// Running the tool calls the model chose.
+    Executing,
+    /// Waiting on something outside: a sub-task, a reply, a human.
+    Waiting,
+    Error,
+    Terminated,
+}
+
+impl AgentState {
+    /// True when `self → next` is a legal transition.
+    pub fn can_become(self, next: AgentState) -> bool {
+        use AgentState::*;
+        match (self, next) {
+            (Terminated, _) => false,
+            (_, Terminated) => true,
+            (Error, Idle) => true,
+            (Error, _) => false,
+            (_, Error) => true,
+            (Initializing, Idle) => true,
+            (Idle, Planning) => true,
+            (Planning, Executing | Idle) => true,
+            (Executing, Planning | Waiting | Idle) => true,
+            (Waiting, Executing | Idle) => true,
+            _ => false,
+        }
+    }
+
+    /// Lower-case name, as in event subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initializing => "initializing",
+            Self::Idle => "idle",
+            Self::Planning => "planning",
+            Self::Executing => "executing",
+            Self::Waiting => "waiting",
+            Self::Error => "error",
+            Self::Terminated => "terminated",
+        }
+    }
+}
+
+/// A lifecycle transition, published on `<prefix>.events.agent.<agent_id>.<state>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentEvent {
+    pub agent_id: String,
+    pub runner_id: String,
+    pub from: AgentState,
+    pub to: AgentState,
+    /// The task the transition concerns, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at_ms: u64,
+}
+
+/// One task an agent is working on, and where it is with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Activity {
+    pub task_id: String,
+    pub state: AgentState,
+}
+
 /// What an agent is doing, as shown in the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -472,6 +550,12 @@ pub struct AgentRecord {
     pub heartbeat_at_ms: u64,
     /// Heartbeat period; the dispatcher treats the agent as dead after a few missed beats.
     pub heartbeat_interval_ms: u64,
+    /// Lifecycle state of the agent as a whole.
+    #[serde(default = "initializing")]
+    pub state: AgentState,
+    /// The tasks it works on now, each with its own lifecycle state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activities: Vec<Activity>,
     #[serde(default)]
     pub protocol_version: u32,
 }
@@ -528,4 +612,38 @@ pub struct HealthReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorReply {
     pub error: ErrorInfo,
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::AgentState::*;
+
+    #[test]
+    fn the_transition_table() {
+        for (from, to) in [
+            (Initializing, Idle),
+            (Idle, Planning),
+            (Planning, Executing),
+            (Executing, Waiting),
+            (Waiting, Executing),
+            (Executing, Planning),
+            (Planning, Idle),
+            (Idle, Error),
+            (Error, Idle),
+            (Waiting, Terminated),
+        ] {
+            assert!(from.can_become(to), "{from:?} -> {to:?}");
+        }
+        for (from, to) in [
+            (Initializing, Planning),
+            (Idle, Executing),
+            (Planning, Waiting),
+            (Error, Planning),
+            (Terminated, Idle),
+            (Idle, Idle),
+            (Waiting, Planning),
+        ] {
+            assert!(!from.can_become(to), "{from:?} -> {to:?} must be refused");
+        }
+    }
 }

@@ -6,10 +6,11 @@
 use std::sync::Arc;
 
 use flotilla_protocol::names::event_kind;
-use flotilla_protocol::{CallUsage, ErrorInfo, TaskEvent, TaskRecord, Usage};
+use flotilla_protocol::{AgentState, CallUsage, ErrorInfo, TaskEvent, TaskRecord, Usage};
 use serde_json::{Value, json};
 
 use crate::fleet::AgentTemplate;
+use crate::lifecycle::TaskStates;
 use crate::llm::{ChatRequest, Provider, Turn, input_text};
 use crate::tools::{Registry, ToolCtx};
 
@@ -21,6 +22,8 @@ pub struct Env {
     pub registry: Arc<Registry>,
     /// Base context of tool calls (step and index are filled in per call).
     pub tool_ctx: ToolCtx,
+    /// Where the agent's state for this task is moved.
+    pub states: TaskStates,
 }
 
 /// A finished loop.
@@ -58,6 +61,7 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
         calls,
     };
     for step in 1..=t.max_steps {
+        env.states.set(AgentState::Planning);
         let remaining = cap.map(|c| c.saturating_sub(usage.total_tokens));
         if remaining == Some(0) {
             let msg = format!("the task's token cap of {} is used up", cap.unwrap_or_default());
@@ -95,8 +99,10 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
         env.tool_ctx.fleet.publish_event(&ev).await.map_err(LoopError::Infrastructure)?;
 
         if resp.tool_calls.is_empty() {
+            env.states.set(AgentState::Idle);
             return Ok(Answer { text: resp.text, steps: step, usage, calls });
         }
+        env.states.set(AgentState::Executing);
         turns.push(Turn::Assistant { text: resp.text.clone(), tool_calls: resp.tool_calls.clone() });
         previous_results = Vec::new();
         for (index, call) in resp.tool_calls.into_iter().enumerate() {

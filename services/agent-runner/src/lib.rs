@@ -5,6 +5,7 @@
 
 pub mod agent_loop;
 pub mod fleet;
+pub mod lifecycle;
 pub mod llm;
 mod registry;
 pub mod tools;
@@ -164,7 +165,16 @@ pub async fn run_with_tools(
         flotilla_protocol::names::is_token(&runner_id) && runner_id.len() <= 48,
         "runner id {runner_id:?} must be 1-48 characters of A-Z a-z 0-9 _ -"
     );
-    let agents = Arc::new(Agents::new(&runner_id, &fleet_file, config.heartbeat_interval));
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let agents = Arc::new(Agents::new(&runner_id, &fleet_file, config.heartbeat_interval, &events_tx));
+    drop(events_tx);
+    let events_stop = CancellationToken::new();
+    let lifecycle_events = tokio::spawn(lifecycle::publish_events(
+        fleet.clone(),
+        events_rx,
+        agents.dirty.clone(),
+        events_stop.clone(),
+    ));
     registry::declare_capabilities(&fleet, &topology, &fleet_file).await?;
     agents.beat(&fleet, &topology).await.context("failed to register agents")?;
     tracing::info!(runner = %runner_id, agents = agents.len(), "agents registered");
@@ -190,6 +200,9 @@ pub async fn run_with_tools(
         .await
         .context("failed to ensure the runner's assignment consumer")?;
 
+    for slot in agents.slots() {
+        slot.lifecycle.set(None, flotilla_protocol::AgentState::Idle);
+    }
     let health = {
         let agents = agents.clone();
         flotilla_service::health::serve(
@@ -266,6 +279,11 @@ pub async fn run_with_tools(
     }
     heartbeat_stop.cancel();
     let _ = heartbeat.await;
+    for slot in agents.slots() {
+        slot.lifecycle.set(None, flotilla_protocol::AgentState::Terminated);
+    }
+    events_stop.cancel();
+    let _ = lifecycle_events.await;
     agents.deregister(&fleet, &topology).await;
     let _ = health.await;
     tracing::info!(runner = %runner_id, "runner stopped");

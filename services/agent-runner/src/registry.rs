@@ -6,13 +6,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_protocol::{AgentRecord, AgentStatus, CapabilityRecord, PROTOCOL_VERSION, time::now_ms};
+use flotilla_protocol::{
+    AgentEvent, AgentRecord, AgentStatus, CapabilityRecord, PROTOCOL_VERSION, time::now_ms,
+};
 use flotilla_service::{Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{AgentTemplate, FleetFile};
+use crate::lifecycle::Lifecycle;
 
 /// One hosted agent.
 #[derive(Debug)]
@@ -26,6 +29,7 @@ pub struct Slot {
     pub running: Mutex<HashSet<(String, u32)>>,
     /// Crashes since the last success; at [`MAX_CRASHES`] the agent goes to `error`.
     pub crashes: AtomicU32,
+    pub lifecycle: Arc<Lifecycle>,
 }
 
 /// Consecutive crashes after which an agent stops taking work.
@@ -52,11 +56,18 @@ pub struct Agents {
     pub failed: AtomicU64,
     /// Assignments dropped because the task had moved on (reassigned, finished, unknown).
     pub fenced: AtomicU64,
+    /// Signalled when the registry should be written now (a lifecycle change).
+    pub dirty: Arc<Notify>,
 }
 
 impl Agents {
     /// Builds the agents of a fleet file: `<runner>-<template>-<n>`.
-    pub fn new(runner_id: &str, fleet: &FleetFile, interval: Duration) -> Self {
+    pub fn new(
+        runner_id: &str,
+        fleet: &FleetFile,
+        interval: Duration,
+        events: &mpsc::UnboundedSender<AgentEvent>,
+    ) -> Self {
         let mut slots = BTreeMap::new();
         for t in &fleet.agents {
             let template = Arc::new(t.clone());
@@ -66,12 +77,17 @@ impl Agents {
                 slots.insert(
                     agent_id.clone(),
                     Arc::new(Slot {
-                        agent_id,
+                        agent_id: agent_id.clone(),
                         template: template.clone(),
                         permits: Arc::new(Semaphore::new(permits)),
                         in_flight: AtomicU32::new(0),
                         running: Mutex::new(HashSet::new()),
                         crashes: AtomicU32::new(0),
+                        lifecycle: Arc::new(Lifecycle::new(
+                            agent_id.clone(),
+                            runner_id.to_owned(),
+                            events.clone(),
+                        )),
                     }),
                 );
             }
@@ -86,7 +102,13 @@ impl Agents {
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             fenced: AtomicU64::new(0),
+            dirty: Arc::new(Notify::new()),
         }
+    }
+
+    /// Every agent.
+    pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.slots.values()
     }
 
     pub fn len(&self) -> usize {
@@ -110,6 +132,7 @@ impl Agents {
     }
 
     fn record(&self, slot: &Slot) -> AgentRecord {
+        let (state, activities) = slot.lifecycle.snapshot();
         let in_flight = slot.in_flight.load(Ordering::Relaxed);
         let status = if slot.in_error() {
             AgentStatus::Error
@@ -134,6 +157,8 @@ impl Agents {
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
             heartbeat_interval_ms: u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX),
+            state,
+            activities,
             protocol_version: PROTOCOL_VERSION,
         }
     }
@@ -214,6 +239,7 @@ pub async fn heartbeat_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            _ = agents.dirty.notified() => {}
         }
         if let Err(e) = agents.beat(&fleet, &topology).await {
             tracing::warn!(error = %e, "heartbeat failed");

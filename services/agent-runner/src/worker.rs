@@ -205,7 +205,9 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
     };
 
     slot.in_flight.fetch_add(1, Ordering::Relaxed);
+    let task_id = rec.id.clone();
     let outcome = run_claimed(&ctx, &slot, &guard, rec, rev).await;
+    slot.lifecycle.finish(&task_id);
     slot.in_flight.fetch_sub(1, Ordering::Relaxed);
     match outcome {
         Outcome::Done => {
@@ -224,6 +226,11 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             let backoff = Duration::from_secs(1) * 2u32.saturating_pow(crashes.saturating_sub(1).min(5));
             if crashes >= MAX_CRASHES {
                 tracing::error!(%why, crashes, "agent crashed repeatedly; it goes to error and takes no more work");
+                if let Err(e) =
+                    slot.lifecycle.transition(None, flotilla_protocol::AgentState::Error, Some(&why))
+                {
+                    tracing::debug!(error = %e, "agent already in error");
+                }
             } else {
                 tracing::warn!(%why, crashes, ?backoff, "agent crashed; the attempt is retried after a backoff");
             }
@@ -259,7 +266,9 @@ async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskReco
         return Outcome::Crashed(format!("no provider for template {}", slot.template.name));
     };
     let cancel = ctx.abort.child_token();
+    let states = crate::lifecycle::TaskStates::new(slot.lifecycle.clone(), rec.id.clone());
     let env = agent_loop::Env {
+        states: states.clone(),
         provider,
         template: slot.template.clone(),
         registry: ctx.registry.clone(),
@@ -272,6 +281,7 @@ async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskReco
             step: 0,
             index: 0,
             cancel: cancel.clone(),
+            states,
         },
     };
 

@@ -62,6 +62,8 @@ impl Harness {
             started_at_ms: now_ms(),
             heartbeat_at_ms: now_ms(),
             heartbeat_interval_ms: 100,
+            state: flotilla_protocol::AgentState::Idle,
+            activities: vec![],
             protocol_version: 1,
         };
         tokio::spawn(async move {

@@ -68,6 +68,8 @@ async fn task_events_show_up_in_metrics() {
             started_at_ms: beat,
             heartbeat_at_ms: beat,
             heartbeat_interval_ms: 60_000,
+            state: flotilla_protocol::AgentState::Idle,
+            activities: vec![],
             protocol_version: 1,
         };
         fleet.kv_put(&topo_agents, id, &rec).await.unwrap();

@@ -264,34 +264,42 @@ impl Tool for Delegate {
                 .await
                 .map_err(nats_err)?;
             tracing::info!(child = %id, "delegated; waiting for the sub-task");
-            loop {
-                let msg = tokio::select! {
-                    _ = ctx.cancel.cancelled() => return Err(ToolError::new("cancelled while waiting for the sub-task")),
-                    m = events.next() => match m {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => return Err(nats_err(e)),
-                        None => return Err(ToolError::new("event stream ended")),
-                    },
-                };
-                let ct = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(headers::CONTENT_TYPE))
-                    .map(|v| v.as_str().to_owned());
-                let Ok(ev) = codec::decode::<TaskEvent>(ct.as_deref(), &msg.payload) else { continue };
-                match ev.kind.as_str() {
-                    event_kind::COMPLETED => {
-                        return Ok(
-                            json!({ "task_id": id, "status": "completed", "output": ev.output, "usage": ev.usage }),
-                        );
-                    }
-                    event_kind::FAILED | event_kind::REJECTED => {
-                        return Ok(json!({ "task_id": id, "status": ev.kind, "error": ev.error }));
-                    }
-                    _ => {}
-                }
-            }
+            ctx.states.set(flotilla_protocol::AgentState::Waiting);
+            let result = wait_for_child(ctx, &id, &mut events).await;
+            ctx.states.set(flotilla_protocol::AgentState::Executing);
+            result
         })
+    }
+}
+
+async fn wait_for_child(
+    ctx: &ToolCtx,
+    id: &str,
+    events: &mut async_nats::jetstream::consumer::pull::Ordered,
+) -> Result<Value, ToolError> {
+    loop {
+        let msg = tokio::select! {
+            _ = ctx.cancel.cancelled() => return Err(ToolError::new("cancelled while waiting for the sub-task")),
+            m = events.next() => match m {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(nats_err(e)),
+                None => return Err(ToolError::new("event stream ended")),
+            },
+        };
+        let ct =
+            msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
+        let Ok(ev) = codec::decode::<TaskEvent>(ct.as_deref(), &msg.payload) else { continue };
+        match ev.kind.as_str() {
+            event_kind::COMPLETED => {
+                return Ok(
+                    json!({ "task_id": id, "status": "completed", "output": ev.output, "usage": ev.usage }),
+                );
+            }
+            event_kind::FAILED | event_kind::REJECTED => {
+                return Ok(json!({ "task_id": id, "status": ev.kind, "error": ev.error }));
+            }
+            _ => {}
+        }
     }
 }
 

@@ -31,6 +31,8 @@ pub struct ToolCtx {
     pub index: usize,
     /// Cancelled when the task's work must stop.
     pub cancel: CancellationToken,
+    /// The agent's state for this task (a tool that waits moves it to `waiting`).
+    pub states: crate::lifecycle::TaskStates,
 }
 
 /// A tool failure: shown to the model as an error result, so it can correct itself.
