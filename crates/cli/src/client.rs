@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
-    AgentRecord, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord, TaskSubmission, WireFormat,
-    codec, headers,
+    AgentRecord, Approval, ApprovalStatus, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord,
+    TaskSubmission, WireFormat, codec, headers,
 };
 use futures::StreamExt as _;
 
@@ -255,4 +255,46 @@ pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<(), Failure> {
             println!("{}", output::event_line(&ev));
         }
     }
+}
+
+/// Approves or rejects a task's pending approval request (a revision-checked update, so two
+/// operators cannot both decide).
+pub async fn decide(cli: &Cli, id: &str, approve: bool, comment: Option<String>) -> Result<(), Failure> {
+    let (_client, js, names) = connect(cli).await?;
+    let store =
+        js.get_key_value(names.approvals_bucket()).await.context("the approvals bucket does not exist")?;
+    for _ in 0..5 {
+        let Some(entry) = store.entry(id).await.context("failed to read the approval request")? else {
+            return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("task {id} has no approval request")));
+        };
+        let mut a: Approval = codec::decode(None, &entry.value).context("unreadable approval request")?;
+        if a.status != ApprovalStatus::Pending {
+            return Err(Failure::new(
+                exit::TASK_FAILED,
+                anyhow::anyhow!("the request of task {id} was already {:?}", a.status),
+            ));
+        }
+        a.status = if approve { ApprovalStatus::Approved } else { ApprovalStatus::Rejected };
+        a.comment = comment.clone();
+        a.decided_at_ms = Some(flotilla_protocol::time::now_ms());
+        let bytes = codec::encode(WireFormat::Msgpack, &a).context("failed to encode")?;
+        match store.update(id, bytes.into(), entry.revision).await {
+            Ok(_) => {
+                if cli.json {
+                    println!("{}", serde_json::to_string(&a).context("failed to render")?);
+                } else {
+                    println!("{} {id}: {}", if approve { "approved" } else { "rejected" }, a.question);
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => {
+                return Err(Failure::new(
+                    exit::UNAVAILABLE,
+                    anyhow::anyhow!("failed to record the decision: {e}"),
+                ));
+            }
+        }
+    }
+    Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("the request of task {id} kept changing; try again")))
 }

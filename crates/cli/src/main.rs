@@ -76,6 +76,22 @@ pub enum Command {
     Agents,
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
+    /// Approve the pending human-approval request of a task.
+    Approve {
+        /// Task id.
+        id: String,
+        /// A note for the agent.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Reject the pending human-approval request of a task: the task fails with the comment.
+    Reject {
+        /// Task id.
+        id: String,
+        /// The reason, which becomes the task's failure message.
+        #[arg(long)]
+        comment: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -95,6 +111,8 @@ fn main() -> ExitCode {
             Command::Status { id } => client::status(&cli, id).await,
             Command::Agents => client::agents(&cli).await,
             Command::Tail(args) => client::tail(&cli, args).await,
+            Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
+            Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,
         }
     });
     match result {

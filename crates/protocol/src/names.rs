@@ -59,6 +59,7 @@ pub mod event_kind {
     pub const FAILED: &str = "failed";
     pub const REQUEUED: &str = "requeued";
     pub const PROGRESS: &str = "progress";
+    pub const APPROVAL_REQUESTED: &str = "approval_requested";
 }
 
 /// Names of the services, used in health subjects, dead-letter sources and registry records.
@@ -214,6 +215,11 @@ impl Names {
     /// Topic an agent's `publish` tool writes to: `<p>.topics.<topic>`.
     pub fn topic_subject(&self, topic: &str) -> String {
         format!("{}.topics.{topic}", self.prefix)
+    }
+
+    /// KV bucket: requests for human approval, keyed by task id.
+    pub fn approvals_bucket(&self) -> String {
+        format!("{}_approvals", self.lower)
     }
 
     /// KV bucket: token budgets, owned by the budget-keeper.

@@ -18,6 +18,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("agent-event", s::<AgentEvent>()),
         ("capability-record", s::<CapabilityRecord>()),
         ("dead-letter", s::<DeadLetter>()),
+        ("approval", s::<Approval>()),
         ("health-reply", s::<HealthReply>()),
         ("error-reply", s::<ErrorReply>()),
     ]

@@ -593,6 +593,32 @@ pub struct DeadLetter {
     pub at_ms: u64,
 }
 
+/// Where a request for human approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    Pending,
+    Approved,
+    Rejected,
+}
+
+/// A task's request for human approval, in the approvals bucket under the task id. The agent
+/// waits until `status` is decided (`flotilla approve|reject <task>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Approval {
+    pub task_id: String,
+    /// Which request of the task this is (step and call), so a retried attempt finds its answer.
+    pub request_id: String,
+    pub agent_id: String,
+    pub question: String,
+    pub status: ApprovalStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    pub asked_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_ms: Option<u64>,
+}
+
 /// Reply to a health request on `<prefix>.health.<service>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HealthReply {

@@ -31,6 +31,8 @@ pub struct Topology {
     pub capabilities: kv::Store,
     /// Agents' shared memory.
     pub memory: kv::Store,
+    /// Requests for human approval.
+    pub approvals: kv::Store,
 }
 
 impl Topology {
@@ -92,7 +94,13 @@ impl Topology {
             bucket(names.memory_bucket(), "Flotilla: agents' shared memory", 1, Duration::ZERO),
         )
         .await?;
-        Ok(Self { tasks, agents, capabilities, memory })
+        let approvals = ensure_bucket(
+            js,
+            mode,
+            bucket(names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
+        )
+        .await?;
+        Ok(Self { tasks, agents, capabilities, memory, approvals })
     }
 }
 

@@ -120,6 +120,11 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             .await;
             let (content, is_error) = match joined {
                 Ok(Ok(v)) => (v.to_string(), false),
+                Ok(Err(e)) if e.fails_task.is_some() => {
+                    env.states.set(AgentState::Idle);
+                    let code = e.fails_task.unwrap_or("tool_failed");
+                    return Err(fail(code, e.message, usage, calls));
+                }
                 Ok(Err(e)) => (format!("error: {e}"), true),
                 Err(e) if e.is_panic() => {
                     return Err(LoopError::Crashed(format!("tool {} panicked", call.name)));

@@ -276,6 +276,7 @@ async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskReco
             fleet: ctx.fleet.clone(),
             memory: ctx.topology.memory.clone(),
             tasks: ctx.topology.tasks.clone(),
+            approvals: ctx.topology.approvals.clone(),
             task: rec.clone(),
             agent_id: slot.agent_id.clone(),
             step: 0,

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_protocol::names::event_kind;
-use flotilla_protocol::{TaskEvent, TaskRecord, TaskSubmission, codec, headers};
+use flotilla_protocol::{
+    Approval, ApprovalStatus, TaskEvent, TaskRecord, TaskSubmission, codec, headers, time::now_ms,
+};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
@@ -21,6 +23,7 @@ pub fn builtins() -> Vec<Arc<dyn Tool>> {
         Arc::new(MemoryList),
         Arc::new(Publish),
         Arc::new(Delegate),
+        Arc::new(AskHuman),
     ]
 }
 
@@ -314,5 +317,97 @@ mod tests {
         assert!(!valid_key(".x"));
         assert_eq!(child_id("t1", 2, 0), "t1-s2c0");
         assert!(child_id(&"x".repeat(128), 1, 0).len() <= 128);
+    }
+}
+
+#[derive(Debug)]
+struct AskHuman;
+
+impl Tool for AskHuman {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "ask_human".into(),
+            description: "Ask a human operator to approve the next action and wait for the answer. \
+                          A rejection ends the task."
+                .into(),
+            parameters: json!({
+                "type": "object",
+                "properties": { "question": { "type": "string", "description": "what to approve" } },
+                "required": ["question"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let question = str_arg(&args, "question")?.to_owned();
+            let request_id = format!("s{}c{}", ctx.step, ctx.index);
+            let key = ctx.task.id.as_str();
+            // Watch first, so a decision made right after the request is not missed.
+            let mut watch = ctx.approvals.watch(key).await.map_err(nats_err)?;
+            let existing = ctx.fleet.kv_get::<Approval>(&ctx.approvals, key).await.map_err(nats_err)?;
+            let decided = match existing {
+                // A retried attempt finds the answer its request already got.
+                Some((a, _)) if a.request_id == request_id && a.status != ApprovalStatus::Pending => Some(a),
+                Some((a, _)) if a.request_id == request_id => None,
+                _ => {
+                    let a = Approval {
+                        task_id: ctx.task.id.clone(),
+                        request_id: request_id.clone(),
+                        agent_id: ctx.agent_id.clone(),
+                        question: question.clone(),
+                        status: ApprovalStatus::Pending,
+                        comment: None,
+                        asked_at_ms: now_ms(),
+                        decided_at_ms: None,
+                    };
+                    ctx.fleet.kv_put(&ctx.approvals, key, &a).await.map_err(nats_err)?;
+                    let mut ev = TaskEvent::for_task(
+                        &ctx.task,
+                        flotilla_protocol::names::event_kind::APPROVAL_REQUESTED,
+                    );
+                    ev.step = Some(ctx.step);
+                    ev.agent_id = Some(ctx.agent_id.clone());
+                    ev.detail = Some(json!({ "question": question, "request_id": request_id }));
+                    ctx.fleet.publish_event(&ev).await.map_err(nats_err)?;
+                    None
+                }
+            };
+            let decision = match decided {
+                Some(a) => a,
+                None => {
+                    ctx.states.set(flotilla_protocol::AgentState::Waiting);
+                    let waited = async {
+                        loop {
+                            let entry = tokio::select! {
+                                _ = ctx.cancel.cancelled() => return Err(ToolError::new("cancelled while waiting for approval")),
+                                e = watch.next() => match e {
+                                    Some(Ok(e)) => e,
+                                    Some(Err(e)) => return Err(nats_err(e)),
+                                    None => return Err(ToolError::new("approval watch ended")),
+                                },
+                            };
+                            if let Ok(a) = codec::decode::<Approval>(None, &entry.value)
+                                && a.request_id == request_id
+                                && a.status != ApprovalStatus::Pending
+                            {
+                                return Ok(a);
+                            }
+                        }
+                    }
+                    .await;
+                    ctx.states.set(flotilla_protocol::AgentState::Executing);
+                    waited?
+                }
+            };
+            match decision.status {
+                ApprovalStatus::Rejected => Err(ToolError::fail_task(
+                    "rejected",
+                    decision.comment.unwrap_or_else(|| "rejected by a human".to_owned()),
+                )),
+                _ => Ok(json!({ "approved": true, "comment": decision.comment })),
+            }
+        })
     }
 }

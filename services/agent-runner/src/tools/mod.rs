@@ -23,6 +23,7 @@ pub struct ToolCtx {
     pub fleet: Fleet,
     pub memory: kv::Store,
     pub tasks: kv::Store,
+    pub approvals: kv::Store,
     /// The task being worked on (as claimed).
     pub task: TaskRecord,
     pub agent_id: String,
@@ -35,14 +36,24 @@ pub struct ToolCtx {
     pub states: crate::lifecycle::TaskStates,
 }
 
-/// A tool failure: shown to the model as an error result, so it can correct itself.
+/// A tool failure: shown to the model as an error result so it can correct itself, unless it
+/// ends the whole task (`fails_task`, e.g. a human rejected it).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ToolError(pub String);
+#[error("{message}")]
+pub struct ToolError {
+    pub message: String,
+    /// When set, the task fails with this error code and the message as its reason.
+    pub fails_task: Option<&'static str>,
+}
 
 impl ToolError {
     pub fn new(msg: impl Into<String>) -> Self {
-        Self(msg.into())
+        Self { message: msg.into(), fails_task: None }
+    }
+
+    /// An error that ends the task with `code`.
+    pub fn fail_task(code: &'static str, msg: impl Into<String>) -> Self {
+        Self { message: msg.into(), fails_task: Some(code) }
     }
 }
 

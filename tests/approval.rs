@@ -1,0 +1,85 @@
+//! Human approval: a task that asks a human waits (its agent `waiting`) until `flotilla approve`,
+//! then completes; `flotilla reject --comment` fails it with the comment as the reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_protocol::{AgentRecord, AgentState, TaskState, TaskSubmission, WireFormat, decode};
+use flotilla_service::StreamSettings;
+use flotilla_testkit::bin;
+use serde_json::json;
+use support::*;
+
+fn asking(id: &str, question: &str) -> TaskSubmission {
+    TaskSubmission {
+        id: Some(id.into()),
+        capability: "ops".into(),
+        input: json!({ "text": id, "_offline": { "tool_calls": [
+            { "name": "ask_human", "arguments": { "question": question } }
+        ] } }),
+        ..Default::default()
+    }
+}
+
+fn flotilla(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("flotilla")).args(args).env("FLOTILLA_NATS_URL", url).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn approve_completes_and_reject_fails_with_the_comment() {
+    let fleet = "[[agent]]\nname = \"operator\"\ncapabilities = [\"ops\"]\ntools = [\"ask_human\"]\nconcurrency = 2\n";
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", fleet).await;
+    sys.wait_for_agents("r1", 1).await;
+    let url = sys.server.url().to_owned();
+
+    assert_eq!(flotilla(&url, &["approve", "nothing-asked"]).0, 3, "no request: not found");
+    sys.submit(&asking("ship-it", "Deploy v2 to production?")).await;
+    sys.submit(&asking("drop-db", "Drop the orders table?")).await;
+    sys.wait_for_kind("approval_requested", 2, Duration::from_secs(20)).await;
+
+    // Both wait: the agent's activities say so, and nothing completes.
+    let waiting =
+        flotilla_testkit::eventually(Duration::from_secs(10), "waiting in the registry", || async {
+            let rec: AgentRecord =
+                decode(None, &sys.topology.agents.get("r1-operator-0").await.unwrap()?).unwrap();
+            (rec.activities.len() == 2 && rec.activities.iter().all(|a| a.state == AgentState::Waiting))
+                .then_some(rec)
+        })
+        .await;
+    assert_eq!(waiting.activities.len(), 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sys.task("ship-it").await.unwrap().state, TaskState::Running);
+
+    let (code, out, err) = flotilla(&url, &["approve", "ship-it", "--comment", "go ahead"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Deploy v2"), "{out}");
+    let (code, _, err) = flotilla(&url, &["reject", "drop-db", "--comment", "not on a Friday"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flotilla(&url, &["approve", "drop-db"]).0, 1, "already decided");
+
+    let events = sys.wait_for_kind("failed", 1, Duration::from_secs(20)).await;
+    let events = if events.iter().any(|e| e.kind == "completed") {
+        events
+    } else {
+        sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await
+    };
+    let done = events.iter().find(|e| e.kind == "completed").unwrap();
+    assert_eq!(done.task_id, "ship-it");
+    assert!(done.output.as_ref().unwrap()["answer"].as_str().unwrap().contains("go ahead"));
+    let failed = events.iter().find(|e| e.kind == "failed").unwrap();
+    assert_eq!(failed.task_id, "drop-db");
+    let err = failed.error.as_ref().unwrap();
+    assert_eq!((err.code.as_str(), err.message.as_str()), ("rejected", "not on a Friday"));
+    sys.stop().await;
+}
