@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the task failed or was rejected; 2 bad usage; 3 not found;
 //! 4 timed out; 5 NATS or the fleet could not be reached or used.
 
+mod bench;
 mod client;
 mod local;
 mod output;
@@ -76,6 +77,8 @@ pub enum Command {
     Agents,
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
+    /// Measure a component against raw NATS in the same run.
+    Bench(bench::BenchArgs),
     /// Approve the pending human-approval request of a task.
     Approve {
         /// Task id.
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
             Command::Status { id } => client::status(&cli, id).await,
             Command::Agents => client::agents(&cli).await,
             Command::Tail(args) => client::tail(&cli, args).await,
+            Command::Bench(args) => bench::run(&cli, args).await,
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
             Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,
         }
