@@ -220,3 +220,31 @@ async fn a_panicking_tool_fails_only_its_attempt_which_is_retried() {
     assert_eq!(h.details["completed"], 6);
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_message_each_other_directly() {
+    let fleet = "[[agent]]\nname = \"asker\"\ncapabilities = [\"ask\"]\ntools = [\"send_message\"]\n\n\
+                 [[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\n";
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", fleet).await;
+    sys.wait_for_agents("r1", 2).await;
+    sys.submit(&TaskSubmission {
+        id: Some("chatty".into()),
+        capability: "ask".into(),
+        input: json!({ "text": "ask around", "_offline": { "tool_calls": [
+            { "name": "send_message", "arguments": { "agent": "r1-helper-0", "message": "what is 2+2?", "wait_reply": true } },
+            { "name": "send_message", "arguments": { "agent": "r1-helper-0", "message": "fyi: done" } },
+            { "name": "send_message", "arguments": { "agent": "nobody-here", "message": "hello?" } }
+        ] } }),
+        ..Default::default()
+    })
+    .await;
+    let events = sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    let done = events.iter().find(|e| e.kind == "completed").unwrap();
+    let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap().to_owned();
+    assert!(answer.contains("[helper] message: Message from agent r1-asker-0: what is 2+2?"), "{answer}");
+    assert!(answer.contains(r#"{"delivered":true}"#), "{answer}");
+    assert!(answer.contains("nobody-here is not reachable"), "{answer}");
+    sys.stop().await;
+}

@@ -212,6 +212,11 @@ impl Names {
         format!("{}_memory", self.lower)
     }
 
+    /// An agent's inbox for direct messages (request/reply): `<p>.agents.<agent>.inbox`.
+    pub fn agent_inbox(&self, agent_id: &str) -> String {
+        format!("{}.agents.{agent_id}.inbox", self.prefix)
+    }
+
     /// Topic an agent's `publish` tool writes to: `<p>.topics.<topic>`.
     pub fn topic_subject(&self, topic: &str) -> String {
         format!("{}.topics.{topic}", self.prefix)

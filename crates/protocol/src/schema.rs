@@ -19,6 +19,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("capability-record", s::<CapabilityRecord>()),
         ("dead-letter", s::<DeadLetter>()),
         ("approval", s::<Approval>()),
+        ("direct-message", s::<DirectMessage>()),
+        ("direct-reply", s::<DirectReply>()),
         ("health-reply", s::<HealthReply>()),
         ("error-reply", s::<ErrorReply>()),
     ]

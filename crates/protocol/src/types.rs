@@ -593,6 +593,34 @@ pub struct DeadLetter {
     pub at_ms: u64,
 }
 
+/// A direct message to an agent, sent as a request to its inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DirectMessage {
+    /// Sending agent (or any client).
+    pub from: String,
+    /// The task the sender works on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    pub message: Value,
+    /// When true the receiving agent answers with its model; otherwise the runner only confirms
+    /// receipt.
+    #[serde(default)]
+    pub wants_reply: bool,
+}
+
+/// The answer to a [`DirectMessage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DirectReply {
+    pub agent_id: String,
+    /// The agent's answer, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
 /// Where a request for human approval stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

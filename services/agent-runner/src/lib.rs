@@ -5,6 +5,7 @@
 
 pub mod agent_loop;
 pub mod fleet;
+mod inbox;
 pub mod lifecycle;
 pub mod llm;
 mod registry;
@@ -200,6 +201,13 @@ pub async fn run_with_tools(
         .await
         .context("failed to ensure the runner's assignment consumer")?;
 
+    let inboxes = TaskTracker::new();
+    for slot in agents.slots() {
+        if let Some(provider) = providers.get(&slot.template.name) {
+            inboxes.spawn(inbox::serve(fleet.clone(), slot.clone(), provider.clone(), shutdown.clone()));
+        }
+    }
+    inboxes.close();
     for slot in agents.slots() {
         slot.lifecycle.set(None, flotilla_protocol::AgentState::Idle);
     }
@@ -277,6 +285,7 @@ pub async fn run_with_tools(
         abort.cancel();
         tracker.wait().await;
     }
+    inboxes.wait().await;
     heartbeat_stop.cancel();
     let _ = heartbeat.await;
     for slot in agents.slots() {

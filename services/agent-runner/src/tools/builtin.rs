@@ -6,7 +6,8 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
-    Approval, ApprovalStatus, TaskEvent, TaskRecord, TaskSubmission, codec, headers, time::now_ms,
+    Approval, ApprovalStatus, DirectMessage, DirectReply, TaskEvent, TaskRecord, TaskSubmission, codec,
+    headers, time::now_ms,
 };
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
@@ -24,6 +25,7 @@ pub fn builtins() -> Vec<Arc<dyn Tool>> {
         Arc::new(Publish),
         Arc::new(Delegate),
         Arc::new(AskHuman),
+        Arc::new(SendMessage),
     ]
 }
 
@@ -408,6 +410,75 @@ impl Tool for AskHuman {
                 )),
                 _ => Ok(json!({ "approved": true, "comment": decision.comment })),
             }
+        })
+    }
+}
+
+#[derive(Debug)]
+struct SendMessage;
+
+impl Tool for SendMessage {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "send_message".into(),
+            description: "Send a direct message to another agent by its id; optionally wait for its reply."
+                .into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "agent": { "type": "string", "description": "the receiving agent's id" },
+                    "message": { "description": "the message (text or JSON)" },
+                    "wait_reply": { "type": "boolean", "default": false },
+                    "timeout_s": { "type": "integer", "minimum": 1, "maximum": 600, "default": 60 }
+                },
+                "required": ["agent", "message"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        Box::pin(async move {
+            let agent = str_arg(&args, "agent")?;
+            if !flotilla_protocol::names::is_token(agent) {
+                return Err(ToolError::new("agent must be an agent id (A-Z a-z 0-9 _ -)"));
+            }
+            let wants_reply = args.get("wait_reply").and_then(Value::as_bool).unwrap_or(false);
+            let timeout =
+                std::time::Duration::from_secs(args.get("timeout_s").and_then(Value::as_u64).unwrap_or(60));
+            let m = DirectMessage {
+                from: ctx.agent_id.clone(),
+                task_id: Some(ctx.task.id.clone()),
+                message: args.get("message").cloned().unwrap_or(Value::Null),
+                wants_reply,
+            };
+            let body = ctx.fleet.encode(&m).map_err(nats_err)?;
+            let request = async_nats::Request::new().payload(body).timeout(Some(timeout));
+            if wants_reply {
+                ctx.states.set(flotilla_protocol::AgentState::Waiting);
+            }
+            let result = ctx.fleet.client.send_request(ctx.fleet.names.agent_inbox(agent), request).await;
+            if wants_reply {
+                ctx.states.set(flotilla_protocol::AgentState::Executing);
+            }
+            let msg = result.map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    ToolError::new(format!("agent {agent} is not reachable"))
+                }
+                async_nats::RequestErrorKind::TimedOut => {
+                    ToolError::new(format!("agent {agent} did not answer within {timeout:?}"))
+                }
+                _ => nats_err(e),
+            })?;
+            let reply: DirectReply =
+                codec::decode(None, &msg.payload).map_err(|e| ToolError::new(e.to_string()))?;
+            if let Some(err) = reply.error {
+                return Err(ToolError::new(format!("agent {agent}: {}: {}", err.code, err.message)));
+            }
+            Ok(match reply.reply {
+                Some(text) => json!({ "delivered": true, "reply": text }),
+                None => json!({ "delivered": true }),
+            })
         })
     }
 }

@@ -1,0 +1,95 @@
+//! Direct messages: every hosted agent answers requests on `<p>.agents.<agent>.inbox`. A message
+//! that wants a reply is answered by the agent's model (taking one of its concurrency slots);
+//! otherwise the runner confirms receipt at once and the message is logged.
+
+use std::sync::Arc;
+
+use flotilla_protocol::{DirectMessage, DirectReply, ErrorInfo, codec};
+use flotilla_service::Fleet;
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::llm::{ChatRequest, Provider, Turn};
+use crate::registry::Slot;
+
+/// Serves one agent's inbox until `shutdown`.
+pub async fn serve(fleet: Fleet, slot: Arc<Slot>, provider: Provider, shutdown: CancellationToken) {
+    let subject = fleet.names.agent_inbox(&slot.agent_id);
+    let mut sub = match fleet.client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%subject, error = %e, "failed to subscribe to the agent's inbox");
+            return;
+        }
+    };
+    let tracker = TaskTracker::new();
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(reply_to) = msg.reply.clone() else { continue };
+        let (fleet, slot, provider) = (fleet.clone(), slot.clone(), provider.clone());
+        let span = tracing::info_span!("direct_message", agent_id = %slot.agent_id);
+        tracker.spawn(
+            async move {
+                let answer = answer(&slot, &provider, &msg.payload).await;
+                let body = match fleet.encode(&answer) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "failed to encode a reply");
+                        return;
+                    }
+                };
+                if let Err(e) = fleet.client.publish(reply_to, body).await {
+                    tracing::warn!(error = %e, "failed to send a reply");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    let _ = sub.unsubscribe().await;
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn answer(slot: &Slot, provider: &Provider, payload: &[u8]) -> DirectReply {
+    let mut reply = DirectReply { agent_id: slot.agent_id.clone(), reply: None, usage: None, error: None };
+    let m: DirectMessage = match codec::decode(None, payload) {
+        Ok(m) => m,
+        Err(e) => {
+            reply.error = Some(ErrorInfo::new(e.reason.code(), e.message));
+            return reply;
+        }
+    };
+    if !m.wants_reply {
+        tracing::info!(from = %m.from, "direct message received");
+        return reply;
+    }
+    let Ok(_permit) = slot.permits.clone().acquire_owned().await else {
+        reply.error = Some(ErrorInfo::new("unavailable", "the agent is shutting down"));
+        return reply;
+    };
+    let text = match &m.message {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let req = ChatRequest {
+        model: slot.template.model.clone(),
+        system: slot.template.system_prompt.clone(),
+        turns: vec![Turn::User(format!("Message from agent {}: {text}", m.from))],
+        tools: vec![],
+        max_tokens: slot.template.max_tokens_per_call,
+        purpose: "message".to_owned(),
+    };
+    match provider.chat(&req).await {
+        Ok(r) => {
+            reply.reply = Some(r.text);
+            reply.usage = Some(r.usage);
+        }
+        Err(e) => reply.error = Some(ErrorInfo::new(e.code(), e.to_string())),
+    }
+    reply
+}
