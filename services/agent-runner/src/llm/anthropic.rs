@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use super::retry::{parse_retry_after, status_error, transport};
+use super::retry::send;
 use super::{ChatRequest, ChatResponse, Finish, HttpSettings, ProviderError, ToolCall, Turn};
 use flotilla_protocol::Usage;
 
@@ -30,23 +30,13 @@ impl Client {
 
     async fn once(&self, body: &Value) -> Result<ChatResponse, ProviderError> {
         let url = format!("{}/v1/messages", self.settings.base_url.trim_end_matches('/'));
-        let resp = self
+        let rb = self
             .http
             .post(&url)
-            .timeout(self.settings.timeout)
             .header("x-api-key", self.settings.api_key.expose())
             .header("anthropic-version", VERSION)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| transport(e, self.settings.timeout))?;
-        let status = resp.status();
-        let retry_after = parse_retry_after(resp.headers().get(reqwest::header::RETRY_AFTER));
-        let text = resp.text().await.map_err(|e| transport(e, self.settings.timeout))?;
-        if !status.is_success() {
-            return Err(status_error(status, retry_after, &text));
-        }
-        parse_response(&text)
+            .json(body);
+        parse_response(&send(rb, self.settings.timeout).await?)
     }
 }
 

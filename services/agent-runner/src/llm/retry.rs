@@ -79,6 +79,16 @@ pub fn parse_retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option
     Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
+/// Sends one prepared request and returns the body of a successful answer; any other status
+/// becomes the matching provider error (with `Retry-After` when the provider sent one).
+pub async fn send(rb: reqwest::RequestBuilder, timeout: Duration) -> Result<String, ProviderError> {
+    let resp = rb.timeout(timeout).send().await.map_err(|e| transport(e, timeout))?;
+    let status = resp.status();
+    let retry_after = parse_retry_after(resp.headers().get(reqwest::header::RETRY_AFTER));
+    let text = resp.text().await.map_err(|e| transport(e, timeout))?;
+    if status.is_success() { Ok(text) } else { Err(status_error(status, retry_after, &text)) }
+}
+
 /// Turns a reqwest error into a provider error.
 pub fn transport(e: reqwest::Error, timeout: Duration) -> ProviderError {
     if e.is_timeout() { ProviderError::Timeout(timeout) } else { ProviderError::Transport(e.to_string()) }
