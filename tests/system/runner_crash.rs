@@ -3,14 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{TaskSubmission, WireFormat};
 use flotilla_service::StreamSettings;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tasks_of_a_killed_runner_complete_once_on_the_other() {

@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{DeadLetter, TaskSubmission, WireFormat, codec, headers};
 use flotilla_service::StreamSettings;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_bad_input_is_rejected_and_dead_lettered() {

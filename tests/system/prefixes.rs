@@ -3,15 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{TaskSubmission, WireFormat};
 use flotilla_service::StreamSettings;
 use flotilla_testkit::NatsServer;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_prefixes_are_two_independent_fleets() {

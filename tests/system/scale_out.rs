@@ -3,14 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{TaskState, TaskSubmission, WireFormat, codec, headers};
 use flotilla_service::StreamSettings;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_tasks_across_two_runner_processes_complete_exactly_once() {

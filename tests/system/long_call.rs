@@ -3,14 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{TaskSubmission, WireFormat};
 use flotilla_service::StreamSettings;
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_ninety_second_call_completes_once_without_redelivery() {

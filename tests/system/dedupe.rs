@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{TaskSubmission, WireFormat, headers};
 use flotilla_service::StreamSettings;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_task_submitted_three_times_runs_once() {

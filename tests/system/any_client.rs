@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
+use crate::support::*;
 use flotilla_protocol::WireFormat;
 use flotilla_service::StreamSettings;
 use flotilla_testkit::workspace_root;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_plain_json_task_from_nats_py_completes() {

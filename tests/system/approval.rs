@@ -3,16 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{AgentRecord, AgentState, TaskState, TaskSubmission, WireFormat, decode};
 use flotilla_service::StreamSettings;
 use flotilla_testkit::bin;
 use serde_json::json;
-use support::*;
 
 fn asking(id: &str, question: &str) -> TaskSubmission {
     TaskSubmission {

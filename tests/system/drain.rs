@@ -5,14 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_protocol::{TaskSubmission, WireFormat};
 use flotilla_service::StreamSettings;
-use support::*;
 
 fn slow(id: String, ms: u64) -> TaskSubmission {
     TaskSubmission {

@@ -3,15 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
 use flotilla_service::StreamSettings;
 use futures::StreamExt as _;
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_event_of_a_task_carries_the_clients_trace() {

@@ -4,12 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use flotilla_agent_runner::llm::ToolSpec;
 use flotilla_agent_runner::tools::{Registry, Tool, ToolCtx, ToolError};
 use flotilla_protocol::{TaskState, TaskSubmission, WireFormat};
@@ -17,7 +16,6 @@ use flotilla_service::StreamSettings;
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tool_using_task_runs_through_an_openai_compatible_provider() {

@@ -1,0 +1,21 @@
+//! Cross-service system tests: the real services (in process or as child processes) against a
+//! fresh nats-server per test.
+//!
+//! One test binary for all of them (each file is a module): linking a dozen binaries that each
+//! carry every service costs minutes and gigabytes of disk on a two-core CI machine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod support;
+
+mod agent_loop;
+mod any_client;
+mod approval;
+mod bad_input;
+mod dedupe;
+mod drain;
+mod long_call;
+mod prefixes;
+mod runner_crash;
+mod scale_out;
+mod trace_propagation;
