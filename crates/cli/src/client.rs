@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
-    AgentRecord, Approval, ApprovalStatus, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord,
-    TaskSubmission, WireFormat, codec, headers,
+    Approval, ApprovalStatus, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord, TaskSubmission,
+    WireFormat, codec, headers,
 };
 use futures::StreamExt as _;
 
@@ -207,30 +207,6 @@ pub async fn status(cli: &Cli, id: &str) -> Result<(), Failure> {
         println!("{}", serde_json::to_string(&rec).context("failed to render")?);
     } else {
         print!("{}", output::task_block(&rec));
-    }
-    Ok(())
-}
-
-pub async fn agents(cli: &Cli) -> Result<(), Failure> {
-    let (_client, js, names) = connect(cli).await?;
-    let store = js.get_key_value(names.agents_bucket()).await.context("the agents bucket does not exist")?;
-    let mut keys = store.keys().await.context("failed to list agents")?;
-    let mut list: Vec<AgentRecord> = Vec::new();
-    while let Some(k) = keys.next().await {
-        let k = k.context("failed to list agents")?;
-        if let Some(v) = store.get(&k).await.context("failed to read agent")?
-            && let Ok(rec) = codec::decode::<AgentRecord>(None, &v)
-        {
-            list.push(rec);
-        }
-    }
-    list.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-    if cli.json {
-        println!("{}", serde_json::to_string(&list).context("failed to render")?);
-    } else if list.is_empty() {
-        println!("no agents registered");
-    } else {
-        print!("{}", output::agents_table(&list));
     }
     Ok(())
 }

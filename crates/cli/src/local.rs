@@ -246,7 +246,7 @@ async fn run_demo(
         prefix: cli.prefix.clone(),
         config: None,
         json: cli.json,
-        command: crate::Command::Agents,
+        command: crate::Command::Agents(crate::fleet::AgentsArgs { action: None }),
     };
     let (_client, js, names) = client::connect(&cli_for_demo).await?;
     let agents_bucket = js.get_key_value(names.agents_bucket()).await.context("no agents bucket")?;

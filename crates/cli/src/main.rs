@@ -1,11 +1,12 @@
 //! `flotilla`: run a local fleet (`up`, `demo`) and talk to any fleet (`submit`, `status`,
-//! `agents`, `tail`). Human-readable output by default, `--json` for scripts.
+//! `agents`, `tail`, `approve`). Human-readable output by default, `--json` for scripts.
 //!
 //! Exit codes: 0 success; 1 the task failed or was rejected; 2 bad usage; 3 not found;
 //! 4 timed out; 5 NATS or the fleet could not be reached or used.
 
 mod bench;
 mod client;
+mod fleet;
 mod local;
 mod output;
 
@@ -73,8 +74,8 @@ pub enum Command {
         /// Task id.
         id: String,
     },
-    /// List registered agents.
-    Agents,
+    /// List registered agents, or start and stop agents at runtime (spawn, scale, stop).
+    Agents(fleet::AgentsArgs),
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
     /// Measure a component against raw NATS in the same run.
@@ -112,7 +113,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => local::demo(&cli, args).await,
             Command::Submit(args) => client::submit(&cli, args).await,
             Command::Status { id } => client::status(&cli, id).await,
-            Command::Agents => client::agents(&cli).await,
+            Command::Agents(args) => fleet::run(&cli, args).await,
             Command::Tail(args) => client::tail(&cli, args).await,
             Command::Bench(args) => bench::run(&cli, args).await,
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,

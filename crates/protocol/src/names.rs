@@ -62,6 +62,12 @@ pub mod event_kind {
     pub const APPROVAL_REQUESTED: &str = "approval_requested";
 }
 
+/// Fleet-change operations of a runner; the last token of `<prefix>.runners.<runner>.<op>`.
+pub mod runner_op {
+    pub const SCALE: &str = "scale";
+    pub const STOP: &str = "stop";
+}
+
 /// Names of the services, used in health subjects, dead-letter sources and registry records.
 pub mod service {
     pub const DISPATCHER: &str = "dispatcher";
@@ -215,6 +221,12 @@ impl Names {
     /// An agent's inbox for direct messages (request/reply): `<p>.agents.<agent>.inbox`.
     pub fn agent_inbox(&self, agent_id: &str) -> String {
         format!("{}.agents.{agent_id}.inbox", self.prefix)
+    }
+
+    /// A runner's fleet-change requests (request/reply): `<p>.runners.<runner>.scale` with a
+    /// `ScaleRequest`, `<p>.runners.<runner>.stop` with a `StopAgentRequest`.
+    pub fn runner_control(&self, runner_id: &str, op: &str) -> String {
+        format!("{}.runners.{runner_id}.{op}", self.prefix)
     }
 
     /// Topic an agent's `publish` tool writes to: `<p>.topics.<topic>`.

@@ -21,6 +21,9 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("approval", s::<Approval>()),
         ("direct-message", s::<DirectMessage>()),
         ("direct-reply", s::<DirectReply>()),
+        ("scale-request", s::<ScaleRequest>()),
+        ("stop-agent-request", s::<StopAgentRequest>()),
+        ("fleet-change-reply", s::<FleetChangeReply>()),
         ("health-reply", s::<HealthReply>()),
         ("error-reply", s::<ErrorReply>()),
     ]

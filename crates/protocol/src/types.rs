@@ -621,6 +621,41 @@ pub struct DirectReply {
     pub error: Option<ErrorInfo>,
 }
 
+/// Request to one runner: host `replicas` agents of template `template`
+/// (`<p>.runners.<runner>.scale`). Declarative, so a retried request changes nothing more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    pub template: String,
+    pub replicas: u32,
+}
+
+/// Request to one runner: stop agent `agent_id` (`<p>.runners.<runner>.stop`). The agent takes no
+/// new work, finishes what it holds, then deregisters. Stopping a stopped agent is not an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopAgentRequest {
+    pub agent_id: String,
+}
+
+/// A runner's answer to a [`ScaleRequest`] or [`StopAgentRequest`]: the template's agents on that
+/// runner after the change, or an error.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FleetChangeReply {
+    pub runner_id: String,
+    pub template: String,
+    /// Agents of the template that take work.
+    pub agents: Vec<String>,
+    /// Agents started by this request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub started: Vec<String>,
+    /// Agents that are finishing their tasks before they deregister.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stopping: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
 /// Where a request for human approval stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

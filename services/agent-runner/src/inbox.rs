@@ -14,7 +14,7 @@ use tracing::Instrument as _;
 use crate::llm::{ChatRequest, Provider, Turn};
 use crate::registry::Slot;
 
-/// Serves one agent's inbox until `shutdown`.
+/// Serves one agent's inbox until `shutdown` or until the agent stops.
 pub async fn serve(fleet: Fleet, slot: Arc<Slot>, provider: Provider, shutdown: CancellationToken) {
     let subject = fleet.names.agent_inbox(&slot.agent_id);
     let mut sub = match fleet.client.subscribe(subject.clone()).await {
@@ -28,6 +28,7 @@ pub async fn serve(fleet: Fleet, slot: Arc<Slot>, provider: Provider, shutdown: 
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = slot.stop.cancelled() => break,
             m = sub.next() => match m { Some(m) => m, None => break },
         };
         let Some(reply_to) = msg.reply.clone() else { continue };

@@ -4,6 +4,7 @@
 //! assignment never completes twice.
 
 pub mod agent_loop;
+mod control;
 pub mod fleet;
 mod inbox;
 pub mod lifecycle;
@@ -186,31 +187,38 @@ pub async fn run_with_tools(
         .await
         .context("failed to open the assignments stream")?;
     let capacity = i64::from(agents.total_capacity());
+    let consumer_config = pull::Config {
+        durable_name: Some(fleet.names.runner_consumer(&runner_id)),
+        description: Some(format!("Flotilla runner {runner_id}: its assignments")),
+        filter_subject: fleet.names.assign_subject(&runner_id),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: config.ack_wait,
+        max_deliver: -1,
+        max_ack_pending: capacity.saturating_add(16),
+        inactive_threshold: Duration::from_secs(24 * 3600),
+        ..Default::default()
+    };
     let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(fleet.names.runner_consumer(&runner_id)),
-            description: Some(format!("Flotilla runner {runner_id}: its assignments")),
-            filter_subject: fleet.names.assign_subject(&runner_id),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: config.ack_wait,
-            max_deliver: -1,
-            max_ack_pending: capacity.saturating_add(16),
-            inactive_threshold: Duration::from_secs(24 * 3600),
-            ..Default::default()
-        })
+        .create_consumer(consumer_config.clone())
         .await
         .context("failed to ensure the runner's assignment consumer")?;
 
+    // Agents started and stopped at runtime (`flotilla agents spawn|stop`, scale requests).
     let inboxes = TaskTracker::new();
+    let control = control::Control {
+        fleet: fleet.clone(),
+        topology: topology.clone(),
+        agents: agents.clone(),
+        providers: providers.clone(),
+        inboxes: inboxes.clone(),
+        shutdown: shutdown.clone(),
+        stream: stream.clone(),
+        consumer: consumer_config,
+    };
     for slot in agents.slots() {
-        if let Some(provider) = providers.get(&slot.template.name) {
-            inboxes.spawn(inbox::serve(fleet.clone(), slot.clone(), provider.clone(), shutdown.clone()));
-        }
+        control.start_agent(&slot);
     }
-    inboxes.close();
-    for slot in agents.slots() {
-        slot.lifecycle.set(None, flotilla_protocol::AgentState::Idle);
-    }
+    let control = tokio::spawn(control.serve());
     let health = {
         let agents = agents.clone();
         flotilla_service::health::serve(
@@ -285,6 +293,12 @@ pub async fn run_with_tools(
         abort.cancel();
         tracker.wait().await;
     }
+    match control.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the fleet-change endpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "the fleet-change endpoint panicked"),
+    }
+    inboxes.close();
     inboxes.wait().await;
     heartbeat_stop.cancel();
     let _ = heartbeat.await;

@@ -1,9 +1,9 @@
 //! The runner's agents and their registry entries: registration, heartbeats that carry load and
-//! status, capability declarations, and deregistration on shutdown.
+//! status, capability declarations, agents started and stopped at runtime, and deregistration.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use flotilla_protocol::{
@@ -30,12 +30,49 @@ pub struct Slot {
     /// Crashes since the last success; at [`MAX_CRASHES`] the agent goes to `error`.
     pub crashes: AtomicU32,
     pub lifecycle: Arc<Lifecycle>,
+    /// Told to stop: takes no new work (the registry shows it draining) and leaves once idle.
+    pub stopping: AtomicBool,
+    /// Set (under the `running` lock) when the agent has left: no assignment may start here.
+    pub removed: AtomicBool,
+    /// Cancelled when the agent leaves; ends its inbox.
+    pub stop: CancellationToken,
+    /// Instance number within its template (`<runner>-<template>-<n>`).
+    pub index: u32,
 }
 
 /// Consecutive crashes after which an agent stops taking work.
 pub const MAX_CRASHES: u32 = 3;
 
 impl Slot {
+    fn new(
+        runner_id: &str,
+        template: Arc<AgentTemplate>,
+        index: u32,
+        events: &mpsc::UnboundedSender<AgentEvent>,
+    ) -> Self {
+        let agent_id = format!("{runner_id}-{}-{index}", template.name);
+        let permits = usize::try_from(template.concurrency).unwrap_or(1);
+        Self {
+            lifecycle: Arc::new(Lifecycle::new(agent_id.clone(), runner_id.to_owned(), events.clone())),
+            agent_id,
+            template,
+            permits: Arc::new(Semaphore::new(permits)),
+            in_flight: AtomicU32::new(0),
+            running: Mutex::new(HashSet::new()),
+            crashes: AtomicU32::new(0),
+            stopping: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+            index,
+        }
+    }
+
+    /// True when the agent holds no work: nothing running and nothing waiting for a permit.
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && self.running.lock().map(|r| r.is_empty()).unwrap_or(false)
+    }
+
     /// True when the agent crashed too often and takes no more work.
     pub fn in_error(&self) -> bool {
         self.crashes.load(Ordering::Relaxed) >= MAX_CRASHES
@@ -48,7 +85,13 @@ pub struct Agents {
     pub runner_id: String,
     interval: Duration,
     started_at_ms: u64,
-    slots: BTreeMap<String, Arc<Slot>>,
+    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+    /// Every template of the fleet file, by name: what this runner can start more of.
+    templates: BTreeMap<String, Arc<AgentTemplate>>,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    /// Serialises registry writes with removals, so a heartbeat never re-registers an agent that
+    /// has just left.
+    registry_lock: tokio::sync::Mutex<()>,
     pub draining: AtomicBool,
     /// Model executions started (a re-run after a crash counts again).
     pub executions: AtomicU64,
@@ -69,34 +112,23 @@ impl Agents {
         events: &mpsc::UnboundedSender<AgentEvent>,
     ) -> Self {
         let mut slots = BTreeMap::new();
+        let mut templates = BTreeMap::new();
         for t in &fleet.agents {
             let template = Arc::new(t.clone());
+            templates.insert(t.name.clone(), template.clone());
             for n in 0..t.replicas {
-                let agent_id = format!("{runner_id}-{}-{n}", t.name);
-                let permits = usize::try_from(t.concurrency).unwrap_or(1);
-                slots.insert(
-                    agent_id.clone(),
-                    Arc::new(Slot {
-                        agent_id: agent_id.clone(),
-                        template: template.clone(),
-                        permits: Arc::new(Semaphore::new(permits)),
-                        in_flight: AtomicU32::new(0),
-                        running: Mutex::new(HashSet::new()),
-                        crashes: AtomicU32::new(0),
-                        lifecycle: Arc::new(Lifecycle::new(
-                            agent_id.clone(),
-                            runner_id.to_owned(),
-                            events.clone(),
-                        )),
-                    }),
-                );
+                let slot = Slot::new(runner_id, template.clone(), n, events);
+                slots.insert(slot.agent_id.clone(), Arc::new(slot));
             }
         }
         Self {
             runner_id: runner_id.to_owned(),
             interval,
             started_at_ms: now_ms(),
-            slots,
+            slots: RwLock::new(slots),
+            templates,
+            events: events.clone(),
+            registry_lock: tokio::sync::Mutex::new(()),
             draining: AtomicBool::new(false),
             executions: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -106,29 +138,133 @@ impl Agents {
         }
     }
 
-    /// Every agent.
-    pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
-        self.slots.values()
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Slot>>> {
+        self.slots.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Slot>>> {
+        self.slots.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every agent (a snapshot).
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        self.read().values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.read().is_empty()
     }
 
     pub fn get(&self, agent_id: &str) -> Option<Arc<Slot>> {
-        self.slots.get(agent_id).cloned()
+        self.read().get(agent_id).cloned()
     }
 
+    /// The fleet file's template `name`.
+    pub fn template(&self, name: &str) -> Option<Arc<AgentTemplate>> {
+        self.templates.get(name).cloned()
+    }
+
+    /// Concurrency of all agents that take work.
     pub fn total_capacity(&self) -> u32 {
-        self.slots.values().map(|s| s.template.concurrency).fold(0, u32::saturating_add)
+        self.read()
+            .values()
+            .filter(|s| !s.stopping.load(Ordering::Relaxed))
+            .map(|s| s.template.concurrency)
+            .fold(0, u32::saturating_add)
     }
 
     pub fn in_flight_total(&self) -> u32 {
-        self.slots.values().map(|s| s.in_flight.load(Ordering::Relaxed)).fold(0, u32::saturating_add)
+        self.read().values().map(|s| s.in_flight.load(Ordering::Relaxed)).fold(0, u32::saturating_add)
+    }
+
+    /// Agents of `template` that take work, and those finishing before they leave, by index.
+    pub fn of_template(&self, template: &str) -> (Vec<Arc<Slot>>, Vec<Arc<Slot>>) {
+        let mut all: Vec<Arc<Slot>> =
+            self.read().values().filter(|s| s.template.name == template).cloned().collect();
+        all.sort_by_key(|s| s.index);
+        all.into_iter().partition(|s| !s.stopping.load(Ordering::Relaxed))
+    }
+
+    /// Brings template `name` to `replicas` agents that take work: starts new ones (returned, for
+    /// the caller to start their inboxes) or tells the surplus to stop, idle and newest first.
+    /// Declarative, so repeating a request changes nothing.
+    pub fn scale(&self, name: &str, replicas: u32) -> Result<Vec<Arc<Slot>>, ScaleError> {
+        let template = self.template(name).ok_or_else(|| ScaleError::UnknownTemplate(name.to_owned()))?;
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ScaleError::Draining);
+        }
+        let mut slots = self.write();
+        let mut active: Vec<Arc<Slot>> = slots
+            .values()
+            .filter(|s| s.template.name == name && !s.stopping.load(Ordering::SeqCst))
+            .cloned()
+            .collect();
+        let want = usize::try_from(replicas).unwrap_or(usize::MAX);
+        let mut started = Vec::new();
+        if active.len() < want {
+            let used: HashSet<u32> =
+                slots.values().filter(|s| s.template.name == name).map(|s| s.index).collect();
+            let mut next = 0u32;
+            while active.len() < want {
+                while used.contains(&next) {
+                    next = next.checked_add(1).ok_or(ScaleError::TooMany)?;
+                }
+                let slot = Arc::new(Slot::new(&self.runner_id, template.clone(), next, &self.events));
+                slots.insert(slot.agent_id.clone(), slot.clone());
+                active.push(slot.clone());
+                started.push(slot);
+                next = next.checked_add(1).ok_or(ScaleError::TooMany)?;
+            }
+        } else if active.len() > want {
+            // Idle ones first, then the newest.
+            active.sort_by_key(|s| (s.in_flight.load(Ordering::SeqCst) == 0, s.index));
+            for s in active.iter().rev().take(active.len().saturating_sub(want)) {
+                s.stopping.store(true, Ordering::SeqCst);
+                tracing::info!(agent_id = %s.agent_id, "agent told to stop");
+            }
+        }
+        drop(slots);
+        self.dirty.notify_one();
+        Ok(started)
+    }
+
+    /// Tells one agent to stop (finish its work, then leave). Returns its template's name.
+    pub fn stop_agent(&self, agent_id: &str) -> Result<String, ScaleError> {
+        let slot = self.get(agent_id).ok_or_else(|| ScaleError::UnknownAgent(agent_id.to_owned()))?;
+        if !slot.stopping.swap(true, Ordering::SeqCst) {
+            tracing::info!(agent_id, "agent told to stop");
+        }
+        self.dirty.notify_one();
+        Ok(slot.template.name.clone())
+    }
+
+    /// Removes the stopping agents that hold no more work: their entry leaves the registry and
+    /// their lifecycle ends in `terminated`.
+    pub async fn reap(&self, topology: &Topology) {
+        let _registry = self.registry_lock.lock().await;
+        let candidates: Vec<Arc<Slot>> =
+            self.read().values().filter(|s| s.stopping.load(Ordering::SeqCst) && s.idle()).cloned().collect();
+        for slot in candidates {
+            {
+                // Under the reservation lock, so no assignment can start on it after this.
+                let Ok(running) = slot.running.lock() else { continue };
+                if !running.is_empty() || slot.in_flight.load(Ordering::SeqCst) != 0 {
+                    continue;
+                }
+                slot.removed.store(true, Ordering::SeqCst);
+            }
+            self.write().remove(&slot.agent_id);
+            slot.stop.cancel();
+            slot.lifecycle.set(None, flotilla_protocol::AgentState::Terminated);
+            if let Err(e) = topology.agents.delete(&slot.agent_id).await {
+                tracing::warn!(agent_id = %slot.agent_id, error = %e, "failed to deregister a stopped agent");
+            }
+            tracing::info!(agent_id = %slot.agent_id, "agent stopped and deregistered");
+        }
     }
 
     fn record(&self, slot: &Slot) -> AgentRecord {
@@ -136,7 +272,7 @@ impl Agents {
         let in_flight = slot.in_flight.load(Ordering::Relaxed);
         let status = if slot.in_error() {
             AgentStatus::Error
-        } else if self.draining.load(Ordering::Relaxed) {
+        } else if self.draining.load(Ordering::Relaxed) || slot.stopping.load(Ordering::Relaxed) {
             AgentStatus::Draining
         } else if in_flight > 0 {
             AgentStatus::Busy
@@ -165,7 +301,8 @@ impl Agents {
 
     /// Writes every agent's registry entry once (registration and heartbeat).
     pub async fn beat(&self, fleet: &Fleet, topology: &Topology) -> Result<(), FleetError> {
-        let records: Vec<AgentRecord> = self.slots.values().map(|s| self.record(s)).collect();
+        let _registry = self.registry_lock.lock().await;
+        let records: Vec<AgentRecord> = self.read().values().map(|s| self.record(s)).collect();
         let results: Vec<Result<u64, FleetError>> = futures::stream::iter(records)
             .map(|rec| {
                 let (fleet, store) = (fleet.clone(), topology.agents.clone());
@@ -179,7 +316,9 @@ impl Agents {
 
     /// Removes every agent's registry entry.
     pub async fn deregister(&self, fleet: &Fleet, topology: &Topology) {
-        for id in self.slots.keys() {
+        let _registry = self.registry_lock.lock().await;
+        let ids: Vec<String> = self.read().keys().cloned().collect();
+        for id in &ids {
             if let Err(e) = topology.agents.delete(id).await {
                 tracing::warn!(agent = %id, error = %e, "failed to deregister agent");
             }
@@ -189,9 +328,17 @@ impl Agents {
 
     /// Figures for health replies.
     pub fn health_details(&self) -> serde_json::Value {
+        let mut templates: BTreeMap<&str, u32> = self.templates.keys().map(|k| (k.as_str(), 0)).collect();
+        let slots = self.read();
+        for s in slots.values().filter(|s| !s.stopping.load(Ordering::Relaxed)) {
+            if let Some(n) = templates.get_mut(s.template.name.as_str()) {
+                *n = n.saturating_add(1);
+            }
+        }
         serde_json::json!({
             "runner_id": self.runner_id,
-            "agents": self.slots.len(),
+            "agents": slots.len(),
+            "templates": templates,
             "in_flight": self.in_flight_total(),
             "executions": self.executions.load(Ordering::Relaxed),
             "completed": self.completed.load(Ordering::Relaxed),
@@ -243,6 +390,32 @@ pub async fn heartbeat_loop(
         }
         if let Err(e) = agents.beat(&fleet, &topology).await {
             tracing::warn!(error = %e, "heartbeat failed");
+        }
+        agents.reap(&topology).await;
+    }
+}
+
+/// Why a fleet change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaleError {
+    #[error("this runner's fleet file has no template {0:?}")]
+    UnknownTemplate(String),
+    #[error("this runner hosts no agent {0:?}")]
+    UnknownAgent(String),
+    #[error("the runner is draining and starts no agents")]
+    Draining,
+    #[error("too many agents")]
+    TooMany,
+}
+
+impl ScaleError {
+    /// Stable error code for replies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownTemplate(_) => "unknown_template",
+            Self::UnknownAgent(_) => "unknown_agent",
+            Self::Draining => "unavailable",
+            Self::TooMany => "limit_exceeded",
         }
     }
 }

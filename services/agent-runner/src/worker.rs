@@ -96,10 +96,14 @@ struct Reservation<'a> {
 }
 
 impl<'a> Reservation<'a> {
-    /// Reserves the attempt, or `None` if this process already works on it.
+    /// Reserves the attempt, or `None` if this process already works on it or the agent has left.
     fn take(slot: &'a Slot, task_id: &str, attempt: u32) -> Option<Self> {
         let key = (task_id.to_owned(), attempt);
-        let inserted = slot.running.lock().map(|mut r| r.insert(key.clone())).unwrap_or(false);
+        let inserted = slot
+            .running
+            .lock()
+            .map(|mut r| !slot.removed.load(Ordering::SeqCst) && r.insert(key.clone()))
+            .unwrap_or(false);
         inserted.then_some(Self { slot, key })
     }
 }
@@ -160,6 +164,13 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
         return;
     }
     let Some(_reservation) = Reservation::take(&slot, &a.task_id, a.attempt) else {
+        if slot.removed.load(Ordering::SeqCst) {
+            // The agent was stopped and has left the registry: the dispatcher requeues its work.
+            tracing::info!("assignment for an agent that has stopped");
+            ctx.agents.fenced.fetch_add(1, Ordering::Relaxed);
+            let _ = guard.ack().await;
+            return;
+        }
         // Another delivery of this attempt is being worked on here; it will decide.
         guard.release();
         return;

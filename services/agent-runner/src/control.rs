@@ -1,0 +1,160 @@
+//! Fleet changes at runtime: a runner answers `<p>.runners.<runner>.scale` ("run N agents of
+//! template T") and `<p>.runners.<runner>.stop` ("stop agent A") without restarting. Both are
+//! declarative or idempotent, so a retried request changes nothing more.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer::pull;
+use flotilla_protocol::names::runner_op;
+use flotilla_protocol::{AgentState, ErrorInfo, FleetChangeReply, ScaleRequest, StopAgentRequest, codec};
+use flotilla_service::{Fleet, Topology};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::llm::Provider;
+use crate::registry::{Agents, Slot};
+
+/// Most agents one runner hosts, whatever a scale request asks.
+pub const MAX_AGENTS: u32 = 100_000;
+
+/// What the control endpoint needs to start and stop agents.
+pub struct Control {
+    pub fleet: Fleet,
+    pub topology: Topology,
+    pub agents: Arc<Agents>,
+    pub providers: HashMap<String, Provider>,
+    /// Where new agents' inboxes run.
+    pub inboxes: TaskTracker,
+    pub shutdown: CancellationToken,
+    /// The assignment consumer, whose `max_ack_pending` grows with the agents' capacity.
+    pub stream: async_nats::jetstream::stream::Stream,
+    pub consumer: pull::Config,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("runner_id", &self.agents.runner_id).finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// Starts an agent's inbox and marks it idle (registered at the next registry write).
+    pub fn start_agent(&self, slot: &Arc<Slot>) {
+        if let Some(provider) = self.providers.get(&slot.template.name) {
+            self.inboxes.spawn(crate::inbox::serve(
+                self.fleet.clone(),
+                slot.clone(),
+                provider.clone(),
+                self.shutdown.clone(),
+            ));
+        }
+        slot.lifecycle.set(None, AgentState::Idle);
+    }
+
+    /// Answers fleet-change requests until `shutdown`.
+    pub async fn serve(mut self) -> anyhow::Result<()> {
+        let runner = self.agents.runner_id.clone();
+        let scale =
+            self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::SCALE)).await?;
+        let stop =
+            self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::STOP)).await?;
+        let mut requests = futures::stream::select(scale, stop);
+        loop {
+            let msg = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                m = requests.next() => match m { Some(m) => m, None => break },
+            };
+            let op = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_owned();
+            let span = tracing::info_span!("fleet_change", runner_id = %runner, op = %op);
+            let reply = self.handle(&op, &msg).instrument(span).await;
+            if let Some(to) = msg.reply.clone() {
+                match self.fleet.encode(&reply) {
+                    Ok(body) => {
+                        if let Err(e) = self.fleet.client.publish(to, body).await {
+                            tracing::warn!(error = %e, "failed to answer a fleet-change request");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "failed to encode a fleet-change reply"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, op: &str, msg: &async_nats::Message) -> FleetChangeReply {
+        let mut reply = FleetChangeReply { runner_id: self.agents.runner_id.clone(), ..Default::default() };
+        let content_type = msg.headers.as_ref().and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE));
+        let result = match op {
+            runner_op::SCALE => {
+                match codec::decode::<ScaleRequest>(content_type.map(|v| v.as_str()), &msg.payload) {
+                    Ok(req) => {
+                        reply.template.clone_from(&req.template);
+                        self.scale(&req).await
+                    }
+                    Err(e) => Err(ErrorInfo::new(e.reason.code(), e.message)),
+                }
+            }
+            runner_op::STOP => {
+                match codec::decode::<StopAgentRequest>(content_type.map(|v| v.as_str()), &msg.payload) {
+                    Ok(req) => match self.agents.stop_agent(&req.agent_id) {
+                        Ok(template) => {
+                            tracing::info!(agent_id = %req.agent_id, "stop requested");
+                            reply.template = template;
+                            Ok(Vec::new())
+                        }
+                        Err(e) => Err(ErrorInfo::new(e.code(), e.to_string())),
+                    },
+                    Err(e) => Err(ErrorInfo::new(e.reason.code(), e.message)),
+                }
+            }
+            other => Err(ErrorInfo::new("unknown_operation", format!("no operation {other:?}"))),
+        };
+        match result {
+            Ok(started) => {
+                reply.started = started;
+                let (active, stopping) = self.agents.of_template(&reply.template);
+                reply.agents = active.iter().map(|s| s.agent_id.clone()).collect();
+                reply.stopping = stopping.iter().map(|s| s.agent_id.clone()).collect();
+                // Registered (and the stopped ones marked draining) before the answer goes out.
+                if let Err(e) = self.agents.beat(&self.fleet, &self.topology).await {
+                    tracing::warn!(error = %e, "registry write after a fleet change failed; the heartbeat retries");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(code = %e.code, error = %e.message, "fleet change refused");
+                reply.error = Some(e);
+            }
+        }
+        reply
+    }
+
+    async fn scale(&mut self, req: &ScaleRequest) -> Result<Vec<String>, ErrorInfo> {
+        if req.replicas > MAX_AGENTS {
+            return Err(ErrorInfo::new(
+                "limit_exceeded",
+                format!("at most {MAX_AGENTS} agents per template and runner"),
+            ));
+        }
+        let started = self
+            .agents
+            .scale(&req.template, req.replicas)
+            .map_err(|e| ErrorInfo::new(e.code(), e.to_string()))?;
+        for slot in &started {
+            self.start_agent(slot);
+        }
+        tracing::info!(template = %req.template, replicas = req.replicas, started = started.len(), "scaled");
+        let want = i64::from(self.agents.total_capacity()).saturating_add(16);
+        if want > self.consumer.max_ack_pending {
+            let mut config = self.consumer.clone();
+            config.max_ack_pending = want;
+            match self.stream.update_consumer(config.clone()).await {
+                Ok(_) => self.consumer = config,
+                Err(e) => tracing::warn!(error = %e, "failed to raise the consumer's max_ack_pending"),
+            }
+        }
+        Ok(started.iter().map(|s| s.agent_id.clone()).collect())
+    }
+}
