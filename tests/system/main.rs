@@ -17,6 +17,7 @@ mod drain;
 mod fleet_changes;
 mod long_call;
 mod prefixes;
+mod real_model;
 mod runner_crash;
 mod scale_out;
 mod trace_propagation;

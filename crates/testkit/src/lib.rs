@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use flotilla_service::local_server::{LocalServer, LocalServerOptions, locate};
 
+pub mod local_llm;
 pub mod stub_llm;
 
 /// Root of the workspace (where `nats/`, `scripts/` and `.tools/` live).
@@ -121,6 +122,19 @@ impl ChildProcess {
         }
         let child = cmd.spawn().with_context(|| format!("failed to spawn {}", program.display()))?;
         Ok(Self { child: Some(child), name: program.display().to_string() })
+    }
+
+    /// Spawns a prepared command in its own process group.
+    pub fn spawn_command(mut cmd: Command, name: &str) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        cmd.process_group(0);
+        let child = cmd.spawn().with_context(|| format!("failed to spawn {name}"))?;
+        Ok(Self { child: Some(child), name: name.to_owned() })
+    }
+
+    /// The child's stdout, if it was piped.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
     }
 
     /// Process id.

@@ -1,0 +1,99 @@
+//! Against a real model: Qwen2.5-Coder-0.5B served on loopback by `scripts/llm-serve.py`
+//! (installed from PyPI by `scripts/llm-install`), behind a proxy that records the usage the model
+//! server reported. Assertions are on structure, never on the model's wording.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::time::Duration;
+
+use crate::support::*;
+use flotilla_protocol::{TaskState, TaskSubmission, Usage, WireFormat};
+use flotilla_service::StreamSettings;
+use flotilla_testkit::local_llm::{LocalLlm, UsageProxy};
+use futures::StreamExt as _;
+
+fn keeper_fleet(base_url: &str) -> String {
+    format!(
+        r#"[[agent]]
+name = "keeper"
+capabilities = ["notes"]
+provider = "openai"
+model = "local"
+base_url = "{base_url}"
+system_prompt = "You keep notes for a team in shared memory. To store a note, call the memory_put tool."
+tools = ["memory_put"]
+concurrency = 1
+replicas = 1
+max_steps = 4
+max_tokens_per_call = 200
+request_timeout = "180s"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_model_calls_a_tool_and_its_usage_matches_what_the_server_reported() {
+    let llm = tokio::task::spawn_blocking(LocalLlm::start).await.unwrap().expect("the local model starts");
+    let proxy = UsageProxy::start(&llm.base_url).await.unwrap();
+
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("rm", &keeper_fleet(&proxy.base_url())).await;
+    sys.wait_for_agents("rm", 1).await;
+
+    sys.submit(&TaskSubmission {
+        id: Some("note-1".into()),
+        capability: "notes".into(),
+        input: serde_json::json!({
+            "text": "Store this note with the memory_put tool, under the key release_day: the release ships on Friday."
+        }),
+        ..Default::default()
+    })
+    .await;
+
+    let rec = flotilla_testkit::eventually(Duration::from_secs(300), "the task to finish", || async {
+        sys.task("note-1").await.filter(|r| matches!(r.state, TaskState::Completed | TaskState::Failed))
+    })
+    .await;
+    assert_eq!(rec.state, TaskState::Completed, "the task failed: {:?}", rec.error);
+    let events = sys.events().await;
+    let completed = events.iter().find(|e| e.task_id == "note-1" && e.kind == "completed").unwrap();
+
+    // A tool was called, and it did its work.
+    let tool_calls: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e.kind == "progress")
+        .filter_map(|e| e.detail.as_ref()?.get("tool_calls")?.as_array())
+        .flatten()
+        .collect();
+    assert!(tool_calls.iter().any(|c| c["name"] == "memory_put"), "no memory_put call: {tool_calls:?}");
+    let memory = sys.js.get_key_value(sys.names.memory_bucket()).await.unwrap();
+    let keys: Vec<String> = memory.keys().await.unwrap().filter_map(|k| async { k.ok() }).collect().await;
+    assert!(!keys.is_empty(), "memory_put stored nothing");
+
+    // An answer came back.
+    let output = completed.output.as_ref().expect("an output");
+    assert!(!output.to_string().trim_matches('"').trim().is_empty(), "empty answer");
+
+    // Usage: per call and in total, exactly what the model server reported.
+    let served: Vec<Usage> = proxy
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/chat/completions") && c.status == 200)
+        .map(|c| {
+            let u = c.usage.as_ref().expect("the server reported usage");
+            Usage::new(u["prompt_tokens"].as_u64().unwrap(), u["completion_tokens"].as_u64().unwrap())
+        })
+        .collect();
+    assert!(served.len() >= 2, "a tool call and a final answer are two model calls: {served:?}");
+    let recorded: Vec<Usage> = rec.calls.iter().map(|c| c.usage).collect();
+    assert_eq!(recorded, served, "usage per call");
+    let total = served.iter().fold(Usage::default(), |mut t, u| {
+        t.add(*u);
+        t
+    });
+    assert_eq!(completed.usage, Some(total), "usage in the completed event");
+    assert!(total.total_tokens > 0);
+    sys.stop().await;
+    drop(llm);
+}
