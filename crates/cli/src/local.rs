@@ -19,6 +19,8 @@ use crate::{Cli, Failure, client, exit, output};
 
 /// The demo fleet, also the default fleet of `up`.
 const DEMO_FLEET: &str = include_str!("../../../examples/demo-fleet.toml");
+/// The demo fleet on a real model (`demo --llm-url`).
+const LLM_DEMO_FLEET: &str = include_str!("../../../examples/local-llm-fleet.toml");
 /// nats-server settings for a local server (durable writes).
 const SERVER_CONF: &str = include_str!("../../../nats/server.conf");
 
@@ -40,9 +42,17 @@ pub struct UpArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Number of demo tasks.
-    #[arg(long, default_value_t = 24)]
-    pub tasks: usize,
+    /// Number of demo tasks (default: 24 on the offline model, 4 on a real one).
+    #[arg(long)]
+    pub tasks: Option<usize>,
+    /// OpenAI-compatible base URL of a model server (e.g. the one `scripts/demo` starts): runs
+    /// the real-model demo fleet, and points every `openai` template without a `base_url` at it.
+    /// Without it the demo runs on the built-in offline model.
+    #[arg(long, env = "FLOTILLA_LLM_URL")]
+    pub llm_url: Option<String>,
+    /// How long to wait for all tasks (default: 60s offline, 600s on a real model).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
     /// Fleet file (default: the built-in demo fleet).
     #[arg(long, env = "FLOTILLA_FLEET")]
     pub fleet: Option<PathBuf>,
@@ -211,6 +221,14 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
     }
 }
 
+/// Tasks of the real-model demo: (capability, request).
+const LLM_DEMO_TASKS: [(&str, &str); 4] = [
+    ("notes", "Call memory_put with key release_day and value \"the release ships on Friday\"."),
+    ("explain", "In two sentences: why does a message broker help a fleet of AI agents?"),
+    ("code.review", "Review this Rust code and name the bug: let v: Vec<u8> = vec![]; let x = v[0];"),
+    ("notes", "Call memory_put with key oncall and value \"Dana is on call this week\"."),
+];
+
 const DEMO_TEXTS: [&str; 8] = [
     "JetStream keeps every submission until the dispatcher has recorded it",
     "Agents share token budgets and rate limits across the fleet",
@@ -224,7 +242,15 @@ const DEMO_TEXTS: [&str; 8] = [
 
 pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
     let _telemetry = flotilla_service::telemetry::init("flotilla", "warn");
-    let fleet_file = load_fleet(args.fleet.as_ref())?;
+    let mut fleet_file = match (&args.fleet, &args.llm_url) {
+        (None, Some(_)) => FleetFile::parse(LLM_DEMO_FLEET)?,
+        (path, _) => load_fleet(path.as_ref())?,
+    };
+    if let Some(url) = &args.llm_url {
+        for t in fleet_file.agents.iter_mut().filter(|t| t.provider == "openai" && t.base_url.is_none()) {
+            t.base_url = Some(url.clone());
+        }
+    }
     let temp =
         tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("failed to create a temp dir")?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
@@ -264,17 +290,27 @@ async fn run_demo(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let caps: Vec<String> = fleet_file.agents.iter().flat_map(|a| a.capabilities.clone()).collect();
+    let real_model = args.llm_url.is_some();
+    let n_tasks = args.tasks.unwrap_or(if real_model { LLM_DEMO_TASKS.len() } else { 24 });
+    let timeout = args.timeout.unwrap_or(Duration::from_secs(if real_model { 600 } else { 60 }));
     eprintln!(
-        "{} agents registered; submitting {} tasks plus 2 bad submissions",
-        expected_agents, args.tasks
+        "{} agents registered{}; submitting {} tasks plus 2 bad submissions",
+        expected_agents,
+        args.llm_url.as_ref().map(|u| format!(" (model server {u})")).unwrap_or_default(),
+        n_tasks
     );
     let mut events = client::follow(&js, &names, None, false).await?;
     let started = Instant::now();
     let mut hdrs = async_nats::HeaderMap::new();
     hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
-    for i in 0..args.tasks {
-        let cap = caps.get(i % caps.len().max(1)).cloned().unwrap_or_default();
-        let text = DEMO_TEXTS.get(i % DEMO_TEXTS.len()).copied().unwrap_or_default();
+    for i in 0..n_tasks {
+        let (cap, text) = match LLM_DEMO_TASKS.get(i % LLM_DEMO_TASKS.len()) {
+            Some((cap, text)) if real_model && caps.iter().any(|c| c == cap) => ((*cap).to_owned(), *text),
+            _ => (
+                caps.get(i % caps.len().max(1)).cloned().unwrap_or_default(),
+                DEMO_TEXTS.get(i % DEMO_TEXTS.len()).copied().unwrap_or_default(),
+            ),
+        };
         let sub = TaskSubmission {
             id: Some(format!("demo-{i:04}")),
             capability: cap,
@@ -300,22 +336,28 @@ async fn run_demo(
             .await
             .context("submission not stored")?;
     }
-    let expected = args.tasks + 2;
+    let expected = n_tasks + 2;
     let (mut done, mut completed, mut failed, mut rejected, mut tokens) =
         (0usize, 0usize, 0usize, 0usize, 0u64);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + timeout;
     while done < expected {
         let msg = match tokio::time::timeout_at(deadline, events.next()).await {
             Err(_) => {
                 return Err(Failure::new(
                     exit::TIMEOUT,
-                    anyhow::anyhow!("only {done} of {expected} tasks finished within 60 s"),
+                    anyhow::anyhow!("only {done} of {expected} tasks finished within {timeout:?}"),
                 ));
             }
             Ok(None) => break,
             Ok(Some(m)) => m.context("event stream error")?,
         };
         let Some(ev) = client::decode_event(&msg) else { continue };
+        if real_model
+            && !cli.json
+            && let Some(line) = output::tool_calls_line(&ev)
+        {
+            println!("          {line}");
+        }
         let terminal = match ev.kind.as_str() {
             event_kind::COMPLETED => {
                 completed += 1;
@@ -354,7 +396,7 @@ async fn run_demo(
         );
         println!("metrics were at http://{}/metrics while it ran", local.monitor_addr);
     }
-    if completed == args.tasks && rejected == 2 {
+    if completed == n_tasks && rejected == 2 {
         Ok(())
     } else {
         Err(Failure::new(

@@ -43,6 +43,23 @@ pub fn event_line(e: &TaskEvent) -> String {
     line
 }
 
+/// The tool calls a `progress` event reports, as one line (`None` when there are none).
+pub fn tool_calls_line(e: &TaskEvent) -> Option<String> {
+    let calls = e.detail.as_ref()?.get("tool_calls")?.as_array()?;
+    if calls.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+            let args = c.get("arguments").map(|a| short(a, 80)).unwrap_or_default();
+            format!("{name}({args})")
+        })
+        .collect();
+    Some(format!("{}  step {}: calls {}", e.task_id, e.step.unwrap_or(0), list.join(", ")))
+}
+
 /// A task record, several lines.
 pub fn task_block(r: &TaskRecord) -> String {
     let mut s = format!(
