@@ -1,6 +1,7 @@
 //! The agent loop end to end: a task that needs tools runs through the OpenAI-compatible provider
-//! (a local stub server), a parent delegates to two children that call tools themselves, and a
-//! panicking tool fails only its attempt, which is retried.
+//! (a local stub server), a slow streamed answer is followed live through partial-text events, a
+//! parent delegates to two children that call tools themselves, and a panicking tool fails only
+//! its attempt, which is retried.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -74,6 +75,83 @@ async fn a_tool_using_task_runs_through_an_openai_compatible_provider() {
     assert_eq!(last.len(), 3);
     assert_eq!(last[1]["content"], "\"hello\"");
     assert!(last[2]["content"].as_str().unwrap().contains("invalid arguments"), "{}", last[2]);
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_streamed_answer_is_published_as_partial_text_before_completion() {
+    // A tool step (streamed, arguments in fragments), then an answer of 16 chunks 120 ms apart.
+    let chunks: Vec<String> = (0..16).map(|i| format!("word{i} ")).collect();
+    let chunk_refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+    let stub = StubLlm::start(vec![
+        Reply::openai_stream_tools(
+            &[("memory_put", json!({"key": "k", "value": "line 1\nline 2"}))],
+            5,
+            30,
+            9,
+        ),
+        Reply::openai_stream_text(&chunk_refs, 70, 16).paced(Duration::from_millis(120)),
+    ])
+    .await;
+    let fleet = format!(
+        "[[agent]]\nname = \"streamer\"\ncapabilities = [\"chat\"]\nprovider = \"openai\"\nmodel = \"stub-model\"\n\
+         base_url = \"{}\"\ntools = [\"memory_put\"]\nstream_interval = \"300ms\"\n",
+        stub.openai_base()
+    );
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &fleet).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.submit(&TaskSubmission {
+        id: Some("live".into()),
+        capability: "chat".into(),
+        input: json!("tell a long story"),
+        ..Default::default()
+    })
+    .await;
+    let events = sys.wait_for_kind("completed", 1, Duration::from_secs(30)).await;
+    let done_at = events.iter().position(|e| e.kind == "completed").unwrap();
+    let done = &events[done_at];
+    let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap().to_owned();
+    assert_eq!(answer, chunks.concat());
+    assert_eq!(done.usage.unwrap().total_tokens, 30 + 9 + 70 + 16, "usage as the stub reported it");
+    assert_eq!(done.calls[1].usage.prompt_tokens, 70);
+    assert_eq!(done.calls[1].usage.completion_tokens, 16);
+
+    // Partial text of step 2, in order, all before the step's own event and the completion;
+    // none for the tool step, whose content was empty.
+    let partial: Vec<(usize, &flotilla_protocol::TaskEvent)> =
+        events.iter().enumerate().filter(|(_, e)| e.kind == "progress" && e.text_delta.is_some()).collect();
+    assert!(partial.iter().all(|(_, e)| e.step == Some(2)), "{partial:?}");
+    let seqs: Vec<u32> = partial.iter().filter_map(|(_, e)| e.text_seq).collect();
+    assert_eq!(seqs, (1..=u32::try_from(partial.len()).unwrap()).collect::<Vec<_>>());
+    assert!(partial.len() >= 3, "several partial events while the answer came: {}", partial.len());
+    assert!(partial.len() < chunks.len(), "throttled: {} events for {} chunks", partial.len(), chunks.len());
+    let text: String = partial.iter().filter_map(|(_, e)| e.text_delta.as_deref()).collect();
+    assert_eq!(text, answer, "the partial text adds up to the answer");
+    let step2_at = events
+        .iter()
+        .position(|e| e.kind == "progress" && e.step == Some(2) && e.text_delta.is_none())
+        .unwrap();
+    assert!(partial.iter().all(|(i, _)| *i < step2_at && *i < done_at));
+    // At most one partial event per interval (the last one, the flush, may come sooner).
+    for pair in partial.windows(2).take(partial.len().saturating_sub(2)) {
+        let gap = pair[1].1.at_ms.saturating_sub(pair[0].1.at_ms);
+        assert!(gap >= 250, "partial events {gap} ms apart");
+    }
+    let steps: Vec<u32> = events
+        .iter()
+        .filter(|e| e.kind == "progress" && e.text_delta.is_none())
+        .filter_map(|e| e.step)
+        .collect();
+    assert_eq!(steps, [1, 2]);
+
+    // The model was asked to stream, and the tool's arguments arrived whole.
+    let requests = stub.requests();
+    assert_eq!(requests[0]["stream"], true);
+    assert_eq!(requests[1]["stream_options"]["include_usage"], true);
+    let v = sys.topology.memory.get("default.k").await.unwrap().unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&v).unwrap(), json!("line 1\nline 2"));
     sys.stop().await;
 }
 

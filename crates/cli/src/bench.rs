@@ -182,6 +182,8 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<(), Failure> {
         let msg = msg.context("event stream")?;
         let Ok(ev) = codec::decode::<TaskEvent>(None, &msg.payload) else { continue };
         match ev.kind.as_str() {
+            // Partial text of a streaming model is not a step.
+            event_kind::PROGRESS if ev.text_delta.is_some() => {}
             // Arrival times: both events travel the same path, so their difference is the step.
             event_kind::PROGRESS if ev.step == Some(1) => {
                 first_progress.insert(ev.task_id.clone(), Instant::now());

@@ -31,6 +31,12 @@ pub fn event_line(e: &TaskEvent) -> String {
     if let Some(r) = &e.reason {
         line.push_str(&format!("  reason={r}"));
     }
+    if let Some(s) = e.step {
+        line.push_str(&format!("  step={s}"));
+    }
+    if let Some(t) = &e.text_delta {
+        line.push_str(&format!("  text={:?}", t.chars().take(100).collect::<String>()));
+    }
     if let Some(u) = &e.usage {
         line.push_str(&format!("  tokens={}", u.total_tokens));
     }

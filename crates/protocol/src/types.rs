@@ -370,11 +370,14 @@ pub struct Assignment {
 
 /// A task lifecycle event, published on `<prefix>.events.task.<id>.<kind>`. Which optional fields
 /// are present depends on `kind`: `completed` carries `output`, `usage` and `agent_id`; `failed`
-/// and `rejected` carry `error`.
+/// and `rejected` carry `error`; `progress` carries either a finished step (`step`, `usage`,
+/// `detail`) or, while a streaming model writes, a piece of its text (`step`, `text_delta`,
+/// `text_seq`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskEvent {
     pub task_id: String,
-    /// `accepted`, `rejected`, `assigned`, `started`, `completed`, `failed` or `requeued`.
+    /// `accepted`, `rejected`, `assigned`, `started`, `progress`, `approval_requested`,
+    /// `completed`, `failed` or `requeued`.
     pub kind: String,
     pub at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -404,6 +407,14 @@ pub struct TaskEvent {
     /// What a `progress` event reports: the step's text, tool calls and results.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Value>,
+    /// Partial text of a `progress` event sent while the model is still writing its answer to
+    /// `step`: the text produced since the previous such event. Concatenated in `text_seq` order,
+    /// the deltas of a step are its answer text. Absent on the event that closes the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_delta: Option<String>,
+    /// Position (from 1) of a `text_delta` among the partial-text events of its step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_seq: Option<u32>,
     /// Usage of every model call (on `completed` and `failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<CallUsage>,
@@ -428,6 +439,8 @@ impl TaskEvent {
             reason: None,
             step: None,
             detail: None,
+            text_delta: None,
+            text_seq: None,
             calls: Vec::new(),
         }
     }

@@ -36,6 +36,19 @@ impl FleetError {
     }
 }
 
+/// The `Nats-Msg-Id` of a task event: `task:kind:attempt[:step[:text_seq]]`, the same for every
+/// publish of the same event, so a re-announcement is dropped by the stream's de-duplication.
+pub fn event_msg_id(event: &TaskEvent) -> String {
+    let mut msg_id = format!("{}:{}:{}", event.task_id, event.kind, event.attempt.unwrap_or(0));
+    if let Some(step) = event.step {
+        msg_id.push_str(&format!(":{step}"));
+        if let Some(seq) = event.text_seq {
+            msg_id.push_str(&format!(":{seq}"));
+        }
+    }
+    msg_id
+}
+
 /// Connects to NATS, retrying the first connection so services can start before the server.
 pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
     use anyhow::Context as _;
@@ -101,14 +114,11 @@ impl Fleet {
         Ok(())
     }
 
-    /// Publishes a task event, de-duplicated per task, kind, attempt (and step).
+    /// Publishes a task event, de-duplicated per task, kind, attempt (and step, and the sequence
+    /// number of a partial-text event).
     pub async fn publish_event(&self, event: &TaskEvent) -> Result<(), FleetError> {
         let subject = self.names.task_event_subject(&event.task_id, &event.kind);
-        let mut msg_id = format!("{}:{}:{}", event.task_id, event.kind, event.attempt.unwrap_or(0));
-        if let Some(step) = event.step {
-            msg_id.push_str(&format!(":{step}"));
-        }
-        self.publish_durable(subject, event, Some(&msg_id)).await
+        self.publish_durable(subject, event, Some(&event_msg_id(event))).await
     }
 
     /// Reads and decodes a KV value with its revision.
@@ -209,5 +219,21 @@ impl Fleet {
             }
         }
         Err(FleetError::Conflict { key: key.to_owned() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_msg_ids_tell_steps_and_partial_text_apart() {
+        let mut e = TaskEvent::new("t1", "progress");
+        e.attempt = Some(2);
+        assert_eq!(event_msg_id(&e), "t1:progress:2");
+        e.step = Some(3);
+        assert_eq!(event_msg_id(&e), "t1:progress:2:3");
+        e.text_seq = Some(7);
+        assert_eq!(event_msg_id(&e), "t1:progress:2:3:7");
     }
 }

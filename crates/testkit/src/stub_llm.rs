@@ -1,5 +1,7 @@
 //! A local OpenAI-compatible (and Anthropic-compatible) HTTP stub for tests: it answers from a
-//! script of canned responses, in order, and records every request it received.
+//! script of canned responses, in order, and records every request it received. A reply is a
+//! whole body or a stream of Server-Sent Events, optionally paced, cut short, stalled or broken
+//! off.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -14,6 +16,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
+/// How a streamed reply ends after its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ending {
+    /// The body ends normally (the events themselves decide whether `[DONE]` was among them).
+    #[default]
+    Close,
+    /// The connection stays open and nothing more is sent.
+    Stall,
+    /// The connection breaks off mid-body.
+    Abort,
+}
+
 /// One scripted answer.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -22,17 +36,95 @@ pub struct Reply {
     pub body: String,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Server-Sent Events sent instead of `body` (`text/event-stream`): the data of each event.
+    pub events: Option<Vec<String>>,
+    /// Pause before each event.
+    pub event_delay: Duration,
+    /// What happens after the last event.
+    pub ending: Ending,
 }
 
 impl Reply {
     /// HTTP 200 with a JSON body.
     pub fn ok(body: Value) -> Self {
-        Self { status: 200, headers: vec![], body: body.to_string(), delay: Duration::ZERO }
+        Self::raw(200, &body.to_string())
     }
 
     /// Any status with a raw body.
     pub fn raw(status: u16, body: &str) -> Self {
-        Self { status, headers: vec![], body: body.to_owned(), delay: Duration::ZERO }
+        Self {
+            status,
+            headers: vec![],
+            body: body.to_owned(),
+            delay: Duration::ZERO,
+            events: None,
+            event_delay: Duration::ZERO,
+            ending: Ending::Close,
+        }
+    }
+
+    /// HTTP 200 streaming these events (the data of each; nothing is added, not even `[DONE]`).
+    pub fn sse<S: Into<String>>(events: impl IntoIterator<Item = S>) -> Self {
+        let mut r = Self::raw(200, "");
+        r.events = Some(events.into_iter().map(Into::into).collect());
+        r
+    }
+
+    /// A streamed OpenAI chat completion writing `chunks` of text, then `finish_reason: stop`, a
+    /// usage chunk and `[DONE]`.
+    pub fn openai_stream_text(chunks: &[&str], prompt_tokens: u64, completion_tokens: u64) -> Self {
+        let mut events = vec![chunk(json!({ "role": "assistant", "content": "" }), None)];
+        events.extend(chunks.iter().map(|c| chunk(json!({ "content": c }), None)));
+        events.push(chunk(json!({}), Some("stop")));
+        Self::sse(finish_stream(events, prompt_tokens, completion_tokens))
+    }
+
+    /// A streamed OpenAI chat completion calling tools, `(name, arguments)` pairs: `content: ""`,
+    /// then each call's id and name, then its arguments (pretty-printed, so with newlines) in
+    /// `pieces` fragments, then `finish_reason: tool_calls`, a usage chunk and `[DONE]`.
+    pub fn openai_stream_tools(
+        calls: &[(&str, Value)],
+        pieces: usize,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Self {
+        let mut events = vec![chunk(json!({ "role": "assistant", "content": "" }), None)];
+        for (i, (name, args)) in calls.iter().enumerate() {
+            let call = json!({ "index": i, "id": format!("call_{i}"), "type": "function",
+                               "function": { "name": name, "arguments": "" } });
+            events.push(chunk(json!({ "tool_calls": [call] }), None));
+            let text: Vec<char> = serde_json::to_string_pretty(args).expect("arguments").chars().collect();
+            for piece in text.chunks(text.len().div_ceil(pieces.max(1)).max(1)) {
+                let piece: String = piece.iter().collect();
+                let frag = json!({ "index": i, "function": { "arguments": piece } });
+                events.push(chunk(json!({ "tool_calls": [frag] }), None));
+            }
+        }
+        events.push(chunk(json!({}), Some("tool_calls")));
+        Self::sse(finish_stream(events, prompt_tokens, completion_tokens))
+    }
+
+    /// Pauses `d` before each event of a streamed reply.
+    pub fn paced(mut self, d: Duration) -> Self {
+        self.event_delay = d;
+        self
+    }
+
+    /// Keeps only the first `n` events of a streamed reply, then ends as `ending` says.
+    pub fn cut_after(mut self, n: usize, ending: Ending) -> Self {
+        if let Some(events) = &mut self.events {
+            events.truncate(n);
+        }
+        self.ending = ending;
+        self
+    }
+
+    /// Drops the usage chunk of a streamed reply (as a server ignoring `include_usage` would).
+    pub fn without_usage(mut self) -> Self {
+        if let Some(events) = &mut self.events {
+            events.retain(|e| !e.contains("\"usage\""));
+        }
+        self
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -73,6 +165,60 @@ impl Reply {
                        "total_tokens": prompt_tokens + completion_tokens }
         }))
     }
+}
+
+/// The data of one `chat.completion.chunk` with one choice.
+fn chunk(delta: Value, finish_reason: Option<&str>) -> String {
+    json!({
+        "id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": "stub",
+        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }]
+    })
+    .to_string()
+}
+
+/// Appends the usage chunk (`choices: []`) and `[DONE]`.
+fn finish_stream(mut events: Vec<String>, prompt_tokens: u64, completion_tokens: u64) -> Vec<String> {
+    events.push(
+        json!({
+            "id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": "stub", "choices": [],
+            "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens }
+        })
+        .to_string(),
+    );
+    events.push("[DONE]".to_owned());
+    events
+}
+
+/// The body of a streamed reply.
+fn sse_body(events: Vec<String>, pause: Duration, ending: Ending) -> axum::body::Body {
+    let stream =
+        futures::stream::unfold((VecDeque::from(events), false), move |(mut queue, over)| async move {
+            if over {
+                return None;
+            }
+            match queue.pop_front() {
+                Some(data) => {
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                    Some((Ok(Bytes::from(format!("data: {data}\n\n"))), (queue, false)))
+                }
+                None => match ending {
+                    Ending::Close => None,
+                    Ending::Stall => {
+                        std::future::pending::<()>().await;
+                        None
+                    }
+                    Ending::Abort => {
+                        // Let what was sent reach the client first: the server drops unsent data.
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        Some((Err(std::io::Error::other("the stub broke the stream off")), (queue, true)))
+                    }
+                },
+            }
+        });
+    axum::body::Body::from_stream(stream)
 }
 
 #[derive(Debug, Default)]
@@ -149,10 +295,19 @@ async fn answer(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    let mut resp =
-        (StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), reply.body)
-            .into_response();
-    resp.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = match reply.events {
+        Some(events) => {
+            let mut r = (status, sse_body(events, reply.event_delay, reply.ending)).into_response();
+            r.headers_mut().insert("content-type", "text/event-stream".parse().expect("header"));
+            r
+        }
+        None => {
+            let mut r = (status, reply.body).into_response();
+            r.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+            r
+        }
+    };
     for (k, v) in reply.headers {
         if let (Ok(k), Ok(v)) = (k.parse::<axum::http::HeaderName>(), v.parse()) {
             resp.headers_mut().insert(k, v);

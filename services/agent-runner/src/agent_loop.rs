@@ -1,7 +1,9 @@
 //! The agent loop: plan (a model call with the system prompt, the task input and the tool
 //! results so far), execute the tool calls the model chose, repeat until a final answer or the
-//! step limit. Every step is published as a `progress` event; usage is counted per call. Tool
-//! calls run on their own tokio task, so a panicking tool fails the attempt, not the runner.
+//! step limit. Every step is published as a `progress` event; with a streaming provider, the text
+//! of each model call is also published while it arrives (throttled `progress` events with
+//! `text_delta`), before the step's own event. Usage is counted per call. Tool calls run on their
+//! own tokio task, so a panicking tool fails the attempt, not the runner.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::fleet::AgentTemplate;
 use crate::lifecycle::TaskStates;
-use crate::llm::{ChatRequest, Provider, Turn, input_text};
+use crate::llm::{ChatRequest, Provider, TextSink, Turn, input_text};
 use crate::tools::{Registry, ToolCtx};
 
 /// What the loop needs.
@@ -78,7 +80,22 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             max_tokens,
             purpose: rec.capability.clone(),
         };
-        let resp = match env.provider.chat(&req).await {
+        let result = if env.provider.streams() {
+            let (sink, pieces) = TextSink::channel();
+            let call = async {
+                let r = env.provider.chat_with_sink(&req, Some(&sink)).await;
+                // The publisher flushes and ends once the sink is gone.
+                drop(sink);
+                r
+            };
+            let fleet = &env.tool_ctx.fleet;
+            let (r, _) =
+                tokio::join!(call, crate::partial_text::publish(fleet, rec, step, t.stream_interval, pieces));
+            r
+        } else {
+            env.provider.chat(&req).await
+        };
+        let resp = match result {
             Ok(r) => r,
             Err(e) => return Err(fail(e.code(), e.to_string(), usage, calls)),
         };

@@ -74,6 +74,25 @@ pub struct AgentTemplate {
     /// Retries of failed provider calls.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Stream the model's answers and publish their text as it arrives (`progress` events with
+    /// `text_delta`). Only the `openai` provider streams; default `true` there, ignored elsewhere.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// Least time between two partial-text events of one task: text arriving meanwhile is
+    /// gathered into the next event; the rest goes out when the model call ends.
+    #[serde(default = "default_stream_interval", with = "humantime_serde")]
+    pub stream_interval: Duration,
+    /// A streamed answer fails as stalled (`provider_timeout`) when nothing arrives for this long
+    /// between two chunks; `request_timeout` still bounds the whole call.
+    #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+}
+
+impl AgentTemplate {
+    /// True when this template's model calls stream.
+    pub fn streams(&self) -> bool {
+        self.provider == "openai" && self.stream.unwrap_or(true)
+    }
 }
 
 fn default_max_steps() -> u32 {
@@ -86,6 +105,14 @@ fn default_call_tokens() -> u32 {
 
 fn default_request_timeout() -> Duration {
     Duration::from_secs(300)
+}
+
+fn default_stream_interval() -> Duration {
+    Duration::from_millis(250)
+}
+
+fn default_stream_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_provider() -> String {
@@ -145,6 +172,12 @@ impl FleetFile {
             if a.max_steps == 0 || a.max_tokens_per_call == 0 {
                 bail!("agent {:?}: max_steps and max_tokens_per_call must be positive", a.name);
             }
+            if a.stream_idle_timeout.is_zero() {
+                bail!("agent {:?}: stream_idle_timeout must be positive", a.name);
+            }
+            if a.stream_interval > Duration::from_secs(60) {
+                bail!("agent {:?}: stream_interval must be at most 60s", a.name);
+            }
         }
         Ok(())
     }
@@ -174,5 +207,25 @@ mod tests {
         .unwrap();
         assert_eq!(f.agents[0].request_timeout, Duration::from_secs(90));
         assert_eq!(f.agents[0].retry.max_attempts, 2);
+        assert!(f.agents[0].streams(), "openai streams by default");
+        assert_eq!(f.agents[0].stream_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn streaming_settings() {
+        let f = FleetFile::parse(
+            "[[agent]]\nname='a'\ncapabilities=['x']\nprovider='openai'\nstream=false\n\n\
+             [[agent]]\nname='b'\ncapabilities=['x']\nprovider='anthropic'\nstream=true\n\n\
+             [[agent]]\nname='c'\ncapabilities=['x']\nprovider='openai'\nstream_interval='1s'\nstream_idle_timeout='5s'",
+        )
+        .unwrap();
+        assert!(!f.agents[0].streams());
+        assert!(!f.agents[1].streams(), "only openai streams");
+        assert!(f.agents[2].streams());
+        assert_eq!(f.agents[2].stream_interval, Duration::from_secs(1));
+        assert_eq!(f.agents[2].stream_idle_timeout, Duration::from_secs(5));
+        assert!(
+            FleetFile::parse("[[agent]]\nname='a'\ncapabilities=['x']\nstream_idle_timeout='0s'").is_err()
+        );
     }
 }

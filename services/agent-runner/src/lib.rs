@@ -9,6 +9,7 @@ pub mod fleet;
 mod inbox;
 pub mod lifecycle;
 pub mod llm;
+mod partial_text;
 mod registry;
 pub mod tools;
 mod worker;
@@ -116,10 +117,12 @@ fn providers(
                     "agent {:?}: no API key for OpenAI: set {key_name} (or base_url for a local server)",
                     t.name
                 );
-                llm::Provider::OpenAi(llm::openai::Client::new(
-                    http.clone(),
-                    settings("https://api.openai.com/v1"),
-                ))
+                let client = llm::openai::Client::new(http.clone(), settings("https://api.openai.com/v1"));
+                llm::Provider::OpenAi(if t.streams() {
+                    client.streaming(t.stream_idle_timeout)
+                } else {
+                    client
+                })
             }
             "anthropic" => {
                 anyhow::ensure!(

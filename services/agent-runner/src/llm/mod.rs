@@ -1,7 +1,8 @@
 //! Language-model providers behind one interface: OpenAI-compatible chat completions (OpenAI,
 //! vLLM, Ollama, llama.cpp's server, TGI), the Anthropic Messages API, and the built-in offline
 //! model. HTTP calls time out, retry 429 and 5xx with backoff (honouring `Retry-After`), and turn
-//! a malformed response into a clear error.
+//! a malformed response into a clear error. The OpenAI-compatible provider can stream: it hands
+//! the answer's text to a [`TextSink`] piece by piece while the model writes it.
 //!
 //! The clients are written here on reqwest rather than taken from a crate: the two wire shapes
 //! are small, and we need exact control of retries, `Retry-After`, `max_tokens` caps and the
@@ -11,6 +12,7 @@ pub mod anthropic;
 pub mod offline;
 pub mod openai;
 mod retry;
+mod sse;
 
 use std::fmt;
 use std::time::Duration;
@@ -89,6 +91,9 @@ pub enum ProviderError {
     Server { status: u16, message: String, retry_after: Option<Duration> },
     #[error("the provider did not answer within {0:?}")]
     Timeout(Duration),
+    /// A streamed answer stopped arriving: nothing for this long between two chunks.
+    #[error("the provider's stream stalled: nothing arrived for {0:?}")]
+    Stalled(Duration),
     #[error("could not reach the provider: {0}")]
     Transport(String),
     #[error("the provider refused the request (HTTP {status}): {message}")]
@@ -104,7 +109,14 @@ pub enum ProviderError {
 impl ProviderError {
     /// True for failures that another try may fix.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::RateLimited { .. } | Self::Server { .. } | Self::Timeout(_) | Self::Transport(_))
+        matches!(
+            self,
+            Self::RateLimited { .. }
+                | Self::Server { .. }
+                | Self::Timeout(_)
+                | Self::Stalled(_)
+                | Self::Transport(_)
+        )
     }
 
     /// A stable, snake_case code for task errors.
@@ -112,7 +124,7 @@ impl ProviderError {
         match self {
             Self::RateLimited { .. } => "provider_rate_limited",
             Self::Server { .. } => "provider_server_error",
-            Self::Timeout(_) => "provider_timeout",
+            Self::Timeout(_) | Self::Stalled(_) => "provider_timeout",
             Self::Transport(_) => "provider_unreachable",
             Self::Refused { .. } => "provider_refused",
             Self::Malformed(_) => "provider_malformed_response",
@@ -158,6 +170,30 @@ pub struct HttpSettings {
     pub retry: RetryPolicy,
 }
 
+/// Where a streaming provider sends the text of an answer while the model writes it: each piece
+/// once, in order. Concatenated, the pieces are the answer's text. Sending never blocks the
+/// provider (the channel is unbounded; what it holds is bounded by the call's `max_tokens`), and
+/// a receiver that has gone away is ignored.
+#[derive(Debug, Clone)]
+pub struct TextSink {
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl TextSink {
+    /// A sink and the receiving end of its pieces.
+    pub fn channel() -> (Self, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Self { tx }, rx)
+    }
+
+    /// Passes on a piece of text (empty pieces are dropped).
+    pub fn send(&self, piece: &str) {
+        if !piece.is_empty() {
+            let _ = self.tx.send(piece.to_owned());
+        }
+    }
+}
+
 /// A configured model provider.
 #[derive(Debug, Clone)]
 pub enum Provider {
@@ -179,11 +215,29 @@ impl Provider {
         }
     }
 
+    /// True when calls stream, i.e. a sink given to [`Provider::chat_with_sink`] receives text.
+    pub fn streams(&self) -> bool {
+        match self {
+            Self::OpenAi(c) => c.streams(),
+            Self::Offline { .. } | Self::Anthropic(_) => false,
+        }
+    }
+
     /// One model call, with the provider's retries.
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+        self.chat_with_sink(req, None).await
+    }
+
+    /// One model call, with the provider's retries; a streaming provider sends the answer's text
+    /// to `sink` as it arrives. Providers that do not stream never use the sink.
+    pub async fn chat_with_sink(
+        &self,
+        req: &ChatRequest,
+        sink: Option<&TextSink>,
+    ) -> Result<ChatResponse, ProviderError> {
         match self {
             Self::Offline { agent } => offline::chat(agent, req).await,
-            Self::OpenAi(c) => c.chat(req).await,
+            Self::OpenAi(c) => c.chat_with_sink(req, sink).await,
             Self::Anthropic(c) => c.chat(req).await,
         }
     }

@@ -43,16 +43,27 @@ impl RetryPolicy {
     }
 
     /// Runs `call` until it succeeds, fails with a non-retryable error, or runs out of attempts.
-    pub async fn run<T, F, Fut>(&self, mut call: F) -> Result<T, ProviderError>
+    pub async fn run<T, F, Fut>(&self, call: F) -> Result<T, ProviderError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ProviderError>>,
+    {
+        self.run_while(call, || true).await
+    }
+
+    /// Like [`RetryPolicy::run`], but a failure is final as soon as `may_retry` says no (asked
+    /// after each failed try).
+    pub async fn run_while<T, F, Fut, G>(&self, mut call: F, may_retry: G) -> Result<T, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ProviderError>>,
+        G: Fn() -> bool,
     {
         let mut attempt = 1;
         loop {
             match call().await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && attempt < self.max_attempts.max(1) => {
+                Err(e) if e.is_retryable() && attempt < self.max_attempts.max(1) && may_retry() => {
                     let hint = match &e {
                         ProviderError::RateLimited { retry_after } => *retry_after,
                         ProviderError::Server { retry_after, .. } => *retry_after,
@@ -82,11 +93,25 @@ pub fn parse_retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option
 /// Sends one prepared request and returns the body of a successful answer; any other status
 /// becomes the matching provider error (with `Retry-After` when the provider sent one).
 pub async fn send(rb: reqwest::RequestBuilder, timeout: Duration) -> Result<String, ProviderError> {
+    let resp = send_for_body(rb, timeout).await?;
+    resp.text().await.map_err(|e| transport(e, timeout))
+}
+
+/// Sends one prepared request and returns a successful response before its body was read (the
+/// timeout still bounds the whole exchange, body included); any other status becomes the
+/// matching provider error.
+pub async fn send_for_body(
+    rb: reqwest::RequestBuilder,
+    timeout: Duration,
+) -> Result<reqwest::Response, ProviderError> {
     let resp = rb.timeout(timeout).send().await.map_err(|e| transport(e, timeout))?;
     let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
     let retry_after = parse_retry_after(resp.headers().get(reqwest::header::RETRY_AFTER));
     let text = resp.text().await.map_err(|e| transport(e, timeout))?;
-    if status.is_success() { Ok(text) } else { Err(status_error(status, retry_after, &text)) }
+    Err(status_error(status, retry_after, &text))
 }
 
 /// Turns a reqwest error into a provider error.
@@ -129,6 +154,22 @@ mod tests {
         assert!(p.delay(3, None) >= Duration::from_millis(400));
         assert!(p.delay(9, None) <= Duration::from_secs(1));
         assert_eq!(p.delay(1, Some(Duration::from_secs(30))), Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn no_retry_once_the_caller_says_no() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(1),
+        };
+        let calls = std::cell::Cell::new(0);
+        let call = || {
+            calls.set(calls.get() + 1);
+            async { Err::<(), _>(ProviderError::Timeout(Duration::from_secs(1))) }
+        };
+        assert!(p.run_while(call, || calls.get() < 2).await.is_err());
+        assert_eq!(calls.get(), 2, "retried once, then the caller forbade it");
     }
 
     #[test]
