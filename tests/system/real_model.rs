@@ -75,6 +75,24 @@ async fn a_real_model_calls_a_tool_and_its_usage_matches_what_the_server_reporte
     let output = completed.output.as_ref().expect("an output");
     assert!(!output.to_string().trim_matches('"').trim().is_empty(), "empty answer");
 
+    // The final answer was streamed: its partial-text events add up to the step's text.
+    let last_step = events
+        .iter()
+        .rfind(|e| e.task_id == "note-1" && e.kind == "progress" && e.text_delta.is_none())
+        .expect("a step event");
+    let streamed: String = events
+        .iter()
+        .filter(|e| e.task_id == "note-1" && e.step == last_step.step)
+        .filter_map(|e| e.text_delta.as_deref())
+        .collect();
+    let step_text = last_step.detail.as_ref().and_then(|d| d["text"].as_str()).unwrap_or_default();
+    assert!(!streamed.is_empty(), "no partial text was published");
+    assert_eq!(streamed, step_text, "partial text adds up to the answer");
+    assert!(
+        proxy.calls().iter().all(|c| c.request["stream"] == true),
+        "the runner streams from openai servers"
+    );
+
     // Usage: per call and in total, exactly what the model server reported.
     let served: Vec<Usage> = proxy
         .calls()
