@@ -39,6 +39,12 @@ pub struct SubmitArgs {
     /// Affinity key.
     #[arg(long)]
     pub context_key: Option<String>,
+    /// A label the agent must carry, `name=value` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Most attempts (1-20) when attempts fail with retryable errors.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
     /// Wait for the task to finish and print its result.
     #[arg(long)]
     pub wait: bool,
@@ -55,6 +61,12 @@ pub struct TailArgs {
     /// Replay from the start of the stream instead of following new events only.
     #[arg(long)]
     pub from_start: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected name=value, got {s:?}"))
 }
 
 /// Connects to the fleet named by the CLI flags.
@@ -133,7 +145,8 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
         deadline: None,
         context_key: args.context_key.clone(),
         parent_id: None,
-        labels: Default::default(),
+        labels: args.labels.iter().cloned().collect(),
+        max_attempts: args.max_attempts,
     };
     let (client, js, names) = connect(cli).await?;
     let events = if args.wait { Some(follow(&js, &names, Some(&id), true).await?) } else { None };

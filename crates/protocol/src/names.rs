@@ -60,12 +60,16 @@ pub mod event_kind {
     pub const REQUEUED: &str = "requeued";
     pub const PROGRESS: &str = "progress";
     pub const APPROVAL_REQUESTED: &str = "approval_requested";
+    /// An attempt failed with a retryable error; the task is queued again after a backoff.
+    pub const RETRYING: &str = "retrying";
 }
 
 /// Fleet-change operations of a runner; the last token of `<prefix>.runners.<runner>.<op>`.
 pub mod runner_op {
     pub const SCALE: &str = "scale";
     pub const STOP: &str = "stop";
+    /// Stop an attempt that no longer counts (`CancelTask`, core NATS, no reply).
+    pub const CANCEL: &str = "cancel";
 }
 
 /// Names of the services, used in health subjects, dead-letter sources and registry records.

@@ -21,6 +21,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("approval", s::<Approval>()),
         ("direct-message", s::<DirectMessage>()),
         ("direct-reply", s::<DirectReply>()),
+        ("cancel-task", s::<CancelTask>()),
         ("scale-request", s::<ScaleRequest>()),
         ("stop-agent-request", s::<StopAgentRequest>()),
         ("fleet-change-reply", s::<FleetChangeReply>()),

@@ -46,6 +46,10 @@ pub struct TaskSubmission {
     /// Labels an agent must carry (e.g. `model`, `region`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Most attempts, 1–20 (default: the dispatcher's `default_max_attempts`, 3). An attempt
+    /// that fails with a retryable error runs again after an exponential backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 /// A duration given as milliseconds or as text (`"1500ms"`, `"30s"`, `"2m"`).
@@ -333,6 +337,72 @@ pub struct TaskRecord {
     /// Token usage of every model call of the finishing attempt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<CallUsage>,
+    /// Most attempts; a retryable failure before the last one queues the task again.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Every failed attempt, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// One failed attempt of a task, kept in its record and in its dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_id: Option<String>,
+    pub error: ErrorInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: u64,
+}
+
+/// Default of [`TaskRecord::max_attempts`] for records written before it existed.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Largest `max_attempts` a submission may ask for.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
+
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+
+/// Whether a failure with this code may succeed if the attempt runs again: provider trouble and
+/// model errors are; refusals, exhausted budgets or steps, deadlines, cancellations and human
+/// rejections are not.
+pub fn is_retryable(code: &str) -> bool {
+    matches!(
+        code,
+        "provider_rate_limited"
+            | "provider_server_error"
+            | "provider_timeout"
+            | "provider_unreachable"
+            | "provider_malformed_response"
+            | "model_error"
+            | "agent_crashed"
+    )
+}
+
+/// Failure codes the dispatcher and the CLI write themselves.
+pub mod failure {
+    /// The deadline passed, queued or running.
+    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+    /// `flotilla cancel`.
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// Tells a runner to stop an attempt that no longer counts (cancelled, past its deadline):
+/// `<p>.runners.<runner>.cancel`, core NATS. The task record is already final; the runner only
+/// stops wasting work (its result would be fenced off anyway).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelTask {
+    pub task_id: String,
+    pub attempt: u32,
+    pub error: ErrorInfo,
 }
 
 fn default_tenant() -> String {
@@ -604,6 +674,9 @@ pub struct DeadLetter {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     pub at_ms: u64,
+    /// For a task that failed after retries: every attempt, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptRecord>,
 }
 
 /// A direct message to an agent, sent as a request to its inbox.

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::names::is_token;
 use crate::types::{
-    DEFAULT_TENANT, DurationSpec, RejectReason, TaskRecord, TaskState, TaskSubmission, TimeSpec,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_TENANT, DurationSpec, MAX_ATTEMPTS_LIMIT, RejectReason, TaskRecord,
+    TaskState, TaskSubmission, TimeSpec,
 };
 
 /// Limits applied to submissions.
@@ -123,6 +124,9 @@ pub fn validate(
     if sub.labels.iter().any(|(k, v)| k.is_empty() || k.len() > 128 || v.len() > 256) {
         return Err(reject(InvalidField, "label names must be 1-128 bytes and values at most 256"));
     }
+    if sub.max_attempts.is_some_and(|n| n == 0 || n > MAX_ATTEMPTS_LIMIT) {
+        return Err(reject(InvalidField, format!("max_attempts must be 1-{MAX_ATTEMPTS_LIMIT}")));
+    }
     if sub.budget_tokens == Some(0) {
         return Err(reject(InvalidField, "budget_tokens must be positive"));
     }
@@ -167,6 +171,8 @@ pub fn validate(
         trace: None,
         children: Vec::new(),
         calls: Vec::new(),
+        max_attempts: sub.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        attempts: Vec::new(),
     })
 }
 

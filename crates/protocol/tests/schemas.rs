@@ -47,6 +47,7 @@ fn golden_submission() -> TaskSubmission {
         context_key: Some("thread-9".into()),
         parent_id: None,
         labels: [("model".to_string(), "small".to_string())].into(),
+        max_attempts: None,
     }
 }
 

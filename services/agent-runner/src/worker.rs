@@ -71,6 +71,7 @@ async fn dead_letter(fleet: &Fleet, m: &Message, reason: &str, message: &str) {
         payload_len: u64::try_from(m.payload.len()).unwrap_or(u64::MAX),
         headers: Default::default(),
         at_ms: now_ms(),
+        attempts: Vec::new(),
     };
     if let Err(e) = fleet.publish_durable(fleet.names.deadletter_subject("agent-runner"), &dl, None).await {
         tracing::error!(error = %e, "failed to write dead letter");

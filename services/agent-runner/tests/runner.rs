@@ -68,6 +68,8 @@ fn record(id: &str, attempt: u32, agent: &str) -> TaskRecord {
         trace: None,
         children: vec![],
         calls: vec![],
+        max_attempts: 3,
+        attempts: vec![],
     }
 }
 

@@ -265,6 +265,7 @@ impl Intake {
             payload_len: u64::try_from(m.payload.len()).unwrap_or(u64::MAX),
             headers: hdrs,
             at_ms: now_ms(),
+            attempts: Vec::new(),
         };
         let dl_id = format!("intake:{}", seq.unwrap_or(0));
         self.fleet.publish_durable(self.fleet.names.deadletter_subject("dispatcher"), &dl, Some(&dl_id)).await
