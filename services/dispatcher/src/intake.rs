@@ -155,6 +155,7 @@ impl Intake {
             return Ok(());
         }
         let limits = Limits { max_input_bytes: self.config.max_input_bytes };
+        let asked_attempts = sub.max_attempts;
         let mut rec = match validate(sub, id.clone(), m.payload.len(), limits, now_ms()) {
             Ok(r) => r,
             Err(r) => return self.reject(m, Some(id), r.reason, &r.message).await,
@@ -164,6 +165,9 @@ impl Intake {
         {
             let why = format!("no agent in this fleet declares capability {:?}", rec.capability);
             return self.reject(m, Some(id), RejectReason::UnknownCapability, &why).await;
+        }
+        if asked_attempts.is_none() {
+            rec.max_attempts = self.config.default_max_attempts;
         }
         rec.warnings = unknown.into_iter().map(|f| format!("unknown field ignored: {f}")).collect();
         rec.trace = flotilla_service::trace::current_traceparent();

@@ -3,8 +3,10 @@
 //! view of tasks and agents is a projection of two KV buckets, rebuilt from NATS on every start.
 
 mod intake;
+pub mod schedule;
 mod scheduler;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -43,6 +45,28 @@ pub struct Config {
     /// How often liveness, timeouts and deadlines are checked.
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
+    /// A waiting task gains one priority level per this much waiting, so nothing starves
+    /// (`0s` turns aging off: strict precedence).
+    #[serde(with = "humantime_serde")]
+    pub aging: Duration,
+    /// How long a task with a `context_key` waits for the agent that served the key last before
+    /// any agent may take it.
+    #[serde(with = "humantime_serde")]
+    pub affinity_wait: Duration,
+    /// Tokens a task is charged to its tenant's fair share when assigned, until the tenant's own
+    /// average is known; the real usage replaces it when the task ends.
+    pub default_task_tokens: u64,
+    /// Fair-share weight per tenant (default 1): under contention a tenant's share of the tokens
+    /// converges to its weight's share.
+    pub tenant_weights: HashMap<String, f64>,
+    /// Attempts of a task that does not set `max_attempts`.
+    pub default_max_attempts: u32,
+    /// Backoff before the first retry; doubles with each further one.
+    #[serde(with = "humantime_serde")]
+    pub retry_base_delay: Duration,
+    /// Longest backoff between two attempts.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
 }
 
 impl Default for Config {
@@ -53,7 +77,14 @@ impl Default for Config {
             missed_heartbeats: 3,
             assign_timeout: Duration::from_secs(30),
             intake_concurrency: 64,
-            tick: Duration::from_millis(250),
+            tick: Duration::from_millis(100),
+            aging: Duration::from_secs(60),
+            affinity_wait: Duration::from_millis(250),
+            default_task_tokens: 1000,
+            tenant_weights: HashMap::new(),
+            default_max_attempts: flotilla_protocol::DEFAULT_MAX_ATTEMPTS,
+            retry_base_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(60),
         }
     }
 }
@@ -65,7 +96,29 @@ impl Config {
         anyhow::ensure!(!self.assign_timeout.is_zero(), "dispatcher.assign_timeout must be positive");
         anyhow::ensure!(self.missed_heartbeats >= 1, "dispatcher.missed_heartbeats must be at least 1");
         anyhow::ensure!(self.intake_concurrency >= 1, "dispatcher.intake_concurrency must be at least 1");
+        anyhow::ensure!(
+            (1..=flotilla_protocol::MAX_ATTEMPTS_LIMIT).contains(&self.default_max_attempts),
+            "dispatcher.default_max_attempts must be 1-{}",
+            flotilla_protocol::MAX_ATTEMPTS_LIMIT
+        );
+        if let Some((t, w)) = self.tenant_weights.iter().find(|(_, w)| !(w.is_finite() && **w > 0.0)) {
+            anyhow::bail!("dispatcher.tenant_weights.{t} must be a positive number, not {w}");
+        }
+        anyhow::ensure!(
+            self.retry_base_delay <= self.retry_max_delay,
+            "dispatcher.retry_base_delay must not exceed retry_max_delay"
+        );
         Ok(())
+    }
+
+    /// The scheduling policy these settings describe.
+    pub fn policy(&self) -> schedule::Policy {
+        schedule::Policy {
+            aging: self.aging,
+            affinity_wait: self.affinity_wait,
+            default_estimate: self.default_task_tokens,
+            weights: self.tenant_weights.clone(),
+        }
     }
 }
 

@@ -1,39 +1,39 @@
 //! The scheduler: one task owns the projection of the tasks and agents buckets (fed by KV
-//! watches) and makes every assignment. An assignment is a revision-checked update of the task
-//! record (the fence), then a publish to the agent's runner. It also requeues the tasks of agents
-//! that stopped heartbeating, re-sends assignments nobody claimed, and fails queued tasks past
-//! their deadline.
+//! watches) and carries out the decisions of the scheduling core ([`crate::schedule`]). An
+//! assignment is a revision-checked update of the task record (the fence), an `assigned` event
+//! that says why, then a publish to the agent's runner. It also requeues the tasks of agents that
+//! stopped heartbeating, re-sends assignments nobody claimed, holds retries for their backoff,
+//! and fails tasks past their deadline, queued or running (telling the runner to stop).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use flotilla_protocol::names::event_kind;
+use flotilla_protocol::names::{event_kind, runner_op};
 use flotilla_protocol::{
-    AgentRecord, AgentStatus, Assignment, ErrorInfo, TaskEvent, TaskRecord, TaskState, codec, time::now_ms,
+    AgentRecord, AgentStatus, Assignment, CancelTask, ErrorInfo, TaskEvent, TaskRecord, TaskState, codec,
+    failure, time::now_ms,
 };
 use flotilla_service::{Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::schedule::{Core, Decision, Id, Now, Queued};
 use crate::{Config, Stats};
-
-/// Queue order: priority (0 first), then submission time, then id.
-type QueueKey = (u8, u64, String);
 
 struct TaskView {
     rec: TaskRecord,
     rev: u64,
 }
 
-struct AgentView {
-    rec: AgentRecord,
+/// What the scheduler keeps of an agent besides the core's view.
+struct AgentInfo {
+    runner_id: String,
+    status: AgentStatus,
     last_seen: Instant,
-    last_assigned: Option<Instant>,
 }
 
 struct Scheduler {
@@ -41,13 +41,10 @@ struct Scheduler {
     fleet: Fleet,
     topology: Topology,
     stats: Arc<Stats>,
+    core: Core,
     /// Non-terminal tasks.
     tasks: HashMap<String, TaskView>,
-    /// Queued tasks per capability.
-    queues: HashMap<String, BTreeSet<QueueKey>>,
-    /// Assigned or running tasks per agent.
-    by_agent: HashMap<String, HashSet<String>>,
-    agents: HashMap<String, AgentView>,
+    agents: HashMap<String, AgentInfo>,
     /// Assignments re-sent after a restart already.
     resent: HashSet<(String, u32)>,
     /// No agent is declared lost before this: its heartbeats may not have been seen yet.
@@ -62,13 +59,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut s = Scheduler {
+        core: Core::new(config.policy()),
         config,
         fleet,
         topology,
         stats,
         tasks: HashMap::new(),
-        queues: HashMap::new(),
-        by_agent: HashMap::new(),
         agents: HashMap::new(),
         resent: HashSet::new(),
         requeue_after: Instant::now(),
@@ -124,34 +120,54 @@ impl Scheduler {
     // ---- projection --------------------------------------------------------------------------
 
     fn forget_task(&mut self, id: &str) -> Option<TaskView> {
-        let old = self.tasks.remove(id)?;
-        if let Some(q) = self.queues.get_mut(&old.rec.capability) {
-            q.remove(&queue_key(&old.rec));
-        }
-        if let Some(agent) = &old.rec.agent_id
-            && let Some(set) = self.by_agent.get_mut(agent)
-        {
-            set.remove(id);
-            if set.is_empty() {
-                self.by_agent.remove(agent);
-            }
-        }
-        Some(old)
+        self.core.remove_task(id);
+        self.tasks.remove(id)
+    }
+
+    /// When a queued task may run: at once, or after the backoff of its last failed attempt.
+    fn eligible_ms(&self, rec: &TaskRecord) -> u64 {
+        let Some(last) = rec.attempts.last() else { return 0 };
+        let n = u32::try_from(rec.attempts.len()).unwrap_or(u32::MAX).saturating_sub(1).min(16);
+        let backoff = self
+            .config
+            .retry_base_delay
+            .saturating_mul(2u32.saturating_pow(n))
+            .min(self.config.retry_max_delay);
+        last.finished_at_ms.saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX))
     }
 
     fn apply_task(&mut self, rec: TaskRecord, rev: u64) {
         if self.tasks.get(&rec.id).is_some_and(|v| v.rev >= rev) {
             return;
         }
-        self.forget_task(&rec.id);
         match rec.state {
-            TaskState::Completed | TaskState::Failed => return,
+            TaskState::Completed | TaskState::Failed => {
+                // What the attempt used is charged to its tenant's fair share.
+                self.core.finish(&rec.id, rec.usage.map(|u| u.total_tokens));
+                self.forget_task(&rec.id);
+                return;
+            }
             TaskState::Queued => {
-                self.queues.entry(rec.capability.clone()).or_default().insert(queue_key(&rec));
+                if self.core.is_running(&rec.id) {
+                    // Back from a failed attempt (or requeued): charge what it used.
+                    let used = rec.attempts.last().filter(|a| a.attempt == rec.attempt).and_then(|a| a.usage);
+                    self.core.finish(&rec.id, used.map(|u| u.total_tokens));
+                }
+                let q = Queued {
+                    id: Id::from(rec.id.as_str()),
+                    capability: Id::from(rec.capability.as_str()),
+                    priority: rec.priority.level(),
+                    tenant: Id::from(rec.tenant.as_str()),
+                    submitted_ms: rec.submitted_at_ms,
+                    eligible_ms: self.eligible_ms(&rec),
+                    context_key: rec.context_key.as_deref().map(Into::into),
+                    labels: (!rec.labels.is_empty()).then(|| Box::new(rec.labels.clone())),
+                };
+                self.core.enqueue(q, Now::current());
             }
             TaskState::Assigned | TaskState::Running => {
                 if let Some(agent) = &rec.agent_id {
-                    self.by_agent.entry(agent.clone()).or_default().insert(rec.id.clone());
+                    self.core.observe_running(&rec.id, &rec.tenant, agent, rec.context_key.as_deref());
                 }
             }
         }
@@ -177,126 +193,112 @@ impl Scheduler {
                     // An agent in a snapshot (start-up or re-watch) counts as seen now: judging it
                     // by its own clock would let clock skew requeue healthy work. A dead one is
                     // found out one liveness window later.
-                    let last_seen = Instant::now();
-                    let last_assigned = self.agents.get(&rec.agent_id).and_then(|a| a.last_assigned);
-                    self.agents.insert(rec.agent_id.clone(), AgentView { rec, last_seen, last_assigned });
+                    let now = Instant::now();
+                    self.core.upsert_agent(&rec, now + self.liveness(&rec));
+                    self.agents.insert(
+                        rec.agent_id.clone(),
+                        AgentInfo { runner_id: rec.runner_id.clone(), status: rec.status, last_seen: now },
+                    );
                 }
                 Err(e) => tracing::error!(key = %entry.key, error = %e, "unreadable agent record ignored"),
             },
             kv::Operation::Delete | kv::Operation::Purge => {
                 tracing::info!(agent_id = %entry.key, "agent deregistered");
                 self.agents.remove(&entry.key);
+                self.core.remove_agent(&entry.key);
             }
         }
     }
 
-    fn alive(&self, a: &AgentView) -> bool {
-        let interval = Duration::from_millis(a.rec.heartbeat_interval_ms.max(100));
-        a.last_seen.elapsed() <= interval * self.config.missed_heartbeats.max(1) + Duration::from_millis(500)
+    /// How long an agent counts as alive after a heartbeat.
+    fn liveness(&self, rec: &AgentRecord) -> Duration {
+        let interval = Duration::from_millis(rec.heartbeat_interval_ms.max(100));
+        interval * self.config.missed_heartbeats.max(1) + Duration::from_millis(500)
     }
 
     // ---- scheduling --------------------------------------------------------------------------
 
-    /// The best free agent for a task: alive, not draining, with the capability and labels, and
-    /// the lowest load; ties go to the agent that was given work least recently.
-    fn pick_agent(&self, rec: &TaskRecord) -> Option<(String, &'static str)> {
-        let mut best: Option<(&AgentView, u64, usize)> = None;
-        for a in self.agents.values() {
-            if matches!(a.rec.status, AgentStatus::Draining | AgentStatus::Error)
-                || !a.rec.capabilities.iter().any(|c| c == &rec.capability)
-                || !rec.labels.iter().all(|(k, v)| a.rec.labels.get(k) == Some(v))
-                || !self.alive(a)
-            {
-                continue;
-            }
-            let held = self.by_agent.get(&a.rec.agent_id).map_or(0, HashSet::len);
-            let cap = usize::try_from(a.rec.concurrency).unwrap_or(1).max(1);
-            if held >= cap {
-                continue;
-            }
-            // Load as a fraction of capacity, in millionths, for exact comparison.
-            let load = u64::try_from(held * 1_000_000 / cap).unwrap_or(u64::MAX);
-            let better = match &best {
-                None => true,
-                Some((b, bl, _)) => {
-                    (load, a.last_assigned.map(Reverse)) < (*bl, b.last_assigned.map(Reverse))
-                }
-            };
-            if better {
-                best = Some((a, load, held));
-            }
-        }
-        best.map(|(a, _, held)| {
-            (a.rec.agent_id.clone(), if held == 0 { "idle_agent" } else { "least_loaded" })
-        })
-    }
-
     async fn schedule(&mut self) {
-        let queued: usize = self.queues.values().map(BTreeSet::len).sum();
-        self.stats.queued.store(u64::try_from(queued).unwrap_or(u64::MAX), Ordering::Relaxed);
-        if queued == 0 || self.agents.is_empty() {
-            return;
-        }
-        // Capabilities with work, most urgent head first.
-        let mut heads: Vec<(QueueKey, String)> =
-            self.queues.iter().filter_map(|(cap, q)| q.first().map(|k| (k.clone(), cap.clone()))).collect();
-        heads.sort();
-        for (_, cap) in heads {
-            while let Some(key) = self.queues.get(&cap).and_then(|q| q.first().cloned()) {
-                let Some(view) = self.tasks.get(&key.2) else {
-                    if let Some(q) = self.queues.get_mut(&cap) {
-                        q.remove(&key);
-                    }
-                    continue;
-                };
-                let Some((agent_id, reason)) = self.pick_agent(&view.rec) else { break };
-                if let Err(e) = self.assign(&key.2, &agent_id, reason).await {
-                    tracing::warn!(task_id = %key.2, error = %e, "assignment failed; will retry");
-                    return;
-                }
+        let now = Now::current();
+        self.core.release_due(now);
+        self.stats.queued.store(u64::try_from(self.core.queued_len()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        while let Some(d) = self.core.next(now) {
+            if let Err(e) = self.assign(d).await {
+                tracing::warn!(error = %e, "assignment failed; will retry");
+                return;
             }
         }
     }
 
-    async fn assign(&mut self, task_id: &str, agent_id: &str, reason: &str) -> Result<(), FleetError> {
-        let span = tracing::info_span!("assign", task_id = %task_id, agent_id = %agent_id, reason);
-        let trace = self.tasks.get(task_id).and_then(|v| v.rec.trace.clone());
+    async fn assign(&mut self, d: Decision) -> Result<(), FleetError> {
+        let span = tracing::info_span!("assign", task_id = %d.task, agent_id = %d.agent, reason = d.reason);
+        let trace = self.tasks.get(&*d.task).and_then(|v| v.rec.trace.clone());
         flotilla_service::trace::continue_from_traceparent(&span, trace.as_deref());
-        self.assign_in_span(task_id, agent_id, reason).instrument(span).await
+        self.assign_in_span(d).instrument(span).await
     }
 
-    async fn assign_in_span(
-        &mut self,
-        task_id: &str,
-        agent_id: &str,
-        reason: &str,
-    ) -> Result<(), FleetError> {
-        let Some(view) = self.tasks.get(task_id) else { return Ok(()) };
-        let Some(agent) = self.agents.get_mut(agent_id) else { return Ok(()) };
+    async fn assign_in_span(&mut self, d: Decision) -> Result<(), FleetError> {
+        let task_id = d.task.to_string();
+        let Some(view) = self.tasks.get(&task_id) else {
+            self.core.remove_task(&task_id);
+            return Ok(());
+        };
+        let Some(runner_id) = self.agents.get(&*d.agent).map(|a| a.runner_id.clone()) else {
+            // The agent left between the decision and now: put the task back.
+            let rec = view.rec.clone();
+            let rev = view.rev;
+            self.tasks.remove(&task_id);
+            self.core.remove_task(&task_id);
+            self.apply_task(rec, rev);
+            return Ok(());
+        };
         let mut rec = view.rec.clone();
+        let rev = view.rev;
         rec.state = TaskState::Assigned;
         rec.attempt = rec.attempt.saturating_add(1);
-        rec.agent_id = Some(agent_id.to_owned());
-        rec.runner_id = Some(agent.rec.runner_id.clone());
+        rec.agent_id = Some(d.agent.to_string());
+        rec.runner_id = Some(runner_id.clone());
         rec.updated_at_ms = now_ms();
-        let runner_id = agent.rec.runner_id.clone();
-        agent.last_assigned = Some(Instant::now());
-        match self.fleet.kv_update(&self.topology.tasks, task_id, &rec, view.rev).await {
+        match self.fleet.kv_update(&self.topology.tasks, &task_id, &rec, rev).await {
             Ok(rev) => {
                 self.apply_task(rec.clone(), rev);
                 self.stats.assigned.fetch_add(1, Ordering::Relaxed);
                 self.resent.insert((rec.id.clone(), rec.attempt));
-                // The event goes first, so `assigned` precedes the runner's `started`.
+                // The event goes first, so `assigned` precedes the runner's `started`. It says
+                // why this agent and why now, so a replay explains the schedule.
                 let mut ev = TaskEvent::for_task(&rec, event_kind::ASSIGNED);
-                ev.reason = Some(reason.to_owned());
+                ev.reason = Some(d.reason.to_owned());
+                ev.detail = Some(serde_json::json!({
+                    "priority": d.priority,
+                    "effective_priority": d.effective_priority,
+                    "tenant": &*d.tenant,
+                    "tenant_vruntime": (d.vruntime * 1000.0).round() / 1000.0,
+                    "charged_tokens": d.charged,
+                    "agent_load": d.load_ppm as f64 / 1_000_000.0,
+                    "waited_ms": d.waited_ms,
+                }));
                 if let Err(e) = self.fleet.publish_event(&ev).await {
                     tracing::warn!(error = %e, "failed to publish assigned event");
                 }
                 self.send_assignment(&rec, &runner_id).await;
                 Ok(())
             }
-            Err(e) if e.is_conflict() => self.refresh(task_id).await,
-            Err(e) => Err(e),
+            Err(e) if e.is_conflict() => {
+                // Someone else changed the task (cancelled, finished, another dispatcher): undo
+                // the booking and take the record as it is now.
+                self.core.remove_task(&task_id);
+                self.tasks.remove(&task_id);
+                self.refresh(&task_id).await
+            }
+            Err(e) => {
+                let original = view_record(&self.tasks, &task_id);
+                self.core.remove_task(&task_id);
+                if let Some((rec, rev)) = original {
+                    self.tasks.remove(&task_id);
+                    self.apply_task(rec, rev);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -347,35 +349,48 @@ impl Scheduler {
     // ---- housekeeping ------------------------------------------------------------------------
 
     async fn on_tick(&mut self) {
-        let live = self.agents.values().filter(|a| self.alive(a)).count();
-        self.stats.live_agents.store(u64::try_from(live).unwrap_or(0), Ordering::Relaxed);
+        let now = Instant::now();
+        self.stats
+            .live_agents
+            .store(u64::try_from(self.core.live_agents(now)).unwrap_or(0), Ordering::Relaxed);
         // Forget agents that have been silent for long.
-        self.agents.retain(|_, a| a.last_seen.elapsed() < Duration::from_secs(3600));
+        let silent: Vec<String> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| a.last_seen.elapsed() > Duration::from_secs(3600))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            self.agents.remove(&id);
+            self.core.remove_agent(&id);
+        }
 
-        let now = now_ms();
+        let wall = now_ms();
         let assign_timeout = u64::try_from(self.config.assign_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut requeue: Vec<(String, &'static str)> = Vec::new();
         let mut resend: Vec<String> = Vec::new();
         let mut expired: Vec<String> = Vec::new();
-        let may_requeue = Instant::now() >= self.requeue_after;
-        for (agent_id, held) in self.by_agent.iter().filter(|_| may_requeue) {
-            let lost = self
-                .agents
-                .get(agent_id)
-                .is_none_or(|a| !self.alive(a) || a.rec.status == AgentStatus::Error);
-            if lost {
-                requeue.extend(held.iter().map(|t| (t.clone(), "agent_lost")));
+        if now >= self.requeue_after {
+            for (agent_id, held) in self.core.holders() {
+                let lost = self.core.agent_alive(&agent_id, now) != Some(true)
+                    || self.agents.get(&*agent_id).is_some_and(|a| a.status == AgentStatus::Error);
+                if lost {
+                    requeue.extend(held.iter().map(|t| (t.to_string(), "agent_lost")));
+                }
             }
         }
         for (id, v) in &self.tasks {
+            if v.rec.deadline_ms.is_some_and(|d| d <= wall) {
+                expired.push(id.clone());
+                continue;
+            }
             match v.rec.state {
-                TaskState::Assigned if now.saturating_sub(v.rec.updated_at_ms) > assign_timeout => {
+                TaskState::Assigned if wall.saturating_sub(v.rec.updated_at_ms) > assign_timeout => {
                     requeue.push((id.clone(), "assign_timeout"));
                 }
                 TaskState::Assigned if !self.resent.contains(&(id.clone(), v.rec.attempt)) => {
                     resend.push(id.clone());
                 }
-                TaskState::Queued if v.rec.deadline_ms.is_some_and(|d| d <= now) => expired.push(id.clone()),
                 _ => {}
             }
         }
@@ -430,22 +445,36 @@ impl Scheduler {
         }
     }
 
+    /// Fails a task whose deadline passed, queued or running; a runner still working on it is
+    /// told to stop.
     #[tracing::instrument(skip(self))]
     async fn expire(&mut self, task_id: &str) {
         let Some(view) = self.tasks.get(task_id) else { return };
         let mut rec = view.rec.clone();
+        let was = rec.state;
+        let message = match was {
+            TaskState::Queued => "the deadline passed while the task was queued",
+            _ => "the deadline passed while the task was running",
+        };
+        let error = ErrorInfo::new(failure::DEADLINE_EXCEEDED, message);
         rec.state = TaskState::Failed;
-        rec.error =
-            Some(ErrorInfo::new("deadline_exceeded", "the deadline passed while the task was queued"));
+        rec.error = Some(error.clone());
         rec.finished_at_ms = Some(now_ms());
         rec.updated_at_ms = now_ms();
         match self.fleet.kv_update(&self.topology.tasks, task_id, &rec, view.rev).await {
             Ok(rev) => {
                 let mut ev = TaskEvent::for_task(&rec, event_kind::FAILED);
                 ev.error = rec.error.clone();
+                let runner = rec.runner_id.clone();
+                let attempt = rec.attempt;
                 self.apply_task(rec, rev);
                 if let Err(e) = self.fleet.publish_event(&ev).await {
                     tracing::warn!(error = %e, "failed to publish failed event");
+                }
+                if matches!(was, TaskState::Assigned | TaskState::Running)
+                    && let Some(runner) = runner
+                {
+                    self.tell_runner_to_stop(&runner, task_id, attempt, error).await;
                 }
             }
             Err(e) if e.is_conflict() => {
@@ -454,13 +483,27 @@ impl Scheduler {
             Err(e) => tracing::warn!(task_id, error = %e, "expiry failed; will retry"),
         }
     }
+
+    /// Best effort (core NATS): the attempt's result would be fenced off anyway.
+    async fn tell_runner_to_stop(&self, runner: &str, task_id: &str, attempt: u32, error: ErrorInfo) {
+        let msg = CancelTask { task_id: task_id.to_owned(), attempt, error };
+        match self.fleet.encode(&msg) {
+            Ok(body) => {
+                let subject = self.fleet.names.runner_control(runner, runner_op::CANCEL);
+                if let Err(e) = self.fleet.client.publish(subject, body).await {
+                    tracing::warn!(task_id, error = %e, "failed to tell the runner to stop");
+                }
+            }
+            Err(e) => tracing::warn!(task_id, error = %e, "failed to encode a cancel message"),
+        }
+    }
+}
+
+fn view_record(tasks: &HashMap<String, TaskView>, id: &str) -> Option<(TaskRecord, u64)> {
+    tasks.get(id).map(|v| (v.rec.clone(), v.rev))
 }
 
 /// How long agents get to show a heartbeat after the registry is (re)loaded.
 fn liveness_window(config: &Config) -> Duration {
     Duration::from_secs(u64::from(config.missed_heartbeats.max(1))) + Duration::from_millis(500)
-}
-
-fn queue_key(rec: &TaskRecord) -> QueueKey {
-    (rec.priority.level(), rec.submitted_at_ms, rec.id.clone())
 }
