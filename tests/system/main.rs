@@ -20,4 +20,5 @@ mod prefixes;
 mod real_model;
 mod runner_crash;
 mod scale_out;
+mod scheduling;
 mod trace_propagation;
