@@ -48,10 +48,7 @@ async fn an_interactive_task_overtakes_a_saturating_batch_flood() {
         sys.task("urgent").await.filter(|r| r.state == flotilla_protocol::TaskState::Completed)
     })
     .await;
-    let events = {
-        drop(events);
-        sys.events().await
-    };
+    let events = sys.events().await;
     let accepted = position(&events, "urgent", "accepted");
     let assigned = position(&events, "urgent", "assigned");
     let overtaken_by: Vec<&str> = events[accepted..assigned]
