@@ -51,13 +51,39 @@ async fn an_interactive_task_overtakes_a_saturating_batch_flood() {
     let events = sys.events().await;
     let accepted = position(&events, "urgent", "accepted");
     let assigned = position(&events, "urgent", "assigned");
-    let overtaken_by: Vec<&str> = events[accepted..assigned]
-        .iter()
-        .filter(|e| e.kind == "assigned")
-        .map(|e| e.task_id.as_str())
-        .collect();
-    // At most one batch assignment can race the interactive task's record being written.
-    assert!(overtaken_by.len() <= 1, "batch tasks assigned before the interactive one: {overtaken_by:?}");
+    // "Next" in the order the tasks bucket saw things: revisions. A batch assignment written after
+    // the interactive task's record was created overtook it; only the one assignment the
+    // dispatcher may already have had in flight at that moment can.
+    let revisions = |key: String| {
+        let store = sys.topology.tasks.clone();
+        async move {
+            use futures::StreamExt as _;
+            let mut h = store.history(&key).await.unwrap();
+            let mut out = Vec::new();
+            while let Some(Ok(e)) = h.next().await {
+                let rec: flotilla_protocol::TaskRecord =
+                    flotilla_protocol::codec::decode(None, &e.value).unwrap();
+                out.push((e.revision, rec.state));
+            }
+            out
+        }
+    };
+    let urgent = revisions("urgent".into()).await;
+    let created = urgent[0].0;
+    let urgent_assigned =
+        urgent.iter().find(|(_, s)| *s == flotilla_protocol::TaskState::Assigned).unwrap().0;
+    let mut overtaken_by = Vec::new();
+    for e in events[accepted..assigned].iter().filter(|e| e.kind == "assigned") {
+        for (rev, state) in revisions(e.task_id.clone()).await {
+            if state == flotilla_protocol::TaskState::Assigned && rev > created && rev < urgent_assigned {
+                overtaken_by.push(e.task_id.clone());
+            }
+        }
+    }
+    assert!(
+        overtaken_by.len() <= 1,
+        "batch tasks assigned after the interactive one arrived: {overtaken_by:?}"
+    );
     let queued_batch = 500 - events[..assigned].iter().filter(|e| e.kind == "assigned").count();
     assert!(queued_batch > 400, "the batch queue was still deep ({queued_batch})");
     let reason = events[assigned].reason.clone().unwrap();
