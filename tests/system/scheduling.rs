@@ -106,6 +106,28 @@ async fn weighted_tenants_get_token_shares_by_weight() {
     for i in 0..400 {
         sys.submit(&task(format!("heavy-{i:03}"), "heavy", Priority::NORMAL, "y".repeat(360), 5)).await;
     }
+    // `flotilla queue` shows them, by capability, priority and tenant.
+    let url = sys.server.url().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(flotilla_testkit::bin("flotilla"))
+            .args(["--json", "queue", "--limit", "3"])
+            .env("FLOTILLA_NATS_URL", url)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: flotilla_protocol::QueueReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report.queued, report.running), (550, 0));
+    let group = |t: &str| {
+        report.groups.iter().find(|g| g.tenant == t).map(|g| (g.capability.clone(), g.priority, g.tasks))
+    };
+    assert_eq!(group("light"), Some(("work".to_owned(), 5, 150)));
+    assert_eq!(group("heavy"), Some(("work".to_owned(), 5, 400)));
+    assert_eq!(report.oldest.len(), 3);
+    assert!(report.oldest[0].task_id.starts_with("light-"), "{:?}", report.oldest);
+
     // The fleet starts after the queues are full, so every decision is under contention.
     sys.start_runner("rf", &worker_fleet(1, 2)).await;
     let events = sys.wait_for_kind("completed", 300, Duration::from_secs(120)).await;

@@ -9,6 +9,7 @@ mod client;
 mod fleet;
 mod local;
 mod output;
+mod queue;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +77,8 @@ pub enum Command {
     },
     /// List registered agents, or start and stop agents at runtime (spawn, scale, stop).
     Agents(fleet::AgentsArgs),
+    /// The active dispatcher's queue: by capability, priority and tenant, with waiting times.
+    Queue(queue::QueueArgs),
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
     /// Measure a component against raw NATS in the same run.
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
             Command::Status { id } => client::status(&cli, id).await,
             Command::Agents(args) => fleet::run(&cli, args).await,
             Command::Tail(args) => client::tail(&cli, args).await,
+            Command::Queue(args) => queue::run(&cli, args).await,
             Command::Bench(args) => bench::run(&cli, args).await,
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
             Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,

@@ -227,6 +227,11 @@ impl Names {
         format!("{}.agents.{agent_id}.inbox", self.prefix)
     }
 
+    /// The active dispatcher's queue report (request/reply): `<p>.dispatcher.queue`.
+    pub fn dispatcher_queue(&self) -> String {
+        format!("{}.dispatcher.queue", self.prefix)
+    }
+
     /// A runner's fleet-change requests (request/reply): `<p>.runners.<runner>.scale` with a
     /// `ScaleRequest`, `<p>.runners.<runner>.stop` with a `StopAgentRequest`.
     pub fn runner_control(&self, runner_id: &str, op: &str) -> String {

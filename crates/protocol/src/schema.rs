@@ -22,6 +22,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("direct-message", s::<DirectMessage>()),
         ("direct-reply", s::<DirectReply>()),
         ("cancel-task", s::<CancelTask>()),
+        ("queue-report", s::<QueueReport>()),
         ("scale-request", s::<ScaleRequest>()),
         ("stop-agent-request", s::<StopAgentRequest>()),
         ("fleet-change-reply", s::<FleetChangeReply>()),

@@ -742,6 +742,51 @@ pub struct FleetChangeReply {
     pub error: Option<ErrorInfo>,
 }
 
+/// The active dispatcher's queue (`<p>.dispatcher.queue`, request/reply; `flotilla queue`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QueueReport {
+    /// The dispatcher instance that answered (the active one).
+    pub dispatcher: String,
+    pub queued: u64,
+    /// Of the queued tasks, those waiting out a retry backoff.
+    pub backing_off: u64,
+    pub running: u64,
+    /// Queued tasks grouped by capability, priority and tenant, most urgent first.
+    pub groups: Vec<QueueGroup>,
+    /// The longest-waiting queued tasks.
+    pub oldest: Vec<QueuedTaskInfo>,
+    /// Fair share: each tenant's virtual runtime (tokens / weight) and weight.
+    pub tenants: Vec<TenantShare>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QueueGroup {
+    pub capability: String,
+    pub priority: u8,
+    pub tenant: String,
+    pub tasks: u64,
+    /// Waiting time of the oldest task in the group.
+    pub oldest_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QueuedTaskInfo {
+    pub task_id: String,
+    pub capability: String,
+    pub priority: u8,
+    pub tenant: String,
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TenantShare {
+    pub tenant: String,
+    pub weight: f64,
+    pub vruntime: f64,
+    pub queued: u64,
+    pub running: u64,
+}
+
 /// Where a request for human approval stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

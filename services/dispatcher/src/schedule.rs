@@ -249,6 +249,67 @@ impl Core {
         }
     }
 
+    /// The queue as `flotilla queue` shows it: groups by capability, priority and tenant, the
+    /// `limit` longest-waiting tasks, and the tenants' fair-share figures.
+    pub fn report(&self, limit: usize, now: Now) -> flotilla_protocol::QueueReport {
+        use flotilla_protocol::{QueueGroup, QueuedTaskInfo, TenantShare};
+        let wait = |submitted: u64| now.wall_ms.saturating_sub(submitted);
+        let mut groups: BTreeMap<(u8, Id, Id), (u64, u64)> = BTreeMap::new();
+        for t in self.tasks.values() {
+            let g =
+                groups.entry((t.q.priority, t.q.capability.clone(), t.q.tenant.clone())).or_insert((0, 0));
+            g.0 += 1;
+            g.1 = g.1.max(wait(t.q.submitted_ms));
+        }
+        let mut oldest: Vec<&Task> = self.tasks.values().collect();
+        if oldest.len() > limit {
+            oldest.select_nth_unstable_by_key(limit, |t| (t.q.submitted_ms, t.q.id.clone()));
+            oldest.truncate(limit);
+        }
+        oldest.sort_by_key(|t| (t.q.submitted_ms, t.q.id.clone()));
+        let mut tenants: Vec<TenantShare> = self
+            .tenants
+            .iter()
+            .filter(|(_, t)| t.queued > 0 || t.running > 0 || t.vruntime > 0.0)
+            .map(|(name, t)| TenantShare {
+                tenant: name.to_string(),
+                weight: t.weight,
+                vruntime: (t.vruntime * 1000.0).round() / 1000.0,
+                queued: t.queued as u64,
+                running: t.running as u64,
+            })
+            .collect();
+        tenants.sort_by(|a, b| a.vruntime.total_cmp(&b.vruntime).then_with(|| a.tenant.cmp(&b.tenant)));
+        flotilla_protocol::QueueReport {
+            dispatcher: String::new(),
+            queued: self.tasks.len() as u64,
+            backing_off: self.delayed.len() as u64,
+            running: self.running.len() as u64,
+            groups: groups
+                .into_iter()
+                .map(|((priority, capability, tenant), (tasks, oldest_wait_ms))| QueueGroup {
+                    capability: capability.to_string(),
+                    priority,
+                    tenant: tenant.to_string(),
+                    tasks,
+                    oldest_wait_ms,
+                })
+                .collect(),
+            oldest: oldest
+                .into_iter()
+                .take(limit)
+                .map(|t| QueuedTaskInfo {
+                    task_id: t.q.id.to_string(),
+                    capability: t.q.capability.to_string(),
+                    priority: t.q.priority,
+                    tenant: t.q.tenant.to_string(),
+                    wait_ms: wait(t.q.submitted_ms),
+                })
+                .collect(),
+            tenants,
+        }
+    }
+
     // ---- agents ------------------------------------------------------------------------------
 
     fn unindex(&mut self, id: &Id) {

@@ -72,6 +72,13 @@ pub async fn run(
     s.requeue_after = Instant::now() + liveness_window(&s.config);
     let mut task_watch = watch(&s.topology.tasks).await?;
     let mut agent_watch = watch(&s.topology.agents).await?;
+    // Only the scheduling dispatcher answers: it alone has the queue.
+    let mut queue_requests = s
+        .fleet
+        .client
+        .subscribe(s.fleet.names.dispatcher_queue())
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to subscribe to queue requests: {e}"))?;
     let mut tick = tokio::time::interval(s.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -106,6 +113,7 @@ pub async fn run(
                 }
             },
             _ = tick.tick() => s.on_tick().await,
+            Some(req) = queue_requests.next() => s.answer_queue_request(req).await,
         }
         s.schedule().await;
     }
@@ -344,6 +352,26 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+
+    /// Answers `flotilla queue`: `{"limit": N}` (optional) → a `QueueReport`.
+    #[tracing::instrument(skip_all)]
+    async fn answer_queue_request(&mut self, req: async_nats::Message) {
+        let Some(reply) = req.reply.clone() else { return };
+        let limit = serde_json::from_slice::<serde_json::Value>(&req.payload)
+            .ok()
+            .and_then(|v| v.get("limit").and_then(serde_json::Value::as_u64))
+            .map_or(20, |n| usize::try_from(n).unwrap_or(20).min(1000));
+        let mut report = self.core.report(limit, Now::current());
+        report.dispatcher.clone_from(&self.fleet.instance);
+        match self.fleet.encode(&report) {
+            Ok(body) => {
+                if let Err(e) = self.fleet.client.publish(reply, body).await {
+                    tracing::warn!(error = %e, "failed to answer a queue request");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to encode the queue report"),
+        }
     }
 
     // ---- housekeeping ------------------------------------------------------------------------
