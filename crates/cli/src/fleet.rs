@@ -132,7 +132,8 @@ async fn spawn(cli: &Cli, template: &str, n: u32, runner: Option<&str>) -> Resul
                 )
             })?,
     };
-    let req = ScaleRequest { template: template.to_owned(), replicas: current.saturating_add(n) };
+    let req =
+        ScaleRequest { template: template.to_owned(), replicas: current.saturating_add(n), autoscale: false };
     let reply = request(&client, &names, &runner, runner_op::SCALE, &req).await?;
     show(cli, &reply)
 }
@@ -166,7 +167,7 @@ async fn scale(cli: &Cli, template: &str, replicas: u32, runner: Option<&str>) -
             }
         }
     };
-    let req = ScaleRequest { template: template.to_owned(), replicas };
+    let req = ScaleRequest { template: template.to_owned(), replicas, autoscale: false };
     let reply = request(&client, &names, &runner, runner_op::SCALE, &req).await?;
     show(cli, &reply)
 }

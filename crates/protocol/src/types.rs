@@ -641,6 +641,12 @@ pub struct AgentRecord {
     pub activities: Vec<Activity>,
     #[serde(default)]
     pub protocol_version: u32,
+    /// Autoscaling limits of its template on its runner (agents that take work); equal to the
+    /// template's replicas when it does not autoscale.
+    #[serde(default)]
+    pub min_replicas: u32,
+    #[serde(default)]
+    pub max_replicas: u32,
 }
 
 /// A capability's entry in the capabilities bucket: some fleet declared it.
@@ -714,6 +720,10 @@ pub struct DirectReply {
 pub struct ScaleRequest {
     pub template: String,
     pub replicas: u32,
+    /// Set by the dispatcher's autoscaler: the runner keeps the count within the template's
+    /// `min_replicas`..`max_replicas` (an operator's request is taken as given).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autoscale: bool,
 }
 
 /// Request to one runner: stop agent `agent_id` (`<p>.runners.<runner>.stop`). The agent takes no

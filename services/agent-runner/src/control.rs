@@ -138,14 +138,21 @@ impl Control {
                 format!("at most {MAX_AGENTS} agents per template and runner"),
             ));
         }
+        let mut replicas = req.replicas;
+        if req.autoscale
+            && let Some(t) = self.agents.template(&req.template)
+        {
+            let (min, max) = t.replica_limits();
+            replicas = replicas.clamp(min, max);
+        }
         let started = self
             .agents
-            .scale(&req.template, req.replicas)
+            .scale(&req.template, replicas)
             .map_err(|e| ErrorInfo::new(e.code(), e.to_string()))?;
         for slot in &started {
             self.start_agent(slot);
         }
-        tracing::info!(template = %req.template, replicas = req.replicas, started = started.len(), "scaled");
+        tracing::info!(template = %req.template, replicas, autoscale = req.autoscale, started = started.len(), "scaled");
         let want = i64::from(self.agents.total_capacity()).saturating_add(16);
         if want > self.consumer.max_ack_pending {
             let mut config = self.consumer.clone();

@@ -45,6 +45,13 @@ pub struct AgentTemplate {
     /// Agents started from this template on each runner.
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Autoscaling: the dispatcher may grow the template up to `max_replicas` on a runner when
+    /// its capability's queue stays deep, and shrink it back to `min_replicas` when idle. Both
+    /// default to `replicas` (no autoscaling).
+    #[serde(default)]
+    pub min_replicas: Option<u32>,
+    #[serde(default)]
+    pub max_replicas: Option<u32>,
     /// Labels tasks can require.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -89,6 +96,11 @@ pub struct AgentTemplate {
 }
 
 impl AgentTemplate {
+    /// (min_replicas, max_replicas), each defaulting to `replicas`.
+    pub fn replica_limits(&self) -> (u32, u32) {
+        (self.min_replicas.unwrap_or(self.replicas), self.max_replicas.unwrap_or(self.replicas))
+    }
+
     /// True when this template's model calls stream.
     pub fn streams(&self) -> bool {
         self.provider == "openai" && self.stream.unwrap_or(true)
@@ -161,6 +173,14 @@ impl FleetFile {
             }
             if a.replicas > 10_000 {
                 bail!("agent {:?}: replicas must be at most 10000", a.name);
+            }
+            let (min, max) = a.replica_limits();
+            if min > a.replicas || a.replicas > max || max > 10_000 {
+                bail!(
+                    "agent {:?}: need min_replicas ({min}) <= replicas ({}) <= max_replicas ({max}) <= 10000",
+                    a.name,
+                    a.replicas
+                );
             }
             if !["offline", "openai", "anthropic"].contains(&a.provider.as_str()) {
                 bail!(

@@ -296,6 +296,8 @@ impl Agents {
             state,
             activities,
             protocol_version: PROTOCOL_VERSION,
+            min_replicas: slot.template.replica_limits().0,
+            max_replicas: slot.template.replica_limits().1,
         }
     }
 

@@ -729,6 +729,8 @@ mod tests {
             state: flotilla_protocol::AgentState::Idle,
             activities: vec![],
             protocol_version: 1,
+            min_replicas: 1,
+            max_replicas: 1,
         }
     }
 

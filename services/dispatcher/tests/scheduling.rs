@@ -65,6 +65,8 @@ impl Harness {
             state: flotilla_protocol::AgentState::Idle,
             activities: vec![],
             protocol_version: 1,
+            min_replicas: 1,
+            max_replicas: 1,
         };
         tokio::spawn(async move {
             while !stop2.is_cancelled() {
