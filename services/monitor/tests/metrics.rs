@@ -71,6 +71,8 @@ async fn task_events_show_up_in_metrics() {
             state: flotilla_protocol::AgentState::Idle,
             activities: vec![],
             protocol_version: 1,
+            min_replicas: 1,
+            max_replicas: 1,
         };
         fleet.kv_put(&topo_agents, id, &rec).await.unwrap();
     }
