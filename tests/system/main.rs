@@ -18,6 +18,7 @@ mod fleet_changes;
 mod long_call;
 mod prefixes;
 mod real_model;
+mod retries;
 mod runner_crash;
 mod scale_out;
 mod scheduling;

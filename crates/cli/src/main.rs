@@ -1,10 +1,11 @@
 //! `flotilla`: run a local fleet (`up`, `demo`) and talk to any fleet (`submit`, `status`,
-//! `agents`, `tail`, `approve`). Human-readable output by default, `--json` for scripts.
+//! `cancel`, `agents`, `tail`, `approve`). Human-readable output by default, `--json` for scripts.
 //!
 //! Exit codes: 0 success; 1 the task failed or was rejected; 2 bad usage; 3 not found;
 //! 4 timed out; 5 NATS or the fleet could not be reached or used.
 
 mod bench;
+mod cancel;
 mod client;
 mod fleet;
 mod local;
@@ -75,6 +76,15 @@ pub enum Command {
         /// Task id.
         id: String,
     },
+    /// Cancel a task that has not finished: it fails with code `cancelled`, and a running attempt
+    /// is stopped.
+    Cancel {
+        /// Task id.
+        id: String,
+        /// Why; becomes the task's failure message (default "cancelled by an operator").
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// List registered agents, or start and stop agents at runtime (spawn, scale, stop).
     Agents(fleet::AgentsArgs),
     /// The active dispatcher's queue: by capability, priority and tenant, with waiting times.
@@ -116,6 +126,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => local::demo(&cli, args).await,
             Command::Submit(args) => client::submit(&cli, args).await,
             Command::Status { id } => client::status(&cli, id).await,
+            Command::Cancel { id, reason } => cancel::cancel(&cli, id, reason.as_deref()).await,
             Command::Agents(args) => fleet::run(&cli, args).await,
             Command::Tail(args) => client::tail(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,

@@ -69,13 +69,14 @@ pub fn tool_calls_line(e: &TaskEvent) -> Option<String> {
 /// A task record, several lines.
 pub fn task_block(r: &TaskRecord) -> String {
     let mut s = format!(
-        "task       {}\nstate      {}\ncapability {}\npriority   {}\ntenant     {}\nattempt    {}\nsubmitted  {}\n",
+        "task       {}\nstate      {}\ncapability {}\npriority   {}\ntenant     {}\nattempt    {} of {}\nsubmitted  {}\n",
         r.id,
         r.state.as_str(),
         r.capability,
         r.priority,
         r.tenant,
         r.attempt,
+        r.max_attempts,
         humantime::format_rfc3339_millis(from_ms(r.submitted_at_ms)),
     );
     if let Some(a) = &r.agent_id {
@@ -92,6 +93,15 @@ pub fn task_block(r: &TaskRecord) -> String {
     }
     if let Some(o) = &r.output {
         s.push_str(&format!("output     {}\n", short(o, 400)));
+    }
+    for a in &r.attempts {
+        s.push_str(&format!(
+            "failed     attempt {} on {}: {}: {}\n",
+            a.attempt,
+            a.agent_id.as_deref().unwrap_or("-"),
+            a.error.code,
+            a.error.message
+        ));
     }
     for w in &r.warnings {
         s.push_str(&format!("warning    {w}\n"));

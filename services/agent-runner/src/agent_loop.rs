@@ -79,6 +79,7 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             tools: tools.clone(),
             max_tokens,
             purpose: rec.capability.clone(),
+            attempt: rec.attempt,
         };
         let result = if env.provider.streams() {
             let (sink, pieces) = TextSink::channel();

@@ -1,13 +1,17 @@
 //! Fleet changes at runtime: a runner answers `<p>.runners.<runner>.scale` ("run N agents of
 //! template T") and `<p>.runners.<runner>.stop` ("stop agent A") without restarting. Both are
-//! declarative or idempotent, so a retried request changes nothing more.
+//! declarative or idempotent, so a retried request changes nothing more. It also takes
+//! `<p>.runners.<runner>.cancel` (a `CancelTask`, core NATS): stop an attempt it holds whose task
+//! was already ended by someone else.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::pull;
 use flotilla_protocol::names::runner_op;
-use flotilla_protocol::{AgentState, ErrorInfo, FleetChangeReply, ScaleRequest, StopAgentRequest, codec};
+use flotilla_protocol::{
+    AgentState, CancelTask, ErrorInfo, ErrorReply, FleetChangeReply, ScaleRequest, StopAgentRequest, codec,
+};
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -54,20 +58,26 @@ impl Control {
         slot.lifecycle.set(None, AgentState::Idle);
     }
 
-    /// Answers fleet-change requests until `shutdown`.
+    /// Answers fleet-change requests and takes cancellations until `shutdown`.
     pub async fn serve(mut self) -> anyhow::Result<()> {
         let runner = self.agents.runner_id.clone();
         let scale =
             self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::SCALE)).await?;
         let stop =
             self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::STOP)).await?;
-        let mut requests = futures::stream::select(scale, stop);
+        let cancel =
+            self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::CANCEL)).await?;
+        let mut requests = futures::stream::select(futures::stream::select(scale, stop), cancel);
         loop {
             let msg = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 m = requests.next() => match m { Some(m) => m, None => break },
             };
             let op = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_owned();
+            if op == runner_op::CANCEL {
+                self.cancel(&msg).await;
+                continue;
+            }
             let span = tracing::info_span!("fleet_change", runner_id = %runner, op = %op);
             let reply = self.handle(&op, &msg).instrument(span).await;
             if let Some(to) = msg.reply.clone() {
@@ -82,6 +92,46 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// Stops the attempt a `CancelTask` names, if this runner holds it. Core NATS without a reply:
+    /// bad input is logged and dropped; a request that does give a reply subject is answered
+    /// (`{runner_id, task_id, attempt, stopped}` or an `ErrorReply`).
+    #[tracing::instrument(skip_all, fields(runner_id = %self.agents.runner_id, subject = %msg.subject, task_id, attempt))]
+    async fn cancel(&self, msg: &async_nats::Message) {
+        let content_type = msg.headers.as_ref().and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE));
+        let answer = match codec::decode::<CancelTask>(content_type.map(|v| v.as_str()), &msg.payload) {
+            Ok(req) => {
+                let span = tracing::Span::current();
+                span.record("task_id", req.task_id.as_str());
+                span.record("attempt", req.attempt);
+                let stopped = self.agents.cancel(&req.task_id, req.attempt, &req.error);
+                if stopped > 0 {
+                    tracing::info!(code = %req.error.code, "cancelling the attempt");
+                } else {
+                    tracing::debug!("cancel for an attempt this runner does not hold");
+                }
+                self.fleet.encode(&serde_json::json!({
+                    "runner_id": self.agents.runner_id,
+                    "task_id": req.task_id,
+                    "attempt": req.attempt,
+                    "stopped": stopped,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(reason = e.reason.code(), error = %e, "undecodable cancel request ignored");
+                self.fleet.encode(&ErrorReply { error: ErrorInfo::new(e.reason.code(), e.message) })
+            }
+        };
+        let Some(to) = msg.reply.clone() else { return };
+        match answer {
+            Ok(body) => {
+                if let Err(e) = self.fleet.client.publish(to, body).await {
+                    tracing::warn!(error = %e, "failed to answer a cancel request");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "failed to encode a cancel reply"),
+        }
     }
 
     async fn handle(&mut self, op: &str, msg: &async_nats::Message) -> FleetChangeReply {

@@ -84,6 +84,8 @@ async fn answer(slot: &Slot, provider: &Provider, payload: &[u8]) -> DirectReply
         tools: vec![],
         max_tokens: slot.template.max_tokens_per_call,
         purpose: "message".to_owned(),
+        // A direct message belongs to no attempt of a task.
+        attempt: 0,
     };
     match provider.chat(&req).await {
         Ok(r) => {

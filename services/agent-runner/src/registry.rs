@@ -1,13 +1,13 @@
 //! The runner's agents and their registry entries: registration, heartbeats that carry load and
 //! status, capability declarations, agents started and stopped at runtime, and deregistration.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use flotilla_protocol::{
-    AgentEvent, AgentRecord, AgentStatus, CapabilityRecord, PROTOCOL_VERSION, time::now_ms,
+    AgentEvent, AgentRecord, AgentStatus, CapabilityRecord, ErrorInfo, PROTOCOL_VERSION, time::now_ms,
 };
 use flotilla_service::{Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
@@ -99,8 +99,35 @@ pub struct Agents {
     pub failed: AtomicU64,
     /// Assignments dropped because the task had moved on (reassigned, finished, unknown).
     pub fenced: AtomicU64,
+    /// Attempts that failed with a retryable error and were queued again.
+    pub retried: AtomicU64,
+    /// Attempts stopped by a `CancelTask`.
+    pub cancelled: AtomicU64,
     /// Signalled when the registry should be written now (a lifecycle change).
     pub dirty: Arc<Notify>,
+    /// The attempts this process holds, by (task, attempt, agent), so a `CancelTask` can stop them.
+    attempts: Mutex<HashMap<(String, u32, String), Cancel>>,
+}
+
+/// How one held attempt is stopped: its token, and the reason given by whoever cancelled it.
+#[derive(Debug, Clone)]
+pub struct Cancel {
+    pub token: CancellationToken,
+    pub reason: Arc<OnceLock<ErrorInfo>>,
+}
+
+/// Keeps an attempt cancellable for as long as it lives.
+#[derive(Debug)]
+pub struct HeldAttempt<'a> {
+    agents: &'a Agents,
+    key: (String, u32, String),
+    pub cancel: Cancel,
+}
+
+impl Drop for HeldAttempt<'_> {
+    fn drop(&mut self) {
+        self.agents.attempts_lock().remove(&self.key);
+    }
 }
 
 impl Agents {
@@ -134,8 +161,47 @@ impl Agents {
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             fenced: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             dirty: Arc::new(Notify::new()),
+            attempts: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn attempts_lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32, String), Cancel>> {
+        self.attempts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers attempt `attempt` of `task_id` on `agent_id` as held here until the returned
+    /// guard drops; `token` is cancelled by [`Agents::cancel`].
+    pub fn hold(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        agent_id: &str,
+        token: CancellationToken,
+    ) -> HeldAttempt<'_> {
+        let key = (task_id.to_owned(), attempt, agent_id.to_owned());
+        let cancel = Cancel { token, reason: Arc::new(OnceLock::new()) };
+        self.attempts_lock().insert(key.clone(), cancel.clone());
+        HeldAttempt { agents: self, key, cancel }
+    }
+
+    /// Stops attempt `attempt` of `task_id` wherever this process holds it; returns how many
+    /// holders were told (0 when it is not held here).
+    pub fn cancel(&self, task_id: &str, attempt: u32, reason: &ErrorInfo) -> usize {
+        let held: Vec<Cancel> = self
+            .attempts_lock()
+            .iter()
+            .filter(|((t, a, _), _)| t == task_id && *a == attempt)
+            .map(|(_, c)| c.clone())
+            .collect();
+        for c in &held {
+            // The first reason wins; a repeated cancel changes nothing.
+            let _ = c.reason.set(reason.clone());
+            c.token.cancel();
+        }
+        held.len()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Slot>>> {
@@ -346,6 +412,8 @@ impl Agents {
             "completed": self.completed.load(Ordering::Relaxed),
             "failed": self.failed.load(Ordering::Relaxed),
             "fenced": self.fenced.load(Ordering::Relaxed),
+            "retried": self.retried.load(Ordering::Relaxed),
+            "cancelled": self.cancelled.load(Ordering::Relaxed),
             "draining": self.draining.load(Ordering::Relaxed),
         })
     }

@@ -1,15 +1,19 @@
 //! Handling of one assignment: decode, fence (claim the attempt with a revision-checked update),
 //! run the model with in-progress acks, record the outcome with another revision-checked update,
-//! publish the lifecycle events, and only then ack.
+//! publish the lifecycle events, and only then ack. A retryable failure before the last attempt
+//! queues the task again (with the attempt in its history); one on the last attempt fails it and
+//! writes a dead letter. An attempt stops early when it is cancelled (`CancelTask`) or its
+//! deadline passes.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::Message;
-use flotilla_protocol::names::event_kind;
+use flotilla_protocol::names::{event_kind, service};
 use flotilla_protocol::{
-    Assignment, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, codec, headers, time::now_ms,
+    Assignment, AttemptRecord, CallUsage, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, Usage,
+    codec, failure, headers, is_retryable, time::now_ms,
 };
 use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
 use tokio_util::sync::CancellationToken;
@@ -17,7 +21,7 @@ use tracing::Instrument as _;
 
 use crate::agent_loop::{self, LoopError};
 use crate::llm::Provider;
-use crate::registry::{Agents, MAX_CRASHES, Slot};
+use crate::registry::{Agents, Cancel, MAX_CRASHES, Slot};
 use crate::tools::{Registry, ToolCtx};
 
 /// What every handler shares.
@@ -119,6 +123,14 @@ impl Drop for Reservation<'_> {
 
 async fn claim(ctx: &Context, a: &Assignment) -> Result<Claim, FleetError> {
     let ours = |r: &TaskRecord| r.attempt == a.attempt && r.agent_id.as_deref() == Some(a.agent_id.as_str());
+    // Queued again by this attempt's retryable failure (the record no longer names an agent).
+    let retried_here = |r: &TaskRecord| {
+        r.state == TaskState::Queued
+            && r.attempt == a.attempt
+            && r.attempts
+                .last()
+                .is_some_and(|l| l.attempt == a.attempt && l.agent_id.as_deref() == Some(a.agent_id.as_str()))
+    };
     for _ in 0..5 {
         let (mut rec, rev) = match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &a.task_id).await {
             Ok(Some(found)) => found,
@@ -126,6 +138,9 @@ async fn claim(ctx: &Context, a: &Assignment) -> Result<Claim, FleetError> {
             Err(FleetError::Decode { source, .. }) => return Ok(Claim::Unreadable(source.to_string())),
             Err(e) => return Err(e),
         };
+        if retried_here(&rec) {
+            return Ok(Claim::Finished(rec));
+        }
         if !ours(&rec) {
             return Ok(Claim::Stale("task was reassigned"));
         }
@@ -176,10 +191,22 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
         guard.release();
         return;
     };
+    // From here a `CancelTask` for this attempt stops it. The drain's abort cancels the same
+    // token, but then the work is handed back rather than dropped.
+    let held = ctx.agents.hold(&a.task_id, a.attempt, &a.agent_id, ctx.abort.child_token());
     // Wait for a free slot while keeping the assignment alive.
     let permit = tokio::select! {
         p = guard.with_progress(ctx.progress_every, ctx.max_task_time, slot.permits.clone().acquire_owned()) => p,
-        _ = ctx.abort.cancelled() => return, // guard drops: NAK
+        _ = held.cancel.token.cancelled() => {
+            if ctx.abort.is_cancelled() {
+                return; // guard drops: NAK
+            }
+            // The canceller has written the record final: there is nothing to run.
+            tracing::info!("attempt cancelled before it started");
+            ctx.agents.cancelled.fetch_add(1, Ordering::Relaxed);
+            let _ = guard.ack().await;
+            return;
+        }
     };
     let Ok(_permit) = permit else { return };
 
@@ -218,7 +245,7 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
 
     slot.in_flight.fetch_add(1, Ordering::Relaxed);
     let task_id = rec.id.clone();
-    let outcome = run_claimed(&ctx, &slot, &guard, rec, rev).await;
+    let outcome = run_claimed(&ctx, &slot, &guard, rec, rev, &held.cancel).await;
     slot.lifecycle.finish(&task_id);
     slot.in_flight.fetch_sub(1, Ordering::Relaxed);
     match outcome {
@@ -248,6 +275,11 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             }
             let _ = guard.nak(Some(backoff)).await;
         }
+        Outcome::Cancelled => {
+            if let Err(e) = guard.ack().await {
+                tracing::warn!(error = %e, "ack of a cancelled attempt failed; a redelivery will be fenced");
+            }
+        }
         Outcome::Abandoned => {
             tracing::info!("drain grace over; assignment handed back");
             let _ = guard.nak(None).await;
@@ -265,10 +297,98 @@ enum Outcome {
     Done,
     Retry(FleetError),
     Crashed(String),
+    /// Stopped by a `CancelTask`: ack, the record is final.
+    Cancelled,
     Abandoned,
 }
 
-async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskRecord, rev: u64) -> Outcome {
+/// What an attempt came to, to be written into the task record.
+enum Verdict {
+    Completed(agent_loop::Answer),
+    /// Failed with `error`. A retryable error queues the task again while attempts remain,
+    /// unless `may_retry` is false (a cancelled attempt never runs again).
+    Failed {
+        error: ErrorInfo,
+        usage: Usage,
+        calls: Vec<CallUsage>,
+        may_retry: bool,
+    },
+}
+
+impl Verdict {
+    fn failed(code: &str, message: &str) -> Self {
+        Self::Failed {
+            error: ErrorInfo::new(code, message),
+            usage: Usage::default(),
+            calls: vec![],
+            may_retry: true,
+        }
+    }
+
+    /// Applies the verdict to the current record of the attempt.
+    fn apply(&self, r: &mut TaskRecord, model: &str, now: u64) {
+        r.updated_at_ms = now;
+        match self {
+            Self::Completed(answer) => {
+                r.state = TaskState::Completed;
+                r.output =
+                    Some(serde_json::json!({ "answer": answer.text, "model": model, "steps": answer.steps }));
+                r.usage = Some(answer.usage);
+                r.calls = answer.calls.clone();
+                r.finished_at_ms = Some(now);
+                // An earlier attempt's error stays in `attempts` only.
+                r.error = None;
+            }
+            Self::Failed { error, usage, calls, may_retry } => {
+                let attempt = r.attempt;
+                r.attempts.retain(|a| a.attempt != attempt);
+                r.attempts.push(AttemptRecord {
+                    attempt,
+                    agent_id: r.agent_id.clone(),
+                    runner_id: r.runner_id.clone(),
+                    error: error.clone(),
+                    usage: Some(*usage),
+                    started_at_ms: r.started_at_ms,
+                    finished_at_ms: now,
+                });
+                r.error = Some(error.clone());
+                if *may_retry && is_retryable(&error.code) && attempt < r.max_attempts {
+                    // Queued for the next attempt; the dispatcher assigns it after a backoff.
+                    r.state = TaskState::Queued;
+                    r.agent_id = None;
+                    r.runner_id = None;
+                    r.started_at_ms = None;
+                    r.finished_at_ms = None;
+                    r.output = None;
+                    r.usage = None;
+                    r.calls = Vec::new();
+                } else {
+                    r.state = TaskState::Failed;
+                    r.usage = Some(*usage);
+                    r.calls = calls.clone();
+                    r.finished_at_ms = Some(now);
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the deadline passes; never without one.
+async fn deadline_passes(deadline_ms: Option<u64>) {
+    match deadline_ms {
+        Some(d) => tokio::time::sleep(Duration::from_millis(d.saturating_sub(now_ms()))).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_claimed(
+    ctx: &Context,
+    slot: &Slot,
+    guard: &AckGuard,
+    rec: TaskRecord,
+    rev: u64,
+    cancel: &Cancel,
+) -> Outcome {
     let mut started = TaskEvent::for_task(&rec, event_kind::STARTED);
     started.runner_id = Some(ctx.runner_id.clone());
     if let Err(e) = ctx.fleet.publish_event(&started).await {
@@ -277,7 +397,8 @@ async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskReco
     let Some(provider) = ctx.providers.get(&slot.template.name).cloned() else {
         return Outcome::Crashed(format!("no provider for template {}", slot.template.name));
     };
-    let cancel = ctx.abort.child_token();
+    // However the attempt ends, tools still waiting (on a sub-task, a human) stop with it.
+    let _stop_tools = cancel.token.clone().drop_guard();
     let states = crate::lifecycle::TaskStates::new(slot.lifecycle.clone(), rec.id.clone());
     let env = agent_loop::Env {
         states: states.clone(),
@@ -293,68 +414,99 @@ async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskReco
             agent_id: slot.agent_id.clone(),
             step: 0,
             index: 0,
-            cancel: cancel.clone(),
+            cancel: cancel.token.clone(),
             states,
         },
     };
 
-    let result = if rec.deadline_ms.is_some_and(|d| d <= now_ms()) {
-        Err(LoopError::Failed {
-            error: ErrorInfo::new("deadline_exceeded", "the deadline passed before the task started"),
-            usage: Default::default(),
-            calls: vec![],
-        })
+    let mut cancelled = false;
+    let verdict = if rec.deadline_ms.is_some_and(|d| d <= now_ms()) {
+        Verdict::failed(failure::DEADLINE_EXCEEDED, "the deadline passed before the task started")
     } else {
         ctx.agents.executions.fetch_add(1, Ordering::Relaxed);
-        let work = guard.with_progress(ctx.progress_every, ctx.max_task_time, agent_loop::run(&env, &rec));
         tokio::select! {
-            r = work => r,
-            _ = ctx.abort.cancelled() => return Outcome::Abandoned,
+            r = guard.with_progress(ctx.progress_every, ctx.max_task_time, agent_loop::run(&env, &rec)) => match r {
+                Ok(answer) => Verdict::Completed(answer),
+                Err(LoopError::Failed { error, usage, calls }) => {
+                    Verdict::Failed { error, usage, calls, may_retry: true }
+                }
+                Err(LoopError::Crashed(why)) => return Outcome::Crashed(why),
+                Err(LoopError::Infrastructure(e)) => return Outcome::Retry(e),
+            },
+            _ = cancel.token.cancelled() => {
+                if ctx.abort.is_cancelled() {
+                    return Outcome::Abandoned;
+                }
+                cancelled = true;
+                ctx.agents.cancelled.fetch_add(1, Ordering::Relaxed);
+                let error = cancel.reason.get().cloned().unwrap_or_else(|| {
+                    ErrorInfo::new(failure::CANCELLED, "the attempt was cancelled")
+                });
+                tracing::info!(code = %error.code, "attempt cancelled; stopping its work");
+                // The canceller has normally written the record final already, so the write
+                // below is fenced off and changes nothing; were the record still showing this
+                // attempt running, the cancel's error ends it rather than leaving it stuck.
+                Verdict::Failed { error, usage: Usage::default(), calls: vec![], may_retry: false }
+            }
+            _ = deadline_passes(rec.deadline_ms) => {
+                tracing::info!("the deadline passed while the task was running; stopping its work");
+                Verdict::failed(failure::DEADLINE_EXCEEDED, "the deadline passed while the task was running")
+            }
         }
     };
 
     let now = now_ms();
-    let apply: Box<dyn Fn(&mut TaskRecord) + Send + Sync> = match result {
-        Ok(answer) => {
-            let model = slot.template.model.clone();
-            Box::new(move |r: &mut TaskRecord| {
-                r.state = TaskState::Completed;
-                r.output =
-                    Some(serde_json::json!({ "answer": answer.text, "model": model, "steps": answer.steps }));
-                r.usage = Some(answer.usage);
-                r.calls = answer.calls.clone();
-                r.finished_at_ms = Some(now);
-                r.updated_at_ms = now;
-            })
+    let model = slot.template.model.clone();
+    let done = if cancelled { Outcome::Cancelled } else { Outcome::Done };
+    let current = match record_outcome(ctx, rec, rev, |r| verdict.apply(r, &model, now)).await {
+        Ok(Some(written)) => written,
+        Ok(None) => {
+            if !cancelled {
+                tracing::info!("result fenced: the task moved on while it ran");
+                ctx.agents.fenced.fetch_add(1, Ordering::Relaxed);
+            }
+            return done;
         }
-        Err(LoopError::Failed { error, usage, calls }) => Box::new(move |r: &mut TaskRecord| {
-            r.state = TaskState::Failed;
-            r.error = Some(error.clone());
-            r.usage = Some(usage);
-            r.calls = calls.clone();
-            r.finished_at_ms = Some(now);
-            r.updated_at_ms = now;
-        }),
-        Err(LoopError::Crashed(why)) => return Outcome::Crashed(why),
-        Err(LoopError::Infrastructure(e)) => return Outcome::Retry(e),
+        Err(e) => return Outcome::Retry(e),
     };
+    let counter = match current.state {
+        TaskState::Completed => &ctx.agents.completed,
+        TaskState::Queued => {
+            tracing::info!(
+                attempt = current.attempt,
+                max_attempts = current.max_attempts,
+                "attempt failed; the task is queued for a retry"
+            );
+            &ctx.agents.retried
+        }
+        _ => &ctx.agents.failed,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    match announce_outcome(&ctx.fleet, &current).await {
+        Ok(()) => done,
+        Err(e) => Outcome::Retry(e),
+    }
+}
 
-    // Record the outcome, fenced by the revision of our claim. Someone else may have written the
-    // record meanwhile (a delegated child is linked into it): if it is still our running attempt,
-    // apply the outcome to the current record; otherwise the result is fenced off.
-    let mut current = rec;
-    let mut rev = rev;
+/// Writes the outcome of a claimed attempt, fenced by the revision of the claim. Someone else may
+/// have written the record meanwhile (a delegated child is linked into it): if it still shows our
+/// running attempt, the outcome is applied to the current record; otherwise it is fenced off
+/// (`None`).
+async fn record_outcome(
+    ctx: &Context,
+    rec: TaskRecord,
+    rev: u64,
+    apply: impl Fn(&mut TaskRecord),
+) -> Result<Option<TaskRecord>, FleetError> {
+    let (mut current, mut rev) = (rec, rev);
     loop {
         let mut next = current.clone();
         apply(&mut next);
         match ctx.fleet.kv_update(&ctx.topology.tasks, &next.id, &next, rev).await {
-            Ok(_) => {
-                current = next;
-                break;
-            }
+            Ok(_) => return Ok(Some(next)),
             Err(e) if e.is_conflict() => {
-                match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &current.id).await {
-                    Ok(Some((cur, cur_rev)))
+                match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &current.id).await? {
+                    Some((cur, cur_rev))
                         if cur.state == TaskState::Running
                             && cur.attempt == current.attempt
                             && cur.agent_id == current.agent_id =>
@@ -362,35 +514,77 @@ async fn run_claimed(ctx: &Context, slot: &Slot, guard: &AckGuard, rec: TaskReco
                         current = cur;
                         rev = cur_rev;
                     }
-                    Ok(_) => {
-                        tracing::info!("result fenced: the task moved on while it ran");
-                        ctx.agents.fenced.fetch_add(1, Ordering::Relaxed);
-                        return Outcome::Done;
-                    }
-                    Err(e) => return Outcome::Retry(e),
+                    _ => return Ok(None),
                 }
             }
-            Err(e) => return Outcome::Retry(e),
+            Err(e) => return Err(e),
         }
-    }
-    if current.state == TaskState::Completed {
-        ctx.agents.completed.fetch_add(1, Ordering::Relaxed);
-    } else {
-        ctx.agents.failed.fetch_add(1, Ordering::Relaxed);
-    }
-    match announce_outcome(&ctx.fleet, &current).await {
-        Ok(()) => Outcome::Done,
-        Err(e) => Outcome::Retry(e),
     }
 }
 
-/// Publishes the terminal event of a finished task (idempotent: de-duplicated by id).
+/// Publishes what a written outcome announces (idempotent: every publish is de-duplicated by id):
+/// `completed`, or `failed` plus a dead letter when retries ran out, or `retrying` when the
+/// attempt's failure queued the task again.
 async fn announce_outcome(fleet: &Fleet, rec: &TaskRecord) -> Result<(), FleetError> {
-    let kind = if rec.state == TaskState::Completed { event_kind::COMPLETED } else { event_kind::FAILED };
-    let mut ev = TaskEvent::for_task(rec, kind);
-    ev.output = rec.output.clone();
-    ev.usage = rec.usage;
-    ev.error = rec.error.clone();
-    ev.calls = rec.calls.clone();
-    fleet.publish_event(&ev).await
+    match rec.state {
+        TaskState::Completed | TaskState::Failed => {
+            let kind =
+                if rec.state == TaskState::Completed { event_kind::COMPLETED } else { event_kind::FAILED };
+            let mut ev = TaskEvent::for_task(rec, kind);
+            ev.output = rec.output.clone();
+            ev.usage = rec.usage;
+            ev.error = rec.error.clone();
+            ev.calls = rec.calls.clone();
+            fleet.publish_event(&ev).await?;
+            if retries_exhausted(rec) {
+                dead_letter_retries(fleet, rec).await?;
+            }
+            Ok(())
+        }
+        TaskState::Queued => {
+            let Some(last) = rec.attempts.last() else { return Ok(()) };
+            let mut ev = TaskEvent::for_task(rec, event_kind::RETRYING);
+            ev.attempt = Some(last.attempt);
+            ev.agent_id = last.agent_id.clone();
+            ev.runner_id = last.runner_id.clone();
+            ev.error = Some(last.error.clone());
+            ev.usage = last.usage;
+            fleet.publish_event(&ev).await
+        }
+        TaskState::Assigned | TaskState::Running => Ok(()),
+    }
+}
+
+/// True when the task failed because its last attempt failed with a retryable error and no
+/// attempts were left.
+fn retries_exhausted(rec: &TaskRecord) -> bool {
+    rec.state == TaskState::Failed
+        && rec.attempt >= rec.max_attempts
+        && rec.error.as_ref().is_some_and(|e| is_retryable(&e.code))
+        && rec.attempts.last().is_some_and(|l| l.attempt == rec.attempt)
+}
+
+/// Dead-letters a task whose retries ran out: the record (encoded, as the payload) and every
+/// attempt. De-duplicated per task.
+async fn dead_letter_retries(fleet: &Fleet, rec: &TaskRecord) -> Result<(), FleetError> {
+    use base64::Engine as _;
+    let payload = fleet.encode(rec)?;
+    let cut = payload.get(..payload.len().min(64 * 1024)).unwrap_or_default();
+    let last = rec.error.as_ref().map(|e| format!("{}: {}", e.code, e.message)).unwrap_or_default();
+    let dl = DeadLetter {
+        source: "agent-runner.retries".to_owned(),
+        reason: "retries_exhausted".to_owned(),
+        message: format!("all {} attempts failed; the last with {last}", rec.attempt),
+        task_id: Some(rec.id.clone()),
+        subject: fleet.names.task_event_subject(&rec.id, event_kind::FAILED),
+        stream_sequence: None,
+        payload_base64: base64::engine::general_purpose::STANDARD.encode(cut),
+        payload_len: u64::try_from(payload.len()).unwrap_or(u64::MAX),
+        headers: [(headers::CONTENT_TYPE.to_owned(), fleet.format.content_type().to_owned())].into(),
+        at_ms: now_ms(),
+        attempts: rec.attempts.clone(),
+    };
+    tracing::warn!(attempts = rec.attempts.len(), error = %last, "retries exhausted; task dead-lettered");
+    let subject = fleet.names.deadletter_subject(service::AGENT_RUNNER);
+    fleet.publish_durable(subject, &dl, Some(&format!("retries:{}", rec.id))).await
 }

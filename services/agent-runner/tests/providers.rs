@@ -39,6 +39,7 @@ fn request() -> ChatRequest {
         }],
         max_tokens: 64,
         purpose: "test".into(),
+        attempt: 1,
     }
 }
 

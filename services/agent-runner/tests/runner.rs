@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_agent_runner::FleetFile;
 use flotilla_protocol::{
-    AgentRecord, Assignment, HealthReply, Names, Prefix, TaskEvent, TaskRecord, TaskState, WireFormat, codec,
-    time::now_ms,
+    AgentRecord, Assignment, DeadLetter, HealthReply, Names, Prefix, TaskEvent, TaskRecord, TaskState,
+    WireFormat, codec, time::now_ms,
 };
 use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
 use flotilla_testkit::{NatsServer, eventually};
@@ -99,6 +99,20 @@ async fn health(fleet: &Fleet) -> HealthReply {
     codec::decode(None, &reply.payload).unwrap()
 }
 
+async fn dead_letters(fleet: &Fleet) -> Vec<DeadLetter> {
+    let stream = fleet.js.get_stream(fleet.names.deadletter_stream()).await.unwrap();
+    let c = stream
+        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .unwrap();
+    let mut msgs = c.messages().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(300), msgs.next()).await {
+        out.push(codec::decode(None, &m.payload).unwrap());
+    }
+    out
+}
+
 async fn events_of(fleet: &Fleet, id: &str) -> Vec<TaskEvent> {
     let stream = fleet.js.get_stream(fleet.names.events_stream()).await.unwrap();
     let c = stream
@@ -161,17 +175,56 @@ async fn registers_heartbeats_runs_and_fences() {
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["started", "progress", "completed"], "the re-announced completion was de-duplicated");
 
-    // A failing model call fails the task with a reason.
+    // A failing model call (a retryable `model_error`) queues the task again while attempts are
+    // left, with the attempt in its history, and fails it with a reason on the last one.
     let mut bad = record("job-2", 1, "r1-echo-0");
     bad.input = serde_json::json!({"_offline": {"fail": "model exploded"}});
+    bad.max_attempts = 2;
     fleet.kv_create(&topo.tasks, "job-2", &bad).await.unwrap();
     assign(&fleet, &bad, "job-2:1").await;
+    let (queued, rev): (TaskRecord, u64) = eventually(Duration::from_secs(10), "a retry", || async {
+        let (r, rev) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-2").await.unwrap()?;
+        (r.state == TaskState::Queued).then_some((r, rev))
+    })
+    .await;
+    assert_eq!(queued.attempt, 1);
+    assert_eq!(queued.agent_id, None);
+    assert_eq!(queued.error.as_ref().unwrap().code, "model_error");
+    assert_eq!(queued.attempts.len(), 1);
+    assert_eq!(queued.attempts[0].attempt, 1);
+    assert_eq!(queued.attempts[0].agent_id.as_deref(), Some("r1-echo-0"));
+    assert_eq!(queued.attempts[0].runner_id.as_deref(), Some("r1"));
+    assert_eq!(queued.attempts[0].error.message, "model exploded");
+    assert!(queued.attempts[0].started_at_ms.is_some());
+    // The test plays the dispatcher: attempt 2 goes to the other agent.
+    let mut second = queued.clone();
+    second.state = TaskState::Assigned;
+    second.attempt = 2;
+    second.agent_id = Some("r1-echo-1".into());
+    second.runner_id = Some("r1".into());
+    fleet.kv_update(&topo.tasks, "job-2", &second, rev).await.unwrap();
+    assign(&fleet, &second, "job-2:2").await;
     let failed: TaskRecord = eventually(Duration::from_secs(10), "failure", || async {
         let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-2").await.unwrap()?;
         (r.state == TaskState::Failed).then_some(r)
     })
     .await;
     assert_eq!(failed.error.unwrap().message, "model exploded");
+    let attempts: Vec<(u32, Option<&str>)> =
+        failed.attempts.iter().map(|a| (a.attempt, a.agent_id.as_deref())).collect();
+    assert_eq!(attempts, [(1, Some("r1-echo-0")), (2, Some("r1-echo-1"))]);
+    let kinds: Vec<(String, Option<u32>)> =
+        events_of(&fleet, "job-2").await.into_iter().map(|e| (e.kind, e.attempt)).collect();
+    assert!(kinds.contains(&("retrying".into(), Some(1))), "{kinds:?}");
+    assert!(kinds.contains(&("failed".into(), Some(2))), "{kinds:?}");
+    let dead = dead_letters(&fleet).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, "retries_exhausted");
+    assert_eq!(dead[0].task_id.as_deref(), Some("job-2"));
+    assert_eq!(dead[0].attempts.len(), 2);
+    let h = health(&fleet).await;
+    assert_eq!(h.details["retried"], 1);
+    assert_eq!(h.details["failed"], 1);
 
     // Shutdown deregisters the agents.
     shutdown.cancel();

@@ -183,6 +183,7 @@ mod tests {
             tools: vec![],
             max_tokens: 10,
             purpose: String::new(),
+            attempt: 1,
         };
         let b = request_body(&req);
         assert_eq!(b["system"], "sys");

@@ -59,6 +59,9 @@ pub struct ChatRequest {
     pub max_tokens: u32,
     /// What the call is for (the task's capability); only the offline model uses it.
     pub purpose: String,
+    /// The task's attempt this call belongs to (from 1; 0 outside a task); only the offline model
+    /// uses it, for its `fail_attempts` directive.
+    pub attempt: u32,
 }
 
 /// Why the model stopped.

@@ -1,7 +1,10 @@
 //! The built-in offline model: deterministic, no network. Its answer and token counts depend only
 //! on the request, so tests can assert on them. The task input may carry `_offline` directives:
-//! `sleep_ms` (think that long on every call), `fail` (fail with that text), and `tool_calls`
-//! (a list of `{"name", "arguments"}` the model calls on its first turn before answering).
+//! `sleep_ms` (think that long on every call), `fail` (fail every attempt with that text),
+//! `fail_attempts` (fail attempts 1 to N, succeed from N + 1), `fail_code` (the error code of those
+//! failures: `model_error` by default, or a `provider_*` code such as `provider_refused`), and
+//! `tool_calls` (a list of `{"name", "arguments"}` the model calls on its first turn before
+//! answering).
 
 use std::time::Duration;
 
@@ -29,14 +32,42 @@ fn input(req: &ChatRequest) -> (String, Value) {
     (text, parsed.get("_offline").cloned().unwrap_or(Value::Null))
 }
 
+/// The failure the directives ask for on this attempt, if any.
+fn simulated_failure(directives: &Value, attempt: u32) -> Option<ProviderError> {
+    let fail = directives.get("fail").and_then(Value::as_str);
+    let fail_attempts = directives.get("fail_attempts").and_then(Value::as_u64);
+    let failing = fail.is_some() || fail_attempts.is_some_and(|n| u64::from(attempt) <= n);
+    if !failing {
+        return None;
+    }
+    let message =
+        fail.map_or_else(|| format!("offline model: simulated failure of attempt {attempt}"), str::to_owned);
+    let code = directives.get("fail_code").and_then(Value::as_str).unwrap_or("model_error");
+    Some(error_with_code(code, message))
+}
+
+/// A provider error whose [`ProviderError::code`] is `code` (`model_error` for unknown codes).
+fn error_with_code(code: &str, message: String) -> ProviderError {
+    match code {
+        "provider_rate_limited" => ProviderError::RateLimited { retry_after: None },
+        "provider_server_error" => ProviderError::Server { status: 500, message, retry_after: None },
+        "provider_timeout" => ProviderError::Timeout(Duration::ZERO),
+        "provider_unreachable" => ProviderError::Transport(message),
+        "provider_refused" => ProviderError::Refused { status: 400, message },
+        "provider_malformed_response" => ProviderError::Malformed(message),
+        "provider_config" => ProviderError::Config(message),
+        _ => ProviderError::Failed(message),
+    }
+}
+
 /// Answers one call.
 pub async fn chat(agent: &str, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
     let (text, directives) = input(req);
     if let Some(ms) = directives.get("sleep_ms").and_then(Value::as_u64) {
         tokio::time::sleep(Duration::from_millis(ms.min(3_600_000))).await;
     }
-    if let Some(reason) = directives.get("fail").and_then(Value::as_str) {
-        return Err(ProviderError::Failed(reason.to_owned()));
+    if let Some(e) = simulated_failure(&directives, req.attempt) {
+        return Err(e);
     }
     let prompt_len = req.system.len()
         + req
@@ -100,6 +131,7 @@ mod tests {
             tools: vec![],
             max_tokens: 100,
             purpose: "summarize".into(),
+            attempt: 1,
         }
     }
 
@@ -110,6 +142,31 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.text, "[w] summarize: hello");
         assert_eq!(a.usage.total_tokens, a.usage.prompt_tokens + a.usage.completion_tokens);
+    }
+
+    #[tokio::test]
+    async fn fail_attempts_fails_the_first_attempts_with_the_code_asked_for() {
+        let mut r = req(&json!({"text": "t", "_offline": {"fail_attempts": 2}}));
+        for attempt in [1, 2] {
+            r.attempt = attempt;
+            let e = chat("w", &r).await.unwrap_err();
+            assert_eq!(e.code(), "model_error");
+            assert!(flotilla_protocol::is_retryable(e.code()));
+        }
+        r.attempt = 3;
+        assert_eq!(chat("w", &r).await.unwrap().text, "[w] summarize: t");
+
+        let mut r = req(&json!({"_offline": {"fail_attempts": 1, "fail_code": "provider_refused"}}));
+        let e = chat("w", &r).await.unwrap_err();
+        assert_eq!(e.code(), "provider_refused");
+        assert!(!flotilla_protocol::is_retryable(e.code()));
+        r.attempt = 2;
+        assert!(chat("w", &r).await.is_ok());
+
+        // `fail` fails every attempt; `fail_code` sets its code too.
+        let mut r = req(&json!({"_offline": {"fail": "no", "fail_code": "provider_server_error"}}));
+        r.attempt = 9;
+        assert_eq!(chat("w", &r).await.unwrap_err().code(), "provider_server_error");
     }
 
     #[tokio::test]

@@ -460,6 +460,7 @@ mod tests {
             }],
             max_tokens: 100,
             purpose: "test".into(),
+            attempt: 1,
         };
         let b = request_body(&req);
         assert_eq!(b["messages"][0]["role"], "system");
