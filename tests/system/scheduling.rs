@@ -85,7 +85,7 @@ async fn an_interactive_task_overtakes_a_saturating_batch_flood() {
         "batch tasks assigned after the interactive one arrived: {overtaken_by:?}"
     );
     let queued_batch = 500 - events[..assigned].iter().filter(|e| e.kind == "assigned").count();
-    assert!(queued_batch > 400, "the batch queue was still deep ({queued_batch})");
+    assert!(queued_batch > 100, "the batch queue was still deep ({queued_batch})");
     let reason = events[assigned].reason.clone().unwrap();
     assert!(reason == "idle_agent" || reason == "least_loaded", "{reason}");
     sys.stop().await;
