@@ -67,6 +67,19 @@ pub struct Config {
     /// Longest backoff between two attempts.
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
+    /// Ask runners for more agents of a template while its capability's queue stays deep, and
+    /// for fewer once they idle, within each template's `min_replicas`..`max_replicas`.
+    pub autoscale: bool,
+    /// How long a capability must have ready tasks and no free agent before one more is started.
+    #[serde(with = "humantime_serde")]
+    pub scale_up_after: Duration,
+    /// How long an agent must idle (with nothing queued for its capabilities) before it is
+    /// stopped.
+    #[serde(with = "humantime_serde")]
+    pub scale_down_after: Duration,
+    /// Least time between two scaling steps of one template on one runner.
+    #[serde(with = "humantime_serde")]
+    pub scale_cooldown: Duration,
 }
 
 impl Default for Config {
@@ -85,6 +98,10 @@ impl Default for Config {
             default_max_attempts: flotilla_protocol::DEFAULT_MAX_ATTEMPTS,
             retry_base_delay: Duration::from_secs(1),
             retry_max_delay: Duration::from_secs(60),
+            autoscale: true,
+            scale_up_after: Duration::from_secs(2),
+            scale_down_after: Duration::from_secs(60),
+            scale_cooldown: Duration::from_secs(2),
         }
     }
 }

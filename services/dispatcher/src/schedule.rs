@@ -386,6 +386,30 @@ impl Core {
         self.agents.remove(&key);
     }
 
+    /// Tasks an agent holds, as the core sees it.
+    pub fn held(&self, agent: &str) -> u32 {
+        self.agents.get(agent).map_or(0, |a| a.held)
+    }
+
+    /// Capabilities with tasks ready to run and no free live agent to take them.
+    pub fn starved_capabilities(&self, now: Now) -> Vec<Id> {
+        self.queues
+            .keys()
+            .filter(|cap| {
+                self.free.get(*cap).is_none_or(|set| {
+                    set.iter().all(|(_, _, a)| self.agents.get(a).is_none_or(|a| a.alive_until < now.mono))
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Whether any task of the capability is queued or backing off.
+    pub fn has_queued(&self, capability: &str) -> bool {
+        self.queues.contains_key(capability)
+            || self.tasks.values().any(|t| t.delayed && &*t.q.capability == capability)
+    }
+
     /// Whether the agent is registered, alive at `now`, and not in error.
     pub fn agent_alive(&self, id: &str, now: Instant) -> Option<bool> {
         self.agents.get(id).map(|a| a.alive_until >= now)

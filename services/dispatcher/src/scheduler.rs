@@ -5,6 +5,7 @@
 //! stopped heartbeating, re-sends assignments nobody claimed, holds retries for their backoff,
 //! and fails tasks past their deadline, queued or running (telling the runner to stop).
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,6 +35,19 @@ struct AgentInfo {
     runner_id: String,
     status: AgentStatus,
     last_seen: Instant,
+    template: String,
+    capabilities: Vec<String>,
+    min_replicas: u32,
+    max_replicas: u32,
+}
+
+/// Autoscaling state: since when each capability is starved, each agent idle, and when each
+/// (runner, template) was last scaled.
+#[derive(Default)]
+struct Autoscale {
+    starved_since: HashMap<Id, Instant>,
+    idle_since: HashMap<String, Instant>,
+    last_step: HashMap<(String, String), Instant>,
 }
 
 struct Scheduler {
@@ -49,6 +63,7 @@ struct Scheduler {
     resent: HashSet<(String, u32)>,
     /// No agent is declared lost before this: its heartbeats may not have been seen yet.
     requeue_after: Instant,
+    autoscale: Autoscale,
 }
 
 pub async fn run(
@@ -68,6 +83,7 @@ pub async fn run(
         agents: HashMap::new(),
         resent: HashSet::new(),
         requeue_after: Instant::now(),
+        autoscale: Autoscale::default(),
     };
     s.requeue_after = Instant::now() + liveness_window(&s.config);
     let mut task_watch = watch(&s.topology.tasks).await?;
@@ -205,7 +221,15 @@ impl Scheduler {
                     self.core.upsert_agent(&rec, now + self.liveness(&rec));
                     self.agents.insert(
                         rec.agent_id.clone(),
-                        AgentInfo { runner_id: rec.runner_id.clone(), status: rec.status, last_seen: now },
+                        AgentInfo {
+                            runner_id: rec.runner_id.clone(),
+                            status: rec.status,
+                            last_seen: now,
+                            template: rec.name.clone(),
+                            capabilities: rec.capabilities.clone(),
+                            min_replicas: rec.min_replicas,
+                            max_replicas: rec.max_replicas,
+                        },
                     );
                 }
                 Err(e) => tracing::error!(key = %entry.key, error = %e, "unreadable agent record ignored"),
@@ -440,6 +464,116 @@ impl Scheduler {
         }
         for id in expired {
             self.expire(&id).await;
+        }
+        if self.config.autoscale {
+            self.autoscale(now);
+        }
+    }
+
+    /// Workload-based scaling: one more agent of a matching template while a capability stays
+    /// starved (ready tasks, no free agent), one fewer when an agent idles with nothing queued
+    /// for it; always within the template's limits and one step per cooldown.
+    fn autoscale(&mut self, now: Instant) {
+        let starved = self.core.starved_capabilities(Now::current());
+        let a = &mut self.autoscale;
+        a.starved_since.retain(|c, _| starved.contains(c));
+        for c in starved {
+            a.starved_since.entry(c).or_insert(now);
+        }
+        // Live agents that take work, per (runner, template).
+        struct Group {
+            active: u32,
+            min: u32,
+            max: u32,
+            capabilities: Vec<String>,
+            idle_long: bool,
+        }
+        let mut groups: HashMap<(String, String), Group> = HashMap::new();
+        for (id, info) in &self.agents {
+            if self.core.agent_alive(id, now) != Some(true)
+                || matches!(info.status, AgentStatus::Draining | AgentStatus::Error)
+            {
+                self.autoscale.idle_since.remove(id);
+                continue;
+            }
+            let idle = self.core.held(id) == 0;
+            let idle_long = if idle {
+                let since = *self.autoscale.idle_since.entry(id.clone()).or_insert(now);
+                now.saturating_duration_since(since) >= self.config.scale_down_after
+            } else {
+                self.autoscale.idle_since.remove(id);
+                false
+            };
+            let g = groups.entry((info.runner_id.clone(), info.template.clone())).or_insert(Group {
+                active: 0,
+                min: info.min_replicas,
+                max: info.max_replicas,
+                capabilities: info.capabilities.clone(),
+                idle_long: false,
+            });
+            g.active += 1;
+            g.idle_long |= idle_long;
+        }
+        let agents = &self.agents;
+        self.autoscale.idle_since.retain(|id, _| agents.contains_key(id));
+        let cooled = |key: &(String, String), last: &HashMap<(String, String), Instant>| {
+            last.get(key).is_none_or(|t| now.saturating_duration_since(*t) >= self.config.scale_cooldown)
+        };
+        let mut steps: Vec<((String, String), u32, &'static str)> = Vec::new();
+        let due: Vec<Id> = self
+            .autoscale
+            .starved_since
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= self.config.scale_up_after)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for cap in due {
+            let best = groups
+                .iter()
+                .filter(|(k, g)| {
+                    g.active < g.max
+                        && g.capabilities.iter().any(|c| **c == *cap)
+                        && cooled(k, &self.autoscale.last_step)
+                })
+                .max_by_key(|(k, g)| (g.max - g.active, Reverse((*k).clone())))
+                .map(|(k, g)| (k.clone(), g.active + 1));
+            if let Some((key, replicas)) = best {
+                if let Some(g) = groups.get_mut(&key) {
+                    g.active = replicas;
+                }
+                self.autoscale.starved_since.insert(cap.clone(), now);
+                steps.push((key, replicas, "queue_deep"));
+            }
+        }
+        for (key, g) in &groups {
+            if g.idle_long
+                && g.active > g.min
+                && cooled(key, &self.autoscale.last_step)
+                && !steps.iter().any(|(k, _, _)| k == key)
+                && !g.capabilities.iter().any(|c| self.core.has_queued(c))
+            {
+                steps.push((key.clone(), g.active - 1, "idle"));
+            }
+        }
+        for ((runner, template), replicas, why) in steps {
+            tracing::info!(%runner, %template, replicas, why, "autoscaling");
+            self.autoscale.last_step.insert((runner.clone(), template.clone()), now);
+            let req = flotilla_protocol::ScaleRequest { template, replicas, autoscale: true };
+            let subject = self.fleet.names.runner_control(&runner, runner_op::SCALE);
+            let fleet = self.fleet.clone();
+            // Not awaited here: the registry shows the result, and scheduling goes on meanwhile.
+            tokio::spawn(async move {
+                let body = match fleet.encode(&req) {
+                    Ok(b) => b,
+                    Err(e) => return tracing::warn!(error = %e, "failed to encode a scale request"),
+                };
+                match tokio::time::timeout(Duration::from_secs(5), fleet.client.request(subject, body)).await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(%runner, error = %e, "scale request failed"),
+                    Err(_) => tracing::warn!(%runner, "scale request timed out"),
+                }
+            });
         }
     }
 
