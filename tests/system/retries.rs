@@ -104,6 +104,35 @@ async fn a_retryable_failure_runs_the_task_again() {
     assert!(first.started_at_ms.is_some_and(|s| s <= first.finished_at_ms));
     assert!(dead_letters(&sys).await.is_empty());
     assert_eq!(sys.health("agent-runner", "rr").await.details["retried"], 1);
+    // The dispatcher held the retry for its backoff (retry_base_delay, 1 s) before assigning it.
+    let second = of(&events, "flaky", "assigned").into_iter().find(|e| e.attempt == Some(2)).unwrap();
+    assert!(
+        second.at_ms >= first.finished_at_ms + 1000,
+        "re-assigned {} ms after the failure",
+        second.at_ms - first.finished_at_ms
+    );
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadline_fails_a_queued_task() {
+    let sys = fleet("rq").await;
+    // The only agent is busy for 5 s; the second task's 1 s deadline passes while it waits.
+    sys.submit(&task("busy", serde_json::json!({ "sleep_ms": 5000 }), None)).await;
+    event(&sys, "busy", "started", Duration::from_secs(10)).await;
+    let t0 = Instant::now();
+    sys.submit(&TaskSubmission {
+        timeout: Some(DurationSpec::Text("1s".into())),
+        ..task("late", serde_json::json!({}), None)
+    })
+    .await;
+    let failed = event(&sys, "late", "failed", Duration::from_secs(10)).await;
+    assert!(t0.elapsed() < Duration::from_secs(3), "failed promptly ({:?})", t0.elapsed());
+    let error = failed.error.unwrap();
+    assert_eq!(error.code, "deadline_exceeded");
+    assert!(error.message.contains("queued"), "{}", error.message);
+    let events = sys.events().await;
+    assert!(of(&events, "late", "assigned").is_empty(), "it never started");
     sys.stop().await;
 }
 
