@@ -64,6 +64,22 @@ struct Scheduler {
     /// No agent is declared lost before this: its heartbeats may not have been seen yet.
     requeue_after: Instant,
     autoscale: Autoscale,
+    /// Assignments whose writes are in flight, and where their outcomes come back.
+    in_flight: usize,
+    done_tx: tokio::sync::mpsc::UnboundedSender<Written>,
+}
+
+/// Most assignments written concurrently: the KV update and the two publishes of one assignment
+/// are sequential, but many assignments overlap.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// The outcome of an assignment's writes.
+struct Written {
+    task_id: String,
+    /// The record as assigned, with its new revision; or the error.
+    result: Result<(TaskRecord, u64), FleetError>,
+    /// The record and revision the assignment was based on.
+    base: (TaskRecord, u64),
 }
 
 pub async fn run(
@@ -73,6 +89,7 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut s = Scheduler {
         core: Core::new(config.policy()),
         config,
@@ -84,6 +101,8 @@ pub async fn run(
         resent: HashSet::new(),
         requeue_after: Instant::now(),
         autoscale: Autoscale::default(),
+        in_flight: 0,
+        done_tx,
     };
     s.requeue_after = Instant::now() + liveness_window(&s.config);
     let mut task_watch = watch(&s.topology.tasks).await?;
@@ -130,6 +149,12 @@ pub async fn run(
             },
             _ = tick.tick() => s.on_tick().await,
             Some(req) = queue_requests.next() => s.answer_queue_request(req).await,
+            Some(w) = done_rx.recv() => {
+                s.on_written(w).await;
+                while let Ok(w) = done_rx.try_recv() {
+                    s.on_written(w).await;
+                }
+            }
         }
         s.schedule().await;
     }
@@ -254,102 +279,116 @@ impl Scheduler {
         let now = Now::current();
         self.core.release_due(now);
         self.stats.queued.store(u64::try_from(self.core.queued_len()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        while let Some(d) = self.core.next(now) {
-            if let Err(e) = self.assign(d).await {
-                tracing::warn!(error = %e, "assignment failed; will retry");
-                return;
-            }
+        while self.in_flight < MAX_IN_FLIGHT {
+            let Some(d) = self.core.next(now) else { break };
+            self.assign(d).await;
         }
     }
 
-    async fn assign(&mut self, d: Decision) -> Result<(), FleetError> {
-        let span = tracing::info_span!("assign", task_id = %d.task, agent_id = %d.agent, reason = d.reason);
-        let trace = self.tasks.get(&*d.task).and_then(|v| v.rec.trace.clone());
-        flotilla_service::trace::continue_from_traceparent(&span, trace.as_deref());
-        self.assign_in_span(d).instrument(span).await
-    }
-
-    async fn assign_in_span(&mut self, d: Decision) -> Result<(), FleetError> {
+    /// Starts the writes of one decision: a revision-checked update of the task record (the
+    /// fence), then the `assigned` event that says why, then the assignment to the runner. They
+    /// run beside further decisions; the outcome comes back to [`Self::on_written`].
+    async fn assign(&mut self, d: Decision) {
         let task_id = d.task.to_string();
         let Some(view) = self.tasks.get(&task_id) else {
             self.core.remove_task(&task_id);
-            return Ok(());
+            return;
         };
+        let base = (view.rec.clone(), view.rev);
         let Some(runner_id) = self.agents.get(&*d.agent).map(|a| a.runner_id.clone()) else {
             // The agent left between the decision and now: put the task back.
-            let rec = view.rec.clone();
-            let rev = view.rev;
             self.tasks.remove(&task_id);
             self.core.remove_task(&task_id);
-            self.apply_task(rec, rev);
-            return Ok(());
+            self.apply_task(base.0, base.1);
+            return;
         };
-        let mut rec = view.rec.clone();
-        let rev = view.rev;
+        let span = tracing::info_span!("assign", task_id = %d.task, agent_id = %d.agent, reason = d.reason);
+        flotilla_service::trace::continue_from_traceparent(&span, base.0.trace.as_deref());
+        let mut rec = base.0.clone();
         rec.state = TaskState::Assigned;
         rec.attempt = rec.attempt.saturating_add(1);
         rec.agent_id = Some(d.agent.to_string());
         rec.runner_id = Some(runner_id.clone());
         rec.updated_at_ms = now_ms();
-        match self.fleet.kv_update(&self.topology.tasks, &task_id, &rec, rev).await {
-            Ok(rev) => {
-                self.apply_task(rec.clone(), rev);
+        let mut ev = TaskEvent::for_task(&rec, event_kind::ASSIGNED);
+        ev.reason = Some(d.reason.to_owned());
+        ev.detail = Some(serde_json::json!({
+            "priority": d.priority,
+            "effective_priority": d.effective_priority,
+            "tenant": &*d.tenant,
+            "tenant_vruntime": (d.vruntime * 1000.0).round() / 1000.0,
+            "charged_tokens": d.charged,
+            "agent_load": d.load_ppm as f64 / 1_000_000.0,
+            "waited_ms": d.waited_ms,
+        }));
+        let assignment = assignment_of(&rec);
+        // Sent by this very write: the tick must not send it again meanwhile.
+        self.resent.insert((rec.id.clone(), rec.attempt));
+        let (fleet, store, done) = (self.fleet.clone(), self.topology.tasks.clone(), self.done_tx.clone());
+        self.in_flight += 1;
+        tokio::spawn(
+            async move {
+                let result = match fleet.kv_update(&store, &task_id, &rec, base.1).await {
+                    Ok(rev) => {
+                        // The event goes first, so `assigned` precedes the runner's `started`.
+                        if let Err(e) = fleet.publish_event(&ev).await {
+                            tracing::warn!(error = %e, "failed to publish assigned event");
+                        }
+                        let msg_id = format!("{}:{}", rec.id, rec.attempt);
+                        if let Err(e) = fleet
+                            .publish_durable(
+                                fleet.names.assign_subject(&runner_id),
+                                &assignment,
+                                Some(&msg_id),
+                            )
+                            .await
+                        {
+                            // The task stays assigned; the assign timeout gives it to someone else.
+                            tracing::warn!(error = %e, "failed to publish assignment");
+                        }
+                        Ok((rec, rev))
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = done.send(Written { task_id, result, base });
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Takes in the outcome of an assignment's writes.
+    async fn on_written(&mut self, w: Written) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        match w.result {
+            Ok((rec, rev)) => {
                 self.stats.assigned.fetch_add(1, Ordering::Relaxed);
-                self.resent.insert((rec.id.clone(), rec.attempt));
-                // The event goes first, so `assigned` precedes the runner's `started`. It says
-                // why this agent and why now, so a replay explains the schedule.
-                let mut ev = TaskEvent::for_task(&rec, event_kind::ASSIGNED);
-                ev.reason = Some(d.reason.to_owned());
-                ev.detail = Some(serde_json::json!({
-                    "priority": d.priority,
-                    "effective_priority": d.effective_priority,
-                    "tenant": &*d.tenant,
-                    "tenant_vruntime": (d.vruntime * 1000.0).round() / 1000.0,
-                    "charged_tokens": d.charged,
-                    "agent_load": d.load_ppm as f64 / 1_000_000.0,
-                    "waited_ms": d.waited_ms,
-                }));
-                if let Err(e) = self.fleet.publish_event(&ev).await {
-                    tracing::warn!(error = %e, "failed to publish assigned event");
-                }
-                self.send_assignment(&rec, &runner_id).await;
-                Ok(())
+                self.apply_task(rec, rev);
             }
             Err(e) if e.is_conflict() => {
                 // Someone else changed the task (cancelled, finished, another dispatcher): undo
                 // the booking and take the record as it is now.
-                self.core.remove_task(&task_id);
-                self.tasks.remove(&task_id);
-                self.refresh(&task_id).await
+                self.core.remove_task(&w.task_id);
+                self.tasks.remove(&w.task_id);
+                let _ = self.refresh(&w.task_id).await;
             }
             Err(e) => {
-                let original = view_record(&self.tasks, &task_id);
-                self.core.remove_task(&task_id);
-                if let Some((rec, rev)) = original {
-                    self.tasks.remove(&task_id);
-                    self.apply_task(rec, rev);
+                tracing::warn!(task_id = %w.task_id, error = %e, "assignment failed; the task goes back to the queue");
+                // Unless the watch already showed a newer record (the write did land after all).
+                if self.tasks.get(&w.task_id).is_none_or(|v| v.rev <= w.base.1) {
+                    self.core.remove_task(&w.task_id);
+                    self.tasks.remove(&w.task_id);
+                    self.apply_task(w.base.0, w.base.1);
                 }
-                Err(e)
             }
         }
     }
 
     /// Publishes the assignment to the agent's runner; de-duplicated per task and attempt.
     async fn send_assignment(&self, rec: &TaskRecord, runner_id: &str) {
-        let Some(agent_id) = rec.agent_id.clone() else { return };
-        let a = Assignment {
-            task_id: rec.id.clone(),
-            attempt: rec.attempt,
-            agent_id,
-            capability: rec.capability.clone(),
-            input: rec.input.clone(),
-            priority: rec.priority,
-            tenant: rec.tenant.clone(),
-            deadline_ms: rec.deadline_ms,
-            budget_tokens: rec.budget_tokens,
-            context_key: rec.context_key.clone(),
-            assigned_at_ms: rec.updated_at_ms,
-        };
+        if rec.agent_id.is_none() {
+            return;
+        }
+        let a = assignment_of(rec);
         let msg_id = format!("{}:{}", rec.id, rec.attempt);
         if let Err(e) =
             self.fleet.publish_durable(self.fleet.names.assign_subject(runner_id), &a, Some(&msg_id)).await
@@ -458,7 +497,7 @@ impl Scheduler {
                 self.resent.insert(key);
             }
         }
-        self.resent.retain(|(id, attempt)| self.tasks.get(id).is_some_and(|v| v.rec.attempt == *attempt));
+        self.resent.retain(|(id, attempt)| self.tasks.get(id).is_some_and(|v| v.rec.attempt <= *attempt));
         for (id, why) in requeue {
             self.requeue(&id, why).await;
         }
@@ -661,8 +700,21 @@ impl Scheduler {
     }
 }
 
-fn view_record(tasks: &HashMap<String, TaskView>, id: &str) -> Option<(TaskRecord, u64)> {
-    tasks.get(id).map(|v| (v.rec.clone(), v.rev))
+/// The assignment message of an assigned task record.
+fn assignment_of(rec: &TaskRecord) -> Assignment {
+    Assignment {
+        task_id: rec.id.clone(),
+        attempt: rec.attempt,
+        agent_id: rec.agent_id.clone().unwrap_or_default(),
+        capability: rec.capability.clone(),
+        input: rec.input.clone(),
+        priority: rec.priority,
+        tenant: rec.tenant.clone(),
+        deadline_ms: rec.deadline_ms,
+        budget_tokens: rec.budget_tokens,
+        context_key: rec.context_key.clone(),
+        assigned_at_ms: rec.updated_at_ms,
+    }
 }
 
 /// How long agents get to show a heartbeat after the registry is (re)loaded.
