@@ -25,9 +25,53 @@ use tracing::Instrument as _;
 use crate::schedule::{Core, Decision, Id, Now, Queued};
 use crate::{Config, Stats};
 
+/// A non-terminal task as the scheduler keeps it. A queued task's record is kept encoded (a few
+/// hundred bytes instead of a decoded record's kilobyte): at a million queued tasks that is what
+/// the dispatcher's memory is made of.
 struct TaskView {
-    rec: TaskRecord,
     rev: u64,
+    state: TaskState,
+    attempt: u32,
+    deadline_ms: Option<u64>,
+    updated_at_ms: u64,
+    runner_id: Option<String>,
+    body: Body,
+}
+
+enum Body {
+    Decoded(Box<TaskRecord>),
+    Encoded(Box<[u8]>),
+}
+
+impl TaskView {
+    fn new(rec: TaskRecord, rev: u64, raw: Option<&[u8]>) -> Self {
+        let (state, attempt, deadline_ms, updated_at_ms) =
+            (rec.state, rec.attempt, rec.deadline_ms, rec.updated_at_ms);
+        let runner_id = rec.runner_id.clone();
+        let body = match (rec.state, raw) {
+            (TaskState::Queued, Some(raw)) => Body::Encoded(raw.into()),
+            (TaskState::Queued, None) => match codec::encode(flotilla_protocol::WireFormat::Msgpack, &rec) {
+                Ok(bytes) => Body::Encoded(bytes.into()),
+                Err(_) => Body::Decoded(Box::new(rec)),
+            },
+            _ => Body::Decoded(Box::new(rec)),
+        };
+        Self { rev, state, attempt, deadline_ms, updated_at_ms, runner_id, body }
+    }
+
+    /// The full record (decoded again when kept encoded).
+    fn record(&self) -> Option<TaskRecord> {
+        match &self.body {
+            Body::Decoded(rec) => Some((**rec).clone()),
+            Body::Encoded(raw) => match codec::decode(None, raw) {
+                Ok(rec) => Some(rec),
+                Err(e) => {
+                    tracing::error!(error = %e, "a kept task record no longer decodes");
+                    None
+                }
+            },
+        }
+    }
 }
 
 /// What the scheduler keeps of an agent besides the core's view.
@@ -186,6 +230,11 @@ impl Scheduler {
     }
 
     fn apply_task(&mut self, rec: TaskRecord, rev: u64) {
+        self.apply_task_raw(rec, rev, None);
+    }
+
+    /// Like [`Self::apply_task`], with the record's bytes as stored when the caller has them.
+    fn apply_task_raw(&mut self, rec: TaskRecord, rev: u64, raw: Option<&[u8]>) {
         if self.tasks.get(&rec.id).is_some_and(|v| v.rev >= rev) {
             return;
         }
@@ -220,13 +269,13 @@ impl Scheduler {
                 }
             }
         }
-        self.tasks.insert(rec.id.clone(), TaskView { rec, rev });
+        self.tasks.insert(rec.id.clone(), TaskView::new(rec, rev, raw));
     }
 
     fn on_task_entry(&mut self, entry: kv::Entry) {
         match entry.operation {
             kv::Operation::Put => match codec::decode::<TaskRecord>(None, &entry.value) {
-                Ok(rec) => self.apply_task(rec, entry.revision),
+                Ok(rec) => self.apply_task_raw(rec, entry.revision, Some(&entry.value)),
                 Err(e) => tracing::error!(key = %entry.key, error = %e, "unreadable task record ignored"),
             },
             kv::Operation::Delete | kv::Operation::Purge => {
@@ -294,7 +343,11 @@ impl Scheduler {
             self.core.remove_task(&task_id);
             return;
         };
-        let base = (view.rec.clone(), view.rev);
+        let Some(record) = view.record() else {
+            self.forget_task(&task_id);
+            return;
+        };
+        let base = (record, view.rev);
         let Some(runner_id) = self.agents.get(&*d.agent).map(|a| a.runner_id.clone()) else {
             // The agent left between the decision and now: put the task back.
             self.tasks.remove(&task_id);
@@ -471,15 +524,15 @@ impl Scheduler {
             }
         }
         for (id, v) in &self.tasks {
-            if v.rec.deadline_ms.is_some_and(|d| d <= wall) {
+            if v.deadline_ms.is_some_and(|d| d <= wall) {
                 expired.push(id.clone());
                 continue;
             }
-            match v.rec.state {
-                TaskState::Assigned if wall.saturating_sub(v.rec.updated_at_ms) > assign_timeout => {
+            match v.state {
+                TaskState::Assigned if wall.saturating_sub(v.updated_at_ms) > assign_timeout => {
                     requeue.push((id.clone(), "assign_timeout"));
                 }
-                TaskState::Assigned if !self.resent.contains(&(id.clone(), v.rec.attempt)) => {
+                TaskState::Assigned if !self.resent.contains(&(id.clone(), v.attempt)) => {
                     resend.push(id.clone());
                 }
                 _ => {}
@@ -489,15 +542,14 @@ impl Scheduler {
         // again once (the runner's claim fences duplicates).
         for id in resend {
             if let Some(v) = self.tasks.get(&id) {
-                let key = (id.clone(), v.rec.attempt);
-                if let Some(runner) = v.rec.runner_id.clone() {
-                    let rec = v.rec.clone();
+                let key = (id.clone(), v.attempt);
+                if let (Some(runner), Some(rec)) = (v.runner_id.clone(), v.record()) {
                     self.send_assignment(&rec, &runner).await;
                 }
                 self.resent.insert(key);
             }
         }
-        self.resent.retain(|(id, attempt)| self.tasks.get(id).is_some_and(|v| v.rec.attempt <= *attempt));
+        self.resent.retain(|(id, attempt)| self.tasks.get(id).is_some_and(|v| v.attempt <= *attempt));
         for (id, why) in requeue {
             self.requeue(&id, why).await;
         }
@@ -619,7 +671,7 @@ impl Scheduler {
     #[tracing::instrument(skip(self))]
     async fn requeue(&mut self, task_id: &str, why: &'static str) {
         let Some(view) = self.tasks.get(task_id) else { return };
-        let mut rec = view.rec.clone();
+        let Some(mut rec) = view.record() else { return };
         if !matches!(rec.state, TaskState::Assigned | TaskState::Running) {
             return;
         }
@@ -651,7 +703,7 @@ impl Scheduler {
     #[tracing::instrument(skip(self))]
     async fn expire(&mut self, task_id: &str) {
         let Some(view) = self.tasks.get(task_id) else { return };
-        let mut rec = view.rec.clone();
+        let Some(mut rec) = view.record() else { return };
         let was = rec.state;
         let message = match was {
             TaskState::Queued => "the deadline passed while the task was queued",
