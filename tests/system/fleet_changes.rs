@@ -5,29 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
 use flotilla_protocol::{AgentEvent, AgentRecord, FleetChangeReply, TaskSubmission, WireFormat, codec};
 use flotilla_service::StreamSettings;
-use flotilla_testkit::bin;
-
-/// Runs the CLI against the test's server (off the async workers).
-async fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    let url = url.to_owned();
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(bin("flotilla")).args(&args).env("FLOTILLA_NATS_URL", &url).output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 async fn agent_ids(sys: &System) -> HashSet<String> {
     use futures::StreamExt as _;

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -14,22 +13,6 @@ use flotilla_protocol::{
 };
 use flotilla_service::StreamSettings;
 use flotilla_testkit::{bin, eventually};
-
-/// Runs the CLI against the test's server (off the async workers).
-async fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    let url = url.to_owned();
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(bin("flotilla")).args(&args).env("FLOTILLA_NATS_URL", &url).output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into(),
-            String::from_utf8_lossy(&out.stderr).into(),
-        )
-    })
-    .await
-    .unwrap()
-}
 
 /// Builds the CLI before the clock starts (the first `bin` call of a test process runs cargo).
 async fn cli_built() {

@@ -107,18 +107,9 @@ async fn weighted_tenants_get_token_shares_by_weight() {
         sys.submit(&task(format!("heavy-{i:03}"), "heavy", Priority::NORMAL, "y".repeat(360), 5)).await;
     }
     // `flotilla queue` shows them, by capability, priority and tenant.
-    let url = sys.server.url().to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(flotilla_testkit::bin("flotilla"))
-            .args(["--json", "queue", "--limit", "3"])
-            .env("FLOTILLA_NATS_URL", url)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: flotilla_protocol::QueueReport = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, out, err) = cli(sys.server.url(), &["--json", "queue", "--limit", "3"]).await;
+    assert_eq!(code, 0, "{err}");
+    let report: flotilla_protocol::QueueReport = serde_json::from_str(&out).unwrap();
     assert_eq!((report.queued, report.running), (550, 0));
     let group = |t: &str| {
         report.groups.iter().find(|g| g.tenant == t).map(|g| (g.capability.clone(), g.priority, g.tasks))

@@ -323,3 +323,23 @@ pub fn count_by_task(events: &[TaskEvent], kind: &str) -> HashMap<String, usize>
     }
     m
 }
+
+/// Runs the `flotilla` CLI against `url` (off the async workers): exit code, stdout, stderr.
+pub async fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
+    let url = url.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(flotilla_testkit::bin("flotilla"))
+            .args(&args)
+            .env("FLOTILLA_NATS_URL", &url)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    })
+    .await
+    .unwrap()
+}

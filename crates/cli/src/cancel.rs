@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use async_nats::jetstream::kv;
 use flotilla_protocol::names::{event_kind, runner_op};
 use flotilla_protocol::{
-    AttemptRecord, CancelTask, ErrorInfo, Names, TaskEvent, TaskRecord, TaskState, WireFormat, codec,
-    failure, headers, time::now_ms,
+    CancelTask, ErrorInfo, Names, TaskEvent, TaskRecord, TaskState, WireFormat, codec, failure, headers,
+    time::now_ms,
 };
 use flotilla_service::nats::event_msg_id;
 
@@ -78,17 +78,7 @@ async fn write_cancelled(
         let now = now_ms();
         if was == TaskState::Running {
             // The running attempt ends here: it goes into the history like any failed attempt.
-            let attempt = rec.attempt;
-            rec.attempts.retain(|a| a.attempt != attempt);
-            rec.attempts.push(AttemptRecord {
-                attempt,
-                agent_id: rec.agent_id.clone(),
-                runner_id: rec.runner_id.clone(),
-                error: error.clone(),
-                usage: None,
-                started_at_ms: rec.started_at_ms,
-                finished_at_ms: now,
-            });
+            rec.record_failed_attempt(error, None, now);
         }
         rec.state = TaskState::Failed;
         rec.error = Some(error.clone());

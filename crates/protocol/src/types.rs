@@ -345,6 +345,24 @@ pub struct TaskRecord {
     pub attempts: Vec<AttemptRecord>,
 }
 
+impl TaskRecord {
+    /// Puts the current attempt into `attempts` as failed with `error` (replacing an earlier
+    /// entry for the same attempt, so a redelivered outcome writes it once).
+    pub fn record_failed_attempt(&mut self, error: &ErrorInfo, usage: Option<Usage>, now_ms: u64) {
+        let attempt = self.attempt;
+        self.attempts.retain(|a| a.attempt != attempt);
+        self.attempts.push(AttemptRecord {
+            attempt,
+            agent_id: self.agent_id.clone(),
+            runner_id: self.runner_id.clone(),
+            error: error.clone(),
+            usage,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: now_ms,
+        });
+    }
+}
+
 /// One failed attempt of a task, kept in its record and in its dead letter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AttemptRecord {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use async_nats::jetstream::Message;
 use flotilla_protocol::names::{event_kind, service};
 use flotilla_protocol::{
-    Assignment, AttemptRecord, CallUsage, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, Usage,
-    codec, failure, headers, is_retryable, time::now_ms,
+    Assignment, CallUsage, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, Usage, codec, failure,
+    headers, is_retryable, time::now_ms,
 };
 use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
 use tokio_util::sync::CancellationToken;
@@ -341,16 +341,7 @@ impl Verdict {
             }
             Self::Failed { error, usage, calls, may_retry } => {
                 let attempt = r.attempt;
-                r.attempts.retain(|a| a.attempt != attempt);
-                r.attempts.push(AttemptRecord {
-                    attempt,
-                    agent_id: r.agent_id.clone(),
-                    runner_id: r.runner_id.clone(),
-                    error: error.clone(),
-                    usage: Some(*usage),
-                    started_at_ms: r.started_at_ms,
-                    finished_at_ms: now,
-                });
+                r.record_failed_attempt(error, Some(*usage), now);
                 r.error = Some(error.clone());
                 if *may_retry && is_retryable(&error.code) && attempt < r.max_attempts {
                     // Queued for the next attempt; the dispatcher assigns it after a backoff.
