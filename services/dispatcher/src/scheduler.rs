@@ -205,8 +205,10 @@ pub async fn run(
     Ok(())
 }
 
+/// Every key's latest value first (the state to rebuild), then every change. (`watch_all` would
+/// deliver only changes made after it starts.)
 async fn watch(store: &kv::Store) -> anyhow::Result<kv::Watch> {
-    store.watch_all().await.map_err(|e| anyhow::anyhow!("failed to watch bucket: {e}"))
+    store.watch_with_history(">").await.map_err(|e| anyhow::anyhow!("failed to watch bucket: {e}"))
 }
 
 impl Scheduler {

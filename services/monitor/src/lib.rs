@@ -219,7 +219,7 @@ async fn follow_agents(store: kv::Store, metrics: Arc<Metrics>, shutdown: Cancel
     let mut agents: std::collections::HashMap<String, AgentRecord> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let mut watch = match store.watch_all().await {
+        let mut watch = match store.watch_with_history(">").await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "failed to watch the agent registry; retrying");
