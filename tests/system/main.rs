@@ -14,6 +14,7 @@ mod approval;
 mod bad_input;
 mod dedupe;
 mod drain;
+mod failover;
 mod fleet_changes;
 mod long_call;
 mod prefixes;
