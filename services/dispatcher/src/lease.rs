@@ -212,9 +212,9 @@ impl Contender {
     /// Watches the lease until this dispatcher acquired it (not before `not_before`), or returns
     /// `None` on shutdown.
     async fn stand_by(&mut self, not_before: Instant, shutdown: &CancellationToken) -> Option<Held> {
-        self.publish_view(false);
         // Whatever was seen before is old news: look again, and time a present lease from now.
         self.seen = Seen::Free;
+        self.publish_view(false);
         self.poll().await;
         let poll_every = self.ttl / 4;
         let mut next_poll = Instant::now() + poll_every;
@@ -434,6 +434,8 @@ impl Contender {
             }
             Ended::Lost(why) => {
                 tracing::warn!(why, epoch = held.lease.epoch, "dispatcher lease lost; scheduler stopping");
+                self.seen = Seen::Free;
+                self.publish_view(false);
                 // Stop before a contender may start; soon in any case, as one may have started.
                 let deadline = (held.sent + self.ttl - guard / 2).min(Instant::now() + retry_every);
                 stop(scheduler, deadline).await;

@@ -172,8 +172,12 @@ async fn a_lease_left_by_a_dead_dispatcher_is_taken_over_after_its_ttl_and_not_b
         .unwrap();
     let started = Instant::now();
     h.start_dispatcher().await;
-    let standby = h.wait_role("standby").await;
-    assert_eq!(standby.details["holder"], "ghost");
+    // Before its first look at the key a dispatcher reports `standby` with no holder.
+    let standby = eventually(Duration::from_secs(10), "d1 to see the ghost's lease", || async {
+        h.health().await.filter(|r| r.details["holder"] == "ghost")
+    })
+    .await;
+    assert_eq!(standby.details["role"], "standby");
     assert_eq!(standby.details["epoch"], 7);
     let lease = eventually(Duration::from_secs(10), "d1 to take the lease", || async {
         h.holder().await.filter(|l| l.holder == "d1")
@@ -202,10 +206,15 @@ async fn a_dispatcher_whose_lease_was_taken_stops_scheduling_and_takes_it_back_w
 
     // Another contender overwrites the lease (as after a partition): d1's next renewal conflicts.
     let taken = Instant::now();
-    h.fleet.kv_put(&h.topology.leases, lease_key::DISPATCHER, &lease_of("thief", 50, TTL)).await.unwrap();
-    let standby = h.wait_role("standby").await;
+    // (With a TTL long enough that d1 does not take the unrenewed lease back during the test.)
+    let thief = lease_of("thief", 50, Duration::from_secs(20));
+    h.fleet.kv_put(&h.topology.leases, lease_key::DISPATCHER, &thief).await.unwrap();
+    h.wait_role("standby").await;
     assert!(taken.elapsed() < TTL, "d1 stood down {:?} after the lease was taken", taken.elapsed());
-    assert_eq!(standby.details["holder"], "thief");
+    eventually(Duration::from_secs(5), "d1 to see the thief's lease", || async {
+        h.health().await.filter(|r| r.details["holder"] == "thief" && r.details["role"] == "standby")
+    })
+    .await;
 
     // A standby still takes in submissions, but does not assign them.
     h.submit("t2").await;
