@@ -19,9 +19,10 @@
 //!   that write, which is later. At five sixths of the TTL without a successful renewal the
 //!   holder cancels the scheduler's token, and aborts the scheduler task if it has not ended a
 //!   twelfth later: it has stopped before any contender may start. A renewal that finds the
-//!   revision changed (a conflict) means another dispatcher took over: it stops at once. Task
-//!   records are revision-checked, so even an overlap could not assign a task twice; the timing
-//!   keeps one from happening at all.
+//!   revision changed (a conflict) means another dispatcher took over, and it stops at once,
+//!   unless the key shows this very acquisition (an earlier renewal whose ack was lost had
+//!   landed): then it renews against that revision. Task records are revision-checked, so even
+//!   an overlap could not assign a task twice; the timing keeps one from happening at all.
 //! - **Release**: on a clean shutdown the holder stops its scheduler first, then deletes the key
 //!   with a revision check; standbys watch the key and `create` it at once.
 //!
@@ -114,6 +115,14 @@ struct Held {
     lease: Lease,
     /// When the write that produced `revision` was sent: the lease is valid until `sent + ttl`.
     sent: Instant,
+}
+
+/// The outcome of a renewal.
+enum Renewal {
+    /// Written at this revision.
+    Renewed(u64, Lease),
+    /// The key holds an earlier write of ours (its ack was lost), at this revision.
+    Adopted(u64),
 }
 
 /// How an active period ended.
@@ -405,9 +414,16 @@ impl Contender {
                 _ = sleep_until(next_renewal) => {
                     let sent = Instant::now();
                     match timeout_at(stop_at, self.renew(&held)).await {
-                        Ok(Ok((revision, lease))) => {
+                        Ok(Ok(Renewal::Renewed(revision, lease))) => {
                             held = Held { revision, lease, sent };
                             next_renewal = sent + renew_every;
+                        }
+                        Ok(Ok(Renewal::Adopted(revision))) => {
+                            // Which write landed is unknown: keep counting from the last
+                            // confirmed one, and renew against the revision found at once.
+                            tracing::info!(revision, "a renewal whose ack was lost had landed");
+                            held.revision = revision;
+                            next_renewal = Instant::now();
                         }
                         Ok(Err(e)) if e.is_conflict() => break Ended::Lost("another dispatcher took the lease"),
                         Ok(Err(e)) => {
@@ -445,10 +461,24 @@ impl Contender {
     }
 
     #[tracing::instrument(skip_all, fields(revision = held.revision, epoch = held.lease.epoch))]
-    async fn renew(&mut self, held: &Held) -> Result<(u64, Lease), FleetError> {
+    async fn renew(&mut self, held: &Held) -> Result<Renewal, FleetError> {
         let lease = Lease { renewed_at_ms: now_ms(), ..held.lease.clone() };
-        let revision = self.fleet.kv_update(&self.topology.leases, KEY, &lease, held.revision).await?;
-        Ok((revision, lease))
+        match self.fleet.kv_update(&self.topology.leases, KEY, &lease, held.revision).await {
+            Ok(revision) => Ok(Renewal::Renewed(revision, lease)),
+            Err(e) if e.is_conflict() => {
+                // An earlier renewal whose ack was lost may have landed: the lease is still ours
+                // when the key shows this very acquisition (holder, epoch and time).
+                let ours = |l: &Lease| {
+                    (l.holder.as_str(), l.epoch, l.acquired_at_ms)
+                        == (held.lease.holder.as_str(), held.lease.epoch, held.lease.acquired_at_ms)
+                };
+                match self.fleet.kv_get::<Lease>(&self.topology.leases, KEY).await {
+                    Ok(Some((current, revision))) if ours(&current) => Ok(Renewal::Adopted(revision)),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes the lease if it is still ours, so that a standby takes over at once.

@@ -279,3 +279,25 @@ async fn after_a_take_over_tasks_queued_before_it_are_assigned() {
     agent.cancel();
     h.stop().await;
 }
+
+/// A renewal whose ack was lost still landed: the next renewal conflicts, but the key shows the
+/// holder's own acquisition, so it stays active (simulated by writing a copy of its lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_landed_without_an_ack_does_not_lose_the_lease() {
+    let mut h = server().await;
+    h.start_dispatcher().await;
+    h.wait_role("active").await;
+    let mut copy = h.holder().await.unwrap();
+    copy.renewed_at_ms = now_ms();
+    let rev = h.fleet.kv_put(&h.topology.leases, lease_key::DISPATCHER, &copy).await.unwrap();
+    // Later renewals go on from the copy's revision.
+    eventually(Duration::from_secs(5), "a renewal after the copy", || async {
+        let e = h.lease().await.unwrap();
+        (e.revision > rev).then_some(())
+    })
+    .await;
+    let lease = h.holder().await.unwrap();
+    assert_eq!((lease.holder.as_str(), lease.epoch), ("d1", copy.epoch));
+    assert_eq!(h.health().await.unwrap().details["role"], "active");
+    h.stop().await;
+}
