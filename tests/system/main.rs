@@ -15,6 +15,7 @@ mod autoscale;
 mod bad_input;
 mod dedupe;
 mod drain;
+mod failover;
 mod fleet_changes;
 mod long_call;
 mod prefixes;

@@ -81,6 +81,12 @@ pub mod service {
     pub const ALL: [&str; 4] = [DISPATCHER, BUDGET_KEEPER, MONITOR, AGENT_RUNNER];
 }
 
+/// Keys of the leases bucket: one per role that only one instance may hold at a time.
+pub mod lease_key {
+    /// The active dispatcher (the one that schedules).
+    pub const DISPATCHER: &str = "dispatcher";
+}
+
 /// All names of one fleet.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Names {
@@ -257,6 +263,11 @@ impl Names {
     pub fn capabilities_bucket(&self) -> String {
         format!("{}_capabilities", self.lower)
     }
+
+    /// KV bucket: leases of exclusive roles, keyed by role (see [`lease_key`]).
+    pub fn leases_bucket(&self) -> String {
+        format!("{}_leases", self.lower)
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +290,7 @@ mod tests {
         assert_eq!(n.task_event_subject("t1", "completed"), "acme.fleet.events.task.t1.completed");
         assert_eq!(n.submissions_stream(), "ACME_FLEET_SUBMISSIONS");
         assert_eq!(n.tasks_bucket(), "acme_fleet_tasks");
+        assert_eq!(n.leases_bucket(), "acme_fleet_leases");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("stop-agent-request", s::<StopAgentRequest>()),
         ("fleet-change-reply", s::<FleetChangeReply>()),
         ("health-reply", s::<HealthReply>()),
+        ("lease", s::<Lease>()),
         ("error-reply", s::<ErrorReply>()),
     ]
 }

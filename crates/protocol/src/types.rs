@@ -1,5 +1,5 @@
 //! Wire types: task submissions, task records, assignments, lifecycle events, agent registry
-//! records, dead-letter records and health replies. Fields are only ever added, with defaults.
+//! records, dead-letter records, leases and health replies. Fields are only ever added, with defaults.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -839,6 +839,28 @@ pub struct Approval {
     pub asked_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at_ms: Option<u64>,
+}
+
+/// A lease on an exclusive role, in the leases bucket under the role's key (`dispatcher`: the
+/// dispatcher that schedules). Taken with a KV `create`, renewed with revision-checked updates,
+/// deleted (revision-checked) by a holder that stops cleanly.
+///
+/// Whether an unrenewed lease has run out is judged by each contender on its own monotonic
+/// clock, from the moment it saw the lease's current revision, with the holder's `ttl_ms`; the
+/// timestamps are for people and never compared across machines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Lease {
+    /// Instance id of the holder.
+    pub holder: String,
+    /// Counts acquisitions: a new holder writes one more than the highest epoch it saw.
+    pub epoch: u64,
+    /// When the holder acquired the lease (epoch milliseconds, the holder's clock).
+    pub acquired_at_ms: u64,
+    /// When the holder last renewed it (epoch milliseconds, the holder's clock).
+    pub renewed_at_ms: u64,
+    /// How long the lease stays valid after a renewal. The holder renews every third of it and
+    /// stops working before it runs out unless a renewal succeeded.
+    pub ttl_ms: u64,
 }
 
 /// Reply to a health request on `<prefix>.health.<service>`.

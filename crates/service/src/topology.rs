@@ -9,6 +9,13 @@ use flotilla_protocol::Names;
 
 use crate::config::StreamSettings;
 
+/// `max_age` of the leases bucket: a lease nobody renews is removed this long after its last
+/// write. It is a fixed constant, not a setting, so that services with different settings never
+/// flip the bucket's configuration back and forth, and it is only a clean-up: contenders judge
+/// whether a lease ran out by the holder's own TTL (in the lease). It must stay well above the
+/// longest lease TTL, or the server could remove a lease its holder still counts on.
+pub const LEASES_MAX_AGE: Duration = Duration::from_secs(60);
+
 /// Whether a service owns the task topology (applies configuration changes to existing streams
 /// and buckets) or joins it (creates what is missing, leaves existing ones as they are, so that
 /// services with different settings never fight over a stream).
@@ -33,6 +40,8 @@ pub struct Topology {
     pub memory: kv::Store,
     /// Requests for human approval.
     pub approvals: kv::Store,
+    /// Leases of exclusive roles (the active dispatcher).
+    pub leases: kv::Store,
 }
 
 impl Topology {
@@ -100,7 +109,18 @@ impl Topology {
             bucket(names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
         )
         .await?;
-        Ok(Self { tasks, agents, capabilities, memory, approvals })
+        let leases = ensure_bucket(
+            js,
+            mode,
+            bucket(
+                names.leases_bucket(),
+                "Flotilla: leases of exclusive roles (the active dispatcher)",
+                1,
+                LEASES_MAX_AGE,
+            ),
+        )
+        .await?;
+        Ok(Self { tasks, agents, capabilities, memory, approvals, leases })
     }
 }
 

@@ -1,8 +1,10 @@
 //! The dispatcher: takes submissions from the submissions stream, validates and records them, and
 //! assigns each queued task to a live agent that has its capability and free capacity. Its whole
 //! view of tasks and agents is a projection of two KV buckets, rebuilt from NATS on every start.
+//! Several dispatchers may run: all take in submissions, one at a time schedules (see [`lease`]).
 
 mod intake;
+pub mod lease;
 pub mod schedule;
 mod scheduler;
 
@@ -80,6 +82,10 @@ pub struct Config {
     /// Least time between two scaling steps of one template on one runner.
     #[serde(with = "humantime_serde")]
     pub scale_cooldown: Duration,
+    /// How long the dispatcher lease lasts without renewal: a standby takes over at most this
+    /// long after the active dispatcher died (300 ms to 20 s).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for Config {
@@ -102,6 +108,7 @@ impl Default for Config {
             scale_up_after: Duration::from_secs(2),
             scale_down_after: Duration::from_secs(60),
             scale_cooldown: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(3),
         }
     }
 }
@@ -124,6 +131,12 @@ impl Config {
         anyhow::ensure!(
             self.retry_base_delay <= self.retry_max_delay,
             "dispatcher.retry_base_delay must not exceed retry_max_delay"
+        );
+        anyhow::ensure!(
+            (lease::MIN_TTL..=lease::MAX_TTL).contains(&self.lease_ttl),
+            "dispatcher.lease_ttl must be between {:?} and {:?}",
+            lease::MIN_TTL,
+            lease::MAX_TTL
         );
         Ok(())
     }
@@ -173,22 +186,31 @@ pub async fn run(
     topology: Topology,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    config.validate()?;
     let stats = Arc::new(Stats::default());
+    let lease = Arc::new(lease::LeaseStatus::default());
     let health = {
-        let stats = stats.clone();
+        let (stats, lease) = (stats.clone(), lease.clone());
+        let details = move || {
+            let mut d = stats.details();
+            lease.add_details(&mut d);
+            d
+        };
         flotilla_service::health::serve(
             fleet.clone(),
             flotilla_protocol::names::service::DISPATCHER,
-            Arc::new(move || stats.details()),
+            Arc::new(details),
             shutdown.clone(),
         )
         .await?
     };
-    let scheduler = tokio::spawn(scheduler::run(
+    // Only the holder of the lease schedules; intake runs on every dispatcher.
+    let scheduler = tokio::spawn(lease::run(
         config.clone(),
         fleet.clone(),
         topology.clone(),
         stats.clone(),
+        lease,
         shutdown.clone(),
     ));
     let intake = intake::run(config, fleet, topology, stats, shutdown.clone()).await;

@@ -1,0 +1,543 @@
+//! The dispatcher lease: of all running dispatchers exactly one schedules, the holder of the key
+//! `dispatcher` in the `<p>_leases` bucket; the others stand by and take over when it stops
+//! renewing. Intake runs on every dispatcher (it is idempotent); only the scheduler is exclusive.
+//!
+//! # Protocol
+//!
+//! - **Acquire**: a KV `create` of the key, which succeeds only when it is absent, deleted or
+//!   removed by the bucket's `max_age`; or, when a lease is there but ran out (below), a
+//!   revision-checked `update` against the very revision that ran out. Both writes fail when
+//!   someone else wrote first, so of several contenders at most one wins. The winner writes an
+//!   epoch one above the highest it saw, and starts the scheduler, which rebuilds its whole state
+//!   from the KV watches.
+//! - **Run out**: a contender notes, on its own monotonic clock, when it first saw the lease's
+//!   current revision. The lease ran out when that revision is still the current one `ttl_ms`
+//!   later (the holder's TTL, read from the lease).
+//! - **Renew**: the holder rewrites the lease every third of its TTL with a revision-checked
+//!   `update`; a failed renewal is retried every twelfth. The holder counts its lease valid until
+//!   one TTL after it *sent* its last successful write; a contender counts from when it *saw*
+//!   that write, which is later. At five sixths of the TTL without a successful renewal the
+//!   holder cancels the scheduler's token, and aborts the scheduler task if it has not ended a
+//!   twelfth later: it has stopped before any contender may start. A renewal that finds the
+//!   revision changed (a conflict) means another dispatcher took over, and it stops at once,
+//!   unless the key shows this very acquisition (an earlier renewal whose ack was lost had
+//!   landed): then it renews against that revision. Task records are revision-checked, so even
+//!   an overlap could not assign a task twice; the timing keeps one from happening at all.
+//! - **Release**: on a clean shutdown the holder stops its scheduler first, then deletes the key
+//!   with a revision check; standbys watch the key and `create` it at once.
+//!
+//! # Why the TTL lives in the lease, not in the bucket's `max_age`
+//!
+//! Letting the server expire the key (`max_age` = TTL) looks simpler, but `max_age` is one setting
+//! of a shared bucket while `lease_ttl` is each dispatcher's own: dispatchers started with
+//! different TTLs (or a rolling change of the setting) would rewrite the bucket on every start,
+//! and a `max_age` below a holder's TTL would let the server drop a lease its holder still counts
+//! on, so two dispatchers would schedule. It would also make safety depend on the server's wall
+//! clock against the holder's monotonic one, while here every judgement uses one clock (the one
+//! of the dispatcher that judges) and no timestamp is compared across machines. Per-key TTLs
+//! (`Nats-TTL`) have a granularity of one second. So the bucket's `max_age` is a fixed constant
+//! ([`LEASES_MAX_AGE`], 60 s) that only clears away leases of dispatchers that are long gone, and
+//! `lease_ttl` is validated to at most a third of it.
+//!
+//! # Timing
+//!
+//! After a `kill -9` of the holder a standby takes over one TTL after the holder's last renewal
+//! (between two thirds of a TTL and one TTL after the kill: 2–3 s with the default 3 s). After a
+//! clean stop it takes over as soon as it sees the delete. A dispatcher that starts while a lease
+//! is present waits one TTL of that lease even when its holder is gone.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use flotilla_protocol::names::lease_key;
+use flotilla_protocol::{Lease, codec, time::now_ms};
+use flotilla_service::topology::LEASES_MAX_AGE;
+use flotilla_service::{Fleet, Topology, nats::FleetError};
+use futures::StreamExt as _;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::{Config, Stats, scheduler};
+
+/// The key of the dispatcher lease.
+const KEY: &str = lease_key::DISPATCHER;
+
+/// Shortest accepted lease TTL.
+pub const MIN_TTL: Duration = Duration::from_millis(300);
+/// Longest accepted lease TTL: a third of the bucket's `max_age`, so the server never removes a
+/// lease that is being renewed.
+pub const MAX_TTL: Duration = Duration::from_secs(LEASES_MAX_AGE.as_secs() / 3);
+
+/// What this dispatcher knows about the lease, for health replies.
+#[derive(Debug, Default)]
+pub struct LeaseStatus(Mutex<View>);
+
+#[derive(Debug, Clone, Default)]
+struct View {
+    active: bool,
+    holder: Option<String>,
+    epoch: u64,
+}
+
+impl LeaseStatus {
+    /// Adds `role` (`active` or `standby`), `holder` and `epoch` to a health reply's details.
+    pub fn add_details(&self, details: &mut serde_json::Value) {
+        let v = self.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(map) = details.as_object_mut() {
+            map.insert("role".to_owned(), (if v.active { "active" } else { "standby" }).into());
+            map.insert("holder".to_owned(), v.holder.into());
+            map.insert("epoch".to_owned(), v.epoch.into());
+        }
+    }
+
+    fn set(&self, view: View) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = view;
+    }
+}
+
+/// The lease key as last seen.
+#[derive(Debug)]
+enum Seen {
+    /// Absent, deleted, purged or removed by `max_age`: free to `create`.
+    Free,
+    /// Held at `revision`, first seen (on this clock) at `since`; `lease` is `None` when the value
+    /// is unreadable.
+    Held { revision: u64, since: Instant, lease: Option<Lease> },
+}
+
+/// A lease this dispatcher holds.
+#[derive(Debug)]
+struct Held {
+    revision: u64,
+    lease: Lease,
+    /// When the write that produced `revision` was sent: the lease is valid until `sent + ttl`.
+    sent: Instant,
+}
+
+/// The outcome of a renewal.
+enum Renewal {
+    /// Written at this revision.
+    Renewed(u64, Lease),
+    /// The key holds an earlier write of ours (its ack was lost), at this revision.
+    Adopted(u64),
+}
+
+/// How an active period ended.
+enum Ended {
+    Shutdown,
+    Lost(&'static str),
+    Scheduler(Result<anyhow::Result<()>, tokio::task::JoinError>),
+}
+
+struct Contender {
+    config: Config,
+    fleet: Fleet,
+    topology: Topology,
+    stats: Arc<Stats>,
+    status: Arc<LeaseStatus>,
+    ttl: Duration,
+    seen: Seen,
+    /// Revision of the newest entry seen; older ones (a poll racing the watch) are ignored.
+    last_revision: u64,
+    /// Highest epoch seen in the key.
+    max_epoch: u64,
+    /// The watch on the key while standing by. It is not `Sync`, so the methods that await
+    /// take `&mut self`.
+    watch: Option<kv::Watch>,
+}
+
+/// Runs the contest for the lease, and the scheduler while this dispatcher holds it, until
+/// `shutdown`. Failures of NATS are retried; it returns when `shutdown` is cancelled, after
+/// stopping the scheduler and releasing a lease it holds.
+pub async fn run(
+    config: Config,
+    fleet: Fleet,
+    topology: Topology,
+    stats: Arc<Stats>,
+    status: Arc<LeaseStatus>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("dispatcher_lease", instance = %fleet.instance);
+    let ttl = config.lease_ttl.clamp(MIN_TTL, MAX_TTL);
+    let mut c = Contender {
+        config,
+        fleet,
+        topology,
+        stats,
+        status,
+        ttl,
+        seen: Seen::Free,
+        last_revision: 0,
+        max_epoch: 0,
+        watch: None,
+    };
+    c.contend(shutdown).instrument(span).await;
+    Ok(())
+}
+
+impl Contender {
+    async fn contend(&mut self, shutdown: CancellationToken) {
+        let mut not_before = Instant::now();
+        let mut failures: u32 = 0;
+        loop {
+            let Some(held) = self.stand_by(not_before, &shutdown).await else { return };
+            match self.hold(held, &shutdown).await {
+                Ended::Shutdown => return,
+                Ended::Lost(why) => {
+                    tracing::info!(role = "standby", why, "dispatcher lease lost: standing by");
+                    failures = 0;
+                }
+                Ended::Scheduler(result) => {
+                    // Let another dispatcher take over; compete again later, backing off while
+                    // the scheduler keeps failing.
+                    failures = failures.saturating_add(1);
+                    let wait = self.ttl.saturating_mul(2u32.saturating_pow(failures.min(4)));
+                    match result {
+                        Ok(Ok(())) => tracing::error!(?wait, "scheduler ended on its own; lease released"),
+                        Ok(Err(e)) => {
+                            tracing::error!(
+                                error = format!("{e:#}"),
+                                ?wait,
+                                "scheduler failed; lease released"
+                            )
+                        }
+                        Err(e) => tracing::error!(error = %e, ?wait, "scheduler panicked; lease released"),
+                    }
+                    tracing::info!(role = "standby", "dispatcher standing by after a scheduler failure");
+                    not_before = Instant::now() + wait;
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    // ---- standby -----------------------------------------------------------------------------
+
+    /// Watches the lease until this dispatcher acquired it (not before `not_before`), or returns
+    /// `None` on shutdown.
+    async fn stand_by(&mut self, not_before: Instant, shutdown: &CancellationToken) -> Option<Held> {
+        // Whatever was seen before is old news: look again, and time a present lease from now.
+        self.seen = Seen::Free;
+        self.publish_view(false);
+        self.poll().await;
+        let poll_every = self.ttl / 4;
+        let mut next_poll = Instant::now() + poll_every;
+        // No attempt before this (after a failed one).
+        let mut retry_at = not_before;
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            let (stale, attempt_at) = match &self.seen {
+                Seen::Free => (None, retry_at),
+                Seen::Held { revision, since, lease } => {
+                    (Some(*revision), retry_at.max(*since + self.ttl_of(lease.as_ref())))
+                }
+            };
+            if Instant::now() >= attempt_at {
+                if let Some(held) = self.acquire(stale).await {
+                    return Some(held);
+                }
+                // Someone else was faster (the key shows it), or NATS failed: look again, and
+                // do not try before the next poll.
+                self.poll().await;
+                next_poll = Instant::now() + poll_every;
+                retry_at = next_poll.max(not_before);
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                entry = next_entry(&mut self.watch) => match entry {
+                    Some(Ok(entry)) => self.observe(Some(entry)),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "lease watch failed; watching again");
+                        self.watch = None;
+                    }
+                    None => self.watch = None,
+                },
+                _ = sleep_until(next_poll.min(attempt_at)) => {
+                    if Instant::now() >= next_poll {
+                        self.poll().await;
+                        next_poll = Instant::now() + poll_every;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The TTL a lease was written with (our own when unreadable), within the accepted bounds.
+    fn ttl_of(&self, lease: Option<&Lease>) -> Duration {
+        lease.map_or(self.ttl, |l| Duration::from_millis(l.ttl_ms).clamp(MIN_TTL, LEASES_MAX_AGE))
+    }
+
+    /// Reads the key (a safety net for the watch, and the only way to notice that `max_age`
+    /// removed it), and makes sure the watch runs.
+    async fn poll(&mut self) {
+        if self.watch.is_none() {
+            match self.topology.leases.watch_with_history(KEY).await {
+                Ok(w) => self.watch = Some(w),
+                Err(e) => tracing::warn!(error = %e, "failed to watch the lease; polling"),
+            }
+        }
+        match self.topology.leases.entry(KEY).await {
+            Ok(entry) => self.observe(entry),
+            Err(e) => tracing::warn!(error = %e, "failed to read the lease"),
+        }
+    }
+
+    fn observe(&mut self, entry: Option<kv::Entry>) {
+        match entry {
+            Some(e) if e.revision < self.last_revision => return,
+            Some(e) if e.operation == kv::Operation::Put => {
+                self.last_revision = e.revision;
+                if matches!(self.seen, Seen::Held { revision, .. } if revision == e.revision) {
+                    return;
+                }
+                let lease = match codec::decode::<Lease>(None, &e.value) {
+                    Ok(l) => Some(l),
+                    Err(err) => {
+                        tracing::warn!(revision = e.revision, error = %err, "unreadable lease; treated as held");
+                        None
+                    }
+                };
+                let before = match &self.seen {
+                    Seen::Held { lease: Some(l), .. } => Some(l.holder.clone()),
+                    _ => None,
+                };
+                if let Some(l) = &lease {
+                    self.max_epoch = self.max_epoch.max(l.epoch);
+                    if before.as_deref() != Some(l.holder.as_str()) {
+                        tracing::info!(holder = %l.holder, epoch = l.epoch, "dispatcher lease held by another instance");
+                    }
+                }
+                self.seen = Seen::Held { revision: e.revision, since: Instant::now(), lease };
+            }
+            Some(e) => {
+                self.last_revision = e.revision;
+                tracing::debug!(revision = e.revision, "dispatcher lease released");
+                self.seen = Seen::Free;
+            }
+            None => self.seen = Seen::Free,
+        }
+        self.publish_view(false);
+    }
+
+    fn publish_view(&self, active: bool) {
+        let view = match (&self.seen, active) {
+            (_, true) => View { active, holder: Some(self.fleet.instance.clone()), epoch: self.max_epoch },
+            (Seen::Held { lease: Some(l), .. }, false) => {
+                View { active, holder: Some(l.holder.clone()), epoch: l.epoch }
+            }
+            (_, false) => View { active, holder: None, epoch: self.max_epoch },
+        };
+        self.status.set(view);
+    }
+
+    /// Tries to take the lease: `create` when it is free, or a revision-checked `update` of the
+    /// revision `stale` that ran out.
+    #[tracing::instrument(skip_all, fields(stale = ?stale))]
+    async fn acquire(&mut self, stale: Option<u64>) -> Option<Held> {
+        let now = now_ms();
+        let lease = Lease {
+            holder: self.fleet.instance.clone(),
+            epoch: self.max_epoch.saturating_add(1),
+            acquired_at_ms: now,
+            renewed_at_ms: now,
+            ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+        };
+        let sent = Instant::now();
+        let result = match stale {
+            None => self.fleet.kv_create(&self.topology.leases, KEY, &lease).await,
+            Some(rev) => self.fleet.kv_update(&self.topology.leases, KEY, &lease, rev).await,
+        };
+        match result {
+            Ok(revision) => {
+                self.max_epoch = lease.epoch;
+                self.last_revision = revision;
+                Some(Held { revision, lease, sent })
+            }
+            Err(e) if e.is_conflict() => {
+                tracing::debug!("another dispatcher took the lease first");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to take the lease");
+                None
+            }
+        }
+    }
+
+    // ---- active ------------------------------------------------------------------------------
+
+    /// Runs the scheduler while the lease is renewed; stops it and says why when it is not.
+    async fn hold(&mut self, mut held: Held, shutdown: &CancellationToken) -> Ended {
+        let previous = match &self.seen {
+            Seen::Held { lease: Some(l), .. } => Some(l.holder.clone()),
+            _ => None,
+        };
+        self.watch = None;
+        let guard = self.ttl / 6;
+        let renew_every = self.ttl / 3;
+        let retry_every = self.ttl / 12;
+        if Instant::now() + guard >= held.sent + self.ttl {
+            // The acquiring write took so long that the lease is nearly over already.
+            self.release(&held).await;
+            return Ended::Lost("the lease was acquired too late to use");
+        }
+        tracing::info!(
+            role = "active", epoch = held.lease.epoch, previous = ?previous,
+            "dispatcher lease acquired: now active"
+        );
+        self.publish_view(true);
+        let token = shutdown.child_token();
+        let mut scheduler = tokio::spawn(scheduler::run(
+            self.config.clone(),
+            self.fleet.clone(),
+            self.topology.clone(),
+            self.stats.clone(),
+            token.clone(),
+        ));
+        let mut next_renewal = held.sent + renew_every;
+        let ended = loop {
+            // The last moment to stop: a contender may start one TTL after the last renewal.
+            let stop_at = held.sent + self.ttl - guard;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ended::Shutdown,
+                r = &mut scheduler => break Ended::Scheduler(r),
+                _ = sleep_until(stop_at) => break Ended::Lost("no renewal succeeded in time"),
+                _ = sleep_until(next_renewal) => {
+                    let sent = Instant::now();
+                    match timeout_at(stop_at, self.renew(&held)).await {
+                        Ok(Ok(Renewal::Renewed(revision, lease))) => {
+                            held = Held { revision, lease, sent };
+                            next_renewal = sent + renew_every;
+                        }
+                        Ok(Ok(Renewal::Adopted(revision))) => {
+                            // Which write landed is unknown: keep counting from the last
+                            // confirmed one, and renew against the revision found at once.
+                            tracing::info!(revision, "a renewal whose ack was lost had landed");
+                            held.revision = revision;
+                            next_renewal = Instant::now();
+                        }
+                        Ok(Err(e)) if e.is_conflict() => break Ended::Lost("another dispatcher took the lease"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "lease renewal failed; retrying");
+                            next_renewal = Instant::now() + retry_every;
+                        }
+                        Err(_) => break Ended::Lost("no renewal succeeded in time"),
+                    }
+                }
+            }
+        };
+        token.cancel();
+        match ended {
+            Ended::Scheduler(r) => {
+                self.release(&held).await;
+                Ended::Scheduler(r)
+            }
+            Ended::Shutdown => {
+                // Give the scheduler until the lease would need renewing, at most 5 s.
+                let deadline = (held.sent + self.ttl - guard).min(Instant::now() + Duration::from_secs(5));
+                stop(scheduler, deadline).await;
+                self.release(&held).await;
+                Ended::Shutdown
+            }
+            Ended::Lost(why) => {
+                tracing::warn!(why, epoch = held.lease.epoch, "dispatcher lease lost; scheduler stopping");
+                self.seen = Seen::Free;
+                self.publish_view(false);
+                // Stop before a contender may start; soon in any case, as one may have started.
+                let deadline = (held.sent + self.ttl - guard / 2).min(Instant::now() + retry_every);
+                stop(scheduler, deadline).await;
+                Ended::Lost(why)
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(revision = held.revision, epoch = held.lease.epoch))]
+    async fn renew(&mut self, held: &Held) -> Result<Renewal, FleetError> {
+        let lease = Lease { renewed_at_ms: now_ms(), ..held.lease.clone() };
+        match self.fleet.kv_update(&self.topology.leases, KEY, &lease, held.revision).await {
+            Ok(revision) => Ok(Renewal::Renewed(revision, lease)),
+            Err(e) if e.is_conflict() => {
+                // An earlier renewal whose ack was lost may have landed: the lease is still ours
+                // when the key shows this very acquisition (holder, epoch and time).
+                let ours = |l: &Lease| {
+                    (l.holder.as_str(), l.epoch, l.acquired_at_ms)
+                        == (held.lease.holder.as_str(), held.lease.epoch, held.lease.acquired_at_ms)
+                };
+                match self.fleet.kv_get::<Lease>(&self.topology.leases, KEY).await {
+                    Ok(Some((current, revision))) if ours(&current) => Ok(Renewal::Adopted(revision)),
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the lease if it is still ours, so that a standby takes over at once.
+    #[tracing::instrument(skip_all, fields(revision = held.revision, epoch = held.lease.epoch))]
+    async fn release(&mut self, held: &Held) {
+        let delete = self.topology.leases.delete_expect_revision(KEY, Some(held.revision));
+        match tokio::time::timeout(Duration::from_secs(2), delete).await {
+            Ok(Ok(())) => tracing::info!(role = "standby", "dispatcher lease released"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "failed to release the lease; it runs out by itself"),
+            Err(_) => tracing::warn!("releasing the lease timed out; it runs out by itself"),
+        }
+        self.publish_view(false);
+    }
+}
+
+/// The next entry of the watch, or never when there is none.
+async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, kv::WatcherError>> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the (cancelled) scheduler to end until `deadline`, then aborts it.
+async fn stop(mut scheduler: JoinHandle<anyhow::Result<()>>, deadline: Instant) {
+    match timeout_at(deadline, &mut scheduler).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = format!("{e:#}"), "scheduler ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "scheduler panicked"),
+        Err(_) => {
+            tracing::warn!("scheduler did not stop in time; aborting it");
+            scheduler.abort();
+            let _ = scheduler.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_bounds_leave_room_for_renewals_inside_max_age() {
+        assert!(MAX_TTL * 3 <= LEASES_MAX_AGE);
+        assert!(MIN_TTL < MAX_TTL);
+    }
+
+    #[test]
+    fn health_details_show_role_holder_and_epoch() {
+        let s = LeaseStatus::default();
+        let mut d = serde_json::json!({ "assigned": 3 });
+        s.add_details(&mut d);
+        assert_eq!(d["role"], "standby");
+        assert!(d["holder"].is_null());
+        s.set(View { active: true, holder: Some("d1".into()), epoch: 4 });
+        s.add_details(&mut d);
+        assert_eq!(d["role"], "active");
+        assert_eq!(d["holder"], "d1");
+        assert_eq!(d["epoch"], 4);
+        assert_eq!(d["assigned"], 3);
+    }
+}
