@@ -7,8 +7,13 @@
 mod bench;
 mod client;
 mod fleet;
+mod heap;
 mod local;
 mod output;
+
+/// Counts live heap bytes (for `bench dispatcher`); otherwise the system allocator.
+#[global_allocator]
+static ALLOCATOR: heap::Counting = heap::Counting;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
