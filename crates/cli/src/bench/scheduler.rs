@@ -6,9 +6,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use flotilla_dispatcher::schedule::{Core, Id, Now, Policy, Queued};
 use flotilla_protocol::validate::{Limits, validate};
-use flotilla_protocol::{AgentRecord, AgentStatus, Priority, TaskRecord, TaskSubmission};
+use flotilla_protocol::{AgentRecord, Priority, TaskRecord, TaskSubmission};
 
 use super::{percentile, rss_kib};
 use crate::heap;
@@ -45,29 +46,31 @@ pub struct Figures {
     pub rss_bytes_per_task: f64,
 }
 
-fn agent(i: u32) -> AgentRecord {
+/// Agent `i`'s registry record, decoded as the scheduler's watch decodes it (fields this bench
+/// does not set take their defaults).
+fn agent(i: u32) -> anyhow::Result<AgentRecord> {
     let n = CAPABILITIES.len();
     let idx = usize::try_from(i).unwrap_or(0);
-    let caps =
-        [idx % n, (idx + 1) % n].into_iter().filter_map(|c| CAPABILITIES.get(c)).map(|c| (*c).to_owned());
-    AgentRecord {
-        agent_id: format!("runner-{}-worker-{i}", i / 100),
-        name: "worker".into(),
-        runner_id: format!("runner-{}", i / 100),
-        capabilities: caps.collect(),
-        labels: Default::default(),
-        provider: "offline".into(),
-        model: "offline-1".into(),
-        concurrency: CONCURRENCY,
-        in_flight: 0,
-        status: AgentStatus::Idle,
-        started_at_ms: 0,
-        heartbeat_at_ms: 0,
-        heartbeat_interval_ms: 1000,
-        state: flotilla_protocol::AgentState::Idle,
-        activities: vec![],
-        protocol_version: flotilla_protocol::PROTOCOL_VERSION,
-    }
+    let caps: Vec<&str> =
+        [idx % n, (idx + 1) % n].into_iter().filter_map(|c| CAPABILITIES.get(c)).copied().collect();
+    let runner = format!("runner-{}", i / 100);
+    let rec = serde_json::json!({
+        "agent_id": format!("{runner}-worker-{i}"),
+        "name": "worker",
+        "runner_id": runner,
+        "capabilities": caps,
+        "provider": "offline",
+        "model": "offline-1",
+        "concurrency": CONCURRENCY,
+        "in_flight": 0,
+        "status": "idle",
+        "state": "idle",
+        "started_at_ms": 0,
+        "heartbeat_at_ms": 0,
+        "heartbeat_interval_ms": 1000,
+        "protocol_version": flotilla_protocol::PROTOCOL_VERSION,
+    });
+    serde_json::from_value(rec).context("failed to build a bench agent record")
 }
 
 /// The submission of task `i`: ids as the CLI generates them (UUIDs), one in ten with a context
@@ -118,7 +121,7 @@ pub fn run(agents: u32, queued_tasks: usize, decisions: usize) -> anyhow::Result
     let mut core = Core::new(Policy::default());
     let alive_until = Instant::now() + Duration::from_secs(24 * 3600);
     for i in 0..agents {
-        core.upsert_agent(&agent(i), alive_until);
+        core.upsert_agent(&agent(i)?, alive_until);
     }
     let now_ms = flotilla_protocol::time::now_ms();
     // The records are built first (they are the scheduler's cache), so that the core's growth can
