@@ -734,8 +734,9 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
         }
     }
     println!(
-        "    (`submission` = intake of one submission, up to 64 at once; `assign` = one assignment by the scheduler \
-         loop, one at a time: its open-on-average is the share of the run the loop spent assigning)"
+        "    (`submission` = the intake of one submission, up to 64 at once; `assign` = the writes of one assignment; \
+         open on average = how many were under way at once, which for a scheduler that assigns one task at a \
+         time is the share of the time it spent assigning)"
     );
     println!("JetStream round trips per task on the critical path (from the code): {}", ROUND_TRIPS.len());
     for (stage, what) in ROUND_TRIPS {
