@@ -3,7 +3,12 @@
 //! process and one `flotilla-agent-runner` process, then reports (1) the runner's resident
 //! memory while hosting N idle agents and (2) its own time per agent-loop step with the
 //! zero-latency offline model, next to a raw KV read and a raw JetStream publish on the same
-//! server.
+//! server. `flotilla bench dispatcher` lives in [`dispatcher`].
+
+mod dispatcher;
+mod profile;
+mod raw;
+mod scheduler;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -35,6 +40,28 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 300)]
         tasks: usize,
     },
+    /// Dispatcher throughput and latency next to raw JetStream on the same server, and the
+    /// scheduling core's decision time and memory per queued task.
+    Dispatcher {
+        /// Tasks submitted as fast as possible for throughput, then as many again at half that
+        /// rate for latency; the raw baselines use five times as many messages [default: 2000;
+        /// 100 with --quick].
+        #[arg(long)]
+        tasks: Option<usize>,
+        /// Agents registered in the scheduling core alone [default: 10000; 500 with --quick].
+        #[arg(long)]
+        agents: Option<u32>,
+        /// Tasks queued in the scheduling core alone [default: 1000000; 20000 with --quick].
+        #[arg(long)]
+        queued: Option<usize>,
+        /// Small sizes, for tests and a first look.
+        #[arg(long)]
+        quick: bool,
+        /// Configuration file of the local nats-server [default: the project's nats/server.conf,
+        /// with `sync_interval: always`]; e.g. nats/test.conf to flush on the default interval.
+        #[arg(long)]
+        server_config: Option<PathBuf>,
+    },
 }
 
 fn rss_kib(pid: u32) -> Option<(u64, u64)> {
@@ -58,7 +85,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<(), Failure> {
-    let BenchWhat::Runner { agents, tasks } = args.what;
+    match &args.what {
+        BenchWhat::Runner { agents, tasks } => runner(cli, *agents, *tasks).await,
+        BenchWhat::Dispatcher { tasks, agents, queued, quick, server_config } => {
+            let sizes = dispatcher::Sizes {
+                tasks: tasks.unwrap_or(if *quick { 100 } else { 2000 }),
+                agents: agents.unwrap_or(if *quick { 500 } else { 10_000 }),
+                queued: queued.unwrap_or(if *quick { 20_000 } else { 1_000_000 }),
+            };
+            dispatcher::run(cli, sizes, server_config.as_deref()).await
+        }
+    }
+}
+
+async fn runner(cli: &Cli, agents: u32, tasks: usize) -> Result<(), Failure> {
     let dir = tempfile::Builder::new().prefix("flotilla-bench-").tempdir().context("temp dir")?;
     let mut server = None;
     let url = match cli.nats_url.as_deref().filter(|u| !u.trim().is_empty()) {

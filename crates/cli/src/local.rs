@@ -22,7 +22,7 @@ const DEMO_FLEET: &str = include_str!("../../../examples/demo-fleet.toml");
 /// The demo fleet on a real model (`demo --llm-url`).
 const LLM_DEMO_FLEET: &str = include_str!("../../../examples/local-llm-fleet.toml");
 /// nats-server settings for a local server (durable writes).
-const SERVER_CONF: &str = include_str!("../../../nats/server.conf");
+pub(crate) const SERVER_CONF: &str = include_str!("../../../nats/server.conf");
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {

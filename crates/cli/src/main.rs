@@ -8,9 +8,14 @@ mod bench;
 mod cancel;
 mod client;
 mod fleet;
+mod heap;
 mod local;
 mod output;
 mod queue;
+
+/// Counts live heap bytes (for `bench dispatcher`); otherwise the system allocator.
+#[global_allocator]
+static ALLOCATOR: heap::Counting = heap::Counting;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

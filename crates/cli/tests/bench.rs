@@ -1,5 +1,5 @@
-//! `flotilla bench runner` runs end to end on a small scale and reports its figures (the real
-//! numbers come from release builds, on demand).
+//! `flotilla bench runner` and `flotilla bench dispatcher` run end to end on a small scale and
+//! report their figures (the real numbers come from release builds, on demand).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -22,4 +22,65 @@ fn bench_runner_reports_memory_and_step_overhead() {
     assert!(report["raw_nats_us"]["kv_get"].as_f64().unwrap() > 0.0);
     assert!(report["step"]["p50_us"].as_f64().unwrap() > 0.0);
     assert_eq!(report["step"]["tasks"], 20);
+}
+
+#[test]
+fn bench_dispatcher_reports_every_figure() {
+    let _runner = bin("flotilla-agent-runner"); // the bench starts two from next to `flotilla`
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("flotilla"))
+        .args(["bench", "dispatcher", "--quick", "--json"])
+        .env_remove("FLOTILLA_NATS_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let positive = |path: &str| {
+        let v = report.pointer(path).unwrap_or_else(|| panic!("{path} missing in {report}"));
+        let x = v.as_f64().unwrap_or_else(|| panic!("{path} is not a number: {v}"));
+        assert!(x > 0.0, "{path} = {x}");
+    };
+    for path in [
+        "/raw/publish/per_s",
+        "/raw/publish/in_flight",
+        "/raw/pipeline/per_s",
+        "/raw/pipeline/in_flight",
+        "/throughput/per_s",
+        "/throughput/vs_pipeline",
+        "/throughput/server_msgs_in_per_task",
+        "/throughput/stored_per_task/total",
+        "/latency/rate_per_s",
+        "/latency/started_p50_ms",
+        "/latency/started_p99_ms",
+        "/latency/completed_p50_ms",
+        "/latency/completed_p99_ms",
+        "/latency/stages_p50_ms/submit_to_accepted",
+        "/latency/stages_p50_ms/accepted_to_assigned",
+        "/latency/stages_p50_ms/assigned_to_started",
+        "/latency/stages_p50_ms/started_to_completed",
+        "/scheduler/decision_p50_us",
+        "/scheduler/decision_p99_us",
+        "/scheduler/decision_max_us",
+        "/scheduler/enqueue_per_s",
+        "/scheduler/core_bytes_per_task",
+        "/scheduler/record_cache_bytes_per_task",
+        "/scheduler/core_and_cache_bytes_per_task",
+        "/profile/throughput/submission/wall_p50_us",
+        "/profile/throughput/assign/wall_p50_us",
+        "/profile/throughput/assign/open_on_average",
+        "/round_trips/total",
+    ] {
+        positive(path);
+    }
+    assert_eq!(report["throughput"]["tasks"], 100);
+    assert_eq!(report["scheduler"]["queued"], 20_000);
+    assert_eq!(report["setup"]["runner_mode"], "processes");
+    for goal in ["throughput_vs_pipeline", "completed_p50", "completed_p99", "decision_p99", "memory_core"] {
+        assert!(report["goals"][goal].is_boolean(), "goal {goal} missing");
+    }
+    // Latency is measured at half the measured throughput.
+    let (rate, per_s) =
+        (report["latency"]["rate_per_s"].as_f64().unwrap(), report["throughput"]["per_s"].as_f64().unwrap());
+    assert!((rate - per_s / 2.0).abs() <= 1.0, "latency rate {rate} vs throughput {per_s}");
+    eprintln!("bench dispatcher --quick took {:?}", started.elapsed());
 }

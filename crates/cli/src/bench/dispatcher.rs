@@ -1,0 +1,857 @@
+//! `flotilla bench dispatcher`: the dispatcher's throughput, latency, decision time and memory,
+//! next to raw JetStream on the same server in the same run. (a) raw baselines (see [`super::raw`]);
+//! (b) submit → `completed` throughput of the dispatcher (in this process) and two runners with
+//! the zero-latency offline model; (c) submit → `started` / `completed` latency at half the
+//! throughput of (b); (d) the scheduling core alone (see [`super::scheduler`]). It also prints the
+//! JetStream round trips on a task's path and where the dispatcher's time goes.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::context::PublishAckFuture;
+use bytes::Bytes;
+use flotilla_protocol::names::event_kind;
+use flotilla_protocol::validate::{Limits, validate};
+use flotilla_protocol::{Names, TaskSubmission, WireFormat, codec, headers};
+use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
+use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use futures::StreamExt as _;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::raw::Window;
+use super::{percentile, profile, raw, scheduler};
+use crate::{Cli, Failure};
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub tasks: usize,
+    pub agents: u32,
+    pub queued: usize,
+}
+
+/// Goals from the issue.
+const GOAL_VS_PIPELINE: f64 = 0.35;
+const GOAL_P50_MS: f64 = 2.0;
+const GOAL_P99_MS: f64 = 10.0;
+const GOAL_DECISION_P99_US: f64 = 100.0;
+const GOAL_BYTES_PER_TASK: f64 = 1024.0;
+
+/// Publishes in flight when submitting (and in the raw publish test).
+const WINDOW: usize = 256;
+/// Items the raw pipeline works on at once: the dispatcher's default intake concurrency.
+const PIPELINE_IN_FLIGHT: usize = 64;
+/// Messages the raw pipeline stores per item: on A, the KV update, on B.
+const RAW_STORED_PER_ITEM: u32 = 3;
+/// The bench fleet: two runners, each with this many agents of this concurrency.
+const RUNNERS: [&str; 2] = ["bench-r1", "bench-r2"];
+const AGENTS_PER_RUNNER: u32 = 4;
+const AGENT_CONCURRENCY: u32 = 8;
+const CAPABILITY: &str = "bench";
+const TEXT: &str = "Summarise the attached release notes in two sentences.";
+
+/// JetStream round trips (a request and its awaited reply, or a publish and its awaited ack) on
+/// a task's path from submission to `completed`, one model step, no tools; from the code.
+const ROUND_TRIPS: [(&str, &str); 13] = [
+    ("client", "submission publish, stream ack"),
+    ("intake", "KV get: is the id known (duplicate check)"),
+    ("intake", "`accepted` event publish, ack"),
+    ("intake", "KV create: the task record"),
+    ("scheduler", "KV update, revision-checked: assigned"),
+    ("scheduler", "`assigned` event publish, ack"),
+    ("scheduler", "assignment publish, ack"),
+    ("runner", "KV get: the record, to claim it"),
+    ("runner", "KV update, revision-checked: running (the claim)"),
+    ("runner", "`started` event publish, ack"),
+    ("runner", "`progress` event publish, ack (the model step)"),
+    ("runner", "KV update, revision-checked: completed"),
+    ("runner", "`completed` event publish, ack"),
+];
+/// One-way deliveries on the same path (no reply awaited).
+const HOPS: &str = "plus four one-way deliveries: submission to intake (pull consumer), task record to \
+the scheduler (KV watch), assignment to the runner (pull consumer), `completed` to the client";
+const OFF_PATH: &str = "off the critical path: the capability check (cached after a capability's \
+first task); the acks of the submission and of the assignment (no reply awaited); two agent lifecycle events (planning, idle), published in order by one task \
+per runner, each batch followed by a registry rewrite of the runner's agents (KV puts the \
+dispatcher's agent watch then applies); and four KV watch deliveries of the task record to the \
+dispatcher (created, assigned, running, completed), each waking its scheduler loop";
+
+/// When the bench's event reader saw each event of a task.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    accepted: Option<Instant>,
+    assigned: Option<Instant>,
+    started: Option<Instant>,
+    completed: Option<Instant>,
+    failed: Option<Instant>,
+}
+
+/// What one submission phase observed.
+struct Phase {
+    wall: Duration,
+    submitted: HashMap<String, Instant>,
+    seen: HashMap<String, Seen>,
+}
+
+impl Phase {
+    /// Submit → completed rate: tasks over the time from the first submission to the last
+    /// `completed`.
+    fn throughput(&self) -> f64 {
+        self.submitted.len() as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Milliseconds between two points of each task, sorted.
+    fn spans(
+        &self,
+        from: impl Fn(&str, &Seen) -> Option<Instant>,
+        to: impl Fn(&Seen) -> Option<Instant>,
+    ) -> Vec<f64> {
+        let mut v: Vec<f64> = self
+            .seen
+            .iter()
+            .filter_map(|(id, s)| Some(to(s)?.saturating_duration_since(from(id, s)?).as_secs_f64() * 1000.0))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+}
+
+struct Bench {
+    fleet: Fleet,
+    submit_subject: String,
+    events_prefix: String,
+}
+
+impl Bench {
+    fn payload(id: &str) -> anyhow::Result<Bytes> {
+        let sub = TaskSubmission {
+            id: Some(id.to_owned()),
+            capability: CAPABILITY.to_owned(),
+            input: json!({ "text": TEXT }),
+            ..Default::default()
+        };
+        Ok(Bytes::from(codec::encode(WireFormat::Msgpack, &sub).context("failed to encode a submission")?))
+    }
+
+    /// Sends a submission as any client would (MessagePack, `Nats-Msg-Id` = task id).
+    async fn submit(&self, id: &str, payload: Bytes) -> anyhow::Result<PublishAckFuture> {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
+        h.insert(headers::NATS_MSG_ID, id);
+        self.fleet
+            .js
+            .publish_with_headers(self.submit_subject.clone(), h, payload)
+            .await
+            .context("failed to submit")
+    }
+
+    /// An ordered consumer on the lifecycle events the bench times (subjects only).
+    async fn follow(&self) -> anyhow::Result<pull::Ordered> {
+        let names = &self.fleet.names;
+        let stream = self.fleet.js.get_stream(names.events_stream()).await.context("no events stream")?;
+        let kinds = [
+            event_kind::ACCEPTED,
+            event_kind::ASSIGNED,
+            event_kind::STARTED,
+            event_kind::COMPLETED,
+            event_kind::FAILED,
+            event_kind::REJECTED,
+        ];
+        stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subjects: kinds.iter().map(|k| names.task_events_kind(k)).collect(),
+                deliver_policy: DeliverPolicy::New,
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .context("failed to follow events")?
+            .messages()
+            .await
+            .context("failed to follow events")
+    }
+
+    /// Submits `n` tasks with ids `<tag><i>`, as fast as the window allows or paced at `rate`
+    /// per second, and waits until every one has ended.
+    async fn phase(&self, tag: &str, n: usize, rate: Option<f64>) -> anyhow::Result<Phase> {
+        let events = self.follow().await?;
+        let reader = tokio::spawn(collect(events, self.events_prefix.clone(), tag.to_owned(), n));
+        let mut submitted = HashMap::with_capacity(n);
+        let mut window = Window::new(WINDOW);
+        let t0 = Instant::now();
+        for i in 0..n {
+            let id = format!("{tag}{i}");
+            let payload = Self::payload(&id)?;
+            if let Some(rate) = rate {
+                let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+                if due > Instant::now() {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+                }
+            }
+            submitted.insert(id.clone(), Instant::now());
+            window.push(self.submit(&id, payload).await?).await?;
+        }
+        window.finish().await?;
+        let seen = reader.await.context("the event reader panicked")??;
+        let failed = seen.values().filter(|s| s.failed.is_some()).count();
+        anyhow::ensure!(failed == 0, "{failed} of {n} bench tasks failed or were rejected");
+        let last = seen.values().filter_map(|s| s.completed).max().unwrap_or(t0);
+        Ok(Phase { wall: last.saturating_duration_since(t0), submitted, seen })
+    }
+}
+
+/// Reads events until `n` tasks whose id starts with `tag` have ended.
+async fn collect(
+    mut events: pull::Ordered,
+    subject_prefix: String,
+    tag: String,
+    n: usize,
+) -> anyhow::Result<HashMap<String, Seen>> {
+    let mut seen: HashMap<String, Seen> = HashMap::with_capacity(n);
+    let mut ended = 0;
+    while ended < n {
+        let msg = match tokio::time::timeout(Duration::from_secs(60), events.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(anyhow::anyhow!(e).context("event stream failed")),
+            _ => anyhow::bail!("tasks stopped ending: {ended} of {n} ended"),
+        };
+        let at = Instant::now();
+        let Some((id, kind)) =
+            msg.subject.as_str().strip_prefix(&subject_prefix).and_then(|r| r.rsplit_once('.'))
+        else {
+            continue;
+        };
+        if !id.starts_with(&tag) {
+            continue;
+        }
+        let s = seen.entry(id.to_owned()).or_default();
+        let was_over = s.completed.is_some() || s.failed.is_some();
+        let slot = match kind {
+            event_kind::ACCEPTED => &mut s.accepted,
+            event_kind::ASSIGNED => &mut s.assigned,
+            event_kind::STARTED => &mut s.started,
+            event_kind::COMPLETED => &mut s.completed,
+            event_kind::FAILED | event_kind::REJECTED => &mut s.failed,
+            _ => continue,
+        };
+        slot.get_or_insert(at);
+        if !was_over && (s.completed.is_some() || s.failed.is_some()) {
+            ended += 1;
+        }
+    }
+    Ok(seen)
+}
+
+/// The runners under test: processes when `flotilla-agent-runner` is next to this binary (as
+/// after `cargo build --release --bins`), otherwise in this process.
+enum Runners {
+    Processes(Vec<tokio::process::Child>),
+    InProcess(Vec<JoinHandle<anyhow::Result<()>>>),
+}
+
+impl Runners {
+    fn describe(&self) -> &'static str {
+        match self {
+            Self::Processes(_) => "processes",
+            Self::InProcess(_) => "in process",
+        }
+    }
+
+    async fn start(
+        url: &str,
+        names: &Names,
+        topology: &Topology,
+        dir: &std::path::Path,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let fleet_toml = format!(
+            "[[agent]]\nname = \"{CAPABILITY}\"\ncapabilities = [\"{CAPABILITY}\"]\nprovider = \"offline\"\n\
+             concurrency = {AGENT_CONCURRENCY}\nreplicas = {AGENTS_PER_RUNNER}\n"
+        );
+        let runner_bin: Option<PathBuf> = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("flotilla-agent-runner")))
+            .filter(|p| p.exists());
+        if let Some(bin) = runner_bin {
+            let fleet_path = dir.join("bench-fleet.toml");
+            std::fs::write(&fleet_path, &fleet_toml).context("failed to write the bench fleet")?;
+            let mut children = Vec::new();
+            for id in RUNNERS {
+                let child = tokio::process::Command::new(&bin)
+                    .env("FLOTILLA_NATS_URL", url)
+                    .env("FLOTILLA_PREFIX", names.prefix().as_str())
+                    .env("FLOTILLA_FLEET", &fleet_path)
+                    .env("FLOTILLA_RUNNER_ID", id)
+                    .env("RUST_LOG", "warn")
+                    .kill_on_drop(true)
+                    .spawn()
+                    .context("failed to start a runner")?;
+                children.push(child);
+            }
+            return Ok(Self::Processes(children));
+        }
+        let mut handles = Vec::new();
+        for id in RUNNERS {
+            let fleet = Fleet::new(
+                flotilla_service::nats::connect(url, &format!("flotilla-bench-{id}")).await?,
+                names.clone(),
+                WireFormat::Msgpack,
+                id.to_owned(),
+            );
+            let config =
+                flotilla_agent_runner::Config { runner_id: Some(id.to_owned()), ..Default::default() };
+            let file = flotilla_agent_runner::FleetFile::parse(&fleet_toml)?;
+            handles.push(tokio::spawn(flotilla_agent_runner::run(
+                config,
+                file,
+                fleet,
+                topology.clone(),
+                shutdown.clone(),
+            )));
+        }
+        Ok(Self::InProcess(handles))
+    }
+
+    /// Stops the runners: SIGTERM (they drain and deregister), or the shutdown token in process.
+    async fn stop(self, shutdown: &CancellationToken) {
+        match self {
+            Self::Processes(children) => {
+                for mut child in children {
+                    if let Some(pid) = child.id() {
+                        let _ = tokio::process::Command::new("kill")
+                            .args(["-TERM", &pid.to_string()])
+                            .status()
+                            .await;
+                    }
+                    if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                    }
+                }
+            }
+            Self::InProcess(handles) => {
+                shutdown.cancel();
+                for h in handles {
+                    let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+                }
+            }
+        }
+    }
+}
+
+/// Last sequence of each of the fleet's streams (its KV buckets included).
+async fn stream_sequences(fleet: &Fleet) -> anyhow::Result<HashMap<String, u64>> {
+    let lower = fleet.names.prefix().as_str().replace('.', "_");
+    let (upper, kv) = (format!("{}_", lower.to_ascii_uppercase()), format!("KV_{lower}_"));
+    let mut out = HashMap::new();
+    let mut streams = fleet.js.streams();
+    while let Some(info) = streams.next().await {
+        let info = info.context("failed to list streams")?;
+        if info.config.name.starts_with(&upper) || info.config.name.starts_with(&kv) {
+            out.insert(info.config.name.clone(), info.state.last_sequence);
+        }
+    }
+    Ok(out)
+}
+
+/// In/out message counters of a local server (`/varz` on its monitoring port).
+async fn varz(monitoring: Option<&str>) -> Option<(u64, u64)> {
+    let addr = monitoring?.strip_prefix("http://")?;
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /varz HTTP/1.0\r\nHost: localhost\r\n\r\n").await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let start = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let v: serde_json::Value = serde_json::from_slice(buf.get(start..)?).ok()?;
+    Some((v.get("in_msgs")?.as_u64()?, v.get("out_msgs")?.as_u64()?))
+}
+
+fn monitoring_url(server: &LocalServer) -> Option<String> {
+    let dir = server.options().store_dir.join("ports");
+    let entry = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "ports"))?;
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(entry.path()).ok()?).ok()?;
+    v.get("monitoring")?.get(0)?.as_str().map(str::to_owned)
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// Span timings of the services in this process during one phase.
+fn span_summary(timings: &profile::ByName) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for name in profile::TIMED {
+        let Some(v) = timings.get(name).filter(|v| !v.is_empty()) else { continue };
+        let mut walls: Vec<f64> = v.iter().map(|c| c.wall.as_secs_f64() * 1e6).collect();
+        let mut busy: Vec<f64> = v.iter().map(|c| c.busy.as_secs_f64() * 1e6).collect();
+        walls.sort_by(f64::total_cmp);
+        busy.sort_by(f64::total_cmp);
+        let total: f64 = walls.iter().sum::<f64>() / 1e6;
+        // From the first span's creation to the last one's close.
+        let first = v.iter().map(|c| c.created).min();
+        let last = v.iter().map(|c| c.created + c.wall).max();
+        let active = first.zip(last).map_or(Duration::ZERO, |(f, l)| l.saturating_duration_since(f));
+        out.insert(
+            name.to_owned(),
+            json!({
+                "count": v.len(),
+                "wall_p50_us": round(percentile(&walls, 0.5), 0),
+                "wall_p99_us": round(percentile(&walls, 0.99), 0),
+                "busy_p50_us": round(percentile(&busy, 0.5), 0),
+                "busy_p99_us": round(percentile(&busy, 0.99), 0),
+                "active_ms": round(active.as_secs_f64() * 1000.0, 1),
+                // Average number open at once while active: for the one-at-a-time scheduler,
+                // the share of that time it spent assigning.
+                "open_on_average": round(total / active.as_secs_f64().max(1e-9), 2),
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+/// A progress line on stderr, with the time since the bench started.
+fn progress(started: Instant, what: &str) {
+    eprintln!("[{:>6.1} s] {what}…", started.elapsed().as_secs_f64());
+}
+
+fn goal(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path>) -> Result<(), Failure> {
+    let Sizes { tasks, agents, queued } = sizes;
+    if tasks < 10 || agents == 0 || queued < 2 {
+        return Err(Failure::new(
+            2,
+            anyhow::anyhow!("--tasks must be at least 10, --agents and --queued at least 2"),
+        ));
+    }
+    let started = Instant::now();
+    let timings = profile::install();
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-")
+        .tempdir()
+        .context("failed to create a temp dir")?;
+    let mut server = None;
+    let (url, server_desc) = match cli.nats_url.as_deref().filter(|u| !u.trim().is_empty()) {
+        Some(u) => (u.to_owned(), "external (--nats-url)".to_owned()),
+        None => {
+            let (conf, desc) = match server_config {
+                Some(p) => (p.to_path_buf(), format!("local nats-server with {}", p.display())),
+                None => {
+                    let conf = dir.path().join("nats-server.conf");
+                    std::fs::write(&conf, crate::local::SERVER_CONF)
+                        .context("failed to write nats-server.conf")?;
+                    (conf, "local nats-server with nats/server.conf (sync_interval: always)".to_owned())
+                }
+            };
+            let s = LocalServer::start(LocalServerOptions {
+                binary: locate(&default_search_roots())?,
+                store_dir: dir.path().join("nats"),
+                port: None,
+                config_file: Some(conf),
+            })?;
+            let u = s.url().to_owned();
+            server = Some(s);
+            (u, desc)
+        }
+    };
+    let monitoring = server.as_ref().and_then(monitoring_url);
+    let names =
+        Names::new(flotilla_protocol::Prefix::new(cli.prefix.clone()).map_err(|e| Failure::new(2, e))?);
+    let client = flotilla_service::nats::connect(&url, "flotilla-bench").await?;
+    let fleet = Fleet::new(client.clone(), names.clone(), WireFormat::Msgpack, "bench".into());
+    let topology = Topology::ensure(&fleet.js, &names, &StreamSettings::default(), Mode::Own).await?;
+    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
+
+    // (a) Raw JetStream.
+    let sample_id = "0190b2c4-1c5e-7f00-8000-000000000000";
+    let record = validate(
+        TaskSubmission {
+            capability: CAPABILITY.to_owned(),
+            input: json!({ "text": TEXT }),
+            ..Default::default()
+        },
+        sample_id.to_owned(),
+        200,
+        Limits::default(),
+        flotilla_protocol::time::now_ms(),
+    )
+    .map_err(|r| anyhow::anyhow!("bench record rejected: {}", r.message))?;
+    progress(started, "(a) raw JetStream baselines");
+    let a = raw::run(
+        &fleet.js,
+        &names,
+        raw::Params {
+            publish_messages: tasks * 5,
+            pipeline_items: tasks * 5,
+            window: WINDOW,
+            in_flight: PIPELINE_IN_FLIGHT,
+            payload: Bench::payload(sample_id)?,
+            record: Bytes::from(
+                codec::encode(WireFormat::Msgpack, &record).context("failed to encode a record")?,
+            ),
+        },
+    )
+    .await?;
+
+    // (b) and (c): the dispatcher here, two runners.
+    let shutdown = CancellationToken::new();
+    let dispatcher = tokio::spawn(flotilla_dispatcher::run(
+        flotilla_dispatcher::Config::default(),
+        Fleet::new(
+            flotilla_service::nats::connect(&url, "flotilla-bench-dispatcher").await?,
+            names.clone(),
+            WireFormat::Msgpack,
+            "bench-dispatcher".into(),
+        ),
+        topology.clone(),
+        shutdown.clone(),
+    ));
+    let runners = Runners::start(&url, &names, &topology, dir.path(), &shutdown).await?;
+    let result = measure(&fleet, &topology, tasks, monitoring.as_deref(), timings.as_ref(), started).await;
+    let runner_mode = runners.describe();
+    progress(started, "stopping the runners, the dispatcher and the server");
+    runners.stop(&shutdown).await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), dispatcher).await;
+    let _ = client.drain().await;
+    if let Some(mut s) = server.take() {
+        s.terminate(Duration::from_secs(10));
+    }
+    let mut m = result?;
+    m.runner_mode = runner_mode;
+
+    // (d) The scheduling core alone, with nothing else running.
+    progress(started, &format!("(d) scheduling core: {agents} agents, {queued} queued tasks"));
+    let decisions = (queued / 2).min(200_000);
+    let d = tokio::task::spawn_blocking(move || scheduler::run(agents, queued, decisions))
+        .await
+        .context("the scheduler bench panicked")??;
+
+    let vs_pipeline = m.throughput / a.pipeline_per_s.max(1e-9);
+    let total_bytes = d.core_bytes_per_task + d.cache_bytes_per_task;
+    let goals = json!({
+        "throughput_vs_pipeline": vs_pipeline >= GOAL_VS_PIPELINE,
+        "completed_p50": m.completed_p50 <= GOAL_P50_MS,
+        "completed_p99": m.completed_p99 <= GOAL_P99_MS,
+        "decision_p99": d.decision_p99_us < GOAL_DECISION_P99_US,
+        "memory_core": d.core_bytes_per_task < GOAL_BYTES_PER_TASK,
+        "memory_core_and_cache": total_bytes < GOAL_BYTES_PER_TASK,
+    });
+    let stored_total: f64 = m.stored.iter().map(|(_, n)| n).sum();
+    let mut stored_json: serde_json::Map<String, serde_json::Value> =
+        m.stored.iter().map(|(s, n)| (s.clone(), json!(round(*n, 2)))).collect();
+    stored_json.insert("total".to_owned(), json!(round(stored_total, 2)));
+    let mut round_trips = serde_json::Map::new();
+    for (stage, _) in ROUND_TRIPS {
+        let n = round_trips.get(stage).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        round_trips.insert(stage.to_owned(), json!(n + 1));
+    }
+    round_trips.insert("total".to_owned(), json!(ROUND_TRIPS.len()));
+    let report = json!({
+        "setup": {
+            "build": build,
+            "server": server_desc,
+            "runners": RUNNERS.len(),
+            "runner_mode": m.runner_mode,
+            "agents": RUNNERS.len() as u32 * AGENTS_PER_RUNNER,
+            "slots": RUNNERS.len() as u32 * AGENTS_PER_RUNNER * AGENT_CONCURRENCY,
+            "model": "offline, zero latency, one step",
+        },
+        "raw": {
+            "publish": { "messages": a.publish_messages, "in_flight": a.publish_window, "per_s": round(a.publish_per_s, 0) },
+            "pipeline": {
+                "items": a.pipeline_items,
+                "in_flight": a.pipeline_in_flight,
+                "per_s": round(a.pipeline_per_s, 0),
+                "stored_per_item": RAW_STORED_PER_ITEM,
+            },
+        },
+        "throughput": {
+            "tasks": tasks,
+            "per_s": round(m.throughput, 0),
+            "vs_pipeline": round(vs_pipeline, 3),
+            "goal_vs_pipeline": GOAL_VS_PIPELINE,
+            "server_msgs_in_per_task": m.msgs_per_task.map(|(i, _)| round(i, 1)),
+            "server_msgs_out_per_task": m.msgs_per_task.map(|(_, o)| round(o, 1)),
+            "stored_per_task": stored_json,
+        },
+        "latency": {
+            "tasks": tasks,
+            "rate_per_s": round(m.rate, 0),
+            "started_p50_ms": round(m.started_p50, 2),
+            "started_p99_ms": round(m.started_p99, 2),
+            "completed_p50_ms": round(m.completed_p50, 2),
+            "completed_p99_ms": round(m.completed_p99, 2),
+            "goal_completed_p50_ms": GOAL_P50_MS,
+            "goal_completed_p99_ms": GOAL_P99_MS,
+            "stages_p50_ms": m.stages.iter().map(|(k, v)| ((*k).to_owned(), json!(round(*v, 2)))).collect::<serde_json::Map<_, _>>(),
+        },
+        "scheduler": {
+            "agents": d.agents,
+            "queued": d.queued,
+            "decisions": d.decisions,
+            "running_while_deciding": d.running,
+            "enqueue_per_s": round(d.enqueue_per_s, 0),
+            "decision_p50_us": round(d.decision_p50_us, 2),
+            "decision_p99_us": round(d.decision_p99_us, 2),
+            "decision_p999_us": round(d.decision_p999_us, 2),
+            "decision_max_us": round(d.decision_max_us, 1),
+            "decisions_over_1ms": d.decisions_over_1ms,
+            "preempted_while_deciding": d.preempted,
+            "finish_p50_us": round(d.finish_p50_us, 2),
+            "goal_decision_p99_us": GOAL_DECISION_P99_US,
+            "core_bytes_per_task": round(d.core_bytes_per_task, 0),
+            "record_cache_bytes_per_task": round(d.cache_bytes_per_task, 0),
+            "record_cache_entry_inline_bytes": d.cache_entry_inline_bytes,
+            "core_and_cache_bytes_per_task": round(total_bytes, 0),
+            "rss_growth_bytes_per_task": round(d.rss_bytes_per_task, 0),
+            "goal_bytes_per_task": GOAL_BYTES_PER_TASK,
+        },
+        "profile": { "throughput": m.profile_b, "half_load": m.profile_c },
+        "round_trips": round_trips,
+        "goals": goals,
+    });
+    if cli.json {
+        println!("{report}");
+        return Ok(());
+    }
+    let thousands = |x: f64| {
+        let s = format!("{:.0}", x.max(0.0));
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    };
+    println!(
+        "flotilla bench dispatcher: {build} build; {server_desc}; {} runners ({}) × {AGENTS_PER_RUNNER} agents × concurrency {AGENT_CONCURRENCY}, offline model, zero latency",
+        RUNNERS.len(),
+        m.runner_mode,
+    );
+    println!(
+        "(a) raw JetStream: async publish {} msg/s ({} messages, {WINDOW} in flight); one-hop pipeline \
+         (pull A → KV revision-checked update → publish B → consume B) {} items/s ({} items, {PIPELINE_IN_FLIGHT} in flight)",
+        thousands(a.publish_per_s),
+        thousands(a.publish_messages as f64),
+        thousands(a.pipeline_per_s),
+        thousands(a.pipeline_items as f64),
+    );
+    println!(
+        "(b) Flotilla submit → completed: {} tasks/s ({tasks} tasks, submitted {WINDOW} in flight) = {vs_pipeline:.2} × the pipeline \
+         [goal ≥ {GOAL_VS_PIPELINE}: {}]",
+        thousands(m.throughput),
+        goal(vs_pipeline >= GOAL_VS_PIPELINE),
+    );
+    println!(
+        "    messages stored per task (stream writes): {stored_total:.1} = {} (the pipeline stores {} per item: A, the KV key, B)",
+        m.stored.iter().map(|(s, n)| format!("{s} {n:.1}")).collect::<Vec<_>>().join(", "),
+        RAW_STORED_PER_ITEM,
+    );
+    if let Some((i, o)) = m.msgs_per_task {
+        println!(
+            "    server messages per task (varz, all clients, heartbeats included): {i:.1} in, {o:.1} out"
+        );
+    }
+    println!(
+        "(c) at half that rate ({:.0} tasks/s, {tasks} tasks): submit → started p50 {:.2} ms, p99 {:.2} ms; \
+         submit → completed p50 {:.2} ms [goal ≤ {GOAL_P50_MS} ms: {}], p99 {:.2} ms [goal ≤ {GOAL_P99_MS} ms: {}]",
+        m.rate,
+        m.started_p50,
+        m.started_p99,
+        m.completed_p50,
+        goal(m.completed_p50 <= GOAL_P50_MS),
+        m.completed_p99,
+        goal(m.completed_p99 <= GOAL_P99_MS),
+    );
+    println!(
+        "    p50 between event arrivals: {}",
+        m.stages
+            .iter()
+            .map(|(k, v)| format!("{} {v:.2} ms", k.replace("_to_", " → ")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "(d) scheduling core, {} agents × {} slots, {} queued, {} decisions with {} running: decision p50 {:.2} µs, \
+         p99 {:.2} µs [goal < {GOAL_DECISION_P99_US} µs: {}], p99.9 {:.1} µs, max {:.0} µs ({} over 1 ms; the thread was \
+         preempted {} times meanwhile); finish p50 {:.2} µs; {} enqueues/s",
+        thousands(f64::from(d.agents)),
+        scheduler::CONCURRENCY,
+        thousands(d.queued as f64),
+        thousands(d.decisions as f64),
+        thousands(d.running as f64),
+        d.decision_p50_us,
+        d.decision_p99_us,
+        goal(d.decision_p99_us < GOAL_DECISION_P99_US),
+        d.decision_p999_us,
+        d.decision_max_us,
+        d.decisions_over_1ms,
+        d.preempted,
+        d.finish_p50_us,
+        thousands(d.enqueue_per_s),
+    );
+    println!(
+        "    heap per queued task: core {:.0} B [goal < 1 KB: {}], record cache (TaskView, {} B inline per map entry) {:.0} B, \
+         together {:.0} B [{}]; process RSS grew {:.0} B per task",
+        d.core_bytes_per_task,
+        goal(d.core_bytes_per_task < GOAL_BYTES_PER_TASK),
+        d.cache_entry_inline_bytes,
+        d.cache_bytes_per_task,
+        total_bytes,
+        goal(total_bytes < GOAL_BYTES_PER_TASK),
+        d.rss_bytes_per_task,
+    );
+    println!(
+        "where the dispatcher's time goes (spans in this process; busy = being polled, the rest is waiting for NATS):"
+    );
+    for (phase, p) in [("(b) full load", &m.profile_b), ("(c) half load", &m.profile_c)] {
+        for name in profile::TIMED {
+            let Some(s) = p.get(name) else { continue };
+            let f = |k: &str| s.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+            println!(
+                "    {phase}: `{name}` ×{}: wall p50 {:.0} µs, p99 {:.0} µs; busy p50 {:.0} µs; {:.2} open on average",
+                f("count"),
+                f("wall_p50_us"),
+                f("wall_p99_us"),
+                f("busy_p50_us"),
+                f("open_on_average"),
+            );
+        }
+    }
+    println!(
+        "    (`submission` = the intake of one submission, up to 64 at once; `assign` = the writes of one assignment; \
+         open on average = how many were under way at once, which for a scheduler that assigns one task at a \
+         time is the share of the time it spent assigning)"
+    );
+    println!("JetStream round trips per task on the critical path (from the code): {}", ROUND_TRIPS.len());
+    for (stage, what) in ROUND_TRIPS {
+        println!("    {stage:<9} {what}");
+    }
+    println!("    {HOPS}");
+    println!("    {OFF_PATH}");
+    Ok(())
+}
+
+/// What (b) and (c) measured.
+struct Measured {
+    runner_mode: &'static str,
+    throughput: f64,
+    msgs_per_task: Option<(f64, f64)>,
+    /// Messages stored per task, by stream (each one a disk write, synced with
+    /// `sync_interval: always`), largest first.
+    stored: Vec<(String, f64)>,
+    rate: f64,
+    started_p50: f64,
+    started_p99: f64,
+    completed_p50: f64,
+    completed_p99: f64,
+    stages: Vec<(&'static str, f64)>,
+    profile_b: serde_json::Value,
+    profile_c: serde_json::Value,
+}
+
+async fn measure(
+    fleet: &Fleet,
+    topology: &Topology,
+    tasks: usize,
+    monitoring: Option<&str>,
+    timings: Option<&profile::Timings>,
+    started: Instant,
+) -> anyhow::Result<Measured> {
+    let expected = RUNNERS.len() * usize::try_from(AGENTS_PER_RUNNER).unwrap_or(0);
+    let t = Instant::now();
+    loop {
+        let keys: Vec<String> = topology
+            .agents
+            .keys()
+            .await
+            .context("failed to list agents")?
+            .filter_map(|k| async move { k.ok() })
+            .collect()
+            .await;
+        let n = keys.iter().filter(|k| RUNNERS.iter().any(|r| k.starts_with(&format!("{r}-")))).count();
+        if n >= expected {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "only {n} of {expected} bench agents registered in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bench = Bench {
+        fleet: fleet.clone(),
+        submit_subject: fleet.names.submit_subject(),
+        events_prefix: format!("{}.events.task.", fleet.names.prefix().as_str()),
+    };
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let run = run.get(run.len().saturating_sub(8)..).unwrap_or("run").to_owned();
+    progress(started, "(b) agents registered; warming up");
+    bench.phase(&format!("{run}-w-"), (tasks / 10).clamp(10, 100), None).await?;
+    if let Some(t) = timings {
+        t.take();
+    }
+    progress(started, &format!("(b) {tasks} tasks as fast as possible"));
+    let before = varz(monitoring).await;
+    let seqs_before = stream_sequences(fleet).await?;
+    let b = bench.phase(&format!("{run}-b-"), tasks, None).await?;
+    let after = varz(monitoring).await;
+    let seqs_after = stream_sequences(fleet).await?;
+    let mut stored: Vec<(String, f64)> = seqs_after
+        .iter()
+        .map(|(name, seq)| {
+            let grew = seq.saturating_sub(seqs_before.get(name).copied().unwrap_or(0));
+            (name.clone(), grew as f64 / tasks as f64)
+        })
+        .filter(|(_, per_task)| *per_task > 0.0)
+        .collect();
+    stored.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let profile_b = timings.map(|t| span_summary(&t.take())).unwrap_or_default();
+    let msgs_per_task = before.zip(after).map(|((i0, o0), (i1, o1))| {
+        (i1.saturating_sub(i0) as f64 / tasks as f64, o1.saturating_sub(o0) as f64 / tasks as f64)
+    });
+    let throughput = b.throughput();
+    let rate = throughput / 2.0;
+    progress(started, &format!("(c) {tasks} tasks at {rate:.0}/s"));
+    let c = bench.phase(&format!("{run}-c-"), tasks, Some(rate)).await?;
+    let profile_c = timings.map(|t| span_summary(&t.take())).unwrap_or_default();
+    let submitted = |id: &str, _: &Seen| c.submitted.get(id).copied();
+    let started = c.spans(submitted, |s| s.started);
+    let completed = c.spans(submitted, |s| s.completed);
+    let stage = |v: Vec<f64>| percentile(&v, 0.5);
+    let stages = vec![
+        ("submit_to_accepted", stage(c.spans(submitted, |s| s.accepted))),
+        ("accepted_to_assigned", stage(c.spans(|_, s| s.accepted, |s| s.assigned))),
+        ("assigned_to_started", stage(c.spans(|_, s| s.assigned, |s| s.started))),
+        ("started_to_completed", stage(c.spans(|_, s| s.started, |s| s.completed))),
+    ];
+    Ok(Measured {
+        runner_mode: "",
+        throughput,
+        msgs_per_task,
+        stored,
+        rate,
+        started_p50: percentile(&started, 0.5),
+        started_p99: percentile(&started, 0.99),
+        completed_p50: percentile(&completed, 0.5),
+        completed_p99: percentile(&completed, 0.99),
+        stages,
+        profile_b,
+        profile_c,
+    })
+}
