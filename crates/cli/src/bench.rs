@@ -64,6 +64,28 @@ pub enum BenchWhat {
     },
 }
 
+/// The dispatcher with default settings in this process, on its own connection.
+async fn spawn_dispatcher(
+    url: &str,
+    names: &flotilla_protocol::Names,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+    instance: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let fleet = Fleet::new(
+        flotilla_service::nats::connect(url, "flotilla-bench-dispatcher").await?,
+        names.clone(),
+        WireFormat::Msgpack,
+        instance.into(),
+    );
+    Ok(tokio::spawn(flotilla_dispatcher::run(
+        flotilla_dispatcher::Config::default(),
+        fleet,
+        topology.clone(),
+        shutdown.clone(),
+    )))
+}
+
 fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
@@ -122,17 +144,7 @@ async fn runner(cli: &Cli, agents: u32, tasks: usize) -> Result<(), Failure> {
     let fleet = Fleet::new(client.clone(), names.clone(), WireFormat::Msgpack, "bench".into());
     let topology = Topology::ensure(&fleet.js, &names, &StreamSettings::default(), Mode::Own).await?;
     let shutdown = CancellationToken::new();
-    let dispatcher = tokio::spawn(flotilla_dispatcher::run(
-        flotilla_dispatcher::Config::default(),
-        Fleet::new(
-            flotilla_service::nats::connect(&url, "flotilla-bench-dispatcher").await?,
-            names.clone(),
-            WireFormat::Msgpack,
-            "bench-d".into(),
-        ),
-        topology.clone(),
-        shutdown.clone(),
-    ));
+    let dispatcher = spawn_dispatcher(&url, &names, &topology, &shutdown, "bench-d").await?;
 
     // The runner under test, as its own process.
     let fleet_toml = format!(

@@ -173,6 +173,8 @@ pub struct Core {
     tasks: HashMap<Id, Task>,
     queues: HashMap<Id, CapQueue>,
     delayed: BTreeSet<(u64, Id)>,
+    /// Tasks backing off, per capability.
+    delayed_per_cap: HashMap<Id, usize>,
     running: HashMap<Id, Running>,
     tenants: HashMap<Id, Tenant>,
     agents: HashMap<Id, Agent>,
@@ -193,15 +195,6 @@ impl Core {
         self.tasks.len()
     }
 
-    pub fn running_len(&self) -> usize {
-        self.running.len()
-    }
-
-    /// Tasks assigned to `agent` as the core sees them.
-    pub fn held_by(&self, agent: &str) -> Vec<Id> {
-        self.running.iter().filter(|(_, r)| &*r.agent == agent).map(|(t, _)| t.clone()).collect()
-    }
-
     /// Agents and the tasks they hold.
     pub fn holders(&self) -> HashMap<Id, Vec<Id>> {
         let mut m: HashMap<Id, Vec<Id>> = HashMap::new();
@@ -213,11 +206,6 @@ impl Core {
 
     pub fn is_running(&self, task: &str) -> bool {
         self.running.contains_key(task)
-    }
-
-    /// A tenant's virtual runtime (tokens ÷ weight).
-    pub fn vruntime(&self, tenant: &str) -> Option<f64> {
-        self.tenants.get(tenant).map(|t| t.vruntime)
     }
 
     fn tenant(&mut self, name: &Id) -> &mut Tenant {
@@ -415,11 +403,6 @@ impl Core {
         self.agents.get(id).map(|a| a.alive_until >= now)
     }
 
-    /// Agents whose heartbeat is overdue at `now`.
-    pub fn dead_agents(&self, now: Instant) -> Vec<Id> {
-        self.agents.values().filter(|a| a.alive_until < now).map(|a| a.id.clone()).collect()
-    }
-
     pub fn live_agents(&self, now: Instant) -> usize {
         self.agents.values().filter(|a| a.alive_until >= now).count()
     }
@@ -435,6 +418,7 @@ impl Core {
         let delayed = q.eligible_ms > now.wall_ms;
         if delayed {
             self.delayed.insert((q.eligible_ms, q.id.clone()));
+            *self.delayed_per_cap.entry(q.capability.clone()).or_default() += 1;
         } else {
             self.insert_queued(&q);
         }
@@ -470,6 +454,15 @@ impl Core {
         }
     }
 
+    fn undelay(counts: &mut HashMap<Id, usize>, cap: &Id) {
+        if let Some(n) = counts.get_mut(cap) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(cap);
+            }
+        }
+    }
+
     /// Moves tasks whose backoff is over into their queues.
     pub fn release_due(&mut self, now: Now) {
         while let Some((at, id)) = self.delayed.first().cloned() {
@@ -479,6 +472,7 @@ impl Core {
             self.delayed.remove(&(at, id.clone()));
             let Some(task) = self.tasks.get_mut(&id) else { continue };
             task.delayed = false;
+            Self::undelay(&mut self.delayed_per_cap, &task.q.capability);
             task.since = now.mono;
             let q = task.q.clone();
             self.insert_queued(&q);
@@ -491,6 +485,7 @@ impl Core {
         if let Some((key, task)) = self.tasks.remove_entry(id) {
             if task.delayed {
                 self.delayed.remove(&(task.q.eligible_ms, key));
+                Self::undelay(&mut self.delayed_per_cap, &task.q.capability);
             } else {
                 self.unqueue(&task.q);
             }
@@ -712,14 +707,6 @@ impl Core {
             waited_ms: u64::try_from(now.mono.saturating_duration_since(since).as_millis())
                 .unwrap_or(u64::MAX),
         })
-    }
-
-    /// Undoes a booking whose IO failed; the task goes back to its queue.
-    pub fn unbook(&mut self, d: &Decision, q: Queued, now: Now) {
-        if let Some(r) = self.running.remove(&d.task) {
-            self.release(&r, -r.charged);
-        }
-        self.enqueue(q, now);
     }
 }
 

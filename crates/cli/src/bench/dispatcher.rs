@@ -507,17 +507,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
 
     // (b) and (c): the dispatcher here, two runners.
     let shutdown = CancellationToken::new();
-    let dispatcher = tokio::spawn(flotilla_dispatcher::run(
-        flotilla_dispatcher::Config::default(),
-        Fleet::new(
-            flotilla_service::nats::connect(&url, "flotilla-bench-dispatcher").await?,
-            names.clone(),
-            WireFormat::Msgpack,
-            "bench-dispatcher".into(),
-        ),
-        topology.clone(),
-        shutdown.clone(),
-    ));
+    let dispatcher = super::spawn_dispatcher(&url, &names, &topology, &shutdown, "bench-dispatcher").await?;
     let runners = Runners::start(&url, &names, &topology, dir.path(), &shutdown).await?;
     let result = measure(&fleet, &topology, tasks, monitoring.as_deref(), timings.as_ref(), started).await;
     let runner_mode = runners.describe();
