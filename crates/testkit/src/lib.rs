@@ -233,3 +233,47 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Registers a fake agent (capability `work`, template `fake`) and heartbeats it every 100 ms
+/// until the returned token is cancelled: a registry entry without a runner behind it.
+pub fn fake_agent(
+    fleet: &flotilla_service::Fleet,
+    agents: &async_nats::jetstream::kv::Store,
+    agent_id: &str,
+    runner_id: &str,
+    concurrency: u32,
+) -> tokio_util::sync::CancellationToken {
+    use flotilla_protocol::time::now_ms;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (fleet, store, stop2) = (fleet.clone(), agents.clone(), stop.clone());
+    let mut rec = flotilla_protocol::AgentRecord {
+        agent_id: agent_id.into(),
+        name: "fake".into(),
+        runner_id: runner_id.into(),
+        capabilities: vec!["work".into()],
+        labels: Default::default(),
+        provider: "offline".into(),
+        model: String::new(),
+        concurrency,
+        in_flight: 0,
+        status: flotilla_protocol::AgentStatus::Idle,
+        started_at_ms: now_ms(),
+        heartbeat_at_ms: now_ms(),
+        heartbeat_interval_ms: 100,
+        state: flotilla_protocol::AgentState::Idle,
+        activities: vec![],
+        protocol_version: 1,
+        min_replicas: 1,
+        max_replicas: 1,
+    };
+    tokio::spawn(async move {
+        while !stop2.is_cancelled() {
+            rec.heartbeat_at_ms = now_ms();
+            if let Err(e) = fleet.kv_put(&store, &rec.agent_id, &rec).await {
+                tracing::warn!(error = %e, "fake agent heartbeat failed");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    stop
+}

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use flotilla_protocol::names::lease_key;
 use flotilla_protocol::{
-    AgentRecord, AgentStatus, CapabilityRecord, HealthReply, Lease, Names, Prefix, TaskState, TaskSubmission,
-    WireFormat, codec, time::now_ms,
+    CapabilityRecord, HealthReply, Lease, Names, Prefix, TaskState, TaskSubmission, WireFormat, codec,
+    time::now_ms,
 };
 use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
 use flotilla_testkit::{NatsServer, eventually};
@@ -92,36 +92,7 @@ impl Harness {
 
     /// A fake agent heartbeating every 100 ms until the token is cancelled.
     fn agent(&self) -> CancellationToken {
-        let stop = CancellationToken::new();
-        let (fleet, store, stop2) = (self.fleet.clone(), self.topology.agents.clone(), stop.clone());
-        let mut rec = AgentRecord {
-            agent_id: "fake-a".into(),
-            name: "fake".into(),
-            runner_id: "rfa".into(),
-            capabilities: vec!["work".into()],
-            labels: Default::default(),
-            provider: "offline".into(),
-            model: String::new(),
-            concurrency: 10,
-            in_flight: 0,
-            status: AgentStatus::Idle,
-            started_at_ms: now_ms(),
-            heartbeat_at_ms: now_ms(),
-            heartbeat_interval_ms: 100,
-            state: flotilla_protocol::AgentState::Idle,
-            activities: vec![],
-            protocol_version: 1,
-            min_replicas: 1,
-            max_replicas: 1,
-        };
-        tokio::spawn(async move {
-            while !stop2.is_cancelled() {
-                rec.heartbeat_at_ms = now_ms();
-                fleet.kv_put(&store, &rec.agent_id, &rec).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        stop
+        flotilla_testkit::fake_agent(&self.fleet, &self.topology.agents, "fake-a", "rfa", 10)
     }
 
     async fn submit(&self, id: &str) {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use flotilla_protocol::{
-    AgentRecord, AgentStatus, Assignment, CapabilityRecord, Names, Prefix, TaskRecord, TaskState,
-    TaskSubmission, WireFormat, codec, time::now_ms,
+    Assignment, CapabilityRecord, Names, Prefix, TaskRecord, TaskState, TaskSubmission, WireFormat, codec,
+    time::now_ms,
 };
 use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
 use flotilla_testkit::{NatsServer, eventually};
@@ -46,36 +46,7 @@ async fn start() -> Harness {
 impl Harness {
     /// Registers a fake agent and heartbeats it every 100 ms until the returned token is cancelled.
     fn agent(&self, agent_id: &str, runner_id: &str, concurrency: u32) -> CancellationToken {
-        let stop = CancellationToken::new();
-        let (fleet, store, stop2) = (self.fleet.clone(), self.topology.agents.clone(), stop.clone());
-        let mut rec = AgentRecord {
-            agent_id: agent_id.into(),
-            name: "fake".into(),
-            runner_id: runner_id.into(),
-            capabilities: vec!["work".into()],
-            labels: Default::default(),
-            provider: "offline".into(),
-            model: String::new(),
-            concurrency,
-            in_flight: 0,
-            status: AgentStatus::Idle,
-            started_at_ms: now_ms(),
-            heartbeat_at_ms: now_ms(),
-            heartbeat_interval_ms: 100,
-            state: flotilla_protocol::AgentState::Idle,
-            activities: vec![],
-            protocol_version: 1,
-            min_replicas: 1,
-            max_replicas: 1,
-        };
-        tokio::spawn(async move {
-            while !stop2.is_cancelled() {
-                rec.heartbeat_at_ms = now_ms();
-                fleet.kv_put(&store, &rec.agent_id, &rec).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        stop
+        flotilla_testkit::fake_agent(&self.fleet, &self.topology.agents, agent_id, runner_id, concurrency)
     }
 
     async fn assignments(&self, runner_id: &str) -> async_nats::jetstream::consumer::pull::Stream {
