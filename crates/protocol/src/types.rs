@@ -454,6 +454,15 @@ pub struct Assignment {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_key: Option<String>,
     pub assigned_at_ms: u64,
+    /// The KV revision at which the dispatcher wrote the task record for this attempt. With
+    /// `record`, the runner claims the attempt with one revision-checked write instead of reading
+    /// the record back first; when the record has moved on since, the write fails and the runner
+    /// reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    /// The task record as written at `revision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Box<TaskRecord>>,
 }
 
 /// A task lifecycle event, published on `<prefix>.events.task.<id>.<kind>`. Which optional fields

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use flotilla_protocol::{Names, TaskEvent, WireFormat, codec, headers};
@@ -24,7 +25,8 @@ pub enum FleetError {
     /// A revision-checked write lost to a concurrent writer.
     #[error("key {key:?} changed concurrently (revision check failed)")]
     Conflict { key: String },
-    /// `create` found the key already present.
+    /// `create` found the key already present, or a message that must be the first on its
+    /// subject found the subject taken.
     #[error("key {key:?} already exists")]
     Exists { key: String },
 }
@@ -60,6 +62,33 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         .connect(url)
         .await
         .with_context(|| format!("failed to connect to NATS at {url}"))
+}
+
+/// A message sent to a stream whose ack has not been awaited yet.
+#[must_use = "a sent message is durable only once confirmed"]
+pub struct Pending {
+    subject: String,
+    ack: PublishAckFuture,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("subject", &self.subject).finish_non_exhaustive()
+    }
+}
+
+impl Pending {
+    /// Waits until the stream has stored the message. A message refused because its subject
+    /// already holds one (`Nats-Expected-Last-Subject-Sequence`) is [`FleetError::Exists`].
+    pub async fn confirmed(self) -> Result<(), FleetError> {
+        match self.ack.await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(FleetError::Exists { key: self.subject })
+            }
+            Err(e) => Err(FleetError::Publish { subject: self.subject, source: e.into() }),
+        }
+    }
 }
 
 /// One fleet on one connection: names, output format and JetStream context.
@@ -103,22 +132,56 @@ impl Fleet {
         value: &T,
         msg_id: Option<&str>,
     ) -> Result<(), FleetError> {
+        self.send_durable(subject, value, msg_id).await?.confirmed().await
+    }
+
+    /// Sends a message to a stream without waiting for the stream's ack: the returned [`Pending`]
+    /// is awaited later, so several writes overlap instead of taking one round trip each. Messages
+    /// sent on one connection reach a stream in the order they were sent.
+    pub async fn send_durable<T: Serialize + ?Sized>(
+        &self,
+        subject: String,
+        value: &T,
+        msg_id: Option<&str>,
+    ) -> Result<Pending, FleetError> {
         let payload = self.encode(value)?;
-        let err = |e: async_nats::Error, s: &str| FleetError::Publish { subject: s.to_owned(), source: e };
-        let ack = self
-            .js
-            .publish_with_headers(subject.clone(), self.headers(msg_id), payload)
-            .await
-            .map_err(|e| err(e.into(), &subject))?;
-        ack.await.map_err(|e| err(e.into(), &subject))?;
-        Ok(())
+        self.send_with_headers(subject, self.headers(msg_id), payload).await
+    }
+
+    async fn send_with_headers(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Pending, FleetError> {
+        match self.js.publish_with_headers(subject.clone(), headers, payload).await {
+            Ok(ack) => Ok(Pending { subject, ack }),
+            Err(e) => Err(FleetError::Publish { subject, source: e.into() }),
+        }
     }
 
     /// Publishes a task event, de-duplicated per task, kind, attempt (and step, and the sequence
     /// number of a partial-text event).
     pub async fn publish_event(&self, event: &TaskEvent) -> Result<(), FleetError> {
+        self.send_event(event).await?.confirmed().await
+    }
+
+    /// Sends a task event without waiting for its ack (see [`Self::send_durable`]).
+    pub async fn send_event(&self, event: &TaskEvent) -> Result<Pending, FleetError> {
         let subject = self.names.task_event_subject(&event.task_id, &event.kind);
-        self.publish_durable(subject, event, Some(&event_msg_id(event))).await
+        self.send_durable(subject, event, Some(&event_msg_id(event))).await
+    }
+
+    /// Sends a task event that may only ever be stored once on its subject (e.g. `accepted`):
+    /// besides the de-duplication id it carries `Nats-Expected-Last-Subject-Sequence: 0`, so the
+    /// stream refuses it, at any age, when the subject already holds a message. The refusal
+    /// comes back from [`Pending::confirmed`] as [`FleetError::Exists`].
+    pub async fn send_first_event(&self, event: &TaskEvent) -> Result<Pending, FleetError> {
+        let subject = self.names.task_event_subject(&event.task_id, &event.kind);
+        let mut h = self.headers(Some(&event_msg_id(event)));
+        h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let payload = self.encode(event)?;
+        self.send_with_headers(subject, h, payload).await
     }
 
     /// Reads and decodes a KV value with its revision.

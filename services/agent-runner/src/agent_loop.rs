@@ -103,19 +103,12 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
         usage.add(resp.usage);
         calls.push(CallUsage { step, model: t.model.clone(), usage: resp.usage });
 
-        let mut ev = TaskEvent::for_task(rec, event_kind::PROGRESS);
-        ev.step = Some(step);
-        ev.usage = Some(resp.usage);
-        ev.detail = Some(json!({
-            "text": resp.text,
-            "tool_calls": resp.tool_calls.iter().map(|c| json!({
-                "name": c.name,
-                "arguments": c.arguments.clone().unwrap_or_else(Value::String),
-            })).collect::<Vec<_>>(),
-            "previous_tool_results": previous_results,
-        }));
-        env.tool_ctx.fleet.publish_event(&ev).await.map_err(LoopError::Infrastructure)?;
-
+        // A first step that is already the answer has nothing to report that `completed` does
+        // not carry (the text, this call's usage): it gets no `progress` event of its own.
+        let answered_at_once = step == 1 && resp.tool_calls.is_empty();
+        if !answered_at_once {
+            publish_step(env, rec, step, &resp, &previous_results).await?;
+        }
         if resp.tool_calls.is_empty() {
             env.states.set(AgentState::Idle);
             return Ok(Answer { text: resp.text, steps: step, usage, calls });
@@ -155,4 +148,27 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
     }
     let msg = format!("no final answer within {} steps", t.max_steps);
     Err(fail("max_steps_exceeded", msg, usage, calls))
+}
+
+/// Publishes the `progress` event of a finished step: its text, tool calls and usage, and the
+/// results of the previous step's tools.
+async fn publish_step(
+    env: &Env,
+    rec: &TaskRecord,
+    step: u32,
+    resp: &crate::llm::ChatResponse,
+    previous_results: &[Value],
+) -> Result<(), LoopError> {
+    let mut ev = TaskEvent::for_task(rec, event_kind::PROGRESS);
+    ev.step = Some(step);
+    ev.usage = Some(resp.usage);
+    ev.detail = Some(json!({
+        "text": resp.text,
+        "tool_calls": resp.tool_calls.iter().map(|c| json!({
+            "name": c.name,
+            "arguments": c.arguments.clone().unwrap_or_else(Value::String),
+        })).collect::<Vec<_>>(),
+        "previous_tool_results": previous_results,
+    }));
+    env.tool_ctx.fleet.publish_event(&ev).await.map_err(LoopError::Infrastructure)
 }

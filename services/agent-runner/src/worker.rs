@@ -131,6 +131,24 @@ async fn claim(ctx: &Context, a: &Assignment) -> Result<Claim, FleetError> {
                 .last()
                 .is_some_and(|l| l.attempt == a.attempt && l.agent_id.as_deref() == Some(a.agent_id.as_str()))
     };
+    // The record as the dispatcher wrote it for this attempt: claimed with one revision-checked
+    // write; if anything changed it since, the write fails and the record is read below.
+    if let (Some(rev), Some(rec)) = (a.revision, a.record.as_deref())
+        && rec.id == a.task_id
+        && rec.state == TaskState::Assigned
+        && ours(rec)
+    {
+        let mut rec = rec.clone();
+        rec.state = TaskState::Running;
+        rec.runner_id = Some(ctx.runner_id.clone());
+        rec.started_at_ms = Some(now_ms());
+        rec.updated_at_ms = now_ms();
+        match ctx.fleet.kv_update(&ctx.topology.tasks, &rec.id, &rec, rev).await {
+            Ok(new_rev) => return Ok(Claim::Run(rec, new_rev)),
+            Err(e) if e.is_conflict() => {}
+            Err(e) => return Err(e),
+        }
+    }
     for _ in 0..5 {
         let (mut rec, rev) = match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &a.task_id).await {
             Ok(Some(found)) => found,
@@ -382,9 +400,12 @@ async fn run_claimed(
 ) -> Outcome {
     let mut started = TaskEvent::for_task(&rec, event_kind::STARTED);
     started.runner_id = Some(ctx.runner_id.clone());
-    if let Err(e) = ctx.fleet.publish_event(&started).await {
-        return Outcome::Retry(e);
-    }
+    // Its ack is awaited only before the outcome is written: the model runs meanwhile. Every
+    // later event of the attempt is sent on this connection after it, so it stays first.
+    let started = match ctx.fleet.send_event(&started).await {
+        Ok(pending) => pending,
+        Err(e) => return Outcome::Retry(e),
+    };
     let Some(provider) = ctx.providers.get(&slot.template.name).cloned() else {
         return Outcome::Crashed(format!("no provider for template {}", slot.template.name));
     };
@@ -446,6 +467,9 @@ async fn run_claimed(
         }
     };
 
+    if let Err(e) = started.confirmed().await {
+        return Outcome::Retry(e);
+    }
     let now = now_ms();
     let model = slot.template.model.clone();
     let done = if cancelled { Outcome::Cancelled } else { Outcome::Done };

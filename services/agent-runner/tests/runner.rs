@@ -73,7 +73,18 @@ fn record(id: &str, attempt: u32, agent: &str) -> TaskRecord {
     }
 }
 
+/// An assignment without the record: the runner reads the record to claim it.
 async fn assign(fleet: &Fleet, rec: &TaskRecord, msg_id: &str) {
+    publish_assignment(fleet, rec, None, msg_id).await;
+}
+
+/// An assignment as the dispatcher sends it: with the record as written at `rev`, claimed with
+/// one revision-checked write (falling back to reading the record when it moved on).
+async fn assign_at(fleet: &Fleet, rec: &TaskRecord, rev: u64, msg_id: &str) {
+    publish_assignment(fleet, rec, Some(rev), msg_id).await;
+}
+
+async fn publish_assignment(fleet: &Fleet, rec: &TaskRecord, rev: Option<u64>, msg_id: &str) {
     let a = Assignment {
         task_id: rec.id.clone(),
         attempt: rec.attempt,
@@ -86,6 +97,8 @@ async fn assign(fleet: &Fleet, rec: &TaskRecord, msg_id: &str) {
         budget_tokens: None,
         context_key: None,
         assigned_at_ms: now_ms(),
+        revision: rev,
+        record: rev.map(|_| Box::new(rec.clone())),
     };
     fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
 }
@@ -150,8 +163,8 @@ async fn registers_heartbeats_runs_and_fences() {
 
     // An assignment runs and completes, with usage.
     let rec = record("job-1", 1, "r1-echo-0");
-    fleet.kv_create(&topo.tasks, "job-1", &rec).await.unwrap();
-    assign(&fleet, &rec, "job-1:1").await;
+    let rev = fleet.kv_create(&topo.tasks, "job-1", &rec).await.unwrap();
+    assign_at(&fleet, &rec, rev, "job-1:1").await;
     let done: TaskRecord = eventually(Duration::from_secs(10), "completion", || async {
         let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-1").await.unwrap()?;
         (r.state == TaskState::Completed).then_some(r)
@@ -160,8 +173,9 @@ async fn registers_heartbeats_runs_and_fences() {
     assert_eq!(done.output.unwrap()["answer"], "[echo] echo: ping");
     assert!(done.usage.unwrap().total_tokens > 0);
 
-    // The same assignment delivered again (another message id) does not execute again.
-    assign(&fleet, &rec, "job-1:1:again").await;
+    // The same assignment delivered again (another message id; its revision is stale now) does
+    // not execute again.
+    assign_at(&fleet, &rec, rev, "job-1:1:again").await;
     // An assignment for an attempt that is not current is fenced.
     assign(&fleet, &record("job-1", 7, "r1-echo-1"), "job-1:7").await;
     eventually(Duration::from_secs(10), "the stale assignment to be fenced", || async {
@@ -173,7 +187,8 @@ async fn registers_heartbeats_runs_and_fences() {
     assert_eq!(h.details["completed"], 1);
     let events = events_of(&fleet, "job-1").await;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["started", "progress", "completed"], "the re-announced completion was de-duplicated");
+    // A one-step answer has no `progress` event: `completed` carries its text and usage.
+    assert_eq!(kinds, ["started", "completed"], "the re-announced completion was de-duplicated");
 
     // A failing model call (a retryable `model_error`) queues the task again while attempts are
     // left, with the attempt in its history, and fails it with a reason on the last one.
@@ -202,8 +217,8 @@ async fn registers_heartbeats_runs_and_fences() {
     second.attempt = 2;
     second.agent_id = Some("r1-echo-1".into());
     second.runner_id = Some("r1".into());
-    fleet.kv_update(&topo.tasks, "job-2", &second, rev).await.unwrap();
-    assign(&fleet, &second, "job-2:2").await;
+    let rev = fleet.kv_update(&topo.tasks, "job-2", &second, rev).await.unwrap();
+    assign_at(&fleet, &second, rev, "job-2:2").await;
     let failed: TaskRecord = eventually(Duration::from_secs(10), "failure", || async {
         let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-2").await.unwrap()?;
         (r.state == TaskState::Failed).then_some(r)

@@ -26,6 +26,15 @@ use tracing::Instrument as _;
 
 use crate::{Config, Stats, UnknownCapability};
 
+/// The `accepted` event of a task record (with the warnings about its submission).
+fn accepted_event(rec: &TaskRecord) -> TaskEvent {
+    let mut ev = TaskEvent::for_task(rec, event_kind::ACCEPTED);
+    if !rec.warnings.is_empty() {
+        ev.reason = Some(rec.warnings.join("; "));
+    }
+    ev
+}
+
 /// Backoff for a submission that failed for infrastructure reasons: 0.5 s doubling to 30 s.
 fn retry_delay(delivered: u64) -> Duration {
     let exp = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
@@ -147,17 +156,12 @@ impl Intake {
             Err(r) => return self.reject(m, None, r.reason, &r.message).await,
         };
         tracing::Span::current().record("task_id", id.as_str());
-        // An id seen before is a duplicate at any age (while task records are kept): that task
-        // already ran, or will. Checked before validation, so a bad copy of an existing task
-        // never puts a rejection into that task's history.
-        if self.fleet.kv_exists(&self.topology.tasks, &id).await? {
-            self.duplicate();
-            return Ok(());
-        }
         let limits = Limits { max_input_bytes: self.config.max_input_bytes };
         let asked_attempts = sub.max_attempts;
         let mut rec = match validate(sub, id.clone(), m.payload.len(), limits, now_ms()) {
             Ok(r) => r,
+            // A bad copy of an existing task never puts a rejection into that task's history:
+            // `reject` files it under another id then.
             Err(r) => return self.reject(m, Some(id), r.reason, &r.message).await,
         };
         if self.config.unknown_capability == UnknownCapability::Reject
@@ -171,16 +175,38 @@ impl Intake {
         }
         rec.warnings = unknown.into_iter().map(|f| format!("unknown field ignored: {f}")).collect();
         rec.trace = flotilla_service::trace::current_traceparent();
-        // Announce before recording, so that `accepted` precedes every later event of the task
-        // in the stream. The event is de-duplicated per task: a retry after a failed `create`, or
-        // a racing copy of the same submission, adds nothing.
-        self.announce_accepted(&rec).await?;
-        match self.fleet.kv_create(&self.topology.tasks, &id, &rec).await {
+        // `accepted` is sent before the record is created, on the same connection, so it precedes
+        // every later event of the task in the stream; both writes are in flight together (one
+        // round trip). It can only be stored once per task (at any age, not only within the
+        // stream's duplicate window), so a retry or a duplicate adds nothing; the record's
+        // `create` de-duplicates ids for as long as task records are kept.
+        let accepted = self.fleet.send_first_event(&accepted_event(&rec)).await?;
+        let created = self.fleet.kv_create(&self.topology.tasks, &id, &rec).await;
+        let announced = accepted.confirmed().await;
+        match created {
             Ok(_) => {
+                match announced {
+                    // Stored now, or by an earlier delivery of this submission.
+                    Ok(()) | Err(FleetError::Exists { .. }) => {}
+                    // Recorded but not announced: the redelivery announces it (below).
+                    Err(e) => return Err(e),
+                }
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(FleetError::Exists { .. }) => {
+                if matches!(announced, Err(ref e) if !matches!(e, FleetError::Exists { .. })) {
+                    // This may be the redelivery of a submission whose record was created but
+                    // whose `accepted` failed: announce the stored record (once, at most).
+                    if let Some((stored, _)) =
+                        self.fleet.kv_get::<TaskRecord>(&self.topology.tasks, &id).await?
+                    {
+                        match self.fleet.send_first_event(&accepted_event(&stored)).await?.confirmed().await {
+                            Ok(()) | Err(FleetError::Exists { .. }) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
                 self.duplicate();
                 Ok(())
             }
@@ -191,14 +217,6 @@ impl Intake {
     fn duplicate(&self) {
         self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         tracing::info!("duplicate submission: the task already exists");
-    }
-
-    async fn announce_accepted(&self, rec: &TaskRecord) -> Result<(), FleetError> {
-        let mut ev = TaskEvent::for_task(rec, event_kind::ACCEPTED);
-        if !rec.warnings.is_empty() {
-            ev.reason = Some(rec.warnings.join("; "));
-        }
-        self.fleet.publish_event(&ev).await
     }
 
     async fn capability_known(&self, capability: &str) -> Result<bool, FleetError> {

@@ -385,19 +385,26 @@ impl Scheduler {
             async move {
                 let result = match fleet.kv_update(&store, &task_id, &rec, base.1).await {
                     Ok(rev) => {
-                        // The event goes first, so `assigned` precedes the runner's `started`.
-                        if let Err(e) = fleet.publish_event(&ev).await {
+                        // Both are sent before either ack is awaited (one round trip). The event
+                        // goes first on this connection, so `assigned` precedes the runner's
+                        // `started` in the stream. The assignment carries the record as written
+                        // and its revision: the runner claims it without reading it back.
+                        let assignment = Assignment { revision: Some(rev), ..assignment };
+                        let event = fleet.send_event(&ev).await;
+                        let msg_id = format!("{}:{}", rec.id, rec.attempt);
+                        let sent = fleet
+                            .send_durable(fleet.names.assign_subject(&runner_id), &assignment, Some(&msg_id))
+                            .await;
+                        if let Err(e) = match event {
+                            Ok(p) => p.confirmed().await,
+                            Err(e) => Err(e),
+                        } {
                             tracing::warn!(error = %e, "failed to publish assigned event");
                         }
-                        let msg_id = format!("{}:{}", rec.id, rec.attempt);
-                        if let Err(e) = fleet
-                            .publish_durable(
-                                fleet.names.assign_subject(&runner_id),
-                                &assignment,
-                                Some(&msg_id),
-                            )
-                            .await
-                        {
+                        if let Err(e) = match sent {
+                            Ok(p) => p.confirmed().await,
+                            Err(e) => Err(e),
+                        } {
                             // The task stays assigned; the assign timeout gives it to someone else.
                             tracing::warn!(error = %e, "failed to publish assignment");
                         }
@@ -417,7 +424,13 @@ impl Scheduler {
         match w.result {
             Ok((rec, rev)) => {
                 self.stats.assigned.fetch_add(1, Ordering::Relaxed);
-                self.apply_task(rec, rev);
+                // The watch may have shown a later revision already: the runner can claim and
+                // finish the task before this outcome comes back. A task it showed finished is
+                // gone from the view and must stay gone (applying the assignment would book a
+                // slot that is never freed).
+                if self.tasks.contains_key(&w.task_id) {
+                    self.apply_task(rec, rev);
+                }
             }
             Err(e) if e.is_conflict() => {
                 // Someone else changed the task (cancelled, finished, another dispatcher): undo
@@ -428,8 +441,9 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!(task_id = %w.task_id, error = %e, "assignment failed; the task goes back to the queue");
-                // Unless the watch already showed a newer record (the write did land after all).
-                if self.tasks.get(&w.task_id).is_none_or(|v| v.rev <= w.base.1) {
+                // Unless the watch already showed a newer record (the write did land after all,
+                // and the task may even have finished and left the view).
+                if self.tasks.get(&w.task_id).is_some_and(|v| v.rev <= w.base.1) {
                     self.core.remove_task(&w.task_id);
                     self.tasks.remove(&w.task_id);
                     self.apply_task(w.base.0, w.base.1);
@@ -439,11 +453,11 @@ impl Scheduler {
     }
 
     /// Publishes the assignment to the agent's runner; de-duplicated per task and attempt.
-    async fn send_assignment(&self, rec: &TaskRecord, runner_id: &str) {
+    async fn send_assignment(&self, rec: &TaskRecord, rev: u64, runner_id: &str) {
         if rec.agent_id.is_none() {
             return;
         }
-        let a = assignment_of(rec);
+        let a = Assignment { revision: Some(rev), ..assignment_of(rec) };
         let msg_id = format!("{}:{}", rec.id, rec.attempt);
         if let Err(e) =
             self.fleet.publish_durable(self.fleet.names.assign_subject(runner_id), &a, Some(&msg_id)).await
@@ -546,7 +560,7 @@ impl Scheduler {
             if let Some(v) = self.tasks.get(&id) {
                 let key = (id.clone(), v.attempt);
                 if let (Some(runner), Some(rec)) = (v.runner_id.clone(), v.record()) {
-                    self.send_assignment(&rec, &runner).await;
+                    self.send_assignment(&rec, v.rev, &runner).await;
                 }
                 self.resent.insert(key);
             }
@@ -768,6 +782,8 @@ fn assignment_of(rec: &TaskRecord) -> Assignment {
         budget_tokens: rec.budget_tokens,
         context_key: rec.context_key.clone(),
         assigned_at_ms: rec.updated_at_ms,
+        revision: None,
+        record: Some(Box::new(rec.clone())),
     }
 }
 

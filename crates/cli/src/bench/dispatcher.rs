@@ -57,36 +57,32 @@ const CAPABILITY: &str = "bench";
 const TEXT: &str = "Summarise the attached release notes in two sentences.";
 
 /// JetStream round trips (a request and its awaited reply, or a publish and its awaited ack) on
-/// a task's path from submission to `completed`, one model step, no tools; from the code.
-const ROUND_TRIPS: [(&str, &str); 13] = [
+/// a task's path from submission to `completed`, one model step, no tools; from the code. Writes
+/// sent together on one connection and then awaited together count once.
+const ROUND_TRIPS: [(&str, &str); 7] = [
     ("client", "submission publish, stream ack"),
-    ("intake", "KV get: is the id known (duplicate check)"),
-    ("intake", "`accepted` event publish, ack"),
-    ("intake", "KV create: the task record"),
+    ("intake", "`accepted` event (first on its subject) and KV create of the record, sent together"),
     ("scheduler", "KV update, revision-checked: assigned"),
-    ("scheduler", "`assigned` event publish, ack"),
-    ("scheduler", "assignment publish, ack"),
-    ("runner", "KV get: the record, to claim it"),
-    ("runner", "KV update, revision-checked: running (the claim)"),
-    ("runner", "`started` event publish, ack"),
-    ("runner", "`progress` event publish, ack (the model step)"),
+    ("scheduler", "`assigned` event and the assignment (with the record and its revision), sent together"),
+    ("runner", "KV update, revision-checked: running (the claim, from the assignment's record)"),
     ("runner", "KV update, revision-checked: completed"),
     ("runner", "`completed` event publish, ack"),
 ];
 /// One-way deliveries on the same path (no reply awaited).
 const HOPS: &str = "plus four one-way deliveries: submission to intake (pull consumer), task record to \
 the scheduler (KV watch), assignment to the runner (pull consumer), `completed` to the client";
-const OFF_PATH: &str = "off the critical path: the capability check (cached after a capability's \
-first task); the acks of the submission and of the assignment (no reply awaited); two agent lifecycle events (planning, idle), published in order by one task \
-per runner, each batch followed by a registry rewrite of the runner's agents (KV puts the \
-dispatcher's agent watch then applies); and four KV watch deliveries of the task record to the \
-dispatcher (created, assigned, running, completed), each waking its scheduler loop";
+const OFF_PATH: &str = "off the critical path: the `started` event (sent after the claim, its ack \
+awaited only before the outcome is written, while the model runs); the capability check (cached \
+after a capability's first task); the acks of the submission and of the assignment (no reply \
+awaited); agent lifecycle events (planning, idle), published in order by one task per runner, each \
+batch followed by a registry rewrite of the runner's agents (KV puts the dispatcher's agent watch \
+then applies); and four KV watch deliveries of the task record to the dispatcher (created, \
+assigned, running, completed), each waking its scheduler loop. A one-step answer has no `progress` \
+event: `completed` carries its text and usage";
 
 /// When the bench's event reader saw each event of a task.
 #[derive(Debug, Default, Clone, Copy)]
 struct Seen {
-    accepted: Option<Instant>,
-    assigned: Option<Instant>,
     started: Option<Instant>,
     completed: Option<Instant>,
     failed: Option<Instant>,
@@ -96,10 +92,37 @@ struct Seen {
 struct Phase {
     wall: Duration,
     submitted: HashMap<String, Instant>,
+    /// Wall-clock milliseconds of each submission, to compare with the task records' times.
+    submitted_ms: HashMap<String, u64>,
     seen: HashMap<String, Seen>,
 }
 
 impl Phase {
+    /// From the task records (millisecond clocks of the services): submit → started and
+    /// submit → finished of up to `sample` tasks, sorted. A cross-check of what the event reader
+    /// saw.
+    async fn recorded(
+        &self,
+        fleet: &Fleet,
+        tasks: &async_nats::jetstream::kv::Store,
+        sample: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut started, mut finished) = (Vec::new(), Vec::new());
+        for (id, at) in self.submitted_ms.iter().take(sample) {
+            if let Ok(Some((rec, _))) = fleet.kv_get::<flotilla_protocol::TaskRecord>(tasks, id).await {
+                if let Some(s) = rec.started_at_ms {
+                    started.push(s.saturating_sub(*at) as f64);
+                }
+                if let Some(f) = rec.finished_at_ms {
+                    finished.push(f.saturating_sub(*at) as f64);
+                }
+            }
+        }
+        started.sort_by(f64::total_cmp);
+        finished.sort_by(f64::total_cmp);
+        (started, finished)
+    }
+
     /// Submit → completed rate: tasks over the time from the first submission to the last
     /// `completed`.
     fn throughput(&self) -> f64 {
@@ -151,18 +174,16 @@ impl Bench {
             .context("failed to submit")
     }
 
-    /// An ordered consumer on the lifecycle events the bench times (subjects only).
-    async fn follow(&self) -> anyhow::Result<pull::Ordered> {
+    /// An ordered consumer on the lifecycle events the bench times (subjects only): the ends of
+    /// tasks, and with `started` also their starts. Only what is timed is delivered, as a client
+    /// waiting for its results would ask for it.
+    async fn follow(&self, started: bool) -> anyhow::Result<pull::Ordered> {
         let names = &self.fleet.names;
         let stream = self.fleet.js.get_stream(names.events_stream()).await.context("no events stream")?;
-        let kinds = [
-            event_kind::ACCEPTED,
-            event_kind::ASSIGNED,
-            event_kind::STARTED,
-            event_kind::COMPLETED,
-            event_kind::FAILED,
-            event_kind::REJECTED,
-        ];
+        let mut kinds = vec![event_kind::COMPLETED, event_kind::FAILED, event_kind::REJECTED];
+        if started {
+            kinds.push(event_kind::STARTED);
+        }
         stream
             .create_consumer(pull::OrderedConfig {
                 filter_subjects: kinds.iter().map(|k| names.task_events_kind(k)).collect(),
@@ -180,9 +201,11 @@ impl Bench {
     /// Submits `n` tasks with ids `<tag><i>`, as fast as the window allows or paced at `rate`
     /// per second, and waits until every one has ended.
     async fn phase(&self, tag: &str, n: usize, rate: Option<f64>) -> anyhow::Result<Phase> {
-        let events = self.follow().await?;
+        // Starts are timed at half load only.
+        let events = self.follow(rate.is_some()).await?;
         let reader = tokio::spawn(collect(events, self.events_prefix.clone(), tag.to_owned(), n));
         let mut submitted = HashMap::with_capacity(n);
+        let mut submitted_ms = HashMap::with_capacity(n);
         let mut window = Window::new(WINDOW);
         let t0 = Instant::now();
         for i in 0..n {
@@ -195,6 +218,7 @@ impl Bench {
                 }
             }
             submitted.insert(id.clone(), Instant::now());
+            submitted_ms.insert(id.clone(), flotilla_protocol::time::now_ms());
             window.push(self.submit(&id, payload).await?).await?;
         }
         window.finish().await?;
@@ -202,7 +226,7 @@ impl Bench {
         let failed = seen.values().filter(|s| s.failed.is_some()).count();
         anyhow::ensure!(failed == 0, "{failed} of {n} bench tasks failed or were rejected");
         let last = seen.values().filter_map(|s| s.completed).max().unwrap_or(t0);
-        Ok(Phase { wall: last.saturating_duration_since(t0), submitted, seen })
+        Ok(Phase { wall: last.saturating_duration_since(t0), submitted, submitted_ms, seen })
     }
 }
 
@@ -233,8 +257,6 @@ async fn collect(
         let s = seen.entry(id.to_owned()).or_default();
         let was_over = s.completed.is_some() || s.failed.is_some();
         let slot = match kind {
-            event_kind::ACCEPTED => &mut s.accepted,
-            event_kind::ASSIGNED => &mut s.assigned,
             event_kind::STARTED => &mut s.started,
             event_kind::COMPLETED => &mut s.completed,
             event_kind::FAILED | event_kind::REJECTED => &mut s.failed,
@@ -358,6 +380,28 @@ async fn stream_sequences(fleet: &Fleet) -> anyhow::Result<HashMap<String, u64>>
         }
     }
     Ok(out)
+}
+
+/// Deliveries made again (NAKs, ack timeouts) so far: of submissions, of assignments; and the
+/// tasks requeued so far (`requeued` events).
+async fn redeliveries(fleet: &Fleet) -> anyhow::Result<(usize, usize, u64)> {
+    let names = &fleet.names;
+    let mut counts = [0usize; 2];
+    for (n, stream) in counts.iter_mut().zip([names.submissions_stream(), names.assignments_stream()]) {
+        let stream = fleet.js.get_stream(&stream).await.context("no stream")?;
+        let mut consumers = stream.consumers();
+        while let Some(info) = consumers.next().await {
+            *n += info.context("failed to list consumers")?.num_redelivered;
+        }
+    }
+    let reply = fleet
+        .client
+        .request(names.instance_health_subject("dispatcher", "bench-dispatcher"), Bytes::new())
+        .await
+        .context("the dispatcher did not answer its health request")?;
+    let health: flotilla_protocol::HealthReply = codec::decode(None, &reply.payload)?;
+    let requeued = health.details.get("requeued").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    Ok((counts[0], counts[1], requeued))
 }
 
 /// In/out message counters of a local server (`/varz` on its monitoring port).
@@ -576,6 +620,9 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
             "server_msgs_in_per_task": m.msgs_per_task.map(|(i, _)| round(i, 1)),
             "server_msgs_out_per_task": m.msgs_per_task.map(|(_, o)| round(o, 1)),
             "stored_per_task": stored_json,
+            "redelivered_submissions": m.redelivered[0].0,
+            "redelivered_assignments": m.redelivered[0].1,
+            "requeued": m.redelivered[0].2,
         },
         "latency": {
             "tasks": tasks,
@@ -586,6 +633,13 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
             "completed_p99_ms": round(m.completed_p99, 2),
             "goal_completed_p50_ms": GOAL_P50_MS,
             "goal_completed_p99_ms": GOAL_P99_MS,
+            "recorded_started_p50_ms": m.recorded[0],
+            "recorded_started_p99_ms": m.recorded[1],
+            "recorded_completed_p50_ms": m.recorded[2],
+            "recorded_completed_p99_ms": m.recorded[3],
+            "redelivered_submissions": m.redelivered[1].0,
+            "redelivered_assignments": m.redelivered[1].1,
+            "requeued": m.redelivered[1].2,
             "stages_p50_ms": m.stages.iter().map(|(k, v)| ((*k).to_owned(), json!(round(*v, 2)))).collect::<serde_json::Map<_, _>>(),
         },
         "scheduler": {
@@ -657,6 +711,11 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
             "    server messages per task (varz, all clients, heartbeats included): {i:.1} in, {o:.1} out"
         );
     }
+    let [rb, rc] = m.redelivered;
+    println!(
+        "    redelivered: {} submissions, {} assignments; {} tasks requeued (in (c): {}, {}, {})",
+        rb.0, rb.1, rb.2, rc.0, rc.1, rc.2
+    );
     println!(
         "(c) at half that rate ({:.0} tasks/s, {tasks} tasks): submit → started p50 {:.2} ms, p99 {:.2} ms; \
          submit → completed p50 {:.2} ms [goal ≤ {GOAL_P50_MS} ms: {}], p99 {:.2} ms [goal ≤ {GOAL_P99_MS} ms: {}]",
@@ -667,6 +726,10 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
         goal(m.completed_p50 <= GOAL_P50_MS),
         m.completed_p99,
         goal(m.completed_p99 <= GOAL_P99_MS),
+    );
+    println!(
+        "    as the task records have it (ms clocks, 1,000 tasks): submit → started p50 {:.0} ms, p99 {:.0} ms; submit → finished p50 {:.0} ms, p99 {:.0} ms",
+        m.recorded[0], m.recorded[1], m.recorded[2], m.recorded[3]
     );
     println!(
         "    p50 between event arrivals: {}",
@@ -739,6 +802,11 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
 
 /// What (b) and (c) measured.
 struct Measured {
+    /// In (c), from the task records (ms clocks): submit → started p50, p99, submit → finished
+    /// p50, p99.
+    recorded: [f64; 4],
+    /// In (b) and (c): submissions and assignments delivered again, tasks requeued.
+    redelivered: [(usize, usize, u64); 2],
     runner_mode: &'static str,
     throughput: f64,
     msgs_per_task: Option<(f64, f64)>,
@@ -798,9 +866,11 @@ async fn measure(
     }
     progress(started, &format!("(b) {tasks} tasks as fast as possible"));
     let before = varz(monitoring).await;
+    let r0 = redeliveries(fleet).await?;
     let seqs_before = stream_sequences(fleet).await?;
     let b = bench.phase(&format!("{run}-b-"), tasks, None).await?;
     let after = varz(monitoring).await;
+    let r1 = redeliveries(fleet).await?;
     let seqs_after = stream_sequences(fleet).await?;
     let mut stored: Vec<(String, f64)> = seqs_after
         .iter()
@@ -820,17 +890,28 @@ async fn measure(
     progress(started, &format!("(c) {tasks} tasks at {rate:.0}/s"));
     let c = bench.phase(&format!("{run}-c-"), tasks, Some(rate)).await?;
     let profile_c = timings.map(|t| span_summary(&t.take())).unwrap_or_default();
+    let r2 = redeliveries(fleet).await?;
+    let (rec_started, rec_finished) = c.recorded(fleet, &topology.tasks, 1000).await;
+    let recorded = [
+        percentile(&rec_started, 0.5),
+        percentile(&rec_started, 0.99),
+        percentile(&rec_finished, 0.5),
+        percentile(&rec_finished, 0.99),
+    ];
+    let delta = |a: (usize, usize, u64), b: (usize, usize, u64)| {
+        (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1), b.2.saturating_sub(a.2))
+    };
     let submitted = |id: &str, _: &Seen| c.submitted.get(id).copied();
     let started = c.spans(submitted, |s| s.started);
     let completed = c.spans(submitted, |s| s.completed);
     let stage = |v: Vec<f64>| percentile(&v, 0.5);
     let stages = vec![
-        ("submit_to_accepted", stage(c.spans(submitted, |s| s.accepted))),
-        ("accepted_to_assigned", stage(c.spans(|_, s| s.accepted, |s| s.assigned))),
-        ("assigned_to_started", stage(c.spans(|_, s| s.assigned, |s| s.started))),
+        ("submit_to_started", stage(c.spans(submitted, |s| s.started))),
         ("started_to_completed", stage(c.spans(|_, s| s.started, |s| s.completed))),
     ];
     Ok(Measured {
+        recorded,
+        redelivered: [delta(r0, r1), delta(r1, r2)],
         runner_mode: "",
         throughput,
         msgs_per_task,
