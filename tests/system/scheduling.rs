@@ -51,35 +51,16 @@ async fn an_interactive_task_overtakes_a_saturating_batch_flood() {
     let events = sys.events().await;
     let accepted = position(&events, "urgent", "accepted");
     let assigned = position(&events, "urgent", "assigned");
-    // "Next" in the order the tasks bucket saw things: revisions. A batch assignment written after
-    // the interactive task's record was created overtook it; only the one assignment the
-    // dispatcher may already have had in flight at that moment can.
-    let revisions = |key: String| {
-        let store = sys.topology.tasks.clone();
-        async move {
-            use futures::StreamExt as _;
-            let mut h = store.history(&key).await.unwrap();
-            let mut out = Vec::new();
-            while let Some(Ok(e)) = h.next().await {
-                let rec: flotilla_protocol::TaskRecord =
-                    flotilla_protocol::codec::decode(None, &e.value).unwrap();
-                out.push((e.revision, rec.state));
-            }
-            out
-        }
-    };
-    let urgent = revisions("urgent".into()).await;
-    let created = urgent[0].0;
-    let urgent_assigned =
-        urgent.iter().find(|(_, s)| *s == flotilla_protocol::TaskState::Assigned).unwrap().0;
-    let mut overtaken_by = Vec::new();
-    for e in events[accepted..assigned].iter().filter(|e| e.kind == "assigned") {
-        for (rev, state) in revisions(e.task_id.clone()).await {
-            if state == flotilla_protocol::TaskState::Assigned && rev > created && rev < urgent_assigned {
-                overtaken_by.push(e.task_id.clone());
-            }
-        }
-    }
+    // "Next" in the order of decisions: `assigned` events are sent by the one active dispatcher
+    // in the order it decides. A batch task assigned after the interactive one was accepted
+    // (by its clock, in ms) and before it overtook it; only the one decision the dispatcher may
+    // already have had under way at that moment can.
+    let urgent_record = sys.task("urgent").await.unwrap();
+    let overtaken_by: Vec<String> = events[accepted..assigned]
+        .iter()
+        .filter(|e| e.kind == "assigned" && e.at_ms > urgent_record.submitted_at_ms)
+        .map(|e| e.task_id.clone())
+        .collect();
     assert!(
         overtaken_by.len() <= 1,
         "batch tasks assigned after the interactive one arrived: {overtaken_by:?}"

@@ -172,6 +172,13 @@ impl Fleet {
         self.send_durable(subject, event, Some(&event_msg_id(event))).await
     }
 
+    /// Sends a task event under a de-duplication id of the caller's (for events that may rightly
+    /// happen more than once per attempt, such as an assignment taken back and made again).
+    pub async fn send_event_with_id(&self, event: &TaskEvent, msg_id: &str) -> Result<Pending, FleetError> {
+        let subject = self.names.task_event_subject(&event.task_id, &event.kind);
+        self.send_durable(subject, event, Some(msg_id)).await
+    }
+
     /// Sends a task event that may only ever be stored once on its subject (e.g. `accepted`):
     /// besides the de-duplication id it carries `Nats-Expected-Last-Subject-Sequence: 0`, so the
     /// stream refuses it, at any age, when the subject already holds a message. The refusal

@@ -131,15 +131,20 @@ async fn claim(ctx: &Context, a: &Assignment) -> Result<Claim, FleetError> {
                 .last()
                 .is_some_and(|l| l.attempt == a.attempt && l.agent_id.as_deref() == Some(a.agent_id.as_str()))
     };
-    // The record as the dispatcher wrote it for this attempt: claimed with one revision-checked
-    // write; if anything changed it since, the write fails and the record is read below.
-    if let (Some(rev), Some(rec)) = (a.revision, a.record.as_deref())
-        && rec.id == a.task_id
-        && rec.state == TaskState::Assigned
-        && ours(rec)
+    // The assignment carries the record it was decided from and that record's revision: the
+    // claim is one revision-checked write from there, naming this attempt and agent. If anything
+    // wrote the record since (a cancel, an expiry, another assignment's claim), the write fails
+    // and the record is read below.
+    if let (Some(rev), Some(base)) = (a.revision, a.record.as_deref())
+        && base.id == a.task_id
+        && ((base.state == TaskState::Queued && base.attempt.saturating_add(1) == a.attempt)
+            // Written as assigned by the dispatcher (as older dispatchers did).
+            || (base.state == TaskState::Assigned && ours(base)))
     {
-        let mut rec = rec.clone();
+        let mut rec = base.clone();
         rec.state = TaskState::Running;
+        rec.attempt = a.attempt;
+        rec.agent_id = Some(a.agent_id.clone());
         rec.runner_id = Some(ctx.runner_id.clone());
         rec.started_at_ms = Some(now_ms());
         rec.updated_at_ms = now_ms();

@@ -78,17 +78,34 @@ async fn assign(fleet: &Fleet, rec: &TaskRecord, msg_id: &str) {
     publish_assignment(fleet, rec, None, msg_id).await;
 }
 
-/// An assignment as the dispatcher sends it: with the record as written at `rev`, claimed with
-/// one revision-checked write (falling back to reading the record when it moved on).
-async fn assign_at(fleet: &Fleet, rec: &TaskRecord, rev: u64, msg_id: &str) {
-    publish_assignment(fleet, rec, Some(rev), msg_id).await;
+/// A queued task record (no attempt made yet).
+fn queued(id: &str) -> TaskRecord {
+    TaskRecord { state: TaskState::Queued, agent_id: None, runner_id: None, ..record(id, 0, "none") }
+}
+
+/// An assignment as the dispatcher sends it: the next attempt of the queued record `base`
+/// (stored at `rev`) for `agent`, claimed with one revision-checked write from `rev`.
+async fn propose(fleet: &Fleet, base: &TaskRecord, rev: u64, agent: &str, msg_id: &str) {
+    let a = Assignment {
+        attempt: base.attempt + 1,
+        agent_id: agent.into(),
+        revision: Some(rev),
+        record: Some(Box::new(base.clone())),
+        ..assignment(base)
+    };
+    fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
 }
 
 async fn publish_assignment(fleet: &Fleet, rec: &TaskRecord, rev: Option<u64>, msg_id: &str) {
-    let a = Assignment {
+    let a = Assignment { revision: rev, record: rev.map(|_| Box::new(rec.clone())), ..assignment(rec) };
+    fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
+}
+
+fn assignment(rec: &TaskRecord) -> Assignment {
+    Assignment {
         task_id: rec.id.clone(),
         attempt: rec.attempt,
-        agent_id: rec.agent_id.clone().unwrap(),
+        agent_id: rec.agent_id.clone().unwrap_or_default(),
         capability: rec.capability.clone(),
         input: rec.input.clone(),
         priority: rec.priority,
@@ -97,10 +114,9 @@ async fn publish_assignment(fleet: &Fleet, rec: &TaskRecord, rev: Option<u64>, m
         budget_tokens: None,
         context_key: None,
         assigned_at_ms: now_ms(),
-        revision: rev,
-        record: rev.map(|_| Box::new(rec.clone())),
-    };
-    fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
+        revision: None,
+        record: None,
+    }
 }
 
 async fn health(fleet: &Fleet) -> HealthReply {
@@ -162,9 +178,9 @@ async fn registers_heartbeats_runs_and_fences() {
     .await;
 
     // An assignment runs and completes, with usage.
-    let rec = record("job-1", 1, "r1-echo-0");
+    let rec = queued("job-1");
     let rev = fleet.kv_create(&topo.tasks, "job-1", &rec).await.unwrap();
-    assign_at(&fleet, &rec, rev, "job-1:1").await;
+    propose(&fleet, &rec, rev, "r1-echo-0", "job-1:1").await;
     let done: TaskRecord = eventually(Duration::from_secs(10), "completion", || async {
         let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-1").await.unwrap()?;
         (r.state == TaskState::Completed).then_some(r)
@@ -175,7 +191,7 @@ async fn registers_heartbeats_runs_and_fences() {
 
     // The same assignment delivered again (another message id; its revision is stale now) does
     // not execute again.
-    assign_at(&fleet, &rec, rev, "job-1:1:again").await;
+    propose(&fleet, &rec, rev, "r1-echo-0", "job-1:1:again").await;
     // An assignment for an attempt that is not current is fenced.
     assign(&fleet, &record("job-1", 7, "r1-echo-1"), "job-1:7").await;
     eventually(Duration::from_secs(10), "the stale assignment to be fenced", || async {
@@ -197,28 +213,22 @@ async fn registers_heartbeats_runs_and_fences() {
     bad.max_attempts = 2;
     fleet.kv_create(&topo.tasks, "job-2", &bad).await.unwrap();
     assign(&fleet, &bad, "job-2:1").await;
-    let (queued, rev): (TaskRecord, u64) = eventually(Duration::from_secs(10), "a retry", || async {
+    let (retry, rev): (TaskRecord, u64) = eventually(Duration::from_secs(10), "a retry", || async {
         let (r, rev) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-2").await.unwrap()?;
         (r.state == TaskState::Queued).then_some((r, rev))
     })
     .await;
-    assert_eq!(queued.attempt, 1);
-    assert_eq!(queued.agent_id, None);
-    assert_eq!(queued.error.as_ref().unwrap().code, "model_error");
-    assert_eq!(queued.attempts.len(), 1);
-    assert_eq!(queued.attempts[0].attempt, 1);
-    assert_eq!(queued.attempts[0].agent_id.as_deref(), Some("r1-echo-0"));
-    assert_eq!(queued.attempts[0].runner_id.as_deref(), Some("r1"));
-    assert_eq!(queued.attempts[0].error.message, "model exploded");
-    assert!(queued.attempts[0].started_at_ms.is_some());
+    assert_eq!(retry.attempt, 1);
+    assert_eq!(retry.agent_id, None);
+    assert_eq!(retry.error.as_ref().unwrap().code, "model_error");
+    assert_eq!(retry.attempts.len(), 1);
+    assert_eq!(retry.attempts[0].attempt, 1);
+    assert_eq!(retry.attempts[0].agent_id.as_deref(), Some("r1-echo-0"));
+    assert_eq!(retry.attempts[0].runner_id.as_deref(), Some("r1"));
+    assert_eq!(retry.attempts[0].error.message, "model exploded");
+    assert!(retry.attempts[0].started_at_ms.is_some());
     // The test plays the dispatcher: attempt 2 goes to the other agent.
-    let mut second = queued.clone();
-    second.state = TaskState::Assigned;
-    second.attempt = 2;
-    second.agent_id = Some("r1-echo-1".into());
-    second.runner_id = Some("r1".into());
-    let rev = fleet.kv_update(&topo.tasks, "job-2", &second, rev).await.unwrap();
-    assign_at(&fleet, &second, rev, "job-2:2").await;
+    propose(&fleet, &retry, rev, "r1-echo-1", "job-2:2").await;
     let failed: TaskRecord = eventually(Duration::from_secs(10), "failure", || async {
         let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-2").await.unwrap()?;
         (r.state == TaskState::Failed).then_some(r)
@@ -240,6 +250,33 @@ async fn registers_heartbeats_runs_and_fences() {
     let h = health(&fleet).await;
     assert_eq!(h.details["retried"], 1);
     assert_eq!(h.details["failed"], 1);
+
+    // An assignment decided from a record that has moved on since (here: cancelled) never runs.
+    let q3 = queued("job-3");
+    let rev3 = fleet.kv_create(&topo.tasks, "job-3", &q3).await.unwrap();
+    let cancelled = TaskRecord { state: TaskState::Failed, ..q3.clone() };
+    fleet.kv_update(&topo.tasks, "job-3", &cancelled, rev3).await.unwrap();
+    propose(&fleet, &q3, rev3, "r1-echo-0", "job-3:1").await;
+    // Two assignments of the same attempt from the same record (as after a dispatcher
+    // fail-over): one claim wins, the task runs once.
+    let q4 = queued("job-4");
+    let rev4 = fleet.kv_create(&topo.tasks, "job-4", &q4).await.unwrap();
+    propose(&fleet, &q4, rev4, "r1-echo-0", "job-4:1:a").await;
+    propose(&fleet, &q4, rev4, "r1-echo-1", "job-4:1:b").await;
+    let done4: TaskRecord = eventually(Duration::from_secs(10), "job-4 to complete", || async {
+        let (r, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-4").await.unwrap()?;
+        (r.state == TaskState::Completed).then_some(r)
+    })
+    .await;
+    assert_eq!(done4.attempt, 1);
+    eventually(Duration::from_secs(10), "the losing and the stale assignments to be fenced", || async {
+        (health(&fleet).await.details["fenced"] == 3).then_some(())
+    })
+    .await;
+    let h = health(&fleet).await;
+    assert_eq!(h.details["executions"], 4, "job-1, job-2 twice, job-4 once; job-3 never: {h:?}");
+    let (r3, _) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-3").await.unwrap().unwrap();
+    assert_eq!(r3.state, TaskState::Failed, "the cancelled task stays cancelled");
 
     // Shutdown deregisters the agents.
     shutdown.cancel();

@@ -161,7 +161,7 @@ impl Intake {
         let mut rec = match validate(sub, id.clone(), m.payload.len(), limits, now_ms()) {
             Ok(r) => r,
             // A bad copy of an existing task never puts a rejection into that task's history:
-            // `reject` files it under another id then.
+            // `reject` counts it as a duplicate.
             Err(r) => return self.reject(m, Some(id), r.reason, &r.message).await,
         };
         if self.config.unknown_capability == UnknownCapability::Reject
@@ -239,6 +239,14 @@ impl Intake {
         reason: RejectReason,
         message: &str,
     ) -> Result<(), FleetError> {
+        // A copy of an existing task that no longer passes (its deadline has passed since, say)
+        // is a duplicate: that task already ran, or will.
+        if let Some(id) = &id
+            && self.fleet.kv_exists(&self.topology.tasks, id).await?
+        {
+            self.duplicate();
+            return Ok(());
+        }
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         let seq = m.info().ok().map(|i| i.stream_sequence);
         // An undecodable submission has no id of its own: use its message id or stream position.

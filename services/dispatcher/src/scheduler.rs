@@ -108,22 +108,31 @@ struct Scheduler {
     /// No agent is declared lost before this: its heartbeats may not have been seen yet.
     requeue_after: Instant,
     autoscale: Autoscale,
+    /// Tasks assigned whose claim has not shown up yet (their records still say queued): the
+    /// agent, the attempt, the revision the assignment was based on and when it was sent.
+    pending: HashMap<String, Proposal>,
     /// Assignments whose writes are in flight, and where their outcomes come back.
     in_flight: usize,
     done_tx: tokio::sync::mpsc::UnboundedSender<Written>,
 }
 
-/// Most assignments written concurrently: the KV update and the two publishes of one assignment
-/// are sequential, but many assignments overlap.
+/// Most assignments sent concurrently (each is two publishes whose acks are awaited together).
 const MAX_IN_FLIGHT: usize = 256;
 
-/// The outcome of an assignment's writes.
+/// An assignment the runner has not claimed yet.
+struct Proposal {
+    agent: String,
+    attempt: u32,
+    base_rev: u64,
+    sent_at: Instant,
+}
+
+/// The outcome of an assignment's publishes.
 struct Written {
     task_id: String,
-    /// The record as assigned, with its new revision; or the error.
-    result: Result<(TaskRecord, u64), FleetError>,
-    /// The record and revision the assignment was based on.
-    base: (TaskRecord, u64),
+    attempt: u32,
+    base_rev: u64,
+    result: Result<(), FleetError>,
 }
 
 pub async fn run(
@@ -145,6 +154,7 @@ pub async fn run(
         resent: HashSet::new(),
         requeue_after: Instant::now(),
         autoscale: Autoscale::default(),
+        pending: HashMap::new(),
         in_flight: 0,
         done_tx,
     };
@@ -215,6 +225,7 @@ impl Scheduler {
     // ---- projection --------------------------------------------------------------------------
 
     fn forget_task(&mut self, id: &str) -> Option<TaskView> {
+        self.pending.remove(id);
         self.core.remove_task(id);
         self.tasks.remove(id)
     }
@@ -239,6 +250,10 @@ impl Scheduler {
     fn apply_task_raw(&mut self, rec: TaskRecord, rev: u64, raw: Option<&[u8]>) {
         if self.tasks.get(&rec.id).is_some_and(|v| v.rev >= rev) {
             return;
+        }
+        // Any later revision settles an assignment: claimed (running), or the task moved on.
+        if self.pending.get(&rec.id).is_some_and(|p| rev > p.base_rev) {
+            self.pending.remove(&rec.id);
         }
         match rec.state {
             TaskState::Completed | TaskState::Failed => {
@@ -336,36 +351,43 @@ impl Scheduler {
         }
     }
 
-    /// Starts the writes of one decision: a revision-checked update of the task record (the
-    /// fence), then the `assigned` event that says why, then the assignment to the runner. They
-    /// run beside further decisions; the outcome comes back to [`Self::on_written`].
+    /// Carries out one decision: the `assigned` event that says why, then the assignment to the
+    /// agent's runner, both sent at once (one round trip). The task record is not written here:
+    /// the assignment carries the queued record and its revision, and the runner's claim (a
+    /// revision-checked write from that revision, which names the attempt and the agent) is what
+    /// books the task, so a stale or duplicate assignment can never run. Until the claim shows
+    /// up the task is booked to the agent here only ([`Self::pending`]); an assignment nobody
+    /// claims in time, or one whose agent is lost, is taken back and decided again. The
+    /// outcome of the publishes comes back to [`Self::on_written`].
     async fn assign(&mut self, d: Decision) {
         let task_id = d.task.to_string();
         let Some(view) = self.tasks.get(&task_id) else {
             self.core.remove_task(&task_id);
             return;
         };
+        let base_rev = view.rev;
         let Some(record) = view.record() else {
             self.forget_task(&task_id);
             return;
         };
-        let base = (record, view.rev);
         let Some(runner_id) = self.agents.get(&*d.agent).map(|a| a.runner_id.clone()) else {
             // The agent left between the decision and now: put the task back.
             self.tasks.remove(&task_id);
             self.core.remove_task(&task_id);
-            self.apply_task(base.0, base.1);
+            self.apply_task(record, base_rev);
             return;
         };
         let span = tracing::info_span!("assign", task_id = %d.task, agent_id = %d.agent, reason = d.reason);
-        flotilla_service::trace::continue_from_traceparent(&span, base.0.trace.as_deref());
-        let mut rec = base.0.clone();
-        rec.state = TaskState::Assigned;
-        rec.attempt = rec.attempt.saturating_add(1);
-        rec.agent_id = Some(d.agent.to_string());
-        rec.runner_id = Some(runner_id.clone());
-        rec.updated_at_ms = now_ms();
-        let mut ev = TaskEvent::for_task(&rec, event_kind::ASSIGNED);
+        flotilla_service::trace::continue_from_traceparent(&span, record.trace.as_deref());
+        let attempt = record.attempt.saturating_add(1);
+        let mut proposed = record.clone();
+        proposed.state = TaskState::Assigned;
+        proposed.attempt = attempt;
+        proposed.agent_id = Some(d.agent.to_string());
+        proposed.runner_id = Some(runner_id.clone());
+        let decided_ms = now_ms();
+        proposed.updated_at_ms = decided_ms;
+        let mut ev = TaskEvent::for_task(&proposed, event_kind::ASSIGNED);
         ev.reason = Some(d.reason.to_owned());
         ev.detail = Some(serde_json::json!({
             "priority": d.priority,
@@ -376,79 +398,82 @@ impl Scheduler {
             "agent_load": d.load_ppm as f64 / 1_000_000.0,
             "waited_ms": d.waited_ms,
         }));
-        let assignment = assignment_of(&rec);
-        // Sent by this very write: the tick must not send it again meanwhile.
-        self.resent.insert((rec.id.clone(), rec.attempt));
-        let (fleet, store, done) = (self.fleet.clone(), self.topology.tasks.clone(), self.done_tx.clone());
+        let assignment = Assignment {
+            revision: Some(base_rev),
+            record: Some(Box::new(record)),
+            ..assignment_of(&proposed)
+        };
+        self.pending.insert(
+            task_id.clone(),
+            Proposal { agent: d.agent.to_string(), attempt, base_rev, sent_at: Instant::now() },
+        );
+        let (fleet, done) = (self.fleet.clone(), self.done_tx.clone());
         self.in_flight += 1;
         tokio::spawn(
             async move {
-                let result = match fleet.kv_update(&store, &task_id, &rec, base.1).await {
-                    Ok(rev) => {
-                        // Both are sent before either ack is awaited (one round trip). The event
-                        // goes first on this connection, so `assigned` precedes the runner's
-                        // `started` in the stream. The assignment carries the record as written
-                        // and its revision: the runner claims it without reading it back.
-                        let assignment = Assignment { revision: Some(rev), ..assignment };
-                        let event = fleet.send_event(&ev).await;
-                        let msg_id = format!("{}:{}", rec.id, rec.attempt);
-                        let sent = fleet
-                            .send_durable(fleet.names.assign_subject(&runner_id), &assignment, Some(&msg_id))
-                            .await;
-                        if let Err(e) = match event {
-                            Ok(p) => p.confirmed().await,
-                            Err(e) => Err(e),
-                        } {
-                            tracing::warn!(error = %e, "failed to publish assigned event");
-                        }
-                        if let Err(e) = match sent {
-                            Ok(p) => p.confirmed().await,
-                            Err(e) => Err(e),
-                        } {
-                            // The task stays assigned; the assign timeout gives it to someone else.
-                            tracing::warn!(error = %e, "failed to publish assignment");
-                        }
-                        Ok((rec, rev))
-                    }
+                // The event goes first on this connection, so `assigned` precedes the runner's
+                // `started` in the stream. An attempt taken back is assigned again: both ids
+                // name the decision, not only the attempt, so the second is not dropped as a
+                // duplicate of the first.
+                let msg_id = format!("{}:{}:{}:{}", assignment.task_id, attempt, assignment.agent_id, decided_ms);
+                let event = fleet.send_event_with_id(&ev, &format!("{msg_id}:assigned")).await;
+                let sent = fleet
+                    .send_durable(fleet.names.assign_subject(&runner_id), &assignment, Some(&msg_id))
+                    .await;
+                if let Err(e) = match event {
+                    Ok(p) => p.confirmed().await,
+                    Err(e) => Err(e),
+                } {
+                    tracing::warn!(error = %e, "failed to publish assigned event");
+                }
+                let result = match sent {
+                    Ok(p) => p.confirmed().await,
                     Err(e) => Err(e),
                 };
-                let _ = done.send(Written { task_id, result, base });
+                let _ = done.send(Written { task_id, attempt, base_rev, result });
             }
             .instrument(span),
         );
     }
 
-    /// Takes in the outcome of an assignment's writes.
+    /// Takes in the outcome of an assignment's publishes.
     async fn on_written(&mut self, w: Written) {
         self.in_flight = self.in_flight.saturating_sub(1);
         match w.result {
-            Ok((rec, rev)) => {
+            Ok(()) => {
                 self.stats.assigned.fetch_add(1, Ordering::Relaxed);
-                // The watch may have shown a later revision already: the runner can claim and
-                // finish the task before this outcome comes back. A task it showed finished is
-                // gone from the view and must stay gone (applying the assignment would book a
-                // slot that is never freed).
-                if self.tasks.contains_key(&w.task_id) {
-                    self.apply_task(rec, rev);
-                }
-            }
-            Err(e) if e.is_conflict() => {
-                // Someone else changed the task (cancelled, finished, another dispatcher): undo
-                // the booking and take the record as it is now.
-                self.core.remove_task(&w.task_id);
-                self.tasks.remove(&w.task_id);
-                let _ = self.refresh(&w.task_id).await;
             }
             Err(e) => {
-                tracing::warn!(task_id = %w.task_id, error = %e, "assignment failed; the task goes back to the queue");
-                // Unless the watch already showed a newer record (the write did land after all,
-                // and the task may even have finished and left the view).
-                if self.tasks.get(&w.task_id).is_some_and(|v| v.rev <= w.base.1) {
-                    self.core.remove_task(&w.task_id);
-                    self.tasks.remove(&w.task_id);
-                    self.apply_task(w.base.0, w.base.1);
+                tracing::warn!(task_id = %w.task_id, error = %e, "assignment not sent; the task is decided again");
+                if self.pending.get(&w.task_id).is_some_and(|p| p.attempt == w.attempt && p.base_rev == w.base_rev)
+                {
+                    self.take_back(&w.task_id, "assignment_not_sent").await;
                 }
             }
+        }
+    }
+
+    /// Takes back an assignment nobody claimed: the task is queued again here (its record never
+    /// stopped saying queued) and a `requeued` event tells why. A claim that still arrives wins
+    /// the race against the next assignment of the same attempt; the loser is fenced off.
+    async fn take_back(&mut self, task_id: &str, why: &'static str) {
+        let Some(p) = self.pending.remove(task_id) else { return };
+        let Some(view) = self.tasks.get(task_id) else { return };
+        if view.rev != p.base_rev || view.state != TaskState::Queued {
+            return;
+        }
+        let Some(rec) = view.record() else { return };
+        self.core.remove_task(task_id);
+        self.tasks.remove(task_id);
+        self.stats.requeued.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(task_id, agent_id = %p.agent, attempt = p.attempt, why, "assignment taken back");
+        let mut ev = TaskEvent::for_task(&rec, event_kind::REQUEUED);
+        ev.attempt = Some(p.attempt);
+        ev.agent_id = Some(p.agent);
+        ev.reason = Some(why.to_owned());
+        self.apply_task(rec, p.base_rev);
+        if let Err(e) = self.fleet.publish_event(&ev).await {
+            tracing::warn!(error = %e, "failed to publish requeued event");
         }
     }
 
@@ -537,6 +562,12 @@ impl Scheduler {
                 if lost {
                     requeue.extend(held.iter().map(|t| (t.to_string(), "agent_lost")));
                 }
+            }
+        }
+        let timeout = self.config.assign_timeout;
+        for (id, p) in &self.pending {
+            if p.sent_at.elapsed() > timeout {
+                requeue.push((id.clone(), "assign_timeout"));
             }
         }
         for (id, v) in &self.tasks {
@@ -686,6 +717,10 @@ impl Scheduler {
 
     #[tracing::instrument(skip(self))]
     async fn requeue(&mut self, task_id: &str, why: &'static str) {
+        if self.pending.contains_key(task_id) {
+            self.take_back(task_id, why).await;
+            return;
+        }
         let Some(view) = self.tasks.get(task_id) else { return };
         let Some(mut rec) = view.record() else { return };
         if !matches!(rec.state, TaskState::Assigned | TaskState::Running) {
