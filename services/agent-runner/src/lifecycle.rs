@@ -116,29 +116,58 @@ impl TaskStates {
     }
 }
 
+/// Lifecycle events sent whose acks are awaited later, at most.
+const EVENTS_IN_FLIGHT: usize = 128;
+
 /// Publishes lifecycle events in order and asks for a registry write after each batch; when
-/// `stop` fires it publishes what is still queued and returns.
+/// `stop` fires it publishes what is still queued and returns. Up to [`EVENTS_IN_FLIGHT`] are
+/// under way at once (sent in order on one connection, so stored in order), so the events keep
+/// up with the transitions instead of queueing behind one round trip each.
 pub async fn publish_events(
     fleet: Fleet,
     mut events: mpsc::UnboundedReceiver<AgentEvent>,
     registry_dirty: Arc<Notify>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let mut pending: std::collections::VecDeque<(String, flotilla_service::nats::Pending)> =
+        std::collections::VecDeque::new();
     loop {
-        let ev = tokio::select! {
-            ev = events.recv() => ev,
-            _ = stop.cancelled() => {
-                events.close();
-                events.recv().await
+        let ev = if pending.is_empty() || !events.is_empty() {
+            tokio::select! {
+                ev = events.recv() => ev,
+                _ = stop.cancelled(), if !events.is_closed() => {
+                    events.close();
+                    events.recv().await
+                }
             }
-        };
-        let Some(ev) = ev else { return };
-        let subject = fleet.names.agent_event_subject(&ev.agent_id, ev.to.as_str());
-        if let Err(e) = fleet.publish_durable(subject, &ev, None).await {
-            tracing::warn!(agent_id = %ev.agent_id, error = %e, "failed to publish an agent event");
-        }
-        if events.is_empty() {
+        } else {
+            // Nothing more queued: settle what is under way, then update the registry.
+            settle(&mut pending, 0).await;
             registry_dirty.notify_one();
+            continue;
+        };
+        let Some(ev) = ev else {
+            settle(&mut pending, 0).await;
+            return;
+        };
+        let subject = fleet.names.agent_event_subject(&ev.agent_id, ev.to.as_str());
+        match fleet.send_durable(subject, &ev, None).await {
+            Ok(p) => pending.push_back((ev.agent_id, p)),
+            Err(e) => tracing::warn!(agent_id = %ev.agent_id, error = %e, "failed to publish an agent event"),
+        }
+        settle(&mut pending, EVENTS_IN_FLIGHT).await;
+    }
+}
+
+/// Awaits the oldest acks until at most `keep` are outstanding.
+async fn settle(
+    pending: &mut std::collections::VecDeque<(String, flotilla_service::nats::Pending)>,
+    keep: usize,
+) {
+    while pending.len() > keep {
+        let Some((agent_id, p)) = pending.pop_front() else { return };
+        if let Err(e) = p.confirmed().await {
+            tracing::warn!(%agent_id, error = %e, "failed to publish an agent event");
         }
     }
 }

@@ -442,7 +442,11 @@ pub async fn declare_capabilities(
     Ok(())
 }
 
-/// Rewrites the registry entries every `interval` until shutdown.
+/// Least time between two registry writes asked for by lifecycle changes.
+const DIRTY_GAP: Duration = Duration::from_millis(100);
+
+/// Rewrites the registry entries every `interval` until shutdown, and soon after lifecycle
+/// changes.
 pub async fn heartbeat_loop(
     agents: Arc<Agents>,
     fleet: Fleet,
@@ -452,12 +456,21 @@ pub async fn heartbeat_loop(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
-            _ = agents.dirty.notified() => {}
+            _ = agents.dirty.notified() => {
+                // Lifecycle changes are written within DIRTY_GAP of each other at most often,
+                // however fast the transitions come: a busy agent changes state per task.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(last + DIRTY_GAP) => {}
+                }
+            }
         }
+        last = tokio::time::Instant::now();
         if let Err(e) = agents.beat(&fleet, &topology).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }

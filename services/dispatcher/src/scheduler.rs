@@ -415,7 +415,8 @@ impl Scheduler {
                 // `started` in the stream. An attempt taken back is assigned again: both ids
                 // name the decision, not only the attempt, so the second is not dropped as a
                 // duplicate of the first.
-                let msg_id = format!("{}:{}:{}:{}", assignment.task_id, attempt, assignment.agent_id, decided_ms);
+                let msg_id =
+                    format!("{}:{}:{}:{}", assignment.task_id, attempt, assignment.agent_id, decided_ms);
                 let event = fleet.send_event_with_id(&ev, &format!("{msg_id}:assigned")).await;
                 let sent = fleet
                     .send_durable(fleet.names.assign_subject(&runner_id), &assignment, Some(&msg_id))
@@ -445,7 +446,10 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!(task_id = %w.task_id, error = %e, "assignment not sent; the task is decided again");
-                if self.pending.get(&w.task_id).is_some_and(|p| p.attempt == w.attempt && p.base_rev == w.base_rev)
+                if self
+                    .pending
+                    .get(&w.task_id)
+                    .is_some_and(|p| p.attempt == w.attempt && p.base_rev == w.base_rev)
                 {
                     self.take_back(&w.task_id, "assignment_not_sent").await;
                 }
