@@ -59,12 +59,11 @@ const TEXT: &str = "Summarise the attached release notes in two sentences.";
 /// JetStream round trips (a request and its awaited reply, or a publish and its awaited ack) on
 /// a task's path from submission to `completed`, one model step, no tools; from the code. Writes
 /// sent together on one connection and then awaited together count once.
-const ROUND_TRIPS: [(&str, &str); 7] = [
+const ROUND_TRIPS: [(&str, &str); 6] = [
     ("client", "submission publish, stream ack"),
     ("intake", "`accepted` event (first on its subject) and KV create of the record, sent together"),
-    ("scheduler", "KV update, revision-checked: assigned"),
-    ("scheduler", "`assigned` event and the assignment (with the record and its revision), sent together"),
-    ("runner", "KV update, revision-checked: running (the claim, from the assignment's record)"),
+    ("scheduler", "`assigned` event and the assignment (the queued record and its revision), sent together"),
+    ("runner", "KV update, revision-checked from the assignment's revision: running (the claim)"),
     ("runner", "KV update, revision-checked: completed"),
     ("runner", "`completed` event publish, ack"),
 ];
@@ -74,10 +73,10 @@ the scheduler (KV watch), assignment to the runner (pull consumer), `completed` 
 const OFF_PATH: &str = "off the critical path: the `started` event (sent after the claim, its ack \
 awaited only before the outcome is written, while the model runs); the capability check (cached \
 after a capability's first task); the acks of the submission and of the assignment (no reply \
-awaited); agent lifecycle events (planning, idle), published in order by one task per runner, each \
-batch followed by a registry rewrite of the runner's agents (KV puts the dispatcher's agent watch \
-then applies); and four KV watch deliveries of the task record to the dispatcher (created, \
-assigned, running, completed), each waking its scheduler loop. A one-step answer has no `progress` \
+awaited); two agent lifecycle events per task (planning, idle), up to 128 in flight per runner, \
+and registry rewrites of the runner's agents at most every 100 ms after them (KV puts the \
+dispatcher's agent watch then applies); and three KV watch deliveries of the task record to the dispatcher (created, \
+running, completed), each waking its scheduler loop. A one-step answer has no `progress` \
 event: `completed` carries its text and usage";
 
 /// When the bench's event reader saw each event of a task.
@@ -787,7 +786,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
         }
     }
     println!(
-        "    (`submission` = the intake of one submission, up to 64 at once; `assign` = the writes of one assignment; \
+        "    (`submission` = the intake of one submission, up to 64 at once; `assign` = the publishes of one assignment; \
          open on average = how many were under way at once, which for a scheduler that assigns one task at a \
          time is the share of the time it spent assigning)"
     );
