@@ -51,14 +51,19 @@ async fn an_interactive_task_overtakes_a_saturating_batch_flood() {
     let events = sys.events().await;
     let accepted = position(&events, "urgent", "accepted");
     let assigned = position(&events, "urgent", "assigned");
-    // "Next" in the order of decisions: `assigned` events are sent by the one active dispatcher
-    // in the order it decides. A batch task assigned after the interactive one was accepted
-    // (by its clock, in ms) and before it overtook it; only the one decision the dispatcher may
-    // already have had under way at that moment can.
-    let urgent_record = sys.task("urgent").await.unwrap();
+    // "Next" in the order of decisions, once the dispatcher knew of the interactive task: every
+    // `assigned` event says how far into the tasks bucket the dispatcher had read when it decided
+    // (`seen_revision`). A batch task decided after the interactive task's record was known and
+    // before the interactive task itself overtook it; none may (one is tolerated, as before).
+    let created = {
+        use futures::StreamExt as _;
+        let mut h = sys.topology.tasks.history("urgent").await.unwrap();
+        h.next().await.unwrap().unwrap().revision
+    };
     let overtaken_by: Vec<String> = events[accepted..assigned]
         .iter()
-        .filter(|e| e.kind == "assigned" && e.at_ms > urgent_record.submitted_at_ms)
+        .filter(|e| e.kind == "assigned")
+        .filter(|e| e.detail.as_ref().and_then(|d| d["seen_revision"].as_u64()).unwrap() >= created)
         .map(|e| e.task_id.clone())
         .collect();
     assert!(

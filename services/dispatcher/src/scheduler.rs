@@ -111,6 +111,8 @@ struct Scheduler {
     /// Tasks assigned whose claim has not shown up yet (their records still say queued): the
     /// agent, the attempt, the revision the assignment was based on and when it was sent.
     pending: HashMap<String, Proposal>,
+    /// The latest revision of the tasks bucket the watch has delivered.
+    seen_revision: u64,
     /// Assignments whose writes are in flight, and where their outcomes come back.
     in_flight: usize,
     done_tx: tokio::sync::mpsc::UnboundedSender<Written>,
@@ -155,6 +157,7 @@ pub async fn run(
         requeue_after: Instant::now(),
         autoscale: Autoscale::default(),
         pending: HashMap::new(),
+        seen_revision: 0,
         in_flight: 0,
         done_tx,
     };
@@ -290,6 +293,7 @@ impl Scheduler {
     }
 
     fn on_task_entry(&mut self, entry: kv::Entry) {
+        self.seen_revision = self.seen_revision.max(entry.revision);
         match entry.operation {
             kv::Operation::Put => match codec::decode::<TaskRecord>(None, &entry.value) {
                 Ok(rec) => self.apply_task_raw(rec, entry.revision, Some(&entry.value)),
@@ -397,6 +401,9 @@ impl Scheduler {
             "charged_tokens": d.charged,
             "agent_load": d.load_ppm as f64 / 1_000_000.0,
             "waited_ms": d.waited_ms,
+            // How far into the tasks bucket the dispatcher had read when it decided: every task
+            // created at or below this revision was known to it.
+            "seen_revision": self.seen_revision,
         }));
         let assignment = Assignment {
             revision: Some(base_rev),
