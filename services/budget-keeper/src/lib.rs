@@ -1,5 +1,8 @@
 //! The budget-keeper. In this version it owns the budgets bucket (ensured at start) and answers
-//! health requests; reservations, rate limits and cost accounting arrive with the budget issue.
+//! health requests; the reservation ledger ([`ledger`]) is its first piece of issue 5, not yet
+//! served over NATS.
+
+pub mod ledger;
 
 use std::sync::Arc;
 use std::time::Duration;
