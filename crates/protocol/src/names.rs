@@ -153,6 +153,26 @@ impl Names {
     }
 
     /// Every assignment: `<p>.assign.*`.
+    /// Budget-keeper requests: `<p>.budget.<op>`.
+    pub fn budget_subject(&self, op: &str) -> String {
+        format!("{}.budget.{op}", self.prefix)
+    }
+
+    /// The ledger of budget changes: `<p>.ledger.<op>`.
+    pub fn ledger_subject(&self, op: &str) -> String {
+        format!("{}.ledger.{op}", self.prefix)
+    }
+
+    /// Every ledger entry: `<p>.ledger.>`.
+    pub fn ledger_all(&self) -> String {
+        format!("{}.ledger.>", self.prefix)
+    }
+
+    /// Stream: the ledger of budget changes (the budget-keeper's state, replayable for audit).
+    pub fn ledger_stream(&self) -> String {
+        format!("{}_LEDGER", self.upper)
+    }
+
     pub fn assign_all(&self) -> String {
         format!("{}.assign.*", self.prefix)
     }

@@ -29,5 +29,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("health-reply", s::<HealthReply>()),
         ("lease", s::<Lease>()),
         ("error-reply", s::<ErrorReply>()),
+        ("budget-request", s::<BudgetRequest>()),
+        ("budget-reply", s::<BudgetReply>()),
+        ("ledger-entry", s::<LedgerEntry>()),
     ]
 }

@@ -926,3 +926,83 @@ mod lifecycle_tests {
         }
     }
 }
+
+/// A request to the budget-keeper, on `<p>.budget.<op>` with `op` one of `reserve`, `commit`,
+/// `release`, `set` and `show`. Which fields an operation needs:
+/// `reserve`: `id` (idempotency key, one per model call), `scopes`, `want`, `min`, `lease_ms`;
+/// `commit`: `id`, `used`; `release`: `id`; `set`: `scope`, `limit_tokens`, `window_ms` (absent
+/// for a limit over the scope's whole life); `show`: `scope`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Scopes a reservation counts against, e.g. `task.<id>`, `agent.<id>`, `tenant.<name>`,
+    /// `model.<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub want: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<u64>,
+}
+
+/// A budget as the budget-keeper reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BudgetStatus {
+    pub scope: String,
+    pub limit_tokens: u64,
+    /// Absent for a limit over the scope's whole life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<u64>,
+    /// Used in the window.
+    pub used: u64,
+    /// Held by open reservations.
+    pub held: u64,
+    pub available: u64,
+}
+
+/// The budget-keeper's answer. `error` is set when the operation was refused (codes:
+/// `budget_exceeded`, `unknown_scope`, `unknown_reservation`, `reservation_ended`,
+/// `reservation_mismatch`, `invalid_request`, `malformed`, `unavailable`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BudgetReply {
+    /// Tokens the reservation holds (`reserve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    /// When the reservation's lease runs out (`reserve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    /// Tokens charged (`commit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charged: Option<u64>,
+    /// Tokens used beyond the reservation, not charged (`commit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// One change of the budgets, as recorded in the ledger stream (`<p>.ledger.<op>`) before it is
+/// answered; replaying the stream in order, each at its `at_ms`, rebuilds the budget-keeper's
+/// state. `op` is `reserve`, `commit`, `release`, `set` or `expire` (a lease that ran out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LedgerEntry {
+    pub op: String,
+    pub at_ms: u64,
+    pub request: BudgetRequest,
+    /// What the operation came to, for auditors (the replay recomputes it).
+    pub reply: BudgetReply,
+}

@@ -187,5 +187,13 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
             max_age: Duration::from_secs(30 * 24 * 3600),
             ..base(names.deadletter_stream(), vec![names.deadletter_all()], "Flotilla: dead-letter records")
         },
+        stream::Config {
+            // Kept whole: the budget-keeper rebuilds its state from it.
+            retention: stream::RetentionPolicy::Limits,
+            duplicate_window: Duration::from_secs(120),
+            deny_delete: true,
+            deny_purge: true,
+            ..base(names.ledger_stream(), vec![names.ledger_all()], "Flotilla: ledger of budget changes")
+        },
     ]
 }

@@ -291,6 +291,11 @@ impl Ledger {
         due
     }
 
+    /// True while the reservation `id` holds tokens.
+    pub fn is_open(&self, id: &str) -> bool {
+        self.reservations.get(id).is_some_and(|r| r.end.is_none())
+    }
+
     /// Open reservations.
     pub fn open(&self) -> usize {
         self.reservations.values().filter(|r| r.end.is_none()).count()

@@ -1,8 +1,9 @@
-//! The budget-keeper. In this version it owns the budgets bucket (ensured at start) and answers
-//! health requests; the reservation ledger ([`ledger`]) is its first piece of issue 5, not yet
-//! served over NATS.
+//! The budget-keeper: owns the budgets bucket (ensured at start), answers health requests and
+//! serves token budgets ([`service`]: reserve, commit, release, set, show on `<p>.budget.<op>`)
+//! from its [`ledger`], every change recorded in the ledger stream first.
 
 pub mod ledger;
+pub mod service;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,8 +51,24 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    // The ledger stream is the budget-keeper's own: ensured here too, so it serves even where
+    // nothing else ensured the fleet's streams.
+    let settings = flotilla_service::StreamSettings {
+        replicas: config.replicas.unwrap_or(replicas),
+        ..Default::default()
+    };
+    let ledger = flotilla_service::topology::stream_configs(&fleet.names, &settings)
+        .into_iter()
+        .find(|c| c.name == fleet.names.ledger_stream())
+        .ok_or_else(|| anyhow::anyhow!("no ledger stream configuration"))?;
+    fleet
+        .js
+        .get_or_create_stream(ledger)
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to ensure the ledger stream: {e}"))?;
     tracing::info!(bucket = %bucket, "budget-keeper ready");
-    shutdown.cancelled().await;
+    let served = service::serve(fleet, shutdown.clone()).await;
+    shutdown.cancel();
     let _ = health.await;
-    Ok(())
+    served
 }

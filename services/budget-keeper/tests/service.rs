@@ -1,0 +1,216 @@
+//! The budget service against a real nats-server: concurrent reservations on one budget never
+//! overspend at any point of the ledger, abandoned reservations expire, repeated operations
+//! charge once, and a restarted budget-keeper rebuilds the same state from the ledger stream.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use flotilla_budget_keeper::ledger::Ledger;
+use flotilla_protocol::{BudgetReply, BudgetRequest, LedgerEntry, Names, Prefix, WireFormat, codec, headers};
+use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_testkit::{NatsServer, eventually};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: u64 = 20_000;
+
+struct Keeper {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(server: &NatsServer, instance: &str) -> Keeper {
+    let fleet = Fleet::new(
+        server.client().await,
+        Names::new(Prefix::default()),
+        WireFormat::Msgpack,
+        instance.into(),
+    );
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(flotilla_budget_keeper::run(Default::default(), fleet, 1, shutdown.clone()));
+    Keeper { shutdown, task }
+}
+
+impl Keeper {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn call(fleet: &Fleet, op: &str, req: &BudgetRequest) -> BudgetReply {
+    let body = codec::encode(WireFormat::Msgpack, req).unwrap();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        fleet.client.request(fleet.names.budget_subject(op), body.into()),
+    )
+    .await
+    .expect("the budget-keeper answers")
+    .unwrap();
+    codec::decode(None, &reply.payload).unwrap()
+}
+
+fn reserve(id: &str, want: u64, lease_ms: u64) -> BudgetRequest {
+    BudgetRequest {
+        id: Some(id.into()),
+        scopes: vec!["tenant.acme".into()],
+        want: Some(want),
+        min: Some(1),
+        lease_ms: Some(lease_ms),
+        ..Default::default()
+    }
+}
+
+fn show() -> BudgetRequest {
+    BudgetRequest { scope: Some("tenant.acme".into()), ..Default::default() }
+}
+
+/// Every entry of the ledger stream, in order.
+async fn ledger_entries(fleet: &Fleet) -> Vec<LedgerEntry> {
+    let stream = fleet.js.get_stream(fleet.names.ledger_stream()).await.unwrap();
+    let mut msgs = stream
+        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
+        out.push(codec::decode(None, &m.payload).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
+    let server = NatsServer::start();
+    let fleet =
+        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "t".into());
+    Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let keeper = start(&server, "bk-1").await;
+    let set = BudgetRequest {
+        scope: Some("tenant.acme".into()),
+        limit_tokens: Some(LIMIT),
+        window_ms: Some(24 * 3600 * 1000),
+        ..Default::default()
+    };
+    let r = eventually(Duration::from_secs(10), "the budget-keeper to answer", || async {
+        let body = codec::encode(WireFormat::Msgpack, &set).unwrap();
+        let reply = fleet.client.request(fleet.names.budget_subject("set"), body.into()).await.ok()?;
+        codec::decode::<BudgetReply>(None, &reply.payload).ok()
+    })
+    .await;
+    assert_eq!(r.budget.unwrap().available, LIMIT);
+
+    // 20 reservers × 10 cycles of up to 300 tokens: 60,000 wanted of 20,000. One cycle in ten
+    // abandons its reservation (a short lease, never committed).
+    let mut workers = Vec::new();
+    for w in 0..20u64 {
+        let fleet = fleet.clone();
+        workers.push(tokio::spawn(async move {
+            let mut charged = 0;
+            let mut refused = 0;
+            for c in 0..10u64 {
+                let id = format!("w{w}-c{c}");
+                let abandon = (w + c) % 10 == 0;
+                let r = call(&fleet, "reserve", &reserve(&id, 300, if abandon { 800 } else { 60_000 })).await;
+                let Some(tokens) = r.tokens else {
+                    assert_eq!(r.error.unwrap().code, "budget_exceeded");
+                    refused += 1;
+                    continue;
+                };
+                if abandon {
+                    continue;
+                }
+                // The call used part of what it held; the commit is delivered twice.
+                let used = tokens.min(100 + (w * 7 + c * 13) % 200);
+                let commit = BudgetRequest { id: Some(id.clone()), used: Some(used), ..Default::default() };
+                let first = call(&fleet, "commit", &commit).await;
+                let again = call(&fleet, "commit", &commit).await;
+                assert_eq!(first, again, "a repeated commit answers as the first");
+                charged += first.charged.unwrap();
+            }
+            (charged, refused)
+        }));
+    }
+    let mut charged = 0;
+    let mut refused = 0;
+    for w in workers {
+        let (c, r) = w.await.unwrap();
+        charged += c;
+        refused += r;
+    }
+    assert!(refused > 0, "the budget ran out under contention");
+
+    // Abandoned reservations expire and give their tokens back.
+    let status = eventually(Duration::from_secs(10), "abandoned reservations to expire", || async {
+        let b = call(&fleet, "show", &show()).await.budget.unwrap();
+        (b.held == 0).then_some(b)
+    })
+    .await;
+    assert_eq!(status.used, charged, "usage is exactly what the commits charged");
+    assert!(status.used <= LIMIT);
+
+    // Over the whole ledger: replayed entry by entry, used + held never exceeded the limit.
+    let entries = ledger_entries(&fleet).await;
+    let mut replay = Ledger::new(u64::MAX);
+    let mut max_committed_and_held = 0;
+    for e in &entries {
+        flotilla_budget_keeper::service::apply(&mut replay, &e.op, &e.request, e.at_ms);
+        if let Some(b) = replay.budget("tenant.acme", e.at_ms) {
+            assert!(b.used + b.held <= LIMIT, "overspent after {e:?}");
+            max_committed_and_held = max_committed_and_held.max(b.used + b.held);
+        }
+    }
+    assert!(max_committed_and_held > LIMIT / 2);
+    assert!(entries.iter().any(|e| e.op == "expire"), "expiries are in the ledger");
+
+    // A restarted budget-keeper rebuilds the same state from the ledger.
+    keeper.stop().await;
+    let keeper = start(&server, "bk-2").await;
+    let after = eventually(Duration::from_secs(10), "the restarted budget-keeper to answer", || async {
+        let body = codec::encode(WireFormat::Msgpack, &show()).unwrap();
+        let reply = fleet.client.request(fleet.names.budget_subject("show"), body.into()).await.ok()?;
+        codec::decode::<BudgetReply>(None, &reply.payload).ok()?.budget
+    })
+    .await;
+    assert_eq!((after.used, after.held), (status.used, status.held));
+    // Keys used before the restart are still known: a repeated commit charges nothing new, an
+    // ended key cannot hold again.
+    let commit = BudgetRequest { id: Some("w1-c1".into()), used: Some(5), ..Default::default() };
+    assert!(call(&fleet, "commit", &commit).await.error.is_none());
+    assert_eq!(
+        call(&fleet, "reserve", &reserve("w1-c1", 300, 60_000)).await.error.unwrap().code,
+        "reservation_ended"
+    );
+    assert_eq!(call(&fleet, "show", &show()).await.budget.unwrap().used, status.used);
+
+    // Any client: JSON in, JSON out; bad input gets a coded error.
+    let json = fleet
+        .client
+        .request(fleet.names.budget_subject("show"), br#"{"scope": "tenant.acme"}"#.to_vec().into())
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.payload).unwrap();
+    assert_eq!(v["budget"]["used"], status.used);
+    for (bad, code) in [
+        (&br#"{"scope": 42}"#[..], "wrong_type"),
+        (&br#"{"scope": "x", "colour": "red"}"#[..], "malformed"),
+        (&b"\xc1"[..], "malformed"),
+        (&br#"{"scope": "tenant.nobody"}"#[..], "unknown_scope"),
+    ] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+        let reply = fleet
+            .client
+            .request_with_headers(fleet.names.budget_subject("show"), h, bad.to_vec().into())
+            .await
+            .unwrap();
+        let r: BudgetReply = codec::decode(None, &reply.payload).unwrap();
+        assert_eq!(r.error.map(|e| e.code).as_deref(), Some(code), "{}", String::from_utf8_lossy(bad));
+    }
+    keeper.stop().await;
+}
