@@ -13,6 +13,7 @@ mod any_client;
 mod approval;
 mod autoscale;
 mod bad_input;
+mod budgets;
 mod dedupe;
 mod drain;
 mod failover;

@@ -109,6 +109,13 @@ impl System {
         }
     }
 
+    pub async fn start_budget_keeper(&mut self) {
+        let fleet = self.fleet("budget-keeper-1").await;
+        let h =
+            tokio::spawn(flotilla_budget_keeper::run(Default::default(), fleet, 1, self.shutdown.clone()));
+        self.services.push(h);
+    }
+
     pub async fn start_monitor(&mut self) -> std::net::SocketAddr {
         let fleet = self.fleet("monitor-1").await;
         let listener =

@@ -5,6 +5,7 @@
 //! 4 timed out; 5 NATS or the fleet could not be reached or used.
 
 mod bench;
+mod budget;
 mod cancel;
 mod client;
 mod fleet;
@@ -94,6 +95,8 @@ pub enum Command {
     Agents(fleet::AgentsArgs),
     /// The active dispatcher's queue: by capability, priority and tenant, with waiting times.
     Queue(queue::QueueArgs),
+    /// Token budgets: set a scope's limit, show its usage.
+    Budget(budget::BudgetArgs),
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
     /// Measure a component against raw NATS in the same run.
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
             Command::Agents(args) => fleet::run(&cli, args).await,
             Command::Tail(args) => client::tail(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,
+            Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::run(&cli, args).await,
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
             Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,
