@@ -200,6 +200,7 @@ impl Ledger {
     /// tightest scope, at least `min`; or refuses and holds nothing. A repeated request (same id)
     /// gets the first grant while the reservation is open, and [`Refusal::Ended`] after.
     pub fn reserve(&mut self, req: Reserve, now_ms: u64) -> Result<Grant, Refusal> {
+        self.forget_if_old(&req.id, now_ms);
         if let Some(r) = self.reservations.get(&req.id) {
             if r.request.scopes != req.scopes || r.request.want != req.want || r.request.min != req.min {
                 return Err(Refusal::Mismatch(req.id));
@@ -244,7 +245,23 @@ impl Ledger {
         self.end(id, None, now_ms)
     }
 
+    /// Forgets an ended reservation once [`Self::remember_ms`] has passed since it ended, by its
+    /// own times only: so the answer does not depend on when [`Self::expire`] last ran, and a
+    /// replay of the ledger answers as the live ledger did.
+    fn forget_if_old(&mut self, id: &str, now_ms: u64) {
+        let keep = self.remember_ms;
+        if self
+            .reservations
+            .get(id)
+            .and_then(|r| r.end)
+            .is_some_and(|(_, at)| at.saturating_add(keep) <= now_ms)
+        {
+            self.reservations.remove(id);
+        }
+    }
+
     fn end(&mut self, id: &str, used: Option<u64>, now_ms: u64) -> Result<End, Refusal> {
+        self.forget_if_old(id, now_ms);
         let r = self.reservations.get_mut(id).ok_or_else(|| Refusal::UnknownReservation(id.to_owned()))?;
         if let Some((end, _)) = r.end {
             let same = matches!((end, used), (End::Committed { .. }, Some(_)) | (End::Released, None));
@@ -421,6 +438,17 @@ mod tests {
         assert_eq!(l.budget("task.parent", 0).unwrap().available(), 8_500);
     }
 
+    #[test]
+    fn an_old_key_is_forgotten_by_its_own_time_not_by_when_expire_ran() {
+        let mut l = ledger();
+        l.reserve(req("k", &["task.t"], 100, 1), 0).unwrap();
+        l.commit("k", 10, 1_000).unwrap();
+        // Before `remember_ms` has passed the key is known; after, it is new again, whether or
+        // not `expire` ran in between (a replay may not run it at the same moments).
+        assert!(matches!(l.reserve(req("k", &["task.t"], 100, 1), 600_999), Err(Refusal::Ended(..))));
+        assert_eq!(l.reserve(req("k", &["task.t"], 100, 1), 601_000).unwrap().tokens, 100);
+    }
+
     /// A small deterministic generator, so the random schedules below repeat exactly.
     struct Rng(u64);
     impl Rng {
@@ -476,7 +504,13 @@ mod tests {
                             .iter()
                             .map(|s| l.budget(s, now).map_or((0, 0), |b| (b.used, b.held)))
                             .collect();
-                        if let Some(r) = l.reservations.get(&id).map(|r| r.request.clone()) {
+                        // (Only while the key is remembered: an older one is a new reservation.)
+                        let remembered = l
+                            .reservations
+                            .get(&id)
+                            .filter(|r| r.end.is_none_or(|(_, at)| at + l.remember_ms > now))
+                            .map(|r| r.request.clone());
+                        if let Some(r) = remembered {
                             let open = l.reservations.get(&id).is_some_and(|r| r.end.is_none());
                             assert_eq!(
                                 l.reserve(r, now).is_ok(),

@@ -125,6 +125,7 @@ async fn handle_batch(
 ) {
     let mut answers: Vec<(async_nats::service::Request, BudgetReply, Option<Pending>, WireFormat)> =
         Vec::with_capacity(batch.len());
+    let mut lost = false;
     for (op, req) in batch {
         let ct = req
             .message
@@ -158,6 +159,8 @@ async fn handle_batch(
                 match fleet.send_durable(fleet.names.ledger_subject(op), &e, msg_id.as_deref()).await {
                     Ok(p) => Some(p),
                     Err(err) => {
+                        // Decided in memory but not recorded: rebuilt away after the batch (not
+                        // now, while other entries of the batch are on their way).
                         tracing::error!(error = %err, "failed to record a budget change");
                         answers.push((
                             req,
@@ -165,7 +168,7 @@ async fn handle_batch(
                             None,
                             format,
                         ));
-                        *ledger = rebuild_or_keep(fleet, ledger).await;
+                        lost = true;
                         continue;
                     }
                 }
@@ -173,7 +176,6 @@ async fn handle_batch(
         };
         answers.push((req, reply, pending, format));
     }
-    let mut lost = false;
     for (req, mut reply, pending, format) in answers {
         if let Some(p) = pending
             && let Err(e) = p.confirmed().await
