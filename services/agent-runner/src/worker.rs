@@ -407,7 +407,7 @@ async fn run_claimed(
     started.runner_id = Some(ctx.runner_id.clone());
     // Its ack is awaited only before the outcome is written: the model runs meanwhile. Every
     // later event of the attempt is sent on this connection after it, so it stays first.
-    let started = match ctx.fleet.send_event(&started).await {
+    let started_ack = match ctx.fleet.send_event(&started).await {
         Ok(pending) => pending,
         Err(e) => return Outcome::Retry(e),
     };
@@ -472,8 +472,13 @@ async fn run_claimed(
         }
     };
 
-    if let Err(e) = started.confirmed().await {
-        return Outcome::Retry(e);
+    // The work is done by now: a lost ack of `started` must not make it run again. Publish it
+    // once more (de-duplicated if it was stored) before the outcome, which follows it.
+    if let Err(e) = started_ack.confirmed().await {
+        tracing::warn!(error = %e, "no ack for the started event; publishing it again");
+        if let Err(e) = ctx.fleet.publish_event(&started).await {
+            tracing::warn!(error = %e, "the started event may be missing from the stream");
+        }
     }
     let now = now_ms();
     let model = slot.template.model.clone();

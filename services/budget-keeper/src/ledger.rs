@@ -170,6 +170,8 @@ impl Ledger {
     /// reservations.
     pub fn set_limit(&mut self, scope: &str, limit: Limit, now_ms: u64) {
         let b = self.budgets.entry(scope.to_owned()).or_insert_with(|| Budget::new(limit));
+        // Usage that has left the old window stays gone, whenever this is called.
+        b.roll(now_ms);
         if b.limit.window != limit.window {
             // Usage kept per slice only for rolling windows: start the new window afresh from
             // what is known.
@@ -436,6 +438,20 @@ mod tests {
         let used = l.budget("task.c", 0).unwrap().used;
         l.commit("child:c", used, 0).unwrap();
         assert_eq!(l.budget("task.parent", 0).unwrap().available(), 8_500);
+    }
+
+    #[test]
+    fn changing_a_window_does_not_bring_back_usage_that_had_left_the_old_one() {
+        let mut l = ledger();
+        l.reserve(req("c", &["agent.a"], 5_000, 1), 0).unwrap();
+        l.commit("c", 5_000, 0).unwrap();
+        // Two hours later, with nothing read in between, the window becomes two hours long.
+        l.set_limit(
+            "agent.a",
+            Limit { tokens: 5_000, window: Window::Rolling { ms: 2 * HOUR } },
+            2 * HOUR + 1,
+        );
+        assert_eq!(l.budget("agent.a", 2 * HOUR + 1).unwrap().used, 0);
     }
 
     #[test]

@@ -115,8 +115,9 @@ pub async fn serve(fleet: Fleet, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Decides a batch, writes its ledger entries (all sent, then all acks awaited), then answers.
-/// If an entry could not be stored, the ledger is rebuilt from the stream and that request is
-/// answered `unavailable` (the caller retries with the same key).
+/// If an entry could not be stored, that request and every later one of the batch are answered
+/// `unavailable` (the caller retries with the same key) and the ledger is rebuilt from the
+/// stream.
 #[tracing::instrument(skip_all, fields(n = batch.len()))]
 async fn handle_batch(
     fleet: &Fleet,
@@ -126,7 +127,20 @@ async fn handle_batch(
     let mut answers: Vec<(async_nats::service::Request, BudgetReply, Option<Pending>, WireFormat)> =
         Vec::with_capacity(batch.len());
     let mut lost = false;
+    // Index of the first request whose change could not be sent.
+    let mut lost_at: Option<usize> = None;
     for (op, req) in batch {
+        if lost {
+            // Decisions after a change that was not recorded could depend on it: answered
+            // unavailable (the caller retries with the same key, after the rebuild).
+            answers.push((
+                req,
+                refused("unavailable", "the ledger could not be written"),
+                None,
+                WireFormat::Json,
+            ));
+            continue;
+        }
         let ct = req
             .message
             .headers
@@ -162,6 +176,7 @@ async fn handle_batch(
                         // Decided in memory but not recorded: rebuilt away after the batch (not
                         // now, while other entries of the batch are on their way).
                         tracing::error!(error = %err, "failed to record a budget change");
+                        lost_at.get_or_insert(answers.len());
                         answers.push((
                             req,
                             refused("unavailable", "the ledger could not be written"),
@@ -176,13 +191,24 @@ async fn handle_batch(
         };
         answers.push((req, reply, pending, format));
     }
-    for (req, mut reply, pending, format) in answers {
+    // Answers go out in order; from the first change that was not stored on, every answer is
+    // `unavailable` (what came after may have depended on it). The stream then holds exactly the
+    // changes whose answers went out, plus perhaps some whose callers were told to retry: the
+    // rebuild below takes them in, and a retry with the same key gets their answer.
+    let mut failed = false;
+    for (i, (req, mut reply, pending, format)) in answers.into_iter().enumerate() {
+        if lost_at.is_some_and(|at| i >= at) {
+            failed = true;
+        }
         if let Some(p) = pending
             && let Err(e) = p.confirmed().await
         {
             tracing::error!(error = %e, "a budget change was not stored");
-            reply = refused("unavailable", "the ledger could not be written");
+            failed = true;
             lost = true;
+        }
+        if failed {
+            reply = refused("unavailable", "the ledger could not be written");
         }
         let body = codec::encode(format, &reply)
             .map(Bytes::from)
@@ -224,14 +250,23 @@ async fn expire(fleet: &Fleet, ledger: &mut Ledger) {
             .send_durable(fleet.names.ledger_subject("expire"), &e, Some(&format!("expire:{id}")))
             .await
         {
-            Ok(p) => pending.push(p),
-            Err(e) => tracing::warn!(error = %e, "failed to record an expiry"),
+            Ok(p) => pending.push(Some(p)),
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to record an expiry");
+                pending.push(None);
+            }
         }
     }
-    for p in pending {
+    let mut lost = pending.iter().any(Option::is_none);
+    for p in pending.into_iter().flatten() {
         if let Err(e) = p.confirmed().await {
             tracing::warn!(error = %e, "failed to record an expiry");
+            lost = true;
         }
+    }
+    if lost {
+        // Released here but not in the stream: later decisions must not count on it.
+        *ledger = rebuild_or_keep(fleet, ledger).await;
     }
 }
 

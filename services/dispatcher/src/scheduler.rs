@@ -126,6 +126,7 @@ struct Proposal {
     agent: String,
     attempt: u32,
     base_rev: u64,
+    decided_ms: u64,
     sent_at: Instant,
 }
 
@@ -134,6 +135,7 @@ struct Written {
     task_id: String,
     attempt: u32,
     base_rev: u64,
+    decided_ms: u64,
     result: Result<(), FleetError>,
 }
 
@@ -412,7 +414,7 @@ impl Scheduler {
         };
         self.pending.insert(
             task_id.clone(),
-            Proposal { agent: d.agent.to_string(), attempt, base_rev, sent_at: Instant::now() },
+            Proposal { agent: d.agent.to_string(), attempt, base_rev, decided_ms, sent_at: Instant::now() },
         );
         let (fleet, done) = (self.fleet.clone(), self.done_tx.clone());
         self.in_flight += 1;
@@ -438,7 +440,7 @@ impl Scheduler {
                     Ok(p) => p.confirmed().await,
                     Err(e) => Err(e),
                 };
-                let _ = done.send(Written { task_id, attempt, base_rev, result });
+                let _ = done.send(Written { task_id, attempt, base_rev, decided_ms, result });
             }
             .instrument(span),
         );
@@ -453,11 +455,9 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::warn!(task_id = %w.task_id, error = %e, "assignment not sent; the task is decided again");
-                if self
-                    .pending
-                    .get(&w.task_id)
-                    .is_some_and(|p| p.attempt == w.attempt && p.base_rev == w.base_rev)
-                {
+                if self.pending.get(&w.task_id).is_some_and(|p| {
+                    p.attempt == w.attempt && p.base_rev == w.base_rev && p.decided_ms == w.decided_ms
+                }) {
                     self.take_back(&w.task_id, "assignment_not_sent").await;
                 }
             }
@@ -483,7 +483,26 @@ impl Scheduler {
         ev.agent_id = Some(p.agent);
         ev.reason = Some(why.to_owned());
         self.apply_task(rec, p.base_rev);
-        if let Err(e) = self.fleet.publish_event(&ev).await {
+        self.publish_requeued(&ev).await;
+    }
+
+    /// Publishes a `requeued` event. One attempt may be taken back more than once (unclaimed,
+    /// then claimed and lost): the id names the agent, the reason and the time, not only the
+    /// attempt, so no take-back is dropped as a duplicate of another.
+    async fn publish_requeued(&self, ev: &TaskEvent) {
+        let msg_id = format!(
+            "{}:requeued:{}:{}:{}:{}",
+            ev.task_id,
+            ev.attempt.unwrap_or(0),
+            ev.agent_id.as_deref().unwrap_or("-"),
+            ev.reason.as_deref().unwrap_or("-"),
+            ev.at_ms
+        );
+        let sent = match self.fleet.send_event_with_id(ev, &msg_id).await {
+            Ok(p) => p.confirmed().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             tracing::warn!(error = %e, "failed to publish requeued event");
         }
     }
@@ -749,9 +768,7 @@ impl Scheduler {
                 ev.agent_id = lost_agent;
                 ev.reason = Some(why.to_owned());
                 self.apply_task(rec, rev);
-                if let Err(e) = self.fleet.publish_event(&ev).await {
-                    tracing::warn!(error = %e, "failed to publish requeued event");
-                }
+                self.publish_requeued(&ev).await;
             }
             Err(e) if e.is_conflict() => {
                 let _ = self.refresh(task_id).await;
