@@ -465,6 +465,28 @@ pub struct Assignment {
     pub record: Option<Box<TaskRecord>>,
 }
 
+impl Assignment {
+    /// The assignment of attempt `rec.attempt` of a task to `rec.agent_id`, from its record
+    /// (without the record itself or its revision).
+    pub fn for_record(rec: &TaskRecord) -> Self {
+        Self {
+            task_id: rec.id.clone(),
+            attempt: rec.attempt,
+            agent_id: rec.agent_id.clone().unwrap_or_default(),
+            capability: rec.capability.clone(),
+            input: rec.input.clone(),
+            priority: rec.priority,
+            tenant: rec.tenant.clone(),
+            deadline_ms: rec.deadline_ms,
+            budget_tokens: rec.budget_tokens,
+            context_key: rec.context_key.clone(),
+            assigned_at_ms: rec.updated_at_ms,
+            revision: None,
+            record: None,
+        }
+    }
+}
+
 /// A task lifecycle event, published on `<prefix>.events.task.<id>.<kind>`. Which optional fields
 /// are present depends on `kind`: `completed` carries `output`, `usage` and `agent_id`; `failed`
 /// and `rejected` carry `error`; `progress` carries either a finished step (`step`, `usage`,

@@ -91,32 +91,18 @@ async fn propose(fleet: &Fleet, base: &TaskRecord, rev: u64, agent: &str, msg_id
         agent_id: agent.into(),
         revision: Some(rev),
         record: Some(Box::new(base.clone())),
-        ..assignment(base)
+        ..Assignment::for_record(base)
     };
     fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
 }
 
 async fn publish_assignment(fleet: &Fleet, rec: &TaskRecord, rev: Option<u64>, msg_id: &str) {
-    let a = Assignment { revision: rev, record: rev.map(|_| Box::new(rec.clone())), ..assignment(rec) };
+    let a = Assignment {
+        revision: rev,
+        record: rev.map(|_| Box::new(rec.clone())),
+        ..Assignment::for_record(rec)
+    };
     fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
-}
-
-fn assignment(rec: &TaskRecord) -> Assignment {
-    Assignment {
-        task_id: rec.id.clone(),
-        attempt: rec.attempt,
-        agent_id: rec.agent_id.clone().unwrap_or_default(),
-        capability: rec.capability.clone(),
-        input: rec.input.clone(),
-        priority: rec.priority,
-        tenant: rec.tenant.clone(),
-        deadline_ms: None,
-        budget_tokens: None,
-        context_key: None,
-        assigned_at_ms: now_ms(),
-        revision: None,
-        record: None,
-    }
 }
 
 async fn health(fleet: &Fleet) -> HealthReply {

@@ -251,13 +251,15 @@ impl Intake {
         let seq = m.info().ok().map(|i| i.stream_sequence);
         // An undecodable submission has no id of its own: use its message id or stream position.
         let fallback = format!("rejected-{}", seq.unwrap_or(0));
-        let mut task_id = id
-            .or_else(|| header(m, headers::NATS_MSG_ID).filter(|i| flotilla_protocol::names::is_token(i)))
-            .unwrap_or_else(|| fallback.clone());
-        // Never file a rejection under the id of a task that exists.
-        if task_id != fallback && self.fleet.kv_exists(&self.topology.tasks, &task_id).await? {
-            task_id = fallback;
-        }
+        let task_id = match id {
+            // Checked above: no task has it.
+            Some(id) => id,
+            None => match header(m, headers::NATS_MSG_ID).filter(|i| flotilla_protocol::names::is_token(i)) {
+                // Never file a rejection under the id of a task that exists.
+                Some(h) if !self.fleet.kv_exists(&self.topology.tasks, &h).await? => h,
+                _ => fallback,
+            },
+        };
         tracing::info!(task_id = %task_id, reason = reason.code(), %message, "submission rejected");
         let mut ev = TaskEvent::new(task_id.clone(), event_kind::REJECTED);
         ev.error = Some(ErrorInfo::new(reason.code(), message));

@@ -410,7 +410,7 @@ impl Scheduler {
         let assignment = Assignment {
             revision: Some(base_rev),
             record: Some(Box::new(record)),
-            ..assignment_of(&proposed)
+            ..Assignment::for_record(&proposed)
         };
         self.pending.insert(
             task_id.clone(),
@@ -512,7 +512,11 @@ impl Scheduler {
         if rec.agent_id.is_none() {
             return;
         }
-        let a = Assignment { revision: Some(rev), ..assignment_of(rec) };
+        let a = Assignment {
+            revision: Some(rev),
+            record: Some(Box::new(rec.clone())),
+            ..Assignment::for_record(rec)
+        };
         let msg_id = format!("{}:{}", rec.id, rec.attempt);
         if let Err(e) =
             self.fleet.publish_durable(self.fleet.names.assign_subject(runner_id), &a, Some(&msg_id)).await
@@ -828,25 +832,6 @@ impl Scheduler {
             }
             Err(e) => tracing::warn!(task_id, error = %e, "failed to encode a cancel message"),
         }
-    }
-}
-
-/// The assignment message of an assigned task record.
-fn assignment_of(rec: &TaskRecord) -> Assignment {
-    Assignment {
-        task_id: rec.id.clone(),
-        attempt: rec.attempt,
-        agent_id: rec.agent_id.clone().unwrap_or_default(),
-        capability: rec.capability.clone(),
-        input: rec.input.clone(),
-        priority: rec.priority,
-        tenant: rec.tenant.clone(),
-        deadline_ms: rec.deadline_ms,
-        budget_tokens: rec.budget_tokens,
-        context_key: rec.context_key.clone(),
-        assigned_at_ms: rec.updated_at_ms,
-        revision: None,
-        record: Some(Box::new(rec.clone())),
     }
 }
 
