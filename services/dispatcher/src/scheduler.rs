@@ -416,20 +416,23 @@ impl Scheduler {
             task_id.clone(),
             Proposal { agent: d.agent.to_string(), attempt, base_rev, decided_ms, sent_at: Instant::now() },
         );
-        let (fleet, done) = (self.fleet.clone(), self.done_tx.clone());
+        // Both are sent here, in the order of the decisions (only their acks are awaited beside
+        // further decisions): the stream shows the `assigned` events in the order the dispatcher
+        // decided, and each before the runner's `started`. An attempt taken back is assigned
+        // again: both ids name the decision, not only the attempt, so the second is not dropped
+        // as a duplicate of the first.
+        let msg_id = format!("{}:{}:{}:{}", assignment.task_id, attempt, assignment.agent_id, decided_ms);
+        let subject = self.fleet.names.assign_subject(&runner_id);
+        let (event, sent) = async {
+            let event = self.fleet.send_event_with_id(&ev, &format!("{msg_id}:assigned")).await;
+            (event, self.fleet.send_durable(subject, &assignment, Some(&msg_id)).await)
+        }
+        .instrument(span.clone())
+        .await;
+        let done = self.done_tx.clone();
         self.in_flight += 1;
         tokio::spawn(
             async move {
-                // The event goes first on this connection, so `assigned` precedes the runner's
-                // `started` in the stream. An attempt taken back is assigned again: both ids
-                // name the decision, not only the attempt, so the second is not dropped as a
-                // duplicate of the first.
-                let msg_id =
-                    format!("{}:{}:{}:{}", assignment.task_id, attempt, assignment.agent_id, decided_ms);
-                let event = fleet.send_event_with_id(&ev, &format!("{msg_id}:assigned")).await;
-                let sent = fleet
-                    .send_durable(fleet.names.assign_subject(&runner_id), &assignment, Some(&msg_id))
-                    .await;
                 if let Err(e) = match event {
                     Ok(p) => p.confirmed().await,
                     Err(e) => Err(e),
