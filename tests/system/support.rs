@@ -36,6 +36,8 @@ pub struct System {
     runner_tokens: HashMap<String, CancellationToken>,
     dispatchers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     dir: tempfile::TempDir,
+    /// Runners started from now on enforce budgets (a budget-keeper was started).
+    pub budgets: bool,
 }
 
 pub fn dispatcher_config() -> flotilla_dispatcher::Config {
@@ -46,6 +48,7 @@ pub fn runner_config(id: &str) -> flotilla_agent_runner::Config {
     flotilla_agent_runner::Config {
         runner_id: Some(id.to_owned()),
         heartbeat_interval: HEARTBEAT,
+        budgets: false,
         ..Default::default()
     }
 }
@@ -86,6 +89,7 @@ impl System {
             runner_tokens: HashMap::new(),
             dispatchers: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
+            budgets: false,
         }
     }
 
@@ -114,6 +118,7 @@ impl System {
         let h =
             tokio::spawn(flotilla_budget_keeper::run(Default::default(), fleet, 1, self.shutdown.clone()));
         self.services.push(h);
+        self.budgets = true;
     }
 
     pub async fn start_monitor(&mut self) -> std::net::SocketAddr {
@@ -151,7 +156,7 @@ impl System {
         let token = self.shutdown.child_token();
         self.runner_tokens.insert(id.to_owned(), token.clone());
         let h = tokio::spawn(flotilla_agent_runner::run_with_tools(
-            runner_config(id),
+            flotilla_agent_runner::Config { budgets: self.budgets, ..runner_config(id) },
             file,
             fleet,
             self.topology.clone(),
@@ -178,6 +183,7 @@ impl System {
                 ("FLOTILLA_WIRE_FORMAT", format),
                 ("FLOTILLA_PREFIX", &prefix),
                 ("FLOTILLA_AGENT_RUNNER__HEARTBEAT_INTERVAL", &hb),
+                ("FLOTILLA_AGENT_RUNNER__BUDGETS", if self.budgets { "true" } else { "false" }),
                 ("RUST_LOG", "warn"),
             ],
         )

@@ -1,10 +1,10 @@
-//! `flotilla budget set|show`: token budgets at runtime, through the budget-keeper's
-//! `<p>.budget.set` and `<p>.budget.show`.
+//! `flotilla budget set|show|rate|price`: token budgets, shared rate limits and model prices at
+//! runtime, through the budget-keeper's `<p>.budget.<op>`.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flotilla_protocol::{BudgetReply, BudgetRequest, BudgetStatus, WireFormat, codec};
+use flotilla_protocol::{BudgetReply, BudgetRequest, BudgetStatus, RateStatus, WireFormat, codec};
 
 use crate::client::connect;
 use crate::{Cli, Failure, exit};
@@ -17,38 +17,96 @@ pub struct BudgetArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BudgetCommand {
-    /// Set (or change) a scope's limit, e.g. `flotilla budget set tenant.acme 1000000 --window 24h`.
+    /// Set (or change) a scope's limit, e.g. `flotilla budget set tenant.acme 1000000 --window 24h`,
+    /// or the default of a whole class: `flotilla budget set 'agent.*' 50000 --window 1h --policy wait`.
     Set {
-        /// Scope: `task.<id>`, `agent.<id>`, `tenant.<name>`, `model.<name>`.
+        /// Scope: `task.<id>`, `agent.<id>`, `tenant.<name>`, `model.<name>`, or `<class>.*`.
         scope: String,
         /// Limit in tokens.
         tokens: u64,
         /// Rolling window (e.g. `1h`, `24h`); without it the limit is over the scope's whole life.
         #[arg(long, value_parser = humantime::parse_duration)]
         window: Option<Duration>,
+        /// What a call the budget cannot take does: `fail` (the task fails with
+        /// `budget_exceeded`) or `wait` (until the window has rolled far enough).
+        #[arg(long, default_value = "fail", value_parser = ["fail", "wait"])]
+        policy: String,
+        /// Percentages of the limit at which a `warning` is recorded (repeatable; default 80).
+        #[arg(long = "warn-at", value_parser = clap::value_parser!(u8).range(1..=100))]
+        warn_at: Vec<u8>,
     },
-    /// Show a scope's limit, usage, held tokens and what is left.
+    /// Show a scope's limit, usage, held tokens, what is left and what it cost.
     Show {
         /// Scope.
         scope: String,
+    },
+    /// Set a shared rate limit, e.g. `flotilla budget rate openai/gpt-4o-mini --rpm 500 --tpm 200000`
+    /// (keys: `<provider>/<model>` and `key/<api key env>` by default, see the fleet file's
+    /// `rate_limits`); without limits, show it.
+    Rate {
+        /// Rate limit key.
+        key: String,
+        /// Requests per window.
+        #[arg(long)]
+        rpm: Option<u64>,
+        /// Tokens per window.
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// The window (default one minute).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        window: Option<Duration>,
+    },
+    /// Set a model's price in US dollars per million tokens, e.g.
+    /// `flotilla budget price gpt-4o-mini --input 0.15 --output 0.60`.
+    Price {
+        model: String,
+        #[arg(long)]
+        input: f64,
+        #[arg(long)]
+        output: f64,
     },
 }
 
 pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
     let (client, _js, names) = connect(cli).await?;
+    let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let (op, req) = match &args.command {
-        BudgetCommand::Set { scope, tokens, window } => (
+        BudgetCommand::Set { scope, tokens, window, policy, warn_at } => (
             "set",
             BudgetRequest {
                 scope: Some(scope.clone()),
                 limit_tokens: Some(*tokens),
-                window_ms: window.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+                window_ms: window.as_ref().map(ms),
+                policy: Some(policy.clone()),
+                warn_at: (!warn_at.is_empty()).then(|| warn_at.clone()),
                 ..Default::default()
             },
         ),
         BudgetCommand::Show { scope } => {
             ("show", BudgetRequest { scope: Some(scope.clone()), ..Default::default() })
         }
+        BudgetCommand::Rate { key, rpm: None, tpm: None, window: None } => {
+            ("show", BudgetRequest { rate: Some(key.clone()), ..Default::default() })
+        }
+        BudgetCommand::Rate { key, rpm, tpm, window } => (
+            "rate",
+            BudgetRequest {
+                rate: Some(key.clone()),
+                rpm: *rpm,
+                tpm: *tpm,
+                window_ms: window.as_ref().map(ms),
+                ..Default::default()
+            },
+        ),
+        BudgetCommand::Price { model, input, output } => (
+            "price",
+            BudgetRequest {
+                model: Some(model.clone()),
+                input_usd_per_mtok: Some(*input),
+                output_usd_per_mtok: Some(*output),
+                ..Default::default()
+            },
+        ),
     };
     let subject = names.budget_subject(op);
     let body = codec::encode(WireFormat::Msgpack, &req).context("failed to encode the request")?;
@@ -68,11 +126,22 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
         let code = if e.code == "unknown_scope" { exit::NOT_FOUND } else { exit::UNAVAILABLE };
         return Err(Failure::new(code, anyhow::anyhow!("{}: {}", e.code, e.message)));
     }
-    let b = reply.budget.context("the budget-keeper sent no budget")?;
     if cli.json {
-        println!("{}", serde_json::to_string(&b).context("failed to render")?);
-    } else {
-        print_budget(&b);
+        let v = match (&reply.budget, &reply.rate) {
+            (Some(b), _) => serde_json::to_value(b),
+            (None, Some(r)) => serde_json::to_value(r),
+            (None, None) => Ok(serde_json::json!({ "ok": true })),
+        };
+        println!("{}", serde_json::to_string(&v.context("failed to render")?).context("failed to render")?);
+        return Ok(());
+    }
+    match (&reply.budget, &reply.rate, &args.command) {
+        (Some(b), _, _) => print_budget(b),
+        (None, Some(r), _) => print_rate(r),
+        (None, None, BudgetCommand::Price { model, input, output }) => {
+            println!("{model}: ${input} per million input tokens, ${output} per million output tokens");
+        }
+        _ => println!("ok"),
     }
     Ok(())
 }
@@ -82,6 +151,31 @@ fn print_budget(b: &BudgetStatus) {
         || "over the scope's life".to_owned(),
         |ms| format!("per rolling {}", humantime::format_duration(Duration::from_millis(ms))),
     );
-    println!("{}: limit {} tokens {window}", b.scope, b.limit_tokens);
-    println!("  used {}, held by open reservations {}, available {}", b.used, b.held, b.available);
+    match b.limit_tokens {
+        Some(limit) => println!("{}: limit {limit} tokens {window}, policy {}", b.scope, b.policy),
+        None => println!("{}: no limit (counted only)", b.scope),
+    }
+    let available = b.available.map_or_else(|| "unlimited".to_owned(), |a| a.to_string());
+    println!("  used {}, held by open reservations {}, available {available}", b.used, b.held);
+    println!("  cost ${:.6}", b.cost_usd);
+    if !b.warn_at.is_empty() {
+        let w: Vec<String> = b.warn_at.iter().map(|p| format!("{p} %")).collect();
+        println!("  warnings at {}", w.join(", "));
+    }
+    if let Some(at) = b.closed_at_ms {
+        println!("  closed at {at} (epoch ms)");
+    }
+    if let Some(c) = &b.carved_by {
+        println!("  carved out of its parent by {c}");
+    }
+}
+
+fn print_rate(r: &RateStatus) {
+    let per = humantime::format_duration(Duration::from_millis(r.window_ms));
+    let lim = |v: Option<u64>| v.map_or_else(|| "no limit".to_owned(), |v| v.to_string());
+    println!("{}: {} requests and {} tokens per {per}", r.rate, lim(r.rpm), lim(r.tpm));
+    println!("  in the window: {} requests, {} tokens; {} waiting", r.requests, r.tokens, r.waiting);
+    if let Some(until) = r.blocked_until_ms {
+        println!("  held back by a provider's 429 until {until} (epoch ms)");
+    }
 }

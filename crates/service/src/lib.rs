@@ -3,6 +3,7 @@
 
 pub mod ack;
 pub mod bootstrap;
+pub mod budget;
 pub mod config;
 pub mod health;
 pub mod local_server;

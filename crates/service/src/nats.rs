@@ -191,6 +191,21 @@ impl Fleet {
         self.send_with_headers(subject, h, payload).await
     }
 
+    /// Sends a message to a stream only if the stream's last sequence is `expected` (the fence of
+    /// a single writer: a writer that is not the only one finds out at its next write). Refused,
+    /// its [`Pending::confirmed`] is [`FleetError::Exists`].
+    pub async fn send_fenced<T: Serialize + ?Sized>(
+        &self,
+        subject: String,
+        value: &T,
+        expected: u64,
+    ) -> Result<Pending, FleetError> {
+        let mut h = self.headers(None);
+        h.insert(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
+        let payload = self.encode(value)?;
+        self.send_with_headers(subject, h, payload).await
+    }
+
     /// Reads and decodes a KV value with its revision.
     pub async fn kv_get<T: DeserializeOwned>(
         &self,

@@ -6,6 +6,7 @@
 //! own tokio task, so a panicking tool fails the attempt, not the runner.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{AgentState, CallUsage, ErrorInfo, TaskEvent, TaskRecord, Usage};
@@ -26,6 +27,8 @@ pub struct Env {
     pub tool_ctx: ToolCtx,
     /// Where the agent's state for this task is moved.
     pub states: TaskStates,
+    /// Budgets of the calls (absent when the runner does not enforce budgets).
+    pub budgets: Option<crate::budget::Budgets>,
 }
 
 /// A finished loop.
@@ -72,7 +75,7 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
         let max_tokens = remaining.map_or(t.max_tokens_per_call, |r| {
             u32::try_from(r).unwrap_or(u32::MAX).min(t.max_tokens_per_call)
         });
-        let req = ChatRequest {
+        let mut req = ChatRequest {
             model: t.model.clone(),
             system: t.system_prompt.clone(),
             turns: turns.clone(),
@@ -80,28 +83,66 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             max_tokens,
             purpose: rec.capability.clone(),
             attempt: rec.attempt,
+            single_try: env.budgets.is_some(),
         };
-        let result = if env.provider.streams() {
-            let (sink, pieces) = TextSink::channel();
-            let call = async {
-                let r = env.provider.chat_with_sink(&req, Some(&sink)).await;
-                // The publisher flushes and ends once the sink is gone.
-                drop(sink);
-                r
+        let mut try_n = 0u32;
+        let (resp, cost) = loop {
+            try_n += 1;
+            let held = match &env.budgets {
+                None => None,
+                Some(b) => match b.reserve(rec, t, &req, step, try_n, &env.tool_ctx.cancel).await {
+                    Ok((held, completion)) => {
+                        req.max_tokens = max_tokens.min(completion);
+                        Some(held)
+                    }
+                    Err(crate::budget::Denied::Fail(e)) => {
+                        env.states.set(AgentState::Idle);
+                        return Err(fail(&e.code, e.message, usage, calls));
+                    }
+                    Err(crate::budget::Denied::Cancelled) => {
+                        return Err(fail(
+                            "cancelled",
+                            "cancelled while waiting for the budget".into(),
+                            usage,
+                            calls,
+                        ));
+                    }
+                },
             };
-            let fleet = &env.tool_ctx.fleet;
-            let (r, _) =
-                tokio::join!(call, crate::partial_text::publish(fleet, rec, step, t.stream_interval, pieces));
-            r
-        } else {
-            env.provider.chat(&req).await
-        };
-        let resp = match result {
-            Ok(r) => r,
-            Err(e) => return Err(fail(e.code(), e.to_string(), usage, calls)),
+            let result = call(env, rec, step, &req).await;
+            let (Some(b), Some(held)) = (&env.budgets, held) else {
+                match result {
+                    Ok(r) => break (r, None),
+                    Err(e) => return Err(fail(e.code(), e.to_string(), usage, calls)),
+                }
+            };
+            match result {
+                Ok(r) => match b.commit(&held, r.usage.total_tokens, r.usage.prompt_tokens).await {
+                    Ok(cost) => break (r, cost),
+                    Err(e) => return Err(fail(&e.code, e.message, usage, calls)),
+                },
+                Err(e) => {
+                    b.release(&held).await;
+                    let hint = match &e {
+                        crate::llm::ProviderError::RateLimited { retry_after } => {
+                            // Every runner sharing the limit holds back, not just this one; the
+                            // next reservation waits at the keeper until the pause is over.
+                            b.backoff(t, *retry_after).await;
+                            Some(Duration::ZERO)
+                        }
+                        _ => None,
+                    };
+                    if !e.is_retryable() || try_n >= t.retry.max_attempts.max(1) {
+                        return Err(fail(e.code(), e.to_string(), usage, calls));
+                    }
+                    let wait = hint.unwrap_or_else(|| t.retry.backoff(try_n, None));
+                    tracing::warn!(error = %e, try_n, wait = ?wait, "provider call failed; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+            }
         };
         usage.add(resp.usage);
-        calls.push(CallUsage { step, model: t.model.clone(), usage: resp.usage });
+        calls.push(CallUsage { step, model: t.model.clone(), usage: resp.usage, cost_usd: cost });
 
         // A first step that is already the answer has nothing to report that `completed` does
         // not carry (the text, this call's usage): it gets no `progress` event of its own.
@@ -148,6 +189,31 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
     }
     let msg = format!("no final answer within {} steps", t.max_steps);
     Err(fail("max_steps_exceeded", msg, usage, calls))
+}
+
+/// One model call (its text published while it streams, with a streaming provider).
+async fn call(
+    env: &Env,
+    rec: &TaskRecord,
+    step: u32,
+    req: &ChatRequest,
+) -> Result<crate::llm::ChatResponse, crate::llm::ProviderError> {
+    if !env.provider.streams() {
+        return env.provider.chat(req).await;
+    }
+    let (sink, pieces) = TextSink::channel();
+    let call = async {
+        let r = env.provider.chat_with_sink(req, Some(&sink)).await;
+        // The publisher flushes and ends once the sink is gone.
+        drop(sink);
+        r
+    };
+    let fleet = &env.tool_ctx.fleet;
+    let (r, _) = tokio::join!(
+        call,
+        crate::partial_text::publish(fleet, rec, step, env.template.stream_interval, pieces)
+    );
+    r
 }
 
 /// Publishes the `progress` event of a finished step: its text, tool calls and usage, and the

@@ -67,6 +67,15 @@ pub struct AgentTemplate {
     /// Completion tokens one model call may produce.
     #[serde(default = "default_call_tokens")]
     pub max_tokens_per_call: u32,
+    /// Fewest completion tokens worth making a call for: a budget with less left than the
+    /// prompt plus this refuses the call (`budget_exceeded`) before it reaches the provider.
+    #[serde(default = "default_min_call_tokens")]
+    pub min_tokens_per_call: u32,
+    /// Shared rate limits (budget-keeper keys, set with `flotilla budget rate`) every model call
+    /// of this template needs a permit of. Defaults to `<provider>/<model>`, plus `key/<name>`
+    /// when `api_key_env` names the API key.
+    #[serde(default)]
+    pub rate_limits: Option<Vec<String>>,
     /// Provider endpoint (OpenAI-compatible: `…/v1`; Anthropic: the host). Defaults to the
     /// provider's public API.
     #[serde(default)]
@@ -105,6 +114,18 @@ impl AgentTemplate {
     pub fn streams(&self) -> bool {
         self.provider == "openai" && self.stream.unwrap_or(true)
     }
+
+    /// The shared rate limits this template's calls need permits of.
+    pub fn rate_keys(&self) -> Vec<String> {
+        if let Some(keys) = &self.rate_limits {
+            return keys.clone();
+        }
+        let mut keys = vec![format!("{}/{}", self.provider, self.model)];
+        if let Some(env) = &self.api_key_env {
+            keys.push(format!("key/{env}"));
+        }
+        keys
+    }
 }
 
 fn default_max_steps() -> u32 {
@@ -113,6 +134,10 @@ fn default_max_steps() -> u32 {
 
 fn default_call_tokens() -> u32 {
     1024
+}
+
+fn default_min_call_tokens() -> u32 {
+    16
 }
 
 fn default_request_timeout() -> Duration {

@@ -86,6 +86,7 @@ async fn answer(slot: &Slot, provider: &Provider, payload: &[u8]) -> DirectReply
         purpose: "message".to_owned(),
         // A direct message belongs to no attempt of a task.
         attempt: 0,
+        single_try: false,
     };
     match provider.chat(&req).await {
         Ok(r) => {

@@ -4,6 +4,7 @@
 //! assignment never completes twice.
 
 pub mod agent_loop;
+pub mod budget;
 mod control;
 pub mod fleet;
 mod inbox;
@@ -53,6 +54,9 @@ pub struct Config {
     pub drain_grace: Duration,
     /// TOML file of API keys (`NAME = "value"`), consulted when the environment lacks a key.
     pub secrets_file: Option<PathBuf>,
+    /// Reserve every model call's tokens with the budget-keeper first (and commit its usage
+    /// after). With this off, only the task's own token cap is checked, by the runner alone.
+    pub budgets: bool,
 }
 
 impl Default for Config {
@@ -65,6 +69,7 @@ impl Default for Config {
             max_task_time: Duration::from_secs(3600),
             drain_grace: Duration::from_secs(10),
             secrets_file: None,
+            budgets: true,
         }
     }
 }
@@ -257,6 +262,7 @@ pub async fn run_with_tools(
         abort: abort.clone(),
         providers,
         registry: Arc::new(registry),
+        budgets: config.budgets.then(|| flotilla_service::budget::Client::new(fleet.clone())),
     });
 
     let mut messages = consumer

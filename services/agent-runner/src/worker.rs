@@ -38,6 +38,8 @@ pub struct Context {
     /// Model provider of each template.
     pub providers: std::collections::HashMap<String, Provider>,
     pub registry: Arc<Registry>,
+    /// The budget-keeper, when budgets are enforced.
+    pub budgets: Option<flotilla_service::budget::Client>,
 }
 
 /// Handles one assignment message; never panics, never returns an error: every outcome is an
@@ -236,7 +238,7 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
     let (rec, rev) = match claim(&ctx, &a).await {
         Ok(Claim::Run(rec, rev)) => (rec, rev),
         Ok(Claim::Finished(rec)) => {
-            if let Err(e) = announce_outcome(&ctx.fleet, &rec).await {
+            if let Err(e) = announce_outcome(&ctx, &rec).await {
                 tracing::warn!(error = %e, "failed to re-announce outcome; will retry");
                 let _ = guard.nak(Some(Duration::from_millis(500))).await;
                 return;
@@ -433,7 +435,14 @@ async fn run_claimed(
             index: 0,
             cancel: cancel.token.clone(),
             states,
+            budgets: ctx.budgets.clone(),
+            task_cap: crate::budget::task_cap(&rec, &slot.template),
         },
+        budgets: ctx.budgets.clone().map(|client| crate::budget::Budgets {
+            client,
+            claim_rev: rev,
+            agent_id: slot.agent_id.clone(),
+        }),
     };
 
     let mut cancelled = false;
@@ -507,7 +516,7 @@ async fn run_claimed(
         _ => &ctx.agents.failed,
     };
     counter.fetch_add(1, Ordering::Relaxed);
-    match announce_outcome(&ctx.fleet, &current).await {
+    match announce_outcome(ctx, &current).await {
         Ok(()) => done,
         Err(e) => Outcome::Retry(e),
     }
@@ -550,7 +559,8 @@ async fn record_outcome(
 /// Publishes what a written outcome announces (idempotent: every publish is de-duplicated by id):
 /// `completed`, or `failed` plus a dead letter when retries ran out, or `retrying` when the
 /// attempt's failure queued the task again.
-async fn announce_outcome(fleet: &Fleet, rec: &TaskRecord) -> Result<(), FleetError> {
+async fn announce_outcome(ctx: &Context, rec: &TaskRecord) -> Result<(), FleetError> {
+    let fleet = &ctx.fleet;
     match rec.state {
         TaskState::Completed | TaskState::Failed => {
             let kind =
@@ -560,7 +570,12 @@ async fn announce_outcome(fleet: &Fleet, rec: &TaskRecord) -> Result<(), FleetEr
             ev.usage = rec.usage;
             ev.error = rec.error.clone();
             ev.calls = rec.calls.clone();
+            ev.cost_usd = rec.calls.iter().filter_map(|c| c.cost_usd).reduce(|a, b| a + b);
             fleet.publish_event(&ev).await?;
+            // The task ended: its budget closes (a carved one refunds its parent).
+            if let Some(client) = &ctx.budgets {
+                crate::budget::close_task(client, &rec.id).await;
+            }
             if retries_exhausted(rec) {
                 dead_letter_retries(fleet, rec).await?;
             }

@@ -40,6 +40,7 @@ fn request() -> ChatRequest {
         max_tokens: 64,
         purpose: "test".into(),
         attempt: 1,
+        single_try: false,
     }
 }
 

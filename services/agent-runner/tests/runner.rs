@@ -29,6 +29,7 @@ async fn setup()
     let config = flotilla_agent_runner::Config {
         runner_id: Some("r1".into()),
         heartbeat_interval: Duration::from_millis(200),
+        budgets: false,
         ..Default::default()
     };
     let runner = tokio::spawn(flotilla_agent_runner::run(

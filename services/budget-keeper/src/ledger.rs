@@ -1,17 +1,21 @@
-//! The budget ledger: token budgets, reservations and commits as an IO-free state machine. The
-//! budget-keeper feeds it requests (and, on start, the ledger stream to rebuild it); everything
-//! it decides follows from the operations it was given and their times, so a replay reaches the
-//! same state.
+//! The budget ledger: token budgets, reservations, commits, shared rate limits and prices as an
+//! IO-free state machine. The budget-keeper feeds it requests (and, on start, the ledger stream
+//! to rebuild it); everything it decides follows from the operations it was given and their
+//! times, so a replay reaches the same state.
 //!
 //! A budget is a limit on one scope (a task, an agent, a tenant, a model) over a window: the
-//! whole life of the scope, or a rolling period (an agent's hour, a tenant's day). A reservation
-//! holds tokens in every scope it names at once, or in none; a commit turns what a call really
-//! used into usage and gives the rest back; a release gives everything back; a reservation whose
-//! lease runs out is released. At every moment, in every scope, usage in the window plus what is
-//! held is at most the limit. Every operation carries an idempotency key: repeating one returns
-//! the first answer and changes nothing.
+//! whole life of the scope, or a rolling period (an agent's hour, a tenant's day). A scope
+//! without a limit of its own takes its class's default (`agent.*`) or is only counted (usage
+//! and cost, no limit). A reservation holds tokens in every scope it names at once, or in none,
+//! and takes a permit of every rate limit it names; a commit turns what a call really used into
+//! usage (and cost, by the price table) and gives the rest back; a release gives everything
+//! back; a reservation whose lease runs out is released. At every moment, in every scope, usage
+//! in the window plus what is held is at most the limit. Every operation carries an idempotency
+//! key: repeating one returns the first answer and changes nothing. A child task's budget is
+//! carved out of its parent's (a reservation on the parent) and settled when the child's budget
+//! closes: what the child used is charged to the parent, the rest refunded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// A budget's window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +31,16 @@ pub enum Window {
 /// limit is never exceeded, and at most one slice later.
 pub const SLICES: u64 = 60;
 
+/// Tokens of a scope that is only counted.
+pub const UNLIMITED: u64 = u64::MAX;
+
+/// A rate permit stays in its window this much longer than the window, so that calls made
+/// shortly after their permit still fall in it as the provider counts them.
+pub const RATE_MARGIN_MS: u64 = 1_000;
+
+/// How soon a caller waiting for a budget that only a new limit can refill asks again.
+const WAIT_RETRY_MS: u64 = 5_000;
+
 /// A limit on one scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
@@ -34,26 +48,103 @@ pub struct Limit {
     pub window: Window,
 }
 
+impl Limit {
+    /// A scope that is only counted.
+    pub const COUNTED: Limit = Limit { tokens: UNLIMITED, window: Window::Total };
+}
+
+/// What happens to a call its budget cannot take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// The task fails with `budget_exceeded`.
+    #[default]
+    Fail,
+    /// The call waits until the window has rolled far enough (or the limit rose).
+    Wait,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fail => "fail",
+            Self::Wait => "wait",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fail" => Some(Self::Fail),
+            "wait" => Some(Self::Wait),
+            _ => None,
+        }
+    }
+}
+
+/// Policy and warning thresholds of a budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    pub policy: Policy,
+    /// Percentages of the limit whose crossing is reported.
+    pub warn_at: Vec<u8>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self { policy: Policy::Fail, warn_at: vec![80] }
+    }
+}
+
 /// One scope's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
     pub limit: Limit,
+    pub rules: Rules,
     /// Tokens held by open reservations.
     pub held: u64,
     /// Tokens used in the window (all of them for [`Window::Total`]).
     pub used: u64,
+    /// Cost of everything used since the scope was created, in billionths of a US dollar.
+    pub cost_nusd: u64,
+    /// When a task's budget was closed (no more reservations).
+    pub closed_ms: Option<u64>,
+    /// The reservation on the parent this budget was carved out of.
+    pub carved_by: Option<String>,
+    /// Took its limit from its class's default (and follows changes to it).
+    inherited: bool,
     /// Used tokens per slice start (rolling windows only), oldest first.
     slices: VecDeque<(u64, u64)>,
+    /// Highest threshold reported (percent), and whether exhaustion was reported.
+    alerted: u8,
+    exhausted: bool,
+    exhausted_reported: bool,
 }
 
 impl Budget {
-    fn new(limit: Limit) -> Self {
-        Self { limit, held: 0, used: 0, slices: VecDeque::new() }
+    fn new(limit: Limit, rules: Rules) -> Self {
+        Self {
+            limit,
+            rules,
+            held: 0,
+            used: 0,
+            cost_nusd: 0,
+            closed_ms: None,
+            carved_by: None,
+            inherited: false,
+            slices: VecDeque::new(),
+            alerted: 0,
+            exhausted: false,
+            exhausted_reported: false,
+        }
     }
 
     /// Tokens that may still be reserved.
     pub fn available(&self) -> u64 {
         self.limit.tokens.saturating_sub(self.used.saturating_add(self.held))
+    }
+
+    /// True when the scope has a limit (it is not only counted).
+    pub fn is_limited(&self) -> bool {
+        self.limit.tokens != UNLIMITED
     }
 
     /// Drops the usage of slices that ended before the window.
@@ -69,6 +160,21 @@ impl Budget {
         }
     }
 
+    /// How long until `need` tokens are available, if the window rolling can bring them (holds
+    /// are assumed to stay).
+    fn frees_in(&self, need: u64, now_ms: u64) -> Option<u64> {
+        let Window::Rolling { ms } = self.limit.window else { return None };
+        let slice = (ms / SLICES).max(1);
+        let mut available = self.available();
+        for &(start, tokens) in &self.slices {
+            available = available.saturating_add(tokens);
+            if available >= need {
+                return Some(start.saturating_add(slice).saturating_add(ms).saturating_sub(now_ms).max(1));
+            }
+        }
+        None
+    }
+
     fn charge(&mut self, tokens: u64, now_ms: u64) {
         self.used = self.used.saturating_add(tokens);
         if let Window::Rolling { ms } = self.limit.window {
@@ -80,14 +186,89 @@ impl Budget {
             }
         }
     }
+
+    /// Percent of the limit used (0 without a limit).
+    fn percent(&self) -> u64 {
+        if !self.is_limited() || self.limit.tokens == 0 {
+            return if self.is_limited() { 100 } else { 0 };
+        }
+        u64::try_from(u128::from(self.used) * 100 / u128::from(self.limit.tokens)).unwrap_or(u64::MAX)
+    }
+}
+
+/// A shared rate limit: requests and tokens per window, over every caller in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rate {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub window_ms: u64,
+    /// No permits before this (a provider answered 429).
+    pub blocked_until: u64,
+    /// Permits in the window: when, how many tokens, which reservation.
+    log: VecDeque<(u64, u64, String)>,
+}
+
+impl Rate {
+    fn roll(&mut self, now_ms: u64) {
+        let keep = self.window_ms.saturating_add(RATE_MARGIN_MS);
+        while let Some((at, _, _)) = self.log.front() {
+            if at.saturating_add(keep) > now_ms {
+                break;
+            }
+            self.log.pop_front();
+        }
+    }
+
+    /// Permits granted in the window.
+    pub fn requests(&self) -> u64 {
+        u64::try_from(self.log.len()).unwrap_or(u64::MAX)
+    }
+
+    /// Tokens of the permits in the window.
+    pub fn tokens(&self) -> u64 {
+        self.log.iter().fold(0u64, |a, (_, t, _)| a.saturating_add(*t))
+    }
+
+    /// Tokens a permit may take now (`Ok`), or how long until one is possible (`Err`), or that
+    /// none is ever possible for `min` (`Err(None)`).
+    fn check(&mut self, min: u64, now_ms: u64) -> Result<u64, Option<u64>> {
+        self.roll(now_ms);
+        if self.blocked_until > now_ms {
+            return Err(Some(self.blocked_until - now_ms));
+        }
+        let keep = self.window_ms.saturating_add(RATE_MARGIN_MS);
+        let leaves = |at: u64| at.saturating_add(keep).saturating_sub(now_ms).max(1);
+        if let Some(rpm) = self.rpm
+            && self.requests() >= rpm
+        {
+            let n = usize::try_from(self.requests() - rpm).unwrap_or(0);
+            return Err(self.log.get(n).map(|(at, _, _)| leaves(*at)).or(Some(1)));
+        }
+        let Some(tpm) = self.tpm else { return Ok(UNLIMITED) };
+        if tpm < min {
+            return Err(None);
+        }
+        let available = tpm.saturating_sub(self.tokens());
+        if available >= min {
+            return Ok(available);
+        }
+        let mut freed = available;
+        for (at, t, _) in &self.log {
+            freed = freed.saturating_add(*t);
+            if freed >= min {
+                return Err(Some(leaves(*at)));
+            }
+        }
+        Err(Some(1))
+    }
 }
 
 /// A request to hold tokens for one model call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reserve {
     /// Idempotency key.
     pub id: String,
-    /// Every scope the call counts against; each must have a budget.
+    /// Every scope the call counts against.
     pub scopes: Vec<String>,
     /// Tokens wanted (the call's upper bound).
     pub want: u64,
@@ -95,6 +276,12 @@ pub struct Reserve {
     pub min: u64,
     /// How long the reservation lives unless committed or released.
     pub lease_ms: u64,
+    /// Limits (over the scope's life) of scopes to create if they have none.
+    pub limits: BTreeMap<String, u64>,
+    /// Model whose price the commit uses.
+    pub model: Option<String>,
+    /// Rate limits the call needs a permit of.
+    pub rates: Vec<String>,
 }
 
 /// What a granted reservation holds.
@@ -109,6 +296,14 @@ pub struct Grant {
 pub enum Refusal {
     #[error("budget {scope:?} has {available} tokens left, the call needs at least {min}")]
     Exhausted { scope: String, available: u64, min: u64 },
+    #[error(
+        "budget {scope:?} has {available} tokens left, the call needs at least {min}; its policy is to wait"
+    )]
+    Wait { scope: String, available: u64, min: u64, retry_after_ms: u64 },
+    #[error("no permit of rate limit {rate:?} now")]
+    RateLimited { rate: String, retry_after_ms: u64 },
+    #[error("budget {0:?} is closed")]
+    Closed(String),
     #[error("no budget is set for scope {0:?}")]
     UnknownScope(String),
     #[error("no reservation {0:?}")]
@@ -125,10 +320,12 @@ pub enum Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     /// Committed: `charged` tokens became usage; `over` is what the call used beyond its
-    /// reservation (not charged: the limit holds; reported so the caller can tighten its bounds).
+    /// reservation (not charged: the limit holds; reported so the caller can tighten its bounds);
+    /// `cost_nusd` what it cost, when its model has a price.
     Committed {
         charged: u64,
         over: u64,
+        cost_nusd: Option<u64>,
     },
     Released,
     Expired,
@@ -149,16 +346,62 @@ struct Reservation {
     request: Reserve,
     grant: Grant,
     end: Option<(End, u64)>,
+    /// The child budget a carve reservation made.
+    child: Option<String>,
+}
+
+/// A price: US dollars per million input and output tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+impl Price {
+    /// Cost in billionths of a dollar (a dollar per million tokens is a thousand per token).
+    fn cost_nusd(self, prompt: u64, completion: u64) -> u64 {
+        #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = (prompt as f64 * self.input_per_mtok + completion as f64 * self.output_per_mtok) * 1_000.0;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = n.round().max(0.0) as u64;
+        n
+    }
+}
+
+/// A budget event to report (see [`Ledger::alerts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// `warning`, `exhausted` or `refilled`.
+    pub kind: &'static str,
+    pub scope: String,
+    /// The threshold crossed (`warning`).
+    pub threshold: Option<u8>,
 }
 
 /// The ledger. See the module documentation.
 #[derive(Debug, Default)]
 pub struct Ledger {
     budgets: HashMap<String, Budget>,
+    /// Class defaults (`agent.*` → limit and rules).
+    defaults: HashMap<String, (Limit, Rules)>,
     reservations: HashMap<String, Reservation>,
-    /// How long an ended reservation is remembered, so a repeated operation still gets its first
-    /// answer.
+    rates: HashMap<String, Rate>,
+    prices: HashMap<String, Price>,
+    /// Scopes whose numbers changed since [`Self::alerts`] last looked.
+    touched: BTreeSet<String>,
+    /// How long an ended reservation (and a closed budget) is remembered, so a repeated
+    /// operation still gets its first answer.
     pub remember_ms: u64,
+}
+
+/// The class of a scope: what comes before its first dot (`agent` of `agent.a7`).
+pub fn class_of(scope: &str) -> &str {
+    scope.split_once('.').map_or(scope, |(c, _)| c)
+}
+
+/// True for a class default's name (`agent.*`).
+pub fn is_default(scope: &str) -> bool {
+    scope.ends_with(".*")
 }
 
 impl Ledger {
@@ -166,10 +409,38 @@ impl Ledger {
         Self { remember_ms, ..Default::default() }
     }
 
-    /// Sets or changes a scope's limit. Usage and holds stay; a limit below them only stops new
+    /// Sets or changes a scope's limit (or, for `<class>.*`, the default of every scope of the
+    /// class without a limit of its own). Usage and holds stay; a limit below them only stops new
     /// reservations.
     pub fn set_limit(&mut self, scope: &str, limit: Limit, now_ms: u64) {
-        let b = self.budgets.entry(scope.to_owned()).or_insert_with(|| Budget::new(limit));
+        let rules = self.budgets.get(scope).map(|b| b.rules.clone()).unwrap_or_default();
+        self.set(scope, limit, rules, now_ms);
+    }
+
+    /// [`Self::set_limit`] with a policy and warning thresholds.
+    pub fn set(&mut self, scope: &str, limit: Limit, rules: Rules, now_ms: u64) {
+        if is_default(scope) {
+            let class = scope.trim_end_matches(".*").to_owned();
+            self.defaults.insert(class.clone(), (limit, rules.clone()));
+            let inheriting: Vec<String> = self
+                .budgets
+                .iter()
+                .filter(|(s, b)| b.inherited && class_of(s) == class)
+                .map(|(s, _)| s.clone())
+                .collect();
+            for s in inheriting {
+                self.change(&s, limit, rules.clone(), true, now_ms);
+            }
+            return;
+        }
+        self.change(scope, limit, rules, false, now_ms);
+    }
+
+    fn change(&mut self, scope: &str, limit: Limit, rules: Rules, inherited: bool, now_ms: u64) {
+        self.touched.insert(scope.to_owned());
+        let b = self.budgets.entry(scope.to_owned()).or_insert_with(|| Budget::new(limit, rules.clone()));
+        b.rules = rules;
+        b.inherited = inherited;
         // Usage that has left the old window stays gone, whenever this is called.
         b.roll(now_ms);
         if b.limit.window != limit.window {
@@ -186,8 +457,14 @@ impl Ledger {
         b.limit = limit;
     }
 
+    /// A class default (`agent.*`).
+    pub fn default_of(&self, scope: &str) -> Option<&(Limit, Rules)> {
+        self.defaults.get(scope.trim_end_matches(".*"))
+    }
+
     /// A scope's budget as of `now_ms`.
     pub fn budget(&mut self, scope: &str, now_ms: u64) -> Option<&Budget> {
+        self.forget_scope_if_old(scope, now_ms);
         let b = self.budgets.get_mut(scope)?;
         b.roll(now_ms);
         Some(b)
@@ -198,9 +475,96 @@ impl Ledger {
         self.budgets.keys().map(String::as_str)
     }
 
+    /// Sets a shared rate limit.
+    pub fn set_rate(&mut self, key: &str, rpm: Option<u64>, tpm: Option<u64>, window_ms: u64) {
+        let r = self.rates.entry(key.to_owned()).or_insert_with(|| Rate {
+            rpm,
+            tpm,
+            window_ms,
+            blocked_until: 0,
+            log: VecDeque::new(),
+        });
+        r.rpm = rpm;
+        r.tpm = tpm;
+        r.window_ms = window_ms.max(1);
+    }
+
+    /// Holds back every permit of `key` until `until_ms` (a provider answered 429). Creates a
+    /// rate entry without limits if there was none, so the pause holds for callers of any limit.
+    pub fn backoff(&mut self, key: &str, until_ms: u64) {
+        let r = self.rates.entry(key.to_owned()).or_insert_with(|| Rate {
+            rpm: None,
+            tpm: None,
+            window_ms: 60_000,
+            blocked_until: 0,
+            log: VecDeque::new(),
+        });
+        r.blocked_until = r.blocked_until.max(until_ms);
+    }
+
+    /// A rate limit as of `now_ms`.
+    pub fn rate(&mut self, key: &str, now_ms: u64) -> Option<&Rate> {
+        let r = self.rates.get_mut(key)?;
+        r.roll(now_ms);
+        Some(r)
+    }
+
+    /// Sets a model's price.
+    pub fn set_price(&mut self, model: &str, price: Price) {
+        self.prices.insert(model.to_owned(), price);
+    }
+
+    /// A model's price.
+    pub fn price(&self, model: &str) -> Option<Price> {
+        self.prices.get(model).copied()
+    }
+
+    /// Forgets a closed budget once [`Self::remember_ms`] has passed since it closed (by its own
+    /// time, so a replay agrees).
+    fn forget_scope_if_old(&mut self, scope: &str, now_ms: u64) {
+        let keep = self.remember_ms;
+        if self
+            .budgets
+            .get(scope)
+            .and_then(|b| b.closed_ms)
+            .is_some_and(|at| at.saturating_add(keep) <= now_ms)
+        {
+            self.budgets.remove(scope);
+        }
+    }
+
+    /// What a scope would offer a reservation now: its own budget, or the one it would be created
+    /// with (from `limits`, its class default, or only counted).
+    fn offer(&mut self, scope: &str, limits: &BTreeMap<String, u64>, now_ms: u64) -> Result<Budget, Refusal> {
+        self.forget_scope_if_old(scope, now_ms);
+        if let Some(b) = self.budgets.get_mut(scope) {
+            if b.closed_ms.is_some() {
+                return Err(Refusal::Closed(scope.to_owned()));
+            }
+            b.roll(now_ms);
+            return Ok(b.clone());
+        }
+        Ok(self.fresh(scope, limits))
+    }
+
+    fn fresh(&self, scope: &str, limits: &BTreeMap<String, u64>) -> Budget {
+        if let Some(&tokens) = limits.get(scope) {
+            return Budget::new(Limit { tokens, window: Window::Total }, Rules::default());
+        }
+        match self.defaults.get(class_of(scope)) {
+            Some((limit, rules)) => {
+                let mut b = Budget::new(*limit, rules.clone());
+                b.inherited = true;
+                b
+            }
+            None => Budget::new(Limit::COUNTED, Rules::default()),
+        }
+    }
+
     /// Holds tokens in every scope of the request, as many as wanted or as are available in the
-    /// tightest scope, at least `min`; or refuses and holds nothing. A repeated request (same id)
-    /// gets the first grant while the reservation is open, and [`Refusal::Ended`] after.
+    /// tightest scope (and rate limit), at least `min`; or refuses and holds nothing. A repeated
+    /// request (same id) gets the first grant while the reservation is open, and
+    /// [`Refusal::Ended`] after.
     pub fn reserve(&mut self, req: Reserve, now_ms: u64) -> Result<Grant, Refusal> {
         self.forget_if_old(&req.id, now_ms);
         if let Some(r) = self.reservations.get(&req.id) {
@@ -217,29 +581,139 @@ impl Ledger {
             return Err(Refusal::Invalid);
         }
         let mut grant = req.want;
+        let mut fresh: Vec<(String, Budget)> = Vec::new();
         for scope in &req.scopes {
-            let b = self.budgets.get_mut(scope).ok_or_else(|| Refusal::UnknownScope(scope.clone()))?;
-            b.roll(now_ms);
+            let b = self.offer(scope, &req.limits, now_ms)?;
             let available = b.available();
             if available < req.min {
-                return Err(Refusal::Exhausted { scope: scope.clone(), available, min: req.min });
+                if let Some(own) = self.budgets.get_mut(scope)
+                    && !own.exhausted
+                {
+                    own.exhausted = true;
+                    self.touched.insert(scope.clone());
+                }
+                let scope = scope.clone();
+                return Err(match (b.rules.policy, b.limit.tokens >= req.min) {
+                    (Policy::Wait, true) => {
+                        let retry_after_ms = b.frees_in(req.min, now_ms).unwrap_or(WAIT_RETRY_MS);
+                        Refusal::Wait { scope, available, min: req.min, retry_after_ms }
+                    }
+                    _ => Refusal::Exhausted { scope, available, min: req.min },
+                });
             }
             grant = grant.min(available);
+            if !self.budgets.contains_key(scope) {
+                fresh.push((scope.clone(), b));
+            }
+        }
+        for key in &req.rates {
+            if let Some(rate) = self.rates.get_mut(key) {
+                match rate.check(req.min, now_ms) {
+                    Ok(available) => grant = grant.min(available),
+                    Err(Some(retry_after_ms)) => {
+                        return Err(Refusal::RateLimited { rate: key.clone(), retry_after_ms });
+                    }
+                    Err(None) => {
+                        return Err(Refusal::Exhausted {
+                            scope: format!("rate.{key}"),
+                            available: rate.tpm.unwrap_or_default(),
+                            min: req.min,
+                        });
+                    }
+                }
+            }
+        }
+        for (scope, b) in fresh {
+            self.budgets.insert(scope, b);
         }
         for scope in &req.scopes {
             if let Some(b) = self.budgets.get_mut(scope) {
                 b.held = b.held.saturating_add(grant);
             }
+            self.touched.insert(scope.clone());
+        }
+        for key in &req.rates {
+            if let Some(rate) = self.rates.get_mut(key) {
+                rate.log.push_back((now_ms, grant, req.id.clone()));
+            }
         }
         let g = Grant { tokens: grant, expires_ms: now_ms.saturating_add(req.lease_ms) };
-        self.reservations.insert(req.id.clone(), Reservation { request: req, grant: g, end: None });
+        self.reservations
+            .insert(req.id.clone(), Reservation { request: req, grant: g, end: None, child: None });
         Ok(g)
     }
 
+    /// Carves a child budget out of its parent's: holds exactly `tokens` in the parent scopes
+    /// (a reservation `id` that lives as long as `lease_ms`) and creates `child` with that limit.
+    /// Repeated, it answers the first grant.
+    pub fn carve(&mut self, mut req: Reserve, child: &str, now_ms: u64) -> Result<Grant, Refusal> {
+        req.min = req.want;
+        if let Some(r) = self.reservations.get(&req.id)
+            && r.child.as_deref() != Some(child)
+        {
+            return Err(Refusal::Mismatch(req.id));
+        }
+        let open_before = self.is_open(&req.id);
+        let id = req.id.clone();
+        let g = self.reserve(req, now_ms)?;
+        if !open_before {
+            if let Some(r) = self.reservations.get_mut(&id) {
+                r.child = Some(child.to_owned());
+            }
+            let mut b = Budget::new(Limit { tokens: g.tokens, window: Window::Total }, Rules::default());
+            b.carved_by = Some(id);
+            if let Some(old) = self.budgets.get(child) {
+                // Usage the child already had (it ran before being carved) stays its own.
+                b.used = old.used;
+                b.held = old.held;
+                b.cost_nusd = old.cost_nusd;
+            }
+            self.budgets.insert(child.to_owned(), b);
+            self.touched.insert(child.to_owned());
+        }
+        Ok(g)
+    }
+
+    /// Closes a task's budget: no more reservations; a carved one is settled with its parent
+    /// (what it used and still holds charged there, the rest refunded). Returns false if it was
+    /// closed already (nothing changed).
+    pub fn close(&mut self, scope: &str, now_ms: u64) -> Result<bool, Refusal> {
+        self.forget_scope_if_old(scope, now_ms);
+        let b = self.budgets.get_mut(scope).ok_or_else(|| Refusal::UnknownScope(scope.to_owned()))?;
+        if b.closed_ms.is_some() {
+            return Ok(false);
+        }
+        b.closed_ms = Some(now_ms);
+        let (carve, spent) = (b.carved_by.clone(), b.used.saturating_add(b.held));
+        if let Some(id) = carve
+            && self.is_open(&id)
+        {
+            let _ = self.settle(&id, spent, now_ms);
+        }
+        Ok(true)
+    }
+
+    /// Ends a carve reservation, charging the parent what the child spent.
+    fn settle(&mut self, id: &str, spent: u64, now_ms: u64) -> Result<End, Refusal> {
+        self.end(id, Some((spent, None)), now_ms)
+    }
+
     /// Turns what the call used into usage in every scope and gives the rest back. A repeated
-    /// commit gets the first answer.
+    /// commit gets the first answer. `prompt` is how many of `used` were input tokens (for the
+    /// price; without it all are priced as output).
     pub fn commit(&mut self, id: &str, used: u64, now_ms: u64) -> Result<End, Refusal> {
-        self.end(id, Some(used), now_ms)
+        self.end(id, Some((used, None)), now_ms)
+    }
+
+    /// [`Self::commit`] with the input tokens known.
+    pub fn commit_priced(
+        &mut self,
+        id: &str,
+        used: u64,
+        prompt: Option<u64>,
+        now_ms: u64,
+    ) -> Result<End, Refusal> {
+        self.end(id, Some((used, prompt)), now_ms)
     }
 
     /// Gives everything held back (the call was not made, or failed before using anything).
@@ -262,27 +736,48 @@ impl Ledger {
         }
     }
 
-    fn end(&mut self, id: &str, used: Option<u64>, now_ms: u64) -> Result<End, Refusal> {
+    fn end(&mut self, id: &str, used: Option<(u64, Option<u64>)>, now_ms: u64) -> Result<End, Refusal> {
         self.forget_if_old(id, now_ms);
         let r = self.reservations.get_mut(id).ok_or_else(|| Refusal::UnknownReservation(id.to_owned()))?;
         if let Some((end, _)) = r.end {
             let same = matches!((end, used), (End::Committed { .. }, Some(_)) | (End::Released, None));
             return if same { Ok(end) } else { Err(Refusal::Ended(id.to_owned(), end.name())) };
         }
-        let end = match used {
-            Some(u) => {
-                End::Committed { charged: u.min(r.grant.tokens), over: u.saturating_sub(r.grant.tokens) }
+        let cost = match (used, r.request.model.as_ref().and_then(|m| self.prices.get(m))) {
+            (Some((u, prompt)), Some(p)) => {
+                let prompt = prompt.unwrap_or(0).min(u);
+                Some(p.cost_nusd(prompt, u - prompt))
             }
+            _ => None,
+        };
+        let end = match used {
+            Some((u, _)) => End::Committed {
+                charged: u.min(r.grant.tokens),
+                over: u.saturating_sub(r.grant.tokens),
+                cost_nusd: cost,
+            },
             None => End::Released,
         };
         r.end = Some((end, now_ms));
-        let (scopes, held) = (r.request.scopes.clone(), r.grant.tokens);
+        let (scopes, rates, held) = (r.request.scopes.clone(), r.request.rates.clone(), r.grant.tokens);
         for scope in &scopes {
             if let Some(b) = self.budgets.get_mut(scope) {
                 b.held = b.held.saturating_sub(held);
                 b.roll(now_ms);
-                if let End::Committed { charged, .. } = end {
+                if let End::Committed { charged, cost_nusd, .. } = end {
                     b.charge(charged, now_ms);
+                    b.cost_nusd = b.cost_nusd.saturating_add(cost_nusd.unwrap_or(0));
+                }
+                self.touched.insert(scope.clone());
+            }
+        }
+        // The permit's tokens become what the call really used.
+        if let End::Committed { charged, .. } = end {
+            for key in &rates {
+                if let Some(rate) = self.rates.get_mut(key)
+                    && let Some(entry) = rate.log.iter_mut().find(|(_, _, rid)| rid == id)
+                {
+                    entry.1 = charged;
                 }
             }
         }
@@ -290,7 +785,8 @@ impl Ledger {
     }
 
     /// Releases the reservations whose lease ran out (a dead runner's), and forgets ended ones
-    /// older than [`Self::remember_ms`]. Returns the ids it released.
+    /// older than [`Self::remember_ms`]. A carve reservation that runs out is settled like a
+    /// closed child (its usage charged, its budget closed). Returns the ids it ended.
     pub fn expire(&mut self, now_ms: u64) -> Vec<String> {
         let due: Vec<String> = self
             .reservations
@@ -299,15 +795,64 @@ impl Ledger {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &due {
-            if self.end(id, None, now_ms).is_ok()
-                && let Some(r) = self.reservations.get_mut(id)
-            {
+            let child = self.reservations.get(id).and_then(|r| r.child.clone());
+            let spent =
+                child.as_ref().and_then(|c| self.budgets.get(c)).map(|b| b.used.saturating_add(b.held));
+            let ended = match spent {
+                Some(spent) => self.settle(id, spent, now_ms).is_ok(),
+                None => self.end(id, None, now_ms).is_ok(),
+            };
+            if let Some(c) = child.and_then(|c| self.budgets.get_mut(&c)) {
+                c.closed_ms.get_or_insert(now_ms);
+            }
+            if ended && let Some(r) = self.reservations.get_mut(id) {
                 r.end = Some((End::Expired, now_ms));
             }
         }
         let keep = self.remember_ms;
         self.reservations.retain(|_, r| r.end.is_none_or(|(_, at)| at.saturating_add(keep) > now_ms));
+        self.budgets.retain(|_, b| b.closed_ms.is_none_or(|at| at.saturating_add(keep) > now_ms));
+        // Rolling windows may have freed usage: look again at the scopes that reported.
+        let rolling: Vec<String> = self
+            .budgets
+            .iter()
+            .filter(|(_, b)| {
+                (b.alerted > 0 || b.exhausted) && matches!(b.limit.window, Window::Rolling { .. })
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        self.touched.extend(rolling);
         due
+    }
+
+    /// Budget events since the last call: a warning threshold crossed, a budget exhausted (a
+    /// reservation refused for want of tokens), a budget refilled (below its thresholds again
+    /// after one of those).
+    pub fn alerts(&mut self, now_ms: u64) -> Vec<Alert> {
+        let mut out = Vec::new();
+        for scope in std::mem::take(&mut self.touched) {
+            let Some(b) = self.budgets.get_mut(&scope) else { continue };
+            if !b.is_limited() {
+                continue;
+            }
+            b.roll(now_ms);
+            let pct = b.percent();
+            let level = b.rules.warn_at.iter().copied().filter(|w| u64::from(*w) <= pct).max().unwrap_or(0);
+            if b.exhausted && !b.exhausted_reported {
+                b.exhausted_reported = true;
+                out.push(Alert { kind: "exhausted", scope: scope.clone(), threshold: None });
+            }
+            if level > b.alerted {
+                b.alerted = level;
+                out.push(Alert { kind: "warning", scope: scope.clone(), threshold: Some(level) });
+            } else if level < b.alerted {
+                b.alerted = level;
+                b.exhausted = false;
+                b.exhausted_reported = false;
+                out.push(Alert { kind: "refilled", scope: scope.clone(), threshold: None });
+            }
+        }
+        out
     }
 
     /// True while the reservation `id` holds tokens.
@@ -334,6 +879,7 @@ mod tests {
             want,
             min,
             lease_ms: 30_000,
+            ..Default::default()
         }
     }
 
@@ -358,11 +904,17 @@ mod tests {
             Err(Refusal::Exhausted { scope: "task.t".into(), available: 0, min: 100 })
         );
         // Used 300 of 800: the rest comes back.
-        assert_eq!(l.commit("c1", 300, 1).unwrap(), End::Committed { charged: 300, over: 0 });
+        assert_eq!(
+            l.commit("c1", 300, 1).unwrap(),
+            End::Committed { charged: 300, over: 0, cost_nusd: None }
+        );
         let t = l.budget("task.t", 1).unwrap();
         assert_eq!((t.used, t.held, t.available()), (300, 200, 500));
         // Repeated operations change nothing and answer as the first time.
-        assert_eq!(l.commit("c1", 999, 2).unwrap(), End::Committed { charged: 300, over: 0 });
+        assert_eq!(
+            l.commit("c1", 999, 2).unwrap(),
+            End::Committed { charged: 300, over: 0, cost_nusd: None }
+        );
         assert_eq!(l.reserve(req("c2", &["task.t", "agent.a"], 800, 100), 2).unwrap().tokens, 200);
         // An ended reservation's key cannot hold again (a re-run call needs a new key).
         assert!(matches!(
@@ -383,10 +935,12 @@ mod tests {
             Err(Refusal::Exhausted { .. })
         ));
         assert_eq!(l.budget("agent.a", 0).unwrap().held, 0);
-        assert_eq!(
-            l.reserve(req("u", &["agent.a", "nobody"], 5, 1), 0),
-            Err(Refusal::UnknownScope("nobody".into()))
-        );
+        // A scope with no limit anywhere is only counted; a refused reservation creates none.
+        assert!(l.budget("tenant.y", 0).is_none());
+        let mut r = req("u", &["agent.a", "tenant.y", "tenant.x"], 500, 100);
+        r.limits.insert("tenant.y".into(), 10);
+        assert!(l.reserve(r, 0).is_err());
+        assert!(l.budget("tenant.y", 0).is_none());
         assert_eq!(l.budget("agent.a", 0).unwrap().held, 0);
     }
 
@@ -394,7 +948,10 @@ mod tests {
     fn usage_beyond_the_reservation_is_reported_not_charged() {
         let mut l = ledger();
         l.reserve(req("c", &["task.t"], 100, 100), 0).unwrap();
-        assert_eq!(l.commit("c", 130, 0).unwrap(), End::Committed { charged: 100, over: 30 });
+        assert_eq!(
+            l.commit("c", 130, 0).unwrap(),
+            End::Committed { charged: 100, over: 30, cost_nusd: None }
+        );
         assert_eq!(l.budget("task.t", 0).unwrap().used, 100);
     }
 
@@ -429,15 +986,124 @@ mod tests {
         // The parent has 10,000; the child gets 4,000 of them and uses 1,500.
         let mut l = Ledger::new(600_000);
         l.set_limit("task.parent", Limit { tokens: 10_000, window: Window::Total }, 0);
-        let carved = l.reserve(req("child:c", &["task.parent"], 4_000, 4_000), 0).unwrap();
-        l.set_limit("task.c", Limit { tokens: carved.tokens, window: Window::Total }, 0);
+        let carved = l.carve(req("carve:c", &["task.parent"], 4_000, 1), "task.c", 0).unwrap();
+        assert_eq!(carved.tokens, 4_000);
+        // Repeated (a re-run parent), nothing more is carved.
+        assert_eq!(l.carve(req("carve:c", &["task.parent"], 4_000, 1), "task.c", 1).unwrap(), carved);
         assert_eq!(l.budget("task.parent", 0).unwrap().available(), 6_000);
+        assert_eq!(l.budget("task.c", 0).unwrap().limit.tokens, 4_000);
         l.reserve(req("c-call", &["task.c"], 4_000, 1), 0).unwrap();
+        assert!(matches!(l.reserve(req("c-call2", &["task.c"], 10, 1), 0), Err(Refusal::Exhausted { .. })));
         l.commit("c-call", 1_500, 0).unwrap();
         // The child ends: what it used is charged to the parent, the rest comes back.
-        let used = l.budget("task.c", 0).unwrap().used;
-        l.commit("child:c", used, 0).unwrap();
-        assert_eq!(l.budget("task.parent", 0).unwrap().available(), 8_500);
+        assert!(l.close("task.c", 1).unwrap());
+        assert!(!l.close("task.c", 2).unwrap(), "closing again changes nothing");
+        let p = l.budget("task.parent", 2).unwrap();
+        assert_eq!((p.used, p.held, p.available()), (1_500, 0, 8_500));
+        assert!(matches!(l.reserve(req("late", &["task.c"], 10, 1), 3), Err(Refusal::Closed(_))));
+        // More than the parent has left cannot be carved.
+        assert!(matches!(
+            l.carve(req("carve:d", &["task.parent"], 9_000, 1), "task.d", 3),
+            Err(Refusal::Exhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_carve_whose_lease_runs_out_charges_what_the_child_used() {
+        let mut l = Ledger::new(600_000);
+        l.set_limit("task.p", Limit { tokens: 1_000, window: Window::Total }, 0);
+        l.carve(req("carve:c", &["task.p"], 600, 1), "task.c", 0).unwrap();
+        l.reserve(req("x", &["task.c"], 200, 1), 0).unwrap();
+        l.commit("x", 200, 0).unwrap();
+        assert_eq!(l.expire(30_000), ["carve:c"]);
+        let p = l.budget("task.p", 30_000).unwrap();
+        assert_eq!((p.used, p.held), (200, 0));
+        assert!(l.budget("task.c", 30_000).unwrap().closed_ms.is_some());
+    }
+
+    #[test]
+    fn scopes_take_their_class_default_follow_its_changes_or_are_only_counted() {
+        let mut l = Ledger::new(600_000);
+        let hour = Limit { tokens: 100, window: Window::Rolling { ms: HOUR } };
+        l.set("agent.*", hour, Rules { policy: Policy::Wait, warn_at: vec![50] }, 0);
+        l.reserve(req("a", &["agent.x", "tenant.t", "model.m"], 80, 1), 0).unwrap();
+        assert_eq!(l.budget("agent.x", 0).unwrap().limit, hour);
+        assert!(!l.budget("tenant.t", 0).unwrap().is_limited());
+        l.commit("a", 80, 0).unwrap();
+        assert_eq!(l.budget("tenant.t", 0).unwrap().used, 80);
+        // The agent's policy is to wait: the refusal says for how long.
+        match l.reserve(req("b", &["agent.x"], 50, 50), 1_000) {
+            Err(Refusal::Wait { retry_after_ms, .. }) => {
+                assert_eq!(retry_after_ms, HOUR + HOUR / SLICES - 1_000);
+            }
+            other => panic!("expected a wait, got {other:?}"),
+        }
+        // Raising the default raises every agent that inherits it.
+        l.set("agent.*", Limit { tokens: 200, ..hour }, Rules::default(), 2_000);
+        assert_eq!(l.reserve(req("b", &["agent.x"], 50, 50), 2_000).unwrap().tokens, 50);
+    }
+
+    #[test]
+    fn rate_limits_count_requests_and_tokens_in_their_window() {
+        let mut l = Ledger::new(600_000);
+        l.set_rate("openai/m", Some(2), Some(1_000), 60_000);
+        let with_rate = |id: &str, want: u64| Reserve {
+            rates: vec!["openai/m".into()],
+            ..req(id, &["tenant.t"], want, 10)
+        };
+        assert_eq!(l.reserve(with_rate("1", 600), 0).unwrap().tokens, 600);
+        // Only 400 tokens of the minute are left: the grant is capped there.
+        assert_eq!(l.reserve(with_rate("2", 600), 10).unwrap().tokens, 400);
+        match l.reserve(with_rate("3", 100), 20) {
+            Err(Refusal::RateLimited { retry_after_ms, .. }) => assert_eq!(retry_after_ms, 61_000 - 20),
+            other => panic!("expected a rate refusal, got {other:?}"),
+        }
+        // A commit turns the permit's tokens into what was used; the requests still count.
+        l.commit("1", 100, 30).unwrap();
+        assert_eq!(l.rate("openai/m", 30).unwrap().tokens(), 500);
+        assert!(matches!(l.reserve(with_rate("3", 100), 40), Err(Refusal::RateLimited { .. })));
+        assert_eq!(l.reserve(with_rate("3", 100), 61_000).unwrap().tokens, 100);
+        // A 429 holds every permit back until its time.
+        l.backoff("openai/m", 200_000);
+        assert!(matches!(
+            l.reserve(with_rate("4", 100), 190_000),
+            Err(Refusal::RateLimited { retry_after_ms: 10_000, .. })
+        ));
+        assert!(l.reserve(with_rate("4", 100), 200_000).is_ok());
+    }
+
+    #[test]
+    fn commits_are_priced_per_model_in_every_scope() {
+        let mut l = Ledger::new(600_000);
+        l.set_price("m", Price { input_per_mtok: 0.15, output_per_mtok: 0.60 });
+        let r = Reserve { model: Some("m".into()), ..req("c", &["task.t", "agent.a"], 3_000, 1) };
+        l.reserve(r, 0).unwrap();
+        // 1,000 input tokens at $0.15/M and 2,000 output tokens at $0.60/M: $0.00135.
+        match l.commit_priced("c", 3_000, Some(1_000), 0).unwrap() {
+            End::Committed { cost_nusd, .. } => assert_eq!(cost_nusd, Some(1_350_000)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.budget("agent.a", 0).unwrap().cost_nusd, 1_350_000);
+    }
+
+    #[test]
+    fn thresholds_exhaustion_and_refills_are_reported_once_each() {
+        let mut l = Ledger::new(600_000);
+        let limit = Limit { tokens: 100, window: Window::Rolling { ms: 60_000 } };
+        l.set("agent.a", limit, Rules { policy: Policy::Fail, warn_at: vec![50, 80] }, 0);
+        assert!(l.alerts(0).is_empty());
+        l.reserve(req("1", &["agent.a"], 60, 1), 0).unwrap();
+        l.commit("1", 60, 0).unwrap();
+        let kinds = |a: Vec<Alert>| a.into_iter().map(|a| (a.kind, a.threshold)).collect::<Vec<_>>();
+        assert_eq!(kinds(l.alerts(0)), [("warning", Some(50))]);
+        l.reserve(req("2", &["agent.a"], 40, 1), 0).unwrap();
+        l.commit("2", 40, 0).unwrap();
+        assert!(l.reserve(req("3", &["agent.a"], 10, 10), 0).is_err());
+        assert_eq!(kinds(l.alerts(0)), [("exhausted", None), ("warning", Some(80))]);
+        assert!(l.reserve(req("4", &["agent.a"], 10, 10), 0).is_err());
+        assert!(l.alerts(0).is_empty(), "reported once");
+        l.expire(62_000);
+        assert_eq!(kinds(l.alerts(62_000)), [("refilled", None)]);
     }
 
     #[test]

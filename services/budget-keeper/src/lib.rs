@@ -1,7 +1,9 @@
-//! The budget-keeper: owns the budgets bucket (ensured at start), answers health requests and
-//! serves token budgets ([`service`]: reserve, commit, release, set, show on `<p>.budget.<op>`)
-//! from its [`ledger`], every change recorded in the ledger stream first.
+//! The budget-keeper: owns the budgets bucket (the active keeper's lease, [`leader`]) and the
+//! ledger stream (both ensured at start), answers health requests and, while active, serves
+//! token budgets, rate limits and prices ([`service`] on `<p>.budget.<op>`) from its [`ledger`],
+//! every change recorded in the ledger stream first.
 
+pub mod leader;
 pub mod ledger;
 pub mod service;
 
@@ -14,11 +16,21 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 /// Budget-keeper settings (`[budget_keeper]`, `FLOTILLA_BUDGET_KEEPER__*`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
-    /// Replicas of the budgets bucket.
+    /// Replicas of the budgets bucket and the ledger stream.
     pub replicas: Option<usize>,
+    /// Length of the active keeper's lease: a standby takes over this long after the active
+    /// keeper died.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { replicas: None, lease: service::Settings::default().lease }
+    }
 }
 
 /// Ensures the budgets bucket and serves health until `shutdown`.
@@ -43,6 +55,7 @@ pub async fn run(
         },
     )
     .await?;
+    let lease_store = store.clone();
     let store = Arc::new(store);
     let health = flotilla_service::health::serve(
         fleet.clone(),
@@ -67,7 +80,8 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("failed to ensure the ledger stream: {e}"))?;
     tracing::info!(bucket = %bucket, "budget-keeper ready");
-    let served = service::serve(fleet, shutdown.clone()).await;
+    let settings = service::Settings { lease: config.lease };
+    let served = service::serve(fleet, lease_store, settings, shutdown.clone()).await;
     shutdown.cancel();
     let _ = health.await;
     served

@@ -1,38 +1,66 @@
-//! The budget service: `reserve`, `commit`, `release`, `set` and `show` on `<p>.budget.<op>`
-//! (a NATS micro service, `flotilla-budget`), answered from the [`Ledger`]. Every change is
-//! recorded in the ledger stream and stored before it is answered; on start the ledger is
-//! rebuilt by replaying that stream. Requests that arrive together are decided together and
-//! their entries written together (one round trip for the batch), which is what lets one hot
-//! budget take more reservations per second than there are round trips.
+//! The budget service: `reserve`, `commit`, `release`, `set`, `show`, `carve`, `close`, `rate`,
+//! `backoff` and `price` on `<p>.budget.<op>` (a NATS micro service, `flotilla-budget`),
+//! answered from the [`Ledger`] by the keeper that holds the lease ([`crate::leader`]). Every
+//! change is recorded in the ledger stream, fenced by the stream's last sequence, and stored
+//! before it is answered; on taking the lease the ledger is rebuilt by replaying that stream.
+//! Requests that arrive together are decided together and their entries written together (one
+//! round trip for the batch), which is what lets one hot budget take more reservations per
+//! second than there are round trips. A reservation that needs a permit of a rate limit with
+//! none free waits here, in priority order, until one is (or answers `rate_limited` after
+//! [`MAX_WAIT`]).
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::kv;
 use async_nats::service::ServiceExt as _;
 use async_nats::service::endpoint::Endpoint;
 use bytes::Bytes;
 use flotilla_protocol::{
-    BudgetReply, BudgetRequest, BudgetStatus, ErrorInfo, LedgerEntry, WireFormat, codec, headers,
-    time::now_ms,
+    BudgetReply, BudgetRequest, BudgetStatus, ErrorInfo, LedgerEntry, Priority, RateStatus, WireFormat,
+    codec, headers, time::now_ms,
 };
 use flotilla_service::Fleet;
-use flotilla_service::nats::Pending;
+use flotilla_service::nats::{FleetError, Pending};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::ledger::{End, Grant, Ledger, Limit, Refusal, Reserve, Window};
+use crate::ledger::{
+    Alert, End, Grant, Ledger, Limit, Policy, Price, Refusal, Reserve, Rules, UNLIMITED, Window, is_default,
+};
 
 /// Operations the service answers.
-pub const OPS: [&str; 5] = ["reserve", "commit", "release", "set", "show"];
+pub const OPS: [&str; 10] =
+    ["reserve", "commit", "release", "set", "show", "carve", "close", "rate", "backoff", "price"];
 /// Most requests decided in one batch.
-const BATCH: usize = 256;
+const BATCH: usize = 512;
 /// How long an ended reservation is remembered for repeated operations.
 const REMEMBER_MS: u64 = 15 * 60 * 1000;
 /// Lease of a reservation whose request names none.
 const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
+/// Longest a reservation waits here for a rate permit before it is answered `rate_limited` (the
+/// caller asks again; a NATS request should not wait much longer).
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+/// How often waiting reservations are looked at again.
+const WAIT_POLL: Duration = Duration::from_millis(25);
 
-/// Replays the ledger stream into a fresh ledger.
+/// What a keeper needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Length of the leader lease.
+    pub lease: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { lease: Duration::from_secs(3) }
+    }
+}
+
+/// Replays the ledger stream into a fresh ledger; returns it with the stream's last sequence.
 pub async fn rebuild(fleet: &Fleet) -> anyhow::Result<(Ledger, u64)> {
     let mut ledger = Ledger::new(REMEMBER_MS);
     let mut stream =
@@ -48,14 +76,12 @@ pub async fn rebuild(fleet: &Fleet) -> anyhow::Result<(Ledger, u64)> {
         .messages()
         .await
         .context("failed to replay the ledger")?;
-    let mut n = 0;
     while let Some(msg) = msgs.next().await {
         let msg = msg.context("ledger replay failed")?;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
         match codec::decode::<LedgerEntry>(None, &msg.payload) {
             Ok(e) => {
                 apply(&mut ledger, &e.op, &e.request, e.at_ms);
-                n += 1;
             }
             Err(e) => tracing::error!(seq, error = %e, "unreadable ledger entry skipped"),
         }
@@ -63,17 +89,106 @@ pub async fn rebuild(fleet: &Fleet) -> anyhow::Result<(Ledger, u64)> {
             break;
         }
     }
-    Ok((ledger, n))
+    // Bring the reporting state up to date without reporting again what was reported before.
+    let _ = ledger.alerts(now_ms());
+    Ok((ledger, last))
 }
 
-/// Serves budget requests until `shutdown`.
-pub async fn serve(fleet: Fleet, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (mut ledger, replayed) = rebuild(&fleet).await?;
-    tracing::info!(replayed, scopes = ledger.scopes().count(), "budget ledger rebuilt");
+/// Serves budget requests while this keeper holds the lease, until `shutdown`.
+pub async fn serve(
+    fleet: Fleet,
+    store: kv::Store,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let me = fleet.instance.clone();
+    loop {
+        let Some(held) = crate::leader::acquire(&store, &me, settings.lease, &shutdown).await else {
+            return Ok(());
+        };
+        let lost = shutdown.child_token();
+        let keeper =
+            tokio::spawn(crate::leader::keep(store.clone(), me.clone(), settings.lease, held, lost.clone()));
+        let result = serve_as_leader(&fleet, &lost).await;
+        let resigning = shutdown.is_cancelled();
+        lost.cancel();
+        let _ = keeper.await;
+        match result {
+            Ok(()) if resigning => {
+                crate::leader::resign(&store, &me).await;
+                return Ok(());
+            }
+            Ok(()) => tracing::warn!("no longer the active budget-keeper"),
+            Err(e) => {
+                tracing::error!(error = %e, "budget-keeper stepped down");
+                // Let another keeper try before this one does again.
+                crate::leader::resign(&store, &me).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(settings.lease) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A request waiting for a rate permit.
+struct Waiter {
+    item: Item,
+    priority: Priority,
+    since: Instant,
+    order: u64,
+}
+
+/// One request: its operation, the request itself, its decoded body and its wire format.
+struct Item {
+    op: &'static str,
+    req: async_nats::service::Request,
+    body: Result<BudgetRequest, BudgetReply>,
+    format: WireFormat,
+}
+
+/// A decided request, its answer and the entry that records it.
+struct Decided {
+    req: async_nats::service::Request,
+    reply: BudgetReply,
+    entry: Option<LedgerEntry>,
+    format: WireFormat,
+}
+
+/// The active keeper's state.
+struct Keeper<'a> {
+    fleet: &'a Fleet,
+    ledger: Ledger,
+    /// The ledger stream's last sequence as this keeper knows it (the fence of its next write).
+    last_seq: u64,
+    waiters: Vec<Waiter>,
+    order: u64,
+}
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error("another budget-keeper wrote to the ledger")]
+    Fenced,
+}
+
+async fn serve_as_leader(fleet: &Fleet, lost: &CancellationToken) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (ledger, last_seq) = rebuild(fleet).await?;
+    tracing::info!(
+        entries = last_seq,
+        scopes = ledger.scopes().count(),
+        took_ms = started.elapsed().as_millis(),
+        "active budget-keeper: ledger rebuilt"
+    );
+    let mut keeper = Keeper { fleet, ledger, last_seq, waiters: Vec::new(), order: 0 };
     let svc = fleet
         .client
         .service_builder()
-        .description("Flotilla budgets: reserve, commit, release, set, show")
+        .description(
+            "Flotilla budgets: reserve, commit, release, set, show, carve, close, rate, backoff, price",
+        )
         .start("flotilla-budget", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("failed to start the budget micro service: {e}"))?;
@@ -92,14 +207,24 @@ pub async fn serve(fleet: Fleet, shutdown: CancellationToken) -> anyhow::Result<
     let mut requests = futures::stream::select_all(endpoints);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let mut poll = tokio::time::interval(WAIT_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
         let first = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = lost.cancelled() => break Ok(()),
             _ = tick.tick() => {
-                expire(&fleet, &mut ledger).await;
+                if let Err(e) = keeper.round(Vec::new(), true).await {
+                    break Err(e);
+                }
                 continue;
             }
-            r = requests.next() => match r { Some(r) => r, None => break },
+            _ = poll.tick(), if !keeper.waiters.is_empty() => {
+                if let Err(e) = keeper.round(Vec::new(), false).await {
+                    break Err(e);
+                }
+                continue;
+            }
+            r = requests.next() => match r { Some(r) => r, None => break Ok(()) },
         };
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -108,166 +233,259 @@ pub async fn serve(fleet: Fleet, shutdown: CancellationToken) -> anyhow::Result<
                 _ => break,
             }
         }
-        handle_batch(&fleet, &mut ledger, batch).await;
-    }
+        let items = batch.into_iter().map(|(op, req)| item(op, req)).collect();
+        if let Err(e) = keeper.round(items, false).await {
+            break Err(e);
+        }
+    };
+    // Stop taking requests before anything else: a standby answers them from now on.
     let _ = svc.stop().await;
-    Ok(())
+    for w in std::mem::take(&mut keeper.waiters) {
+        respond(w.item.req, w.item.format, refused("unavailable", "the budget-keeper is handing over")).await;
+    }
+    result.map_err(anyhow::Error::from)
 }
 
-/// Decides a batch, writes its ledger entries (all sent, then all acks awaited), then answers.
-/// If an entry could not be stored, that request and every later one of the batch are answered
-/// `unavailable` (the caller retries with the same key) and the ledger is rebuilt from the
-/// stream.
-#[tracing::instrument(skip_all, fields(n = batch.len()))]
-async fn handle_batch(
-    fleet: &Fleet,
-    ledger: &mut Ledger,
-    batch: Vec<(&'static str, async_nats::service::Request)>,
-) {
-    let mut answers: Vec<(async_nats::service::Request, BudgetReply, Option<Pending>, WireFormat)> =
-        Vec::with_capacity(batch.len());
-    let mut lost = false;
-    // Index of the first request whose change could not be sent.
-    let mut lost_at: Option<usize> = None;
-    for (op, req) in batch {
-        if lost {
-            // Decisions after a change that was not recorded could depend on it: answered
-            // unavailable (the caller retries with the same key, after the rebuild).
-            answers.push((
-                req,
-                refused("unavailable", "the ledger could not be written"),
-                None,
-                WireFormat::Json,
-            ));
-            continue;
-        }
-        let ct = req
-            .message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::CONTENT_TYPE))
-            .map(|v| v.as_str().to_owned());
-        let format = if codec::is_json(ct.as_deref(), &req.message.payload) {
-            WireFormat::Json
-        } else {
-            WireFormat::Msgpack
-        };
+fn item(op: &'static str, req: async_nats::service::Request) -> Item {
+    let ct = req
+        .message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CONTENT_TYPE))
+        .map(|v| v.as_str().to_owned());
+    let format = if codec::is_json(ct.as_deref(), &req.message.payload) {
+        WireFormat::Json
+    } else {
+        WireFormat::Msgpack
+    };
+    let body = codec::decode::<BudgetRequest>(ct.as_deref(), &req.message.payload)
+        .map_err(|e| refused(e.reason.code(), e.message));
+    Item { op, req, body, format }
+}
+
+impl Keeper<'_> {
+    /// One round: decides the new requests (a reservation that must wait for a rate permit
+    /// joins the waiters), then the waiters in priority order, expires leases when `expire`,
+    /// writes every change (and budget event) in one go, and answers.
+    #[tracing::instrument(skip_all, fields(new = items.len(), waiting = self.waiters.len()))]
+    async fn round(&mut self, items: Vec<Item>, expire: bool) -> Result<(), Stop> {
         let now = now_ms();
-        let (reply, entry) = match codec::decode::<BudgetRequest>(ct.as_deref(), &req.message.payload) {
-            Err(e) => (refused(e.reason.code(), e.message), None),
-            Ok(r) => {
-                let (reply, changed) = apply(ledger, op, &r, now);
-                let entry = changed.then(|| LedgerEntry {
-                    op: op.to_owned(),
-                    at_ms: now,
-                    request: r.clone(),
-                    reply: reply.clone(),
-                });
-                (reply, entry)
+        let mut decided: Vec<Decided> = Vec::with_capacity(items.len());
+        let mut entries_only: Vec<LedgerEntry> = Vec::new();
+        // Rate limits with waiters: a newcomer queues behind them, whatever its priority (the
+        // waiters are sorted below).
+        let waiting: HashSet<String> = self
+            .waiters
+            .iter()
+            .filter_map(|w| w.item.body.as_ref().ok())
+            .flat_map(|b| b.rates.clone())
+            .collect();
+        for it in items {
+            let body = match &it.body {
+                Ok(b) => b,
+                Err(reply) => {
+                    let reply = reply.clone();
+                    decided.push(Decided { req: it.req, reply, entry: None, format: it.format });
+                    continue;
+                }
+            };
+            if it.op == "reserve" && body.rates.iter().any(|r| waiting.contains(r)) {
+                self.wait(it);
+                continue;
             }
-        };
-        let pending = match entry {
-            None => None,
-            Some(e) => {
-                let msg_id = e.request.id.as_ref().map(|id| format!("{op}:{id}"));
-                match fleet.send_durable(fleet.names.ledger_subject(op), &e, msg_id.as_deref()).await {
-                    Ok(p) => Some(p),
-                    Err(err) => {
-                        // Decided in memory but not recorded: rebuilt away after the batch (not
-                        // now, while other entries of the batch are on their way).
-                        tracing::error!(error = %err, "failed to record a budget change");
-                        lost_at.get_or_insert(answers.len());
-                        answers.push((
-                            req,
-                            refused("unavailable", "the ledger could not be written"),
-                            None,
-                            format,
-                        ));
-                        lost = true;
-                        continue;
-                    }
+            let (mut reply, changed) = apply(&mut self.ledger, it.op, body, now);
+            if is_code(&reply, "rate_limited") {
+                self.wait(it);
+                continue;
+            }
+            if let Some(rate) = reply.rate.as_mut() {
+                rate.waiting = self
+                    .waiters
+                    .iter()
+                    .filter(|w| w.item.body.as_ref().is_ok_and(|b| b.rates.contains(&rate.rate)))
+                    .count() as u64;
+            }
+            let entry = changed.then(|| LedgerEntry {
+                op: it.op.to_owned(),
+                at_ms: now,
+                request: body.clone(),
+                reply: reply.clone(),
+            });
+            decided.push(Decided { req: it.req, reply, entry, format: it.format });
+        }
+        self.decide_waiters(now, &mut decided);
+        if expire {
+            for id in self.ledger.expire(now) {
+                tracing::info!(reservation = %id, "reservation lease ran out; tokens released");
+                entries_only.push(LedgerEntry {
+                    op: "expire".to_owned(),
+                    at_ms: now,
+                    request: BudgetRequest { id: Some(id), ..Default::default() },
+                    reply: BudgetReply::default(),
+                });
+            }
+        }
+        for alert in self.ledger.alerts(now) {
+            entries_only.push(self.alert_entry(&alert, now));
+        }
+        self.record_and_answer(decided, entries_only).await
+    }
+
+    fn wait(&mut self, item: Item) {
+        let priority = item.body.as_ref().ok().and_then(|b| b.priority).unwrap_or_default();
+        self.order += 1;
+        self.waiters.push(Waiter { item, priority, since: Instant::now(), order: self.order });
+    }
+
+    /// Gives waiting reservations their permits, most urgent first; once one waiter of a rate
+    /// limit cannot have a permit, no later one of that limit gets one in this round.
+    fn decide_waiters(&mut self, now: u64, decided: &mut Vec<Decided>) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        self.waiters.sort_by_key(|w| (w.priority, w.order));
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut still = Vec::new();
+        for w in std::mem::take(&mut self.waiters) {
+            let Ok(body) = &w.item.body else { continue };
+            if body.rates.iter().any(|r| blocked.contains(r)) {
+                still.push(w);
+                continue;
+            }
+            let (mut reply, changed) = apply(&mut self.ledger, w.item.op, body, now);
+            if is_code(&reply, "rate_limited") {
+                blocked.extend(body.rates.iter().cloned());
+                if w.since.elapsed() < MAX_WAIT {
+                    still.push(w);
+                    continue;
+                }
+                reply.error = Some(ErrorInfo::new(
+                    "rate_limited",
+                    format!("no rate permit within {} s; ask again", MAX_WAIT.as_secs()),
+                ));
+            }
+            let entry = changed.then(|| LedgerEntry {
+                op: w.item.op.to_owned(),
+                at_ms: now,
+                request: body.clone(),
+                reply: reply.clone(),
+            });
+            decided.push(Decided { req: w.item.req, reply, entry, format: w.item.format });
+        }
+        self.waiters = still;
+    }
+
+    fn alert_entry(&mut self, alert: &Alert, now: u64) -> LedgerEntry {
+        let budget = status(&mut self.ledger, &alert.scope, now);
+        let pct = alert.threshold.map(|t| format!(" ({t} %)")).unwrap_or_default();
+        tracing::warn!(scope = %alert.scope, kind = alert.kind, "budget {}{pct}", alert.kind);
+        LedgerEntry {
+            op: alert.kind.to_owned(),
+            at_ms: now,
+            request: BudgetRequest {
+                scope: Some(alert.scope.clone()),
+                warn_at: alert.threshold.map(|t| vec![t]),
+                ..Default::default()
+            },
+            reply: BudgetReply { budget, ..Default::default() },
+        }
+    }
+
+    /// Writes the round's entries (all sent, each fenced by the sequence before it, then all
+    /// acks awaited), then answers in order. From the first entry that was not stored on, every
+    /// answer is `unavailable` (what came after may have depended on it) and the ledger is
+    /// rebuilt from the stream; a fence that fails means another keeper wrote: this one stops.
+    async fn record_and_answer(
+        &mut self,
+        decided: Vec<Decided>,
+        extra: Vec<LedgerEntry>,
+    ) -> Result<(), Stop> {
+        let mut pending: Vec<Option<Pending>> = Vec::with_capacity(decided.len() + extra.len());
+        let mut failed_at: Option<usize> = None;
+        let entries = decided.iter().map(|d| d.entry.as_ref()).chain(extra.iter().map(Some));
+        for (i, entry) in entries.enumerate() {
+            let Some(e) = entry else {
+                pending.push(None);
+                continue;
+            };
+            if failed_at.is_some() {
+                pending.push(None);
+                continue;
+            }
+            let expected = self.last_seq;
+            match self.fleet.send_fenced(self.fleet.names.ledger_subject(&e.op), e, expected).await {
+                Ok(p) => {
+                    self.last_seq += 1;
+                    pending.push(Some(p));
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "failed to record a budget change");
+                    failed_at = Some(i);
+                    pending.push(None);
                 }
             }
-        };
-        answers.push((req, reply, pending, format));
-    }
-    // Answers go out in order; from the first change that was not stored on, every answer is
-    // `unavailable` (what came after may have depended on it). The stream then holds exactly the
-    // changes whose answers went out, plus perhaps some whose callers were told to retry: the
-    // rebuild below takes them in, and a retry with the same key gets their answer.
-    let mut failed = false;
-    for (i, (req, mut reply, pending, format)) in answers.into_iter().enumerate() {
-        if lost_at.is_some_and(|at| i >= at) {
-            failed = true;
         }
-        if let Some(p) = pending
-            && let Err(e) = p.confirmed().await
-        {
-            tracing::error!(error = %e, "a budget change was not stored");
-            failed = true;
-            lost = true;
+        let mut fenced = false;
+        let mut results: Vec<bool> = Vec::with_capacity(pending.len());
+        for (i, p) in pending.into_iter().enumerate() {
+            let stored = match p {
+                None => failed_at.is_none_or(|at| i < at),
+                Some(p) => match p.confirmed().await {
+                    Ok(()) => true,
+                    Err(FleetError::Exists { .. }) => {
+                        fenced = true;
+                        false
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "a budget change was not stored");
+                        false
+                    }
+                },
+            };
+            if !stored {
+                failed_at = Some(failed_at.map_or(i, |a| a.min(i)));
+            }
+            results.push(stored);
         }
-        if failed {
-            reply = refused("unavailable", "the ledger could not be written");
+        for (i, d) in decided.into_iter().enumerate() {
+            let reply = if failed_at.is_some_and(|at| i >= at) {
+                refused("unavailable", "the ledger could not be written; ask again with the same id")
+            } else {
+                d.reply
+            };
+            respond(d.req, d.format, reply).await;
         }
-        let body = codec::encode(format, &reply)
-            .map(Bytes::from)
-            .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
-        if let Err(e) = req.respond(body).await {
-            tracing::debug!(error = %e, "failed to answer a budget request");
+        if fenced {
+            return Err(Stop::Fenced);
         }
-    }
-    if lost {
-        // What was decided but not stored must not count: the stream is the truth.
-        *ledger = rebuild_or_keep(fleet, ledger).await;
-    }
-}
-
-async fn rebuild_or_keep(fleet: &Fleet, ledger: &mut Ledger) -> Ledger {
-    match rebuild(fleet).await {
-        Ok((l, _)) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "failed to rebuild the budget ledger; keeping the one in memory");
-            std::mem::take(ledger)
-        }
-    }
-}
-
-/// Releases reservations whose lease ran out, recording each.
-async fn expire(fleet: &Fleet, ledger: &mut Ledger) {
-    let now = now_ms();
-    let due = ledger.expire(now);
-    let mut pending = Vec::new();
-    for id in due {
-        tracing::info!(reservation = %id, "reservation lease ran out; tokens released");
-        let e = LedgerEntry {
-            op: "expire".to_owned(),
-            at_ms: now,
-            request: BudgetRequest { id: Some(id.clone()), ..Default::default() },
-            reply: BudgetReply::default(),
-        };
-        match fleet
-            .send_durable(fleet.names.ledger_subject("expire"), &e, Some(&format!("expire:{id}")))
-            .await
-        {
-            Ok(p) => pending.push(Some(p)),
-            Err(e) => {
-                tracing::warn!(error = %e, "failed to record an expiry");
-                pending.push(None);
+        if failed_at.is_some() {
+            // What was decided but not stored must not count: the stream is the truth.
+            match rebuild(self.fleet).await {
+                Ok((l, seq)) => {
+                    self.ledger = l;
+                    self.last_seq = seq;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to rebuild the budget ledger");
+                    return Err(Stop::Fenced);
+                }
             }
         }
+        Ok(())
     }
-    let mut lost = pending.iter().any(Option::is_none);
-    for p in pending.into_iter().flatten() {
-        if let Err(e) = p.confirmed().await {
-            tracing::warn!(error = %e, "failed to record an expiry");
-            lost = true;
-        }
+}
+
+async fn respond(req: async_nats::service::Request, format: WireFormat, reply: BudgetReply) {
+    let body = codec::encode(format, &reply)
+        .map(Bytes::from)
+        .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
+    if let Err(e) = req.respond(body).instrument(tracing::debug_span!("respond")).await {
+        tracing::debug!(error = %e, "failed to answer a budget request");
     }
-    if lost {
-        // Released here but not in the stream: later decisions must not count on it.
-        *ledger = rebuild_or_keep(fleet, ledger).await;
-    }
+}
+
+fn is_code(reply: &BudgetReply, code: &str) -> bool {
+    reply.error.as_ref().is_some_and(|e| e.code == code)
 }
 
 fn refused(code: &str, message: impl Into<String>) -> BudgetReply {
@@ -275,54 +493,132 @@ fn refused(code: &str, message: impl Into<String>) -> BudgetReply {
 }
 
 fn refusal(r: Refusal) -> BudgetReply {
-    let code = match &r {
-        Refusal::Exhausted { .. } => "budget_exceeded",
-        Refusal::UnknownScope(_) => "unknown_scope",
-        Refusal::UnknownReservation(_) => "unknown_reservation",
-        Refusal::Ended(..) => "reservation_ended",
-        Refusal::Mismatch(_) => "reservation_mismatch",
-        Refusal::Invalid => "invalid_request",
+    let (code, retry) = match &r {
+        Refusal::Exhausted { .. } => ("budget_exceeded", None),
+        Refusal::Wait { retry_after_ms, .. } => ("budget_wait", Some(*retry_after_ms)),
+        Refusal::RateLimited { retry_after_ms, .. } => ("rate_limited", Some(*retry_after_ms)),
+        Refusal::Closed(_) => ("budget_closed", None),
+        Refusal::UnknownScope(_) => ("unknown_scope", None),
+        Refusal::UnknownReservation(_) => ("unknown_reservation", None),
+        Refusal::Ended(..) => ("reservation_ended", None),
+        Refusal::Mismatch(_) => ("reservation_mismatch", None),
+        Refusal::Invalid => ("invalid_request", None),
     };
-    refused(code, r.to_string())
+    BudgetReply { retry_after_ms: retry, ..refused(code, r.to_string()) }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn usd(nusd: u64) -> f64 {
+    nusd as f64 / 1e9
 }
 
 fn status(ledger: &mut Ledger, scope: &str, now: u64) -> Option<BudgetStatus> {
+    if is_default(scope) {
+        let (limit, rules) = ledger.default_of(scope)?.clone();
+        return Some(BudgetStatus {
+            scope: scope.to_owned(),
+            limit_tokens: Some(limit.tokens),
+            window_ms: window_ms(limit.window),
+            policy: rules.policy.name().to_owned(),
+            warn_at: rules.warn_at,
+            ..Default::default()
+        });
+    }
     let b = ledger.budget(scope, now)?;
     Some(BudgetStatus {
         scope: scope.to_owned(),
-        limit_tokens: b.limit.tokens,
-        window_ms: match b.limit.window {
-            Window::Total => None,
-            Window::Rolling { ms } => Some(ms),
-        },
+        limit_tokens: b.is_limited().then_some(b.limit.tokens),
+        window_ms: window_ms(b.limit.window),
         used: b.used,
         held: b.held,
-        available: b.available(),
+        available: b.is_limited().then(|| b.available()),
+        cost_usd: usd(b.cost_nusd),
+        policy: b.rules.policy.name().to_owned(),
+        warn_at: b.rules.warn_at.clone(),
+        closed_at_ms: b.closed_ms,
+        carved_by: b.carved_by.clone(),
     })
+}
+
+fn window_ms(w: Window) -> Option<u64> {
+    match w {
+        Window::Total => None,
+        Window::Rolling { ms } => Some(ms),
+    }
+}
+
+fn rate_status(ledger: &mut Ledger, key: &str, now: u64) -> Option<RateStatus> {
+    let r = ledger.rate(key, now)?;
+    Some(RateStatus {
+        rate: key.to_owned(),
+        rpm: r.rpm,
+        tpm: r.tpm,
+        window_ms: r.window_ms,
+        requests: r.requests(),
+        tokens: r.tokens(),
+        waiting: 0,
+        blocked_until_ms: (r.blocked_until > now).then_some(r.blocked_until),
+    })
+}
+
+fn reserve_of(r: &BudgetRequest, id: String, want: u64) -> Reserve {
+    Reserve {
+        id,
+        scopes: r.scopes.clone(),
+        want,
+        min: r.min.unwrap_or(1).min(want),
+        lease_ms: r.lease_ms.unwrap_or(DEFAULT_LEASE_MS),
+        limits: r.limits.clone(),
+        model: r.model.clone(),
+        rates: r.rates.clone(),
+    }
+}
+
+fn granted(g: Grant, now: u64) -> BudgetReply {
+    BudgetReply {
+        tokens: Some(g.tokens),
+        expires_ms: Some(g.expires_ms),
+        lease_left_ms: Some(g.expires_ms.saturating_sub(now)),
+        ..Default::default()
+    }
 }
 
 /// Applies one operation at `now`; returns the answer and whether the ledger changed (then it is
 /// recorded). The replay calls this too, with each entry's time.
 pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (BudgetReply, bool) {
     let need_id = || r.id.clone().filter(|id| !id.is_empty());
+    let need_scope = || r.scope.clone().filter(|s| !s.is_empty());
     match op {
         "reserve" => {
             let (Some(id), Some(want)) = (need_id(), r.want) else {
                 return (refused("invalid_request", "reserve needs id and want"), false);
             };
             let open_before = ledger.is_open(&id);
-            let req = Reserve {
-                id,
-                scopes: r.scopes.clone(),
-                want,
-                min: r.min.unwrap_or(1).min(want),
-                lease_ms: r.lease_ms.unwrap_or(DEFAULT_LEASE_MS),
+            match ledger.reserve(reserve_of(r, id, want), now) {
+                Ok(g) => (granted(g, now), !open_before),
+                Err(e) => (refusal(e), false),
+            }
+        }
+        "carve" => {
+            let (Some(id), Some(want), Some(child)) = (need_id(), r.want, need_scope()) else {
+                return (refused("invalid_request", "carve needs id, want and scope (the child's)"), false);
             };
-            match ledger.reserve(req, now) {
-                Ok(Grant { tokens, expires_ms }) => (
-                    BudgetReply { tokens: Some(tokens), expires_ms: Some(expires_ms), ..Default::default() },
-                    !open_before,
-                ),
+            let open_before = ledger.is_open(&id);
+            let mut req = reserve_of(r, id, want);
+            req.rates.clear();
+            match ledger.carve(req, &child, now) {
+                Ok(g) => (granted(g, now), !open_before),
+                Err(e) => (refusal(e), false),
+            }
+        }
+        "close" => {
+            let Some(scope) = need_scope() else {
+                return (refused("invalid_request", "close needs scope"), false);
+            };
+            match ledger.close(&scope, now) {
+                Ok(changed) => {
+                    (BudgetReply { budget: status(ledger, &scope, now), ..Default::default() }, changed)
+                }
                 Err(e) => (refusal(e), false),
             }
         }
@@ -333,7 +629,7 @@ pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (Bud
             let open_before = ledger.is_open(&id);
             let result = match op {
                 "commit" => match r.used {
-                    Some(used) => ledger.commit(&id, used, now),
+                    Some(used) => ledger.commit_priced(&id, used, r.prompt_tokens, now),
                     None => return (refused("invalid_request", "commit needs used"), false),
                 },
                 "release" => ledger.release(&id, now),
@@ -343,8 +639,13 @@ pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (Bud
                 }
             };
             match result {
-                Ok(End::Committed { charged, over }) => (
-                    BudgetReply { charged: Some(charged), over: Some(over), ..Default::default() },
+                Ok(End::Committed { charged, over, cost_nusd }) => (
+                    BudgetReply {
+                        charged: Some(charged),
+                        over: Some(over),
+                        cost_usd: cost_nusd.map(usd),
+                        ..Default::default()
+                    },
                     open_before,
                 ),
                 Ok(_) => (BudgetReply::default(), open_before),
@@ -352,8 +653,7 @@ pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (Bud
             }
         }
         "set" => {
-            let (Some(scope), Some(tokens)) = (r.scope.clone().filter(|s| !s.is_empty()), r.limit_tokens)
-            else {
+            let (Some(scope), Some(tokens)) = (need_scope(), r.limit_tokens) else {
                 return (refused("invalid_request", "set needs scope and limit_tokens"), false);
             };
             let window = match r.window_ms {
@@ -361,18 +661,83 @@ pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (Bud
                 Some(ms) => Window::Rolling { ms },
                 None => Window::Total,
             };
-            ledger.set_limit(&scope, Limit { tokens, window }, now);
+            let policy = match r.policy.as_deref().map(Policy::parse) {
+                None => Policy::Fail,
+                Some(Some(p)) => p,
+                Some(None) => return (refused("invalid_request", "policy must be fail or wait"), false),
+            };
+            let warn_at = match &r.warn_at {
+                None => Rules::default().warn_at,
+                Some(w) if w.iter().any(|p| *p == 0 || *p > 100) => {
+                    return (refused("invalid_request", "warn_at percentages must be 1 to 100"), false);
+                }
+                Some(w) => w.clone(),
+            };
+            if tokens == UNLIMITED {
+                return (refused("invalid_request", "limit_tokens is too large"), false);
+            }
+            ledger.set(&scope, Limit { tokens, window }, Rules { policy, warn_at }, now);
             (BudgetReply { budget: status(ledger, &scope, now), ..Default::default() }, true)
         }
         "show" => {
+            if let Some(key) = r.rate.clone() {
+                return match rate_status(ledger, &key, now) {
+                    Some(s) => (BudgetReply { rate: Some(s), ..Default::default() }, false),
+                    None => (refused("unknown_scope", format!("no rate limit {key:?}")), false),
+                };
+            }
             let Some(scope) = r.scope.clone() else {
-                return (refused("invalid_request", "show needs scope"), false);
+                return (refused("invalid_request", "show needs scope or rate"), false);
             };
             match status(ledger, &scope, now) {
                 Some(b) => (BudgetReply { budget: Some(b), ..Default::default() }, false),
                 None => (refused("unknown_scope", format!("no budget is set for scope {scope:?}")), false),
             }
         }
+        "rate" => {
+            let Some(key) = r.rate.clone().filter(|k| !k.is_empty()) else {
+                return (refused("invalid_request", "rate needs rate (the key)"), false);
+            };
+            if r.rpm.is_none() && r.tpm.is_none() {
+                return (refused("invalid_request", "rate needs rpm or tpm"), false);
+            }
+            if r.window_ms == Some(0) {
+                return (refused("invalid_request", "window_ms must be positive"), false);
+            }
+            ledger.set_rate(&key, r.rpm, r.tpm, r.window_ms.unwrap_or(60_000));
+            (BudgetReply { rate: rate_status(ledger, &key, now), ..Default::default() }, true)
+        }
+        "backoff" => {
+            let Some(ms) = r.retry_after_ms.filter(|_| !r.rates.is_empty()) else {
+                return (refused("invalid_request", "backoff needs rates and retry_after_ms"), false);
+            };
+            // A provider's hint is capped: a bogus one must not stop the fleet for long.
+            let until = now.saturating_add(ms.min(10 * 60 * 1000));
+            for key in &r.rates {
+                ledger.backoff(key, until);
+            }
+            (BudgetReply::default(), true)
+        }
+        "price" => {
+            let (Some(model), Some(input), Some(output)) =
+                (r.model.clone().filter(|m| !m.is_empty()), r.input_usd_per_mtok, r.output_usd_per_mtok)
+            else {
+                return (
+                    refused(
+                        "invalid_request",
+                        "price needs model, input_usd_per_mtok and output_usd_per_mtok",
+                    ),
+                    false,
+                );
+            };
+            if !(input.is_finite() && output.is_finite() && input >= 0.0 && output >= 0.0) {
+                return (refused("invalid_request", "prices must be finite and not negative"), false);
+            }
+            ledger.set_price(&model, Price { input_per_mtok: input, output_per_mtok: output });
+            (BudgetReply::default(), true)
+        }
+        // Budget events: recorded for auditors, nothing to replay.
+        "warning" | "exhausted" | "refilled" => (BudgetReply::default(), false),
         other => (refused("invalid_request", format!("no operation {other:?}")), false),
     }
 }

@@ -103,7 +103,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
         codec::decode::<BudgetReply>(None, &reply.payload).ok()
     })
     .await;
-    assert_eq!(r.budget.unwrap().available, LIMIT);
+    assert_eq!(r.budget.unwrap().available, Some(LIMIT));
 
     // 20 reservers × 10 cycles of up to 300 tokens: 60,000 wanted of 20,000. One cycle in ten
     // abandons its reservation (a short lease, never committed).

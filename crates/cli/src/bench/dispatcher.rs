@@ -325,8 +325,12 @@ impl Runners {
                 WireFormat::Msgpack,
                 id.to_owned(),
             );
-            let config =
-                flotilla_agent_runner::Config { runner_id: Some(id.to_owned()), ..Default::default() };
+            // The dispatcher is measured: no budget-keeper runs, so budgets are off.
+            let config = flotilla_agent_runner::Config {
+                runner_id: Some(id.to_owned()),
+                budgets: false,
+                ..Default::default()
+            };
             let file = flotilla_agent_runner::FleetFile::parse(&fleet_toml)?;
             handles.push(tokio::spawn(flotilla_agent_runner::run(
                 config,

@@ -25,7 +25,8 @@ impl Client {
     /// One message call, retried per the policy (529 "overloaded" counts as a server error).
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let body = request_body(req);
-        self.settings.retry.run(|| self.once(&body)).await
+        let retry = if req.single_try { self.settings.retry.once() } else { self.settings.retry };
+        retry.run(|| self.once(&body)).await
     }
 
     async fn once(&self, body: &Value) -> Result<ChatResponse, ProviderError> {
@@ -184,6 +185,7 @@ mod tests {
             max_tokens: 10,
             purpose: String::new(),
             attempt: 1,
+            single_try: false,
         };
         let b = request_body(&req);
         assert_eq!(b["system"], "sys");

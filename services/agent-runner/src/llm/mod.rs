@@ -62,6 +62,9 @@ pub struct ChatRequest {
     /// The task's attempt this call belongs to (from 1; 0 outside a task); only the offline model
     /// uses it, for its `fail_attempts` directive.
     pub attempt: u32,
+    /// Make one try only, no retries: the caller retries itself (a call under a budget
+    /// reservation must end within its lease, and a 429 is fed to the shared rate limiter).
+    pub single_try: bool,
 }
 
 /// Why the model stopped.

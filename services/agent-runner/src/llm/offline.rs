@@ -132,6 +132,7 @@ mod tests {
             max_tokens: 100,
             purpose: "summarize".into(),
             attempt: 1,
+            single_try: false,
         }
     }
 

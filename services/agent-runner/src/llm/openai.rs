@@ -61,16 +61,16 @@ impl Client {
         sink: Option<&TextSink>,
     ) -> Result<ChatResponse, ProviderError> {
         let mut body = request_body(req);
+        let retry = if req.single_try { self.settings.retry.once() } else { self.settings.retry };
         let Some(idle) = self.stream_idle_timeout else {
-            return self.settings.retry.run(|| self.once(&body)).await;
+            return retry.run(|| self.once(&body)).await;
         };
         if let Some(obj) = body.as_object_mut() {
             obj.insert("stream".into(), json!(true));
             obj.insert("stream_options".into(), json!({ "include_usage": true }));
         }
         let forwarded = AtomicBool::new(false);
-        self.settings
-            .retry
+        retry
             .run_while(
                 || self.once_streamed(&body, idle, sink, &forwarded),
                 || !forwarded.load(Ordering::SeqCst),
@@ -461,6 +461,7 @@ mod tests {
             max_tokens: 100,
             purpose: "test".into(),
             attempt: 1,
+            single_try: false,
         };
         let b = request_body(&req);
         assert_eq!(b["messages"][0]["role"], "system");

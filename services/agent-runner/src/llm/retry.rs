@@ -27,6 +27,16 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The same policy with a single try (for a call whose caller retries).
+    pub fn once(self) -> Self {
+        Self { max_attempts: 1, ..self }
+    }
+
+    /// How long to wait before try `attempt + 1` (a `Retry-After` hint wins, capped).
+    pub fn backoff(&self, attempt: u32, hint: Option<Duration>) -> Duration {
+        self.delay(attempt, hint)
+    }
+
     fn delay(&self, attempt: u32, hint: Option<Duration>) -> Duration {
         if let Some(h) = hint {
             return h.min(self.max_delay);

@@ -244,13 +244,15 @@ impl Tool for Delegate {
                 .await
                 .map_err(nats_err)?;
             let mut events = consumer.messages().await.map_err(nats_err)?;
+            let asked = args.get("budget_tokens").and_then(Value::as_u64);
+            let budget_tokens = carve(ctx, &id, asked).await?;
             let sub = TaskSubmission {
                 id: Some(id.clone()),
                 capability,
                 input: args.get("input").cloned().unwrap_or(Value::Null),
                 priority: Some(ctx.task.priority),
                 tenant: Some(ctx.task.tenant.clone()),
-                budget_tokens: args.get("budget_tokens").and_then(Value::as_u64),
+                budget_tokens,
                 deadline: ctx.task.deadline_ms.map(flotilla_protocol::TimeSpec::Millis),
                 parent_id: Some(ctx.task.id.clone()),
                 ..Default::default()
@@ -272,8 +274,61 @@ impl Tool for Delegate {
             ctx.states.set(flotilla_protocol::AgentState::Waiting);
             let result = wait_for_child(ctx, &id, &mut events).await;
             ctx.states.set(flotilla_protocol::AgentState::Executing);
+            if result.is_ok()
+                && let Some(client) = &ctx.budgets
+            {
+                // The child ended: what it did not use goes back to this task (its runner closes
+                // it too; closing twice changes nothing).
+                crate::budget::close_task(client, &id).await;
+            }
             result
         })
+    }
+}
+
+/// A child's budget: carved out of this task's remaining budget when this task has one (all of
+/// what remains unless the call asks for less), else what the call asked for.
+async fn carve(ctx: &ToolCtx, child: &str, asked: Option<u64>) -> Result<Option<u64>, ToolError> {
+    let (Some(client), Some(cap)) = (&ctx.budgets, ctx.task_cap) else { return Ok(asked) };
+    let parent = crate::budget::task_scope(&ctx.task.id);
+    let want = match asked {
+        Some(n) => n,
+        None => {
+            let show = flotilla_protocol::BudgetRequest { scope: Some(parent.clone()), ..Default::default() };
+            match client.call("show", &show).await {
+                Ok(r) => r.budget.and_then(|b| b.available).unwrap_or(cap),
+                Err(e) if e.code() == "unknown_scope" => cap,
+                Err(e) => return Err(ToolError::new(format!("cannot read this task's budget: {e}"))),
+            }
+        }
+    };
+    if want == 0 {
+        return Err(ToolError::new("this task's budget is used up: nothing left to delegate"));
+    }
+    // The carve lives as long as this task may: its deadline, else a day.
+    let lease_ms = ctx
+        .task
+        .deadline_ms
+        .map_or(24 * 3600 * 1000, |d| d.saturating_sub(flotilla_protocol::time::now_ms()))
+        .max(60_000);
+    let req = flotilla_protocol::BudgetRequest {
+        id: Some(format!("carve:{child}")),
+        scopes: vec![parent.clone()],
+        want: Some(want),
+        lease_ms: Some(lease_ms),
+        scope: Some(crate::budget::task_scope(child)),
+        limits: [(parent, cap)].into_iter().collect(),
+        ..Default::default()
+    };
+    match client.call("carve", &req).await {
+        Ok(r) => {
+            tracing::info!(child, tokens = r.tokens, "carved the sub-task's budget out of this task's");
+            Ok(r.tokens)
+        }
+        Err(e) if e.code() == "budget_exceeded" => {
+            Err(ToolError::new(format!("this task's budget cannot give the sub-task {want} tokens: {e}")))
+        }
+        Err(e) => Err(ToolError::new(format!("cannot carve the sub-task's budget: {e}"))),
     }
 }
 

@@ -34,6 +34,9 @@ pub struct ToolCtx {
     pub cancel: CancellationToken,
     /// The agent's state for this task (a tool that waits moves it to `waiting`).
     pub states: crate::lifecycle::TaskStates,
+    /// The budget-keeper, when budgets are enforced, and the task's token cap.
+    pub budgets: Option<flotilla_service::budget::Client>,
+    pub task_cap: Option<u64>,
 }
 
 /// A tool failure: shown to the model as an error result so it can correct itself, unless it

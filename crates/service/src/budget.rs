@@ -1,0 +1,92 @@
+//! The budget-keeper's client: one call per operation on `<p>.budget.<op>`, asked again (with the
+//! same idempotency key, so nothing is charged twice) while no keeper answers or the active one
+//! says it is unavailable, for up to [`Client::patience`]. Used by the agent-runner before and
+//! after every model call, by the CLI and by tests.
+
+use std::time::{Duration, Instant};
+
+use flotilla_protocol::{BudgetReply, BudgetRequest, ErrorInfo, codec};
+
+use crate::Fleet;
+
+/// Why a budget call got no answer to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    /// The keeper refused the operation (`budget_exceeded`, `budget_wait`, `rate_limited`, ...).
+    #[error("{}: {}", .error.code, .error.message)]
+    Refused { error: ErrorInfo, retry_after_ms: Option<u64> },
+    /// No budget-keeper answered in time.
+    #[error("no budget-keeper answered {op} within {waited:?}: {last}")]
+    Unavailable { op: String, waited: Duration, last: String },
+}
+
+impl BudgetError {
+    /// The refusal's code, if it was one.
+    pub fn code(&self) -> &str {
+        match self {
+            Self::Refused { error, .. } => &error.code,
+            Self::Unavailable { .. } => "budget_unavailable",
+        }
+    }
+}
+
+/// A budget-keeper client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    fleet: Fleet,
+    /// How long one request waits for its answer (a reservation may wait at the keeper for a
+    /// rate permit, up to ten seconds).
+    pub request_timeout: Duration,
+    /// How long an operation is asked again while no keeper answers (a keeper fail-over takes
+    /// the lease length plus the ledger replay).
+    pub patience: Duration,
+}
+
+impl Client {
+    pub fn new(fleet: Fleet) -> Self {
+        Self { fleet, request_timeout: Duration::from_secs(15), patience: Duration::from_secs(60) }
+    }
+
+    /// One operation: the answer, or why there is none. `unavailable`, timeouts and "no
+    /// responders" are asked again with the same request until [`Self::patience`] runs out.
+    #[tracing::instrument(skip_all, fields(op, id = req.id.as_deref().unwrap_or_default()))]
+    pub async fn call(&self, op: &str, req: &BudgetRequest) -> Result<BudgetReply, BudgetError> {
+        let body: bytes::Bytes = codec::encode(self.fleet.format, req)
+            .map_err(|e| BudgetError::Unavailable {
+                op: op.to_owned(),
+                waited: Duration::ZERO,
+                last: e.to_string(),
+            })?
+            .into();
+        let subject = self.fleet.names.budget_subject(op);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let last = match tokio::time::timeout(
+                self.request_timeout,
+                self.fleet.client.request(subject.clone(), body.clone()),
+            )
+            .await
+            {
+                Err(_) => "timed out".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(msg)) => match codec::decode::<BudgetReply>(None, &msg.payload) {
+                    Err(e) => format!("unreadable answer: {e}"),
+                    Ok(reply) => match reply.error.clone() {
+                        None => return Ok(reply),
+                        Some(e) if e.code == "unavailable" => e.message,
+                        Some(error) => {
+                            return Err(BudgetError::Refused { error, retry_after_ms: reply.retry_after_ms });
+                        }
+                    },
+                },
+            };
+            if started.elapsed() >= self.patience {
+                return Err(BudgetError::Unavailable { op: op.to_owned(), waited: started.elapsed(), last });
+            }
+            tracing::debug!(last = %last, "budget-keeper not answering; asking again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Budgets of model calls: before each call the agent loop reserves an upper bound of its tokens
+//! with the budget-keeper (in the task's, the agent's, the tenant's and the model's scopes, with
+//! a permit of the template's shared rate limits), caps the provider's `max_tokens` at what was
+//! granted, and afterwards commits what the call used (or releases it all when the call failed).
+//! Every reservation's key names the task, attempt, claim revision, step and try, so an operation
+//! asked again (a keeper fail-over, a lost answer) never charges twice, and a re-run attempt gets
+//! fresh keys.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_protocol::{BudgetRequest, ErrorInfo, TaskRecord, time::now_ms};
+use flotilla_service::budget::{BudgetError, Client};
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::AgentTemplate;
+use crate::llm::{ChatRequest, Turn};
+
+/// A reservation's lease beyond the longest the call may take (the answers and the commit).
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// Tokens a message costs beyond its text (role markers, separators), bounded generously.
+const PER_MESSAGE: u64 = 16;
+
+/// An upper bound of the prompt's tokens: every token of a byte-level tokenizer covers at least
+/// one byte, so the bytes of everything sent (system prompt, turns, tool schemas) plus a margin
+/// per message bound it from above without a tokenizer.
+pub fn prompt_bound(req: &ChatRequest) -> u64 {
+    let mut bytes = req.system.len() as u64 + PER_MESSAGE * 2;
+    for t in &req.turns {
+        bytes += PER_MESSAGE
+            + match t {
+                Turn::User(text) => text.len() as u64,
+                Turn::Assistant { text, tool_calls } => {
+                    text.len() as u64
+                        + tool_calls
+                            .iter()
+                            .map(|c| {
+                                (c.id.len() + c.name.len()) as u64
+                                    + c.arguments.as_ref().map_or(0, |a| a.to_string().len() as u64)
+                                    + PER_MESSAGE
+                            })
+                            .sum::<u64>()
+                }
+                Turn::ToolResult { call_id, name, content, .. } => {
+                    (call_id.len() + name.len() + content.len()) as u64
+                }
+            };
+    }
+    for tool in &req.tools {
+        bytes += PER_MESSAGE
+            + (tool.name.len() + tool.description.len() + tool.parameters.to_string().len()) as u64;
+    }
+    bytes
+}
+
+/// The scope of a task's budget.
+pub fn task_scope(task_id: &str) -> String {
+    format!("task.{task_id}")
+}
+
+/// A task's token cap: the submission's, else the template's.
+pub fn task_cap(rec: &TaskRecord, t: &AgentTemplate) -> Option<u64> {
+    rec.budget_tokens.or(t.max_tokens_per_task)
+}
+
+/// Held tokens of one call.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub id: String,
+    pub tokens: u64,
+}
+
+/// Why a call cannot be made.
+#[derive(Debug)]
+pub enum Denied {
+    /// The task fails with this error (`budget_exceeded`, `budget_unavailable`, ...).
+    Fail(ErrorInfo),
+    /// The attempt was cancelled while waiting.
+    Cancelled,
+}
+
+/// Budgets of one claimed attempt.
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pub client: Client,
+    /// The claim's revision: with task and attempt, it makes keys unique to this run.
+    pub claim_rev: u64,
+    pub agent_id: String,
+}
+
+impl Budgets {
+    /// Reserves tokens for `req` (step `step`, try `try_n`): waits while a budget's policy is to
+    /// wait or a rate permit is scarce (until the task's deadline), and makes sure the lease
+    /// outlasts the call. Returns the grant and the `max_tokens` to send.
+    #[tracing::instrument(skip_all, fields(step, try_n))]
+    pub async fn reserve(
+        &self,
+        rec: &TaskRecord,
+        t: &AgentTemplate,
+        req: &ChatRequest,
+        step: u32,
+        try_n: u32,
+        cancel: &CancellationToken,
+    ) -> Result<(Held, u32), Denied> {
+        let prompt = prompt_bound(req);
+        let mut scopes = Vec::with_capacity(4);
+        let mut limits = BTreeMap::new();
+        if let Some(cap) = task_cap(rec, t) {
+            scopes.push(task_scope(&rec.id));
+            limits.insert(task_scope(&rec.id), cap);
+        }
+        scopes.push(format!("agent.{}", self.agent_id));
+        scopes.push(format!("tenant.{}", rec.tenant));
+        scopes.push(format!("model.{}", t.model));
+        let lease = t.request_timeout + LEASE_MARGIN;
+        let mut lease_try = 0u32;
+        loop {
+            let id = format!("{}:{}:{}:{step}:{try_n}.{lease_try}", rec.id, rec.attempt, self.claim_rev);
+            let body = BudgetRequest {
+                id: Some(id.clone()),
+                scopes: scopes.clone(),
+                want: Some(prompt + u64::from(t.max_tokens_per_call)),
+                min: Some(prompt + u64::from(t.min_tokens_per_call.min(t.max_tokens_per_call))),
+                lease_ms: Some(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)),
+                limits: limits.clone(),
+                model: Some(t.model.clone()),
+                rates: t.rate_keys(),
+                priority: Some(rec.priority),
+                ..Default::default()
+            };
+            let refusal = match self.client.call("reserve", &body).await {
+                Ok(reply) => {
+                    let tokens = reply.tokens.unwrap_or(0);
+                    let held = Held { id, tokens };
+                    // A call must not start unless it can end within the lease (an answer given
+                    // again after a fail-over may have little left).
+                    let left = reply.lease_left_ms.unwrap_or(0);
+                    if left
+                        < u64::try_from((t.request_timeout + Duration::from_secs(2)).as_millis()).unwrap_or(0)
+                    {
+                        tracing::info!(left_ms = left, "reservation has too little lease left for the call");
+                        self.release(&held).await;
+                        lease_try += 1;
+                        continue;
+                    }
+                    let completion = tokens.saturating_sub(prompt).min(u64::from(t.max_tokens_per_call));
+                    return Ok((held, u32::try_from(completion).unwrap_or(u32::MAX)));
+                }
+                Err(BudgetError::Refused { error, retry_after_ms }) => (error, retry_after_ms),
+                Err(e @ BudgetError::Unavailable { .. }) => {
+                    return Err(Denied::Fail(ErrorInfo::new("budget_unavailable", e.to_string())));
+                }
+            };
+            let (error, retry_after_ms) = refusal;
+            let wait = match error.code.as_str() {
+                "budget_wait" | "rate_limited" => {
+                    Duration::from_millis(retry_after_ms.unwrap_or(1_000).max(10))
+                }
+                "reservation_ended" => {
+                    lease_try += 1;
+                    continue;
+                }
+                "budget_closed" => {
+                    return Err(Denied::Fail(ErrorInfo::new(
+                        "budget_exceeded",
+                        format!("the task's budget is closed: {}", error.message),
+                    )));
+                }
+                "budget_exceeded" => return Err(Denied::Fail(error)),
+                _ => {
+                    let message = format!("{}: {}", error.code, error.message);
+                    return Err(Denied::Fail(ErrorInfo::new("budget_error", message)));
+                }
+            };
+            if let Some(d) = rec.deadline_ms
+                && now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)) >= d
+            {
+                return Err(Denied::Fail(ErrorInfo::new(
+                    "budget_exceeded",
+                    format!("{} (the deadline passes before the budget allows the call)", error.message),
+                )));
+            }
+            tracing::info!(code = %error.code, wait_ms = wait.as_millis(), "waiting for the budget");
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(Denied::Cancelled),
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(60))) => {}
+            }
+        }
+    }
+
+    /// Commits what a call used; returns its cost in US dollars when the model has a price.
+    pub async fn commit(&self, held: &Held, used: u64, prompt_tokens: u64) -> Result<Option<f64>, ErrorInfo> {
+        let body = BudgetRequest {
+            id: Some(held.id.clone()),
+            used: Some(used),
+            prompt_tokens: Some(prompt_tokens),
+            ..Default::default()
+        };
+        match self.client.call("commit", &body).await {
+            Ok(r) => {
+                if r.over.is_some_and(|o| o > 0) {
+                    tracing::warn!(over = r.over, "the call used more tokens than it held");
+                }
+                Ok(r.cost_usd)
+            }
+            Err(e) => {
+                Err(ErrorInfo::new("budget_unavailable", format!("the call's usage was not recorded: {e}")))
+            }
+        }
+    }
+
+    /// Gives a reservation back whole (the call failed or was not made).
+    pub async fn release(&self, held: &Held) {
+        let body = BudgetRequest { id: Some(held.id.clone()), ..Default::default() };
+        if let Err(e) = self.client.call("release", &body).await {
+            tracing::warn!(error = %e, "failed to release a reservation; its lease will");
+        }
+    }
+
+    /// Tells the shared rate limiter that the provider answered 429.
+    pub async fn backoff(&self, t: &AgentTemplate, retry_after: Option<Duration>) {
+        let ms = retry_after.map_or(1_000, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).max(1);
+        let body = BudgetRequest { rates: t.rate_keys(), retry_after_ms: Some(ms), ..Default::default() };
+        if let Err(e) = self.client.call("backoff", &body).await {
+            tracing::warn!(error = %e, "failed to report a 429 to the rate limiter");
+        }
+    }
+}
+
+/// Closes a task's budget (it ended): a carved one is settled with its parent.
+pub async fn close_task(client: &Client, task_id: &str) {
+    let body = BudgetRequest { scope: Some(task_scope(task_id)), ..Default::default() };
+    match client.call("close", &body).await {
+        Ok(_) => {}
+        Err(e) if e.code() == "unknown_scope" => {}
+        Err(e) => tracing::warn!(error = %e, "failed to close the task's budget"),
+    }
+}
