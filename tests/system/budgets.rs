@@ -1,12 +1,19 @@
-//! `flotilla budget set|show` against a running budget-keeper, next to a reservation made by a
-//! plain JSON client.
+//! Budgets end to end: `flotilla budget set|show` against a running budget-keeper next to a
+//! reservation made by a plain JSON client; runners that reserve before every model call (a task
+//! whose budget cannot pay its first call fails before the model is asked; an agent that used up
+//! its rolling budget fails or waits per policy; three runners share one rate limit, interactive
+//! tasks first; a child's budget is carved out of its parent's and the rest refunded).
 
 use std::time::Duration;
 
-use flotilla_protocol::WireFormat;
-use flotilla_service::StreamSettings;
+use flotilla_budget_keeper::ledger::Ledger;
+use flotilla_protocol::{BudgetRequest, LedgerEntry, Priority, TaskEvent, TaskSubmission, WireFormat, codec};
+use flotilla_service::budget::Client;
+use flotilla_service::{Fleet, StreamSettings};
+use flotilla_testkit::stub_llm::{Reply, StubLlm};
+use serde_json::json;
 
-use crate::support::{System, cli};
+use crate::support::{System, cli, dispatcher_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_are_set_and_shown_from_the_cli() {
@@ -45,5 +52,260 @@ async fn budgets_are_set_and_shown_from_the_cli() {
     let (code, _, err) = cli(&url, &["budget", "show", "tenant.nobody"]).await;
     assert_eq!(code, 3, "an unknown scope exits 3: {err}");
     assert!(err.contains("unknown_scope"), "{err}");
+    sys.stop().await;
+}
+
+/// A client of the budget-keeper on the test's connection.
+fn keeper(sys: &System) -> Client {
+    let fleet = Fleet::new(sys.client.clone(), sys.names.clone(), WireFormat::Msgpack, "test".into());
+    Client::new(fleet)
+}
+
+/// An `openai` template on the stub.
+fn stub_fleet(stub: &StubLlm, name: &str, caps: &str, extra: &str) -> String {
+    format!(
+        "[[agent]]\nname = \"{name}\"\ncapabilities = [{caps}]\nprovider = \"openai\"\nmodel = \"stub-model\"\n\
+         base_url = \"{}\"\nsystem_prompt = \"Be brief.\"\nstream = false\n{extra}\n",
+        stub.openai_base()
+    )
+}
+
+/// The task's terminal event (waits for it).
+async fn outcome(sys: &System, id: &str) -> TaskEvent {
+    flotilla_testkit::eventually(Duration::from_secs(30), "the task to end", || async {
+        sys.events()
+            .await
+            .into_iter()
+            .find(|e| e.task_id == id && (e.kind == "completed" || e.kind == "failed"))
+    })
+    .await
+}
+
+async fn submit(sys: &System, id: &str, cap: &str, priority: Option<Priority>, budget: Option<u64>) {
+    sys.submit(&TaskSubmission {
+        id: Some(id.into()),
+        capability: cap.into(),
+        input: json!(format!("task {id}")),
+        priority,
+        budget_tokens: budget,
+        ..Default::default()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_whose_budget_cannot_pay_the_first_call_fails_before_the_model_is_asked() {
+    let stub = StubLlm::start(Vec::new()).await;
+    stub.set_fallback(Reply::openai_text("hi", 10, 2));
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_budget_keeper().await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &stub_fleet(&stub, "w", "\"work\"", "")).await;
+    sys.wait_for_agents("r1", 1).await;
+    // 20 tokens cannot hold the prompt and the least completion worth asking for.
+    submit(&sys, "tiny", "work", None, Some(20)).await;
+    let e = outcome(&sys, "tiny").await;
+    assert_eq!(e.kind, "failed");
+    assert_eq!(e.error.as_ref().unwrap().code, "budget_exceeded", "{e:?}");
+    assert!(stub.requests().is_empty(), "no request reached the model");
+    // The same task with enough budget runs, priced.
+    let price = BudgetRequest {
+        model: Some("stub-model".into()),
+        input_usd_per_mtok: Some(1.0),
+        output_usd_per_mtok: Some(4.0),
+        ..Default::default()
+    };
+    keeper(&sys).call("price", &price).await.unwrap();
+    submit(&sys, "enough", "work", None, Some(5_000)).await;
+    let e = outcome(&sys, "enough").await;
+    assert_eq!(e.kind, "completed", "{e:?}");
+    // 10 input tokens at $1/M and 2 output tokens at $4/M.
+    assert!((e.cost_usd.unwrap() - 18e-6).abs() < 1e-12, "{e:?}");
+    assert!((e.calls[0].cost_usd.unwrap() - 18e-6).abs() < 1e-12);
+    let b = keeper(&sys).call("show", &show("tenant.default")).await.unwrap().budget.unwrap();
+    assert_eq!(b.used, 12, "the tenant's usage is counted");
+    assert!((b.cost_usd - 18e-6).abs() < 1e-12);
+    // The task's own budget closed when it ended.
+    let t = keeper(&sys).call("show", &show("task.enough")).await.unwrap().budget.unwrap();
+    assert!(t.closed_at_ms.is_some());
+    sys.stop().await;
+}
+
+fn show(scope: &str) -> BudgetRequest {
+    BudgetRequest { scope: Some(scope.into()), ..Default::default() }
+}
+
+/// Runs tasks one after another until one fails; returns how many completed first.
+async fn exhaust(sys: &System, prefix: &str) -> (usize, TaskEvent) {
+    for i in 0..20 {
+        let id = format!("{prefix}{i}");
+        submit(sys, &id, "work", None, None).await;
+        let e = outcome(sys, &id).await;
+        if e.kind == "failed" {
+            return (i, e);
+        }
+    }
+    panic!("the agent's budget never ran out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_that_used_up_its_hourly_budget_fails_or_waits_per_policy_until_the_window_rolls() {
+    let stub = StubLlm::start(Vec::new()).await;
+    stub.set_fallback(Reply::openai_text("done", 150, 50));
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_budget_keeper().await;
+    let k = keeper(&sys);
+    // Every agent: 600 tokens per rolling 3 s ("hourly", shortened), failing when out.
+    let window = 3_000;
+    let set = |policy: &str| BudgetRequest {
+        scope: Some("agent.*".into()),
+        limit_tokens: Some(600),
+        window_ms: Some(window),
+        policy: Some(policy.into()),
+        ..Default::default()
+    };
+    k.call("set", &set("fail")).await.unwrap();
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", &stub_fleet(&stub, "w", "\"work\"", "")).await;
+    sys.wait_for_agents("r1", 1).await;
+
+    let calls_before = stub.requests().len();
+    let (done, failed) = exhaust(&sys, "f").await;
+    assert!(done >= 2, "some tasks ran first ({done})");
+    assert_eq!(failed.error.as_ref().unwrap().code, "budget_exceeded", "{failed:?}");
+    assert!(failed.error.as_ref().unwrap().message.contains("agent.r1-w-"), "{failed:?}");
+    assert_eq!(stub.requests().len() - calls_before, done, "the refused call never reached the model");
+    // Once the window has rolled the agent works again.
+    tokio::time::sleep(Duration::from_millis(window + window / 60 + 200)).await;
+    submit(&sys, "after-roll", "work", None, None).await;
+    assert_eq!(outcome(&sys, "after-roll").await.kind, "completed");
+
+    // With the policy `wait`, a task the budget cannot take waits for the window instead.
+    k.call("set", &set("wait")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(window + window / 60 + 200)).await;
+    let mut i = 0;
+    let waited = loop {
+        let id = format!("w{i}");
+        let started = std::time::Instant::now();
+        submit(&sys, &id, "work", None, None).await;
+        let e = outcome(&sys, &id).await;
+        assert_eq!(e.kind, "completed", "with policy wait nothing fails: {e:?}");
+        if started.elapsed() > Duration::from_millis(window / 3) {
+            break started.elapsed();
+        }
+        i += 1;
+        assert!(i < 20, "the budget never made a task wait");
+    };
+    assert!(
+        waited < Duration::from_millis(2 * window + 2_000),
+        "it waited for the window, not longer: {waited:?}"
+    );
+    let entries = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_all()).await;
+    let ops: Vec<String> =
+        entries.iter().map(|(_, p)| codec::decode::<LedgerEntry>(None, p).unwrap().op).collect();
+    for kind in ["warning", "exhausted", "refilled"] {
+        assert!(ops.iter().any(|o| o == kind), "a {kind} entry is in the ledger: {ops:?}");
+    }
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_runners_share_sixty_requests_a_minute_and_interactive_tasks_go_first() {
+    let stub = StubLlm::start(Vec::new()).await;
+    stub.set_fallback(Reply::openai_text("ok", 5, 1));
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_budget_keeper().await;
+    let rate = BudgetRequest { rate: Some("openai/stub-model".into()), rpm: Some(60), ..Default::default() };
+    keeper(&sys).call("rate", &rate).await.unwrap();
+    sys.start_dispatcher(dispatcher_config()).await;
+    let fleet = stub_fleet(&stub, "w", "\"work\"", "concurrency = 40\nreplicas = 1");
+    for r in ["r1", "r2", "r3"] {
+        sys.start_runner(r, &fleet).await;
+    }
+    for r in ["r1", "r2", "r3"] {
+        sys.wait_for_agents(r, 1).await;
+    }
+    // 75 batch tasks: 60 get permits now, 15 wait for the minute to roll.
+    for i in 0..75 {
+        submit(&sys, &format!("b{i}"), "work", Some(Priority::BATCH), None).await;
+    }
+    flotilla_testkit::eventually(Duration::from_secs(30), "60 calls", || async {
+        (stub.requests().len() >= 60).then_some(())
+    })
+    .await;
+    // Then 10 interactive tasks: they wait too, and go first when permits free up.
+    for i in 0..10 {
+        submit(&sys, &format!("i{i}"), "work", Some(Priority::INTERACTIVE), None).await;
+    }
+    sys.wait_for_kind("completed", 85, Duration::from_secs(150)).await;
+
+    // At most 60 calls reached the model in any one-minute window.
+    let at = stub.arrivals();
+    assert_eq!(at.len(), 85);
+    for (i, start) in at.iter().enumerate() {
+        let n = at[i..].iter().take_while(|t| t.duration_since(*start) < Duration::from_secs(60)).count();
+        assert!(n <= 60, "{n} calls within a minute from call {i}");
+    }
+    // Permits in the ledger's order: after the first 60, every interactive task before the
+    // batch tasks that had been waiting longer.
+    let entries = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_subject("reserve")).await;
+    let order: Vec<String> = entries
+        .iter()
+        .map(|(_, p)| codec::decode::<LedgerEntry>(None, p).unwrap().request.id.unwrap())
+        .collect();
+    assert_eq!(order.len(), 85, "{order:?}");
+    let late: Vec<char> = order[60..].iter().map(|id| id.chars().next().unwrap()).collect();
+    assert_eq!(late.iter().collect::<String>(), format!("{}{}", "i".repeat(10), "b".repeat(15)), "{order:?}");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_child_budget_is_carved_from_the_parent_and_what_it_did_not_use_is_refunded() {
+    let stub = StubLlm::start(vec![
+        Reply::openai_tools(
+            &[("delegate", json!({"capability": "child", "input": "sub-task", "budget_tokens": 4000}))],
+            100,
+            20,
+        ),
+        Reply::openai_text("child done", 1_000, 500),
+        Reply::openai_text("parent done", 200, 30),
+    ])
+    .await;
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_budget_keeper().await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    let fleet = stub_fleet(
+        &stub,
+        "w",
+        "\"parent\", \"child\"",
+        "tools = [\"delegate\"]\nconcurrency = 2\nmax_tokens_per_call = 2000",
+    );
+    sys.start_runner("r1", &fleet).await;
+    sys.wait_for_agents("r1", 1).await;
+    submit(&sys, "p", "parent", None, Some(10_000)).await;
+    let e = outcome(&sys, "p").await;
+    assert_eq!(e.kind, "completed", "{e:?}");
+
+    // Replay the ledger: while the child ran the parent had 10,000 − 120 − 4,000 left; once the
+    // child's budget closed, 2,500 of the 4,000 came back.
+    let entries: Vec<LedgerEntry> = sys
+        .read_stream(&sys.names.ledger_stream(), &sys.names.ledger_all())
+        .await
+        .into_iter()
+        .map(|(_, p)| codec::decode(None, &p).unwrap())
+        .collect();
+    let mut l = Ledger::new(u64::MAX);
+    let mut seen = Vec::new();
+    for e in &entries {
+        flotilla_budget_keeper::service::apply(&mut l, &e.op, &e.request, e.at_ms);
+        if e.op == "carve" || (e.op == "close" && e.request.scope.as_deref() == Some("task.p-s1c0")) {
+            seen.push((e.op.clone(), l.budget("task.p", e.at_ms).unwrap().available()));
+        }
+    }
+    assert_eq!(seen, [("carve".to_owned(), 5_880), ("close".to_owned(), 8_380)], "{entries:?}");
+    let p = keeper(&sys).call("show", &show("task.p")).await.unwrap().budget.unwrap();
+    assert_eq!((p.used, p.available), (120 + 1_500 + 230, Some(10_000 - 1_850)));
+    let c = keeper(&sys).call("show", &show("task.p-s1c0")).await.unwrap().budget.unwrap();
+    assert_eq!((c.limit_tokens, c.used), (Some(4_000), 1_500));
     sys.stop().await;
 }

@@ -277,3 +277,10 @@ pub fn fake_agent(
     });
     stop
 }
+
+/// A plain HTTP client for tests (reqwest is built without a default TLS provider: the
+/// workspace installs ring first).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}

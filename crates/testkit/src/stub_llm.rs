@@ -227,6 +227,8 @@ struct Inner {
     /// Answer when the script is empty.
     fallback: Option<Reply>,
     requests: Vec<(HeaderMap, Value)>,
+    /// When each request arrived.
+    arrivals: Vec<std::time::Instant>,
 }
 
 /// A running stub; stops with the test's runtime.
@@ -277,6 +279,11 @@ impl StubLlm {
         self.inner.lock().expect("stub lock").requests.iter().map(|(_, b)| b.clone()).collect()
     }
 
+    /// When every request so far arrived, in order.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.inner.lock().expect("stub lock").arrivals.clone()
+    }
+
     /// Headers of every request so far.
     pub fn request_headers(&self) -> Vec<HeaderMap> {
         self.inner.lock().expect("stub lock").requests.iter().map(|(h, _)| h.clone()).collect()
@@ -287,6 +294,7 @@ async fn answer(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body
     let reply = {
         let mut g = inner.lock().expect("stub lock");
         g.requests.push((headers, serde_json::from_slice(&body).unwrap_or(Value::Null)));
+        g.arrivals.push(std::time::Instant::now());
         g.script.pop_front().or_else(|| g.fallback.clone())
     };
     let Some(reply) = reply else {

@@ -1,0 +1,220 @@
+//! Issue 5's acceptance runs against a real nats-server and `flotilla-budget-keeper` processes:
+//! 100 concurrent reservers × 50 reserve/commit cycles on one budget of 100,000 tokens, one
+//! cycle in ten abandoning its reservation, each call's usage reported by an LLM stub. Over the
+//! whole ledger, replayed entry by entry, committed + held never exceeds the limit, and the
+//! final usage is exactly what the stub reported for the committed calls. The second run does
+//! the same with the active keeper killed (`kill -9`) halfway and a standby taking over.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use flotilla_budget_keeper::ledger::Ledger;
+use flotilla_protocol::{BudgetRequest, LedgerEntry, Names, Prefix, WireFormat, codec};
+use flotilla_service::budget::Client;
+use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_testkit::stub_llm::{Reply, StubLlm};
+use flotilla_testkit::{ChildProcess, NatsServer, bin, eventually};
+use futures::StreamExt as _;
+
+const LIMIT: u64 = 100_000;
+const SCOPE: &str = "tenant.acme";
+const RESERVERS: u64 = 100;
+const CYCLES: u64 = 50;
+/// Each call holds this much and uses at most `MAX_USED`: a grant is all of it or nothing.
+const WANT: u64 = 64;
+const MAX_USED: u64 = 60;
+
+fn keeper(server: &NatsServer, instance: &str) -> ChildProcess {
+    ChildProcess::spawn(
+        &bin("flotilla-budget-keeper"),
+        &[],
+        &[
+            ("FLOTILLA_NATS_URL", server.url()),
+            ("FLOTILLA_INSTANCE", instance),
+            ("FLOTILLA_BUDGET_KEEPER__LEASE", "1s"),
+            ("RUST_LOG", "warn"),
+        ],
+    )
+    .unwrap()
+}
+
+async fn entries(fleet: &Fleet) -> Vec<LedgerEntry> {
+    let stream = fleet.js.get_stream(fleet.names.ledger_stream()).await.unwrap();
+    let mut msgs = stream
+        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
+        out.push(codec::decode(None, &m.payload).unwrap());
+    }
+    out
+}
+
+/// One model call to the stub: the usage it reports.
+async fn llm_call(http: &reqwest::Client, stub: &StubLlm, max_tokens: u64) -> u64 {
+    let body = serde_json::json!({
+        "model": "stub", "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hello"}],
+    });
+    let r: serde_json::Value = http
+        .post(format!("{}/chat/completions", stub.openai_base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["usage"]["total_tokens"].as_u64().unwrap()
+}
+
+/// Runs the reservers; calls `halfway` once half of all cycles are done. Returns the usage the
+/// stub reported for the committed calls.
+async fn run(fleet: &Fleet, stub: &StubLlm, halfway: impl FnOnce() + Send + 'static) -> u64 {
+    let mut client = Client::new(fleet.clone());
+    client.request_timeout = Duration::from_secs(2);
+    let done = Arc::new(AtomicU64::new(0));
+    let halfway = Arc::new(std::sync::Mutex::new(Some(halfway)));
+    let http = flotilla_testkit::http_client();
+    let mut workers = Vec::new();
+    for w in 0..RESERVERS {
+        let (client, done, halfway, http, stub) =
+            (client.clone(), done.clone(), halfway.clone(), http.clone(), stub.clone());
+        workers.push(tokio::spawn(async move {
+            let mut reported = 0;
+            for c in 0..CYCLES {
+                if done.fetch_add(1, Ordering::SeqCst) == RESERVERS * CYCLES / 2
+                    && let Some(f) = halfway.lock().unwrap().take()
+                {
+                    f();
+                }
+                let id = format!("w{w}-c{c}");
+                let abandon = (w + c) % 10 == 0;
+                let req = BudgetRequest {
+                    id: Some(id.clone()),
+                    scopes: vec![SCOPE.into()],
+                    want: Some(WANT),
+                    min: Some(WANT),
+                    lease_ms: Some(if abandon { 1_500 } else { 120_000 }),
+                    ..Default::default()
+                };
+                let tokens = match client.call("reserve", &req).await {
+                    Ok(r) => r.tokens.unwrap(),
+                    Err(e) => {
+                        assert_eq!(e.code(), "budget_exceeded", "{e}");
+                        continue;
+                    }
+                };
+                assert_eq!(tokens, WANT);
+                if abandon {
+                    continue;
+                }
+                let used = llm_call(&http, &stub, tokens).await;
+                let commit = BudgetRequest { id: Some(id), used: Some(used), ..Default::default() };
+                let r = client.call("commit", &commit).await.unwrap();
+                assert_eq!((r.charged, r.over), (Some(used), Some(0)));
+                reported += used;
+            }
+            reported
+        }));
+    }
+    let mut reported = 0;
+    for w in workers {
+        reported += w.await.unwrap();
+    }
+    reported
+}
+
+/// Checks the ledger and the final state.
+async fn check(fleet: &Fleet, reported: u64) {
+    let client = Client::new(fleet.clone());
+    let show = BudgetRequest { scope: Some(SCOPE.into()), ..Default::default() };
+    let b = eventually(Duration::from_secs(20), "abandoned reservations to expire", || async {
+        let b = client.call("show", &show).await.ok()?.budget?;
+        (b.held == 0).then_some(b)
+    })
+    .await;
+    assert_eq!(b.used, reported, "committed equals the usage the stub reported");
+    let entries = entries(fleet).await;
+    let mut replay = Ledger::new(u64::MAX);
+    let mut peak = 0;
+    for e in &entries {
+        flotilla_budget_keeper::service::apply(&mut replay, &e.op, &e.request, e.at_ms);
+        if let Some(b) = replay.budget(SCOPE, e.at_ms) {
+            assert!(b.used + b.held <= LIMIT, "overspent after {e:?}");
+            peak = peak.max(b.used + b.held);
+        }
+    }
+    let end = replay.budget(SCOPE, u64::MAX / 2).unwrap();
+    assert_eq!(end.used, reported, "the replayed ledger ends where the keeper did");
+    assert!(peak > LIMIT * 9 / 10, "the budget was under pressure (peak {peak})");
+    assert!(entries.iter().any(|e| e.op == "expire"), "abandoned reservations expired");
+    assert!(entries.iter().any(|e| e.op == "exhausted"), "exhaustion was recorded");
+}
+
+async fn setup(server: &NatsServer) -> (Fleet, StubLlm) {
+    let fleet =
+        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "t".into());
+    Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let stub = StubLlm::start(Vec::new()).await;
+    // Usage from 5 to 60 tokens, varying per call.
+    let mut script = Vec::new();
+    for i in 0..RESERVERS * CYCLES {
+        let used = 5 + (i * 37) % (MAX_USED - 4);
+        script.push(Reply::openai_text("ok", used / 2, used - used / 2));
+    }
+    stub.push(script);
+    (fleet, stub)
+}
+
+async fn set_limit(fleet: &Fleet) {
+    let mut client = Client::new(fleet.clone());
+    client.request_timeout = Duration::from_secs(2);
+    let set = BudgetRequest { scope: Some(SCOPE.into()), limit_tokens: Some(LIMIT), ..Default::default() };
+    let r = client.call("set", &set).await.unwrap();
+    assert_eq!(r.budget.unwrap().available, Some(LIMIT));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_reservers_never_overspend() {
+    let server = NatsServer::start();
+    let (fleet, stub) = setup(&server).await;
+    let _keeper = keeper(&server, "bk-a");
+    set_limit(&fleet).await;
+    let reported = run(&fleet, &stub, || {}).await;
+    check(&fleet, reported).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_active_keeper_halfway_loses_no_commit_and_overspends_nothing() {
+    let server = NatsServer::start();
+    let (fleet, stub) = setup(&server).await;
+    let mut active = keeper(&server, "bk-a");
+    set_limit(&fleet).await;
+    // The standby starts once the first keeper is active, so which one is active is known.
+    let _standby = keeper(&server, "bk-b");
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+    let killer = tokio::spawn(async move {
+        let _ = kill_rx.await;
+        active.kill9();
+    });
+    let reported = run(&fleet, &stub, move || {
+        let _ = kill_tx.send(());
+    })
+    .await;
+    killer.await.unwrap();
+    check(&fleet, reported).await;
+    // The standby answered the second half: it holds the lease now.
+    let kv = fleet.js.get_key_value(fleet.names.budgets_bucket()).await.unwrap();
+    let lease: serde_json::Value =
+        serde_json::from_slice(&kv.get(flotilla_budget_keeper::leader::KEY).await.unwrap().unwrap()).unwrap();
+    assert_eq!(lease["holder"], "bk-b");
+}
