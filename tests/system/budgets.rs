@@ -309,3 +309,38 @@ async fn a_child_budget_is_carved_from_the_parent_and_what_it_did_not_use_is_ref
     assert_eq!((c.limit_tokens, c.used), (Some(4_000), 1_500));
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_providers_429_holds_back_every_runner_sharing_the_limit() {
+    let stub = StubLlm::start(vec![
+        Reply::raw(429, r#"{"error": {"message": "slow down"}}"#).header("retry-after", "2"),
+    ])
+    .await;
+    stub.set_fallback(Reply::openai_text("ok", 5, 1));
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_budget_keeper().await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    let fleet = stub_fleet(&stub, "w", "\"work\"", "");
+    sys.start_runner("r1", &fleet).await;
+    sys.start_runner("r2", &fleet).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.wait_for_agents("r2", 1).await;
+    submit(&sys, "first", "work", None, None).await;
+    flotilla_testkit::eventually(Duration::from_secs(20), "the first call", || async {
+        (!stub.requests().is_empty()).then_some(())
+    })
+    .await;
+    // Every later call waits for the provider's two seconds, on whichever runner it is.
+    for i in 0..4 {
+        submit(&sys, &format!("next{i}"), "work", None, None).await;
+    }
+    sys.wait_for_kind("completed", 5, Duration::from_secs(30)).await;
+    let at = stub.arrivals();
+    assert_eq!(at.len(), 6, "one 429, then five calls");
+    for t in &at[1..] {
+        assert!(t.duration_since(at[0]) >= Duration::from_millis(1_950), "a call went out during the pause");
+    }
+    let entries = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_subject("backoff")).await;
+    assert_eq!(entries.len(), 1, "the 429 reached the shared limiter");
+    sys.stop().await;
+}

@@ -163,6 +163,8 @@ async fn runner(cli: &Cli, agents: u32, tasks: usize) -> Result<(), Failure> {
         .env("FLOTILLA_PREFIX", &cli.prefix)
         .env("FLOTILLA_FLEET", &fleet_path)
         .env("FLOTILLA_RUNNER_ID", "bench")
+        // No budget-keeper runs here: what is measured is the path without budgets.
+        .env("FLOTILLA_AGENT_RUNNER__BUDGETS", "false")
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()

@@ -394,7 +394,7 @@ fn default_max_attempts() -> u32 {
 }
 
 /// Whether a failure with this code may succeed if the attempt runs again: provider trouble and
-/// model errors are; refusals, exhausted budgets or steps, deadlines, cancellations and human
+/// model errors are, and so is a budget-keeper that did not answer; refusals, exhausted budgets or steps, deadlines, cancellations and human
 /// rejections are not.
 pub fn is_retryable(code: &str) -> bool {
     matches!(
@@ -406,6 +406,7 @@ pub fn is_retryable(code: &str) -> bool {
             | "provider_malformed_response"
             | "model_error"
             | "agent_crashed"
+            | "budget_unavailable"
     )
 }
 

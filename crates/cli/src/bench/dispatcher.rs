@@ -309,6 +309,8 @@ impl Runners {
                     .env("FLOTILLA_PREFIX", names.prefix().as_str())
                     .env("FLOTILLA_FLEET", &fleet_path)
                     .env("FLOTILLA_RUNNER_ID", id)
+                    // No budget-keeper runs here: what is measured is the path without budgets.
+                    .env("FLOTILLA_AGENT_RUNNER__BUDGETS", "false")
                     .env("RUST_LOG", "warn")
                     .kill_on_drop(true)
                     .spawn()
