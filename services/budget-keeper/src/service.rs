@@ -140,6 +140,20 @@ struct Waiter {
     order: u64,
 }
 
+/// The place in line of a waiter that was answered `rate_limited` after [`MAX_WAIT`]: kept for
+/// [`PLACE_KEPT`], so its caller asking again (same id) gets its place back, and nobody behind it
+/// gets a permit in between.
+struct Place {
+    id: String,
+    rates: Vec<String>,
+    priority: Priority,
+    order: u64,
+    until: Instant,
+}
+
+/// How long a place in line waits for its caller to ask again.
+const PLACE_KEPT: Duration = Duration::from_secs(1);
+
 /// One request: its operation, the request itself, its decoded body and its wire format.
 struct Item {
     op: &'static str,
@@ -163,6 +177,7 @@ struct Keeper<'a> {
     /// The ledger stream's last sequence as this keeper knows it (the fence of its next write).
     last_seq: u64,
     waiters: Vec<Waiter>,
+    places: Vec<Place>,
     order: u64,
 }
 
@@ -182,7 +197,7 @@ async fn serve_as_leader(fleet: &Fleet, lost: &CancellationToken) -> anyhow::Res
         took_ms = started.elapsed().as_millis(),
         "active budget-keeper: ledger rebuilt"
     );
-    let mut keeper = Keeper { fleet, ledger, last_seq, waiters: Vec::new(), order: 0 };
+    let mut keeper = Keeper { fleet, ledger, last_seq, waiters: Vec::new(), places: Vec::new(), order: 0 };
     let svc = fleet
         .client
         .service_builder()
@@ -218,7 +233,7 @@ async fn serve_as_leader(fleet: &Fleet, lost: &CancellationToken) -> anyhow::Res
                 }
                 continue;
             }
-            _ = poll.tick(), if !keeper.waiters.is_empty() => {
+            _ = poll.tick(), if !keeper.waiters.is_empty() || !keeper.places.is_empty() => {
                 if let Err(e) = keeper.round(Vec::new(), false).await {
                     break Err(e);
                 }
@@ -333,20 +348,37 @@ impl Keeper<'_> {
 
     fn wait(&mut self, item: Item) {
         let priority = item.body.as_ref().ok().and_then(|b| b.priority).unwrap_or_default();
-        self.order += 1;
-        self.waiters.push(Waiter { item, priority, since: Instant::now(), order: self.order });
+        let id = item.body.as_ref().ok().and_then(|b| b.id.clone());
+        // A caller asking again after `rate_limited` gets its place in line back.
+        let kept = id.and_then(|id| self.places.iter().position(|p| p.id == id)).map(|i| self.places.remove(i));
+        let order = match kept {
+            Some(p) => p.order,
+            None => {
+                self.order += 1;
+                self.order
+            }
+        };
+        self.waiters.push(Waiter { item, priority, since: Instant::now(), order });
     }
 
     /// Gives waiting reservations their permits, most urgent first; once one waiter of a rate
     /// limit cannot have a permit, no later one of that limit gets one in this round.
     fn decide_waiters(&mut self, now: u64, decided: &mut Vec<Decided>) {
+        self.places.retain(|p| p.until > Instant::now());
         if self.waiters.is_empty() {
             return;
         }
         self.waiters.sort_by_key(|w| (w.priority, w.order));
+        // Places in line whose callers are about to ask again block their limits for everyone
+        // behind them.
+        let places: Vec<(Priority, u64, Vec<String>)> =
+            self.places.iter().map(|p| (p.priority, p.order, p.rates.clone())).collect();
         let mut blocked: HashSet<String> = HashSet::new();
         let mut still = Vec::new();
         for w in std::mem::take(&mut self.waiters) {
+            for (_, _, rates) in places.iter().filter(|(p, o, _)| (*p, *o) < (w.priority, w.order)) {
+                blocked.extend(rates.iter().cloned());
+            }
             let Ok(body) = &w.item.body else { continue };
             if body.rates.iter().any(|r| blocked.contains(r)) {
                 still.push(w);
@@ -363,6 +395,15 @@ impl Keeper<'_> {
                     "rate_limited",
                     format!("no rate permit within {} s; ask again", MAX_WAIT.as_secs()),
                 ));
+                if let Some(id) = body.id.clone() {
+                    self.places.push(Place {
+                        id,
+                        rates: body.rates.clone(),
+                        priority: w.priority,
+                        order: w.order,
+                        until: Instant::now() + PLACE_KEPT,
+                    });
+                }
             }
             let entry = changed.then(|| LedgerEntry {
                 op: w.item.op.to_owned(),
