@@ -90,7 +90,7 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             try_n += 1;
             let held = match &env.budgets {
                 None => None,
-                Some(b) => match b.reserve(rec, t, &req, step, try_n, &env.tool_ctx.cancel).await {
+                Some(b) => match b.reserve(t, &req, step, try_n, &env.tool_ctx.cancel).await {
                     Ok((held, completion)) => {
                         req.max_tokens = max_tokens.min(completion);
                         Some(held)

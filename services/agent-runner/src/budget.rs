@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_protocol::{BudgetRequest, ErrorInfo, TaskRecord, time::now_ms};
+use flotilla_protocol::{BudgetRequest, ErrorInfo, Priority, TaskRecord, time::now_ms};
 use flotilla_service::budget::{BudgetError, Client};
 use tokio_util::sync::CancellationToken;
 
@@ -80,23 +80,47 @@ pub enum Denied {
     Cancelled,
 }
 
-/// Budgets of one claimed attempt.
+/// Budgets of one claimed attempt (or of one direct message).
 #[derive(Debug, Clone)]
 pub struct Budgets {
     pub client: Client,
-    /// The claim's revision: with task and attempt, it makes keys unique to this run.
-    pub claim_rev: u64,
+    /// Prefix of every key of this run: `<task>:<attempt>:<claim revision>` for an attempt
+    /// (unique to this claim), `msg:<agent>:<uuid>` for a direct message.
+    pub key: String,
     pub agent_id: String,
+    /// The task's id and token cap, when the calls count against a task's budget.
+    pub task: Option<(String, u64)>,
+    pub tenant: Option<String>,
+    pub priority: Priority,
+    pub deadline_ms: Option<u64>,
 }
 
 impl Budgets {
+    /// Budgets of a claimed attempt.
+    pub fn for_attempt(
+        client: Client,
+        rec: &TaskRecord,
+        claim_rev: u64,
+        agent_id: &str,
+        t: &AgentTemplate,
+    ) -> Self {
+        Self {
+            client,
+            key: format!("{}:{}:{claim_rev}", rec.id, rec.attempt),
+            agent_id: agent_id.to_owned(),
+            task: task_cap(rec, t).map(|cap| (rec.id.clone(), cap)),
+            tenant: Some(rec.tenant.clone()),
+            priority: rec.priority,
+            deadline_ms: rec.deadline_ms,
+        }
+    }
+
     /// Reserves tokens for `req` (step `step`, try `try_n`): waits while a budget's policy is to
-    /// wait or a rate permit is scarce (until the task's deadline), and makes sure the lease
-    /// outlasts the call. Returns the grant and the `max_tokens` to send.
+    /// wait or a rate permit is scarce (until the deadline), and makes sure the lease outlasts
+    /// the call. Returns the grant and the `max_tokens` to send.
     #[tracing::instrument(skip_all, fields(step, try_n))]
     pub async fn reserve(
         &self,
-        rec: &TaskRecord,
         t: &AgentTemplate,
         req: &ChatRequest,
         step: u32,
@@ -106,17 +130,19 @@ impl Budgets {
         let prompt = prompt_bound(req);
         let mut scopes = Vec::with_capacity(4);
         let mut limits = BTreeMap::new();
-        if let Some(cap) = task_cap(rec, t) {
-            scopes.push(task_scope(&rec.id));
-            limits.insert(task_scope(&rec.id), cap);
+        if let Some((id, cap)) = &self.task {
+            scopes.push(task_scope(id));
+            limits.insert(task_scope(id), *cap);
         }
         scopes.push(format!("agent.{}", self.agent_id));
-        scopes.push(format!("tenant.{}", rec.tenant));
+        if let Some(tenant) = &self.tenant {
+            scopes.push(format!("tenant.{tenant}"));
+        }
         scopes.push(format!("model.{}", t.model));
         let lease = t.request_timeout + LEASE_MARGIN;
         let mut lease_try = 0u32;
         loop {
-            let id = format!("{}:{}:{}:{step}:{try_n}.{lease_try}", rec.id, rec.attempt, self.claim_rev);
+            let id = format!("{}:{step}:{try_n}.{lease_try}", self.key);
             let body = BudgetRequest {
                 id: Some(id.clone()),
                 scopes: scopes.clone(),
@@ -126,7 +152,7 @@ impl Budgets {
                 limits: limits.clone(),
                 model: Some(t.model.clone()),
                 rates: t.rate_keys(),
-                priority: Some(rec.priority),
+                priority: Some(self.priority),
                 ..Default::default()
             };
             let refusal = match self.client.call("reserve", &body).await {
@@ -173,7 +199,7 @@ impl Budgets {
                     return Err(Denied::Fail(ErrorInfo::new("budget_error", message)));
                 }
             };
-            if let Some(d) = rec.deadline_ms
+            if let Some(d) = self.deadline_ms
                 && now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)) >= d
             {
                 return Err(Denied::Fail(ErrorInfo::new(

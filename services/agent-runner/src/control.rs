@@ -30,6 +30,8 @@ pub struct Control {
     pub topology: Topology,
     pub agents: Arc<Agents>,
     pub providers: HashMap<String, Provider>,
+    /// The budget-keeper, when budgets are enforced (direct messages' model calls count too).
+    pub budgets: Option<flotilla_service::budget::Client>,
     /// Where new agents' inboxes run.
     pub inboxes: TaskTracker,
     pub shutdown: CancellationToken,
@@ -52,6 +54,7 @@ impl Control {
                 self.fleet.clone(),
                 slot.clone(),
                 provider.clone(),
+                self.budgets.clone(),
                 self.shutdown.clone(),
             ));
         }

@@ -15,7 +15,13 @@ use crate::llm::{ChatRequest, Provider, Turn};
 use crate::registry::Slot;
 
 /// Serves one agent's inbox until `shutdown` or until the agent stops.
-pub async fn serve(fleet: Fleet, slot: Arc<Slot>, provider: Provider, shutdown: CancellationToken) {
+pub async fn serve(
+    fleet: Fleet,
+    slot: Arc<Slot>,
+    provider: Provider,
+    budgets: Option<flotilla_service::budget::Client>,
+    shutdown: CancellationToken,
+) {
     let subject = fleet.names.agent_inbox(&slot.agent_id);
     let mut sub = match fleet.client.subscribe(subject.clone()).await {
         Ok(s) => s,
@@ -32,11 +38,12 @@ pub async fn serve(fleet: Fleet, slot: Arc<Slot>, provider: Provider, shutdown: 
             m = sub.next() => match m { Some(m) => m, None => break },
         };
         let Some(reply_to) = msg.reply.clone() else { continue };
-        let (fleet, slot, provider) = (fleet.clone(), slot.clone(), provider.clone());
+        let (fleet, slot, provider, budgets) =
+            (fleet.clone(), slot.clone(), provider.clone(), budgets.clone());
         let span = tracing::info_span!("direct_message", agent_id = %slot.agent_id);
         tracker.spawn(
             async move {
-                let answer = answer(&slot, &provider, &msg.payload).await;
+                let answer = answer(&slot, &provider, budgets, &msg.payload).await;
                 let body = match fleet.encode(&answer) {
                     Ok(b) => b,
                     Err(e) => {
@@ -56,7 +63,12 @@ pub async fn serve(fleet: Fleet, slot: Arc<Slot>, provider: Provider, shutdown: 
     tracker.wait().await;
 }
 
-async fn answer(slot: &Slot, provider: &Provider, payload: &[u8]) -> DirectReply {
+async fn answer(
+    slot: &Slot,
+    provider: &Provider,
+    budgets: Option<flotilla_service::budget::Client>,
+    payload: &[u8],
+) -> DirectReply {
     let mut reply = DirectReply { agent_id: slot.agent_id.clone(), reply: None, usage: None, error: None };
     let m: DirectMessage = match codec::decode(None, payload) {
         Ok(m) => m,
@@ -77,7 +89,7 @@ async fn answer(slot: &Slot, provider: &Provider, payload: &[u8]) -> DirectReply
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    let req = ChatRequest {
+    let mut req = ChatRequest {
         model: slot.template.model.clone(),
         system: slot.template.system_prompt.clone(),
         turns: vec![Turn::User(format!("Message from agent {}: {text}", m.from))],
@@ -86,14 +98,65 @@ async fn answer(slot: &Slot, provider: &Provider, payload: &[u8]) -> DirectReply
         purpose: "message".to_owned(),
         // A direct message belongs to no attempt of a task.
         attempt: 0,
-        single_try: false,
+        single_try: budgets.is_some(),
+    };
+    let Some(client) = budgets else {
+        match provider.chat(&req).await {
+            Ok(r) => {
+                reply.reply = Some(r.text);
+                reply.usage = Some(r.usage);
+            }
+            Err(e) => reply.error = Some(ErrorInfo::new(e.code(), e.to_string())),
+        }
+        return reply;
+    };
+    // Under budgets the call counts against the agent and its model (and shares the rate
+    // limits), like a task's: reserved first, one try, committed or released after.
+    let b = crate::budget::Budgets {
+        client,
+        key: format!(
+            "msg:{}:{}:{}{}",
+            slot.agent_id,
+            flotilla_protocol::time::now_ms(),
+            flotilla_service::config::random_instance_id(),
+            flotilla_service::config::random_instance_id()
+        ),
+        agent_id: slot.agent_id.clone(),
+        task: None,
+        tenant: None,
+        priority: flotilla_protocol::Priority::INTERACTIVE,
+        deadline_ms: None,
+    };
+    let never = CancellationToken::new();
+    let held = match b.reserve(&slot.template, &req, 1, 1, &never).await {
+        Ok((held, completion)) => {
+            req.max_tokens = req.max_tokens.min(completion);
+            held
+        }
+        Err(crate::budget::Denied::Fail(e)) => {
+            reply.error = Some(e);
+            return reply;
+        }
+        Err(crate::budget::Denied::Cancelled) => {
+            reply.error = Some(ErrorInfo::new("cancelled", "cancelled while waiting for the budget"));
+            return reply;
+        }
     };
     match provider.chat(&req).await {
         Ok(r) => {
+            if let Err(e) = b.commit(&held, r.usage.total_tokens, r.usage.prompt_tokens).await {
+                tracing::warn!(error = %e.message, "a direct message's usage was not recorded");
+            }
             reply.reply = Some(r.text);
             reply.usage = Some(r.usage);
         }
-        Err(e) => reply.error = Some(ErrorInfo::new(e.code(), e.to_string())),
+        Err(e) => {
+            b.release(&held).await;
+            if let crate::llm::ProviderError::RateLimited { retry_after } = &e {
+                b.backoff(&slot.template, *retry_after).await;
+            }
+            reply.error = Some(ErrorInfo::new(e.code(), e.to_string()));
+        }
     }
     reply
 }

@@ -218,6 +218,7 @@ pub async fn run_with_tools(
         topology: topology.clone(),
         agents: agents.clone(),
         providers: providers.clone(),
+        budgets: config.budgets.then(|| flotilla_service::budget::Client::new(fleet.clone())),
         inboxes: inboxes.clone(),
         shutdown: shutdown.clone(),
         stream: stream.clone(),

@@ -438,10 +438,8 @@ async fn run_claimed(
             budgets: ctx.budgets.clone(),
             task_cap: crate::budget::task_cap(&rec, &slot.template),
         },
-        budgets: ctx.budgets.clone().map(|client| crate::budget::Budgets {
-            client,
-            claim_rev: rev,
-            agent_id: slot.agent_id.clone(),
+        budgets: ctx.budgets.clone().map(|client| {
+            crate::budget::Budgets::for_attempt(client, &rec, rev, &slot.agent_id, &slot.template)
         }),
     };
 

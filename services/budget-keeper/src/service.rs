@@ -350,7 +350,8 @@ impl Keeper<'_> {
         let priority = item.body.as_ref().ok().and_then(|b| b.priority).unwrap_or_default();
         let id = item.body.as_ref().ok().and_then(|b| b.id.clone());
         // A caller asking again after `rate_limited` gets its place in line back.
-        let kept = id.and_then(|id| self.places.iter().position(|p| p.id == id)).map(|i| self.places.remove(i));
+        let kept =
+            id.and_then(|id| self.places.iter().position(|p| p.id == id)).map(|i| self.places.remove(i));
         let order = match kept {
             Some(p) => p.order,
             None => {
