@@ -52,6 +52,28 @@ async fn budgets_are_set_and_shown_from_the_cli() {
     let (code, _, err) = cli(&url, &["budget", "show", "tenant.nobody"]).await;
     assert_eq!(code, 3, "an unknown scope exits 3: {err}");
     assert!(err.contains("unknown_scope"), "{err}");
+
+    // A class default, a rate limit and a price.
+    let (code, out, err) = cli(
+        &url,
+        &["budget", "set", "agent.*", "500", "--window", "1h", "--policy", "wait", "--warn-at", "50"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("agent.*: limit 500 tokens per rolling 1h, policy wait"), "{out}");
+    assert!(out.contains("warnings at 50 %"), "{out}");
+    let (code, out, err) = cli(&url, &["budget", "rate", "openai/m", "--rpm", "10", "--tpm", "5000"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("openai/m: 10 requests and 5000 tokens per 1m"), "{out}");
+    let (code, out, _) = cli(&url, &["--json", "budget", "rate", "openai/m"]).await;
+    assert_eq!(code, 0);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((r["rpm"].as_u64(), r["requests"].as_u64()), (Some(10), Some(0)), "{r}");
+    let (code, out, err) = cli(&url, &["budget", "price", "m", "--input", "0.15", "--output", "0.6"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("m: $0.15 per million input tokens, $0.6 per million output tokens"), "{out}");
+    let (code, _, err) = cli(&url, &["budget", "set", "tenant.acme", "10", "--policy", "sometimes"]).await;
+    assert_eq!(code, 2, "a bad policy is a usage error: {err}");
     sys.stop().await;
 }
 
