@@ -279,6 +279,11 @@ impl Names {
         format!("{}_budgets", self.lower)
     }
 
+    /// Object store: snapshots of the budget ledger's state, owned by the budget-keeper.
+    pub fn budget_snapshots_bucket(&self) -> String {
+        format!("{}_budget_snapshots", self.lower)
+    }
+
     /// KV bucket: every capability ever declared by a fleet, keyed by capability.
     pub fn capabilities_bucket(&self) -> String {
         format!("{}_capabilities", self.lower)

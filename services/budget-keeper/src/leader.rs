@@ -5,7 +5,7 @@
 //! written with the stream's expected last sequence, so a keeper that lost the lease without
 //! noticing cannot add a decision made on an old view).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use flotilla_protocol::time::now_ms;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 /// The key of the lease in the budgets bucket.
 pub const KEY: &str = "keeper.leader";
 
-/// The lease's value.
+/// The lease's value (`until_ms` is informational: standbys judge by their own clocks).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Lease {
     pub holder: String,
@@ -28,7 +28,10 @@ pub struct Held {
     revision: u64,
 }
 
-/// Waits until this keeper holds the lease (or `shutdown`); `None` on shutdown.
+/// Waits until this keeper holds the lease (or `shutdown`); `None` on shutdown. A lease is taken
+/// over once nobody renewed it for its length, judged on this keeper's own clock from when it
+/// first saw the lease's current revision (so clocks that disagree between machines do not
+/// matter).
 #[tracing::instrument(skip_all, fields(me = %me))]
 pub async fn acquire(
     store: &kv::Store,
@@ -37,8 +40,9 @@ pub async fn acquire(
     shutdown: &CancellationToken,
 ) -> Option<Held> {
     let mut waited_for: Option<String> = None;
+    let mut seen: Option<(u64, Instant)> = None;
     loop {
-        match try_take(store, me, length).await {
+        match try_take(store, me, length, &mut seen).await {
             Ok(Ok(held)) => return Some(held),
             Ok(Err(holder)) => {
                 if waited_for.as_deref() != Some(holder.as_str()) {
@@ -55,8 +59,14 @@ pub async fn acquire(
     }
 }
 
-/// Takes the lease if it is free, ours or run out: `Ok(Err(holder))` when someone else holds it.
-async fn try_take(store: &kv::Store, me: &str, length: Duration) -> anyhow::Result<Result<Held, String>> {
+/// Takes the lease if it is free, ours or not renewed for its length: `Ok(Err(holder))` when
+/// someone else holds it.
+async fn try_take(
+    store: &kv::Store,
+    me: &str,
+    length: Duration,
+    seen: &mut Option<(u64, Instant)>,
+) -> anyhow::Result<Result<Held, String>> {
     let until_ms = now_ms().saturating_add(u64::try_from(length.as_millis()).unwrap_or(u64::MAX));
     let value = serde_json::to_vec(&Lease { holder: me.to_owned(), until_ms })?;
     match store.entry(KEY).await? {
@@ -67,8 +77,16 @@ async fn try_take(store: &kv::Store, me: &str, length: Duration) -> anyhow::Resu
         Some(e) => {
             let current: Option<Lease> =
                 (e.operation == kv::Operation::Put).then(|| serde_json::from_slice(&e.value).ok()).flatten();
+            let since = match *seen {
+                Some((rev, at)) if rev == e.revision => at,
+                _ => {
+                    let now = Instant::now();
+                    *seen = Some((e.revision, now));
+                    now
+                }
+            };
             match current {
-                Some(l) if l.holder != me && l.until_ms > now_ms() => Ok(Err(l.holder)),
+                Some(l) if l.holder != me && since.elapsed() < length => Ok(Err(l.holder)),
                 _ => match store.update(KEY, value.into(), e.revision).await {
                     Ok(revision) => Ok(Ok(Held { revision })),
                     Err(_) => Ok(Err("(a keeper that just took over)".to_owned())),

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// A budget's window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Window {
     /// The scope's whole life (a task's budget).
     Total,
@@ -42,7 +42,7 @@ pub const RATE_MARGIN_MS: u64 = 1_000;
 const WAIT_RETRY_MS: u64 = 5_000;
 
 /// A limit on one scope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limit {
     pub tokens: u64,
     pub window: Window,
@@ -54,7 +54,7 @@ impl Limit {
 }
 
 /// What happens to a call its budget cannot take.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Policy {
     /// The task fails with `budget_exceeded`.
     #[default]
@@ -81,7 +81,7 @@ impl Policy {
 }
 
 /// Policy and warning thresholds of a budget.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rules {
     pub policy: Policy,
     /// Percentages of the limit whose crossing is reported.
@@ -95,7 +95,7 @@ impl Default for Rules {
 }
 
 /// One scope's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Budget {
     pub limit: Limit,
     pub rules: Rules,
@@ -197,7 +197,7 @@ impl Budget {
 }
 
 /// A shared rate limit: requests and tokens per window, over every caller in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rate {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
@@ -264,7 +264,7 @@ impl Rate {
 }
 
 /// A request to hold tokens for one model call.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reserve {
     /// Idempotency key.
     pub id: String,
@@ -285,7 +285,7 @@ pub struct Reserve {
 }
 
 /// What a granted reservation holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     pub tokens: u64,
     pub expires_ms: u64,
@@ -317,7 +317,7 @@ pub enum Refusal {
 }
 
 /// How a reservation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum End {
     /// Committed: `charged` tokens became usage; `over` is what the call used beyond its
     /// reservation (not charged: the limit holds; reported so the caller can tighten its bounds);
@@ -341,7 +341,7 @@ impl End {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Reservation {
     request: Reserve,
     grant: Grant,
@@ -351,7 +351,7 @@ struct Reservation {
 }
 
 /// A price: US dollars per million input and output tokens.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Price {
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
@@ -369,7 +369,7 @@ impl Price {
 }
 
 /// A budget event to report (see [`Ledger::alerts`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Alert {
     /// `warning`, `exhausted` or `refilled`.
     pub kind: &'static str,
@@ -379,7 +379,7 @@ pub struct Alert {
 }
 
 /// The ledger. See the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Ledger {
     budgets: HashMap<String, Budget>,
     /// Class defaults (`agent.*` → limit and rules).
@@ -1129,6 +1129,33 @@ mod tests {
         // not `expire` ran in between (a replay may not run it at the same moments).
         assert!(matches!(l.reserve(req("k", &["task.t"], 100, 1), 600_999), Err(Refusal::Ended(..))));
         assert_eq!(l.reserve(req("k", &["task.t"], 100, 1), 601_000).unwrap().tokens, 100);
+    }
+
+    #[test]
+    fn a_snapshot_answers_as_the_ledger_it_was_taken_from() {
+        use flotilla_protocol::{WireFormat, codec};
+        let mut l = ledger();
+        l.set("agent.*", Limit { tokens: 900, window: Window::Rolling { ms: HOUR } }, Rules::default(), 0);
+        l.set_rate("openai/m", Some(3), None, 60_000);
+        l.set_price("m", Price { input_per_mtok: 1.0, output_per_mtok: 2.0 });
+        let r = |id: &str| Reserve {
+            rates: vec!["openai/m".into()],
+            model: Some("m".into()),
+            ..req(id, &["task.t", "agent.b"], 300, 1)
+        };
+        l.reserve(r("1"), 10).unwrap();
+        l.commit_priced("1", 200, Some(50), 20).unwrap();
+        l.reserve(r("2"), 30).unwrap();
+        let bytes = codec::encode(WireFormat::Msgpack, &l).unwrap();
+        let mut copy: Ledger = codec::decode(None, &bytes).unwrap();
+        for (id, at) in [("2", 40), ("3", 50), ("4", 60), ("1", 70)] {
+            assert_eq!(l.reserve(r(id), at), copy.reserve(r(id), at), "reserve {id}");
+        }
+        assert_eq!(l.commit_priced("3", 120, Some(20), 80), copy.commit_priced("3", 120, Some(20), 80));
+        assert_eq!(l.expire(HOUR), copy.expire(HOUR));
+        for s in ["task.t", "agent.b"] {
+            assert_eq!(l.budget(s, HOUR), copy.budget(s, HOUR), "{s}");
+        }
     }
 
     /// A small deterministic generator, so the random schedules below repeat exactly.

@@ -6,6 +6,7 @@
 pub mod leader;
 pub mod ledger;
 pub mod service;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +26,15 @@ pub struct Config {
     /// keeper died.
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// Ledger entries between two snapshots of the state (0: none; a keeper taking over then
+    /// replays the whole ledger).
+    pub snapshot_every: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { replicas: None, lease: service::Settings::default().lease }
+        let s = service::Settings::default();
+        Self { replicas: None, lease: s.lease, snapshot_every: s.snapshot_every }
     }
 }
 
@@ -80,8 +85,9 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("failed to ensure the ledger stream: {e}"))?;
     tracing::info!(bucket = %bucket, "budget-keeper ready");
-    let settings = service::Settings { lease: config.lease };
-    let served = service::serve(fleet, lease_store, settings, shutdown.clone()).await;
+    let snapshots = snapshot::ensure(&fleet, config.replicas.unwrap_or(replicas)).await?;
+    let settings = service::Settings { lease: config.lease, snapshot_every: config.snapshot_every };
+    let served = service::serve(fleet, lease_store, snapshots, settings, shutdown.clone()).await;
     shutdown.cancel();
     let _ = health.await;
     served

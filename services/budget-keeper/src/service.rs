@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::kv;
+use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::service::ServiceExt as _;
 use async_nats::service::endpoint::Endpoint;
 use bytes::Bytes;
@@ -52,25 +53,52 @@ const WAIT_POLL: Duration = Duration::from_millis(25);
 pub struct Settings {
     /// Length of the leader lease.
     pub lease: Duration,
+    /// Ledger entries between two snapshots of the state (0: none).
+    pub snapshot_every: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { lease: Duration::from_secs(3) }
+        Self { lease: Duration::from_secs(3), snapshot_every: 10_000 }
     }
 }
 
-/// Replays the ledger stream into a fresh ledger; returns it with the stream's last sequence.
-pub async fn rebuild(fleet: &Fleet) -> anyhow::Result<(Ledger, u64)> {
-    let mut ledger = Ledger::new(REMEMBER_MS);
+/// Rebuilds the ledger: the last snapshot (if any, and usable), then the ledger stream's entries
+/// after it, in order. Returns the ledger with the stream's last sequence.
+pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::Result<(Ledger, u64)> {
     let mut stream =
         fleet.js.get_stream(fleet.names.ledger_stream()).await.context("failed to open the ledger stream")?;
-    let last = stream.info().await.context("failed to read the ledger stream")?.state.last_sequence;
-    if last == 0 {
-        return Ok((ledger, 0));
+    let state = stream.info().await.context("failed to read the ledger stream")?.state.clone();
+    let (first, last) = (state.first_sequence, state.last_sequence);
+    let snap = match snapshots {
+        None => None,
+        Some(store) => match crate::snapshot::load(store).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "ledger snapshot unusable; replaying the whole ledger");
+                None
+            }
+        },
+    };
+    let (mut ledger, from) = match snap {
+        // A snapshot from beyond the stream's end belongs to another stream: not used.
+        Some(s) if s.seq <= last => (s.ledger, s.seq),
+        _ => (Ledger::new(REMEMBER_MS), 0),
+    };
+    ledger.remember_ms = REMEMBER_MS;
+    if last == from {
+        return Ok((ledger, last));
     }
+    anyhow::ensure!(
+        first <= from + 1 || state.messages == 0,
+        "the ledger stream starts at entry {first} but the state is only known up to entry {from}: \
+         entries are missing (was the stream given an age limit?)"
+    );
     let mut msgs = stream
-        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from + 1 },
+            ..Default::default()
+        })
         .await
         .context("failed to replay the ledger")?
         .messages()
@@ -91,6 +119,9 @@ pub async fn rebuild(fleet: &Fleet) -> anyhow::Result<(Ledger, u64)> {
     }
     // Bring the reporting state up to date without reporting again what was reported before.
     let _ = ledger.alerts(now_ms());
+    if from > 0 {
+        tracing::info!(snapshot = from, replayed = last - from, "ledger rebuilt from a snapshot");
+    }
     Ok((ledger, last))
 }
 
@@ -98,6 +129,7 @@ pub async fn rebuild(fleet: &Fleet) -> anyhow::Result<(Ledger, u64)> {
 pub async fn serve(
     fleet: Fleet,
     store: kv::Store,
+    snapshots: ObjectStore,
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -109,7 +141,7 @@ pub async fn serve(
         let lost = shutdown.child_token();
         let keeper =
             tokio::spawn(crate::leader::keep(store.clone(), me.clone(), settings.lease, held, lost.clone()));
-        let result = serve_as_leader(&fleet, &lost).await;
+        let result = serve_as_leader(&fleet, &snapshots, &settings, &lost).await;
         let resigning = shutdown.is_cancelled();
         lost.cancel();
         let _ = keeper.await;
@@ -173,6 +205,11 @@ struct Decided {
 /// The active keeper's state.
 struct Keeper<'a> {
     fleet: &'a Fleet,
+    snapshots: &'a ObjectStore,
+    snapshot_every: u64,
+    /// The entry of the last snapshot taken (or loaded), and the one being saved.
+    snapshot_seq: u64,
+    saving: Option<tokio::task::JoinHandle<()>>,
     ledger: Ledger,
     /// The ledger stream's last sequence as this keeper knows it (the fence of its next write).
     last_seq: u64,
@@ -188,16 +225,32 @@ enum Stop {
     Fenced,
 }
 
-async fn serve_as_leader(fleet: &Fleet, lost: &CancellationToken) -> anyhow::Result<()> {
+async fn serve_as_leader(
+    fleet: &Fleet,
+    snapshots: &ObjectStore,
+    settings: &Settings,
+    lost: &CancellationToken,
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (ledger, last_seq) = rebuild(fleet).await?;
+    let (ledger, last_seq) = rebuild(fleet, Some(snapshots)).await?;
     tracing::info!(
         entries = last_seq,
         scopes = ledger.scopes().count(),
         took_ms = started.elapsed().as_millis(),
         "active budget-keeper: ledger rebuilt"
     );
-    let mut keeper = Keeper { fleet, ledger, last_seq, waiters: Vec::new(), places: Vec::new(), order: 0 };
+    let mut keeper = Keeper {
+        fleet,
+        snapshots,
+        snapshot_every: settings.snapshot_every,
+        snapshot_seq: last_seq,
+        saving: None,
+        ledger,
+        last_seq,
+        waiters: Vec::new(),
+        places: Vec::new(),
+        order: 0,
+    };
     let svc = fleet
         .client
         .service_builder()
@@ -343,7 +396,27 @@ impl Keeper<'_> {
         for alert in self.ledger.alerts(now) {
             entries_only.push(self.alert_entry(&alert, now));
         }
-        self.record_and_answer(decided, entries_only).await
+        self.record_and_answer(decided, entries_only).await?;
+        self.snapshot_if_due();
+        Ok(())
+    }
+
+    /// Saves a snapshot (in the background, one at a time) once enough entries came after the
+    /// last one.
+    fn snapshot_if_due(&mut self) {
+        if self.snapshot_every == 0 || self.last_seq < self.snapshot_seq.saturating_add(self.snapshot_every) {
+            return;
+        }
+        if self.saving.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let (store, ledger, seq) = (self.snapshots.clone(), self.ledger.clone(), self.last_seq);
+        self.snapshot_seq = seq;
+        self.saving = Some(tokio::spawn(async move {
+            if let Err(e) = crate::snapshot::save(&store, ledger, seq).await {
+                tracing::warn!(error = %e, "failed to save a ledger snapshot; the next one will try again");
+            }
+        }));
     }
 
     fn wait(&mut self, item: Item) {
@@ -502,7 +575,7 @@ impl Keeper<'_> {
         }
         if failed_at.is_some() {
             // What was decided but not stored must not count: the stream is the truth.
-            match rebuild(self.fleet).await {
+            match rebuild(self.fleet, Some(self.snapshots)).await {
                 Ok((l, seq)) => {
                     self.ledger = l;
                     self.last_seq = seq;

@@ -3,7 +3,8 @@
 //! cycle in ten abandoning its reservation, each call's usage reported by an LLM stub. Over the
 //! whole ledger, replayed entry by entry, committed + held never exceeds the limit, and the
 //! final usage is exactly what the stub reported for the committed calls. The second run does
-//! the same with the active keeper killed (`kill -9`) halfway and a standby taking over.
+//! the same with the active keeper killed (`kill -9`) halfway and a standby taking over (from the
+//! last snapshot of the state plus the entries after it).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -36,6 +37,8 @@ fn keeper(server: &NatsServer, instance: &str) -> ChildProcess {
             ("FLOTILLA_NATS_URL", server.url()),
             ("FLOTILLA_INSTANCE", instance),
             ("FLOTILLA_BUDGET_KEEPER__LEASE", "1s"),
+            // Snapshots every 500 entries: the keeper taking over starts from one.
+            ("FLOTILLA_BUDGET_KEEPER__SNAPSHOT_EVERY", "500"),
             ("RUST_LOG", "warn"),
         ],
     )
@@ -217,4 +220,9 @@ async fn killing_the_active_keeper_halfway_loses_no_commit_and_overspends_nothin
     let lease: serde_json::Value =
         serde_json::from_slice(&kv.get(flotilla_budget_keeper::leader::KEY).await.unwrap().unwrap()).unwrap();
     assert_eq!(lease["holder"], "bk-b");
+    // It started from a snapshot, and its answers (checked above against a replay of the whole
+    // ledger) are the same.
+    let store = fleet.js.get_object_store(fleet.names.budget_snapshots_bucket()).await.unwrap();
+    let snap = flotilla_budget_keeper::snapshot::load(&store).await.unwrap().expect("a snapshot");
+    assert!(snap.seq > 500, "snapshot at entry {}", snap.seq);
 }
