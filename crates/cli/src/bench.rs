@@ -3,8 +3,10 @@
 //! process and one `flotilla-agent-runner` process, then reports (1) the runner's resident
 //! memory while hosting N idle agents and (2) its own time per agent-loop step with the
 //! zero-latency offline model, next to a raw KV read and a raw JetStream publish on the same
-//! server. `flotilla bench dispatcher` lives in [`dispatcher`].
+//! server. `flotilla bench dispatcher` lives in [`dispatcher`], `flotilla bench budget` in
+//! [`budget`].
 
+mod budget;
 mod dispatcher;
 mod profile;
 mod raw;
@@ -54,6 +56,26 @@ pub enum BenchWhat {
         /// Tasks queued in the scheduling core alone [default: 1000000; 20000 with --quick].
         #[arg(long)]
         queued: Option<usize>,
+        /// Small sizes, for tests and a first look.
+        #[arg(long)]
+        quick: bool,
+        /// Configuration file of the local nats-server [default: the project's nats/server.conf,
+        /// with `sync_interval: always`]; e.g. nats/test.conf to flush on the default interval.
+        #[arg(long)]
+        server_config: Option<PathBuf>,
+    },
+    /// Budget-keeper reservations per second on one hot budget and on 1,000 budgets, next to raw
+    /// KV compare-and-swap (sequential and concurrent) on the same server.
+    Budget {
+        /// Reservations of each reserve-only phase and updates of the concurrent
+        /// compare-and-swap; the reserve + commit phases run half as many, the sequential
+        /// compare-and-swap a quarter [default: 20000; 1000 with --quick].
+        #[arg(long)]
+        reservations: Option<usize>,
+        /// Requests (and raw updates) in flight, over 4 connections [default: 256; 64 with
+        /// --quick].
+        #[arg(long)]
+        in_flight: Option<usize>,
         /// Small sizes, for tests and a first look.
         #[arg(long)]
         quick: bool,
@@ -116,6 +138,13 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<(), Failure> {
                 queued: queued.unwrap_or(if *quick { 20_000 } else { 1_000_000 }),
             };
             dispatcher::run(cli, sizes, server_config.as_deref()).await
+        }
+        BenchWhat::Budget { reservations, in_flight, quick, server_config } => {
+            let sizes = budget::Sizes {
+                reservations: reservations.unwrap_or(if *quick { 1000 } else { 20_000 }),
+                in_flight: in_flight.unwrap_or(if *quick { 64 } else { 256 }),
+            };
+            budget::run(cli, sizes, server_config.as_deref()).await
         }
     }
 }

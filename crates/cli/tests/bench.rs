@@ -1,5 +1,6 @@
-//! `flotilla bench runner` and `flotilla bench dispatcher` run end to end on a small scale and
-//! report their figures (the real numbers come from release builds, on demand).
+//! `flotilla bench runner`, `flotilla bench dispatcher` and `flotilla bench budget` run end to
+//! end on a small scale and report their figures (the real numbers come from release builds, on
+//! demand).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -81,4 +82,48 @@ fn bench_dispatcher_reports_every_figure() {
         (report["latency"]["rate_per_s"].as_f64().unwrap(), report["throughput"]["per_s"].as_f64().unwrap());
     assert!((rate - per_s / 2.0).abs() <= 1.0, "latency rate {rate} vs throughput {per_s}");
     eprintln!("bench dispatcher --quick took {:?}", started.elapsed());
+}
+
+#[test]
+fn bench_budget_reports_reservations_next_to_raw_compare_and_swap() {
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("flotilla"))
+        .args(["bench", "budget", "--quick", "--json"])
+        .env_remove("FLOTILLA_NATS_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let positive = |path: &str| {
+        let v = report.pointer(path).unwrap_or_else(|| panic!("{path} missing in {report}"));
+        let x = v.as_f64().unwrap_or_else(|| panic!("{path} is not a number: {v}"));
+        assert!(x > 0.0, "{path} = {x}");
+    };
+    for path in [
+        "/raw/sequential_cas/per_s",
+        "/raw/sequential_read_cas/per_s",
+        "/raw/concurrent_cas/per_s",
+        "/raw/concurrent_cas/p50_ms",
+        "/hot/reserve/per_s",
+        "/hot/reserve/p99_ms",
+        "/hot/reserve/keeper_rounds",
+        "/hot/reserve/requests_per_round",
+        "/hot/reserve_commit/per_s",
+        "/hot/vs_sequential_cas",
+        "/spread/reserve/per_s",
+        "/spread/reserve_commit/per_s",
+        "/spread/vs_concurrent_cas",
+    ] {
+        positive(path);
+    }
+    assert_eq!(report["setup"]["budgets"], 1000);
+    assert_eq!(report["hot"]["reserve"]["ops"], 1000);
+    assert_eq!(report["spread"]["reserve_commit"]["ops"], 500);
+    // One ledger entry per reservation, two per reserve + commit cycle.
+    assert_eq!(report["hot"]["reserve"]["ledger_writes_per_op"], 1.0);
+    assert_eq!(report["spread"]["reserve_commit"]["ledger_writes_per_op"], 2.0);
+    for goal in ["hot_vs_sequential_cas", "spread_vs_concurrent_cas"] {
+        assert!(report["goals"][goal].is_boolean(), "goal {goal} missing");
+    }
+    eprintln!("bench budget --quick took {:?}", started.elapsed());
 }

@@ -1,5 +1,6 @@
 //! A tracing layer that times a few named spans of the services running in this process (the
-//! dispatcher's `submission` and `assign`, and a runner's `assignment` when it runs here): wall time from creation to close, and busy time (while
+//! dispatcher's `submission` and `assign`, a runner's `assignment` when it runs here, the
+//! budget-keeper's `round`): wall time from creation to close, and busy time (while
 //! the span was entered, i.e. its future was being polled). Their difference is time spent
 //! waiting, mostly for NATS replies.
 
@@ -14,7 +15,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::registry::LookupSpan;
 
 /// Spans timed.
-pub const TIMED: [&str; 3] = ["submission", "assign", "assignment"];
+pub const TIMED: [&str; 4] = ["submission", "assign", "assignment", "round"];
 
 /// A closed span: when it was created, how long it stayed open, how long it was being polled.
 #[derive(Debug, Clone, Copy)]
