@@ -177,8 +177,8 @@ async fn an_agent_that_used_up_its_hourly_budget_fails_or_waits_per_policy_until
     let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
     sys.start_budget_keeper().await;
     let k = keeper(&sys);
-    // Every agent: 600 tokens per rolling 3 s ("hourly", shortened), failing when out.
-    let window = 3_000;
+    // Every agent: 600 tokens per rolling 6 s ("hourly", shortened), failing when out.
+    let window = 6_000;
     let set = |policy: &str| BudgetRequest {
         scope: Some("agent.*".into()),
         limit_tokens: Some(600),
@@ -202,25 +202,31 @@ async fn an_agent_that_used_up_its_hourly_budget_fails_or_waits_per_policy_until
     submit(&sys, "after-roll", "work", None, None).await;
     assert_eq!(outcome(&sys, "after-roll").await.kind, "completed");
 
-    // With the policy `wait`, a task the budget cannot take waits for the window instead.
+    // With the policy `wait`, a task the budget cannot take waits for the window instead: after
+    // a fresh window, `done` tasks fit, and the next one waits for the first of them to roll out.
     k.call("set", &set("wait")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(window + window / 60 + 200)).await;
-    let mut i = 0;
-    let waited = loop {
-        let id = format!("w{i}");
-        let started = std::time::Instant::now();
-        submit(&sys, &id, "work", None, None).await;
-        let e = outcome(&sys, &id).await;
-        assert_eq!(e.kind, "completed", "with policy wait nothing fails: {e:?}");
-        if started.elapsed() > Duration::from_millis(window / 3) {
-            break started.elapsed();
-        }
-        i += 1;
-        assert!(i < 20, "the budget never made a task wait");
-    };
+    let start = std::time::Instant::now();
+    for i in 0..done {
+        submit(&sys, &format!("w{i}"), "work", None, None).await;
+        assert_eq!(outcome(&sys, &format!("w{i}")).await.kind, "completed");
+    }
+    let filled = start.elapsed();
+    let submitted = std::time::Instant::now();
+    submit(&sys, "waiter", "work", None, None).await;
+    let e = outcome(&sys, "waiter").await;
+    assert_eq!(e.kind, "completed", "with policy wait nothing fails: {e:?}");
+    let waited = submitted.elapsed();
+    // It could run only once the first task's usage had left the window: about `window` after
+    // filling it began, less the time filling it took.
+    let due = Duration::from_millis(window).saturating_sub(filled);
     assert!(
-        waited < Duration::from_millis(2 * window + 2_000),
-        "it waited for the window, not longer: {waited:?}"
+        waited + Duration::from_millis(300) >= due,
+        "it ran before the window rolled: {waited:?} < {due:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(window) + Duration::from_secs(5),
+        "it waited too long: {waited:?}"
     );
     let entries = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_all()).await;
     let ops: Vec<String> =

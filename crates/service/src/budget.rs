@@ -49,7 +49,7 @@ impl Client {
 
     /// One operation: the answer, or why there is none. `unavailable`, timeouts and "no
     /// responders" are asked again with the same request until [`Self::patience`] runs out.
-    #[tracing::instrument(skip_all, fields(op, id = req.id.as_deref().unwrap_or_default()))]
+    #[tracing::instrument(skip_all, fields(op = op, id = req.id.as_deref().unwrap_or_default()))]
     pub async fn call(&self, op: &str, req: &BudgetRequest) -> Result<BudgetReply, BudgetError> {
         let body: bytes::Bytes = codec::encode(self.fleet.format, req)
             .map_err(|e| BudgetError::Unavailable {

@@ -109,29 +109,50 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                     }
                 },
             };
+            // Dropped mid-call (cancel, deadline, abort), the reservation charges its grant.
+            let in_flight = match (&env.budgets, held) {
+                (Some(b), Some(h)) => Some(crate::budget::InFlight::new(b, h)),
+                _ => None,
+            };
             let result = call(env, rec, step, &req).await;
-            let (Some(b), Some(held)) = (&env.budgets, held) else {
+            let (Some(b), Some(in_flight)) = (&env.budgets, in_flight) else {
                 match result {
                     Ok(r) => break (r, None),
                     Err(e) => return Err(fail(e.code(), e.to_string(), usage, calls)),
                 }
             };
             match result {
-                Ok(r) => match b.commit(&held, r.usage.total_tokens, r.usage.prompt_tokens).await {
+                Ok(r) => match in_flight.commit(r.usage.total_tokens, r.usage.prompt_tokens).await {
                     Ok(cost) => break (r, cost),
-                    Err(e) => return Err(fail(&e.code, e.message, usage, calls)),
+                    Err(e) => {
+                        // The call ran: its usage is reported even though the keeper did not
+                        // record it.
+                        usage.add(r.usage);
+                        calls.push(CallUsage {
+                            step,
+                            model: t.model.clone(),
+                            usage: r.usage,
+                            cost_usd: None,
+                        });
+                        return Err(fail(&e.code, e.message, usage, calls));
+                    }
                 },
                 Err(e) => {
-                    b.release(&held).await;
                     let hint = match &e {
                         crate::llm::ProviderError::RateLimited { retry_after } => {
-                            // Every runner sharing the limit holds back, not just this one; the
-                            // next reservation waits at the keeper until the pause is over.
+                            // Every runner sharing the limit holds back, not just this one (told
+                            // before this reservation's permit goes back); the next reservation
+                            // waits at the keeper until the pause is over.
                             b.backoff(t, *retry_after).await;
                             Some(Duration::ZERO)
                         }
                         _ => None,
                     };
+                    if crate::budget::may_have_been_billed(&e) {
+                        in_flight.charge_all().await;
+                    } else {
+                        in_flight.release().await;
+                    }
                     if !e.is_retryable() || try_n >= t.retry.max_attempts.max(1) {
                         return Err(fail(e.code(), e.to_string(), usage, calls));
                     }

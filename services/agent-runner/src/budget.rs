@@ -118,7 +118,7 @@ impl Budgets {
     /// Reserves tokens for `req` (step `step`, try `try_n`): waits while a budget's policy is to
     /// wait or a rate permit is scarce (until the deadline), and makes sure the lease outlasts
     /// the call. Returns the grant and the `max_tokens` to send.
-    #[tracing::instrument(skip_all, fields(step, try_n))]
+    #[tracing::instrument(skip_all, fields(step = step, try_n = try_n))]
     pub async fn reserve(
         &self,
         t: &AgentTemplate,
@@ -252,6 +252,67 @@ impl Budgets {
             tracing::warn!(error = %e, "failed to report a 429 to the rate limiter");
         }
     }
+}
+
+/// A reservation whose call is under way. Ended explicitly (commit, release, charge); dropped
+/// without that (the attempt was cancelled, ran past its deadline or was aborted mid-call), the
+/// call may have been billed, so its whole grant is charged, in the background.
+#[derive(Debug)]
+pub struct InFlight {
+    budgets: Budgets,
+    held: Option<Held>,
+}
+
+impl InFlight {
+    pub fn new(budgets: &Budgets, held: Held) -> Self {
+        Self { budgets: budgets.clone(), held: Some(held) }
+    }
+
+    /// Commits what the call used (see [`Budgets::commit`]).
+    pub async fn commit(mut self, used: u64, prompt_tokens: u64) -> Result<Option<f64>, ErrorInfo> {
+        match self.held.take() {
+            Some(h) => self.budgets.commit(&h, used, prompt_tokens).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The call failed before anything was billed: everything goes back.
+    pub async fn release(mut self) {
+        if let Some(h) = self.held.take() {
+            self.budgets.release(&h).await;
+        }
+    }
+
+    /// The call failed in a way that may have been billed (a timeout, a stream cut short): the
+    /// whole grant is charged, so that no budget is ever overspent.
+    pub async fn charge_all(mut self) {
+        if let Some(h) = self.held.take()
+            && let Err(e) = self.budgets.commit(&h, h.tokens, 0).await
+        {
+            tracing::warn!(error = %e.message, "failed to charge an interrupted call");
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(h) = self.held.take() else { return };
+        let budgets = self.budgets.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tracing::info!(reservation = %h.id, "call interrupted; charging its whole grant");
+                if let Err(e) = budgets.commit(&h, h.tokens, 0).await {
+                    tracing::warn!(error = %e.message, "failed to charge an interrupted call");
+                }
+            });
+        }
+    }
+}
+
+/// Whether a failed call may have been billed by the provider (and is charged in full).
+pub fn may_have_been_billed(e: &crate::llm::ProviderError) -> bool {
+    use crate::llm::ProviderError as P;
+    matches!(e, P::Timeout(_) | P::Stalled(_) | P::Malformed(_))
 }
 
 /// Closes a task's budget (it ended): a carved one is settled with its parent.

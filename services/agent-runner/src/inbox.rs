@@ -38,12 +38,12 @@ pub async fn serve(
             m = sub.next() => match m { Some(m) => m, None => break },
         };
         let Some(reply_to) = msg.reply.clone() else { continue };
-        let (fleet, slot, provider, budgets) =
-            (fleet.clone(), slot.clone(), provider.clone(), budgets.clone());
+        let (fleet, slot, provider, budgets, stop) =
+            (fleet.clone(), slot.clone(), provider.clone(), budgets.clone(), shutdown.clone());
         let span = tracing::info_span!("direct_message", agent_id = %slot.agent_id);
         tracker.spawn(
             async move {
-                let answer = answer(&slot, &provider, budgets, &msg.payload).await;
+                let answer = answer(&slot, &provider, budgets, &stop, &msg.payload).await;
                 let body = match fleet.encode(&answer) {
                     Ok(b) => b,
                     Err(e) => {
@@ -67,6 +67,7 @@ async fn answer(
     slot: &Slot,
     provider: &Provider,
     budgets: Option<flotilla_service::budget::Client>,
+    shutdown: &CancellationToken,
     payload: &[u8],
 ) -> DirectReply {
     let mut reply = DirectReply { agent_id: slot.agent_id.clone(), reply: None, usage: None, error: None };
@@ -125,10 +126,10 @@ async fn answer(
         task: None,
         tenant: None,
         priority: flotilla_protocol::Priority::INTERACTIVE,
-        deadline_ms: None,
+        // A sender waits about a minute for its answer: no longer for a budget.
+        deadline_ms: Some(flotilla_protocol::time::now_ms().saturating_add(60_000)),
     };
-    let never = CancellationToken::new();
-    let held = match b.reserve(&slot.template, &req, 1, 1, &never).await {
+    let held = match b.reserve(&slot.template, &req, 1, 1, shutdown).await {
         Ok((held, completion)) => {
             req.max_tokens = req.max_tokens.min(completion);
             held
@@ -142,18 +143,23 @@ async fn answer(
             return reply;
         }
     };
+    let in_flight = crate::budget::InFlight::new(&b, held);
     match provider.chat(&req).await {
         Ok(r) => {
-            if let Err(e) = b.commit(&held, r.usage.total_tokens, r.usage.prompt_tokens).await {
+            if let Err(e) = in_flight.commit(r.usage.total_tokens, r.usage.prompt_tokens).await {
                 tracing::warn!(error = %e.message, "a direct message's usage was not recorded");
             }
             reply.reply = Some(r.text);
             reply.usage = Some(r.usage);
         }
         Err(e) => {
-            b.release(&held).await;
             if let crate::llm::ProviderError::RateLimited { retry_after } = &e {
                 b.backoff(&slot.template, *retry_after).await;
+            }
+            if crate::budget::may_have_been_billed(&e) {
+                in_flight.charge_all().await;
+            } else {
+                in_flight.release().await;
             }
             reply.error = Some(ErrorInfo::new(e.code(), e.to_string()));
         }

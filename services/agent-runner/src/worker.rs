@@ -570,9 +570,12 @@ async fn announce_outcome(ctx: &Context, rec: &TaskRecord) -> Result<(), FleetEr
             ev.calls = rec.calls.clone();
             ev.cost_usd = rec.calls.iter().filter_map(|c| c.cost_usd).reduce(|a, b| a + b);
             fleet.publish_event(&ev).await?;
-            // The task ended: its budget closes (a carved one refunds its parent).
-            if let Some(client) = &ctx.budgets {
-                crate::budget::close_task(client, &rec.id).await;
+            // The task ended: its budget closes (a carved one refunds its parent). In the
+            // background: the ack must not wait on the budget-keeper (a close that is lost is
+            // made by the parent's delegate tool, or by the carve's lease).
+            if let Some(client) = ctx.budgets.clone() {
+                let id = rec.id.clone();
+                tokio::spawn(async move { crate::budget::close_task(&client, &id).await });
             }
             if retries_exhausted(rec) {
                 dead_letter_retries(fleet, rec).await?;

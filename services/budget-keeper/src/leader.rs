@@ -98,6 +98,7 @@ async fn try_take(
 
 /// Renews the lease every third of its length until `stop` or until it is lost (then `lost` is
 /// cancelled).
+#[tracing::instrument(skip_all, fields(me = %me))]
 pub async fn keep(store: kv::Store, me: String, length: Duration, held: Held, lost: CancellationToken) {
     let mut revision = held.revision;
     loop {
@@ -119,6 +120,7 @@ pub async fn keep(store: kv::Store, me: String, length: Duration, held: Held, lo
 }
 
 /// Gives the lease up (on shutdown), so a standby takes over at once.
+#[tracing::instrument(skip_all, fields(me = %me))]
 pub async fn resign(store: &kv::Store, me: &str) {
     if let Ok(Some(e)) = store.entry(KEY).await
         && e.operation == kv::Operation::Put

@@ -312,7 +312,7 @@ pub enum Refusal {
     Ended(String, &'static str),
     #[error("reservation {0:?} already exists with other scopes or sizes")]
     Mismatch(String),
-    #[error("a reservation must name at least one scope and want at least its minimum")]
+    #[error("a reservation must name at least one scope, each once, and want at least its minimum")]
     Invalid,
 }
 
@@ -437,6 +437,8 @@ impl Ledger {
     }
 
     fn change(&mut self, scope: &str, limit: Limit, rules: Rules, inherited: bool, now_ms: u64) {
+        // As everywhere, a closed budget past remembering is gone whether or not `expire` ran.
+        self.forget_scope_if_old(scope, now_ms);
         self.touched.insert(scope.to_owned());
         let b = self.budgets.entry(scope.to_owned()).or_insert_with(|| Budget::new(limit, rules.clone()));
         b.rules = rules;
@@ -577,7 +579,13 @@ impl Ledger {
                 Some((end, _)) => Err(Refusal::Ended(req.id, end.name())),
             };
         }
-        if req.scopes.is_empty() || req.want < req.min || req.want == 0 {
+        let distinct = |v: &[String]| v.iter().collect::<BTreeSet<_>>().len() == v.len();
+        if req.scopes.is_empty()
+            || req.want < req.min
+            || req.want == 0
+            || !distinct(&req.scopes)
+            || !distinct(&req.rates)
+        {
             return Err(Refusal::Invalid);
         }
         let mut grant = req.want;
@@ -648,10 +656,15 @@ impl Ledger {
     /// Repeated, it answers the first grant.
     pub fn carve(&mut self, mut req: Reserve, child: &str, now_ms: u64) -> Result<Grant, Refusal> {
         req.min = req.want;
-        if let Some(r) = self.reservations.get(&req.id)
-            && r.child.as_deref() != Some(child)
-        {
-            return Err(Refusal::Mismatch(req.id));
+        self.forget_if_old(&req.id, now_ms);
+        self.forget_scope_if_old(child, now_ms);
+        if let Some(r) = self.reservations.get(&req.id) {
+            // Asked again (a re-run parent): the first carve stands, open or settled, whatever
+            // amount is asked now.
+            return match r.child.as_deref() {
+                Some(c) if c == child => Ok(r.grant),
+                _ => Err(Refusal::Mismatch(req.id)),
+            };
         }
         let open_before = self.is_open(&req.id);
         let id = req.id.clone();
@@ -788,12 +801,16 @@ impl Ledger {
     /// older than [`Self::remember_ms`]. A carve reservation that runs out is settled like a
     /// closed child (its usage charged, its budget closed). Returns the ids it ended.
     pub fn expire(&mut self, now_ms: u64) -> Vec<String> {
-        let due: Vec<String> = self
+        let mut due: Vec<(bool, String)> = self
             .reservations
             .iter()
             .filter(|(_, r)| r.end.is_none() && r.grant.expires_ms <= now_ms)
-            .map(|(id, _)| id.clone())
+            .map(|(id, r)| (r.child.is_some(), id.clone()))
             .collect();
+        // In an order of their own (not the map's, which differs between processes): calls
+        // first, then carves, so a carve settles what its child's expired calls left.
+        due.sort();
+        let due: Vec<String> = due.into_iter().map(|(_, id)| id).collect();
         for id in &due {
             let child = self.reservations.get(id).and_then(|r| r.child.clone());
             let spent =
@@ -1156,6 +1173,38 @@ mod tests {
         for s in ["task.t", "agent.b"] {
             assert_eq!(l.budget(s, HOUR), copy.budget(s, HOUR), "{s}");
         }
+    }
+
+    #[test]
+    fn a_scope_named_twice_is_refused() {
+        let mut l = ledger();
+        assert_eq!(l.reserve(req("d", &["task.t", "task.t"], 800, 1), 0), Err(Refusal::Invalid));
+        assert_eq!(l.budget("task.t", 0).unwrap().held, 0);
+    }
+
+    #[test]
+    fn a_carve_asked_again_answers_the_first_grant_even_after_it_settled() {
+        let mut l = ledger();
+        let g = l.carve(req("carve:c", &["task.t"], 400, 1), "task.c", 0).unwrap();
+        // A re-run parent asks "all that remains", a different amount: the first carve stands.
+        assert_eq!(l.carve(req("carve:c", &["task.t"], 600, 1), "task.c", 1).unwrap(), g);
+        l.close("task.c", 2).unwrap();
+        assert_eq!(l.carve(req("carve:c", &["task.t"], 600, 1), "task.c", 3).unwrap(), g);
+        assert_eq!(l.budget("task.t", 3).unwrap().available(), 1_000, "nothing carved again");
+        assert!(matches!(
+            l.carve(req("carve:c", &["task.t"], 400, 1), "task.other", 4),
+            Err(Refusal::Mismatch(_))
+        ));
+    }
+
+    #[test]
+    fn a_closed_budget_past_remembering_is_forgotten_by_set_too() {
+        let mut l = ledger();
+        l.close("task.t", 0).unwrap();
+        // Whether or not `expire` ran in between, a limit set later starts afresh.
+        l.set_limit("task.t", Limit { tokens: 5_000, window: Window::Total }, 600_000);
+        let b = l.budget("task.t", 600_000).unwrap();
+        assert_eq!((b.limit.tokens, b.closed_ms), (5_000, None));
     }
 
     /// A small deterministic generator, so the random schedules below repeat exactly.

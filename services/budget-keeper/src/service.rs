@@ -64,7 +64,9 @@ impl Default for Settings {
 }
 
 /// Rebuilds the ledger: the last snapshot (if any, and usable), then the ledger stream's entries
-/// after it, in order. Returns the ledger with the stream's last sequence.
+/// after it, in order. Returns the ledger with the stream's last sequence. An entry whose replayed
+/// answer differs from the recorded one is logged (it would mean the replay is not faithful).
+#[tracing::instrument(skip_all)]
 pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::Result<(Ledger, u64)> {
     let mut stream =
         fleet.js.get_stream(fleet.names.ledger_stream()).await.context("failed to open the ledger stream")?;
@@ -104,12 +106,21 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::
         .messages()
         .await
         .context("failed to replay the ledger")?;
+    let mut differ = 0u64;
     while let Some(msg) = msgs.next().await {
         let msg = msg.context("ledger replay failed")?;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
         match codec::decode::<LedgerEntry>(None, &msg.payload) {
             Ok(e) => {
-                apply(&mut ledger, &e.op, &e.request, e.at_ms);
+                let (reply, _) = apply(&mut ledger, &e.op, &e.request, e.at_ms);
+                if reply != e.reply
+                    && !matches!(e.op.as_str(), "expire" | "warning" | "exhausted" | "refilled")
+                {
+                    differ += 1;
+                    if differ <= 10 {
+                        tracing::error!(seq, op = %e.op, recorded = ?e.reply, replayed = ?reply, "replayed answer differs");
+                    }
+                }
             }
             Err(e) => tracing::error!(seq, error = %e, "unreadable ledger entry skipped"),
         }
@@ -121,6 +132,9 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::
     let _ = ledger.alerts(now_ms());
     if from > 0 {
         tracing::info!(snapshot = from, replayed = last - from, "ledger rebuilt from a snapshot");
+    }
+    if differ > 0 {
+        tracing::error!(differ, "the replay answered differently from the live keeper");
     }
     Ok((ledger, last))
 }
@@ -273,6 +287,7 @@ async fn serve_as_leader(
         endpoints.push(ep.map(move |r| (op, r)).boxed());
     }
     let mut requests = futures::stream::select_all(endpoints);
+    let own = format!("{}.", fleet.names.prefix());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll = tokio::time::interval(WAIT_POLL);
@@ -301,7 +316,17 @@ async fn serve_as_leader(
                 _ => break,
             }
         }
-        let items = batch.into_iter().map(|(op, req)| item(op, req)).collect();
+        let items = batch
+            .into_iter()
+            .filter(|(op, req)| {
+                let ok = reply_allowed(req.message.reply.as_deref().unwrap_or_default(), &own);
+                if !ok {
+                    tracing::warn!(op, reply = ?req.message.reply, "request with a reply subject into the fleet's own or the system's subjects dropped");
+                }
+                ok
+            })
+            .map(|(op, req)| item(op, req))
+            .collect();
         if let Err(e) = keeper.round(items, false).await {
             break Err(e);
         }
@@ -312,6 +337,15 @@ async fn serve_as_leader(
         respond(w.item.req, w.item.format, refused("unavailable", "the budget-keeper is handing over")).await;
     }
     result.map_err(anyhow::Error::from)
+}
+
+/// A reply may not go where it would be stored or acted on: the fleet's own subjects (its
+/// streams, the ledger among them) or the server's (`$JS`, `$KV`, `$O`, `$SRV`, `$SYS`). Answering
+/// there would let any client write into the ledger and knock the keeper off its fence.
+fn reply_allowed(reply: &str, own_prefix: &str) -> bool {
+    !reply.is_empty()
+        && !reply.starts_with(own_prefix)
+        && !["$JS.", "$KV.", "$O.", "$SRV.", "$SYS.", "$JSC."].iter().any(|p| reply.starts_with(p))
 }
 
 fn item(op: &'static str, req: async_nats::service::Request) -> Item {
@@ -422,6 +456,17 @@ impl Keeper<'_> {
     fn wait(&mut self, item: Item) {
         let priority = item.body.as_ref().ok().and_then(|b| b.priority).unwrap_or_default();
         let id = item.body.as_ref().ok().and_then(|b| b.id.clone());
+        // The same reservation asked again while it waits (its caller timed out): the newer
+        // request takes the older one's place; the older one's caller is gone.
+        if let Some(id) = &id
+            && let Some(w) = self
+                .waiters
+                .iter_mut()
+                .find(|w| w.item.body.as_ref().ok().and_then(|b| b.id.as_ref()) == Some(id))
+        {
+            w.item = item;
+            return;
+        }
         // A caller asking again after `rate_limited` gets its place in line back.
         let kept =
             id.and_then(|id| self.places.iter().position(|p| p.id == id)).map(|i| self.places.remove(i));
@@ -454,21 +499,28 @@ impl Keeper<'_> {
                 blocked.extend(rates.iter().cloned());
             }
             let Ok(body) = &w.item.body else { continue };
-            if body.rates.iter().any(|r| blocked.contains(r)) {
-                still.push(w);
-                continue;
-            }
-            let (mut reply, changed) = apply(&mut self.ledger, w.item.op, body, now);
+            let behind = body.rates.iter().any(|r| blocked.contains(r));
+            let (mut reply, changed) = if behind {
+                (refused("rate_limited", "waiting behind more urgent calls"), false)
+            } else {
+                apply(&mut self.ledger, w.item.op, body, now)
+            };
             if is_code(&reply, "rate_limited") {
                 blocked.extend(body.rates.iter().cloned());
                 if w.since.elapsed() < MAX_WAIT {
                     still.push(w);
                     continue;
                 }
+                // Answered before the caller's request times out; its place in line is kept
+                // for a moment, and it should ask again at once.
                 reply.error = Some(ErrorInfo::new(
                     "rate_limited",
-                    format!("no rate permit within {} s; ask again", MAX_WAIT.as_secs()),
+                    format!(
+                        "no rate permit within {} s; ask again now to keep your place",
+                        MAX_WAIT.as_secs()
+                    ),
                 ));
+                reply.retry_after_ms = Some(0);
                 if let Some(id) = body.id.clone() {
                     self.places.push(Place {
                         id,

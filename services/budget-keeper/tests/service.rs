@@ -212,5 +212,23 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
         let r: BudgetReply = codec::decode(None, &reply.payload).unwrap();
         assert_eq!(r.error.map(|e| e.code).as_deref(), Some(code), "{}", String::from_utf8_lossy(bad));
     }
+
+    // A request whose reply subject points into the ledger is not answered there: nothing is
+    // written to the ledger, and the keeper keeps its fence and keeps answering.
+    let before = ledger_entries(&fleet).await.len();
+    fleet
+        .client
+        .publish_with_reply(
+            fleet.names.budget_subject("show"),
+            fleet.names.ledger_subject("forged"),
+            br#"{"scope": "tenant.acme"}"#.to_vec().into(),
+        )
+        .await
+        .unwrap();
+    fleet.client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ledger_entries(&fleet).await.len(), before, "no answer was stored in the ledger");
+    let r = call(&fleet, "reserve", &reserve("after-forgery", 10, 60_000)).await;
+    assert_eq!(r.tokens, Some(10), "the keeper still writes to its ledger");
     keeper.stop().await;
 }

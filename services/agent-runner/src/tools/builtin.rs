@@ -257,7 +257,13 @@ impl Tool for Delegate {
                 parent_id: Some(ctx.task.id.clone()),
                 ..Default::default()
             };
-            fleet.publish_durable(fleet.names.submit_subject(), &sub, Some(&id)).await.map_err(nats_err)?;
+            if let Err(e) = fleet.publish_durable(fleet.names.submit_subject(), &sub, Some(&id)).await {
+                // Nothing was submitted: what was carved for the child goes back at once.
+                if let Some(client) = &ctx.budgets {
+                    crate::budget::close_task(client, &id).await;
+                }
+                return Err(nats_err(e));
+            }
             // Link the child in the parent's record.
             let parent = ctx.task.id.clone();
             let child = id.clone();
