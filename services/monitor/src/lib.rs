@@ -53,12 +53,48 @@ struct StatusLabel {
     status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabel {
+    op: String,
+}
+
+/// Budget ledger entry kinds counted under their own label.
+const LEDGER_OPS: [&str; 14] = [
+    "reserve",
+    "commit",
+    "release",
+    "set",
+    "carve",
+    "close",
+    "rate",
+    "backoff",
+    "price",
+    "expire",
+    "warning",
+    "exhausted",
+    "refilled",
+    "other",
+];
+
+/// Most distinct model labels (models come from fleet files, but a bound keeps a bad publisher
+/// from growing the label set).
+const MAX_MODELS: usize = 64;
+
 #[derive(Debug)]
 struct Metrics {
     registry: Registry,
     task_events: Family<KindLabel, Counter>,
     agents: Family<StatusLabel, Gauge>,
     tokens: Counter,
+    cost: Family<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Models with a cost label so far (bounded by [`MAX_MODELS`]).
+    models: std::sync::Mutex<std::collections::HashSet<String>>,
+    ledger: Family<OpLabel, Counter>,
 }
 
 impl Metrics {
@@ -74,7 +110,19 @@ impl Metrics {
             agents.clone(),
         );
         registry.register("flotilla_tokens", "Tokens used by completed tasks", tokens.clone());
-        Self { registry, task_events, agents, tokens }
+        let cost = Family::<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "flotilla_cost_usd",
+            "What the model calls of finished tasks cost in US dollars, by model (the budget-keeper's prices)",
+            cost.clone(),
+        );
+        let ledger = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "flotilla_budget_ledger_entries",
+            "Budget ledger entries since the monitor started, by operation or budget event",
+            ledger.clone(),
+        );
+        Self { registry, task_events, agents, tokens, cost, models: Default::default(), ledger }
     }
 
     fn render(&self) -> String {
@@ -134,8 +182,10 @@ pub async fn run(
     tracing::info!(%addr, "monitor serving /metrics");
     let events = tokio::spawn(follow_events(fleet.clone(), metrics.clone(), shutdown.clone()));
     let agents = tokio::spawn(follow_agents(topology.agents.clone(), metrics.clone(), shutdown.clone()));
+    let ledger = tokio::spawn(follow_ledger(fleet.clone(), metrics.clone(), shutdown.clone()));
     shutdown.cancelled().await;
     let _ = events.await;
+    let _ = ledger.await;
     let _ = agents.await;
     let _ = health.await;
     http.await.context("http task panicked")?.context("http server failed")?;
@@ -199,22 +249,92 @@ async fn follow_events_once(
         let kind = msg.subject.rsplit('.').next().unwrap_or_default();
         let kind = if KINDS.contains(&kind) { kind.to_owned() } else { "other".to_owned() };
         metrics.task_events.get_or_create(&KindLabel { kind: kind.clone() }).inc();
-        if kind == "completed" {
+        if kind == "completed" || kind == "failed" {
             let ct = msg
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
                 .map(|v| v.as_str().to_owned());
-            if let Ok(ev) = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload)
-                && let Some(u) = ev.usage
-            {
-                metrics.tokens.inc_by(u.total_tokens);
+            if let Ok(ev) = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload) {
+                if kind == "completed"
+                    && let Some(u) = ev.usage
+                {
+                    metrics.tokens.inc_by(u.total_tokens);
+                }
+                count_cost(metrics, &ev.calls);
             }
         }
     }
 }
 
 /// Keeps the agent gauges current from a watch of the registry.
+fn count_cost(metrics: &Metrics, calls: &[flotilla_protocol::CallUsage]) {
+    for c in calls {
+        let Some(cost) = c.cost_usd.filter(|c| c.is_finite() && *c > 0.0) else { continue };
+        let model = match metrics.models.lock() {
+            Ok(mut seen) if seen.contains(&c.model) || seen.len() < MAX_MODELS => {
+                seen.insert(c.model.clone());
+                c.model.clone()
+            }
+            _ => "other".to_owned(),
+        };
+        metrics.cost.get_or_create(&ModelLabel { model }).inc_by(cost);
+    }
+}
+
+/// Counts new budget ledger entries by operation (from the subject alone). Entries written before
+/// the monitor started are not counted (the ledger only grows; a counter restarting at zero is
+/// what Prometheus expects of a restarted process).
+async fn follow_ledger(fleet: Fleet, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut last_seq = 0u64;
+    loop {
+        if let Err(e) = follow_ledger_once(&fleet, &metrics, &shutdown, &mut last_seq).await {
+            tracing::debug!(error = %e, "ledger follower stopped; restarting");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+async fn follow_ledger_once(
+    fleet: &Fleet,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    last_seq: &mut u64,
+) -> anyhow::Result<()> {
+    // The budget-keeper creates the stream; until it has, there is nothing to count.
+    let stream = fleet.js.get_stream(fleet.names.ledger_stream()).await.context("no ledger stream yet")?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: if *last_seq == 0 {
+                DeliverPolicy::New
+            } else {
+                DeliverPolicy::ByStartSequence { start_sequence: last_seq.saturating_add(1) }
+            },
+            ..Default::default()
+        })
+        .await
+        .context("failed to create the ledger consumer")?;
+    let mut messages = consumer.messages().await.context("failed to follow the ledger")?;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            m = messages.next() => match m {
+                Some(m) => m.context("ledger stream error")?,
+                None => return Ok(()),
+            },
+        };
+        if let Ok(info) = msg.info() {
+            *last_seq = info.stream_sequence;
+        }
+        let op = msg.subject.rsplit('.').next().unwrap_or_default();
+        let op = if LEDGER_OPS.contains(&op) { op } else { "other" };
+        metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
+    }
+}
+
 async fn follow_agents(store: kv::Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let mut agents: std::collections::HashMap<String, AgentRecord> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));

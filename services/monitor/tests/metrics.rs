@@ -21,6 +21,12 @@ async fn task_events_show_up_in_metrics() {
         let mut e = TaskEvent::new(id, kind);
         if kind == "completed" {
             e.usage = Some(Usage::new(30, 12));
+            e.calls = vec![flotilla_protocol::CallUsage {
+                step: 1,
+                model: "m".into(),
+                usage: Usage::new(30, 12),
+                cost_usd: Some(0.25),
+            }];
         }
         fleet.publish_event(&e).await.unwrap();
     }
@@ -40,6 +46,7 @@ async fn task_events_show_up_in_metrics() {
     .await;
     assert!(body.contains(r#"flotilla_task_events_total{kind="completed"} 1"#), "{body}");
     assert!(body.contains("flotilla_tokens_total 42"), "{body}");
+    assert!(body.contains(r#"flotilla_cost_usd_total{model="m"} 0.25"#), "{body}");
     assert_eq!(http_get(addr, "/healthz").await, "ok\n");
 
     // Live events keep counting.
@@ -48,6 +55,17 @@ async fn task_events_show_up_in_metrics() {
         http_get(addr, "/metrics")
             .await
             .contains(r#"flotilla_task_events_total{kind="failed"} 1"#)
+            .then_some(())
+    })
+    .await;
+
+    // Budget ledger entries are counted by operation (from when the monitor started).
+    eventually(Duration::from_secs(10), "a ledger entry", || async {
+        fleet.client.publish(fleet.names.ledger_subject("warning"), "{}".into()).await.unwrap();
+        fleet.client.flush().await.unwrap();
+        http_get(addr, "/metrics")
+            .await
+            .contains(r#"flotilla_budget_ledger_entries_total{op="warning"}"#)
             .then_some(())
     })
     .await;
