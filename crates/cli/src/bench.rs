@@ -120,6 +120,20 @@ fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// A progress line on stderr, with the time since the bench started.
+fn progress(started: Instant, what: &str) {
+    eprintln!("[{:>6.1} s] {what}…", started.elapsed().as_secs_f64());
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn goal(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;

@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{percentile, profile};
+use super::{goal, percentile, profile, progress, round};
 use crate::{Cli, Failure};
 
 /// Goals from the issue: the hot budget at least the raw sequential compare-and-swap rate, the
@@ -120,20 +120,6 @@ struct Figures {
     spread: Phase,
     hot_cycles: Phase,
     spread_cycles: Phase,
-}
-
-/// A progress line on stderr, with the time since the bench started.
-fn progress(started: Instant, what: &str) {
-    eprintln!("[{:>6.1} s] {what}…", started.elapsed().as_secs_f64());
-}
-
-fn round(x: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
-}
-
-fn goal(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
 }
 
 fn thousands(x: f64) -> String {

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::raw::Window;
-use super::{percentile, profile, raw, scheduler};
+use super::{goal, percentile, profile, progress, raw, round, scheduler};
 use crate::{Cli, Failure};
 
 /// Sizes of one run.
@@ -431,11 +431,6 @@ fn monitoring_url(server: &LocalServer) -> Option<String> {
     v.get("monitoring")?.get(0)?.as_str().map(str::to_owned)
 }
 
-fn round(x: f64, digits: i32) -> f64 {
-    let f = 10f64.powi(digits);
-    (x * f).round() / f
-}
-
 /// Span timings of the services in this process during one phase.
 fn span_summary(timings: &profile::ByName) -> serde_json::Value {
     let mut out = serde_json::Map::new();
@@ -466,15 +461,6 @@ fn span_summary(timings: &profile::ByName) -> serde_json::Value {
         );
     }
     serde_json::Value::Object(out)
-}
-
-/// A progress line on stderr, with the time since the bench started.
-fn progress(started: Instant, what: &str) {
-    eprintln!("[{:>6.1} s] {what}…", started.elapsed().as_secs_f64());
-}
-
-fn goal(met: bool) -> &'static str {
-    if met { "met" } else { "NOT met" }
 }
 
 pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path>) -> Result<(), Failure> {
