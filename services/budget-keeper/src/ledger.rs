@@ -206,16 +206,37 @@ pub struct Rate {
     pub blocked_until: u64,
     /// Permits in the window: when, how many tokens, which reservation.
     log: VecDeque<(u64, u64, String)>,
+    /// The tokens of `log`, kept as it changes.
+    #[serde(default)]
+    log_tokens: u64,
 }
 
 impl Rate {
+    fn new(rpm: Option<u64>, tpm: Option<u64>, window_ms: u64) -> Self {
+        Self { rpm, tpm, window_ms: window_ms.max(1), blocked_until: 0, log: VecDeque::new(), log_tokens: 0 }
+    }
+
     fn roll(&mut self, now_ms: u64) {
         let keep = self.window_ms.saturating_add(RATE_MARGIN_MS);
-        while let Some((at, _, _)) = self.log.front() {
+        while let Some(&(at, tokens, _)) = self.log.front() {
             if at.saturating_add(keep) > now_ms {
                 break;
             }
             self.log.pop_front();
+            self.log_tokens = self.log_tokens.saturating_sub(tokens);
+        }
+    }
+
+    fn push(&mut self, at: u64, tokens: u64, id: String) {
+        self.log.push_back((at, tokens, id));
+        self.log_tokens = self.log_tokens.saturating_add(tokens);
+    }
+
+    /// A permit's tokens become what its call used.
+    fn settle(&mut self, id: &str, tokens: u64) {
+        if let Some(entry) = self.log.iter_mut().rev().find(|(_, _, rid)| rid == id) {
+            self.log_tokens = self.log_tokens.saturating_sub(entry.1).saturating_add(tokens);
+            entry.1 = tokens;
         }
     }
 
@@ -226,7 +247,7 @@ impl Rate {
 
     /// Tokens of the permits in the window.
     pub fn tokens(&self) -> u64 {
-        self.log.iter().fold(0u64, |a, (_, t, _)| a.saturating_add(*t))
+        self.log_tokens
     }
 
     /// Tokens a permit may take now (`Ok`), or how long until one is possible (`Err`), or that
@@ -389,6 +410,14 @@ pub struct Ledger {
     prices: HashMap<String, Price>,
     /// Scopes whose numbers changed since [`Self::alerts`] last looked.
     touched: BTreeSet<String>,
+    /// Open reservations by when their lease runs out; ended ones by when they ended; closed
+    /// budgets by when they closed: so that [`Self::expire`] looks only at what is due.
+    #[serde(default)]
+    due: BTreeSet<(u64, String)>,
+    #[serde(default)]
+    ended: BTreeSet<(u64, String)>,
+    #[serde(default)]
+    closed: BTreeSet<(u64, String)>,
     /// How long an ended reservation (and a closed budget) is remembered, so a repeated
     /// operation still gets its first answer.
     pub remember_ms: u64,
@@ -479,13 +508,7 @@ impl Ledger {
 
     /// Sets a shared rate limit.
     pub fn set_rate(&mut self, key: &str, rpm: Option<u64>, tpm: Option<u64>, window_ms: u64) {
-        let r = self.rates.entry(key.to_owned()).or_insert_with(|| Rate {
-            rpm,
-            tpm,
-            window_ms,
-            blocked_until: 0,
-            log: VecDeque::new(),
-        });
+        let r = self.rates.entry(key.to_owned()).or_insert_with(|| Rate::new(rpm, tpm, window_ms));
         r.rpm = rpm;
         r.tpm = tpm;
         r.window_ms = window_ms.max(1);
@@ -494,13 +517,7 @@ impl Ledger {
     /// Holds back every permit of `key` until `until_ms` (a provider answered 429). Creates a
     /// rate entry without limits if there was none, so the pause holds for callers of any limit.
     pub fn backoff(&mut self, key: &str, until_ms: u64) {
-        let r = self.rates.entry(key.to_owned()).or_insert_with(|| Rate {
-            rpm: None,
-            tpm: None,
-            window_ms: 60_000,
-            blocked_until: 0,
-            log: VecDeque::new(),
-        });
+        let r = self.rates.entry(key.to_owned()).or_insert_with(|| Rate::new(None, None, 60_000));
         r.blocked_until = r.blocked_until.max(until_ms);
     }
 
@@ -642,10 +659,11 @@ impl Ledger {
         }
         for key in &req.rates {
             if let Some(rate) = self.rates.get_mut(key) {
-                rate.log.push_back((now_ms, grant, req.id.clone()));
+                rate.push(now_ms, grant, req.id.clone());
             }
         }
         let g = Grant { tokens: grant, expires_ms: now_ms.saturating_add(req.lease_ms) };
+        self.due.insert((g.expires_ms, req.id.clone()));
         self.reservations
             .insert(req.id.clone(), Reservation { request: req, grant: g, end: None, child: None });
         Ok(g)
@@ -697,6 +715,7 @@ impl Ledger {
             return Ok(false);
         }
         b.closed_ms = Some(now_ms);
+        self.closed.insert((now_ms, scope.to_owned()));
         let (carve, spent) = (b.carved_by.clone(), b.used.saturating_add(b.held));
         if let Some(id) = carve
             && self.is_open(&id)
@@ -772,7 +791,8 @@ impl Ledger {
             None => End::Released,
         };
         r.end = Some((end, now_ms));
-        let (scopes, rates, held) = (r.request.scopes.clone(), r.request.rates.clone(), r.grant.tokens);
+        let (scopes, rates, held, expires) =
+            (r.request.scopes.clone(), r.request.rates.clone(), r.grant.tokens, r.grant.expires_ms);
         for scope in &scopes {
             if let Some(b) = self.budgets.get_mut(scope) {
                 b.held = b.held.saturating_sub(held);
@@ -787,13 +807,13 @@ impl Ledger {
         // The permit's tokens become what the call really used.
         if let End::Committed { charged, .. } = end {
             for key in &rates {
-                if let Some(rate) = self.rates.get_mut(key)
-                    && let Some(entry) = rate.log.iter_mut().find(|(_, _, rid)| rid == id)
-                {
-                    entry.1 = charged;
+                if let Some(rate) = self.rates.get_mut(key) {
+                    rate.settle(id, charged);
                 }
             }
         }
+        self.due.remove(&(expires, id.to_owned()));
+        self.ended.insert((now_ms, id.to_owned()));
         Ok(end)
     }
 
@@ -802,10 +822,12 @@ impl Ledger {
     /// closed child (its usage charged, its budget closed). Returns the ids it ended.
     pub fn expire(&mut self, now_ms: u64) -> Vec<String> {
         let mut due: Vec<(bool, String)> = self
-            .reservations
-            .iter()
-            .filter(|(_, r)| r.end.is_none() && r.grant.expires_ms <= now_ms)
-            .map(|(id, r)| (r.child.is_some(), id.clone()))
+            .due
+            .range(..(now_ms.saturating_add(1), String::new()))
+            .filter_map(|(_, id)| {
+                let r = self.reservations.get(id)?;
+                (r.end.is_none() && r.grant.expires_ms <= now_ms).then(|| (r.child.is_some(), id.clone()))
+            })
             .collect();
         // In an order of their own (not the map's, which differs between processes): calls
         // first, then carves, so a carve settles what its child's expired calls left.
@@ -819,16 +841,38 @@ impl Ledger {
                 Some(spent) => self.settle(id, spent, now_ms).is_ok(),
                 None => self.end(id, None, now_ms).is_ok(),
             };
-            if let Some(c) = child.and_then(|c| self.budgets.get_mut(&c)) {
-                c.closed_ms.get_or_insert(now_ms);
+            if let Some(c) = child
+                && let Some(b) = self.budgets.get_mut(&c)
+                && b.closed_ms.is_none()
+            {
+                b.closed_ms = Some(now_ms);
+                self.closed.insert((now_ms, c));
             }
             if ended && let Some(r) = self.reservations.get_mut(id) {
                 r.end = Some((End::Expired, now_ms));
             }
         }
+        // Forget what is past remembering (by its own times, as the lazy forgetting does).
         let keep = self.remember_ms;
-        self.reservations.retain(|_, r| r.end.is_none_or(|(_, at)| at.saturating_add(keep) > now_ms));
-        self.budgets.retain(|_, b| b.closed_ms.is_none_or(|at| at.saturating_add(keep) > now_ms));
+        while let Some((at, id)) = self.ended.first().cloned() {
+            if at.saturating_add(keep) > now_ms {
+                break;
+            }
+            self.ended.pop_first();
+            // The key may have been forgotten and used again since: only this ending goes.
+            if self.reservations.get(&id).and_then(|r| r.end).is_some_and(|(_, end)| end == at) {
+                self.reservations.remove(&id);
+            }
+        }
+        while let Some((at, scope)) = self.closed.first().cloned() {
+            if at.saturating_add(keep) > now_ms {
+                break;
+            }
+            self.closed.pop_first();
+            if self.budgets.get(&scope).is_some_and(|b| b.closed_ms == Some(at)) {
+                self.budgets.remove(&scope);
+            }
+        }
         // Rolling windows may have freed usage: look again at the scopes that reported.
         let rolling: Vec<String> = self
             .budgets
@@ -1254,6 +1298,18 @@ mod tests {
                     }
                     8 => {
                         l.expire(now);
+                        // The indexes found everything due: nothing open has run out, nothing
+                        // ended is kept past remembering.
+                        for (id, r) in &l.reservations {
+                            assert!(
+                                r.end.is_some() || r.grant.expires_ms > now,
+                                "seed {seed}: {id} not expired"
+                            );
+                            assert!(
+                                r.end.is_none_or(|(_, at)| at + l.remember_ms > now),
+                                "seed {seed}: {id} kept past remembering"
+                            );
+                        }
                     }
                     _ if !ids.is_empty() => {
                         // A redelivered operation: the same reserve again.
