@@ -74,6 +74,21 @@ async fn budgets_are_set_and_shown_from_the_cli() {
     assert!(out.contains("m: $0.15 per million input tokens, $0.6 per million output tokens"), "{out}");
     let (code, _, err) = cli(&url, &["budget", "set", "tenant.acme", "10", "--policy", "sometimes"]).await;
     assert_eq!(code, 2, "a bad policy is a usage error: {err}");
+
+    // The ledger, for audit: every change in order, filtered by scope on request.
+    let (code, out, err) = cli(&url, &["budget", "ledger", "--scope", "tenant.acme"]).await;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].contains("set") && lines[0].contains("limit=5000"), "{out}");
+    assert!(
+        lines[1].contains("reserve") && lines[1].contains("call-1") && lines[1].contains("granted=1200"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&url, &["--json", "budget", "ledger"]).await;
+    assert_eq!(code, 0);
+    let ops: Vec<String> = out.lines().map(|l| serde_json::from_str::<LedgerEntry>(l).unwrap().op).collect();
+    assert_eq!(ops, ["set", "reserve", "set", "rate", "price"], "{out}");
     sys.stop().await;
 }
 

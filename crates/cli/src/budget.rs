@@ -1,10 +1,12 @@
-//! `flotilla budget set|show|rate|price`: token budgets, shared rate limits and model prices at
-//! runtime, through the budget-keeper's `<p>.budget.<op>`.
+//! `flotilla budget set|show|rate|price|ledger`: token budgets, shared rate limits and model
+//! prices at runtime, through the budget-keeper's `<p>.budget.<op>`; and the ledger for audit.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flotilla_protocol::{BudgetReply, BudgetRequest, BudgetStatus, RateStatus, WireFormat, codec};
+use flotilla_protocol::{
+    BudgetReply, BudgetRequest, BudgetStatus, LedgerEntry, RateStatus, WireFormat, codec,
+};
 
 use crate::client::connect;
 use crate::{Cli, Failure, exit};
@@ -56,6 +58,17 @@ pub enum BudgetCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         window: Option<Duration>,
     },
+    /// The budget ledger, for audit: every change (reservations, commits, releases, expiries,
+    /// limits, carves, rates, prices) and every budget event (warnings, exhaustion, refills), in
+    /// the order the budget-keeper decided them, from the start to now (`--follow`: and on).
+    Ledger {
+        /// Only entries about this scope (or this rate limit key).
+        #[arg(long)]
+        scope: Option<String>,
+        /// Keep printing new entries.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Set a model's price in US dollars per million tokens, e.g.
     /// `flotilla budget price gpt-4o-mini --input 0.15 --output 0.60`.
     Price {
@@ -68,6 +81,9 @@ pub enum BudgetCommand {
 }
 
 pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
+    if let BudgetCommand::Ledger { scope, follow } = &args.command {
+        return ledger(cli, scope.as_deref(), *follow).await;
+    }
     let (client, _js, names) = connect(cli).await?;
     let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let (op, req) = match &args.command {
@@ -98,6 +114,7 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
                 ..Default::default()
             },
         ),
+        BudgetCommand::Ledger { .. } => return Ok(()),
         BudgetCommand::Price { model, input, output } => (
             "price",
             BudgetRequest {
@@ -178,4 +195,101 @@ fn print_rate(r: &RateStatus) {
     if let Some(until) = r.blocked_until_ms {
         println!("  held back by a provider's 429 until {until} (epoch ms)");
     }
+}
+
+/// Prints the ledger stream's entries (see [`BudgetCommand::Ledger`]).
+async fn ledger(cli: &Cli, scope: Option<&str>, follow: bool) -> Result<(), Failure> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+    use futures::StreamExt as _;
+    let (_client, js, names) = connect(cli).await?;
+    let mut stream = js.get_stream(names.ledger_stream()).await.map_err(|e| {
+        Failure::new(exit::NOT_FOUND, anyhow::anyhow!("no ledger stream {}: {e}", names.ledger_stream()))
+    })?;
+    let last = stream.info().await.context("failed to read the ledger stream")?.state.last_sequence;
+    if last == 0 && !follow {
+        return Ok(());
+    }
+    let mut msgs = stream
+        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .context("failed to read the ledger")?
+        .messages()
+        .await
+        .context("failed to read the ledger")?;
+    let stop = flotilla_service::shutdown::wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        let msg = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            m = msgs.next() => match m {
+                None => return Ok(()),
+                Some(m) => m.context("ledger stream error")?,
+            },
+        };
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        match codec::decode::<LedgerEntry>(None, &msg.payload) {
+            Ok(e) if scope.is_none_or(|s| concerns(&e, s)) => {
+                if cli.json {
+                    println!("{}", serde_json::to_string(&e).context("failed to render")?);
+                } else {
+                    println!("{:>8} {}", seq, ledger_line(&e));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("entry {seq} is unreadable: {e}"),
+        }
+        if !follow && seq >= last {
+            return Ok(());
+        }
+    }
+}
+
+fn concerns(e: &LedgerEntry, scope: &str) -> bool {
+    let r = &e.request;
+    r.scope.as_deref() == Some(scope)
+        || r.rate.as_deref() == Some(scope)
+        || r.scopes.iter().any(|s| s == scope)
+        || r.rates.iter().any(|s| s == scope)
+}
+
+/// One line per entry: time, operation, what it concerns, what it came to.
+fn ledger_line(e: &LedgerEntry) -> String {
+    let r = &e.request;
+    let a = &e.reply;
+    let mut parts = vec![crate::output::clock(e.at_ms), format!("{:<9}", e.op)];
+    if let Some(id) = &r.id {
+        parts.push(id.clone());
+    }
+    if let Some(s) = r.scope.as_ref().or(r.rate.as_ref()).or(r.model.as_ref().filter(|_| e.op == "price")) {
+        parts.push(s.clone());
+    }
+    if !r.scopes.is_empty() {
+        parts.push(format!("[{}]", r.scopes.join(" ")));
+    }
+    let mut num = |k: &str, v: Option<u64>| {
+        if let Some(v) = v {
+            parts.push(format!("{k}={v}"));
+        }
+    };
+    num("want", r.want);
+    num("granted", a.tokens);
+    num("used", r.used);
+    num("charged", a.charged);
+    num("over", a.over.filter(|o| *o > 0));
+    num("limit", r.limit_tokens);
+    num("rpm", r.rpm);
+    num("tpm", r.tpm);
+    num("pause_ms", r.retry_after_ms);
+    if let Some(c) = a.cost_usd {
+        parts.push(format!("cost=${c:.6}"));
+    }
+    if let Some(b) = &a.budget
+        && matches!(e.op.as_str(), "warning" | "exhausted" | "refilled")
+    {
+        parts.push(format!("used {} + held {} of {}", b.used, b.held, b.limit_tokens.unwrap_or(0)));
+    }
+    if let Some(w) = r.warn_at.as_ref().filter(|_| e.op == "warning") {
+        parts.push(format!("threshold {}%", w.first().copied().unwrap_or(0)));
+    }
+    parts.join(" ")
 }

@@ -213,6 +213,16 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
         assert_eq!(r.error.map(|e| e.code).as_deref(), Some(code), "{}", String::from_utf8_lossy(bad));
     }
 
+    // Standard tooling discovers the service (NATS micro protocol) and its endpoints.
+    let info = fleet.client.request("$SRV.INFO.flotilla-budget", "".into()).await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let endpoints: Vec<&str> =
+        info["endpoints"].as_array().unwrap().iter().map(|e| e["subject"].as_str().unwrap()).collect();
+    assert!(
+        endpoints.contains(&"flotilla.budget.reserve") && endpoints.contains(&"flotilla.budget.commit"),
+        "{info}"
+    );
+
     // A request whose reply subject points into the ledger is not answered there: nothing is
     // written to the ledger, and the keeper keeps its fence and keeps answering.
     let before = ledger_entries(&fleet).await.len();
