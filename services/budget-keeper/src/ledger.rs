@@ -36,7 +36,7 @@ pub const UNLIMITED: u64 = u64::MAX;
 
 /// A rate permit stays in its window this much longer than the window, so that calls made
 /// shortly after their permit still fall in it as the provider counts them.
-pub const RATE_MARGIN_MS: u64 = 1_000;
+pub const RATE_MARGIN_MS: u64 = 2_000;
 
 /// How soon a caller waiting for a budget that only a new limit can refill asks again.
 const WAIT_RETRY_MS: u64 = 5_000;
@@ -1116,14 +1116,14 @@ mod tests {
         // Only 400 tokens of the minute are left: the grant is capped there.
         assert_eq!(l.reserve(with_rate("2", 600), 10).unwrap().tokens, 400);
         match l.reserve(with_rate("3", 100), 20) {
-            Err(Refusal::RateLimited { retry_after_ms, .. }) => assert_eq!(retry_after_ms, 61_000 - 20),
+            Err(Refusal::RateLimited { retry_after_ms, .. }) => assert_eq!(retry_after_ms, 62_000 - 20),
             other => panic!("expected a rate refusal, got {other:?}"),
         }
         // A commit turns the permit's tokens into what was used; the requests still count.
         l.commit("1", 100, 30).unwrap();
         assert_eq!(l.rate("openai/m", 30).unwrap().tokens(), 500);
         assert!(matches!(l.reserve(with_rate("3", 100), 40), Err(Refusal::RateLimited { .. })));
-        assert_eq!(l.reserve(with_rate("3", 100), 61_000).unwrap().tokens, 100);
+        assert_eq!(l.reserve(with_rate("3", 100), 62_000).unwrap().tokens, 100);
         // A 429 holds every permit back until its time.
         l.backoff("openai/m", 200_000);
         assert!(matches!(
