@@ -381,6 +381,7 @@ impl Keeper<'_> {
             .iter()
             .filter_map(|w| w.item.body.as_ref().ok())
             .flat_map(|b| b.rates.clone())
+            .chain(self.places.iter().filter(|p| p.until > Instant::now()).flat_map(|p| p.rates.clone()))
             .collect();
         for it in items {
             let body = match &it.body {
@@ -391,7 +392,9 @@ impl Keeper<'_> {
                     continue;
                 }
             };
-            if it.op == "reserve" && body.rates.iter().any(|r| waiting.contains(r)) {
+            // (A reservation asked again that already holds its permit is answered at once.)
+            let holds = body.id.as_deref().is_some_and(|id| self.ledger.is_open(id));
+            if it.op == "reserve" && !holds && body.rates.iter().any(|r| waiting.contains(r)) {
                 self.wait(it);
                 continue;
             }
@@ -465,6 +468,7 @@ impl Keeper<'_> {
                 .find(|w| w.item.body.as_ref().ok().and_then(|b| b.id.as_ref()) == Some(id))
         {
             w.item = item;
+            w.since = Instant::now();
             return;
         }
         // A caller asking again after `rate_limited` gets its place in line back.

@@ -242,3 +242,54 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     assert_eq!(r.tokens, Some(10), "the keeper still writes to its ledger");
     keeper.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scarce_rate_permits_go_to_the_most_urgent_waiter_first() {
+    let server = NatsServer::start();
+    let fleet =
+        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "t".into());
+    Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let keeper = start(&server, "bk-1").await;
+    let rate =
+        BudgetRequest { rate: Some("p/m".into()), rpm: Some(2), window_ms: Some(500), ..Default::default() };
+    eventually(Duration::from_secs(10), "the budget-keeper to answer", || async {
+        let body = codec::encode(WireFormat::Msgpack, &rate).unwrap();
+        let reply = fleet.client.request(fleet.names.budget_subject("rate"), body.into()).await.ok()?;
+        codec::decode::<BudgetReply>(None, &reply.payload).ok()?.rate
+    })
+    .await;
+    let ask = |id: &str, priority: flotilla_protocol::Priority| BudgetRequest {
+        rates: vec!["p/m".into()],
+        priority: Some(priority),
+        ..reserve(id, 10, 60_000)
+    };
+    use flotilla_protocol::Priority;
+    // Two permits go at once; the next ones wait for the window (plus its margin) to pass.
+    for id in ["first", "second"] {
+        assert_eq!(call(&fleet, "reserve", &ask(id, Priority::NORMAL)).await.tokens, Some(10));
+    }
+    let started = std::time::Instant::now();
+    let batch = {
+        let fleet = fleet.clone();
+        let r = ask("batch", Priority::BATCH);
+        tokio::spawn(async move { call(&fleet, "reserve", &r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let urgent = {
+        let fleet = fleet.clone();
+        let r = ask("urgent", Priority::INTERACTIVE);
+        tokio::spawn(async move { call(&fleet, "reserve", &r).await })
+    };
+    assert_eq!(urgent.await.unwrap().tokens, Some(10));
+    assert_eq!(batch.await.unwrap().tokens, Some(10));
+    assert!(started.elapsed() >= Duration::from_millis(2_000), "the permits waited for the window");
+    // The ledger records the grants in the order they were made: the urgent one first.
+    let order: Vec<String> = ledger_entries(&fleet)
+        .await
+        .into_iter()
+        .filter(|e| e.op == "reserve")
+        .map(|e| e.request.id.unwrap())
+        .collect();
+    assert_eq!(order, ["first", "second", "urgent", "batch"]);
+    keeper.stop().await;
+}
