@@ -180,9 +180,10 @@ impl Budgets {
             };
             let (error, retry_after_ms) = refusal;
             let wait = match error.code.as_str() {
-                "budget_wait" | "rate_limited" => {
-                    Duration::from_millis(retry_after_ms.unwrap_or(1_000).max(10))
-                }
+                "budget_wait" => Duration::from_millis(retry_after_ms.unwrap_or(1_000).max(10)),
+                // The keeper held the request as long as it holds any and kept its place in
+                // line: ask again at once, so it waits there in priority order rather than here.
+                "rate_limited" => Duration::ZERO,
                 "reservation_ended" => {
                     lease_try += 1;
                     continue;
