@@ -63,6 +63,11 @@ pub enum BenchWhat {
         /// with `sync_interval: always`]; e.g. nats/test.conf to flush on the default interval.
         #[arg(long)]
         server_config: Option<PathBuf>,
+        /// Enforce budgets: a budget-keeper runs in this process and the runners reserve and
+        /// commit every model call with it, each task with its own capped budget, closed when it
+        /// ends. Reports the ledger entries per task too.
+        #[arg(long)]
+        budgets: bool,
     },
     /// Budget-keeper reservations per second on one hot budget and on 1,000 budgets, next to raw
     /// KV compare-and-swap (sequential and concurrent) on the same server.
@@ -145,13 +150,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<(), Failure> {
     match &args.what {
         BenchWhat::Runner { agents, tasks } => runner(cli, *agents, *tasks).await,
-        BenchWhat::Dispatcher { tasks, agents, queued, quick, server_config } => {
+        BenchWhat::Dispatcher { tasks, agents, queued, quick, server_config, budgets } => {
             let sizes = dispatcher::Sizes {
                 tasks: tasks.unwrap_or(if *quick { 100 } else { 2000 }),
                 agents: agents.unwrap_or(if *quick { 500 } else { 10_000 }),
                 queued: queued.unwrap_or(if *quick { 20_000 } else { 1_000_000 }),
             };
-            dispatcher::run(cli, sizes, server_config.as_deref()).await
+            dispatcher::run(cli, sizes, server_config.as_deref(), *budgets).await
         }
         BenchWhat::Budget { reservations, in_flight, quick, server_config } => {
             let sizes = budget::Sizes {

@@ -74,6 +74,8 @@ fn bench_dispatcher_reports_every_figure() {
     assert_eq!(report["throughput"]["tasks"], 100);
     assert_eq!(report["scheduler"]["queued"], 20_000);
     assert_eq!(report["setup"]["runner_mode"], "processes");
+    assert_eq!(report["setup"]["budgets"], false);
+    assert!(report["throughput"]["ledger_entries_per_task"].is_null());
     for goal in ["throughput_vs_pipeline", "completed_p50", "completed_p99", "decision_p99", "memory_core"] {
         assert!(report["goals"][goal].is_boolean(), "goal {goal} missing");
     }
@@ -82,6 +84,30 @@ fn bench_dispatcher_reports_every_figure() {
         (report["latency"]["rate_per_s"].as_f64().unwrap(), report["throughput"]["per_s"].as_f64().unwrap());
     assert!((rate - per_s / 2.0).abs() <= 1.0, "latency rate {rate} vs throughput {per_s}");
     eprintln!("bench dispatcher --quick took {:?}", started.elapsed());
+}
+
+#[test]
+fn bench_dispatcher_with_budgets_reports_ledger_entries() {
+    let _runner = bin("flotilla-agent-runner");
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("flotilla"))
+        .args(["bench", "dispatcher", "--quick", "--budgets", "--json"])
+        .env_remove("FLOTILLA_NATS_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["setup"]["budgets"], true, "{report}");
+    assert_eq!(report["setup"]["runner_mode"], "processes");
+    assert!(report["throughput"]["per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["latency"]["completed_p50_ms"].as_f64().unwrap() > 0.0);
+    // Every task: one reservation and one commit (one model call), and its budget's close.
+    for phase in ["throughput", "latency"] {
+        let n = report[phase]["ledger_entries_per_task"].as_f64().unwrap();
+        assert!((2.9..=3.2).contains(&n), "{phase}: {n} ledger entries per task");
+    }
+    assert!(report["throughput"]["stored_per_task"]["FLOTILLA_LEDGER"].as_f64().unwrap() > 0.0);
+    eprintln!("bench dispatcher --quick --budgets took {:?}", started.elapsed());
 }
 
 #[test]

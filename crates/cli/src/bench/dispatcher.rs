@@ -3,7 +3,10 @@
 //! (b) submit → `completed` throughput of the dispatcher (in this process) and two runners with
 //! the zero-latency offline model; (c) submit → `started` / `completed` latency at half the
 //! throughput of (b); (d) the scheduling core alone (see [`super::scheduler`]). It also prints the
-//! JetStream round trips on a task's path and where the dispatcher's time goes.
+//! JetStream round trips on a task's path and where the dispatcher's time goes. With `--budgets`
+//! a budget-keeper runs in this process too and the runners enforce budgets, so (b) and (c)
+//! measure the path with every model call reserved and committed, and count the ledger entries
+//! per task.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -54,6 +57,10 @@ const RUNNERS: [&str; 2] = ["bench-r1", "bench-r2"];
 const AGENTS_PER_RUNNER: u32 = 4;
 const AGENT_CONCURRENCY: u32 = 8;
 const CAPABILITY: &str = "bench";
+/// With `--budgets`: each task's token cap (`max_tokens_per_task`), so that every task has a
+/// budget of its own (`task.<id>`, reserved in with the agent's, tenant's and model's scopes, and
+/// closed when the task ends). No run comes near it.
+const TASK_CAP_TOKENS: u64 = 1_000_000;
 const TEXT: &str = "Summarise the attached release notes in two sentences.";
 
 /// JetStream round trips (a request and its awaited reply, or a publish and its awaited ack) on
@@ -290,11 +297,15 @@ impl Runners {
         topology: &Topology,
         dir: &std::path::Path,
         shutdown: &CancellationToken,
+        budgets: bool,
     ) -> anyhow::Result<Self> {
-        let fleet_toml = format!(
+        let mut fleet_toml = format!(
             "[[agent]]\nname = \"{CAPABILITY}\"\ncapabilities = [\"{CAPABILITY}\"]\nprovider = \"offline\"\n\
              concurrency = {AGENT_CONCURRENCY}\nreplicas = {AGENTS_PER_RUNNER}\n"
         );
+        if budgets {
+            fleet_toml.push_str(&format!("max_tokens_per_task = {TASK_CAP_TOKENS}\n"));
+        }
         let runner_bin: Option<PathBuf> = std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("flotilla-agent-runner")))
@@ -309,8 +320,8 @@ impl Runners {
                     .env("FLOTILLA_PREFIX", names.prefix().as_str())
                     .env("FLOTILLA_FLEET", &fleet_path)
                     .env("FLOTILLA_RUNNER_ID", id)
-                    // No budget-keeper runs here: what is measured is the path without budgets.
-                    .env("FLOTILLA_AGENT_RUNNER__BUDGETS", "false")
+                    // Without --budgets no budget-keeper runs: the path is measured without them.
+                    .env("FLOTILLA_AGENT_RUNNER__BUDGETS", if budgets { "true" } else { "false" })
                     .env("RUST_LOG", "warn")
                     .kill_on_drop(true)
                     .spawn()
@@ -327,10 +338,10 @@ impl Runners {
                 WireFormat::Msgpack,
                 id.to_owned(),
             );
-            // The dispatcher is measured: no budget-keeper runs, so budgets are off.
+            // Without --budgets no budget-keeper runs, so budgets are off.
             let config = flotilla_agent_runner::Config {
                 runner_id: Some(id.to_owned()),
-                budgets: false,
+                budgets,
                 ..Default::default()
             };
             let file = flotilla_agent_runner::FleetFile::parse(&fleet_toml)?;
@@ -372,19 +383,78 @@ impl Runners {
     }
 }
 
-/// Last sequence of each of the fleet's streams (its KV buckets included).
+/// Last sequence of each of the fleet's streams (its KV buckets and object stores included).
 async fn stream_sequences(fleet: &Fleet) -> anyhow::Result<HashMap<String, u64>> {
     let lower = fleet.names.prefix().as_str().replace('.', "_");
-    let (upper, kv) = (format!("{}_", lower.to_ascii_uppercase()), format!("KV_{lower}_"));
+    let prefixes =
+        [format!("{}_", lower.to_ascii_uppercase()), format!("KV_{lower}_"), format!("OBJ_{lower}_")];
     let mut out = HashMap::new();
     let mut streams = fleet.js.streams();
     while let Some(info) = streams.next().await {
         let info = info.context("failed to list streams")?;
-        if info.config.name.starts_with(&upper) || info.config.name.starts_with(&kv) {
+        if prefixes.iter().any(|p| info.config.name.starts_with(p.as_str())) {
             out.insert(info.config.name.clone(), info.state.last_sequence);
         }
     }
     Ok(out)
+}
+
+/// Entries written to the budget ledger so far (the `<P>_LEDGER` stream's last sequence).
+async fn ledger_entries(fleet: &Fleet) -> anyhow::Result<u64> {
+    let mut stream =
+        fleet.js.get_stream(fleet.names.ledger_stream()).await.context("no budget ledger stream")?;
+    let info = stream.info().await.context("failed to read the budget ledger stream")?;
+    Ok(info.state.last_sequence)
+}
+
+/// Waits until the budget ledger stops growing (up to 5 s): the runners close a task's budget in
+/// the background after its `completed` event, so the last closes of a phase come after it.
+async fn settle_ledger(fleet: &Fleet) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let mut last = ledger_entries(fleet).await?;
+    while t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = ledger_entries(fleet).await?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(())
+}
+
+/// The budget-keeper with default settings in this process, on its own connection.
+async fn spawn_keeper(
+    url: &str,
+    names: &Names,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, Fleet)> {
+    let fleet = Fleet::new(
+        flotilla_service::nats::connect(url, "flotilla-bench-budget-keeper").await?,
+        names.clone(),
+        WireFormat::Msgpack,
+        "bench-budget-keeper".into(),
+    );
+    let handle = tokio::spawn(flotilla_budget_keeper::run(
+        flotilla_budget_keeper::Config::default(),
+        fleet.clone(),
+        1,
+        shutdown.clone(),
+    ));
+    Ok((handle, fleet))
+}
+
+/// Waits until the budget-keeper answers a request (any answer, `unknown_scope` included; the
+/// client asks again while no keeper answers or it says it is unavailable).
+async fn keeper_answers(fleet: &Fleet) -> anyhow::Result<()> {
+    let mut client = flotilla_service::budget::Client::new(fleet.clone());
+    client.patience = Duration::from_secs(30);
+    let req =
+        flotilla_protocol::BudgetRequest { scope: Some("bench.ready".to_owned()), ..Default::default() };
+    match client.call("show", &req).await {
+        Ok(_) | Err(flotilla_service::budget::BudgetError::Refused { .. }) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!(e).context("the budget-keeper did not answer")),
+    }
 }
 
 /// Deliveries made again (NAKs, ack timeouts) so far: of submissions, of assignments; and the
@@ -463,7 +533,12 @@ fn span_summary(timings: &profile::ByName) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path>) -> Result<(), Failure> {
+pub async fn run(
+    cli: &Cli,
+    sizes: Sizes,
+    server_config: Option<&std::path::Path>,
+    budgets: bool,
+) -> Result<(), Failure> {
     let Sizes { tasks, agents, queued } = sizes;
     if tasks < 10 || agents == 0 || queued < 2 {
         return Err(Failure::new(
@@ -543,13 +618,38 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
     // (b) and (c): the dispatcher here, two runners.
     let shutdown = CancellationToken::new();
     let dispatcher = super::spawn_dispatcher(&url, &names, &topology, &shutdown, "bench-dispatcher").await?;
-    let runners = Runners::start(&url, &names, &topology, dir.path(), &shutdown).await?;
-    let result = measure(&fleet, &topology, tasks, monitoring.as_deref(), timings.as_ref(), started).await;
+    // With --budgets, the budget-keeper here too, stopped only after the runners (they close
+    // budgets as they drain).
+    let keeper_stop = CancellationToken::new();
+    let keeper = if budgets {
+        progress(started, "starting the budget-keeper");
+        Some(spawn_keeper(&url, &names, &keeper_stop).await?)
+    } else {
+        None
+    };
+    let runners = Runners::start(&url, &names, &topology, dir.path(), &shutdown, budgets).await?;
+    let result = async {
+        if budgets {
+            keeper_answers(&fleet).await?;
+        }
+        measure(&fleet, &topology, tasks, monitoring.as_deref(), timings.as_ref(), started, budgets).await
+    }
+    .await;
     let runner_mode = runners.describe();
     progress(started, "stopping the runners, the dispatcher and the server");
     runners.stop(&shutdown).await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), dispatcher).await;
+    if let Some((handle, keeper_fleet)) = keeper {
+        keeper_stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(15), handle).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the budget-keeper stopped with an error"),
+            Ok(Err(_)) => tracing::warn!("the budget-keeper panicked"),
+            Err(_) => tracing::warn!("the budget-keeper did not stop in 15 s"),
+            Ok(Ok(Ok(()))) => {}
+        }
+        let _ = keeper_fleet.client.drain().await;
+    }
     let _ = client.drain().await;
     if let Some(mut s) = server.take() {
         s.terminate(Duration::from_secs(10));
@@ -593,6 +693,9 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
             "agents": RUNNERS.len() as u32 * AGENTS_PER_RUNNER,
             "slots": RUNNERS.len() as u32 * AGENTS_PER_RUNNER * AGENT_CONCURRENCY,
             "model": "offline, zero latency, one step",
+            "budgets": budgets,
+            "budget_keeper": budgets.then_some("in process, own connection"),
+            "task_cap_tokens": budgets.then_some(TASK_CAP_TOKENS),
         },
         "raw": {
             "publish": { "messages": a.publish_messages, "in_flight": a.publish_window, "per_s": round(a.publish_per_s, 0) },
@@ -614,6 +717,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
             "redelivered_submissions": m.redelivered[0].0,
             "redelivered_assignments": m.redelivered[0].1,
             "requeued": m.redelivered[0].2,
+            "ledger_entries_per_task": m.ledger_per_task[0].map(|x| round(x, 2)),
         },
         "latency": {
             "tasks": tasks,
@@ -631,6 +735,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
             "redelivered_submissions": m.redelivered[1].0,
             "redelivered_assignments": m.redelivered[1].1,
             "requeued": m.redelivered[1].2,
+            "ledger_entries_per_task": m.ledger_per_task[1].map(|x| round(x, 2)),
             "stages_p50_ms": m.stages.iter().map(|(k, v)| ((*k).to_owned(), json!(round(*v, 2)))).collect::<serde_json::Map<_, _>>(),
         },
         "scheduler": {
@@ -678,6 +783,13 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
         RUNNERS.len(),
         m.runner_mode,
     );
+    if budgets {
+        println!(
+            "budgets ON: a budget-keeper in this process (own connection); every model call reserves and commits \
+             with it (task, agent, tenant and model scopes; each task capped at {} tokens, its budget closed when it ends)",
+            thousands(TASK_CAP_TOKENS as f64),
+        );
+    }
     println!(
         "(a) raw JetStream: async publish {} msg/s ({} messages, {WINDOW} in flight); one-hop pipeline \
          (pull A → KV revision-checked update → publish B → consume B) {} items/s ({} items, {PIPELINE_IN_FLIGHT} in flight)",
@@ -702,6 +814,9 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
             "    server messages per task (varz, all clients, heartbeats included): {i:.1} in, {o:.1} out"
         );
     }
+    if let Some(n) = m.ledger_per_task[0] {
+        println!("    budget ledger entries per task: {n:.2}");
+    }
     let [rb, rc] = m.redelivered;
     println!(
         "    redelivered: {} submissions, {} assignments; {} tasks requeued (in (c): {}, {}, {})",
@@ -722,6 +837,9 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
         "    as the task records have it (ms clocks, 1,000 tasks): submit → started p50 {:.0} ms, p99 {:.0} ms; submit → finished p50 {:.0} ms, p99 {:.0} ms",
         m.recorded[0], m.recorded[1], m.recorded[2], m.recorded[3]
     );
+    if let Some(n) = m.ledger_per_task[1] {
+        println!("    budget ledger entries per task: {n:.2}");
+    }
     println!(
         "    p50 between event arrivals: {}",
         m.stages
@@ -782,6 +900,12 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
          open on average = how many were under way at once, which for a scheduler that assigns one task at a \
          time is the share of the time it spent assigning)"
     );
+    if budgets {
+        println!(
+            "    (`round` = one round of the budget-keeper: a batch of requests decided, their ledger entries written \
+             together and the acks awaited, the answers sent)"
+        );
+    }
     println!("JetStream round trips per task on the critical path (from the code): {}", ROUND_TRIPS.len());
     for (stage, what) in ROUND_TRIPS {
         println!("    {stage:<9} {what}");
@@ -793,6 +917,8 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&std::path::Path
 
 /// What (b) and (c) measured.
 struct Measured {
+    /// With budgets on, budget ledger entries per task in (b) and (c).
+    ledger_per_task: [Option<f64>; 2],
     /// In (c), from the task records (ms clocks): submit → started p50, p99, submit → finished
     /// p50, p99.
     recorded: [f64; 4],
@@ -821,6 +947,7 @@ async fn measure(
     monitoring: Option<&str>,
     timings: Option<&profile::Timings>,
     started: Instant,
+    budgets: bool,
 ) -> anyhow::Result<Measured> {
     let expected = RUNNERS.len() * usize::try_from(AGENTS_PER_RUNNER).unwrap_or(0);
     let t = Instant::now();
@@ -856,13 +983,19 @@ async fn measure(
         t.take();
     }
     progress(started, &format!("(b) {tasks} tasks as fast as possible"));
+    let ledger = |on: bool| async move { if on { ledger_entries(fleet).await.map(Some) } else { Ok(None) } };
     let before = varz(monitoring).await;
     let r0 = redeliveries(fleet).await?;
     let seqs_before = stream_sequences(fleet).await?;
+    let ledger_b0 = ledger(budgets).await?;
     let b = bench.phase(&format!("{run}-b-"), tasks, None).await?;
+    if budgets {
+        settle_ledger(fleet).await?;
+    }
     let after = varz(monitoring).await;
     let r1 = redeliveries(fleet).await?;
     let seqs_after = stream_sequences(fleet).await?;
+    let ledger_b1 = ledger(budgets).await?;
     let mut stored: Vec<(String, f64)> = seqs_after
         .iter()
         .map(|(name, seq)| {
@@ -879,7 +1012,16 @@ async fn measure(
     let throughput = b.throughput();
     let rate = throughput / 2.0;
     progress(started, &format!("(c) {tasks} tasks at {rate:.0}/s"));
+    let ledger_c0 = ledger(budgets).await?;
     let c = bench.phase(&format!("{run}-c-"), tasks, Some(rate)).await?;
+    if budgets {
+        settle_ledger(fleet).await?;
+    }
+    let ledger_c1 = ledger(budgets).await?;
+    let per_task =
+        |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| b.saturating_sub(a) as f64 / tasks as f64);
+    // Entries written while a phase ran (and settled), per task of the phase.
+    let ledger_per_task = [per_task(ledger_b0, ledger_b1), per_task(ledger_c0, ledger_c1)];
     let profile_c = timings.map(|t| span_summary(&t.take())).unwrap_or_default();
     let r2 = redeliveries(fleet).await?;
     let (rec_started, rec_finished) = c.recorded(fleet, &topology.tasks, 1000).await;
@@ -901,6 +1043,7 @@ async fn measure(
         ("started_to_completed", stage(c.spans(|_, s| s.started, |s| s.completed))),
     ];
     Ok(Measured {
+        ledger_per_task,
         recorded,
         redelivered: [delta(r0, r1), delta(r1, r2)],
         runner_mode: "",
