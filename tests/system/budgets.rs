@@ -260,7 +260,9 @@ async fn three_runners_share_sixty_requests_a_minute_and_interactive_tasks_go_fi
     sys.start_budget_keeper().await;
     let rate = BudgetRequest { rate: Some("openai/stub-model".into()), rpm: Some(60), ..Default::default() };
     keeper(&sys).call("rate", &rate).await.unwrap();
-    sys.start_dispatcher(dispatcher_config()).await;
+    // A loaded machine may delay heartbeats: agents must not be declared lost (their tasks would
+    // run again as new attempts and reach the keeper in another order) during this long test.
+    sys.start_dispatcher(flotilla_dispatcher::Config { missed_heartbeats: 30, ..dispatcher_config() }).await;
     let fleet = stub_fleet(&stub, "w", "\"work\"", "concurrency = 40\nreplicas = 1");
     for r in ["r1", "r2", "r3"] {
         sys.start_runner(r, &fleet).await;
@@ -297,6 +299,10 @@ async fn three_runners_share_sixty_requests_a_minute_and_interactive_tasks_go_fi
         .map(|(_, p)| codec::decode::<LedgerEntry>(None, p).unwrap().request.id.unwrap())
         .collect();
     assert_eq!(order.len(), 85, "{order:?}");
+    // Waiting for a permit is not a failure: every task ran once.
+    for id in ["i0", "b70"] {
+        assert!(sys.task(id).await.unwrap().attempts.is_empty(), "{id} needed a second attempt");
+    }
     let late: Vec<char> = order[60..].iter().map(|id| id.chars().next().unwrap()).collect();
     assert_eq!(late.iter().collect::<String>(), format!("{}{}", "i".repeat(10), "b".repeat(15)), "{order:?}");
     sys.stop().await;

@@ -62,9 +62,13 @@ impl Client {
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
+            // The request's own timeout (the connection's default is shorter than a reservation
+            // may wait at the keeper for a rate permit), with a margin for the answer to arrive.
+            let request =
+                async_nats::Request::new().payload(body.clone()).timeout(Some(self.request_timeout));
             let last = match tokio::time::timeout(
-                self.request_timeout,
-                self.fleet.client.request(subject.clone(), body.clone()),
+                self.request_timeout + Duration::from_secs(1),
+                self.fleet.client.send_request(subject.clone(), request),
             )
             .await
             {

@@ -155,7 +155,13 @@ impl Budgets {
                 priority: Some(self.priority),
                 ..Default::default()
             };
-            let refusal = match self.client.call("reserve", &body).await {
+            // Dropped while the keeper has not answered (the attempt was cancelled while its call
+            // waited for a permit), the reservation is released: the keeper then refuses it
+            // when its turn comes instead of granting it to nobody.
+            let asking = Asking(Some((self.client.clone(), id.clone())));
+            let answer = self.client.call("reserve", &body).await;
+            asking.answered();
+            let refusal = match answer {
                 Ok(reply) => {
                     let tokens = reply.tokens.unwrap_or(0);
                     let held = Held { id, tokens };
@@ -251,6 +257,29 @@ impl Budgets {
         let body = BudgetRequest { rates: t.rate_keys(), retry_after_ms: Some(ms), ..Default::default() };
         if let Err(e) = self.client.call("backoff", &body).await {
             tracing::warn!(error = %e, "failed to report a 429 to the rate limiter");
+        }
+    }
+}
+
+/// A reserve request waiting for its answer (see [`Budgets::reserve`]).
+struct Asking(Option<(Client, String)>);
+
+impl Asking {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        let Some((client, id)) = self.0.take() else { return };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let body = BudgetRequest { id: Some(id), ..Default::default() };
+                if let Err(e) = client.call("release", &body).await {
+                    tracing::warn!(error = %e, "failed to withdraw an unanswered reservation; its lease will end it");
+                }
+            });
         }
     }
 }

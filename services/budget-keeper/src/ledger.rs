@@ -587,14 +587,14 @@ impl Ledger {
     pub fn reserve(&mut self, req: Reserve, now_ms: u64) -> Result<Grant, Refusal> {
         self.forget_if_old(&req.id, now_ms);
         if let Some(r) = self.reservations.get(&req.id) {
+            // An ended reservation holds nothing: its key cannot be used for another call.
+            if let Some((end, _)) = r.end {
+                return Err(Refusal::Ended(req.id, end.name()));
+            }
             if r.request.scopes != req.scopes || r.request.want != req.want || r.request.min != req.min {
                 return Err(Refusal::Mismatch(req.id));
             }
-            // An ended reservation holds nothing: its key cannot be used for another call.
-            return match r.end {
-                None => Ok(r.grant),
-                Some((end, _)) => Err(Refusal::Ended(req.id, end.name())),
-            };
+            return Ok(r.grant);
         }
         let distinct = |v: &[String]| v.iter().collect::<BTreeSet<_>>().len() == v.len();
         if req.scopes.is_empty()
@@ -751,6 +751,28 @@ impl Ledger {
     /// Gives everything held back (the call was not made, or failed before using anything).
     pub fn release(&mut self, id: &str, now_ms: u64) -> Result<End, Refusal> {
         self.end(id, None, now_ms)
+    }
+
+    /// [`Self::release`], and for a key not (yet) reserved, ends it before it is used: a reserve
+    /// still on its way whose caller gave up (the attempt was cancelled while it waited for a
+    /// permit) is then refused when it comes rather than granted to nobody. Returns whether such
+    /// a mark was made (a change to record).
+    pub fn release_or_forbid(&mut self, id: &str, now_ms: u64) -> Result<(End, bool), Refusal> {
+        self.forget_if_old(id, now_ms);
+        if self.reservations.contains_key(id) {
+            return self.end(id, None, now_ms).map(|e| (e, false));
+        }
+        self.reservations.insert(
+            id.to_owned(),
+            Reservation {
+                request: Reserve { id: id.to_owned(), ..Default::default() },
+                grant: Grant { tokens: 0, expires_ms: now_ms },
+                end: Some((End::Released, now_ms)),
+                child: None,
+            },
+        );
+        self.ended.insert((now_ms, id.to_owned()));
+        Ok((End::Released, true))
     }
 
     /// Forgets an ended reservation once [`Self::remember_ms`] has passed since it ended, by its
@@ -1249,6 +1271,18 @@ mod tests {
         l.set_limit("task.t", Limit { tokens: 5_000, window: Window::Total }, 600_000);
         let b = l.budget("task.t", 600_000).unwrap();
         assert_eq!((b.limit.tokens, b.closed_ms), (5_000, None));
+    }
+
+    #[test]
+    fn a_release_before_the_reserve_forbids_the_key() {
+        let mut l = ledger();
+        assert_eq!(l.release_or_forbid("late", 0), Ok((End::Released, true)));
+        assert!(matches!(l.reserve(req("late", &["task.t"], 100, 1), 1), Err(Refusal::Ended(_, "released"))));
+        assert_eq!(l.budget("task.t", 1).unwrap().held, 0);
+        // An existing reservation is simply released.
+        l.reserve(req("r", &["task.t"], 100, 1), 2).unwrap();
+        assert_eq!(l.release_or_forbid("r", 3), Ok((End::Released, false)));
+        assert_eq!(l.budget("task.t", 3).unwrap().held, 0);
     }
 
     /// A small deterministic generator, so the random schedules below repeat exactly.

@@ -797,13 +797,16 @@ pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (Bud
             let Some(id) = need_id() else {
                 return (refused("invalid_request", format!("{op} needs id")), false);
             };
-            let open_before = ledger.is_open(&id);
+            let mut open_before = ledger.is_open(&id);
             let result = match op {
                 "commit" => match r.used {
                     Some(used) => ledger.commit_priced(&id, used, r.prompt_tokens, now),
                     None => return (refused("invalid_request", "commit needs used"), false),
                 },
-                "release" => ledger.release(&id, now),
+                "release" => ledger.release_or_forbid(&id, now).map(|(end, marked)| {
+                    open_before |= marked;
+                    end
+                }),
                 _ => {
                     ledger.expire(now);
                     return (BudgetReply::default(), false);
