@@ -180,9 +180,26 @@ pub async fn run(
             .await
     });
     tracing::info!(%addr, "monitor serving /metrics");
-    let events = tokio::spawn(follow_events(fleet.clone(), metrics.clone(), shutdown.clone()));
+    let m = metrics.clone();
+    let events = tokio::spawn(follow(
+        fleet.clone(),
+        fleet.names.events_stream(),
+        Some(fleet.names.task_events_all()),
+        From::Start,
+        shutdown.clone(),
+        move |msg| count_event(&m, msg),
+    ));
     let agents = tokio::spawn(follow_agents(topology.agents.clone(), metrics.clone(), shutdown.clone()));
-    let ledger = tokio::spawn(follow_ledger(fleet.clone(), metrics.clone(), shutdown.clone()));
+    // The budget-keeper creates the ledger stream; until it has, the follower retries.
+    let m = metrics.clone();
+    let ledger = tokio::spawn(follow(
+        fleet.clone(),
+        fleet.names.ledger_stream(),
+        None,
+        From::Now,
+        shutdown.clone(),
+        move |msg| count_ledger_entry(&m, msg),
+    ));
     shutdown.cancelled().await;
     let _ = events.await;
     let _ = ledger.await;
@@ -197,13 +214,36 @@ async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
 }
 
-/// Counts every task event in the stream, from the beginning, with an ordered consumer; after an
-/// error it resumes after the last event it counted.
-async fn follow_events(fleet: Fleet, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+/// Where a follower starts: the stream's first message, or what arrives from now on.
+#[derive(Debug, Clone, Copy)]
+enum From {
+    Start,
+    Now,
+}
+
+/// Follows `stream` (optionally only `filter`) with an ordered consumer from `from`, passing each
+/// message to `count`; after an error (the stream missing, the connection lost) it starts again
+/// after the last message it counted, until `shutdown`.
+async fn follow(
+    fleet: Fleet,
+    stream: String,
+    filter: Option<String>,
+    from: From,
+    shutdown: CancellationToken,
+    mut count: impl FnMut(&async_nats::jetstream::Message),
+) {
     let mut last_seq = 0u64;
     loop {
-        if let Err(e) = follow_events_once(&fleet, &metrics, &shutdown, &mut last_seq).await {
-            tracing::warn!(error = %e, "event follower stopped; restarting");
+        if let Err(e) =
+            follow_once(&fleet, &stream, filter.as_deref(), from, &shutdown, &mut last_seq, &mut count).await
+        {
+            // Quiet until the stream has been read (the ledger exists only once a budget-keeper
+            // has run).
+            if last_seq > 0 || matches!(from, From::Start) {
+                tracing::warn!(%stream, error = %e, "stream follower stopped; restarting");
+            } else {
+                tracing::debug!(%stream, error = %e, "stream follower stopped; restarting");
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -212,59 +252,76 @@ async fn follow_events(fleet: Fleet, metrics: Arc<Metrics>, shutdown: Cancellati
     }
 }
 
-async fn follow_events_once(
+async fn follow_once(
     fleet: &Fleet,
-    metrics: &Metrics,
+    stream: &str,
+    filter: Option<&str>,
+    from: From,
     shutdown: &CancellationToken,
     last_seq: &mut u64,
+    count: &mut impl FnMut(&async_nats::jetstream::Message),
 ) -> anyhow::Result<()> {
-    let stream =
-        fleet.js.get_stream(fleet.names.events_stream()).await.context("failed to open events stream")?;
-    let consumer = stream
+    let s = fleet.js.get_stream(stream).await.with_context(|| format!("failed to open stream {stream}"))?;
+    let deliver_policy = match (*last_seq, from) {
+        (0, From::Start) => DeliverPolicy::All,
+        (0, From::Now) => DeliverPolicy::New,
+        (seq, _) => DeliverPolicy::ByStartSequence { start_sequence: seq.saturating_add(1) },
+    };
+    let consumer = s
         .create_consumer(pull::OrderedConfig {
-            filter_subject: fleet.names.task_events_all(),
-            deliver_policy: if *last_seq == 0 {
-                DeliverPolicy::All
-            } else {
-                DeliverPolicy::ByStartSequence { start_sequence: last_seq.saturating_add(1) }
-            },
+            filter_subject: filter.unwrap_or_default().to_owned(),
+            deliver_policy,
             ..Default::default()
         })
         .await
-        .context("failed to create event consumer")?;
-    let mut messages = consumer.messages().await.context("failed to follow events")?;
+        .with_context(|| format!("failed to create a consumer on {stream}"))?;
+    let mut messages = consumer.messages().await.with_context(|| format!("failed to follow {stream}"))?;
     loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             m = messages.next() => match m {
-                Some(m) => m.context("event stream error")?,
+                Some(m) => m.with_context(|| format!("error on stream {stream}"))?,
                 None => return Ok(()),
             },
         };
         if let Ok(info) = msg.info() {
             *last_seq = info.stream_sequence;
         }
-        // Subject: <prefix>.events.task.<id>.<kind>; unknown kinds share one label, so that no
-        // publisher can grow the label set without bound.
-        let kind = msg.subject.rsplit('.').next().unwrap_or_default();
-        let kind = if KINDS.contains(&kind) { kind.to_owned() } else { "other".to_owned() };
-        metrics.task_events.get_or_create(&KindLabel { kind: kind.clone() }).inc();
-        if kind == "completed" || kind == "failed" {
-            let ct = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
-                .map(|v| v.as_str().to_owned());
-            if let Ok(ev) = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload) {
-                if kind == "completed"
-                    && let Some(u) = ev.usage
-                {
-                    metrics.tokens.inc_by(u.total_tokens);
-                }
-                count_cost(metrics, &ev.calls);
+        count(&msg);
+    }
+}
+
+/// Counts one task event (the stream is followed from the beginning).
+fn count_event(metrics: &Metrics, msg: &async_nats::jetstream::Message) {
+    // Subject: <prefix>.events.task.<id>.<kind>; unknown kinds share one label, so that no
+    // publisher can grow the label set without bound.
+    let kind = msg.subject.rsplit('.').next().unwrap_or_default();
+    let kind = if KINDS.contains(&kind) { kind } else { "other" };
+    metrics.task_events.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+    if kind == "completed" || kind == "failed" {
+        let ct = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
+            .map(|v| v.as_str().to_owned());
+        if let Ok(ev) = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload) {
+            if kind == "completed"
+                && let Some(u) = ev.usage
+            {
+                metrics.tokens.inc_by(u.total_tokens);
             }
+            count_cost(metrics, &ev.calls);
         }
     }
+}
+
+/// Counts one budget ledger entry by operation, from the subject alone. The ledger is followed
+/// from when the monitor started (it only grows; a counter restarting at zero is what Prometheus
+/// expects of a restarted process).
+fn count_ledger_entry(metrics: &Metrics, msg: &async_nats::jetstream::Message) {
+    let op = msg.subject.rsplit('.').next().unwrap_or_default();
+    let op = if LEDGER_OPS.contains(&op) { op } else { "other" };
+    metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
 }
 
 /// Keeps the agent gauges current from a watch of the registry.
@@ -279,59 +336,6 @@ fn count_cost(metrics: &Metrics, calls: &[flotilla_protocol::CallUsage]) {
             _ => "other".to_owned(),
         };
         metrics.cost.get_or_create(&ModelLabel { model }).inc_by(cost);
-    }
-}
-
-/// Counts new budget ledger entries by operation (from the subject alone). Entries written before
-/// the monitor started are not counted (the ledger only grows; a counter restarting at zero is
-/// what Prometheus expects of a restarted process).
-async fn follow_ledger(fleet: Fleet, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut last_seq = 0u64;
-    loop {
-        if let Err(e) = follow_ledger_once(&fleet, &metrics, &shutdown, &mut last_seq).await {
-            tracing::debug!(error = %e, "ledger follower stopped; restarting");
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
-    }
-}
-
-async fn follow_ledger_once(
-    fleet: &Fleet,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-    last_seq: &mut u64,
-) -> anyhow::Result<()> {
-    // The budget-keeper creates the stream; until it has, there is nothing to count.
-    let stream = fleet.js.get_stream(fleet.names.ledger_stream()).await.context("no ledger stream yet")?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: if *last_seq == 0 {
-                DeliverPolicy::New
-            } else {
-                DeliverPolicy::ByStartSequence { start_sequence: last_seq.saturating_add(1) }
-            },
-            ..Default::default()
-        })
-        .await
-        .context("failed to create the ledger consumer")?;
-    let mut messages = consumer.messages().await.context("failed to follow the ledger")?;
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            m = messages.next() => match m {
-                Some(m) => m.context("ledger stream error")?,
-                None => return Ok(()),
-            },
-        };
-        if let Ok(info) = msg.info() {
-            *last_seq = info.stream_sequence;
-        }
-        let op = msg.subject.rsplit('.').next().unwrap_or_default();
-        let op = if LEDGER_OPS.contains(&op) { op } else { "other" };
-        metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
     }
 }
 
