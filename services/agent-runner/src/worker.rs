@@ -573,7 +573,13 @@ async fn announce_outcome(ctx: &Context, rec: &TaskRecord) -> Result<(), FleetEr
             // The task ended: its budget closes (a carved one refunds its parent). In the
             // background: the ack must not wait on the budget-keeper (a close that is lost is
             // made by the parent's delegate tool, or by the carve's lease).
-            if let Some(client) = ctx.budgets.clone() {
+            // Only a task that had a budget of its own has one to close (a carved child always
+            // has: its `budget_tokens`).
+            let template =
+                rec.agent_id.as_deref().and_then(|a| ctx.agents.get(a)).map(|s| s.template.clone());
+            let had_budget =
+                rec.budget_tokens.is_some() || template.is_none_or(|t| t.max_tokens_per_task.is_some());
+            if let Some(client) = ctx.budgets.clone().filter(|_| had_budget) {
                 let id = rec.id.clone();
                 tokio::spawn(async move { crate::budget::close_task(&client, &id).await });
             }

@@ -390,7 +390,7 @@ impl Price {
 }
 
 /// A budget event to report (see [`Ledger::alerts`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alert {
     /// `warning`, `exhausted` or `refilled`.
     pub kind: &'static str,
@@ -720,14 +720,10 @@ impl Ledger {
         if let Some(id) = carve
             && self.is_open(&id)
         {
-            let _ = self.settle(&id, spent, now_ms);
+            // Settled: what the child spent is charged to the parent, the rest refunded.
+            let _ = self.commit(&id, spent, now_ms);
         }
         Ok(true)
-    }
-
-    /// Ends a carve reservation, charging the parent what the child spent.
-    fn settle(&mut self, id: &str, spent: u64, now_ms: u64) -> Result<End, Refusal> {
-        self.end(id, Some((spent, None)), now_ms)
     }
 
     /// Turns what the call used into usage in every scope and gives the rest back. A repeated
@@ -760,7 +756,7 @@ impl Ledger {
     pub fn release_or_forbid(&mut self, id: &str, now_ms: u64) -> Result<(End, bool), Refusal> {
         self.forget_if_old(id, now_ms);
         if self.reservations.contains_key(id) {
-            return self.end(id, None, now_ms).map(|e| (e, false));
+            return self.release(id, now_ms).map(|e| (e, false));
         }
         self.reservations.insert(
             id.to_owned(),
@@ -860,7 +856,7 @@ impl Ledger {
             let spent =
                 child.as_ref().and_then(|c| self.budgets.get(c)).map(|b| b.used.saturating_add(b.held));
             let ended = match spent {
-                Some(spent) => self.settle(id, spent, now_ms).is_ok(),
+                Some(spent) => self.commit(id, spent, now_ms).is_ok(),
                 None => self.end(id, None, now_ms).is_ok(),
             };
             if let Some(c) = child
@@ -941,11 +937,6 @@ impl Ledger {
     /// True while the reservation `id` holds tokens.
     pub fn is_open(&self, id: &str) -> bool {
         self.reservations.get(id).is_some_and(|r| r.end.is_none())
-    }
-
-    /// Open reservations.
-    pub fn open(&self) -> usize {
-        self.reservations.values().filter(|r| r.end.is_none()).count()
     }
 }
 

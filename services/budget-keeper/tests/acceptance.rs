@@ -8,18 +8,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_budget_keeper::ledger::Ledger;
-use flotilla_protocol::{BudgetRequest, LedgerEntry, Names, Prefix, WireFormat, codec};
+use flotilla_protocol::{BudgetRequest, Names, Prefix, WireFormat};
 use flotilla_service::budget::Client;
 use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
 use flotilla_testkit::{ChildProcess, NatsServer, bin, eventually};
-use futures::StreamExt as _;
 
 const LIMIT: u64 = 100_000;
 const SCOPE: &str = "tenant.acme";
@@ -43,24 +43,6 @@ fn keeper(server: &NatsServer, instance: &str) -> ChildProcess {
         ],
     )
     .unwrap()
-}
-
-async fn entries(fleet: &Fleet) -> Vec<LedgerEntry> {
-    let mut stream = fleet.js.get_stream(fleet.names.ledger_stream()).await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut msgs = stream
-        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
-        .await
-        .unwrap()
-        .messages()
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while out.len() < usize::try_from(last).unwrap() {
-        let m = tokio::time::timeout(Duration::from_secs(30), msgs.next()).await.unwrap().unwrap().unwrap();
-        out.push(codec::decode(None, &m.payload).unwrap());
-    }
-    out
 }
 
 /// One model call to the stub: the usage it reports.
@@ -151,7 +133,7 @@ async fn check(fleet: &Fleet, reported: u64) {
     })
     .await;
     assert_eq!(b.used, reported, "committed equals the usage the stub reported");
-    let entries = entries(fleet).await;
+    let entries = common::ledger_entries(fleet).await;
     let mut replay = Ledger::new(u64::MAX);
     let mut peak = 0;
     for e in &entries {

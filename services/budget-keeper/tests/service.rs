@@ -4,14 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+mod common;
+
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_budget_keeper::ledger::Ledger;
-use flotilla_protocol::{BudgetReply, BudgetRequest, LedgerEntry, Names, Prefix, WireFormat, codec, headers};
+use flotilla_protocol::{BudgetReply, BudgetRequest, Names, Prefix, WireFormat, codec, headers};
 use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
 use flotilla_testkit::{NatsServer, eventually};
-use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: u64 = 20_000;
@@ -65,23 +65,6 @@ fn reserve(id: &str, want: u64, lease_ms: u64) -> BudgetRequest {
 
 fn show() -> BudgetRequest {
     BudgetRequest { scope: Some("tenant.acme".into()), ..Default::default() }
-}
-
-/// Every entry of the ledger stream, in order.
-async fn ledger_entries(fleet: &Fleet) -> Vec<LedgerEntry> {
-    let stream = fleet.js.get_stream(fleet.names.ledger_stream()).await.unwrap();
-    let mut msgs = stream
-        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
-        .await
-        .unwrap()
-        .messages()
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
-        out.push(codec::decode(None, &m.payload).unwrap());
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,7 +138,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     assert!(status.used <= LIMIT);
 
     // Over the whole ledger: replayed entry by entry, used + held never exceeded the limit.
-    let entries = ledger_entries(&fleet).await;
+    let entries = common::ledger_entries(&fleet).await;
     let mut replay = Ledger::new(u64::MAX);
     let mut max_committed_and_held = 0;
     for e in &entries {
@@ -225,7 +208,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
 
     // A request whose reply subject points into the ledger is not answered there: nothing is
     // written to the ledger, and the keeper keeps its fence and keeps answering.
-    let before = ledger_entries(&fleet).await.len();
+    let before = common::ledger_entries(&fleet).await.len();
     fleet
         .client
         .publish_with_reply(
@@ -237,7 +220,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
         .unwrap();
     fleet.client.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(ledger_entries(&fleet).await.len(), before, "no answer was stored in the ledger");
+    assert_eq!(common::ledger_entries(&fleet).await.len(), before, "no answer was stored in the ledger");
     let r = call(&fleet, "reserve", &reserve("after-forgery", 10, 60_000)).await;
     assert_eq!(r.tokens, Some(10), "the keeper still writes to its ledger");
     keeper.stop().await;
@@ -284,7 +267,7 @@ async fn scarce_rate_permits_go_to_the_most_urgent_waiter_first() {
     assert_eq!(batch.await.unwrap().tokens, Some(10));
     assert!(started.elapsed() >= Duration::from_millis(2_000), "the permits waited for the window");
     // The ledger records the grants in the order they were made: the urgent one first.
-    let order: Vec<String> = ledger_entries(&fleet)
+    let order: Vec<String> = common::ledger_entries(&fleet)
         .await
         .into_iter()
         .filter(|e| e.op == "reserve")
