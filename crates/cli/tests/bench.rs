@@ -8,16 +8,24 @@ use std::process::Command;
 
 use flotilla_testkit::bin;
 
+/// Runs `flotilla <args>` (a bench with `--json`) on its own local nats-server; its report.
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin("flotilla")).args(args).env_remove("FLOTILLA_NATS_URL").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Asserts the figure at `path` of a report is a positive number.
+fn positive(report: &serde_json::Value, path: &str) {
+    let v = report.pointer(path).unwrap_or_else(|| panic!("{path} missing in {report}"));
+    let x = v.as_f64().unwrap_or_else(|| panic!("{path} is not a number: {v}"));
+    assert!(x > 0.0, "{path} = {x}");
+}
+
 #[test]
 fn bench_runner_reports_memory_and_step_overhead() {
     let _runner = bin("flotilla-agent-runner"); // the bench starts it from next to `flotilla`
-    let out = Command::new(bin("flotilla"))
-        .args(["bench", "runner", "--agents", "50", "--tasks", "20", "--json"])
-        .env_remove("FLOTILLA_NATS_URL")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench(&["bench", "runner", "--agents", "50", "--tasks", "20", "--json"]);
     assert_eq!(report["runner"]["idle_agents"], 50);
     assert!(report["runner"]["rss_mib"].as_f64().unwrap() > 1.0);
     assert!(report["raw_nats_us"]["kv_get"].as_f64().unwrap() > 0.0);
@@ -29,18 +37,8 @@ fn bench_runner_reports_memory_and_step_overhead() {
 fn bench_dispatcher_reports_every_figure() {
     let _runner = bin("flotilla-agent-runner"); // the bench starts two from next to `flotilla`
     let started = std::time::Instant::now();
-    let out = Command::new(bin("flotilla"))
-        .args(["bench", "dispatcher", "--quick", "--json"])
-        .env_remove("FLOTILLA_NATS_URL")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let positive = |path: &str| {
-        let v = report.pointer(path).unwrap_or_else(|| panic!("{path} missing in {report}"));
-        let x = v.as_f64().unwrap_or_else(|| panic!("{path} is not a number: {v}"));
-        assert!(x > 0.0, "{path} = {x}");
-    };
+    let report = bench(&["bench", "dispatcher", "--quick", "--json"]);
+    let positive = |path: &str| positive(&report, path);
     for path in [
         "/raw/publish/per_s",
         "/raw/publish/in_flight",
@@ -90,13 +88,7 @@ fn bench_dispatcher_reports_every_figure() {
 fn bench_dispatcher_with_budgets_reports_ledger_entries() {
     let _runner = bin("flotilla-agent-runner");
     let started = std::time::Instant::now();
-    let out = Command::new(bin("flotilla"))
-        .args(["bench", "dispatcher", "--quick", "--budgets", "--json"])
-        .env_remove("FLOTILLA_NATS_URL")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench(&["bench", "dispatcher", "--quick", "--budgets", "--json"]);
     assert_eq!(report["setup"]["budgets"], true, "{report}");
     assert_eq!(report["setup"]["runner_mode"], "processes");
     assert!(report["throughput"]["per_s"].as_f64().unwrap() > 0.0);
@@ -113,18 +105,8 @@ fn bench_dispatcher_with_budgets_reports_ledger_entries() {
 #[test]
 fn bench_budget_reports_reservations_next_to_raw_compare_and_swap() {
     let started = std::time::Instant::now();
-    let out = Command::new(bin("flotilla"))
-        .args(["bench", "budget", "--quick", "--json"])
-        .env_remove("FLOTILLA_NATS_URL")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let positive = |path: &str| {
-        let v = report.pointer(path).unwrap_or_else(|| panic!("{path} missing in {report}"));
-        let x = v.as_f64().unwrap_or_else(|| panic!("{path} is not a number: {v}"));
-        assert!(x > 0.0, "{path} = {x}");
-    };
+    let report = bench(&["bench", "budget", "--quick", "--json"]);
+    let positive = |path: &str| positive(&report, path);
     for path in [
         "/raw/sequential_cas/per_s",
         "/raw/sequential_read_cas/per_s",
