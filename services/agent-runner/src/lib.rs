@@ -211,6 +211,8 @@ pub async fn run_with_tools(
         .await
         .context("failed to ensure the runner's assignment consumer")?;
 
+    // The budget-keeper, asked before and after every model call (tasks' and direct messages').
+    let budgets = config.budgets.then(|| flotilla_service::budget::Client::new(fleet.clone()));
     // Agents started and stopped at runtime (`flotilla agents spawn|stop`, scale requests).
     let inboxes = TaskTracker::new();
     let control = control::Control {
@@ -218,7 +220,7 @@ pub async fn run_with_tools(
         topology: topology.clone(),
         agents: agents.clone(),
         providers: providers.clone(),
-        budgets: config.budgets.then(|| flotilla_service::budget::Client::new(fleet.clone())),
+        budgets: budgets.clone(),
         inboxes: inboxes.clone(),
         shutdown: shutdown.clone(),
         stream: stream.clone(),
@@ -263,7 +265,7 @@ pub async fn run_with_tools(
         abort: abort.clone(),
         providers,
         registry: Arc::new(registry),
-        budgets: config.budgets.then(|| flotilla_service::budget::Client::new(fleet.clone())),
+        budgets,
     });
 
     let mut messages = consumer
