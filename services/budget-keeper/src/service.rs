@@ -237,6 +237,8 @@ struct Keeper<'a> {
 enum Stop {
     #[error("another budget-keeper wrote to the ledger")]
     Fenced,
+    #[error("the ledger could not be rebuilt after a failed write: {0}")]
+    Rebuild(String),
 }
 
 async fn serve_as_leader(
@@ -638,7 +640,7 @@ impl Keeper<'_> {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "failed to rebuild the budget ledger");
-                    return Err(Stop::Fenced);
+                    return Err(Stop::Rebuild(e.to_string()));
                 }
             }
         }
