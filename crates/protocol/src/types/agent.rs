@@ -1,0 +1,233 @@
+//! Agents: lifecycle states and events, registry records, declared capabilities, direct
+//! messages between agents and requests for human approval.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::*;
+
+/// Lifecycle state of an agent, or of one agent's work on one task.
+///
+/// `initializing → idle → planning ⇄ executing ⇄ waiting → idle`, and from anywhere `error` or
+/// `terminated`; [`AgentState::can_become`] is the whole transition table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    Initializing,
+    Idle,
+    /// Calling the model.
+    Planning,
+    /// Running the tool calls the model chose.
+    Executing,
+    /// Waiting on something outside: a sub-task, a reply, a human.
+    Waiting,
+    Error,
+    Terminated,
+}
+
+impl AgentState {
+    /// True when `self → next` is a legal transition.
+    pub fn can_become(self, next: AgentState) -> bool {
+        use AgentState::*;
+        match (self, next) {
+            (Terminated, _) => false,
+            (_, Terminated) => true,
+            (Error, Idle) => true,
+            (Error, _) => false,
+            (_, Error) => true,
+            (Initializing, Idle) => true,
+            (Idle, Planning) => true,
+            (Planning, Executing | Idle) => true,
+            (Executing, Planning | Waiting | Idle) => true,
+            (Waiting, Executing | Idle) => true,
+            _ => false,
+        }
+    }
+
+    /// Lower-case name, as in event subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initializing => "initializing",
+            Self::Idle => "idle",
+            Self::Planning => "planning",
+            Self::Executing => "executing",
+            Self::Waiting => "waiting",
+            Self::Error => "error",
+            Self::Terminated => "terminated",
+        }
+    }
+}
+
+/// A lifecycle transition, published on `<prefix>.events.agent.<agent_id>.<state>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentEvent {
+    pub agent_id: String,
+    pub runner_id: String,
+    pub from: AgentState,
+    pub to: AgentState,
+    /// The task the transition concerns, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at_ms: u64,
+}
+
+/// One task an agent is working on, and where it is with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Activity {
+    pub task_id: String,
+    pub state: AgentState,
+}
+
+/// What an agent is doing, as shown in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Idle,
+    Busy,
+    Draining,
+    /// Crashed repeatedly; takes no work until its runner restarts it.
+    Error,
+}
+
+/// An agent's entry in the registry bucket, rewritten on every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentRecord {
+    pub agent_id: String,
+    /// Template name from the fleet file.
+    pub name: String,
+    pub runner_id: String,
+    pub capabilities: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    pub provider: String,
+    #[serde(default)]
+    pub model: String,
+    pub concurrency: u32,
+    pub in_flight: u32,
+    pub status: AgentStatus,
+    pub started_at_ms: u64,
+    pub heartbeat_at_ms: u64,
+    /// Heartbeat period; the dispatcher treats the agent as dead after a few missed beats.
+    pub heartbeat_interval_ms: u64,
+    /// Lifecycle state of the agent as a whole.
+    #[serde(default = "initializing")]
+    pub state: AgentState,
+    /// The tasks it works on now, each with its own lifecycle state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub activities: Vec<Activity>,
+    #[serde(default)]
+    pub protocol_version: u32,
+    /// Autoscaling limits of its template on its runner (agents that take work); equal to the
+    /// template's replicas when it does not autoscale.
+    #[serde(default)]
+    pub min_replicas: u32,
+    #[serde(default)]
+    pub max_replicas: u32,
+}
+
+/// A capability's entry in the capabilities bucket: some fleet declared it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CapabilityRecord {
+    pub capability: String,
+    /// Agent templates that declared it.
+    #[serde(default)]
+    pub templates: Vec<String>,
+    pub declared_at_ms: u64,
+}
+
+fn initializing() -> AgentState {
+    AgentState::Initializing
+}
+
+/// A direct message to an agent, sent as a request to its inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DirectMessage {
+    /// Sending agent (or any client).
+    pub from: String,
+    /// The task the sender works on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    pub message: Value,
+    /// When true the receiving agent answers with its model; otherwise the runner only confirms
+    /// receipt.
+    #[serde(default)]
+    pub wants_reply: bool,
+}
+
+/// The answer to a [`DirectMessage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DirectReply {
+    pub agent_id: String,
+    /// The agent's answer, when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// Where a request for human approval stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    Pending,
+    Approved,
+    Rejected,
+}
+
+/// A task's request for human approval, in the approvals bucket under the task id. The agent
+/// waits until `status` is decided (`flotilla approve|reject <task>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Approval {
+    pub task_id: String,
+    /// Which request of the task this is (step and call), so a retried attempt finds its answer.
+    pub request_id: String,
+    pub agent_id: String,
+    pub question: String,
+    pub status: ApprovalStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    pub asked_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::AgentState::*;
+
+    #[test]
+    fn the_transition_table() {
+        for (from, to) in [
+            (Initializing, Idle),
+            (Idle, Planning),
+            (Planning, Executing),
+            (Executing, Waiting),
+            (Waiting, Executing),
+            (Executing, Planning),
+            (Planning, Idle),
+            (Idle, Error),
+            (Error, Idle),
+            (Waiting, Terminated),
+        ] {
+            assert!(from.can_become(to), "{from:?} -> {to:?}");
+        }
+        for (from, to) in [
+            (Initializing, Planning),
+            (Idle, Executing),
+            (Planning, Waiting),
+            (Error, Planning),
+            (Terminated, Idle),
+            (Idle, Idle),
+            (Waiting, Planning),
+        ] {
+            assert!(!from.can_become(to), "{from:?} -> {to:?} must be refused");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Wire types, one module per domain, all re-exported here (and from the crate root). Fields are
+//! only ever added, with defaults.
+
+mod agent;
+mod budget;
+mod common;
+mod control;
+mod task;
+
+pub use agent::*;
+pub use budget::*;
+pub use common::*;
+pub use control::*;
+pub use task::*;
