@@ -15,7 +15,7 @@ use flotilla_agent_runner::FleetFile;
 use flotilla_protocol::{
     HealthReply, Names, Prefix, TaskEvent, TaskRecord, TaskSubmission, WireFormat, codec, headers,
 };
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_service::{Fleet, Mode, Service as _, StreamSettings, Topology};
 use flotilla_testkit::{ChildProcess, NatsServer, bin};
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
@@ -101,7 +101,8 @@ impl System {
     pub async fn start_dispatcher(&mut self, config: flotilla_dispatcher::Config) {
         let fleet = self.fleet("dispatcher-1").await;
         let token = self.shutdown.child_token();
-        let h = tokio::spawn(flotilla_dispatcher::run(config, fleet, self.topology.clone(), token.clone()));
+        let dispatcher = flotilla_dispatcher::Dispatcher::new(config);
+        let h = tokio::spawn(dispatcher.run(fleet, self.topology.clone(), token.clone()));
         self.dispatchers.push((token, h));
     }
 
@@ -115,25 +116,21 @@ impl System {
 
     pub async fn start_budget_keeper(&mut self) {
         let fleet = self.fleet("budget-keeper-1").await;
-        let h =
-            tokio::spawn(flotilla_budget_keeper::run(Default::default(), fleet, 1, self.shutdown.clone()));
+        let keeper = flotilla_budget_keeper::BudgetKeeper::default();
+        let h = tokio::spawn(keeper.run(fleet, self.topology.clone(), self.shutdown.clone()));
         self.services.push(h);
         self.budgets = true;
     }
 
     pub async fn start_monitor(&mut self) -> std::net::SocketAddr {
         let fleet = self.fleet("monitor-1").await;
-        let listener =
-            flotilla_monitor::bind(&flotilla_monitor::Config { http_addr: "127.0.0.1:0".parse().unwrap() })
-                .await
-                .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let h = tokio::spawn(flotilla_monitor::run(
-            listener,
-            fleet,
-            self.topology.clone(),
-            self.shutdown.clone(),
-        ));
+        let monitor = flotilla_monitor::Monitor::bind(&flotilla_monitor::Config {
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+        })
+        .await
+        .unwrap();
+        let addr = monitor.local_addr().unwrap();
+        let h = tokio::spawn(monitor.run(fleet, self.topology.clone(), self.shutdown.clone()));
         self.services.push(h);
         addr
     }
@@ -155,14 +152,9 @@ impl System {
         let file = FleetFile::parse(fleet_toml).unwrap();
         let token = self.shutdown.child_token();
         self.runner_tokens.insert(id.to_owned(), token.clone());
-        let h = tokio::spawn(flotilla_agent_runner::run_with_tools(
-            flotilla_agent_runner::Config { budgets: self.budgets, ..runner_config(id) },
-            file,
-            fleet,
-            self.topology.clone(),
-            registry,
-            token,
-        ));
+        let config = flotilla_agent_runner::Config { budgets: self.budgets, ..runner_config(id) };
+        let runner = flotilla_agent_runner::Runner::new(config, file).unwrap().with_tools(registry);
+        let h = tokio::spawn(runner.run(fleet, self.topology.clone(), token));
         self.services.push(h);
     }
 

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{TaskEvent, TaskSubmission, WireFormat, codec};
 use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_service::{Fleet, Mode, Service as _, StreamSettings, Topology};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -105,12 +105,8 @@ async fn spawn_dispatcher(
         WireFormat::Msgpack,
         instance.into(),
     );
-    Ok(tokio::spawn(flotilla_dispatcher::run(
-        flotilla_dispatcher::Config::default(),
-        fleet,
-        topology.clone(),
-        shutdown.clone(),
-    )))
+    let dispatcher = flotilla_dispatcher::Dispatcher::new(flotilla_dispatcher::Config::default());
+    Ok(tokio::spawn(dispatcher.run(fleet, topology.clone(), shutdown.clone())))
 }
 
 fn rss_kib(pid: u32) -> Option<(u64, u64)> {

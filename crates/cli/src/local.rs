@@ -10,7 +10,7 @@ use flotilla_agent_runner::FleetFile;
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
 use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{CommonConfig, Fleet, Mode, Topology, config};
+use flotilla_service::{CommonConfig, Fleet, Mode, Service as _, Topology, config};
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -116,25 +116,30 @@ async fn start(
     let dcfg: flotilla_dispatcher::Config = config::extract(&fig, Some("dispatcher"), serde_json::json!({}))?;
     services.push((
         "dispatcher",
-        tokio::spawn(flotilla_dispatcher::run(dcfg, dispatcher, topology.clone(), shutdown.clone())),
+        tokio::spawn(flotilla_dispatcher::Dispatcher::new(dcfg).run(
+            dispatcher,
+            topology.clone(),
+            shutdown.clone(),
+        )),
     ));
 
     let bk = fleet_for("budget-keeper", connect("budget-keeper").await?);
     let bcfg: flotilla_budget_keeper::Config =
         config::extract(&fig, Some("budget_keeper"), serde_json::json!({}))?;
-    let replicas = common.streams.replicas;
     services.push((
         "budget-keeper",
-        tokio::spawn(flotilla_budget_keeper::run(bcfg, bk, replicas, shutdown.clone())),
+        tokio::spawn(flotilla_budget_keeper::BudgetKeeper::new(bcfg).run(
+            bk,
+            topology.clone(),
+            shutdown.clone(),
+        )),
     ));
 
     let mon = fleet_for("monitor", connect("monitor").await?);
-    let listener = flotilla_monitor::bind(&flotilla_monitor::Config { http_addr: monitor_addr }).await?;
-    let monitor_addr = listener.local_addr().context("monitor listener has no address")?;
-    services.push((
-        "monitor",
-        tokio::spawn(flotilla_monitor::run(listener, mon, topology.clone(), shutdown.clone())),
-    ));
+    let monitor =
+        flotilla_monitor::Monitor::bind(&flotilla_monitor::Config { http_addr: monitor_addr }).await?;
+    let monitor_addr = monitor.local_addr()?;
+    services.push(("monitor", tokio::spawn(monitor.run(mon, topology.clone(), shutdown.clone()))));
 
     let runner = fleet_for("agent-runner", connect("agent-runner").await?);
     let mut rcfg: flotilla_agent_runner::Config =
@@ -142,7 +147,11 @@ async fn start(
     rcfg.runner_id.get_or_insert_with(|| format!("local-{instance}"));
     services.push((
         "agent-runner",
-        tokio::spawn(flotilla_agent_runner::run(rcfg, fleet_file, runner, topology, shutdown.clone())),
+        tokio::spawn(flotilla_agent_runner::Runner::new(rcfg, fleet_file)?.run(
+            runner,
+            topology,
+            shutdown.clone(),
+        )),
     ));
     Ok(LocalFleet { server, url, shutdown, services, clients, monitor_addr })
 }

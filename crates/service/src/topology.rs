@@ -42,6 +42,9 @@ pub struct Topology {
     pub approvals: kv::Store,
     /// Leases of exclusive roles (the active dispatcher).
     pub leases: kv::Store,
+    /// Replicas of every stream and bucket, as they were ensured (services that own further
+    /// buckets create them with as many).
+    pub replicas: usize,
 }
 
 impl Topology {
@@ -120,7 +123,7 @@ impl Topology {
             ),
         )
         .await?;
-        Ok(Self { tasks, agents, capabilities, memory, approvals, leases })
+        Ok(Self { tasks, agents, capabilities, memory, approvals, leases, replicas: s.replicas })
     }
 }
 

@@ -72,6 +72,27 @@ impl NatsServer {
         async_nats::connect(self.url()).await.expect("connect to test nats-server")
     }
 
+    /// A fleet handle under the default prefix on a new connection, with the fleet's streams and
+    /// buckets ensured (as the dispatcher does).
+    pub async fn fleet(&self, instance: &str) -> (flotilla_service::Fleet, flotilla_service::Topology) {
+        let names = flotilla_protocol::Names::new(flotilla_protocol::Prefix::default());
+        let fleet = flotilla_service::Fleet::new(
+            self.client().await,
+            names,
+            flotilla_protocol::WireFormat::Msgpack,
+            instance.to_owned(),
+        );
+        let topology = flotilla_service::Topology::ensure(
+            &fleet.js,
+            &fleet.names,
+            &flotilla_service::StreamSettings::default(),
+            flotilla_service::Mode::Own,
+        )
+        .await
+        .expect("the fleet's topology is ensured");
+        (fleet, topology)
+    }
+
     /// Kills the server and starts it again on the same port and store.
     pub fn restart(&mut self) {
         let port = self.port();

@@ -74,17 +74,34 @@ impl Default for Config {
     }
 }
 
-/// Runs the agent-runner for `fleet_file` with the built-in tools until `shutdown` is cancelled,
-/// then drains.
-pub async fn run(
+/// An agent-runner, ready to run ([`flotilla_service::Service`]): its settings, the fleet file of
+/// the agents it hosts and the tools they may use.
+#[derive(Debug)]
+pub struct Runner {
     config: Config,
     fleet_file: FleetFile,
-    fleet: Fleet,
-    topology: Topology,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let registry = tools::Registry::with_builtins()?;
-    run_with_tools(config, fleet_file, fleet, topology, registry, shutdown).await
+    tools: tools::Registry,
+}
+
+impl Runner {
+    /// A runner of `fleet_file` with the built-in tools.
+    pub fn new(config: Config, fleet_file: FleetFile) -> anyhow::Result<Self> {
+        Ok(Self { config, fleet_file, tools: tools::Registry::with_builtins()? })
+    }
+
+    /// The same runner with a tool registry of the caller's (built-ins plus its own tools).
+    pub fn with_tools(self, tools: tools::Registry) -> Self {
+        Self { tools, ..self }
+    }
+}
+
+impl flotilla_service::Service for Runner {
+    const NAME: &'static str = flotilla_protocol::names::service::AGENT_RUNNER;
+
+    /// Hosts the fleet file's agents until `shutdown` is cancelled, then drains.
+    async fn run(self, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
+        run(self.config, self.fleet_file, fleet, topology, self.tools, shutdown).await
+    }
 }
 
 /// Builds each template's provider, with its API key from the environment or the secrets file.
@@ -147,8 +164,7 @@ fn providers(
     Ok(out)
 }
 
-/// Like [`run`], with a tool registry of the caller's (built-ins plus its own tools).
-pub async fn run_with_tools(
+async fn run(
     config: Config,
     fleet_file: FleetFile,
     fleet: Fleet,

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use flotilla_agent_runner::{Config, FleetFile};
-use flotilla_service::Mode;
 use flotilla_service::bootstrap::{CommonArgs, Loaded, drain};
+use flotilla_service::{Mode, Service as _};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-agent-runner", version, about = "Hosts Flotilla agents and runs their tasks")]
@@ -48,6 +48,6 @@ async fn main() -> anyhow::Result<()> {
     let (fleet, topology) = loaded.connect("agent-runner", runner_id, Mode::Join).await?;
     cfg.runner_id = Some(fleet.instance.clone());
     let shutdown = flotilla_service::shutdown::on_signal();
-    flotilla_agent_runner::run(cfg, fleet_file, fleet.clone(), topology, shutdown).await?;
+    flotilla_agent_runner::Runner::new(cfg, fleet_file)?.run(fleet.clone(), topology, shutdown).await?;
     drain(&fleet).await
 }

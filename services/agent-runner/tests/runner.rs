@@ -8,10 +8,10 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_agent_runner::FleetFile;
 use flotilla_protocol::{
-    AgentRecord, Assignment, DeadLetter, HealthReply, Names, Prefix, TaskEvent, TaskRecord, TaskState,
-    WireFormat, codec, time::now_ms,
+    AgentRecord, Assignment, DeadLetter, HealthReply, TaskEvent, TaskRecord, TaskState, codec, time::now_ms,
 };
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_service::Service as _;
+use flotilla_service::{Fleet, Topology};
 use flotilla_testkit::{NatsServer, eventually};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -21,10 +21,7 @@ const FLEET: &str = "[[agent]]\nname = \"echo\"\ncapabilities = [\"echo\"]\nconc
 async fn setup()
 -> (NatsServer, Fleet, Topology, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let server = NatsServer::start();
-    let fleet =
-        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "r1".into());
-    let topology =
-        Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let (fleet, topology) = server.fleet("r1").await;
     let shutdown = CancellationToken::new();
     let config = flotilla_agent_runner::Config {
         runner_id: Some("r1".into()),
@@ -32,13 +29,8 @@ async fn setup()
         budgets: false,
         ..Default::default()
     };
-    let runner = tokio::spawn(flotilla_agent_runner::run(
-        config,
-        FleetFile::parse(FLEET).unwrap(),
-        fleet.clone(),
-        topology.clone(),
-        shutdown.clone(),
-    ));
+    let runner = flotilla_agent_runner::Runner::new(config, FleetFile::parse(FLEET).unwrap()).unwrap();
+    let runner = tokio::spawn(runner.run(fleet.clone(), topology.clone(), shutdown.clone()));
     (server, fleet, topology, shutdown, runner)
 }
 

@@ -2,8 +2,8 @@
 //! SIGTERM.
 
 use clap::Parser;
-use flotilla_service::Mode;
 use flotilla_service::bootstrap::{CommonArgs, Loaded, drain};
+use flotilla_service::{Mode, Service as _};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-budget-keeper", version, about = "Flotilla token budgets")]
@@ -18,8 +18,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let loaded = Loaded::load(&args.common)?;
     let cfg: flotilla_budget_keeper::Config = loaded.section("budget_keeper", serde_json::json!({}))?;
-    let (fleet, _topology) = loaded.connect("budget-keeper", None, Mode::Join).await?;
+    let (fleet, topology) = loaded.connect("budget-keeper", None, Mode::Join).await?;
     let shutdown = flotilla_service::shutdown::on_signal();
-    flotilla_budget_keeper::run(cfg, fleet.clone(), loaded.common.streams.replicas, shutdown).await?;
+    flotilla_budget_keeper::BudgetKeeper::new(cfg).run(fleet.clone(), topology, shutdown).await?;
     drain(&fleet).await
 }

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flotilla_budget_keeper::ledger::Ledger;
-use flotilla_protocol::{BudgetRequest, Names, Prefix, WireFormat};
+use flotilla_protocol::BudgetRequest;
+use flotilla_service::Fleet;
 use flotilla_service::budget::Client;
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
 use flotilla_testkit::{ChildProcess, NatsServer, bin, eventually};
 
@@ -151,9 +151,7 @@ async fn check(fleet: &Fleet, reported: u64) {
 }
 
 async fn setup(server: &NatsServer) -> (Fleet, StubLlm) {
-    let fleet =
-        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "t".into());
-    Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let (fleet, _) = server.fleet("t").await;
     let stub = StubLlm::start(Vec::new()).await;
     // Usage from 5 to 60 tokens, varying per call.
     let mut script = Vec::new();

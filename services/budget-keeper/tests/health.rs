@@ -2,19 +2,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use flotilla_protocol::{HealthReply, Names, Prefix, WireFormat};
-use flotilla_service::Fleet;
+use flotilla_protocol::HealthReply;
+use flotilla_service::Service as _;
 use flotilla_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensures_its_bucket_and_answers_health() {
     let server = NatsServer::start();
-    let fleet =
-        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "bk1".into());
+    let (fleet, topology) = server.fleet("bk1").await;
     let shutdown = CancellationToken::new();
-    let task =
-        tokio::spawn(flotilla_budget_keeper::run(Default::default(), fleet.clone(), 1, shutdown.clone()));
+    let keeper = flotilla_budget_keeper::BudgetKeeper::default();
+    let task = tokio::spawn(keeper.run(fleet.clone(), topology, shutdown.clone()));
 
     let subject = fleet.names.health_subject("budget-keeper");
     let reply = flotilla_testkit::eventually(std::time::Duration::from_secs(10), "health reply", || async {

@@ -9,8 +9,9 @@ mod common;
 use std::time::Duration;
 
 use flotilla_budget_keeper::ledger::Ledger;
-use flotilla_protocol::{BudgetReply, BudgetRequest, Names, Prefix, WireFormat, codec, headers};
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_protocol::{BudgetReply, BudgetRequest, WireFormat, codec, headers};
+use flotilla_service::Fleet;
+use flotilla_service::Service as _;
 use flotilla_testkit::{NatsServer, eventually};
 use tokio_util::sync::CancellationToken;
 
@@ -22,14 +23,10 @@ struct Keeper {
 }
 
 async fn start(server: &NatsServer, instance: &str) -> Keeper {
-    let fleet = Fleet::new(
-        server.client().await,
-        Names::new(Prefix::default()),
-        WireFormat::Msgpack,
-        instance.into(),
-    );
+    let (fleet, topology) = server.fleet(instance).await;
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(flotilla_budget_keeper::run(Default::default(), fleet, 1, shutdown.clone()));
+    let keeper = flotilla_budget_keeper::BudgetKeeper::default();
+    let task = tokio::spawn(keeper.run(fleet, topology, shutdown.clone()));
     Keeper { shutdown, task }
 }
 
@@ -70,9 +67,7 @@ fn show() -> BudgetRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     let server = NatsServer::start();
-    let fleet =
-        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "t".into());
-    Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let (fleet, _) = server.fleet("t").await;
     let keeper = start(&server, "bk-1").await;
     let set = BudgetRequest {
         scope: Some("tenant.acme".into()),
@@ -229,9 +224,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scarce_rate_permits_go_to_the_most_urgent_waiter_first() {
     let server = NatsServer::start();
-    let fleet =
-        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "t".into());
-    Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let (fleet, _) = server.fleet("t").await;
     let keeper = start(&server, "bk-1").await;
     let rate =
         BudgetRequest { rate: Some("p/m".into()), rpm: Some(2), window_ms: Some(500), ..Default::default() };

@@ -179,43 +179,51 @@ impl Stats {
     }
 }
 
-/// Runs the dispatcher until `shutdown` is cancelled.
-pub async fn run(
+/// The dispatcher, ready to run ([`flotilla_service::Service`]).
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
     config: Config,
-    fleet: Fleet,
-    topology: Topology,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    config.validate()?;
-    let stats = Arc::new(Stats::default());
-    let lease = Arc::new(lease::LeaseStatus::default());
-    let health = {
-        let (stats, lease) = (stats.clone(), lease.clone());
-        let details = move || {
-            let mut d = stats.details();
-            lease.add_details(&mut d);
-            d
+}
+
+impl Dispatcher {
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+}
+
+impl flotilla_service::Service for Dispatcher {
+    const NAME: &'static str = flotilla_protocol::names::service::DISPATCHER;
+
+    /// Runs the dispatcher until `shutdown` is cancelled: intake on every instance, scheduling on
+    /// the one that holds the lease.
+    async fn run(self, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let config = self.config;
+        config.validate()?;
+        let stats = Arc::new(Stats::default());
+        let lease = Arc::new(lease::LeaseStatus::default());
+        let health = {
+            let (stats, lease) = (stats.clone(), lease.clone());
+            let details = move || {
+                let mut d = stats.details();
+                lease.add_details(&mut d);
+                d
+            };
+            flotilla_service::health::serve(fleet.clone(), Self::NAME, Arc::new(details), shutdown.clone())
+                .await?
         };
-        flotilla_service::health::serve(
+        // Only the holder of the lease schedules; intake runs on every dispatcher.
+        let scheduler = tokio::spawn(lease::run(
+            config.clone(),
             fleet.clone(),
-            flotilla_protocol::names::service::DISPATCHER,
-            Arc::new(details),
+            topology.clone(),
+            stats.clone(),
+            lease,
             shutdown.clone(),
-        )
-        .await?
-    };
-    // Only the holder of the lease schedules; intake runs on every dispatcher.
-    let scheduler = tokio::spawn(lease::run(
-        config.clone(),
-        fleet.clone(),
-        topology.clone(),
-        stats.clone(),
-        lease,
-        shutdown.clone(),
-    ));
-    let intake = intake::run(config, fleet, topology, stats, shutdown.clone()).await;
-    shutdown.cancel();
-    let sched = scheduler.await.context("scheduler task panicked")?;
-    let _ = health.await;
-    intake.and(sched)
+        ));
+        let intake = intake::run(config, fleet, topology, stats, shutdown.clone()).await;
+        shutdown.cancel();
+        let sched = scheduler.await.context("scheduler task panicked")?;
+        let _ = health.await;
+        intake.and(sched)
+    }
 }

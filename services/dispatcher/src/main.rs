@@ -2,8 +2,8 @@
 //! the dispatcher until SIGINT or SIGTERM.
 
 use clap::Parser;
-use flotilla_service::Mode;
 use flotilla_service::bootstrap::{CommonArgs, Loaded, drain};
+use flotilla_service::{Mode, Service as _};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-dispatcher", version, about = "Assigns Flotilla tasks to agents")]
@@ -20,6 +20,6 @@ async fn main() -> anyhow::Result<()> {
     let cfg: flotilla_dispatcher::Config = loaded.section("dispatcher", serde_json::json!({}))?;
     let (fleet, topology) = loaded.connect("dispatcher", None, Mode::Own).await?;
     let shutdown = flotilla_service::shutdown::on_signal();
-    flotilla_dispatcher::run(cfg, fleet.clone(), topology, shutdown).await?;
+    flotilla_dispatcher::Dispatcher::new(cfg).run(fleet.clone(), topology, shutdown).await?;
     drain(&fleet).await
 }

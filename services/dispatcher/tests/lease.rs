@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use flotilla_protocol::names::lease_key;
 use flotilla_protocol::{
-    CapabilityRecord, HealthReply, Lease, Names, Prefix, TaskState, TaskSubmission, WireFormat, codec,
-    time::now_ms,
+    CapabilityRecord, HealthReply, Lease, TaskState, TaskSubmission, codec, time::now_ms,
 };
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_service::Service as _;
+use flotilla_service::{Fleet, Topology};
 use flotilla_testkit::{NatsServer, eventually};
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +27,7 @@ struct Harness {
 
 async fn server() -> Harness {
     let server = NatsServer::start();
-    let fleet =
-        Fleet::new(server.client().await, Names::new(Prefix::default()), WireFormat::Msgpack, "test".into());
-    let topology =
-        Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let (fleet, topology) = server.fleet("test").await;
     let cap = CapabilityRecord { capability: "work".into(), templates: vec![], declared_at_ms: now_ms() };
     fleet.kv_put(&topology.capabilities, "work", &cap).await.unwrap();
     Harness { _server: server, fleet, topology, shutdown: CancellationToken::new(), dispatcher: None }
@@ -53,18 +50,10 @@ impl Harness {
             lease_ttl: TTL,
             ..Default::default()
         };
-        let fleet = Fleet::new(
-            self._server.client().await,
-            self.fleet.names.clone(),
-            WireFormat::Msgpack,
-            "d1".into(),
-        );
-        self.dispatcher = Some(tokio::spawn(flotilla_dispatcher::run(
-            config,
-            fleet,
-            self.topology.clone(),
-            self.shutdown.clone(),
-        )));
+        let (fleet, _) = self._server.fleet("d1").await;
+        let dispatcher = flotilla_dispatcher::Dispatcher::new(config);
+        self.dispatcher =
+            Some(tokio::spawn(dispatcher.run(fleet, self.topology.clone(), self.shutdown.clone())));
     }
 
     async fn lease(&self) -> Option<kv::Entry> {

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use flotilla_protocol::{
-    Assignment, CapabilityRecord, Names, Prefix, TaskRecord, TaskState, TaskSubmission, WireFormat, codec,
-    time::now_ms,
+    Assignment, CapabilityRecord, TaskRecord, TaskState, TaskSubmission, codec, time::now_ms,
 };
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_service::Service as _;
+use flotilla_service::{Fleet, Topology};
 use flotilla_testkit::NatsServer;
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -25,10 +25,7 @@ struct Harness {
 
 async fn start() -> Harness {
     let server = NatsServer::start();
-    let client = server.client().await;
-    let fleet = Fleet::new(client, Names::new(Prefix::default()), WireFormat::Msgpack, "test".into());
-    let topology =
-        Topology::ensure(&fleet.js, &fleet.names, &StreamSettings::default(), Mode::Own).await.unwrap();
+    let (fleet, topology) = server.fleet("test").await;
     let cap = CapabilityRecord {
         capability: "work".into(),
         templates: vec!["fake".into()],
@@ -37,9 +34,12 @@ async fn start() -> Harness {
     fleet.kv_put(&topology.capabilities, "work", &cap).await.unwrap();
     let shutdown = CancellationToken::new();
     let config = flotilla_dispatcher::Config { tick: Duration::from_millis(50), ..Default::default() };
-    let dfleet = Fleet::new(server.client().await, fleet.names.clone(), WireFormat::Msgpack, "d1".into());
-    let dispatcher =
-        tokio::spawn(flotilla_dispatcher::run(config, dfleet, topology.clone(), shutdown.clone()));
+    let (dfleet, _) = server.fleet("d1").await;
+    let dispatcher = tokio::spawn(flotilla_dispatcher::Dispatcher::new(config).run(
+        dfleet,
+        topology.clone(),
+        shutdown.clone(),
+    ));
     Harness { _server: server, fleet, topology, shutdown, dispatcher }
 }
 

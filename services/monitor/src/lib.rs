@@ -134,13 +134,38 @@ impl Metrics {
     }
 }
 
-/// Binds the HTTP listener (separately, so callers learn the port before running).
-pub async fn bind(config: &Config) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(config.http_addr).await.with_context(|| format!("failed to bind {}", config.http_addr))
+/// The monitor, its HTTP listener bound (so that callers learn the port before it runs), ready to
+/// run ([`flotilla_service::Service`]).
+#[derive(Debug)]
+pub struct Monitor {
+    listener: TcpListener,
 }
 
-/// Runs the monitor on `listener` until `shutdown`.
-pub async fn run(
+impl Monitor {
+    /// Binds the HTTP listener of `config`.
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("failed to bind {}", config.http_addr))?;
+        Ok(Self { listener })
+    }
+
+    /// Where `/metrics` is served.
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listener.local_addr().context("listener has no address")
+    }
+}
+
+impl flotilla_service::Service for Monitor {
+    const NAME: &'static str = flotilla_protocol::names::service::MONITOR;
+
+    /// Serves `/metrics` and health until `shutdown`.
+    async fn run(self, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
+        serve(self.listener, fleet, topology, shutdown).await
+    }
+}
+
+async fn serve(
     listener: TcpListener,
     fleet: Fleet,
     topology: Topology,

@@ -1,8 +1,8 @@
 //! `flotilla-monitor`: loads config, connects, and runs the monitor until SIGINT or SIGTERM.
 
 use clap::Parser;
-use flotilla_service::Mode;
 use flotilla_service::bootstrap::{CommonArgs, Loaded, drain};
+use flotilla_service::{Mode, Service as _};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-monitor", version, about = "Flotilla metrics and health")]
@@ -22,8 +22,8 @@ async fn main() -> anyhow::Result<()> {
     let cfg: flotilla_monitor::Config =
         loaded.section("monitor", serde_json::json!({ "http_addr": args.http_addr }))?;
     let (fleet, topology) = loaded.connect("monitor", None, Mode::Join).await?;
-    let listener = flotilla_monitor::bind(&cfg).await?;
+    let monitor = flotilla_monitor::Monitor::bind(&cfg).await?;
     let shutdown = flotilla_service::shutdown::on_signal();
-    flotilla_monitor::run(listener, fleet.clone(), topology, shutdown).await?;
+    monitor.run(fleet.clone(), topology, shutdown).await?;
     drain(&fleet).await
 }

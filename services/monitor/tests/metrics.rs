@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use flotilla_protocol::{Names, Prefix, TaskEvent, Usage, WireFormat};
+use flotilla_service::Service as _;
 use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
 use flotilla_testkit::{NatsServer, eventually, http_get};
 use tokio_util::sync::CancellationToken;
@@ -30,14 +31,15 @@ async fn task_events_show_up_in_metrics() {
         }
         fleet.publish_event(&e).await.unwrap();
     }
-    let listener =
-        flotilla_monitor::bind(&flotilla_monitor::Config { http_addr: "127.0.0.1:0".parse().unwrap() })
-            .await
-            .unwrap();
-    let addr = listener.local_addr().unwrap();
+    let monitor = flotilla_monitor::Monitor::bind(&flotilla_monitor::Config {
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let addr = monitor.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let topo_agents = topo.agents.clone();
-    let mon = tokio::spawn(flotilla_monitor::run(listener, fleet.clone(), topo, shutdown.clone()));
+    let mon = tokio::spawn(monitor.run(fleet.clone(), topo, shutdown.clone()));
 
     let body = eventually(Duration::from_secs(10), "counts", || async {
         let body = http_get(addr, "/metrics").await;

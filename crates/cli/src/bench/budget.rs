@@ -13,7 +13,7 @@ use bytes::Bytes;
 use flotilla_protocol::{BudgetReply, BudgetRequest, LedgerEntry, Names, WireFormat, codec};
 use flotilla_service::budget::Client;
 use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{Fleet, nats};
+use flotilla_service::{Fleet, Mode, Service as _, StreamSettings, Topology, nats};
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::json;
 use tokio::task::JoinHandle;
@@ -500,12 +500,9 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&Path>) -> Resul
         WireFormat::Msgpack,
         "bench-budget-keeper".into(),
     );
-    let keeper = tokio::spawn(flotilla_budget_keeper::run(
-        flotilla_budget_keeper::Config::default(),
-        keeper_fleet.clone(),
-        1,
-        shutdown.clone(),
-    ));
+    let topology = Topology::ensure(&keeper_fleet.js, &names, &StreamSettings::default(), Mode::Join).await?;
+    let keeper = flotilla_budget_keeper::BudgetKeeper::default();
+    let keeper = tokio::spawn(keeper.run(keeper_fleet.clone(), topology, shutdown.clone()));
     let run = uuid::Uuid::now_v7().simple().to_string();
     let bench = Bench {
         clients: fleets.iter().cloned().map(Client::new).collect(),

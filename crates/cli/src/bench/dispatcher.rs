@@ -20,7 +20,7 @@ use flotilla_protocol::names::event_kind;
 use flotilla_protocol::validate::{Limits, validate};
 use flotilla_protocol::{Names, TaskSubmission, WireFormat, codec, headers};
 use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{Fleet, Mode, StreamSettings, Topology};
+use flotilla_service::{Fleet, Mode, Service as _, StreamSettings, Topology};
 use futures::StreamExt as _;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -345,13 +345,8 @@ impl Runners {
                 ..Default::default()
             };
             let file = flotilla_agent_runner::FleetFile::parse(&fleet_toml)?;
-            handles.push(tokio::spawn(flotilla_agent_runner::run(
-                config,
-                file,
-                fleet,
-                topology.clone(),
-                shutdown.clone(),
-            )));
+            let runner = flotilla_agent_runner::Runner::new(config, file)?;
+            handles.push(tokio::spawn(runner.run(fleet, topology.clone(), shutdown.clone())));
         }
         Ok(Self::InProcess(handles))
     }
@@ -427,6 +422,7 @@ async fn settle_ledger(fleet: &Fleet) -> anyhow::Result<()> {
 async fn spawn_keeper(
     url: &str,
     names: &Names,
+    topology: &Topology,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, Fleet)> {
     let fleet = Fleet::new(
@@ -435,12 +431,8 @@ async fn spawn_keeper(
         WireFormat::Msgpack,
         "bench-budget-keeper".into(),
     );
-    let handle = tokio::spawn(flotilla_budget_keeper::run(
-        flotilla_budget_keeper::Config::default(),
-        fleet.clone(),
-        1,
-        shutdown.clone(),
-    ));
+    let keeper = flotilla_budget_keeper::BudgetKeeper::default();
+    let handle = tokio::spawn(keeper.run(fleet.clone(), topology.clone(), shutdown.clone()));
     Ok((handle, fleet))
 }
 
@@ -623,7 +615,7 @@ pub async fn run(
     let keeper_stop = CancellationToken::new();
     let keeper = if budgets {
         progress(started, "starting the budget-keeper");
-        Some(spawn_keeper(&url, &names, &keeper_stop).await?)
+        Some(spawn_keeper(&url, &names, &topology, &keeper_stop).await?)
     } else {
         None
     };
