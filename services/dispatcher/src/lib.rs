@@ -5,7 +5,7 @@
 
 mod intake;
 pub mod lease;
-pub mod schedule;
+pub mod runqueue;
 mod scheduler;
 
 use std::collections::HashMap;
@@ -142,8 +142,8 @@ impl Config {
     }
 
     /// The scheduling policy these settings describe.
-    pub fn policy(&self) -> schedule::Policy {
-        schedule::Policy {
+    pub fn policy(&self) -> runqueue::Policy {
+        runqueue::Policy {
             aging: self.aging,
             affinity_wait: self.affinity_wait,
             default_estimate: self.default_task_tokens,

@@ -1,5 +1,5 @@
 //! The scheduler: one task owns the projection of the tasks and agents buckets (fed by KV
-//! watches) and carries out the decisions of the scheduling core ([`crate::schedule`]). An
+//! watches) and carries out the decisions of the scheduling core ([`crate::runqueue`]). An
 //! assignment is a revision-checked update of the task record (the fence), an `assigned` event
 //! that says why, then a publish to the agent's runner. It also requeues the tasks of agents that
 //! stopped heartbeating, re-sends assignments nobody claimed, holds retries for their backoff,
@@ -22,7 +22,7 @@ use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::schedule::{Core, Decision, Id, Now, Queued};
+use crate::runqueue::{Decision, Id, Now, Queued, RunQueue};
 use crate::{Config, Stats};
 
 /// A non-terminal task as the scheduler keeps it. A queued task's record is kept encoded (a few
@@ -99,7 +99,7 @@ struct Scheduler {
     fleet: Fleet,
     topology: Topology,
     stats: Arc<Stats>,
-    core: Core,
+    core: RunQueue,
     /// Non-terminal tasks.
     tasks: HashMap<String, TaskView>,
     agents: HashMap<String, AgentInfo>,
@@ -148,7 +148,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut s = Scheduler {
-        core: Core::new(config.policy()),
+        core: RunQueue::new(config.policy()),
         config,
         fleet,
         topology,

@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use flotilla_dispatcher::schedule::{Core, Id, Now, Policy, Queued};
+use flotilla_dispatcher::runqueue::{Id, Now, Policy, Queued, RunQueue};
 use flotilla_protocol::validate::{Limits, validate};
 use flotilla_protocol::{AgentRecord, Priority, TaskRecord, TaskSubmission};
 
@@ -122,7 +122,7 @@ fn delta(after: usize, before: usize) -> isize {
 type CachedView = (u64, flotilla_protocol::TaskState, u32, Option<u64>, u64, Option<String>, Box<[u8]>);
 
 pub fn run(agents: u32, queued_tasks: usize, decisions: usize) -> anyhow::Result<Figures> {
-    let mut core = Core::new(Policy::default());
+    let mut core = RunQueue::new(Policy::default());
     let alive_until = Instant::now() + Duration::from_secs(24 * 3600);
     for i in 0..agents {
         core.upsert_agent(&agent(i)?, alive_until);

@@ -1,6 +1,7 @@
-//! The scheduling core, free of IO: queued tasks by capability, priority class and tenant; free
-//! agents indexed per capability by load; and the choice of the next (task, agent) pair with the
-//! reason for it. The scheduler feeds it from the KV watches and carries out its decisions.
+//! The run queue: the dispatcher's scheduling decisions as a state machine free of IO. It holds
+//! the queued tasks by capability, priority class and tenant, the free agents indexed per
+//! capability by load, and chooses the next (task, agent) pair with the reason for it. The
+//! scheduler ([`crate::scheduler`]) feeds it from the KV watches and carries out its decisions.
 //!
 //! The policy, in order:
 //! 1. **Capability and labels**: only agents declaring the task's capability and carrying its
@@ -166,9 +167,9 @@ struct Running {
     charged: f64,
 }
 
-/// The scheduling state.
+/// The scheduling state: what is queued, what runs where, which agents are free.
 #[derive(Debug, Default)]
-pub struct Core {
+pub struct RunQueue {
     policy: Policy,
     tasks: HashMap<Id, Task>,
     queues: HashMap<Id, CapQueue>,
@@ -185,7 +186,7 @@ pub struct Core {
     queued: usize,
 }
 
-impl Core {
+impl RunQueue {
     pub fn new(policy: Policy) -> Self {
         Self { policy, ..Default::default() }
     }
@@ -768,7 +769,7 @@ mod tests {
 
     #[test]
     fn priority_first_then_age_and_least_loaded_agents() {
-        let mut c = Core::new(Policy::default());
+        let mut c = RunQueue::new(Policy::default());
         c.upsert_agent(&agent("a", &["w"], 2), live());
         c.upsert_agent(&agent("b", &["w"], 2), live());
         c.enqueue(task("batch", "w", 8, "t", 1), now(10));
@@ -784,7 +785,7 @@ mod tests {
 
     #[test]
     fn aging_lifts_a_starving_class() {
-        let mut c = Core::new(Policy { aging: Duration::from_secs(1), ..Policy::default() });
+        let mut c = RunQueue::new(Policy { aging: Duration::from_secs(1), ..Policy::default() });
         c.upsert_agent(&agent("a", &["w"], 1), live());
         c.enqueue(task("old-batch", "w", 8, "t", 0), now(0));
         c.enqueue(task("new-normal", "w", 5, "t", 9_000), now(9_000));
@@ -796,7 +797,7 @@ mod tests {
     fn the_tenant_with_the_least_weighted_tokens_goes_first() {
         let mut weights = HashMap::new();
         weights.insert("big".to_owned(), 3.0);
-        let mut c = Core::new(Policy { weights, default_estimate: 100, ..Policy::default() });
+        let mut c = RunQueue::new(Policy { weights, default_estimate: 100, ..Policy::default() });
         c.upsert_agent(&agent("a", &["w"], 1), live());
         for i in 0..400u64 {
             c.enqueue(task(&format!("s{i}"), "w", 5, "small", i), now(0));
@@ -816,7 +817,7 @@ mod tests {
 
     #[test]
     fn affinity_waits_briefly_for_its_agent_then_takes_any() {
-        let mut c = Core::new(Policy { affinity_wait: Duration::from_millis(50), ..Policy::default() });
+        let mut c = RunQueue::new(Policy { affinity_wait: Duration::from_millis(50), ..Policy::default() });
         c.upsert_agent(&agent("a", &["w"], 1), live());
         c.upsert_agent(&agent("b", &["w"], 1), live());
         let mut t1 = task("t1", "w", 5, "t", 0);
@@ -842,7 +843,7 @@ mod tests {
 
     #[test]
     fn labels_draining_dead_and_full_agents_are_skipped() {
-        let mut c = Core::new(Policy::default());
+        let mut c = RunQueue::new(Policy::default());
         let mut gpu = agent("gpu", &["w"], 1);
         gpu.labels.insert("model".into(), "big".into());
         c.upsert_agent(&gpu, live());
@@ -865,7 +866,7 @@ mod tests {
 
     #[test]
     fn retry_backoff_holds_a_task_until_it_is_due() {
-        let mut c = Core::new(Policy::default());
+        let mut c = RunQueue::new(Policy::default());
         c.upsert_agent(&agent("a", &["w"], 1), live());
         let mut t = task("r", "w", 5, "t", 0);
         t.eligible_ms = 1_000;
