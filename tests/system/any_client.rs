@@ -1,5 +1,6 @@
 //! "Any NATS client": a task published by nats-py as plain JSON, with no Flotilla code on the
-//! client side, completes, and nats-py reads its `completed` event back.
+//! client side, completes, and nats-py reads its `completed` event back; nats-py cancels a
+//! running task with one JSON request to the dispatcher.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -52,5 +53,52 @@ async fn json_without_a_content_type_header_is_understood() {
     let events = sys.wait_for_kind("completed", 1, std::time::Duration::from_secs(20)).await;
     let done = events.iter().find(|e| e.kind == "completed").unwrap();
     assert_eq!(done.task_id, "no-header");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_py_cancels_a_running_task_with_one_json_request() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("rpy", &worker_fleet(1, 1)).await;
+    sys.wait_for_agents("rpy", 1).await;
+    let long = flotilla_protocol::TaskSubmission {
+        id: Some("py-long".into()),
+        capability: "work".into(),
+        input: serde_json::json!({ "text": "x", "_offline": { "sleep_ms": 20_000 } }),
+        ..Default::default()
+    };
+    sys.submit(&long).await;
+    sys.wait_for_kind("started", 1, std::time::Duration::from_secs(30)).await;
+
+    let root = workspace_root();
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("tests/py/cancel_client.py"))
+        .args([sys.server.url(), "flotilla", "py-long", "no-such-task"])
+        .env("PYTHONPATH", root.join(".tools/python"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let answers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cancelled = &answers[0];
+    assert_eq!(cancelled["was"], "running", "{cancelled}");
+    assert_eq!(cancelled["record"]["state"], "failed");
+    assert_eq!(cancelled["record"]["error"]["code"], "cancelled");
+    assert_eq!(cancelled["record"]["error"]["message"], "cancelled from python");
+    assert_eq!(cancelled["record"]["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(answers[1]["error"]["code"], "not_found", "{answers}");
+
+    // The record is final, the event is out, and the runner stopped the attempt.
+    let events = sys.wait_for_kind("failed", 1, std::time::Duration::from_secs(10)).await;
+    let failed = events.iter().find(|e| e.kind == "failed").unwrap();
+    assert_eq!(failed.error.as_ref().unwrap().code, "cancelled");
+    assert_eq!(sys.task("py-long").await.unwrap().state, flotilla_protocol::TaskState::Failed);
+    flotilla_testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "the runner to stop the attempt",
+        || async { (sys.health("agent-runner", "rpy").await.details["cancelled"] == 1).then_some(()) },
+    )
+    .await;
     sys.stop().await;
 }

@@ -90,6 +90,34 @@ pub async fn connect(cli: &Cli) -> Result<(async_nats::Client, jetstream::Contex
     Ok((client, js, names))
 }
 
+/// Asks `subject` (answered by `who`, e.g. "active dispatcher") with `req` in MessagePack and
+/// decodes the answer: exit 4 when nobody answers within 10 s, 5 when nobody listens.
+pub async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: String,
+    who: &str,
+    req: &Req,
+) -> Result<Rep, Failure> {
+    let body = codec::encode(WireFormat::Msgpack, req).context("failed to encode the request")?;
+    let mut hdrs = async_nats::HeaderMap::new();
+    hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
+    let msg = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request_with_headers(subject.clone(), hdrs, body.into()),
+    )
+    .await
+    .map_err(|_| Failure::new(exit::TIMEOUT, anyhow::anyhow!("the {who} did not answer within 10 s")))?
+    .map_err(|e| match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => {
+            Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("no {who} answers on {subject}"))
+        }
+        _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("request to the {who} failed: {e}")),
+    })?;
+    let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
+    Ok(codec::decode(ct.as_deref(), &msg.payload)
+        .with_context(|| format!("unreadable answer from the {who}"))?)
+}
+
 fn parse_input(raw: Option<&str>) -> serde_json::Value {
     match raw {
         None => serde_json::Value::Null,

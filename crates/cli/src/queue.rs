@@ -1,13 +1,11 @@
 //! `flotilla queue`: the active dispatcher's queue by capability, priority and tenant, with
 //! waiting times, the tenants' fair-share figures, and the longest-waiting tasks.
 
-use std::time::Duration;
-
 use anyhow::Context as _;
-use flotilla_protocol::{QueueReport, codec};
+use flotilla_protocol::{QueueReport, QueueRequest};
 
-use crate::client::connect;
-use crate::{Cli, Failure, exit};
+use crate::client::{connect, request};
+use crate::{Cli, Failure};
 
 #[derive(Debug, clap::Args)]
 pub struct QueueArgs {
@@ -26,21 +24,8 @@ fn secs(ms: u64) -> String {
 
 pub async fn run(cli: &Cli, args: &QueueArgs) -> Result<(), Failure> {
     let (client, _js, names) = connect(cli).await?;
-    let body = serde_json::json!({ "limit": args.limit }).to_string();
-    let msg =
-        tokio::time::timeout(Duration::from_secs(10), client.request(names.dispatcher_queue(), body.into()))
-            .await
-            .map_err(|_| {
-                Failure::new(exit::TIMEOUT, anyhow::anyhow!("the dispatcher did not answer within 10 s"))
-            })?
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => Failure::new(
-                    exit::UNAVAILABLE,
-                    anyhow::anyhow!("no active dispatcher answers on {}", names.dispatcher_queue()),
-                ),
-                _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("queue request failed: {e}")),
-            })?;
-    let report: QueueReport = codec::decode(None, &msg.payload).context("unreadable queue report")?;
+    let req = QueueRequest { limit: Some(args.limit) };
+    let report: QueueReport = request(&client, names.dispatcher_queue(), "active dispatcher", &req).await?;
     if cli.json {
         println!("{}", serde_json::to_string(&report).context("failed to render")?);
         return Ok(());

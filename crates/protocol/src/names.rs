@@ -258,6 +258,12 @@ impl Names {
         format!("{}.dispatcher.queue", self.prefix)
     }
 
+    /// Cancelling a task (request/reply, answered by the active dispatcher):
+    /// `<p>.dispatcher.cancel` with a `CancelRequest`.
+    pub fn dispatcher_cancel(&self) -> String {
+        format!("{}.dispatcher.cancel", self.prefix)
+    }
+
     /// A runner's fleet-change requests (request/reply): `<p>.runners.<runner>.scale` with a
     /// `ScaleRequest`, `<p>.runners.<runner>.stop` with a `StopAgentRequest`.
     pub fn runner_control(&self, runner_id: &str, op: &str) -> String {

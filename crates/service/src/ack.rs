@@ -6,6 +6,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
 
+/// The delay before a message that failed for infrastructure reasons is delivered again, after
+/// `delivered` deliveries: 0.5 s doubling to 30 s.
+pub fn redelivery_delay(delivered: u64) -> Duration {
+    let retry = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+    flotilla_protocol::time::backoff(Duration::from_millis(500), retry, Duration::from_secs(30))
+}
+
 /// Owns a JetStream message until it is acked, NAKed or terminated. Dropping it undecided NAKs
 /// the message so it is redelivered promptly instead of waiting for the ack timeout.
 #[derive(Debug)]
@@ -37,26 +44,36 @@ impl AckGuard {
         self.msg.as_ref().and_then(|m| m.info().ok()).map(|i| i.stream_sequence)
     }
 
-    async fn decide(mut self, kind: AckKind) -> Result<(), async_nats::Error> {
-        match self.msg.take() {
-            Some(m) => m.ack_with(kind).await,
-            None => Ok(()),
+    /// Sends the decision. A decision that does not reach the server is logged, never dropped
+    /// silently: the message is then redelivered after its ack wait, and the consumer's fences
+    /// (revision-checked writes, de-duplicated publishes) make the redelivery harmless.
+    async fn decide(mut self, kind: AckKind, what: &'static str) {
+        let Some(m) = self.msg.take() else { return };
+        if let Err(e) = m.ack_with(kind).await {
+            tracing::warn!(error = %e, subject = %m.subject, "failed to {what} a message; it is redelivered after its ack wait");
         }
     }
 
     /// Work is durable: stop redelivering.
-    pub async fn ack(self) -> Result<(), async_nats::Error> {
-        self.decide(AckKind::Ack).await
+    pub async fn ack(self) {
+        self.decide(AckKind::Ack, "ack").await;
     }
 
     /// Redeliver, after `delay` if given.
-    pub async fn nak(self, delay: Option<Duration>) -> Result<(), async_nats::Error> {
-        self.decide(AckKind::Nak(delay)).await
+    pub async fn nak(self, delay: Option<Duration>) {
+        self.decide(AckKind::Nak(delay), "NAK").await;
+    }
+
+    /// Redeliver after a backoff that grows with the deliveries so far (0.5 s doubling to 30 s):
+    /// for work that failed because NATS itself did (a KV leader election, a lost connection).
+    pub async fn nak_with_backoff(self) {
+        let delay = redelivery_delay(self.delivered());
+        self.decide(AckKind::Nak(Some(delay)), "NAK").await;
     }
 
     /// Never redeliver (poison); the caller records the reason in a dead letter.
-    pub async fn term(self) -> Result<(), async_nats::Error> {
-        self.decide(AckKind::Term).await
+    pub async fn term(self) {
+        self.decide(AckKind::Term, "terminate").await;
     }
 
     /// Leaves the message undecided without NAKing it: another holder of the same delivery

@@ -5,6 +5,7 @@ pub mod ack;
 pub mod bootstrap;
 pub mod budget;
 pub mod config;
+pub mod consume;
 pub mod health;
 pub mod local_server;
 pub mod nats;

@@ -8,7 +8,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use flotilla_protocol::{Names, TaskEvent, WireFormat, codec, headers};
+use flotilla_protocol::{DeadLetter, Names, TaskEvent, WireFormat, codec, headers};
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Errors of the fleet handle's operations.
@@ -49,6 +49,51 @@ pub fn event_msg_id(event: &TaskEvent) -> String {
         }
     }
     msg_id
+}
+
+/// The content type a message names, if any.
+pub fn content_type(h: Option<&HeaderMap>) -> Option<&str> {
+    h.and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str())
+}
+
+/// Decodes a message's payload in the format its content type names (MessagePack, or JSON when
+/// it says so or, without one, when the payload looks like JSON).
+pub fn decode_payload<T: DeserializeOwned>(
+    h: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<T, codec::DecodeError> {
+    codec::decode(content_type(h), payload)
+}
+
+/// The format to answer a request in: the request's own.
+pub fn format_of(h: Option<&HeaderMap>, payload: &[u8]) -> WireFormat {
+    if codec::is_json(content_type(h), payload) { WireFormat::Json } else { WireFormat::Msgpack }
+}
+
+/// Whether a service may answer on `reply`. Never where the answer would be stored or acted on:
+/// the fleet's own subjects (its streams and buckets among them) or the server's (`$JS`, `$KV`,
+/// `$O`, `$SRV`, `$SYS`): the server does not check a reply subject against the responder's
+/// permissions, so answering there would let any client write into a stream of the fleet.
+pub fn reply_allowed(reply: &str, names: &Names) -> bool {
+    let own = format!("{}.", names.prefix());
+    !reply.is_empty()
+        && !reply.starts_with(&own)
+        && !["$JS.", "$KV.", "$O.", "$SRV.", "$SYS.", "$JSC."].iter().any(|p| reply.starts_with(p))
+}
+
+/// A dead letter of a stream message: its subject, stream sequence, headers and payload.
+pub fn dead_letter_of(msg: &jetstream::Message, source: &str, reason: &str, message: &str) -> DeadLetter {
+    let mut hdrs = std::collections::BTreeMap::new();
+    if let Some(h) = &msg.headers {
+        for (k, vs) in h.iter() {
+            if let Some(v) = vs.first() {
+                hdrs.insert(k.to_string(), v.as_str().to_owned());
+            }
+        }
+    }
+    DeadLetter::new(source, reason, message, msg.subject.as_str(), &msg.payload)
+        .sequence(msg.info().ok().map(|i| i.stream_sequence))
+        .headers(hdrs)
 }
 
 /// Connects to NATS, retrying the first connection so services can start before the server.
@@ -204,6 +249,37 @@ impl Fleet {
         h.insert(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
         let payload = self.encode(value)?;
         self.send_with_headers(subject, h, payload).await
+    }
+
+    /// Stores a dead letter under `<p>.deadletter.<service>`, de-duplicated by `msg_id` if given.
+    pub async fn dead_letter(
+        &self,
+        service: &str,
+        dl: &DeadLetter,
+        msg_id: Option<&str>,
+    ) -> Result<(), FleetError> {
+        self.publish_durable(self.names.deadletter_subject(service), dl, msg_id).await
+    }
+
+    /// Answers a core NATS request with `value`, in the request's own format, if it has a reply
+    /// subject a service may answer on ([`reply_allowed`]). Failures are logged: the requester
+    /// times out and may ask again.
+    pub async fn respond<T: Serialize + ?Sized>(&self, req: &async_nats::Message, value: &T) {
+        let Some(reply) = req.reply.clone() else { return };
+        if !reply_allowed(&reply, &self.names) {
+            tracing::warn!(subject = %req.subject, %reply, "request with a reply subject into the fleet's own or the server's subjects: not answered");
+            return;
+        }
+        let format = format_of(req.headers.as_ref(), &req.payload);
+        let body = match codec::encode(format, value) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => return tracing::warn!(error = %e, subject = %req.subject, "failed to encode an answer"),
+        };
+        let mut h = HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, format.content_type());
+        if let Err(e) = self.client.publish_with_headers(reply, h, body).await {
+            tracing::warn!(error = %e, subject = %req.subject, "failed to answer a request");
+        }
     }
 
     /// Reads and decodes a KV value with its revision.

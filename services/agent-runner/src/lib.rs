@@ -23,7 +23,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use flotilla_service::{Fleet, Topology};
-use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -284,32 +283,19 @@ async fn run(
         budgets,
     });
 
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(usize::try_from(capacity).unwrap_or(64).clamp(1, 256))
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .context("failed to start consuming assignments")?;
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = messages.next() => m,
-        };
-        match next {
-            Some(Ok(msg)) => {
-                let ctx = ctx.clone();
-                tracker.spawn(async move { worker::handle(ctx, msg).await });
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "assignment stream error; continuing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            None => break,
-        }
+    let pull = flotilla_service::consume::Pull {
+        what: "assignment",
+        batch: usize::try_from(capacity).unwrap_or(64),
+        // Bounded by the consumer's max_ack_pending and each agent's permits.
+        concurrency: None,
+    };
+    let consumed = flotilla_service::consume::consume(&consumer, pull, &tracker, &shutdown, |msg| {
+        worker::handle(ctx.clone(), msg)
+    })
+    .await;
+    if let Err(e) = &consumed {
+        tracing::error!(error = format!("{e:#}"), "assignments could not be consumed; draining");
     }
-    drop(messages);
 
     // Drain: no more intake; mark agents draining; let in-flight work finish within the grace.
     tracing::info!(in_flight = agents.in_flight_total(), "draining");
@@ -338,5 +324,5 @@ async fn run(
     agents.deregister(&fleet, &topology).await;
     let _ = health.await;
     tracing::info!(runner = %runner_id, "runner stopped");
-    Ok(())
+    consumed
 }

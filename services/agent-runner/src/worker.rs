@@ -12,10 +12,11 @@ use std::time::Duration;
 use async_nats::jetstream::Message;
 use flotilla_protocol::names::{event_kind, service};
 use flotilla_protocol::{
-    Assignment, CallUsage, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, Usage, codec, failure,
-    headers, is_retryable, time::now_ms,
+    Assignment, CallUsage, DeadLetter, ErrorInfo, TaskEvent, TaskRecord, TaskState, TransitionError, Usage,
+    failure, headers, is_retryable, time::now_ms,
 };
-use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
+use flotilla_service::nats::{FleetError, dead_letter_of, decode_payload};
+use flotilla_service::{AckGuard, Fleet, Topology};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -47,13 +48,12 @@ pub struct Context {
 pub async fn handle(ctx: Arc<Context>, msg: Message) {
     let guard = AckGuard::new(msg);
     let Some(m) = guard.message() else { return };
-    let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
-    let a: Assignment = match codec::decode(ct.as_deref(), &m.payload) {
+    let a: Assignment = match decode_payload(m.headers.as_ref(), &m.payload) {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "undecodable assignment");
             dead_letter(&ctx.fleet, m, e.reason.code(), &e.message).await;
-            let _ = guard.term().await;
+            guard.term().await;
             return;
         }
     };
@@ -63,23 +63,10 @@ pub async fn handle(ctx: Arc<Context>, msg: Message) {
     handle_assignment(ctx, guard, a).instrument(span).await;
 }
 
+/// Records an assignment that cannot be worked on, with the reason and the original bytes.
 async fn dead_letter(fleet: &Fleet, m: &Message, reason: &str, message: &str) {
-    use base64::Engine as _;
-    let cut = m.payload.get(..m.payload.len().min(64 * 1024)).unwrap_or_default();
-    let dl = DeadLetter {
-        source: "agent-runner.assignments".to_owned(),
-        reason: reason.to_owned(),
-        message: message.to_owned(),
-        task_id: None,
-        subject: m.subject.to_string(),
-        stream_sequence: m.info().ok().map(|i| i.stream_sequence),
-        payload_base64: base64::engine::general_purpose::STANDARD.encode(cut),
-        payload_len: u64::try_from(m.payload.len()).unwrap_or(u64::MAX),
-        headers: Default::default(),
-        at_ms: now_ms(),
-        attempts: Vec::new(),
-    };
-    if let Err(e) = fleet.publish_durable(fleet.names.deadletter_subject("agent-runner"), &dl, None).await {
+    let dl = dead_letter_of(m, "agent-runner.assignments", reason, message);
+    if let Err(e) = fleet.dead_letter(service::AGENT_RUNNER, &dl, None).await {
         tracing::error!(error = %e, "failed to write dead letter");
     }
 }
@@ -124,33 +111,13 @@ impl Drop for Reservation<'_> {
 }
 
 async fn claim(ctx: &Context, a: &Assignment) -> Result<Claim, FleetError> {
-    let ours = |r: &TaskRecord| r.attempt == a.attempt && r.agent_id.as_deref() == Some(a.agent_id.as_str());
-    // Queued again by this attempt's retryable failure (the record no longer names an agent).
-    let retried_here = |r: &TaskRecord| {
-        r.state == TaskState::Queued
-            && r.attempt == a.attempt
-            && r.attempts
-                .last()
-                .is_some_and(|l| l.attempt == a.attempt && l.agent_id.as_deref() == Some(a.agent_id.as_str()))
-    };
     // The assignment carries the record it was decided from and that record's revision: the
     // claim is one revision-checked write from there, naming this attempt and agent. If anything
     // wrote the record since (a cancel, an expiry, another assignment's claim), the write fails
     // and the record is read below.
-    if let (Some(rev), Some(base)) = (a.revision, a.record.as_deref())
-        && base.id == a.task_id
-        && ((base.state == TaskState::Queued && base.attempt.saturating_add(1) == a.attempt)
-            // Written as assigned by the dispatcher (as older dispatchers did).
-            || (base.state == TaskState::Assigned && ours(base)))
-    {
-        let mut rec = base.clone();
-        rec.state = TaskState::Running;
-        rec.attempt = a.attempt;
-        rec.agent_id = Some(a.agent_id.clone());
-        rec.runner_id = Some(ctx.runner_id.clone());
-        rec.started_at_ms = Some(now_ms());
-        rec.updated_at_ms = now_ms();
-        match ctx.fleet.kv_update(&ctx.topology.tasks, &rec.id, &rec, rev).await {
+    let mut rec = (*a.record).clone();
+    if rec.id == a.task_id && rec.claim(a.attempt, &a.agent_id, &ctx.runner_id, now_ms()).is_ok() {
+        match ctx.fleet.kv_update(&ctx.topology.tasks, &rec.id, &rec, a.revision).await {
             Ok(new_rev) => return Ok(Claim::Run(rec, new_rev)),
             Err(e) if e.is_conflict() => {}
             Err(e) => return Err(e),
@@ -163,20 +130,20 @@ async fn claim(ctx: &Context, a: &Assignment) -> Result<Claim, FleetError> {
             Err(FleetError::Decode { source, .. }) => return Ok(Claim::Unreadable(source.to_string())),
             Err(e) => return Err(e),
         };
-        if retried_here(&rec) {
+        // Queued again by this attempt's retryable failure (the record no longer names an agent).
+        if rec.retried_after(a.attempt, &a.agent_id) {
             return Ok(Claim::Finished(rec));
         }
-        if !ours(&rec) {
+        if !rec.is_attempt(a.attempt, &a.agent_id) {
             return Ok(Claim::Stale("task was reassigned"));
         }
         match rec.state {
-            // Assigned: claim it. Running but not in this process: a crashed run of ours (or
-            // another process with our runner id); claim it again, so only one copy wins.
-            TaskState::Assigned | TaskState::Running => {
-                rec.state = TaskState::Running;
-                rec.runner_id = Some(ctx.runner_id.clone());
-                rec.started_at_ms = Some(now_ms());
-                rec.updated_at_ms = now_ms();
+            // Running but not in this process: a crashed run of ours (or another process with
+            // our runner id); claim it again, so only one copy wins.
+            TaskState::Running => {
+                if rec.claim(a.attempt, &a.agent_id, &ctx.runner_id, now_ms()).is_err() {
+                    return Ok(Claim::Stale("task was reassigned"));
+                }
                 match ctx.fleet.kv_update(&ctx.topology.tasks, &rec.id, &rec, rev).await {
                     Ok(new_rev) => return Ok(Claim::Run(rec, new_rev)),
                     Err(e) if e.is_conflict() => continue,
@@ -196,12 +163,12 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
         // reassigns it.
         tracing::warn!("assignment for an agent this runner does not host");
         ctx.agents.fenced.fetch_add(1, Ordering::Relaxed);
-        let _ = guard.ack().await;
+        guard.ack().await;
         return;
     };
     if slot.in_error() {
         // The dispatcher requeues the work of an agent in error; until then, hand it back.
-        let _ = guard.nak(Some(Duration::from_secs(1))).await;
+        guard.nak(Some(Duration::from_secs(1))).await;
         return;
     }
     let Some(_reservation) = Reservation::take(&slot, &a.task_id, a.attempt) else {
@@ -209,7 +176,7 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             // The agent was stopped and has left the registry: the dispatcher requeues its work.
             tracing::info!("assignment for an agent that has stopped");
             ctx.agents.fenced.fetch_add(1, Ordering::Relaxed);
-            let _ = guard.ack().await;
+            guard.ack().await;
             return;
         }
         // Another delivery of this attempt is being worked on here; it will decide.
@@ -229,7 +196,7 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             // The canceller has written the record final: there is nothing to run.
             tracing::info!("attempt cancelled before it started");
             ctx.agents.cancelled.fetch_add(1, Ordering::Relaxed);
-            let _ = guard.ack().await;
+            guard.ack().await;
             return;
         }
     };
@@ -240,16 +207,16 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
         Ok(Claim::Finished(rec)) => {
             if let Err(e) = announce_outcome(&ctx, &rec).await {
                 tracing::warn!(error = %e, "failed to re-announce outcome; will retry");
-                let _ = guard.nak(Some(Duration::from_millis(500))).await;
+                guard.nak(Some(Duration::from_millis(500))).await;
                 return;
             }
-            let _ = guard.ack().await;
+            guard.ack().await;
             return;
         }
         Ok(Claim::Stale(why)) => {
             tracing::info!(why, "assignment fenced");
             ctx.agents.fenced.fetch_add(1, Ordering::Relaxed);
-            let _ = guard.ack().await;
+            guard.ack().await;
             return;
         }
         Ok(Claim::Unreadable(why)) => {
@@ -257,13 +224,12 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             if let Some(m) = guard.message() {
                 dead_letter(&ctx.fleet, m, "unreadable_task_record", &why).await;
             }
-            let _ = guard.term().await;
+            guard.term().await;
             return;
         }
         Err(e) => {
             tracing::warn!(error = %e, "claim failed; retrying later");
-            let delay = retry_delay(guard.delivered());
-            let _ = guard.nak(Some(delay)).await;
+            guard.nak_with_backoff().await;
             return;
         }
     };
@@ -276,18 +242,20 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
     match outcome {
         Outcome::Done => {
             slot.crashes.store(0, Ordering::Relaxed);
-            if let Err(e) = guard.ack().await {
-                tracing::warn!(error = %e, "ack failed; a redelivery will be fenced");
-            }
+            // A redelivery after a lost ack is fenced.
+            guard.ack().await;
         }
         Outcome::Retry(e) => {
             tracing::warn!(error = %e, "task handling failed; handing the assignment back");
-            let delay = retry_delay(guard.delivered());
-            let _ = guard.nak(Some(delay)).await;
+            guard.nak_with_backoff().await;
         }
         Outcome::Crashed(why) => {
             let crashes = slot.crashes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-            let backoff = Duration::from_secs(1) * 2u32.saturating_pow(crashes.saturating_sub(1).min(5));
+            let backoff = flotilla_protocol::time::backoff(
+                Duration::from_secs(1),
+                crashes.saturating_sub(1),
+                Duration::from_secs(32),
+            );
             if crashes >= MAX_CRASHES {
                 tracing::error!(%why, crashes, "agent crashed repeatedly; it goes to error and takes no more work");
                 if let Err(e) =
@@ -298,24 +266,14 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             } else {
                 tracing::warn!(%why, crashes, ?backoff, "agent crashed; the attempt is retried after a backoff");
             }
-            let _ = guard.nak(Some(backoff)).await;
+            guard.nak(Some(backoff)).await;
         }
-        Outcome::Cancelled => {
-            if let Err(e) = guard.ack().await {
-                tracing::warn!(error = %e, "ack of a cancelled attempt failed; a redelivery will be fenced");
-            }
-        }
+        Outcome::Cancelled => guard.ack().await,
         Outcome::Abandoned => {
             tracing::info!("drain grace over; assignment handed back");
-            let _ = guard.nak(None).await;
+            guard.nak(None).await;
         }
     }
-}
-
-/// Backoff for retries after infrastructure errors: grows with the delivery count, up to 30 s.
-fn retry_delay(delivered: u64) -> Duration {
-    let exp = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
-    Duration::from_millis(500).saturating_mul(2u32.saturating_pow(exp)).min(Duration::from_secs(30))
 }
 
 enum Outcome {
@@ -350,40 +308,17 @@ impl Verdict {
         }
     }
 
-    /// Applies the verdict to the current record of the attempt.
-    fn apply(&self, r: &mut TaskRecord, model: &str, now: u64) {
-        r.updated_at_ms = now;
+    /// Applies the verdict to the current record of the attempt; refused when the record no
+    /// longer shows the attempt running.
+    fn apply(&self, r: &mut TaskRecord, model: &str, now: u64) -> Result<(), TransitionError> {
         match self {
             Self::Completed(answer) => {
-                r.state = TaskState::Completed;
-                r.output =
-                    Some(serde_json::json!({ "answer": answer.text, "model": model, "steps": answer.steps }));
-                r.usage = Some(answer.usage);
-                r.calls = answer.calls.clone();
-                r.finished_at_ms = Some(now);
-                // An earlier attempt's error stays in `attempts` only.
-                r.error = None;
+                let output =
+                    serde_json::json!({ "answer": answer.text, "model": model, "steps": answer.steps });
+                r.complete(output, answer.usage, answer.calls.clone(), now)
             }
             Self::Failed { error, usage, calls, may_retry } => {
-                let attempt = r.attempt;
-                r.record_failed_attempt(error, Some(*usage), now);
-                r.error = Some(error.clone());
-                if *may_retry && is_retryable(&error.code) && attempt < r.max_attempts {
-                    // Queued for the next attempt; the dispatcher assigns it after a backoff.
-                    r.state = TaskState::Queued;
-                    r.agent_id = None;
-                    r.runner_id = None;
-                    r.started_at_ms = None;
-                    r.finished_at_ms = None;
-                    r.output = None;
-                    r.usage = None;
-                    r.calls = Vec::new();
-                } else {
-                    r.state = TaskState::Failed;
-                    r.usage = Some(*usage);
-                    r.calls = calls.clone();
-                    r.finished_at_ms = Some(now);
-                }
+                r.fail_attempt(error, *usage, calls.clone(), *may_retry, now).map(drop)
             }
         }
     }
@@ -528,20 +463,25 @@ async fn record_outcome(
     ctx: &Context,
     rec: TaskRecord,
     rev: u64,
-    apply: impl Fn(&mut TaskRecord),
+    apply: impl Fn(&mut TaskRecord) -> Result<(), TransitionError>,
 ) -> Result<Option<TaskRecord>, FleetError> {
     let (mut current, mut rev) = (rec, rev);
     loop {
         let mut next = current.clone();
-        apply(&mut next);
+        if let Err(e) = apply(&mut next) {
+            tracing::info!(error = %e, "the outcome no longer applies");
+            return Ok(None);
+        }
         match ctx.fleet.kv_update(&ctx.topology.tasks, &next.id, &next, rev).await {
             Ok(_) => return Ok(Some(next)),
             Err(e) if e.is_conflict() => {
                 match ctx.fleet.kv_get::<TaskRecord>(&ctx.topology.tasks, &current.id).await? {
                     Some((cur, cur_rev))
                         if cur.state == TaskState::Running
-                            && cur.attempt == current.attempt
-                            && cur.agent_id == current.agent_id =>
+                            && current
+                                .agent_id
+                                .as_deref()
+                                .is_some_and(|a| cur.is_attempt(current.attempt, a)) =>
                     {
                         current = cur;
                         rev = cur_rev;
@@ -598,7 +538,7 @@ async fn announce_outcome(ctx: &Context, rec: &TaskRecord) -> Result<(), FleetEr
             ev.usage = last.usage;
             fleet.publish_event(&ev).await
         }
-        TaskState::Assigned | TaskState::Running => Ok(()),
+        TaskState::Running => Ok(()),
     }
 }
 
@@ -614,24 +554,18 @@ fn retries_exhausted(rec: &TaskRecord) -> bool {
 /// Dead-letters a task whose retries ran out: the record (encoded, as the payload) and every
 /// attempt. De-duplicated per task.
 async fn dead_letter_retries(fleet: &Fleet, rec: &TaskRecord) -> Result<(), FleetError> {
-    use base64::Engine as _;
     let payload = fleet.encode(rec)?;
-    let cut = payload.get(..payload.len().min(64 * 1024)).unwrap_or_default();
     let last = rec.error.as_ref().map(|e| format!("{}: {}", e.code, e.message)).unwrap_or_default();
-    let dl = DeadLetter {
-        source: "agent-runner.retries".to_owned(),
-        reason: "retries_exhausted".to_owned(),
-        message: format!("all {} attempts failed; the last with {last}", rec.attempt),
-        task_id: Some(rec.id.clone()),
-        subject: fleet.names.task_event_subject(&rec.id, event_kind::FAILED),
-        stream_sequence: None,
-        payload_base64: base64::engine::general_purpose::STANDARD.encode(cut),
-        payload_len: u64::try_from(payload.len()).unwrap_or(u64::MAX),
-        headers: [(headers::CONTENT_TYPE.to_owned(), fleet.format.content_type().to_owned())].into(),
-        at_ms: now_ms(),
-        attempts: rec.attempts.clone(),
-    };
+    let dl = DeadLetter::new(
+        "agent-runner.retries",
+        "retries_exhausted",
+        format!("all {} attempts failed; the last with {last}", rec.attempt),
+        fleet.names.task_event_subject(&rec.id, event_kind::FAILED),
+        &payload,
+    )
+    .task(rec.id.clone())
+    .headers([(headers::CONTENT_TYPE.to_owned(), fleet.format.content_type().to_owned())].into())
+    .attempts(rec.attempts.clone());
     tracing::warn!(attempts = rec.attempts.len(), error = %last, "retries exhausted; task dead-lettered");
-    let subject = fleet.names.deadletter_subject(service::AGENT_RUNNER);
-    fleet.publish_durable(subject, &dl, Some(&format!("retries:{}", rec.id))).await
+    fleet.dead_letter(service::AGENT_RUNNER, &dl, Some(&format!("retries:{}", rec.id))).await
 }

@@ -46,7 +46,7 @@ fn record(id: &str, attempt: u32, agent: &str) -> TaskRecord {
         context_key: None,
         parent_id: None,
         labels: Default::default(),
-        state: TaskState::Assigned,
+        state: TaskState::Queued,
         attempt,
         agent_id: Some(agent.into()),
         runner_id: Some("r1".into()),
@@ -66,9 +66,12 @@ fn record(id: &str, attempt: u32, agent: &str) -> TaskRecord {
     }
 }
 
-/// An assignment without the record: the runner reads the record to claim it.
-async fn assign(fleet: &Fleet, rec: &TaskRecord, msg_id: &str) {
-    publish_assignment(fleet, rec, None, msg_id).await;
+/// An assignment of attempt `rec.attempt` to `rec.agent_id` decided from a revision that is long
+/// gone: its claim fails and the runner reads the record.
+async fn assign_stale(fleet: &Fleet, rec: &TaskRecord, msg_id: &str) {
+    let base = TaskRecord { attempt: rec.attempt - 1, ..rec.clone() };
+    let a = Assignment::next_attempt(base, 1, rec.agent_id.as_deref().unwrap(), now_ms());
+    fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
 }
 
 /// A queued task record (no attempt made yet).
@@ -79,22 +82,7 @@ fn queued(id: &str) -> TaskRecord {
 /// An assignment as the dispatcher sends it: the next attempt of the queued record `base`
 /// (stored at `rev`) for `agent`, claimed with one revision-checked write from `rev`.
 async fn propose(fleet: &Fleet, base: &TaskRecord, rev: u64, agent: &str, msg_id: &str) {
-    let a = Assignment {
-        attempt: base.attempt + 1,
-        agent_id: agent.into(),
-        revision: Some(rev),
-        record: Some(Box::new(base.clone())),
-        ..Assignment::for_record(base)
-    };
-    fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
-}
-
-async fn publish_assignment(fleet: &Fleet, rec: &TaskRecord, rev: Option<u64>, msg_id: &str) {
-    let a = Assignment {
-        revision: rev,
-        record: rev.map(|_| Box::new(rec.clone())),
-        ..Assignment::for_record(rec)
-    };
+    let a = Assignment::next_attempt(base.clone(), rev, agent, now_ms());
     fleet.publish_durable(fleet.names.assign_subject("r1"), &a, Some(msg_id)).await.unwrap();
 }
 
@@ -172,7 +160,7 @@ async fn registers_heartbeats_runs_and_fences() {
     // not execute again.
     propose(&fleet, &rec, rev, "r1-echo-0", "job-1:1:again").await;
     // An assignment for an attempt that is not current is fenced.
-    assign(&fleet, &record("job-1", 7, "r1-echo-1"), "job-1:7").await;
+    assign_stale(&fleet, &record("job-1", 7, "r1-echo-1"), "job-1:7").await;
     eventually(Duration::from_secs(10), "the stale assignment to be fenced", || async {
         (health(&fleet).await.details["fenced"] == 1).then_some(())
     })
@@ -187,14 +175,14 @@ async fn registers_heartbeats_runs_and_fences() {
 
     // A failing model call (a retryable `model_error`) queues the task again while attempts are
     // left, with the attempt in its history, and fails it with a reason on the last one.
-    let mut bad = record("job-2", 1, "r1-echo-0");
+    let mut bad = queued("job-2");
     bad.input = serde_json::json!({"_offline": {"fail": "model exploded"}});
     bad.max_attempts = 2;
-    fleet.kv_create(&topo.tasks, "job-2", &bad).await.unwrap();
-    assign(&fleet, &bad, "job-2:1").await;
+    let rev2 = fleet.kv_create(&topo.tasks, "job-2", &bad).await.unwrap();
+    propose(&fleet, &bad, rev2, "r1-echo-0", "job-2:1").await;
     let (retry, rev): (TaskRecord, u64) = eventually(Duration::from_secs(10), "a retry", || async {
         let (r, rev) = fleet.kv_get::<TaskRecord>(&topo.tasks, "job-2").await.unwrap()?;
-        (r.state == TaskState::Queued).then_some((r, rev))
+        (r.state == TaskState::Queued && !r.attempts.is_empty()).then_some((r, rev))
     })
     .await;
     assert_eq!(retry.attempt, 1);

@@ -3,7 +3,7 @@
 //! window), announced with an `accepted` event, and only then acked. Bad input becomes a
 //! `rejected` event plus a dead-letter record.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -11,15 +11,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
-use flotilla_protocol::names::event_kind;
+use flotilla_protocol::names::{event_kind, service};
 use flotilla_protocol::validate::{Limits, task_id_for, validate};
 use flotilla_protocol::{
-    CapabilityRecord, DeadLetter, ErrorInfo, RejectReason, TaskEvent, TaskRecord, TaskSubmission, codec,
-    headers, time::now_ms,
+    CapabilityRecord, ErrorInfo, RejectReason, TaskEvent, TaskRecord, TaskSubmission, codec, headers,
+    time::now_ms,
 };
-use flotilla_service::{AckGuard, Fleet, Topology, nats::FleetError};
-use futures::StreamExt as _;
-use tokio::sync::Semaphore;
+use flotilla_service::consume::{Pull, consume};
+use flotilla_service::nats::{FleetError, dead_letter_of};
+use flotilla_service::{AckGuard, Fleet, Topology};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
@@ -33,12 +33,6 @@ fn accepted_event(rec: &TaskRecord) -> TaskEvent {
         ev.reason = Some(rec.warnings.join("; "));
     }
     ev
-}
-
-/// Backoff for a submission that failed for infrastructure reasons: 0.5 s doubling to 30 s.
-fn retry_delay(delivered: u64) -> Duration {
-    let exp = u32::try_from(delivered.saturating_sub(1).min(6)).unwrap_or(6);
-    Duration::from_millis(500).saturating_mul(2u32.saturating_pow(exp)).min(Duration::from_secs(30))
 }
 
 struct Intake {
@@ -74,41 +68,18 @@ pub async fn run(
         })
         .await
         .context("failed to ensure the intake consumer")?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(concurrency.min(256))
-        .heartbeat(Duration::from_secs(5))
-        .messages()
-        .await
-        .context("failed to start consuming submissions")?;
     let intake =
         Arc::new(Intake { config, fleet, topology, stats, known_capabilities: RwLock::new(HashSet::new()) });
-    let permits = Arc::new(Semaphore::new(concurrency));
     let tracker = TaskTracker::new();
-    loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            m = messages.next() => m,
-        };
-        match next {
-            Some(Ok(msg)) => {
-                let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                let intake = intake.clone();
-                tracker.spawn(async move {
-                    intake.handle(msg).await;
-                    drop(permit);
-                });
-            }
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "submission stream error; continuing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            None => break,
-        }
-    }
+    let pull = Pull { what: "submission", batch: concurrency, concurrency: Some(concurrency) };
+    let consumed = consume(&consumer, pull, &tracker, &shutdown, |msg| {
+        let intake = intake.clone();
+        async move { intake.handle(msg).await }
+    })
+    .await;
     tracker.close();
     tracker.wait().await;
-    Ok(())
+    consumed
 }
 
 fn header(m: &Message, name: &str) -> Option<String> {
@@ -124,18 +95,14 @@ impl Intake {
         let guard = AckGuard::new(msg);
         async {
             match self.process(&guard).await {
-                Ok(()) => {
-                    if let Err(e) = guard.ack().await {
-                        tracing::warn!(error = %e, "ack failed; the redelivery will be de-duplicated");
-                    }
-                }
+                // A redelivery after a lost ack is de-duplicated.
+                Ok(()) => guard.ack().await,
                 Err(e) => {
                     // NATS itself is failing (e.g. a KV leader election): the submission was
                     // acknowledged to its publisher, so it is retried, never dropped, with a
                     // backoff that grows with the delivery count.
-                    let delay = retry_delay(guard.delivered());
-                    tracing::warn!(error = %e, ?delay, "submission not recorded; will retry");
-                    let _ = guard.nak(Some(delay)).await;
+                    tracing::warn!(error = %e, delivered = guard.delivered(), "submission not recorded; will retry");
+                    guard.nak_with_backoff().await;
                 }
             }
         }
@@ -275,31 +242,9 @@ impl Intake {
         reason: &str,
         message: &str,
     ) -> Result<(), FleetError> {
-        use base64::Engine as _;
-        let seq = m.info().ok().map(|i| i.stream_sequence);
-        let mut hdrs = BTreeMap::new();
-        if let Some(h) = &m.headers {
-            for (k, vs) in h.iter() {
-                if let Some(v) = vs.first() {
-                    hdrs.insert(k.to_string(), v.as_str().to_owned());
-                }
-            }
-        }
-        let cut = m.payload.get(..m.payload.len().min(64 * 1024)).unwrap_or_default();
-        let dl = DeadLetter {
-            source: "dispatcher.intake".to_owned(),
-            reason: reason.to_owned(),
-            message: message.to_owned(),
-            task_id,
-            subject: m.subject.to_string(),
-            stream_sequence: seq,
-            payload_base64: base64::engine::general_purpose::STANDARD.encode(cut),
-            payload_len: u64::try_from(m.payload.len()).unwrap_or(u64::MAX),
-            headers: hdrs,
-            at_ms: now_ms(),
-            attempts: Vec::new(),
-        };
-        let dl_id = format!("intake:{}", seq.unwrap_or(0));
-        self.fleet.publish_durable(self.fleet.names.deadletter_subject("dispatcher"), &dl, Some(&dl_id)).await
+        let mut dl = dead_letter_of(m, "dispatcher.intake", reason, message);
+        dl.task_id = task_id;
+        let dl_id = format!("intake:{}", dl.stream_sequence.unwrap_or(0));
+        self.fleet.dead_letter(service::DISPATCHER, &dl, Some(&dl_id)).await
     }
 }

@@ -141,6 +141,15 @@ impl Config {
         Ok(())
     }
 
+    /// When the autoscaler scales, by these settings.
+    pub fn autoscale_settings(&self) -> scheduler::AutoscaleSettings {
+        scheduler::AutoscaleSettings {
+            scale_up_after: self.scale_up_after,
+            scale_down_after: self.scale_down_after,
+            cooldown: self.scale_cooldown,
+        }
+    }
+
     /// The scheduling policy these settings describe.
     pub fn policy(&self) -> runqueue::Policy {
         runqueue::Policy {

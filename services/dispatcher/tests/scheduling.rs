@@ -100,8 +100,8 @@ async fn assigns_then_requeues_when_the_agent_goes_silent() {
     // only the runner's claim (a revision-checked write from there) books the task.
     let (rec, rev) = h.fleet.kv_get::<TaskRecord>(&h.topology.tasks, "t1").await.unwrap().unwrap();
     assert_eq!(rec.state, TaskState::Queued);
-    assert_eq!(a.revision, Some(rev));
-    assert_eq!(a.record.as_ref().map(|r| (r.state, r.attempt)), Some((TaskState::Queued, 0)));
+    assert_eq!(a.revision, rev);
+    assert_eq!((a.record.state, a.record.attempt), (TaskState::Queued, 0));
 
     // Agent a stops heartbeating without having claimed it; agent b arrives: the assignment is
     // taken back and the same attempt, from the same revision, goes to b.
@@ -110,7 +110,7 @@ async fn assigns_then_requeues_when_the_agent_goes_silent() {
     let mut to_b = h.assignments("rfb").await;
     let b = next_assignment(&mut to_b).await;
     assert_eq!((b.task_id.as_str(), b.attempt, b.agent_id.as_str()), ("t1", 1, "fake-b"));
-    assert_eq!(b.revision, Some(rev));
+    assert_eq!(b.revision, rev);
     h.stop().await;
 }
 

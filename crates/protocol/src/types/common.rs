@@ -55,6 +55,58 @@ pub struct DeadLetter {
     pub attempts: Vec<AttemptRecord>,
 }
 
+/// How much of a dead message's payload its dead letter keeps.
+pub const DEAD_LETTER_PAYLOAD_LIMIT: usize = 64 * 1024;
+
+impl DeadLetter {
+    /// A dead letter from `source` (e.g. `dispatcher.intake`) for `reason`, of a message that
+    /// arrived on `subject` with `payload` (kept in base64, cut to
+    /// [`DEAD_LETTER_PAYLOAD_LIMIT`]), stamped now. The builder methods below add what is known.
+    pub fn new(
+        source: impl Into<String>,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+        subject: impl Into<String>,
+        payload: &[u8],
+    ) -> Self {
+        use base64::Engine as _;
+        let cut = payload.get(..payload.len().min(DEAD_LETTER_PAYLOAD_LIMIT)).unwrap_or_default();
+        Self {
+            source: source.into(),
+            reason: reason.into(),
+            message: message.into(),
+            task_id: None,
+            subject: subject.into(),
+            stream_sequence: None,
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(cut),
+            payload_len: u64::try_from(payload.len()).unwrap_or(u64::MAX),
+            headers: BTreeMap::new(),
+            at_ms: crate::time::now_ms(),
+            attempts: Vec::new(),
+        }
+    }
+
+    /// The task the message was about.
+    pub fn task(self, task_id: impl Into<String>) -> Self {
+        Self { task_id: Some(task_id.into()), ..self }
+    }
+
+    /// The message's stream sequence, when it came from a stream.
+    pub fn sequence(self, stream_sequence: Option<u64>) -> Self {
+        Self { stream_sequence, ..self }
+    }
+
+    /// The message's headers (the first value of each).
+    pub fn headers(self, headers: BTreeMap<String, String>) -> Self {
+        Self { headers, ..self }
+    }
+
+    /// Every attempt of a task that failed after retries.
+    pub fn attempts(self, attempts: Vec<AttemptRecord>) -> Self {
+        Self { attempts, ..self }
+    }
+}
+
 /// An error answer to a request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorReply {

@@ -7,6 +7,41 @@ use serde_json::Value;
 
 use super::*;
 
+/// Asks the active dispatcher to cancel a task that has not finished (`<p>.dispatcher.cancel`,
+/// request/reply, MessagePack or JSON; `flotilla cancel`). Answered with a [`CancelReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    pub task_id: String,
+    /// Why; becomes the task's failure message (default "cancelled by an operator").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The dispatcher's answer to a [`CancelRequest`]: the task's record as cancelled and the state
+/// it was in, or an `error` (codes: `not_found`, `already_finished`, `malformed` and the other
+/// codes of a bad request, `unavailable`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Box<TaskRecord>>,
+    /// The state the task was in before the cancel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub was: Option<TaskState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+}
+
+/// Error codes of a [`CancelReply`] (besides those of a request that does not decode).
+pub mod cancel_code {
+    /// No task has the id.
+    pub const NOT_FOUND: &str = "not_found";
+    /// The task has finished: there is nothing to cancel.
+    pub const ALREADY_FINISHED: &str = "already_finished";
+    /// NATS failed, or the record kept changing: ask again.
+    pub const UNAVAILABLE: &str = "unavailable";
+}
+
 /// Tells a runner to stop an attempt that no longer counts (cancelled, past its deadline):
 /// `<p>.runners.<runner>.cancel`, core NATS. The task record is already final; the runner only
 /// stops wasting work (its result would be fenced off anyway).
@@ -54,6 +89,15 @@ pub struct FleetChangeReply {
     pub stopping: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
+}
+
+/// Asks the active dispatcher for its queue (`<p>.dispatcher.queue`, request/reply, MessagePack
+/// or JSON; an empty body asks with the defaults). Answered with a [`QueueReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct QueueRequest {
+    /// How many of the longest-waiting tasks to list (default 20, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 /// The active dispatcher's queue (`<p>.dispatcher.queue`, request/reply; `flotilla queue`).

@@ -6,9 +6,11 @@ mod budget;
 mod common;
 mod control;
 mod task;
+mod task_record;
 
 pub use agent::*;
 pub use budget::*;
 pub use common::*;
 pub use control::*;
 pub use task::*;
+pub use task_record::*;

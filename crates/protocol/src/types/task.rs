@@ -166,16 +166,23 @@ impl JsonSchema for Priority {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
-    /// Recorded, waiting for an agent.
+    /// Recorded, waiting for an agent. (Older dispatchers wrote `assigned` for an attempt given
+    /// out but not yet claimed; such a record reads as queued and is given out again, and a claim
+    /// of the old assignment is fenced off.)
+    #[serde(alias = "assigned")]
     Queued,
-    /// Given to an agent, not yet claimed by it.
-    Assigned,
     /// Claimed and running on an agent.
     Running,
     /// Finished with an output.
     Completed,
     /// Finished without an output.
     Failed,
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl TaskState {
@@ -188,7 +195,6 @@ impl TaskState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
-            Self::Assigned => "assigned",
             Self::Running => "running",
             Self::Completed => "completed",
             Self::Failed => "failed",
@@ -270,113 +276,13 @@ impl RejectReason {
     }
 }
 
-/// The current record of a task, kept in the tasks KV bucket under its id. Every change to it is
-/// a revision-checked update, which is what fences claims and completions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct TaskRecord {
-    pub id: String,
-    pub capability: String,
-    #[serde(default)]
-    pub input: Value,
-    #[serde(default)]
-    pub priority: Priority,
-    #[serde(default = "default_tenant")]
-    pub tenant: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget_tokens: Option<u64>,
-    /// Epoch ms after which the task fails with `deadline_exceeded`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent_id: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    pub state: TaskState,
-    /// Attempt number, starting at 1 with the first assignment. Every reassignment increments it,
-    /// and a runner may only act on the attempt it was given.
-    #[serde(default)]
-    pub attempt: u32,
-    /// Agent holding the current attempt.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_id: Option<String>,
-    /// Runner hosting that agent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runner_id: Option<String>,
-    pub submitted_at_ms: u64,
-    pub updated_at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorInfo>,
-    /// Warnings about the submission (e.g. fields this version does not know).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-    /// W3C `traceparent` of the submission, so that all work on the task joins one trace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace: Option<String>,
-    /// Sub-tasks this task delegated, in order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub children: Vec<String>,
-    /// Token usage of every model call of the finishing attempt.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub calls: Vec<CallUsage>,
-    /// Most attempts; a retryable failure before the last one queues the task again.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// Every failed attempt, oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attempts: Vec<AttemptRecord>,
-}
-
-impl TaskRecord {
-    /// Puts the current attempt into `attempts` as failed with `error` (replacing an earlier
-    /// entry for the same attempt, so a redelivered outcome writes it once).
-    pub fn record_failed_attempt(&mut self, error: &ErrorInfo, usage: Option<Usage>, now_ms: u64) {
-        let attempt = self.attempt;
-        self.attempts.retain(|a| a.attempt != attempt);
-        self.attempts.push(AttemptRecord {
-            attempt,
-            agent_id: self.agent_id.clone(),
-            runner_id: self.runner_id.clone(),
-            error: error.clone(),
-            usage,
-            started_at_ms: self.started_at_ms,
-            finished_at_ms: now_ms,
-        });
-    }
-}
-
-/// One failed attempt of a task, kept in its record and in its dead letter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct AttemptRecord {
-    pub attempt: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runner_id: Option<String>,
-    pub error: ErrorInfo,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at_ms: Option<u64>,
-    pub finished_at_ms: u64,
-}
-
 /// Default of [`TaskRecord::max_attempts`] for records written before it existed.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 /// Largest `max_attempts` a submission may ask for.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 20;
 
-fn default_max_attempts() -> u32 {
+pub(crate) fn default_max_attempts() -> u32 {
     DEFAULT_MAX_ATTEMPTS
 }
 
@@ -405,55 +311,37 @@ pub mod failure {
     pub const CANCELLED: &str = "cancelled";
 }
 
-/// An assignment of one attempt of a task to one agent, published to its runner.
+/// An assignment of one attempt of a task to one agent, published to its runner. It carries the
+/// queued record it was decided from (the input and everything else about the task is there,
+/// once) and that record's revision: the runner claims the attempt with one revision-checked
+/// write from there ([`TaskRecord::claim`]), so a stale or duplicate assignment can never run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Assignment {
     pub task_id: String,
+    /// The attempt given out: one more than `record.attempt`.
     pub attempt: u32,
     pub agent_id: String,
+    /// The task's capability, as in `record` (older runners read it here).
     pub capability: String,
-    #[serde(default)]
-    pub input: Value,
-    #[serde(default)]
-    pub priority: Priority,
-    #[serde(default = "default_tenant")]
-    pub tenant: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub budget_tokens: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context_key: Option<String>,
+    /// When the dispatcher decided.
     pub assigned_at_ms: u64,
-    /// The KV revision at which the dispatcher wrote the task record for this attempt. With
-    /// `record`, the runner claims the attempt with one revision-checked write instead of reading
-    /// the record back first; when the record has moved on since, the write fails and the runner
-    /// reads it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revision: Option<u64>,
-    /// The task record as written at `revision`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub record: Option<Box<TaskRecord>>,
+    /// The KV revision of `record` in the tasks bucket.
+    pub revision: u64,
+    /// The task record as stored at `revision`.
+    pub record: Box<TaskRecord>,
 }
 
 impl Assignment {
-    /// The assignment of attempt `rec.attempt` of a task to `rec.agent_id`, from its record
-    /// (without the record itself or its revision).
-    pub fn for_record(rec: &TaskRecord) -> Self {
+    /// The next attempt of the queued `record` (stored at `revision`) for `agent_id`.
+    pub fn next_attempt(record: TaskRecord, revision: u64, agent_id: &str, at_ms: u64) -> Self {
         Self {
-            task_id: rec.id.clone(),
-            attempt: rec.attempt,
-            agent_id: rec.agent_id.clone().unwrap_or_default(),
-            capability: rec.capability.clone(),
-            input: rec.input.clone(),
-            priority: rec.priority,
-            tenant: rec.tenant.clone(),
-            deadline_ms: rec.deadline_ms,
-            budget_tokens: rec.budget_tokens,
-            context_key: rec.context_key.clone(),
-            assigned_at_ms: rec.updated_at_ms,
-            revision: None,
-            record: None,
+            task_id: record.id.clone(),
+            attempt: record.attempt.saturating_add(1),
+            agent_id: agent_id.to_owned(),
+            capability: record.capability.clone(),
+            assigned_at_ms: at_ms,
+            revision,
+            record: Box::new(record),
         }
     }
 }
@@ -538,6 +426,15 @@ impl TaskEvent {
             calls: Vec::new(),
             cost_usd: None,
         }
+    }
+
+    /// The `assigned` event of an assignment to an agent of `runner_id`.
+    pub fn assigned(a: &Assignment, runner_id: &str) -> Self {
+        let mut e = Self::for_task(&a.record, crate::names::event_kind::ASSIGNED);
+        e.attempt = Some(a.attempt);
+        e.agent_id = Some(a.agent_id.clone());
+        e.runner_id = Some(runner_id.to_owned());
+        e
     }
 
     /// The same event filled with a task record's identity fields.

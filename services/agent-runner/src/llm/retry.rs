@@ -41,8 +41,8 @@ impl RetryPolicy {
         if let Some(h) = hint {
             return h.min(self.max_delay);
         }
-        let exp = self.base_delay.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
-        let capped = exp.min(self.max_delay);
+        let capped =
+            flotilla_protocol::time::backoff(self.base_delay, attempt.saturating_sub(1), self.max_delay);
         // Up to 25 % jitter, so that many runners do not retry in lockstep.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -269,10 +269,7 @@ impl Tool for Delegate {
             let child = id.clone();
             fleet
                 .kv_modify::<TaskRecord, _>(&ctx.tasks, &parent, 10, |mut r| {
-                    (!r.children.contains(&child)).then(|| {
-                        r.children.push(child.clone());
-                        r
-                    })
+                    r.link_child(&child).then_some(r)
                 })
                 .await
                 .map_err(nats_err)?;

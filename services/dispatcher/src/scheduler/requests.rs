@@ -1,0 +1,116 @@
+//! The requests only the active dispatcher answers: the queue report (`<p>.dispatcher.queue`,
+//! `flotilla queue`) and cancelling a task (`<p>.dispatcher.cancel`, `flotilla cancel`, or one
+//! JSON request from any NATS client). Cancelling writes the record `failed` with code
+//! `cancelled` ([`flotilla_protocol::TaskRecord::cancel`], revision-checked, so it never
+//! overwrites an outcome that lands first), publishes `failed` with the id a runner would give
+//! it, and tells the runner of a running attempt to stop it. Answers go out in the request's own
+//! format.
+
+use flotilla_protocol::names::event_kind;
+use flotilla_protocol::{
+    CancelReply, CancelRequest, ErrorInfo, QueueRequest, TaskEvent, TaskRecord, TaskState,
+    cancel_code as code, failure, time::now_ms,
+};
+use flotilla_service::Fleet;
+use flotilla_service::nats::{FleetError, decode_payload};
+use flotilla_service::topology::Topology;
+use tracing::Instrument as _;
+
+use super::Scheduler;
+use super::housekeeping::tell_runner_to_stop;
+use crate::runqueue::Now;
+
+/// Lost revision races after which a cancel gives up (and says so).
+const TRIES: usize = 5;
+
+impl Scheduler {
+    /// Answers `flotilla queue`: a [`QueueRequest`] (an empty body: the defaults) → a
+    /// `QueueReport`.
+    #[tracing::instrument(skip_all)]
+    pub(super) async fn answer_queue_request(&mut self, req: &async_nats::Message) {
+        let asked = if req.payload.is_empty() {
+            QueueRequest::default()
+        } else {
+            match decode_payload::<QueueRequest>(req.headers.as_ref(), &req.payload) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::info!(error = %e, "unreadable queue request; answering with the defaults");
+                    QueueRequest::default()
+                }
+            }
+        };
+        let limit = asked.limit.map_or(20, |n| usize::try_from(n).unwrap_or(20).min(1000));
+        let mut report = self.queue.report(limit, Now::current());
+        report.dispatcher.clone_from(&self.fleet.instance);
+        self.fleet.respond(req, &report).await;
+    }
+
+    /// Answers a cancel request, beside the loop (its writes are revision-checked like every
+    /// other; the watch brings the result back into the schedule).
+    pub(super) fn answer_cancel_request(&self, req: async_nats::Message) {
+        let (fleet, topology) = (self.fleet.clone(), self.topology.clone());
+        let span = tracing::info_span!("cancel", task_id = tracing::field::Empty);
+        flotilla_service::trace::continue_from(&span, req.headers.as_ref());
+        tokio::spawn(
+            async move {
+                let reply = match decode_payload::<CancelRequest>(req.headers.as_ref(), &req.payload) {
+                    Ok(r) => {
+                        tracing::Span::current().record("task_id", r.task_id.as_str());
+                        cancel(&fleet, &topology, &r).await
+                    }
+                    Err(e) => refused(e.reason.code(), e.message),
+                };
+                fleet.respond(&req, &reply).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn refused(code: &str, message: impl Into<String>) -> CancelReply {
+    CancelReply { error: Some(ErrorInfo::new(code, message)), ..Default::default() }
+}
+
+/// Cancels the task `req` names, if it has not finished.
+async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest) -> CancelReply {
+    let id = req.task_id.as_str();
+    let error =
+        ErrorInfo::new(failure::CANCELLED, req.reason.as_deref().unwrap_or("cancelled by an operator"));
+    let unavailable = |e: FleetError| refused(code::UNAVAILABLE, format!("failed to cancel task {id}: {e}"));
+    for _ in 0..TRIES {
+        let (mut rec, rev) = match fleet.kv_get::<TaskRecord>(&topology.tasks, id).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return refused(code::NOT_FOUND, format!("no task {id}")),
+            Err(e) => return unavailable(e),
+        };
+        let was = match rec.cancel(&error, now_ms()) {
+            Ok(was) => was,
+            Err(_) => {
+                let detail =
+                    rec.error.as_ref().map(|e| format!(" ({}: {})", e.code, e.message)).unwrap_or_default();
+                let message = format!("task {id} is already {}{detail}; nothing to cancel", rec.state);
+                return refused(code::ALREADY_FINISHED, message);
+            }
+        };
+        match fleet.kv_update(&topology.tasks, id, &rec, rev).await {
+            Ok(_) => {}
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return unavailable(e),
+        }
+        tracing::info!(task_id = id, was = %was, "task cancelled");
+        // The same event (and id) a runner would publish for this attempt, so copies de-duplicate.
+        let mut ev = TaskEvent::for_task(&rec, event_kind::FAILED);
+        ev.error = rec.error.clone();
+        if let Err(e) = fleet.publish_event(&ev).await {
+            // The record is final either way; a reader of the stream misses the event.
+            tracing::warn!(task_id = id, error = %e, "failed to publish the failed event of a cancelled task");
+        }
+        if was == TaskState::Running
+            && let Some(runner) = rec.runner_id.as_deref()
+        {
+            tell_runner_to_stop(fleet, runner, id, rec.attempt, error.clone()).await;
+        }
+        return CancelReply { record: Some(Box::new(rec)), was: Some(was), error: None };
+    }
+    refused(code::UNAVAILABLE, format!("task {id} kept changing; try again"))
+}

@@ -1,0 +1,27 @@
+"""Cancels Flotilla tasks with nats-py and one plain JSON request each (no Flotilla code), and
+prints the dispatcher's answers as a JSON list. Usage: cancel_client.py NATS_URL PREFIX TASK_ID..."""
+import asyncio
+import json
+import sys
+
+import nats
+
+
+async def main(url: str, prefix: str, task_ids: list[str]) -> None:
+    nc = await nats.connect(url)
+    answers = []
+    for task_id in task_ids:
+        request = {"task_id": task_id, "reason": "cancelled from python"}
+        msg = await nc.request(
+            f"{prefix}.dispatcher.cancel",
+            json.dumps(request).encode(),
+            timeout=10,
+            headers={"Content-Type": "application/json"},
+        )
+        answers.append(json.loads(msg.data))
+    print(json.dumps(answers))
+    await nc.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
