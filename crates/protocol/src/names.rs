@@ -85,6 +85,8 @@ pub mod service {
 pub mod lease_key {
     /// The active dispatcher (the one that schedules).
     pub const DISPATCHER: &str = "dispatcher";
+    /// The active budget-keeper (the one that serves budgets).
+    pub const BUDGET_KEEPER: &str = "budget-keeper";
 }
 
 /// All names of one fleet.

@@ -7,6 +7,7 @@ pub mod budget;
 pub mod config;
 pub mod consume;
 pub mod health;
+pub mod lease;
 pub mod local_server;
 pub mod nats;
 pub mod run;

@@ -1,10 +1,10 @@
 //! The dispatcher: takes submissions from the submissions stream, validates and records them, and
 //! assigns each queued task to a live agent that has its capability and free capacity. Its whole
 //! view of tasks and agents is a projection of two KV buckets, rebuilt from NATS on every start.
-//! Several dispatchers may run: all take in submissions, one at a time schedules (see [`lease`]).
+//! Several dispatchers may run: all take in submissions, one at a time schedules (the holder of
+//! the `dispatcher` lease, [`flotilla_service::lease`]).
 
 mod intake;
-pub mod lease;
 pub mod runqueue;
 mod scheduler;
 
@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use flotilla_service::{Fleet, Topology};
+use flotilla_protocol::names::lease_key;
+use flotilla_service::{Fleet, Topology, lease};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -209,30 +210,36 @@ impl flotilla_service::Service for Dispatcher {
         let config = self.config;
         config.validate()?;
         let stats = Arc::new(Stats::default());
-        let lease = Arc::new(lease::LeaseStatus::default());
+        let lease_status = Arc::new(lease::LeaseStatus::default());
         let health = {
-            let (stats, lease) = (stats.clone(), lease.clone());
+            let (stats, lease_status) = (stats.clone(), lease_status.clone());
             let details = move || {
                 let mut d = stats.details();
-                lease.add_details(&mut d);
+                lease_status.add_details(&mut d);
                 d
             };
             flotilla_service::health::serve(fleet.clone(), Self::NAME, Arc::new(details), shutdown.clone())
                 .await?
         };
         // Only the holder of the lease schedules; intake runs on every dispatcher.
-        let scheduler = tokio::spawn(lease::run(
-            config.clone(),
-            fleet.clone(),
-            topology.clone(),
-            stats.clone(),
-            lease,
-            shutdown.clone(),
-        ));
+        let role = lease::Role { key: lease_key::DISPATCHER, ttl: config.lease_ttl, status: lease_status };
+        let scheduler = {
+            let (config, fleet, topology, stats) =
+                (config.clone(), fleet.clone(), topology.clone(), stats.clone());
+            tokio::spawn(lease::hold(
+                fleet.clone(),
+                topology.leases.clone(),
+                role,
+                shutdown.clone(),
+                move |token| {
+                    scheduler::run(config.clone(), fleet.clone(), topology.clone(), stats.clone(), token)
+                },
+            ))
+        };
         let intake = intake::run(config, fleet, topology, stats, shutdown.clone()).await;
         shutdown.cancel();
-        let sched = scheduler.await.context("scheduler task panicked")?;
+        scheduler.await.context("the lease contest panicked")?;
         let _ = health.await;
-        intake.and(sched)
+        intake
     }
 }

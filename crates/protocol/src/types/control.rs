@@ -145,8 +145,9 @@ pub struct TenantShare {
     pub running: u64,
 }
 
-/// A lease on an exclusive role, in the leases bucket under the role's key (`dispatcher`: the
-/// dispatcher that schedules). Taken with a KV `create`, renewed with revision-checked updates,
+/// A lease on an exclusive role, in the leases bucket under the role's key
+/// ([`crate::names::lease_key`]: `dispatcher`, the dispatcher that schedules; `budget-keeper`,
+/// the keeper that serves). Taken with a KV `create`, renewed with revision-checked updates,
 /// deleted (revision-checked) by a holder that stops cleanly.
 ///
 /// Whether an unrenewed lease has run out is judged by each contender on its own monotonic

@@ -1,6 +1,8 @@
-//! The dispatcher lease: of all running dispatchers exactly one schedules, the holder of the key
-//! `dispatcher` in the `<p>_leases` bucket; the others stand by and take over when it stops
-//! renewing. Intake runs on every dispatcher (it is idempotent); only the scheduler is exclusive.
+//! Leases of exclusive roles: of all running instances of a service exactly one does the role's
+//! work (the dispatcher's scheduling, the budget-keeper's serving), the holder of the role's key
+//! in the `<p>_leases` bucket ([`flotilla_protocol::names::lease_key`], value
+//! [`flotilla_protocol::Lease`]); the others stand by and take over when it stops renewing.
+//! [`hold`] runs the contest and the role's work while this instance holds the lease.
 //!
 //! # Protocol
 //!
@@ -8,8 +10,8 @@
 //!   removed by the bucket's `max_age`; or, when a lease is there but ran out (below), a
 //!   revision-checked `update` against the very revision that ran out. Both writes fail when
 //!   someone else wrote first, so of several contenders at most one wins. The winner writes an
-//!   epoch one above the highest it saw, and starts the scheduler, which rebuilds its whole state
-//!   from the KV watches.
+//!   epoch one above the highest it saw, and starts the work, which rebuilds whatever state it
+//!   needs from NATS.
 //! - **Run out**: a contender notes, on its own monotonic clock, when it first saw the lease's
 //!   current revision. The lease ran out when that revision is still the current one `ttl_ms`
 //!   later (the holder's TTL, read from the lease).
@@ -17,53 +19,52 @@
 //!   `update`; a failed renewal is retried every twelfth. The holder counts its lease valid until
 //!   one TTL after it *sent* its last successful write; a contender counts from when it *saw*
 //!   that write, which is later. At five sixths of the TTL without a successful renewal the
-//!   holder cancels the scheduler's token, and aborts the scheduler task if it has not ended a
-//!   twelfth later: it has stopped before any contender may start. A renewal that finds the
-//!   revision changed (a conflict) means another dispatcher took over, and it stops at once,
-//!   unless the key shows this very acquisition (an earlier renewal whose ack was lost had
-//!   landed): then it renews against that revision. Task records are revision-checked, so even
-//!   an overlap could not assign a task twice; the timing keeps one from happening at all.
-//! - **Release**: on a clean shutdown the holder stops its scheduler first, then deletes the key
-//!   with a revision check; standbys watch the key and `create` it at once.
+//!   holder cancels the work's token, and aborts the work if it has not ended a twelfth later: it
+//!   has stopped before any contender may start. A renewal that finds the revision changed (a
+//!   conflict) means another instance took over, and it stops at once, unless the key shows this
+//!   very acquisition (an earlier renewal whose ack was lost had landed): then it renews against
+//!   that revision. What the work writes must still be fenced on its own (revision-checked task
+//!   records, the ledger's expected last sequence): the timing keeps two holders from
+//!   overlapping, the fences make an overlap harmless.
+//! - **Release**: on a clean shutdown the holder stops its work first, then deletes the key with a
+//!   revision check; standbys watch the key and `create` it at once. Work that fails releases the
+//!   lease too, and this instance competes again only after a backoff.
 //!
 //! # Why the TTL lives in the lease, not in the bucket's `max_age`
 //!
 //! Letting the server expire the key (`max_age` = TTL) looks simpler, but `max_age` is one setting
-//! of a shared bucket while `lease_ttl` is each dispatcher's own: dispatchers started with
-//! different TTLs (or a rolling change of the setting) would rewrite the bucket on every start,
-//! and a `max_age` below a holder's TTL would let the server drop a lease its holder still counts
-//! on, so two dispatchers would schedule. It would also make safety depend on the server's wall
-//! clock against the holder's monotonic one, while here every judgement uses one clock (the one
-//! of the dispatcher that judges) and no timestamp is compared across machines. Per-key TTLs
-//! (`Nats-TTL`) have a granularity of one second. So the bucket's `max_age` is a fixed constant
-//! ([`LEASES_MAX_AGE`], 60 s) that only clears away leases of dispatchers that are long gone, and
-//! `lease_ttl` is validated to at most a third of it.
+//! of a shared bucket while the TTL is each instance's own: instances started with different TTLs
+//! (or a rolling change of the setting) would rewrite the bucket on every start, and a `max_age`
+//! below a holder's TTL would let the server drop a lease its holder still counts on, so two
+//! instances would hold the role. It would also make safety depend on the server's wall clock
+//! against the holder's monotonic one, while here every judgement uses one clock (the one of the
+//! instance that judges) and no timestamp is compared across machines. Per-key TTLs (`Nats-TTL`)
+//! have a granularity of one second. So the bucket's `max_age` is a fixed constant
+//! ([`LEASES_MAX_AGE`], 60 s) that only clears away leases of instances that are long gone, and
+//! a TTL is validated to at most a third of it ([`MAX_TTL`]).
 //!
 //! # Timing
 //!
 //! After a `kill -9` of the holder a standby takes over one TTL after the holder's last renewal
-//! (between two thirds of a TTL and one TTL after the kill: 2–3 s with the default 3 s). After a
-//! clean stop it takes over as soon as it sees the delete. A dispatcher that starts while a lease
-//! is present waits one TTL of that lease even when its holder is gone.
+//! (between two thirds of a TTL and one TTL after the kill: 2–3 s with a 3 s TTL). After a clean
+//! stop it takes over as soon as it sees the delete. An instance that starts while a lease is
+//! present waits one TTL of that lease even when its holder is gone.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
-use flotilla_protocol::names::lease_key;
 use flotilla_protocol::{Lease, codec, time::now_ms};
-use flotilla_service::topology::LEASES_MAX_AGE;
-use flotilla_service::{Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{Config, Stats, scheduler};
-
-/// The key of the dispatcher lease.
-const KEY: &str = lease_key::DISPATCHER;
+use crate::Fleet;
+use crate::nats::FleetError;
+pub use crate::topology::LEASES_MAX_AGE;
 
 /// Shortest accepted lease TTL.
 pub const MIN_TTL: Duration = Duration::from_millis(300);
@@ -71,7 +72,7 @@ pub const MIN_TTL: Duration = Duration::from_millis(300);
 /// lease that is being renewed.
 pub const MAX_TTL: Duration = Duration::from_secs(LEASES_MAX_AGE.as_secs() / 3);
 
-/// What this dispatcher knows about the lease, for health replies.
+/// What this instance knows about the lease, for health replies.
 #[derive(Debug, Default)]
 pub struct LeaseStatus(Mutex<View>);
 
@@ -108,7 +109,7 @@ enum Seen {
     Held { revision: u64, since: Instant, lease: Option<Lease> },
 }
 
-/// A lease this dispatcher holds.
+/// A lease this instance holds.
 #[derive(Debug)]
 struct Held {
     revision: u64,
@@ -129,14 +130,50 @@ enum Renewal {
 enum Ended {
     Shutdown,
     Lost(&'static str),
-    Scheduler(Result<anyhow::Result<()>, tokio::task::JoinError>),
+    Work(Result<anyhow::Result<()>, tokio::task::JoinError>),
+}
+
+/// A role held under a lease: which key, for how long, and what to report.
+#[derive(Debug, Clone)]
+pub struct Role {
+    /// The key in the leases bucket, one of [`flotilla_protocol::names::lease_key`].
+    pub key: &'static str,
+    /// How long the lease stays valid without a renewal (clamped to [`MIN_TTL`]..=[`MAX_TTL`]).
+    pub ttl: Duration,
+    /// Where health replies read this instance's view of the lease.
+    pub status: Arc<LeaseStatus>,
+}
+
+/// Runs the contest for `role`'s lease in `leases` until `shutdown`, and while this instance
+/// holds it, the role's work: `work(token)` is spawned on every acquisition, and `token` is
+/// cancelled when the lease is lost (before any contender may take over) or on shutdown; work
+/// that does not stop in time is aborted. Failures of NATS are retried. Returns when `shutdown`
+/// is cancelled, after stopping the work and releasing a lease it holds.
+pub async fn hold<F, Fut>(fleet: Fleet, leases: kv::Store, role: Role, shutdown: CancellationToken, work: F)
+where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let span = tracing::info_span!("lease", role = role.key, instance = %fleet.instance);
+    let ttl = role.ttl.clamp(MIN_TTL, MAX_TTL);
+    let mut c = Contender {
+        fleet,
+        leases,
+        key: role.key,
+        status: role.status,
+        ttl,
+        seen: Seen::Free,
+        last_revision: 0,
+        max_epoch: 0,
+        watch: None,
+    };
+    c.contend(shutdown, work).instrument(span).await;
 }
 
 struct Contender {
-    config: Config,
     fleet: Fleet,
-    topology: Topology,
-    stats: Arc<Stats>,
+    leases: kv::Store,
+    key: &'static str,
     status: Arc<LeaseStatus>,
     ttl: Duration,
     seen: Seen,
@@ -149,64 +186,43 @@ struct Contender {
     watch: Option<kv::Watch>,
 }
 
-/// Runs the contest for the lease, and the scheduler while this dispatcher holds it, until
-/// `shutdown`. Failures of NATS are retried; it returns when `shutdown` is cancelled, after
-/// stopping the scheduler and releasing a lease it holds.
-pub async fn run(
-    config: Config,
-    fleet: Fleet,
-    topology: Topology,
-    stats: Arc<Stats>,
-    status: Arc<LeaseStatus>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let span = tracing::info_span!("dispatcher_lease", instance = %fleet.instance);
-    let ttl = config.lease_ttl.clamp(MIN_TTL, MAX_TTL);
-    let mut c = Contender {
-        config,
-        fleet,
-        topology,
-        stats,
-        status,
-        ttl,
-        seen: Seen::Free,
-        last_revision: 0,
-        max_epoch: 0,
-        watch: None,
-    };
-    c.contend(shutdown).instrument(span).await;
-    Ok(())
-}
-
 impl Contender {
-    async fn contend(&mut self, shutdown: CancellationToken) {
+    async fn contend<F, Fut>(&mut self, shutdown: CancellationToken, mut work: F)
+    where
+        F: FnMut(CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let mut not_before = Instant::now();
         let mut failures: u32 = 0;
         loop {
             let Some(held) = self.stand_by(not_before, &shutdown).await else { return };
-            match self.hold(held, &shutdown).await {
+            match self.hold(held, &shutdown, &mut work).await {
                 Ended::Shutdown => return,
                 Ended::Lost(why) => {
-                    tracing::info!(role = "standby", why, "dispatcher lease lost: standing by");
+                    tracing::info!(state = "standby", why, "lease lost: standing by");
                     failures = 0;
                 }
-                Ended::Scheduler(result) => {
-                    // Let another dispatcher take over; compete again later, backing off while
-                    // the scheduler keeps failing.
+                Ended::Work(result) => {
+                    // Let another instance take over; compete again later, backing off while the
+                    // work keeps failing.
+                    let wait = flotilla_protocol::time::backoff(self.ttl * 2, failures, self.ttl * 16);
                     failures = failures.saturating_add(1);
-                    let wait = self.ttl.saturating_mul(2u32.saturating_pow(failures.min(4)));
                     match result {
-                        Ok(Ok(())) => tracing::error!(?wait, "scheduler ended on its own; lease released"),
+                        Ok(Ok(())) => {
+                            tracing::error!(?wait, "the role's work ended on its own; lease released")
+                        }
                         Ok(Err(e)) => {
                             tracing::error!(
                                 error = format!("{e:#}"),
                                 ?wait,
-                                "scheduler failed; lease released"
+                                "the role's work failed; lease released"
                             )
                         }
-                        Err(e) => tracing::error!(error = %e, ?wait, "scheduler panicked; lease released"),
+                        Err(e) => {
+                            tracing::error!(error = %e, ?wait, "the role's work panicked; lease released")
+                        }
                     }
-                    tracing::info!(role = "standby", "dispatcher standing by after a scheduler failure");
+                    tracing::info!(state = "standby", "standing by after a failure");
                     not_before = Instant::now() + wait;
                 }
             }
@@ -218,7 +234,7 @@ impl Contender {
 
     // ---- standby -----------------------------------------------------------------------------
 
-    /// Watches the lease until this dispatcher acquired it (not before `not_before`), or returns
+    /// Watches the lease until this instance acquired it (not before `not_before`), or returns
     /// `None` on shutdown.
     async fn stand_by(&mut self, not_before: Instant, shutdown: &CancellationToken) -> Option<Held> {
         // Whatever was seen before is old news: look again, and time a present lease from now.
@@ -279,12 +295,12 @@ impl Contender {
     /// removed it), and makes sure the watch runs.
     async fn poll(&mut self) {
         if self.watch.is_none() {
-            match self.topology.leases.watch_with_history(KEY).await {
+            match self.leases.watch_with_history(self.key).await {
                 Ok(w) => self.watch = Some(w),
                 Err(e) => tracing::warn!(error = %e, "failed to watch the lease; polling"),
             }
         }
-        match self.topology.leases.entry(KEY).await {
+        match self.leases.entry(self.key).await {
             Ok(entry) => self.observe(entry),
             Err(e) => tracing::warn!(error = %e, "failed to read the lease"),
         }
@@ -312,14 +328,14 @@ impl Contender {
                 if let Some(l) = &lease {
                     self.max_epoch = self.max_epoch.max(l.epoch);
                     if before.as_deref() != Some(l.holder.as_str()) {
-                        tracing::info!(holder = %l.holder, epoch = l.epoch, "dispatcher lease held by another instance");
+                        tracing::info!(holder = %l.holder, epoch = l.epoch, "lease held by another instance");
                     }
                 }
                 self.seen = Seen::Held { revision: e.revision, since: Instant::now(), lease };
             }
             Some(e) => {
                 self.last_revision = e.revision;
-                tracing::debug!(revision = e.revision, "dispatcher lease released");
+                tracing::debug!(revision = e.revision, "lease released by its holder");
                 self.seen = Seen::Free;
             }
             None => self.seen = Seen::Free,
@@ -352,8 +368,8 @@ impl Contender {
         };
         let sent = Instant::now();
         let result = match stale {
-            None => self.fleet.kv_create(&self.topology.leases, KEY, &lease).await,
-            Some(rev) => self.fleet.kv_update(&self.topology.leases, KEY, &lease, rev).await,
+            None => self.fleet.kv_create(&self.leases, self.key, &lease).await,
+            Some(rev) => self.fleet.kv_update(&self.leases, self.key, &lease, rev).await,
         };
         match result {
             Ok(revision) => {
@@ -362,7 +378,7 @@ impl Contender {
                 Some(Held { revision, lease, sent })
             }
             Err(e) if e.is_conflict() => {
-                tracing::debug!("another dispatcher took the lease first");
+                tracing::debug!("another instance took the lease first");
                 None
             }
             Err(e) => {
@@ -374,8 +390,12 @@ impl Contender {
 
     // ---- active ------------------------------------------------------------------------------
 
-    /// Runs the scheduler while the lease is renewed; stops it and says why when it is not.
-    async fn hold(&mut self, mut held: Held, shutdown: &CancellationToken) -> Ended {
+    /// Runs the work while the lease is renewed; stops it and says why when it is not.
+    async fn hold<F, Fut>(&mut self, mut held: Held, shutdown: &CancellationToken, work: &mut F) -> Ended
+    where
+        F: FnMut(CancellationToken) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let previous = match &self.seen {
             Seen::Held { lease: Some(l), .. } => Some(l.holder.clone()),
             _ => None,
@@ -389,19 +409,10 @@ impl Contender {
             self.release(&held).await;
             return Ended::Lost("the lease was acquired too late to use");
         }
-        tracing::info!(
-            role = "active", epoch = held.lease.epoch, previous = ?previous,
-            "dispatcher lease acquired: now active"
-        );
+        tracing::info!(state = "active", epoch = held.lease.epoch, previous = ?previous, "lease acquired: now active");
         self.publish_view(true);
         let token = shutdown.child_token();
-        let mut scheduler = tokio::spawn(scheduler::run(
-            self.config.clone(),
-            self.fleet.clone(),
-            self.topology.clone(),
-            self.stats.clone(),
-            token.clone(),
-        ));
+        let mut running = tokio::spawn(work(token.clone()));
         let mut next_renewal = held.sent + renew_every;
         let ended = loop {
             // The last moment to stop: a contender may start one TTL after the last renewal.
@@ -409,7 +420,7 @@ impl Contender {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ended::Shutdown,
-                r = &mut scheduler => break Ended::Scheduler(r),
+                r = &mut running => break Ended::Work(r),
                 _ = sleep_until(stop_at) => break Ended::Lost("no renewal succeeded in time"),
                 _ = sleep_until(next_renewal) => {
                     let sent = Instant::now();
@@ -425,7 +436,7 @@ impl Contender {
                             held.revision = revision;
                             next_renewal = Instant::now();
                         }
-                        Ok(Err(e)) if e.is_conflict() => break Ended::Lost("another dispatcher took the lease"),
+                        Ok(Err(e)) if e.is_conflict() => break Ended::Lost("another instance took the lease"),
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "lease renewal failed; retrying");
                             next_renewal = Instant::now() + retry_every;
@@ -437,24 +448,24 @@ impl Contender {
         };
         token.cancel();
         match ended {
-            Ended::Scheduler(r) => {
+            Ended::Work(r) => {
                 self.release(&held).await;
-                Ended::Scheduler(r)
+                Ended::Work(r)
             }
             Ended::Shutdown => {
-                // Give the scheduler until the lease would need renewing, at most 5 s.
+                // Give the work until the lease would need renewing, at most 5 s.
                 let deadline = (held.sent + self.ttl - guard).min(Instant::now() + Duration::from_secs(5));
-                stop(scheduler, deadline).await;
+                stop(running, deadline).await;
                 self.release(&held).await;
                 Ended::Shutdown
             }
             Ended::Lost(why) => {
-                tracing::warn!(why, epoch = held.lease.epoch, "dispatcher lease lost; scheduler stopping");
+                tracing::warn!(why, epoch = held.lease.epoch, "lease lost; the role's work stops");
                 self.seen = Seen::Free;
                 self.publish_view(false);
                 // Stop before a contender may start; soon in any case, as one may have started.
                 let deadline = (held.sent + self.ttl - guard / 2).min(Instant::now() + retry_every);
-                stop(scheduler, deadline).await;
+                stop(running, deadline).await;
                 Ended::Lost(why)
             }
         }
@@ -463,7 +474,7 @@ impl Contender {
     #[tracing::instrument(skip_all, fields(revision = held.revision, epoch = held.lease.epoch))]
     async fn renew(&mut self, held: &Held) -> Result<Renewal, FleetError> {
         let lease = Lease { renewed_at_ms: now_ms(), ..held.lease.clone() };
-        match self.fleet.kv_update(&self.topology.leases, KEY, &lease, held.revision).await {
+        match self.fleet.kv_update(&self.leases, self.key, &lease, held.revision).await {
             Ok(revision) => Ok(Renewal::Renewed(revision, lease)),
             Err(e) if e.is_conflict() => {
                 // An earlier renewal whose ack was lost may have landed: the lease is still ours
@@ -472,7 +483,7 @@ impl Contender {
                     (l.holder.as_str(), l.epoch, l.acquired_at_ms)
                         == (held.lease.holder.as_str(), held.lease.epoch, held.lease.acquired_at_ms)
                 };
-                match self.fleet.kv_get::<Lease>(&self.topology.leases, KEY).await {
+                match self.fleet.kv_get::<Lease>(&self.leases, self.key).await {
                     Ok(Some((current, revision))) if ours(&current) => Ok(Renewal::Adopted(revision)),
                     _ => Err(e),
                 }
@@ -484,9 +495,9 @@ impl Contender {
     /// Deletes the lease if it is still ours, so that a standby takes over at once.
     #[tracing::instrument(skip_all, fields(revision = held.revision, epoch = held.lease.epoch))]
     async fn release(&mut self, held: &Held) {
-        let delete = self.topology.leases.delete_expect_revision(KEY, Some(held.revision));
+        let delete = self.leases.delete_expect_revision(self.key, Some(held.revision));
         match tokio::time::timeout(Duration::from_secs(2), delete).await {
-            Ok(Ok(())) => tracing::info!(role = "standby", "dispatcher lease released"),
+            Ok(Ok(())) => tracing::info!(state = "standby", "lease released"),
             Ok(Err(e)) => tracing::warn!(error = %e, "failed to release the lease; it runs out by itself"),
             Err(_) => tracing::warn!("releasing the lease timed out; it runs out by itself"),
         }
@@ -502,16 +513,20 @@ async fn next_entry(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, k
     }
 }
 
-/// Waits for the (cancelled) scheduler to end until `deadline`, then aborts it.
-async fn stop(mut scheduler: JoinHandle<anyhow::Result<()>>, deadline: Instant) {
-    match timeout_at(deadline, &mut scheduler).await {
+/// Waits for the (cancelled) work to end until `deadline`, then aborts it.
+async fn stop(mut work: JoinHandle<anyhow::Result<()>>, deadline: Instant) {
+    match timeout_at(deadline, &mut work).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = format!("{e:#}"), "scheduler ended with an error"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "scheduler panicked"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = format!("{e:#}"), "the role's work ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the role's work panicked"),
         Err(_) => {
-            tracing::warn!("scheduler did not stop in time; aborting it");
-            scheduler.abort();
-            let _ = scheduler.await;
+            tracing::warn!("the role's work did not stop in time; aborting it");
+            work.abort();
+            if let Err(e) = work.await
+                && !e.is_cancelled()
+            {
+                tracing::warn!(error = %e, "the role's work panicked");
+            }
         }
     }
 }
