@@ -1,4 +1,4 @@
-//! Issue 5's acceptance runs against a real nats-server and `flotilla-budget-keeper` processes:
+//! The budgets' safety under concurrency, against a real nats-server and `flotilla-budget-keeper` processes:
 //! 100 concurrent reservers × 50 reserve/commit cycles on one budget of 100,000 tokens, one
 //! cycle in ten abandoning its reservation, each call's usage reported by an LLM stub. Over the
 //! whole ledger, replayed entry by entry, committed + held never exceeds the limit, and the
