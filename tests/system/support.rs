@@ -1,5 +1,6 @@
-//! Shared harness of the system tests: a fresh nats-server, the services in this process (or the
-//! agent-runner as real child processes), and helpers to submit tasks and read events back.
+//! Shared harness of the system tests: a fresh nats-server, the services in this process (a
+//! [`LocalFleet`]; or the agent-runner as real child processes), and helpers to submit tasks and
+//! read events back.
 
 #![allow(dead_code)]
 // Test support: a broken environment should fail the test loudly.
@@ -11,15 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
-use flotilla_agent_runner::FleetFile;
+use flotilla_local::{FleetFile, LocalFleet, ServiceHandle};
 use flotilla_protocol::{
     HealthReply, Names, Prefix, TaskEvent, TaskRecord, TaskSubmission, WireFormat, codec, headers,
 };
-use flotilla_service::{Fleet, Mode, Service as _, StreamSettings, Topology};
+use flotilla_service::{StreamSettings, Topology};
 use flotilla_testkit::{ChildProcess, NatsServer, bin};
 use futures::StreamExt as _;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 pub const HEARTBEAT: Duration = Duration::from_millis(300);
 
@@ -31,10 +30,10 @@ pub struct System {
     pub js: jetstream::Context,
     pub topology: Topology,
     pub format: WireFormat,
-    shutdown: CancellationToken,
-    services: Vec<JoinHandle<anyhow::Result<()>>>,
-    runner_tokens: HashMap<String, CancellationToken>,
-    dispatchers: Vec<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    /// The services in this process.
+    local: LocalFleet,
+    runners: HashMap<String, ServiceHandle>,
+    dispatchers: Vec<ServiceHandle>,
     dir: tempfile::TempDir,
     /// Runners started from now on enforce budgets (a budget-keeper was started).
     pub budgets: bool,
@@ -73,65 +72,43 @@ impl System {
         settings: StreamSettings,
         format: WireFormat,
     ) -> Self {
-        let client = server.client().await;
         let names = Names::new(Prefix::new(prefix).unwrap());
-        let js = jetstream::new(client.clone());
-        let topology = Topology::ensure(&js, &names, &settings, Mode::Own).await.unwrap();
+        let local = LocalFleet::on_server(server.url(), names.clone(), format, settings).await.unwrap();
         Self {
             server,
             names,
-            client,
-            js,
-            topology,
+            client: local.fleet().client.clone(),
+            js: local.fleet().js.clone(),
+            topology: local.topology().clone(),
             format,
-            shutdown: CancellationToken::new(),
-            services: Vec::new(),
-            runner_tokens: HashMap::new(),
+            local,
+            runners: HashMap::new(),
             dispatchers: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             budgets: false,
         }
     }
 
-    async fn fleet(&self, instance: &str) -> Fleet {
-        let client = self.server.client().await;
-        Fleet::new(client, self.names.clone(), self.format, instance.to_owned())
-    }
-
     pub async fn start_dispatcher(&mut self, config: flotilla_dispatcher::Config) {
-        let fleet = self.fleet("dispatcher-1").await;
-        let token = self.shutdown.child_token();
         let dispatcher = flotilla_dispatcher::Dispatcher::new(config);
-        let h = tokio::spawn(dispatcher.run(fleet, self.topology.clone(), token.clone()));
-        self.dispatchers.push((token, h));
+        self.dispatchers.push(self.local.spawn("dispatcher-1", dispatcher).await.unwrap());
     }
 
     /// Stops every dispatcher (all its state lives in NATS) and waits for them to end.
     pub async fn stop_dispatchers(&mut self) {
-        for (token, h) in self.dispatchers.drain(..) {
-            token.cancel();
-            tokio::time::timeout(Duration::from_secs(30), h).await.unwrap().unwrap().unwrap();
+        for h in std::mem::take(&mut self.dispatchers) {
+            self.local.stop_service(&h).await.unwrap();
         }
     }
 
     pub async fn start_budget_keeper(&mut self) {
-        let fleet = self.fleet("budget-keeper-1").await;
         let keeper = flotilla_budget_keeper::BudgetKeeper::default();
-        let h = tokio::spawn(keeper.run(fleet, self.topology.clone(), self.shutdown.clone()));
-        self.services.push(h);
+        self.local.spawn("budget-keeper-1", keeper).await.unwrap();
         self.budgets = true;
     }
 
     pub async fn start_monitor(&mut self) -> std::net::SocketAddr {
-        let fleet = self.fleet("monitor-1").await;
-        let monitor = flotilla_monitor::Monitor::bind(&flotilla_monitor::Config {
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-        })
-        .await
-        .unwrap();
-        let addr = monitor.local_addr().unwrap();
-        let h = tokio::spawn(monitor.run(fleet, self.topology.clone(), self.shutdown.clone()));
-        self.services.push(h);
+        let (_, addr) = self.local.spawn_monitor("monitor-1", "127.0.0.1:0".parse().unwrap()).await.unwrap();
         addr
     }
 
@@ -148,14 +125,11 @@ impl System {
         fleet_toml: &str,
         registry: flotilla_agent_runner::tools::Registry,
     ) {
-        let fleet = self.fleet(id).await;
         let file = FleetFile::parse(fleet_toml).unwrap();
-        let token = self.shutdown.child_token();
-        self.runner_tokens.insert(id.to_owned(), token.clone());
         let config = flotilla_agent_runner::Config { budgets: self.budgets, ..runner_config(id) };
         let runner = flotilla_agent_runner::Runner::new(config, file).unwrap().with_tools(registry);
-        let h = tokio::spawn(runner.run(fleet, self.topology.clone(), token));
-        self.services.push(h);
+        let handle = self.local.spawn(id, runner).await.unwrap();
+        self.runners.insert(id.to_owned(), handle);
     }
 
     /// A runner as a separate `flotilla-agent-runner` process.
@@ -305,18 +279,15 @@ impl System {
 
     /// Stops one in-process runner (graceful drain).
     pub fn stop_runner(&self, id: &str) {
-        if let Some(t) = self.runner_tokens.get(id) {
-            t.cancel();
+        if let Some(h) = self.runners.get(id) {
+            h.stop();
         }
     }
 
     /// Stops every in-process service and checks that each ended cleanly.
     pub async fn stop(mut self) {
         self.stop_dispatchers().await;
-        self.shutdown.cancel();
-        for h in self.services.drain(..) {
-            tokio::time::timeout(Duration::from_secs(30), h).await.unwrap().unwrap().unwrap();
-        }
+        self.local.stop().await.unwrap();
     }
 }
 

@@ -1,19 +1,16 @@
-//! `flotilla up` and `flotilla demo`: the four services in one process against a given NATS, or
-//! against a nats-server this command starts in a data directory and stops on exit.
+//! `flotilla up` and `flotilla demo`: the four services in one process (a
+//! [`flotilla_local::LocalFleet`]) against a given NATS, or against a nats-server this command
+//! starts in a data directory and stops on exit.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use flotilla_agent_runner::FleetFile;
+use flotilla_local::{FleetConfig, FleetFile, LocalFleet, LocalNats, ServerConfig};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
-use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{CommonConfig, Fleet, Mode, Service as _, Topology, config};
 use futures::StreamExt as _;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::{Cli, Failure, client, exit, output};
 
@@ -21,8 +18,6 @@ use crate::{Cli, Failure, client, exit, output};
 const DEMO_FLEET: &str = include_str!("../../../examples/demo-fleet.toml");
 /// The demo fleet on a real model (`demo --llm-url`).
 const LLM_DEMO_FLEET: &str = include_str!("../../../examples/local-llm-fleet.toml");
-/// nats-server settings for a local server (durable writes).
-pub(crate) const SERVER_CONF: &str = include_str!("../../../nats/server.conf");
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -61,140 +56,36 @@ pub struct DemoArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-struct LocalFleet {
-    server: Option<LocalServer>,
-    url: String,
-    shutdown: CancellationToken,
-    services: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
-    clients: Vec<async_nats::Client>,
-    monitor_addr: SocketAddr,
-}
-
+/// A local fleet as `up` and `demo` run it: the four services from the configuration (and the
+/// command's flags), on the given NATS or on a nats-server started in `data_dir`.
 async fn start(
     cli: &Cli,
     fleet_file: FleetFile,
     data_dir: PathBuf,
     port: Option<u16>,
     monitor_addr: SocketAddr,
-) -> anyhow::Result<LocalFleet> {
-    let fig = config::figment(cli.config.as_deref());
-    let mut common: CommonConfig =
-        config::extract(&fig, None, serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix }))?;
-    let mut server = None;
-    if common.nats_url().is_none() {
-        let binary = locate(&default_search_roots())?;
-        std::fs::create_dir_all(&data_dir)
-            .with_context(|| format!("failed to create {}", data_dir.display()))?;
-        let conf = data_dir.join("nats-server.conf");
-        std::fs::write(&conf, SERVER_CONF).context("failed to write nats-server.conf")?;
-        let s = LocalServer::start(LocalServerOptions {
-            binary,
-            store_dir: data_dir.join("jetstream"),
-            port,
-            config_file: Some(conf),
-        })?;
+) -> anyhow::Result<(LocalFleet, SocketAddr)> {
+    let config = FleetConfig::load(
+        cli.config.as_deref(),
+        serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix }),
+    )?;
+    let local = LocalNats { data_dir: data_dir.clone(), port, config: ServerConfig::Durable };
+    let mut fleet = LocalFleet::start(config.options(local)?).await?;
+    if let Some(s) = fleet.server() {
         eprintln!("nats-server {} started (pid {}, data in {})", s.url(), s.pid(), data_dir.display());
-        common.nats_url = Some(s.url().to_owned());
-        server = Some(s);
     }
-    let url = common.nats_url_or_default();
-    let names = common.names()?;
-    let instance = common.instance.clone().unwrap_or_else(config::random_instance_id);
-    let shutdown = CancellationToken::new();
-    let mut services: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)> = Vec::new();
-    let mut clients = Vec::new();
-    let mut fleet_for = |service: &'static str, client: async_nats::Client| {
-        clients.push(client.clone());
-        Fleet::new(client, names.clone(), common.wire_format, format!("{instance}-{service}"))
-    };
-    let connect = |service: &'static str| {
-        let url = url.clone();
-        async move { flotilla_service::nats::connect(&url, &format!("flotilla-{service}")).await }
-    };
-    let dispatcher = fleet_for("dispatcher", connect("dispatcher").await?);
-    let topology = Topology::ensure(&dispatcher.js, &dispatcher.names, &common.streams, Mode::Own).await?;
-    let dcfg: flotilla_dispatcher::Config = config::extract(&fig, Some("dispatcher"), serde_json::json!({}))?;
-    services.push((
-        "dispatcher",
-        tokio::spawn(flotilla_dispatcher::Dispatcher::new(dcfg).run(
-            dispatcher,
-            topology.clone(),
-            shutdown.clone(),
-        )),
-    ));
-
-    let bk = fleet_for("budget-keeper", connect("budget-keeper").await?);
-    let bcfg: flotilla_budget_keeper::Config =
-        config::extract(&fig, Some("budget_keeper"), serde_json::json!({}))?;
-    services.push((
-        "budget-keeper",
-        tokio::spawn(flotilla_budget_keeper::BudgetKeeper::new(bcfg).run(
-            bk,
-            topology.clone(),
-            shutdown.clone(),
-        )),
-    ));
-
-    let mon = fleet_for("monitor", connect("monitor").await?);
-    let monitor =
-        flotilla_monitor::Monitor::bind(&flotilla_monitor::Config { http_addr: monitor_addr }).await?;
-    let monitor_addr = monitor.local_addr()?;
-    services.push(("monitor", tokio::spawn(monitor.run(mon, topology.clone(), shutdown.clone()))));
-
-    let runner = fleet_for("agent-runner", connect("agent-runner").await?);
-    let mut rcfg: flotilla_agent_runner::Config =
-        config::extract(&fig, Some("agent_runner"), serde_json::json!({}))?;
-    rcfg.runner_id.get_or_insert_with(|| format!("local-{instance}"));
-    services.push((
-        "agent-runner",
-        tokio::spawn(flotilla_agent_runner::Runner::new(rcfg, fleet_file)?.run(
-            runner,
-            topology,
-            shutdown.clone(),
-        )),
-    ));
-    Ok(LocalFleet { server, url, shutdown, services, clients, monitor_addr })
+    let monitor_addr = fleet.start_all(&config, fleet_file, monitor_addr).await?;
+    Ok((fleet, monitor_addr))
 }
 
-impl LocalFleet {
-    /// Stops the services in order, drains the connections and stops the local server.
-    async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let mut first_error = None;
-        for (name, handle) in self.services.drain(..) {
-            match tokio::time::timeout(Duration::from_secs(30), handle).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => {
-                    eprintln!("{name} stopped with an error: {e:#}");
-                    first_error.get_or_insert(e);
-                }
-                Ok(Err(e)) => {
-                    first_error.get_or_insert(anyhow::anyhow!("{name} panicked: {e}"));
-                }
-                Err(_) => eprintln!("{name} did not stop within 30 s"),
-            }
-        }
-        for c in self.clients.drain(..) {
-            let _ = c.drain().await;
-        }
-        if let Some(mut s) = self.server.take() {
-            s.terminate(Duration::from_secs(10));
-            eprintln!("nats-server stopped");
-        }
-        first_error.map_or(Ok(()), Err)
+/// Stops the fleet (services in order, connections, the local server).
+async fn stop(fleet: LocalFleet) -> anyhow::Result<()> {
+    let had_server = fleet.server().is_some();
+    let result = fleet.stop().await;
+    if had_server {
+        eprintln!("nats-server stopped");
     }
-
-    /// Resolves when any service ends on its own (an error).
-    async fn any_service_ended(&mut self) -> String {
-        loop {
-            for (name, h) in &self.services {
-                if h.is_finished() {
-                    return (*name).to_owned();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    result
 }
 
 fn load_fleet(path: Option<&PathBuf>) -> anyhow::Result<FleetFile> {
@@ -207,17 +98,19 @@ fn load_fleet(path: Option<&PathBuf>) -> anyhow::Result<FleetFile> {
 pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
     let _telemetry = flotilla_service::telemetry::init("flotilla", "info");
     let fleet_file = load_fleet(args.fleet.as_ref())?;
-    let mut fleet = start(cli, fleet_file, args.data_dir.clone(), Some(args.port), args.monitor_addr).await?;
+    let (mut fleet, monitor_addr) =
+        start(cli, fleet_file, args.data_dir.clone(), Some(args.port), args.monitor_addr).await?;
     eprintln!(
-        "flotilla is up: NATS {}  prefix {}  metrics http://{}/metrics  (Ctrl-C to stop)",
-        fleet.url, cli.prefix, fleet.monitor_addr
+        "flotilla is up: NATS {}  prefix {}  metrics http://{monitor_addr}/metrics  (Ctrl-C to stop)",
+        fleet.url(),
+        cli.prefix,
     );
     let ended = tokio::select! {
         _ = flotilla_service::shutdown::wait_for_signal() => None,
-        name = fleet.any_service_ended() => Some(name),
+        service = fleet.exited() => Some(service.service()),
     };
     eprintln!("stopping…");
-    let result = fleet.stop().await;
+    let result = stop(fleet).await;
     match (ended, result) {
         (_, Err(e)) => Err(Failure::new(exit::UNAVAILABLE, e)),
         (Some(name), Ok(())) => {
@@ -263,9 +156,10 @@ pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
     let temp =
         tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("failed to create a temp dir")?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
-    let local = start(cli, fleet_file.clone(), data_dir, None, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let result = run_demo(cli, args, &local, &fleet_file).await;
-    let stopped = local.stop().await;
+    let (local, monitor_addr) =
+        start(cli, fleet_file.clone(), data_dir, None, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let result = run_demo(cli, args, local.url(), monitor_addr, &fleet_file).await;
+    let stopped = stop(local).await;
     result?;
     stopped.map_err(|e| Failure::new(exit::UNAVAILABLE, e))
 }
@@ -273,11 +167,12 @@ pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
 async fn run_demo(
     cli: &Cli,
     args: &DemoArgs,
-    local: &LocalFleet,
+    url: &str,
+    monitor_addr: SocketAddr,
     fleet_file: &FleetFile,
 ) -> Result<(), Failure> {
     let cli_for_demo = Cli {
-        nats_url: Some(local.url.clone()),
+        nats_url: Some(url.to_owned()),
         prefix: cli.prefix.clone(),
         config: None,
         json: cli.json,
@@ -403,7 +298,7 @@ async fn run_demo(
         println!(
             "\ndemo finished in {secs:.2}s: {completed} completed, {failed} failed, {rejected} rejected (expected 2), {tokens} tokens used"
         );
-        println!("metrics were at http://{}/metrics while it ran", local.monitor_addr);
+        println!("metrics were at http://{monitor_addr}/metrics while it ran");
     }
     if completed == n_tasks && rejected == 2 {
         Ok(())

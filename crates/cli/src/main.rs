@@ -9,14 +9,9 @@ mod budget;
 mod cancel;
 mod client;
 mod fleet;
-mod heap;
 mod local;
 mod output;
 mod queue;
-
-/// Counts live heap bytes (for `bench dispatcher`); otherwise the system allocator.
-#[global_allocator]
-static ALLOCATOR: heap::Counting = heap::Counting;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,7 +94,8 @@ pub enum Command {
     Budget(budget::BudgetArgs),
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
-    /// Measure a component against raw NATS in the same run.
+    /// Measure a component against raw NATS in the same run: runs `flotilla-bench` (from next
+    /// to this executable) with the same arguments.
     Bench(bench::BenchArgs),
     /// Approve the pending human-approval request of a task.
     Approve {
@@ -139,7 +135,7 @@ fn main() -> ExitCode {
             Command::Tail(args) => client::tail(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,
-            Command::Bench(args) => bench::run(&cli, args).await,
+            Command::Bench(args) => bench::exec(&cli, args),
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
             Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,
         }

@@ -1,28 +1,26 @@
-//! `flotilla bench budget`: reservations per second of the budget-keeper (in this process, on
+//! `flotilla-bench budget`: reservations per second of the budget-keeper (in this process, on
 //! its own connection) on one hot budget and spread over 1,000 budgets, next to raw KV
 //! compare-and-swap on the same server in the same run: sequential (one key, each update awaited
 //! before the next) and concurrent (1,000 keys, as many updates in flight as reservations).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
+use flotilla_local::ServerConfig;
 use flotilla_protocol::{BudgetReply, BudgetRequest, LedgerEntry, Names, WireFormat, codec};
 use flotilla_service::budget::Client;
-use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{Fleet, Mode, Service as _, StreamSettings, Topology, nats};
+use flotilla_service::{Fleet, Mode, nats};
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::json;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use super::{goal, percentile, profile, progress, round};
-use crate::{Cli, Failure};
+use crate::figures::{goal, percentile, progress, round, thousands};
+use crate::{Cli, Usage, profile};
 
-/// Goals from the issue: the hot budget at least the raw sequential compare-and-swap rate, the
+/// The project's goals: the hot budget at least the raw sequential compare-and-swap rate, the
 /// 1,000 budgets at least half the raw concurrent one.
 const GOAL_HOT_VS_SEQUENTIAL: f64 = 1.0;
 const GOAL_SPREAD_VS_CONCURRENT: f64 = 0.5;
@@ -120,18 +118,6 @@ struct Figures {
     spread: Phase,
     hot_cycles: Phase,
     spread_cycles: Phase,
-}
-
-fn thousands(x: f64) -> String {
-    let s = format!("{:.0}", x.max(0.0));
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Waits for every worker; the phase's rate from `t0` to the last worker's end.
@@ -432,38 +418,9 @@ async fn budgets(bench: &Bench, sizes: Sizes, started: Instant) -> anyhow::Resul
     Ok([hot, spread, hot_cycles, spread_cycles])
 }
 
-/// Starts a local nats-server unless `--nats-url` names one; returns its URL and a description.
-fn server(
-    cli: &Cli,
-    dir: &Path,
-    config: Option<&Path>,
-) -> Result<(String, String, Option<LocalServer>), Failure> {
-    if let Some(u) = cli.nats_url.as_deref().filter(|u| !u.trim().is_empty()) {
-        return Ok((u.to_owned(), "external (--nats-url)".to_owned(), None));
-    }
-    let (conf, desc) = match config {
-        Some(p) => (p.to_path_buf(), format!("local nats-server with {}", p.display())),
-        None => {
-            let conf = dir.join("nats-server.conf");
-            std::fs::write(&conf, crate::local::SERVER_CONF).context("failed to write nats-server.conf")?;
-            (conf, "local nats-server with nats/server.conf (sync_interval: always)".to_owned())
-        }
-    };
-    let s = LocalServer::start(LocalServerOptions {
-        binary: locate(&default_search_roots())?,
-        store_dir: dir.join("nats"),
-        port: None,
-        config_file: Some(conf),
-    })?;
-    Ok((s.url().to_owned(), desc, Some(s)))
-}
-
-pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&Path>) -> Result<(), Failure> {
+pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig) -> anyhow::Result<()> {
     if sizes.reservations < 100 || sizes.in_flight == 0 || sizes.in_flight > BUDGETS {
-        return Err(Failure::new(
-            2,
-            anyhow::anyhow!("--reservations must be at least 100, --in-flight 1 to {BUDGETS}"),
-        ));
+        return Err(Usage(format!("--reservations must be at least 100, --in-flight 1 to {BUDGETS}")).into());
     }
     let started = Instant::now();
     let timings = profile::install();
@@ -471,21 +428,14 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&Path>) -> Resul
         .prefix("flotilla-bench-")
         .tempdir()
         .context("failed to create a temp dir")?;
-    let (url, server_desc, mut server) = server(cli, dir.path(), server_config)?;
-    let names =
-        Names::new(flotilla_protocol::Prefix::new(cli.prefix.clone()).map_err(|e| Failure::new(2, e))?);
+    // The keeper's fleet joins the topology, as a budget-keeper does.
+    let (mut local, server_desc) = cli.fleet(dir.path(), server_config, Mode::Join).await?;
+    let names = local.fleet().names.clone();
     let mut fleets = Vec::with_capacity(CONNECTIONS);
     for c in 0..CONNECTIONS {
-        let client = nats::connect(&url, &format!("flotilla-bench-{c}")).await?;
+        let client = nats::connect(local.url(), &format!("flotilla-bench-{c}")).await?;
         fleets.push(Fleet::new(client, names.clone(), WireFormat::Msgpack, "bench".into()));
     }
-    // For the bench's own reads (the ledger stream's length, the hot budget).
-    let control = Fleet::new(
-        nats::connect(&url, "flotilla-bench-control").await?,
-        names.clone(),
-        WireFormat::Msgpack,
-        "bench".into(),
-    );
     let build = if cfg!(debug_assertions) { "debug" } else { "release" };
 
     progress(started, "raw KV compare-and-swap baselines");
@@ -493,20 +443,12 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&Path>) -> Resul
     let raw = raw_baselines(&js, &names, sizes, started).await;
 
     // The keeper in this process, on its own connection.
-    let shutdown = CancellationToken::new();
-    let keeper_fleet = Fleet::new(
-        nats::connect(&url, "flotilla-bench-budget-keeper").await?,
-        names.clone(),
-        WireFormat::Msgpack,
-        "bench-budget-keeper".into(),
-    );
-    let topology = Topology::ensure(&keeper_fleet.js, &names, &StreamSettings::default(), Mode::Join).await?;
-    let keeper = flotilla_budget_keeper::BudgetKeeper::default();
-    let keeper = tokio::spawn(keeper.run(keeper_fleet.clone(), topology, shutdown.clone()));
+    local.spawn("bench-budget-keeper", flotilla_budget_keeper::BudgetKeeper::default()).await?;
     let run = uuid::Uuid::now_v7().simple().to_string();
     let bench = Bench {
         clients: fleets.iter().cloned().map(Client::new).collect(),
-        fleet: control.clone(),
+        // For the bench's own reads (the ledger stream's length, the hot budget).
+        fleet: local.fleet().clone(),
         timings,
         run: run.get(run.len().saturating_sub(8)..).unwrap_or("run").to_owned(),
         in_flight: sizes.in_flight,
@@ -526,19 +468,12 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: Option<&Path>) -> Resul
         Err(e) => Err(e),
     };
     progress(started, "stopping the keeper and the server");
-    shutdown.cancel();
-    match tokio::time::timeout(Duration::from_secs(15), keeper).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the budget-keeper stopped with an error"),
-        Ok(Err(_)) => tracing::warn!("the budget-keeper panicked"),
-        Err(_) => tracing::warn!("the budget-keeper did not stop in 15 s"),
-        Ok(Ok(Ok(()))) => {}
+    for f in &fleets {
+        if let Err(e) = f.client.drain().await {
+            tracing::warn!(error = %e, "failed to drain a bench connection");
+        }
     }
-    for f in fleets.iter().chain([&keeper_fleet, &control]) {
-        let _ = f.client.drain().await;
-    }
-    if let Some(s) = server.as_mut() {
-        s.terminate(Duration::from_secs(10));
-    }
+    crate::stop(local).await;
     report(cli, &result?, sizes, build, &server_desc);
     Ok(())
 }
@@ -583,7 +518,7 @@ fn report(cli: &Cli, f: &Figures, sizes: Sizes, build: &str, server_desc: &str) 
     }
     let in_flight = sizes.in_flight;
     println!(
-        "flotilla bench budget: {build} build; {server_desc}; keeper in this process on its own connection; \
+        "flotilla-bench budget: {build} build; {server_desc}; keeper in this process on its own connection; \
          {in_flight} requests in flight over {CONNECTIONS} connections; reservations of {WANT} tokens, one scope each"
     );
     let line = |what: &str, r: &Rate, vs: &str| {

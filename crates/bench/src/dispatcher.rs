@@ -1,8 +1,8 @@
-//! `flotilla bench dispatcher`: the dispatcher's throughput, latency, decision time and memory,
-//! next to raw JetStream on the same server in the same run. (a) raw baselines (see [`super::raw`]);
+//! `flotilla-bench dispatcher`: the dispatcher's throughput, latency, decision time and memory,
+//! next to raw JetStream on the same server in the same run. (a) raw baselines (see [`crate::raw`]);
 //! (b) submit → `completed` throughput of the dispatcher (in this process) and two runners with
 //! the zero-latency offline model; (c) submit → `started` / `completed` latency at half the
-//! throughput of (b); (d) the scheduling core alone (see [`super::scheduler`]). It also prints the
+//! throughput of (b); (d) the scheduling core alone (see [`crate::scheduler`]). It also prints the
 //! JetStream round trips on a task's path and where the dispatcher's time goes. With `--budgets`
 //! a budget-keeper runs in this process too and the runners enforce budgets, so (b) and (c)
 //! measure the path with every model call reserved and committed, and count the ledger entries
@@ -13,23 +13,22 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::context::PublishAckFuture;
 use bytes::Bytes;
+use flotilla_local::{FleetFile, LocalFleet, ServerConfig, ServiceHandle};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::validate::{Limits, validate};
-use flotilla_protocol::{Names, TaskSubmission, WireFormat, codec, headers};
-use flotilla_service::local_server::{LocalServer, LocalServerOptions, default_search_roots, locate};
-use flotilla_service::{Fleet, Mode, Service as _, StreamSettings, Topology};
+use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
+use flotilla_service::local_server::LocalServer;
+use flotilla_service::{Fleet, Mode, Topology};
 use futures::StreamExt as _;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use super::raw::Window;
-use super::{goal, percentile, profile, progress, raw, round, scheduler};
-use crate::{Cli, Failure};
+use crate::figures::{goal, percentile, progress, round, thousands};
+use crate::raw::Window;
+use crate::{Cli, Usage, profile, raw, scheduler};
 
 /// Sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +38,7 @@ pub struct Sizes {
     pub queued: usize,
 }
 
-/// Goals from the issue.
+/// The project's goals for the dispatcher.
 const GOAL_VS_PIPELINE: f64 = 0.35;
 const GOAL_P50_MS: f64 = 2.0;
 const GOAL_P99_MS: f64 = 10.0;
@@ -184,24 +183,13 @@ impl Bench {
     /// tasks, and with `started` also their starts. Only what is timed is delivered, as a client
     /// waiting for its results would ask for it.
     async fn follow(&self, started: bool) -> anyhow::Result<pull::Ordered> {
-        let names = &self.fleet.names;
-        let stream = self.fleet.js.get_stream(names.events_stream()).await.context("no events stream")?;
         let mut kinds = vec![event_kind::COMPLETED, event_kind::FAILED, event_kind::REJECTED];
         if started {
             kinds.push(event_kind::STARTED);
         }
-        stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subjects: kinds.iter().map(|k| names.task_events_kind(k)).collect(),
-                deliver_policy: DeliverPolicy::New,
-                headers_only: true,
-                ..Default::default()
-            })
+        let names = &self.fleet.names;
+        crate::events::follow(&self.fleet, kinds.iter().map(|k| names.task_events_kind(k)).collect(), true)
             .await
-            .context("failed to follow events")?
-            .messages()
-            .await
-            .context("failed to follow events")
     }
 
     /// Submits `n` tasks with ids `<tag><i>`, as fast as the window allows or paced at `rate`
@@ -280,7 +268,7 @@ async fn collect(
 /// after `cargo build --release --bins`), otherwise in this process.
 enum Runners {
     Processes(Vec<tokio::process::Child>),
-    InProcess(Vec<JoinHandle<anyhow::Result<()>>>),
+    InProcess(Vec<ServiceHandle>),
 }
 
 impl Runners {
@@ -291,14 +279,7 @@ impl Runners {
         }
     }
 
-    async fn start(
-        url: &str,
-        names: &Names,
-        topology: &Topology,
-        dir: &std::path::Path,
-        shutdown: &CancellationToken,
-        budgets: bool,
-    ) -> anyhow::Result<Self> {
+    async fn start(local: &mut LocalFleet, dir: &std::path::Path, budgets: bool) -> anyhow::Result<Self> {
         let mut fleet_toml = format!(
             "[[agent]]\nname = \"{CAPABILITY}\"\ncapabilities = [\"{CAPABILITY}\"]\nprovider = \"offline\"\n\
              concurrency = {AGENT_CONCURRENCY}\nreplicas = {AGENTS_PER_RUNNER}\n"
@@ -316,8 +297,8 @@ impl Runners {
             let mut children = Vec::new();
             for id in RUNNERS {
                 let child = tokio::process::Command::new(&bin)
-                    .env("FLOTILLA_NATS_URL", url)
-                    .env("FLOTILLA_PREFIX", names.prefix().as_str())
+                    .env("FLOTILLA_NATS_URL", local.url())
+                    .env("FLOTILLA_PREFIX", local.fleet().names.prefix().as_str())
                     .env("FLOTILLA_FLEET", &fleet_path)
                     .env("FLOTILLA_RUNNER_ID", id)
                     // Without --budgets no budget-keeper runs: the path is measured without them.
@@ -332,27 +313,20 @@ impl Runners {
         }
         let mut handles = Vec::new();
         for id in RUNNERS {
-            let fleet = Fleet::new(
-                flotilla_service::nats::connect(url, &format!("flotilla-bench-{id}")).await?,
-                names.clone(),
-                WireFormat::Msgpack,
-                id.to_owned(),
-            );
             // Without --budgets no budget-keeper runs, so budgets are off.
             let config = flotilla_agent_runner::Config {
                 runner_id: Some(id.to_owned()),
                 budgets,
                 ..Default::default()
             };
-            let file = flotilla_agent_runner::FleetFile::parse(&fleet_toml)?;
-            let runner = flotilla_agent_runner::Runner::new(config, file)?;
-            handles.push(tokio::spawn(runner.run(fleet, topology.clone(), shutdown.clone())));
+            let file = FleetFile::parse(&fleet_toml)?;
+            handles.push(local.spawn(id, flotilla_agent_runner::Runner::new(config, file)?).await?);
         }
         Ok(Self::InProcess(handles))
     }
 
-    /// Stops the runners: SIGTERM (they drain and deregister), or the shutdown token in process.
-    async fn stop(self, shutdown: &CancellationToken) {
+    /// Stops the runners: SIGTERM (they drain and deregister), or their stop tokens in process.
+    async fn stop(self, local: &mut LocalFleet) {
         match self {
             Self::Processes(children) => {
                 for mut child in children {
@@ -369,9 +343,10 @@ impl Runners {
                 }
             }
             Self::InProcess(handles) => {
-                shutdown.cancel();
                 for h in handles {
-                    let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+                    if let Err(e) = local.stop_service(&h).await {
+                        tracing::warn!(error = format!("{e:#}"), "a runner did not stop cleanly");
+                    }
                 }
             }
         }
@@ -416,24 +391,6 @@ async fn settle_ledger(fleet: &Fleet) -> anyhow::Result<()> {
         last = now;
     }
     Ok(())
-}
-
-/// The budget-keeper with default settings in this process, on its own connection.
-async fn spawn_keeper(
-    url: &str,
-    names: &Names,
-    topology: &Topology,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, Fleet)> {
-    let fleet = Fleet::new(
-        flotilla_service::nats::connect(url, "flotilla-bench-budget-keeper").await?,
-        names.clone(),
-        WireFormat::Msgpack,
-        "bench-budget-keeper".into(),
-    );
-    let keeper = flotilla_budget_keeper::BudgetKeeper::default();
-    let handle = tokio::spawn(keeper.run(fleet.clone(), topology.clone(), shutdown.clone()));
-    Ok((handle, fleet))
 }
 
 /// Waits until the budget-keeper answers a request (any answer, `unknown_scope` included; the
@@ -525,18 +482,10 @@ fn span_summary(timings: &profile::ByName) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-pub async fn run(
-    cli: &Cli,
-    sizes: Sizes,
-    server_config: Option<&std::path::Path>,
-    budgets: bool,
-) -> Result<(), Failure> {
+pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: bool) -> anyhow::Result<()> {
     let Sizes { tasks, agents, queued } = sizes;
     if tasks < 10 || agents == 0 || queued < 2 {
-        return Err(Failure::new(
-            2,
-            anyhow::anyhow!("--tasks must be at least 10, --agents and --queued at least 2"),
-        ));
+        return Err(Usage("--tasks must be at least 10, --agents and --queued at least 2".to_owned()).into());
     }
     let started = Instant::now();
     let timings = profile::install();
@@ -544,36 +493,10 @@ pub async fn run(
         .prefix("flotilla-bench-")
         .tempdir()
         .context("failed to create a temp dir")?;
-    let mut server = None;
-    let (url, server_desc) = match cli.nats_url.as_deref().filter(|u| !u.trim().is_empty()) {
-        Some(u) => (u.to_owned(), "external (--nats-url)".to_owned()),
-        None => {
-            let (conf, desc) = match server_config {
-                Some(p) => (p.to_path_buf(), format!("local nats-server with {}", p.display())),
-                None => {
-                    let conf = dir.path().join("nats-server.conf");
-                    std::fs::write(&conf, crate::local::SERVER_CONF)
-                        .context("failed to write nats-server.conf")?;
-                    (conf, "local nats-server with nats/server.conf (sync_interval: always)".to_owned())
-                }
-            };
-            let s = LocalServer::start(LocalServerOptions {
-                binary: locate(&default_search_roots())?,
-                store_dir: dir.path().join("nats"),
-                port: None,
-                config_file: Some(conf),
-            })?;
-            let u = s.url().to_owned();
-            server = Some(s);
-            (u, desc)
-        }
-    };
-    let monitoring = server.as_ref().and_then(monitoring_url);
-    let names =
-        Names::new(flotilla_protocol::Prefix::new(cli.prefix.clone()).map_err(|e| Failure::new(2, e))?);
-    let client = flotilla_service::nats::connect(&url, "flotilla-bench").await?;
-    let fleet = Fleet::new(client.clone(), names.clone(), WireFormat::Msgpack, "bench".into());
-    let topology = Topology::ensure(&fleet.js, &names, &StreamSettings::default(), Mode::Own).await?;
+    let (mut local, server_desc) = cli.fleet(dir.path(), server_config, Mode::Own).await?;
+    let monitoring = local.server().and_then(monitoring_url);
+    let (fleet, topology) = (local.fleet().clone(), local.topology().clone());
+    let names = fleet.names.clone();
     let build = if cfg!(debug_assertions) { "debug" } else { "release" };
 
     // (a) Raw JetStream.
@@ -608,18 +531,15 @@ pub async fn run(
     .await?;
 
     // (b) and (c): the dispatcher here, two runners.
-    let shutdown = CancellationToken::new();
-    let dispatcher = super::spawn_dispatcher(&url, &names, &topology, &shutdown, "bench-dispatcher").await?;
+    let dispatcher = flotilla_dispatcher::Dispatcher::new(flotilla_dispatcher::Config::default());
+    local.spawn("bench-dispatcher", dispatcher).await?;
     // With --budgets, the budget-keeper here too, stopped only after the runners (they close
     // budgets as they drain).
-    let keeper_stop = CancellationToken::new();
-    let keeper = if budgets {
+    if budgets {
         progress(started, "starting the budget-keeper");
-        Some(spawn_keeper(&url, &names, &topology, &keeper_stop).await?)
-    } else {
-        None
-    };
-    let runners = Runners::start(&url, &names, &topology, dir.path(), &shutdown, budgets).await?;
+        local.spawn("bench-budget-keeper", flotilla_budget_keeper::BudgetKeeper::default()).await?;
+    }
+    let runners = Runners::start(&mut local, dir.path(), budgets).await?;
     let result = async {
         if budgets {
             keeper_answers(&fleet).await?;
@@ -629,23 +549,8 @@ pub async fn run(
     .await;
     let runner_mode = runners.describe();
     progress(started, "stopping the runners, the dispatcher and the server");
-    runners.stop(&shutdown).await;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), dispatcher).await;
-    if let Some((handle, keeper_fleet)) = keeper {
-        keeper_stop.cancel();
-        match tokio::time::timeout(Duration::from_secs(15), handle).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the budget-keeper stopped with an error"),
-            Ok(Err(_)) => tracing::warn!("the budget-keeper panicked"),
-            Err(_) => tracing::warn!("the budget-keeper did not stop in 15 s"),
-            Ok(Ok(Ok(()))) => {}
-        }
-        let _ = keeper_fleet.client.drain().await;
-    }
-    let _ = client.drain().await;
-    if let Some(mut s) = server.take() {
-        s.terminate(Duration::from_secs(10));
-    }
+    runners.stop(&mut local).await;
+    crate::stop(local).await;
     let mut m = result?;
     m.runner_mode = runner_mode;
 
@@ -759,19 +664,8 @@ pub async fn run(
         println!("{report}");
         return Ok(());
     }
-    let thousands = |x: f64| {
-        let s = format!("{:.0}", x.max(0.0));
-        let mut out = String::new();
-        for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(c);
-        }
-        out
-    };
     println!(
-        "flotilla bench dispatcher: {build} build; {server_desc}; {} runners ({}) × {AGENTS_PER_RUNNER} agents × concurrency {AGENT_CONCURRENCY}, offline model, zero latency",
+        "flotilla-bench dispatcher: {build} build; {server_desc}; {} runners ({}) × {AGENTS_PER_RUNNER} agents × concurrency {AGENT_CONCURRENCY}, offline model, zero latency",
         RUNNERS.len(),
         m.runner_mode,
     );

@@ -1,4 +1,4 @@
-//! Part (d) of `flotilla bench dispatcher`: the scheduling core alone, without NATS. It registers
+//! Part (d) of `flotilla-bench dispatcher`: the scheduling core alone, without NATS. It registers
 //! many agents, queues many tasks the way the scheduler does (one `Queued` per task record), then
 //! times `next()` decisions; and it measures the heap the core holds per queued task, and what the
 //! scheduler's per-task record cache (`TaskView` in `scheduler.rs`) adds on top.
@@ -11,7 +11,7 @@ use flotilla_dispatcher::runqueue::{Id, Now, Policy, Queued, RunQueue};
 use flotilla_protocol::validate::{Limits, validate};
 use flotilla_protocol::{AgentRecord, Priority, TaskRecord, TaskSubmission};
 
-use super::{percentile, rss_kib};
+use crate::figures::{percentile, rss_kib};
 use crate::heap;
 
 const CAPABILITIES: [&str; 4] = ["summarize", "draft", "code.review", "translate"];

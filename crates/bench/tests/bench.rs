@@ -1,4 +1,4 @@
-//! `flotilla bench runner`, `flotilla bench dispatcher` and `flotilla bench budget` run end to
+//! `flotilla-bench runner`, `flotilla-bench dispatcher` and `flotilla-bench budget` run end to
 //! end on a small scale and report their figures (the real numbers come from release builds, on
 //! demand).
 
@@ -8,9 +8,10 @@ use std::process::Command;
 
 use flotilla_testkit::bin;
 
-/// Runs `flotilla <args>` (a bench with `--json`) on its own local nats-server; its report.
+/// Runs `flotilla-bench <args>` (a bench with `--json`) on its own local nats-server; its report.
 fn bench(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(bin("flotilla")).args(args).env_remove("FLOTILLA_NATS_URL").output().unwrap();
+    let out =
+        Command::new(bin("flotilla-bench")).args(args).env_remove("FLOTILLA_NATS_URL").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -24,8 +25,8 @@ fn positive(report: &serde_json::Value, path: &str) {
 
 #[test]
 fn bench_runner_reports_memory_and_step_overhead() {
-    let _runner = bin("flotilla-agent-runner"); // the bench starts it from next to `flotilla`
-    let report = bench(&["bench", "runner", "--agents", "50", "--tasks", "20", "--json"]);
+    let _runner = bin("flotilla-agent-runner"); // the bench starts it from next to `flotilla-bench`
+    let report = bench(&["runner", "--agents", "50", "--tasks", "20", "--json"]);
     assert_eq!(report["runner"]["idle_agents"], 50);
     assert!(report["runner"]["rss_mib"].as_f64().unwrap() > 1.0);
     assert!(report["raw_nats_us"]["kv_get"].as_f64().unwrap() > 0.0);
@@ -35,9 +36,9 @@ fn bench_runner_reports_memory_and_step_overhead() {
 
 #[test]
 fn bench_dispatcher_reports_every_figure() {
-    let _runner = bin("flotilla-agent-runner"); // the bench starts two from next to `flotilla`
+    let _runner = bin("flotilla-agent-runner"); // the bench starts two from next to `flotilla-bench`
     let started = std::time::Instant::now();
-    let report = bench(&["bench", "dispatcher", "--quick", "--json"]);
+    let report = bench(&["dispatcher", "--quick", "--json"]);
     let positive = |path: &str| positive(&report, path);
     for path in [
         "/raw/publish/per_s",
@@ -88,7 +89,7 @@ fn bench_dispatcher_reports_every_figure() {
 fn bench_dispatcher_with_budgets_reports_ledger_entries() {
     let _runner = bin("flotilla-agent-runner");
     let started = std::time::Instant::now();
-    let report = bench(&["bench", "dispatcher", "--quick", "--budgets", "--json"]);
+    let report = bench(&["dispatcher", "--quick", "--budgets", "--json"]);
     assert_eq!(report["setup"]["budgets"], true, "{report}");
     assert_eq!(report["setup"]["runner_mode"], "processes");
     assert!(report["throughput"]["per_s"].as_f64().unwrap() > 0.0);
@@ -105,7 +106,7 @@ fn bench_dispatcher_with_budgets_reports_ledger_entries() {
 #[test]
 fn bench_budget_reports_reservations_next_to_raw_compare_and_swap() {
     let started = std::time::Instant::now();
-    let report = bench(&["bench", "budget", "--quick", "--json"]);
+    let report = bench(&["budget", "--quick", "--json"]);
     let positive = |path: &str| positive(&report, path);
     for path in [
         "/raw/sequential_cas/per_s",

@@ -1,5 +1,5 @@
-//! The CLI's global allocator: the system allocator plus a count of live heap bytes, so that
-//! `flotilla bench dispatcher` can measure what the scheduling state holds per queued task.
+//! The bench binary's global allocator: the system allocator plus a count of live heap bytes, so
+//! that `flotilla-bench dispatcher` can measure what the scheduling state holds per queued task.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

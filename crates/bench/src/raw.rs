@@ -1,4 +1,4 @@
-//! Part (a) of `flotilla bench dispatcher`: what JetStream itself does on the same server, as
+//! Part (a) of `flotilla-bench dispatcher`: what JetStream itself does on the same server, as
 //! the yardstick for Flotilla's figures. An async publish rate (a window of publishes in flight,
 //! acks awaited as the window slides), and a one-hop pipeline: a pull consumer on stream A, one
 //! revision-checked KV update per item, a publish to stream B, and a consumer on B.
