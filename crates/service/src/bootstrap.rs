@@ -1,5 +1,6 @@
-//! What every service binary does before its real work: read the common flags, load the layered
-//! configuration, connect to NATS, and ensure the topology.
+//! What every service binary does around its real work: read the common flags, load the layered
+//! configuration, start telemetry, connect to NATS and ensure the topology, run the service until
+//! SIGINT or SIGTERM, then drain the connection ([`run_binary`]).
 
 use std::path::PathBuf;
 
@@ -7,7 +8,7 @@ use anyhow::Context as _;
 use figment::Figment;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{CommonConfig, Fleet, Mode, Topology, config};
+use crate::{CommonConfig, Fleet, Mode, Service, Topology, config};
 
 /// Flags every service binary takes (each with its environment twin).
 #[derive(Debug, Clone, clap::Args)]
@@ -66,4 +67,22 @@ impl Loaded {
 /// Drains the fleet's connection (pending publishes and acks go out) at the end of `main`.
 pub async fn drain(fleet: &Fleet) -> anyhow::Result<()> {
     fleet.client.drain().await.context("failed to drain the NATS connection")
+}
+
+/// The whole life of a service binary: telemetry (flushed when this returns), the layered
+/// configuration, the service `build` makes from it (with the instance id to connect as, if it
+/// has its own), the connection with the topology ensured in `mode`, the service running until
+/// SIGINT or SIGTERM, then the drained connection.
+pub async fn run_binary<S, F>(common: &CommonArgs, mode: Mode, build: F) -> anyhow::Result<()>
+where
+    S: Service,
+    F: AsyncFnOnce(&Loaded) -> anyhow::Result<(S, Option<String>)>,
+{
+    let _telemetry = crate::telemetry::init(&format!("flotilla-{}", S::NAME), "info");
+    let loaded = Loaded::load(common)?;
+    let (service, instance) = build(&loaded).await?;
+    let (fleet, topology) = loaded.connect(S::NAME, instance, mode).await?;
+    let shutdown = crate::shutdown::on_signal();
+    service.run(fleet.clone(), topology, shutdown).await?;
+    drain(&fleet).await
 }

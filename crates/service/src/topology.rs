@@ -63,66 +63,32 @@ impl Topology {
             };
             result.with_context(|| format!("failed to ensure stream {name}"))?;
         }
-        let bucket = |bucket: String, description: &str, history: i64, max_age: Duration| kv::Config {
-            bucket,
-            description: description.to_owned(),
-            history,
-            max_age,
-            num_replicas: s.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
+        // (bucket, description, history, max age)
+        let buckets = [
+            (names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
+            (names.agents_bucket(), "Flotilla: agent registry and heartbeats", 1, Duration::from_secs(3600)),
+            (names.capabilities_bucket(), "Flotilla: capabilities declared by fleets", 1, Duration::ZERO),
+            (names.memory_bucket(), "Flotilla: agents' shared memory", 1, Duration::ZERO),
+            (names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
+            (names.leases_bucket(), "Flotilla: leases of exclusive roles", 1, LEASES_MAX_AGE),
+        ];
+        let mut stores = Vec::with_capacity(buckets.len());
+        for (bucket, description, history, max_age) in buckets {
+            let cfg = kv::Config {
+                bucket,
+                description: description.to_owned(),
+                history,
+                max_age,
+                num_replicas: s.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            };
+            stores.push(ensure_bucket(js, mode, cfg).await?);
+        }
+        let Ok([tasks, agents, capabilities, memory, approvals, leases]) = <[kv::Store; 6]>::try_from(stores)
+        else {
+            anyhow::bail!("a bucket of the topology was not ensured");
         };
-        let tasks = ensure_bucket(
-            js,
-            mode,
-            bucket(names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
-        )
-        .await?;
-        let agents = ensure_bucket(
-            js,
-            mode,
-            bucket(
-                names.agents_bucket(),
-                "Flotilla: agent registry and heartbeats",
-                1,
-                Duration::from_secs(3600),
-            ),
-        )
-        .await?;
-        let capabilities = ensure_bucket(
-            js,
-            mode,
-            bucket(
-                names.capabilities_bucket(),
-                "Flotilla: capabilities declared by fleets",
-                1,
-                Duration::ZERO,
-            ),
-        )
-        .await?;
-        let memory = ensure_bucket(
-            js,
-            mode,
-            bucket(names.memory_bucket(), "Flotilla: agents' shared memory", 1, Duration::ZERO),
-        )
-        .await?;
-        let approvals = ensure_bucket(
-            js,
-            mode,
-            bucket(names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
-        )
-        .await?;
-        let leases = ensure_bucket(
-            js,
-            mode,
-            bucket(
-                names.leases_bucket(),
-                "Flotilla: leases of exclusive roles (the active dispatcher)",
-                1,
-                LEASES_MAX_AGE,
-            ),
-        )
-        .await?;
         Ok(Self { tasks, agents, capabilities, memory, approvals, leases, replicas: s.replicas })
     }
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use flotilla_agent_runner::{Config, FleetFile};
-use flotilla_service::bootstrap::{CommonArgs, Loaded, drain};
-use flotilla_service::{Mode, Service as _};
+use flotilla_service::Mode;
+use flotilla_service::bootstrap::{CommonArgs, Loaded, run_binary};
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-agent-runner", version, about = "Hosts Flotilla agents and runs their tasks")]
@@ -36,18 +36,18 @@ fn host_name() -> Option<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = flotilla_service::telemetry::init("flotilla-agent-runner", "info");
     let args = Args::parse();
-    let loaded = Loaded::load(&args.common)?;
-    let mut cfg: Config = loaded
-        .section("agent_runner", serde_json::json!({ "fleet": args.fleet, "runner_id": args.runner_id }))?;
-    let fleet_path = cfg.fleet.clone().context("no fleet file: pass --fleet or set FLOTILLA_FLEET")?;
-    let fleet_file = FleetFile::load(&fleet_path)?;
-    // Default runner id: the host name (stable across restarts of one container or machine).
-    let runner_id = cfg.runner_id.clone().or_else(|| loaded.common.instance.clone()).or_else(host_name);
-    let (fleet, topology) = loaded.connect("agent-runner", runner_id, Mode::Join).await?;
-    cfg.runner_id = Some(fleet.instance.clone());
-    let shutdown = flotilla_service::shutdown::on_signal();
-    flotilla_agent_runner::Runner::new(cfg, fleet_file)?.run(fleet.clone(), topology, shutdown).await?;
-    drain(&fleet).await
+    run_binary(&args.common, Mode::Join, async |loaded: &Loaded| {
+        let config: Config = loaded.section(
+            "agent_runner",
+            serde_json::json!({ "fleet": args.fleet, "runner_id": args.runner_id }),
+        )?;
+        let fleet_path = config.fleet.clone().context("no fleet file: pass --fleet or set FLOTILLA_FLEET")?;
+        let fleet_file = FleetFile::load(&fleet_path)?;
+        // Default runner id: the host name (stable across restarts of one container or machine).
+        let runner_id =
+            config.runner_id.clone().or_else(|| loaded.common.instance.clone()).or_else(host_name);
+        Ok((flotilla_agent_runner::Runner::new(config, fleet_file)?, runner_id))
+    })
+    .await
 }

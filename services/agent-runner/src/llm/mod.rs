@@ -31,6 +31,23 @@ pub struct ToolSpec {
     pub parameters: Value,
 }
 
+impl ToolSpec {
+    /// A tool whose arguments are an object of `properties` (a JSON Schema each, by name), of
+    /// which `required` must be given, and no other keys.
+    pub fn object(name: &str, description: &str, properties: Value, required: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": false
+            }),
+        }
+    }
+}
+
 /// A tool call the model made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {

@@ -58,17 +58,12 @@ struct MemoryGet;
 
 impl Tool for MemoryGet {
     fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "memory_get".into(),
-            description: "Read a value from the fleet's shared memory. Returns null when the key is not set."
-                .into(),
-            parameters: json!({
-                "type": "object",
-                "properties": { "key": { "type": "string", "description": "memory key" } },
-                "required": ["key"],
-                "additionalProperties": false
-            }),
-        }
+        ToolSpec::object(
+            "memory_get",
+            "Read a value from the fleet's shared memory. Returns null when the key is not set.",
+            json!({ "key": { "type": "string", "description": "memory key" } }),
+            &["key"],
+        )
     }
 
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
@@ -85,19 +80,15 @@ struct MemoryPut;
 
 impl Tool for MemoryPut {
     fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "memory_put".into(),
-            description: "Store a JSON value in the fleet's shared memory under a key.".into(),
-            parameters: json!({
-                "type": "object",
-                "properties": {
-                    "key": { "type": "string", "description": "memory key" },
-                    "value": { "description": "any JSON value" }
-                },
-                "required": ["key", "value"],
-                "additionalProperties": false
+        ToolSpec::object(
+            "memory_put",
+            "Store a JSON value in the fleet's shared memory under a key.",
+            json!({
+                "key": { "type": "string", "description": "memory key" },
+                "value": { "description": "any JSON value" }
             }),
-        }
+            &["key", "value"],
+        )
     }
 
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
@@ -119,16 +110,12 @@ struct MemoryList;
 
 impl Tool for MemoryList {
     fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "memory_list".into(),
-            description:
-                "List keys in the fleet's shared memory, optionally only those starting with a prefix.".into(),
-            parameters: json!({
-                "type": "object",
-                "properties": { "prefix": { "type": "string" } },
-                "additionalProperties": false
-            }),
-        }
+        ToolSpec::object(
+            "memory_list",
+            "List keys in the fleet's shared memory, optionally only those starting with a prefix.",
+            json!({ "prefix": { "type": "string" } }),
+            &[],
+        )
     }
 
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
@@ -157,19 +144,15 @@ struct Publish;
 
 impl Tool for Publish {
     fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "publish".into(),
-            description: "Publish a message to a topic other agents and services can subscribe to.".into(),
-            parameters: json!({
-                "type": "object",
-                "properties": {
-                    "topic": { "type": "string", "description": "topic name, e.g. alerts or build.status" },
-                    "message": { "description": "any JSON value" }
-                },
-                "required": ["topic", "message"],
-                "additionalProperties": false
+        ToolSpec::object(
+            "publish",
+            "Publish a message to a topic other agents and services can subscribe to.",
+            json!({
+                "topic": { "type": "string", "description": "topic name, e.g. alerts or build.status" },
+                "message": { "description": "any JSON value" }
             }),
-        }
+            &["topic", "message"],
+        )
     }
 
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
@@ -211,21 +194,16 @@ fn child_id(parent: &str, step: u32, index: usize) -> String {
 
 impl Tool for Delegate {
     fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "delegate".into(),
-            description:
-                "Hand a sub-task to another agent with the given capability and wait for its result.".into(),
-            parameters: json!({
-                "type": "object",
-                "properties": {
-                    "capability": { "type": "string" },
-                    "input": { "description": "the sub-task's input" },
-                    "budget_tokens": { "type": "integer", "minimum": 1 }
-                },
-                "required": ["capability", "input"],
-                "additionalProperties": false
+        ToolSpec::object(
+            "delegate",
+            "Hand a sub-task to another agent with the given capability and wait for its result.",
+            json!({
+                "capability": { "type": "string" },
+                "input": { "description": "the sub-task's input" },
+                "budget_tokens": { "type": "integer", "minimum": 1 }
             }),
-        }
+            &["capability", "input"],
+        )
     }
 
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
@@ -385,18 +363,13 @@ struct AskHuman;
 
 impl Tool for AskHuman {
     fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "ask_human".into(),
-            description: "Ask a human operator to approve the next action and wait for the answer. \
-                          A rejection ends the task."
-                .into(),
-            parameters: json!({
-                "type": "object",
-                "properties": { "question": { "type": "string", "description": "what to approve" } },
-                "required": ["question"],
-                "additionalProperties": false
-            }),
-        }
+        ToolSpec::object(
+            "ask_human",
+            "Ask a human operator to approve the next action and wait for the answer. \
+                          A rejection ends the task.",
+            json!({ "question": { "type": "string", "description": "what to approve" } }),
+            &["question"],
+        )
     }
 
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
@@ -477,22 +450,17 @@ struct SendMessage;
 
 impl Tool for SendMessage {
     fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "send_message".into(),
-            description: "Send a direct message to another agent by its id; optionally wait for its reply."
-                .into(),
-            parameters: json!({
-                "type": "object",
-                "properties": {
-                    "agent": { "type": "string", "description": "the receiving agent's id" },
-                    "message": { "description": "the message (text or JSON)" },
-                    "wait_reply": { "type": "boolean", "default": false },
-                    "timeout_s": { "type": "integer", "minimum": 1, "maximum": 600, "default": 60 }
-                },
-                "required": ["agent", "message"],
-                "additionalProperties": false
+        ToolSpec::object(
+            "send_message",
+            "Send a direct message to another agent by its id; optionally wait for its reply.",
+            json!({
+                "agent": { "type": "string", "description": "the receiving agent's id" },
+                "message": { "description": "the message (text or JSON)" },
+                "wait_reply": { "type": "boolean", "default": false },
+                "timeout_s": { "type": "integer", "minimum": 1, "maximum": 600, "default": 60 }
             }),
-        }
+            &["agent", "message"],
+        )
     }
 
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
