@@ -12,11 +12,24 @@ use std::time::Duration;
 use crate::support::*;
 use flotilla_agent_runner::llm::ToolSpec;
 use flotilla_agent_runner::tools::{Registry, Tool, ToolCtx, ToolError};
-use flotilla_protocol::{TaskState, TaskSubmission, WireFormat};
-use flotilla_service::StreamSettings;
+use flotilla_protocol::{TaskState, TaskSubmission};
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
+
+/// A fleet file of one `openai` agent `name` serving `chat` on the stub, with `more` settings.
+fn stub_agent(name: &str, stub: &StubLlm, more: &str) -> String {
+    format!(
+        "[[agent]]\nname = \"{name}\"\ncapabilities = [\"chat\"]\nprovider = \"openai\"\nmodel = \"stub-model\"\n\
+         base_url = \"{}\"\n{more}",
+        stub.openai_base()
+    )
+}
+
+/// A `chat` task.
+fn chat(id: &str, input: Value) -> TaskSubmission {
+    TaskSubmission { id: Some(id.into()), capability: "chat".into(), input, ..Default::default() }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tool_using_task_runs_through_an_openai_compatible_provider() {
@@ -31,22 +44,9 @@ async fn a_tool_using_task_runs_through_an_openai_compatible_provider() {
         Reply::openai_text("done: hello", 60, 5),
     ])
     .await;
-    let fleet = format!(
-        "[[agent]]\nname = \"assistant\"\ncapabilities = [\"chat\"]\nprovider = \"openai\"\nmodel = \"stub-model\"\n\
-         base_url = \"{}\"\nsystem_prompt = \"Use the memory.\"\ntools = [\"memory_get\", \"memory_put\"]\n",
-        stub.openai_base()
-    );
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
-    sys.start_runner("r1", &fleet).await;
-    sys.wait_for_agents("r1", 1).await;
-    sys.submit(&TaskSubmission {
-        id: Some("remember".into()),
-        capability: "chat".into(),
-        input: json!("remember hello"),
-        ..Default::default()
-    })
-    .await;
+    let tools = "system_prompt = \"Use the memory.\"\ntools = [\"memory_get\", \"memory_put\"]\n";
+    let sys = System::with_runner("r1", &stub_agent("assistant", &stub, tools), 1).await;
+    sys.submit(&chat("remember", json!("remember hello"))).await;
     let events = sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
     let done = events.iter().find(|e| e.kind == "completed").unwrap();
     assert_eq!(done.output.as_ref().unwrap()["answer"], "done: hello");
@@ -93,22 +93,9 @@ async fn a_slow_streamed_answer_is_published_as_partial_text_before_completion()
         Reply::openai_stream_text(&chunk_refs, 70, 16).paced(Duration::from_millis(120)),
     ])
     .await;
-    let fleet = format!(
-        "[[agent]]\nname = \"streamer\"\ncapabilities = [\"chat\"]\nprovider = \"openai\"\nmodel = \"stub-model\"\n\
-         base_url = \"{}\"\ntools = [\"memory_put\"]\nstream_interval = \"300ms\"\n",
-        stub.openai_base()
-    );
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
-    sys.start_runner("r1", &fleet).await;
-    sys.wait_for_agents("r1", 1).await;
-    sys.submit(&TaskSubmission {
-        id: Some("live".into()),
-        capability: "chat".into(),
-        input: json!("tell a long story"),
-        ..Default::default()
-    })
-    .await;
+    let more = "tools = [\"memory_put\"]\nstream_interval = \"300ms\"\n";
+    let sys = System::with_runner("r1", &stub_agent("streamer", &stub, more), 1).await;
+    sys.submit(&chat("live", json!("tell a long story"))).await;
     let events = sys.wait_for_kind("completed", 1, Duration::from_secs(30)).await;
     let done_at = events.iter().position(|e| e.kind == "completed").unwrap();
     let done = &events[done_at];
@@ -169,10 +156,7 @@ async fn a_parent_delegates_to_two_children_that_use_tools() {
             ] } }
         })
     };
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
-    sys.start_runner("r1", fleet).await;
-    sys.wait_for_agents("r1", 3).await;
+    let sys = System::with_runner("r1", fleet, 3).await;
     sys.submit(&TaskSubmission {
         id: Some("parent".into()),
         capability: "plan".into(),
@@ -268,8 +252,7 @@ async fn a_panicking_tool_fails_only_its_attempt_which_is_retried() {
                  [[agent]]\nname = \"steady\"\ncapabilities = [\"work\"]\nconcurrency = 2\n";
     let mut registry = Registry::with_builtins().unwrap();
     registry.add(Arc::new(Flaky::default())).unwrap();
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner_with_tools("r1", fleet, registry).await;
     sys.wait_for_agents("r1", 2).await;
     sys.submit(&TaskSubmission {
@@ -301,10 +284,7 @@ async fn a_panicking_tool_fails_only_its_attempt_which_is_retried() {
 async fn agents_message_each_other_directly() {
     let fleet = "[[agent]]\nname = \"asker\"\ncapabilities = [\"ask\"]\ntools = [\"send_message\"]\n\n\
                  [[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\n";
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
-    sys.start_runner("r1", fleet).await;
-    sys.wait_for_agents("r1", 2).await;
+    let sys = System::with_runner("r1", fleet, 2).await;
     sys.submit(&TaskSubmission {
         id: Some("chatty".into()),
         capability: "ask".into(),

@@ -45,8 +45,7 @@ async fn a_plain_json_task_from_nats_py_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn json_without_a_content_type_header_is_understood() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("r1", &worker_fleet(1, 2)).await;
     sys.wait_for_agents("r1", 1).await;
     sys.submit_raw(br#"{"id": "no-header", "capability": "work", "input": "plain"}"#.to_vec(), None).await;
@@ -58,8 +57,7 @@ async fn json_without_a_content_type_header_is_understood() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_py_cancels_a_running_task_with_one_json_request() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("rpy", &worker_fleet(1, 1)).await;
     sys.wait_for_agents("rpy", 1).await;
     let long = flotilla_protocol::TaskSubmission {

@@ -7,8 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::*;
-use flotilla_protocol::{AgentRecord, AgentState, TaskState, TaskSubmission, WireFormat, decode};
-use flotilla_service::StreamSettings;
+use flotilla_protocol::{AgentRecord, AgentState, TaskState, TaskSubmission, decode};
 use flotilla_testkit::bin;
 use serde_json::json;
 
@@ -35,8 +34,7 @@ fn flotilla(url: &str, args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn approve_completes_and_reject_fails_with_the_comment() {
     let fleet = "[[agent]]\nname = \"operator\"\ncapabilities = [\"ops\"]\ntools = [\"ask_human\"]\nconcurrency = 2\n";
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("r1", fleet).await;
     sys.wait_for_agents("r1", 1).await;
     let url = sys.server.url().to_owned();

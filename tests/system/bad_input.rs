@@ -105,8 +105,7 @@ async fn each_bad_input_is_rejected_and_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bad_copy_of_an_existing_task_is_a_duplicate_not_a_rejection() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("r1", &worker_fleet(1, 2)).await;
     sys.wait_for_agents("r1", 1).await;
     let good = TaskSubmission { id: Some("keep-me".into()), capability: "work".into(), ..Default::default() };
@@ -134,8 +133,7 @@ async fn a_bad_copy_of_an_existing_task_is_a_duplicate_not_a_rejection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_fields_are_accepted_with_a_warning() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("r1", &worker_fleet(1, 2)).await;
     sys.wait_for_agents("r1", 1).await;
     sys.submit_raw(

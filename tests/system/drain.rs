@@ -9,30 +9,15 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::support::*;
-use flotilla_protocol::{TaskSubmission, WireFormat};
-use flotilla_service::StreamSettings;
-
-fn slow(id: String, ms: u64) -> TaskSubmission {
-    TaskSubmission {
-        id: Some(id),
-        capability: "work".into(),
-        input: serde_json::json!({ "text": "slow", "_offline": { "sleep_ms": ms } }),
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_loses_nothing_and_runs_nothing_twice() {
     const N: usize = 24;
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let sys = System::with_dispatcher().await;
     let fleet = worker_fleet(2, 2);
-    let mut a = sys.spawn_runner_process("ra", &fleet);
-    let _b = sys.spawn_runner_process("rb", &fleet);
-    sys.wait_for_agents("ra", 2).await;
-    sys.wait_for_agents("rb", 2).await;
+    let (mut a, _b) = sys.two_runner_processes(&fleet, 2).await;
     for i in 0..N {
-        sys.submit(&slow(format!("d{i:02}"), 4000)).await;
+        sys.submit(&sleeping(format!("d{i:02}"), 4000)).await;
     }
     // Once ra is busy, ask it to stop. The tasks take 4 s, well inside the 10 s drain grace
     // but longer than the 1.4 s it takes the dispatcher to call a silent agent lost here.
@@ -93,18 +78,17 @@ async fn sigterm_under_load_loses_nothing_and_runs_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dispatcher_restart_rebuilds_from_nats_and_requeues_nothing_healthy() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("r1", &worker_fleet(2, 2)).await;
     sys.wait_for_agents("r1", 2).await;
     for i in 0..4 {
-        sys.submit(&slow(format!("before-{i}"), 3000)).await;
+        sys.submit(&sleeping(format!("before-{i}"), 3000)).await;
     }
     sys.wait_for_kind("started", 4, Duration::from_secs(20)).await;
     sys.stop_dispatchers().await;
     // While no dispatcher runs, submissions wait in the stream.
     for i in 0..6 {
-        sys.submit(&slow(format!("during-{i}"), 100)).await;
+        sys.submit(&sleeping(format!("during-{i}"), 100)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     sys.start_dispatcher(dispatcher_config()).await;

@@ -64,15 +64,6 @@ async fn two_dispatchers(sys: &System, ttl: &str) -> HashMap<String, ChildProces
     HashMap::from([("d1".to_owned(), d1), ("d2".to_owned(), d2)])
 }
 
-fn work(id: String, sleep_ms: u64) -> TaskSubmission {
-    TaskSubmission {
-        id: Some(id),
-        capability: "work".into(),
-        input: serde_json::json!({ "text": "failover", "_offline": { "sleep_ms": sleep_ms } }),
-        ..Default::default()
-    }
-}
-
 /// Publishes all submissions, then collects the acks.
 async fn submit_all(sys: &System, subs: &[TaskSubmission]) {
     let mut acks = Vec::with_capacity(subs.len());
@@ -102,12 +93,9 @@ async fn kill_9_of_the_active_dispatcher_under_load_hands_over_within_5s_and_run
     // The default lease TTL (3 s): the acceptance asks for a standby within 5 s.
     let mut dispatchers = two_dispatchers(&sys, "3s").await;
     let fleet = worker_fleet(2, 8);
-    let _a = sys.spawn_runner_process("ra", &fleet);
-    let _b = sys.spawn_runner_process("rb", &fleet);
-    sys.wait_for_agents("ra", 2).await;
-    sys.wait_for_agents("rb", 2).await;
+    let _runners = sys.two_runner_processes(&fleet, 2).await;
 
-    let subs: Vec<TaskSubmission> = (0..N).map(|i| work(format!("f{i:04}"), 20)).collect();
+    let subs: Vec<TaskSubmission> = (0..N).map(|i| sleeping(format!("f{i:04}"), 20)).collect();
     submit_all(&sys, &subs).await;
 
     // Kill the active dispatcher while tasks are in flight.
@@ -191,7 +179,7 @@ async fn of_two_dispatchers_exactly_one_schedules() {
     let _dispatchers = two_dispatchers(&sys, "1s").await;
     sys.start_runner("r1", &worker_fleet(2, 4)).await;
     sys.wait_for_agents("r1", 2).await;
-    let subs: Vec<TaskSubmission> = (0..N).map(|i| work(format!("one-{i:02}"), 10)).collect();
+    let subs: Vec<TaskSubmission> = (0..N).map(|i| sleeping(format!("one-{i:02}"), 10)).collect();
     submit_all(&sys, &subs).await;
     let events = sys.wait_for_kind("completed", N, Duration::from_secs(60)).await;
     assert!(count_by_task(&events, "completed").values().all(|&n| n == 1));
@@ -241,7 +229,7 @@ async fn sigterm_of_the_active_dispatcher_hands_over_at_once() {
     assert_eq!(code, Some(0), "the stopped dispatcher exits 0");
 
     // The new active dispatcher schedules.
-    let subs: Vec<TaskSubmission> = (0..5).map(|i| work(format!("after-{i}"), 10)).collect();
+    let subs: Vec<TaskSubmission> = (0..5).map(|i| sleeping(format!("after-{i}"), 10)).collect();
     submit_all(&sys, &subs).await;
     let events = sys.wait_for_kind("completed", 5, Duration::from_secs(30)).await;
     assert!(events.iter().filter(|e| e.kind == "assigned").count() >= 5);

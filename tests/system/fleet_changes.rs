@@ -17,19 +17,13 @@ async fn agent_ids(sys: &System) -> HashSet<String> {
 }
 
 fn slow(i: usize) -> TaskSubmission {
-    TaskSubmission {
-        id: Some(format!("fc-{i:03}")),
-        capability: "work".into(),
-        input: serde_json::json!({ "text": format!("task {i}"), "_offline": { "sleep_ms": 300 } }),
-        ..Default::default()
-    }
+    sleeping(format!("fc-{i:03}"), 300)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_are_spawned_and_stopped_at_runtime_without_losing_work() {
     const N: usize = 40;
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("ra", &worker_fleet(1, 2)).await;
     sys.wait_for_agents("ra", 1).await;
     let url = sys.server.url().to_owned();

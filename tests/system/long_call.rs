@@ -6,8 +6,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use flotilla_protocol::{TaskSubmission, WireFormat};
-use flotilla_service::StreamSettings;
+use flotilla_protocol::TaskSubmission;
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -20,8 +19,7 @@ async fn a_ninety_second_call_completes_once_without_redelivery() {
          base_url = \"{}\"\nrequest_timeout = \"120s\"\n",
         stub.openai_base()
     );
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("r1", &fleet).await; // ack wait 30 s, the default
     sys.wait_for_agents("r1", 1).await;
     sys.submit(&TaskSubmission {

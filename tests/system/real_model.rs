@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use flotilla_protocol::{TaskState, TaskSubmission, Usage, WireFormat};
-use flotilla_service::StreamSettings;
+use flotilla_protocol::{TaskState, TaskSubmission, Usage};
 use flotilla_testkit::local_llm::{LocalLlm, UsageProxy};
 use futures::StreamExt as _;
 
@@ -36,8 +35,7 @@ async fn a_real_model_calls_a_tool_and_its_usage_matches_what_the_server_reporte
     let llm = tokio::task::spawn_blocking(LocalLlm::start).await.unwrap().expect("the local model starts");
     let proxy = UsageProxy::start(&llm.base_url).await.unwrap();
 
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("rm", &keeper_fleet(&proxy.base_url())).await;
     sys.wait_for_agents("rm", 1).await;
 

@@ -8,10 +8,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use flotilla_protocol::{
-    DeadLetter, DurationSpec, TaskEvent, TaskRecord, TaskState, TaskSubmission, WireFormat, codec,
-};
-use flotilla_service::StreamSettings;
+use flotilla_protocol::{DeadLetter, DurationSpec, TaskEvent, TaskRecord, TaskState, TaskSubmission, codec};
 use flotilla_testkit::{bin, eventually};
 
 /// Builds the CLI before the clock starts (the first `bin` call of a test process runs cargo).
@@ -32,8 +29,7 @@ fn task(id: &str, offline: serde_json::Value, max_attempts: Option<u32>) -> Task
 /// A fleet with a dispatcher and one runner `runner` hosting one agent that runs one task at a
 /// time.
 async fn fleet(runner: &str) -> System {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner(runner, &worker_fleet(1, 1)).await;
     sys.wait_for_agents(runner, 1).await;
     sys

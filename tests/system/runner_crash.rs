@@ -7,28 +7,17 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::support::*;
-use flotilla_protocol::{TaskSubmission, WireFormat};
-use flotilla_service::StreamSettings;
+use flotilla_protocol::TaskSubmission;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tasks_of_a_killed_runner_complete_once_on_the_other() {
     const N: usize = 60;
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let sys = System::with_dispatcher().await;
     let fleet = worker_fleet(2, 3);
-    let mut a = sys.spawn_runner_process("ra", &fleet);
-    let _b = sys.spawn_runner_process("rb", &fleet);
-    sys.wait_for_agents("ra", 2).await;
-    sys.wait_for_agents("rb", 2).await;
+    let (mut a, _b) = sys.two_runner_processes(&fleet, 2).await;
 
     for i in 0..N {
-        let sub = TaskSubmission {
-            id: Some(format!("slow-{i:03}")),
-            capability: "work".into(),
-            input: serde_json::json!({ "text": format!("slow {i}"), "_offline": { "sleep_ms": 400 } }),
-            ..Default::default()
-        };
-        sys.submit(&sub).await;
+        sys.submit(&sleeping(format!("slow-{i:03}"), 400)).await;
     }
 
     // Kill ra while it is running tasks.

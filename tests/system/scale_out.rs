@@ -8,18 +8,13 @@ use std::time::Duration;
 
 use crate::support::*;
 use flotilla_protocol::{TaskState, TaskSubmission, WireFormat, codec, headers};
-use flotilla_service::StreamSettings;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_tasks_across_two_runner_processes_complete_exactly_once() {
     const N: usize = 1000;
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let sys = System::with_dispatcher().await;
     let fleet = worker_fleet(2, 8);
-    let _a = sys.spawn_runner_process("ra", &fleet);
-    let _b = sys.spawn_runner_process("rb", &fleet);
-    sys.wait_for_agents("ra", 2).await;
-    sys.wait_for_agents("rb", 2).await;
+    let _runners = sys.two_runner_processes(&fleet, 2).await;
 
     // Publish all submissions at once, then collect the acks.
     let mut acks = Vec::with_capacity(N);

@@ -30,8 +30,7 @@ fn position(events: &[TaskEvent], task: &str, kind: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_interactive_task_overtakes_a_saturating_batch_flood() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("rp", &worker_fleet(2, 2)).await;
     sys.wait_for_agents("rp", 2).await;
     for i in 0..500 {
@@ -123,8 +122,7 @@ async fn weighted_tenants_get_token_shares_by_weight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_context_stays_on_its_agent_while_it_keeps_up_and_moves_when_it_is_busy() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("ra", &worker_fleet(3, 2)).await;
     sys.wait_for_agents("ra", 3).await;
     let keyed = |id: String, sleep_ms: u64| TaskSubmission {

@@ -52,6 +52,17 @@ pub fn runner_config(id: &str) -> flotilla_agent_runner::Config {
     }
 }
 
+/// A task of capability `work` whose offline model takes `sleep_ms` to answer.
+pub fn sleeping(id: impl Into<String>, sleep_ms: u64) -> TaskSubmission {
+    let id = id.into();
+    TaskSubmission {
+        input: serde_json::json!({ "text": id, "_offline": { "sleep_ms": sleep_ms } }),
+        id: Some(id),
+        capability: "work".into(),
+        ..Default::default()
+    }
+}
+
 /// One template `worker` serving `work`, `replicas` agents of `concurrency` each.
 pub fn worker_fleet(replicas: u32, concurrency: u32) -> String {
     format!(
@@ -63,6 +74,22 @@ pub fn worker_fleet(replicas: u32, concurrency: u32) -> String {
 impl System {
     pub async fn start(settings: StreamSettings, format: WireFormat) -> Self {
         Self::start_on(Arc::new(NatsServer::start()), "flotilla", settings, format).await
+    }
+
+    /// A fleet (MessagePack, default settings) with a dispatcher.
+    pub async fn with_dispatcher() -> Self {
+        let mut sys = Self::start(StreamSettings::default(), WireFormat::Msgpack).await;
+        sys.start_dispatcher(dispatcher_config()).await;
+        sys
+    }
+
+    /// A fleet (MessagePack, default settings) with a dispatcher and one in-process runner `id`
+    /// hosting `fleet_toml`, once `agents` of its agents heartbeat.
+    pub async fn with_runner(id: &str, fleet_toml: &str, agents: usize) -> Self {
+        let mut sys = Self::with_dispatcher().await;
+        sys.start_runner(id, fleet_toml).await;
+        sys.wait_for_agents(id, agents).await;
+        sys
     }
 
     /// A fleet under `prefix` on an existing server (several fleets may share one).
@@ -130,6 +157,20 @@ impl System {
         let runner = flotilla_agent_runner::Runner::new(config, file).unwrap().with_tools(registry);
         let handle = self.local.spawn(id, runner).await.unwrap();
         self.runners.insert(id.to_owned(), handle);
+    }
+
+    /// Two runners `ra` and `rb` as separate processes hosting `fleet_toml`, once `agents` agents
+    /// of each heartbeat.
+    pub async fn two_runner_processes(
+        &self,
+        fleet_toml: &str,
+        agents: usize,
+    ) -> (ChildProcess, ChildProcess) {
+        let (a, b) =
+            (self.spawn_runner_process("ra", fleet_toml), self.spawn_runner_process("rb", fleet_toml));
+        self.wait_for_agents("ra", agents).await;
+        self.wait_for_agents("rb", agents).await;
+        (a, b)
     }
 
     /// A runner as a separate `flotilla-agent-runner` process.

@@ -8,13 +8,11 @@ use std::time::Duration;
 use crate::support::*;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
-use flotilla_service::StreamSettings;
 use futures::StreamExt as _;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_event_of_a_task_carries_the_clients_trace() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(dispatcher_config()).await;
+    let mut sys = System::with_dispatcher().await;
     sys.start_runner("r1", &worker_fleet(1, 2)).await;
     sys.wait_for_agents("r1", 1).await;
 

@@ -23,6 +23,15 @@ fn positive(report: &serde_json::Value, path: &str) {
     assert!(x > 0.0, "{path} = {x}");
 }
 
+/// Asserts every figure of each (section, names) is a positive number: `/<section>/<name>`.
+fn positive_figures(report: &serde_json::Value, figures: &[(&str, &[&str])]) {
+    for (section, names) in figures {
+        for name in *names {
+            positive(report, &format!("/{section}/{name}"));
+        }
+    }
+}
+
 #[test]
 fn bench_runner_reports_memory_and_step_overhead() {
     let _runner = bin("flotilla-agent-runner"); // the bench starts it from next to `flotilla-bench`
@@ -39,37 +48,32 @@ fn bench_dispatcher_reports_every_figure() {
     let _runner = bin("flotilla-agent-runner"); // the bench starts two from next to `flotilla-bench`
     let started = std::time::Instant::now();
     let report = bench(&["dispatcher", "--quick", "--json"]);
-    let positive = |path: &str| positive(&report, path);
-    for path in [
-        "/raw/publish/per_s",
-        "/raw/publish/in_flight",
-        "/raw/pipeline/per_s",
-        "/raw/pipeline/in_flight",
-        "/throughput/per_s",
-        "/throughput/vs_pipeline",
-        "/throughput/server_msgs_in_per_task",
-        "/throughput/stored_per_task/total",
-        "/latency/rate_per_s",
-        "/latency/started_p50_ms",
-        "/latency/started_p99_ms",
-        "/latency/completed_p50_ms",
-        "/latency/completed_p99_ms",
-        "/latency/stages_p50_ms/submit_to_started",
-        "/latency/stages_p50_ms/started_to_completed",
-        "/scheduler/decision_p50_us",
-        "/scheduler/decision_p99_us",
-        "/scheduler/decision_max_us",
-        "/scheduler/enqueue_per_s",
-        "/scheduler/core_bytes_per_task",
-        "/scheduler/record_cache_bytes_per_task",
-        "/scheduler/core_and_cache_bytes_per_task",
-        "/profile/throughput/submission/wall_p50_us",
-        "/profile/throughput/assign/wall_p50_us",
-        "/profile/throughput/assign/open_on_average",
-        "/round_trips/total",
-    ] {
-        positive(path);
-    }
+    positive_figures(
+        &report,
+        &[
+            ("raw", &["publish/per_s", "publish/in_flight", "pipeline/per_s", "pipeline/in_flight"]),
+            ("throughput", &["per_s", "vs_pipeline", "server_msgs_in_per_task", "stored_per_task/total"]),
+            ("latency", &["rate_per_s", "started_p50_ms", "started_p99_ms", "completed_p50_ms"]),
+            (
+                "latency",
+                &[
+                    "completed_p99_ms",
+                    "stages_p50_ms/submit_to_started",
+                    "stages_p50_ms/started_to_completed",
+                ],
+            ),
+            ("scheduler", &["decision_p50_us", "decision_p99_us", "decision_max_us", "enqueue_per_s"]),
+            (
+                "scheduler",
+                &["core_bytes_per_task", "record_cache_bytes_per_task", "core_and_cache_bytes_per_task"],
+            ),
+            (
+                "profile/throughput",
+                &["submission/wall_p50_us", "assign/wall_p50_us", "assign/open_on_average"],
+            ),
+            ("round_trips", &["total"]),
+        ],
+    );
     assert_eq!(report["throughput"]["tasks"], 100);
     assert_eq!(report["scheduler"]["queued"], 20_000);
     assert_eq!(report["setup"]["runner_mode"], "processes");
@@ -107,24 +111,23 @@ fn bench_dispatcher_with_budgets_reports_ledger_entries() {
 fn bench_budget_reports_reservations_next_to_raw_compare_and_swap() {
     let started = std::time::Instant::now();
     let report = bench(&["budget", "--quick", "--json"]);
-    let positive = |path: &str| positive(&report, path);
-    for path in [
-        "/raw/sequential_cas/per_s",
-        "/raw/sequential_read_cas/per_s",
-        "/raw/concurrent_cas/per_s",
-        "/raw/concurrent_cas/p50_ms",
-        "/hot/reserve/per_s",
-        "/hot/reserve/p99_ms",
-        "/hot/reserve/keeper_rounds",
-        "/hot/reserve/requests_per_round",
-        "/hot/reserve_commit/per_s",
-        "/hot/vs_sequential_cas",
-        "/spread/reserve/per_s",
-        "/spread/reserve_commit/per_s",
-        "/spread/vs_concurrent_cas",
-    ] {
-        positive(path);
-    }
+    positive_figures(
+        &report,
+        &[
+            (
+                "raw",
+                &[
+                    "sequential_cas/per_s",
+                    "sequential_read_cas/per_s",
+                    "concurrent_cas/per_s",
+                    "concurrent_cas/p50_ms",
+                ],
+            ),
+            ("hot/reserve", &["per_s", "p99_ms", "keeper_rounds", "requests_per_round"]),
+            ("hot", &["reserve_commit/per_s", "vs_sequential_cas"]),
+            ("spread", &["reserve/per_s", "reserve_commit/per_s", "vs_concurrent_cas"]),
+        ],
+    );
     assert_eq!(report["setup"]["budgets"], 1000);
     assert_eq!(report["hot"]["reserve"]["ops"], 1000);
     assert_eq!(report["spread"]["reserve_commit"]["ops"], 500);

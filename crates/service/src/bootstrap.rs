@@ -86,3 +86,32 @@ where
     service.run(fleet.clone(), topology, shutdown).await?;
     drain(&fleet).await
 }
+
+/// The flags of a service binary that takes only the common ones.
+#[derive(Debug, clap::Parser)]
+struct CommonOnly {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// `main` of a service binary with no flags of its own (`--help` shows its `name` and what it
+/// does, `about`): its settings are the `[section]` of the configuration, from which `make` builds
+/// the service.
+pub async fn run_plain<S, C>(
+    (name, about): (&'static str, &'static str),
+    section: &str,
+    mode: Mode,
+    make: impl FnOnce(C) -> S,
+) -> anyhow::Result<()>
+where
+    S: Service,
+    C: DeserializeOwned + Serialize + Default,
+{
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let command = CommonOnly::command().name(name).about(about).version(env!("CARGO_PKG_VERSION"));
+    let args = CommonOnly::from_arg_matches(&command.get_matches()).map_err(|e| e.exit())?;
+    run_binary(&args.common, mode, async |loaded: &Loaded| {
+        Ok((make(loaded.section(section, serde_json::json!({}))?), None))
+    })
+    .await
+}

@@ -1,23 +1,16 @@
 //! `flotilla-budget-keeper`: loads config, connects, and runs the budget-keeper until SIGINT or
 //! SIGTERM.
 
-use clap::Parser;
 use flotilla_service::Mode;
-use flotilla_service::bootstrap::{CommonArgs, Loaded, run_binary};
-
-#[derive(Debug, Parser)]
-#[command(name = "flotilla-budget-keeper", version, about = "Flotilla token budgets")]
-struct Args {
-    #[command(flatten)]
-    common: CommonArgs,
-}
+use flotilla_service::bootstrap::run_plain;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    run_binary(&args.common, Mode::Join, async |loaded: &Loaded| {
-        let config = loaded.section("budget_keeper", serde_json::json!({}))?;
-        Ok((flotilla_budget_keeper::BudgetKeeper::new(config), None))
-    })
+    run_plain(
+        ("flotilla-budget-keeper", "Flotilla token budgets"),
+        "budget_keeper",
+        Mode::Join,
+        flotilla_budget_keeper::BudgetKeeper::new,
+    )
     .await
 }
