@@ -84,7 +84,8 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
     if let BudgetCommand::Ledger { scope, follow } = &args.command {
         return ledger(cli, scope.as_deref(), *follow).await;
     }
-    let (client, _js, names) = connect(cli).await?;
+    let fleet = connect(cli).await?;
+    let (client, names) = (&fleet.client, &fleet.names);
     let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let (op, req) = match &args.command {
         BudgetCommand::Set { scope, tokens, window, policy, warn_at } => (
@@ -201,7 +202,8 @@ fn print_rate(r: &RateStatus) {
 async fn ledger(cli: &Cli, scope: Option<&str>, follow: bool) -> Result<(), Failure> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull};
     use futures::StreamExt as _;
-    let (_client, js, names) = connect(cli).await?;
+    let fleet = connect(cli).await?;
+    let (js, names) = (&fleet.js, &fleet.names);
     let mut stream = js.get_stream(names.ledger_stream()).await.map_err(|e| {
         Failure::new(exit::NOT_FOUND, anyhow::anyhow!("no ledger stream {}: {e}", names.ledger_stream()))
     })?;

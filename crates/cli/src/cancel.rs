@@ -12,9 +12,10 @@ use crate::{Cli, Failure, exit, output};
 
 #[tracing::instrument(skip(cli, reason))]
 pub async fn cancel(cli: &Cli, id: &str, reason: Option<&str>) -> Result<(), Failure> {
-    let (client, _js, names) = connect(cli).await?;
+    let fleet = connect(cli).await?;
     let req = CancelRequest { task_id: id.to_owned(), reason: reason.map(str::to_owned) };
-    let reply: CancelReply = request(&client, names.dispatcher_cancel(), "active dispatcher", &req).await?;
+    let reply: CancelReply =
+        request(&fleet, fleet.names.dispatcher_cancel(), "active dispatcher", &req).await?;
     if let Some(e) = reply.error {
         let code = match e.code.as_str() {
             cancel_code::NOT_FOUND => exit::NOT_FOUND,

@@ -4,12 +4,14 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull};
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull, kv};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
     Approval, ApprovalStatus, DurationSpec, Names, Prefix, Priority, TaskEvent, TaskRecord, TaskSubmission,
-    WireFormat, codec, headers,
+    WireFormat,
 };
+use flotilla_service::Fleet;
+use flotilla_service::nats::decode_payload;
 use futures::StreamExt as _;
 
 use crate::{Cli, Failure, exit, output};
@@ -69,8 +71,10 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected name=value, got {s:?}"))
 }
 
-/// Connects to the fleet named by the CLI flags.
-pub async fn connect(cli: &Cli) -> Result<(async_nats::Client, jetstream::Context, Names), Failure> {
+/// Connects to the fleet named by the CLI flags, through the same [`Fleet`] handle the services
+/// use (so what the CLI publishes carries trace context too). Fails at once (exit 5) when NATS
+/// cannot be reached, rather than retrying as a service does.
+pub async fn connect(cli: &Cli) -> Result<Fleet, Failure> {
     let names = Names::new(Prefix::new(cli.prefix.clone()).map_err(|e| Failure::new(2, e))?);
     let url = cli
         .nats_url
@@ -86,35 +90,40 @@ pub async fn connect(cli: &Cli) -> Result<(async_nats::Client, jetstream::Contex
         .await
         .with_context(|| format!("cannot reach NATS at {url} (is `flotilla up` running? set --nats-url)"))
         .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
-    let js = jetstream::new(client.clone());
-    Ok((client, js, names))
+    Ok(Fleet::new(client, names, WireFormat::Msgpack, "cli".to_owned()))
 }
 
-/// Asks `subject` (answered by `who`, e.g. "active dispatcher") with `req` in MessagePack and
-/// decodes the answer: exit 4 when nobody answers within 10 s, 5 when nobody listens.
+/// A bucket of the fleet, or exit 5 saying that it does not exist (no Flotilla service has run
+/// against this NATS).
+pub async fn bucket(fleet: &Fleet, name: String) -> Result<kv::Store, Failure> {
+    fleet
+        .js
+        .get_key_value(&name)
+        .await
+        .with_context(|| format!("the bucket {name} does not exist"))
+        .map_err(Failure::from)
+}
+
+/// Asks `subject` (answered by `who`, e.g. "active dispatcher") with `req` and decodes the
+/// answer: exit 4 when nobody answers within 10 s, 5 when nobody listens.
 pub async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
-    client: &async_nats::Client,
+    fleet: &Fleet,
     subject: String,
     who: &str,
     req: &Req,
 ) -> Result<Rep, Failure> {
-    let body = codec::encode(WireFormat::Msgpack, req).context("failed to encode the request")?;
-    let mut hdrs = async_nats::HeaderMap::new();
-    hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
-    let msg = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request_with_headers(subject.clone(), hdrs, body.into()),
-    )
-    .await
-    .map_err(|_| Failure::new(exit::TIMEOUT, anyhow::anyhow!("the {who} did not answer within 10 s")))?
-    .map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => {
-            Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("no {who} answers on {subject}"))
-        }
-        _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("request to the {who} failed: {e}")),
-    })?;
-    let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
-    Ok(codec::decode(ct.as_deref(), &msg.payload)
+    let body = fleet.encode(req).context("failed to encode the request")?;
+    let asked = fleet.client.request_with_headers(subject.clone(), fleet.headers(None), body);
+    let msg = tokio::time::timeout(Duration::from_secs(10), asked)
+        .await
+        .map_err(|_| Failure::new(exit::TIMEOUT, anyhow::anyhow!("the {who} did not answer within 10 s")))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => {
+                Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("no {who} answers on {subject}"))
+            }
+            _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("request to the {who} failed: {e}")),
+        })?;
+    Ok(decode_payload(msg.headers.as_ref(), &msg.payload)
         .with_context(|| format!("unreadable answer from the {who}"))?)
 }
 
@@ -127,15 +136,15 @@ fn parse_input(raw: Option<&str>) -> serde_json::Value {
 
 /// Opens an ordered consumer on the events of one task (or all), from the start or from now.
 pub async fn follow(
-    js: &jetstream::Context,
-    names: &Names,
+    fleet: &Fleet,
     task: Option<&str>,
     from_start: bool,
 ) -> anyhow::Result<jetstream::consumer::pull::Ordered> {
-    let stream = js
-        .get_stream(names.events_stream())
-        .await
-        .context("the fleet's event stream does not exist (has a Flotilla service run against this NATS?)")?;
+    let names = &fleet.names;
+    let stream =
+        fleet.js.get_stream(names.events_stream()).await.context(
+            "the fleet's event stream does not exist (has a Flotilla service run against this NATS?)",
+        )?;
     let filter = task.map_or_else(|| names.task_events_all(), |t| names.task_events_of(t));
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -150,8 +159,7 @@ pub async fn follow(
 
 /// Decodes an event message.
 pub fn decode_event(m: &async_nats::jetstream::Message) -> Option<TaskEvent> {
-    let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_owned());
-    codec::decode(ct.as_deref(), &m.payload).ok()
+    decode_payload(m.headers.as_ref(), &m.payload).ok()
 }
 
 pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
@@ -176,16 +184,13 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
         labels: args.labels.iter().cloned().collect(),
         max_attempts: args.max_attempts,
     };
-    let (client, js, names) = connect(cli).await?;
-    let events = if args.wait { Some(follow(&js, &names, Some(&id), true).await?) } else { None };
-    let mut hdrs = async_nats::HeaderMap::new();
-    hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
-    hdrs.insert(headers::NATS_MSG_ID, id.as_str());
-    let payload = codec::encode(WireFormat::Msgpack, &sub).context("failed to encode the task")?;
-    let ack = js
-        .publish_with_headers(names.submit_subject(), hdrs, payload.into())
+    let fleet = connect(cli).await?;
+    let events = if args.wait { Some(follow(&fleet, Some(&id), true).await?) } else { None };
+    let ack = fleet
+        .send_durable(fleet.names.submit_subject(), &sub, Some(&id))
         .await
         .context("failed to submit")?
+        .acked()
         .await
         .context("the submissions stream did not accept the task")?;
     let Some(mut events) = events else {
@@ -225,7 +230,7 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
             } else if let Some(o) = &ev.output {
                 println!("{}", serde_json::to_string_pretty(o).context("failed to render output")?);
             }
-            client.flush().await.ok();
+            fleet.client.flush().await.ok();
             return if ev.kind == event_kind::COMPLETED {
                 Ok(())
             } else {
@@ -237,13 +242,12 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
 }
 
 pub async fn status(cli: &Cli, id: &str) -> Result<(), Failure> {
-    let (_client, js, names) = connect(cli).await?;
-    let store = js.get_key_value(names.tasks_bucket()).await.context("the tasks bucket does not exist")?;
-    let entry = store.get(id).await.context("failed to read the task")?;
-    let Some(bytes) = entry else {
+    let fleet = connect(cli).await?;
+    let store = bucket(&fleet, fleet.names.tasks_bucket()).await?;
+    let Some((rec, _)) = fleet.kv_get::<TaskRecord>(&store, id).await.context("failed to read the task")?
+    else {
         return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("no task {id}")));
     };
-    let rec: TaskRecord = codec::decode(None, &bytes).context("unreadable task record")?;
     if cli.json {
         println!("{}", serde_json::to_string(&rec).context("failed to render")?);
     } else {
@@ -253,8 +257,8 @@ pub async fn status(cli: &Cli, id: &str) -> Result<(), Failure> {
 }
 
 pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<(), Failure> {
-    let (_client, js, names) = connect(cli).await?;
-    let mut events = follow(&js, &names, args.task.as_deref(), args.from_start).await?;
+    let fleet = connect(cli).await?;
+    let mut events = follow(&fleet, args.task.as_deref(), args.from_start).await?;
     let stop = flotilla_service::shutdown::wait_for_signal();
     tokio::pin!(stop);
     loop {
@@ -277,14 +281,14 @@ pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<(), Failure> {
 /// Approves or rejects a task's pending approval request (a revision-checked update, so two
 /// operators cannot both decide).
 pub async fn decide(cli: &Cli, id: &str, approve: bool, comment: Option<String>) -> Result<(), Failure> {
-    let (_client, js, names) = connect(cli).await?;
-    let store =
-        js.get_key_value(names.approvals_bucket()).await.context("the approvals bucket does not exist")?;
+    let fleet = connect(cli).await?;
+    let store = bucket(&fleet, fleet.names.approvals_bucket()).await?;
     for _ in 0..5 {
-        let Some(entry) = store.entry(id).await.context("failed to read the approval request")? else {
+        let Some((mut a, rev)) =
+            fleet.kv_get::<Approval>(&store, id).await.context("failed to read the approval request")?
+        else {
             return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("task {id} has no approval request")));
         };
-        let mut a: Approval = codec::decode(None, &entry.value).context("unreadable approval request")?;
         if a.status != ApprovalStatus::Pending {
             return Err(Failure::new(
                 exit::TASK_FAILED,
@@ -294,8 +298,7 @@ pub async fn decide(cli: &Cli, id: &str, approve: bool, comment: Option<String>)
         a.status = if approve { ApprovalStatus::Approved } else { ApprovalStatus::Rejected };
         a.comment = comment.clone();
         a.decided_at_ms = Some(flotilla_protocol::time::now_ms());
-        let bytes = codec::encode(WireFormat::Msgpack, &a).context("failed to encode")?;
-        match store.update(id, bytes.into(), entry.revision).await {
+        match fleet.kv_update(&store, id, &a, rev).await {
             Ok(_) => {
                 if cli.json {
                     println!("{}", serde_json::to_string(&a).context("failed to render")?);
@@ -304,7 +307,7 @@ pub async fn decide(cli: &Cli, id: &str, approve: bool, comment: Option<String>)
                 }
                 return Ok(());
             }
-            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) if e.is_conflict() => continue,
             Err(e) => {
                 return Err(Failure::new(
                     exit::UNAVAILABLE,

@@ -4,15 +4,12 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream;
 use flotilla_protocol::names::runner_op;
-use flotilla_protocol::{
-    AgentRecord, AgentStatus, FleetChangeReply, Names, ScaleRequest, StopAgentRequest, WireFormat, codec,
-    headers,
-};
+use flotilla_protocol::{AgentRecord, AgentStatus, FleetChangeReply, ScaleRequest, StopAgentRequest, codec};
+use flotilla_service::Fleet;
 use futures::StreamExt as _;
 
-use crate::client::connect;
+use crate::client::{bucket, connect, request};
 use crate::{Cli, Failure, exit, output};
 
 #[derive(Debug, clap::Args)]
@@ -72,8 +69,8 @@ pub async fn run(cli: &Cli, args: &AgentsArgs) -> Result<(), Failure> {
     }
 }
 
-async fn registered(js: &jetstream::Context, names: &Names) -> Result<Vec<AgentRecord>, Failure> {
-    let store = js.get_key_value(names.agents_bucket()).await.context("the agents bucket does not exist")?;
+async fn registered(fleet: &Fleet) -> Result<Vec<AgentRecord>, Failure> {
+    let store = bucket(fleet, fleet.names.agents_bucket()).await?;
     let mut keys = store.keys().await.context("failed to list agents")?;
     let mut list: Vec<AgentRecord> = Vec::new();
     while let Some(k) = keys.next().await {
@@ -89,8 +86,8 @@ async fn registered(js: &jetstream::Context, names: &Names) -> Result<Vec<AgentR
 }
 
 async fn list(cli: &Cli) -> Result<(), Failure> {
-    let (_client, js, names) = connect(cli).await?;
-    let list = registered(&js, &names).await?;
+    let fleet = connect(cli).await?;
+    let list = registered(&fleet).await?;
     if cli.json {
         println!("{}", serde_json::to_string(&list).context("failed to render")?);
     } else if list.is_empty() {
@@ -114,8 +111,8 @@ fn active_by_runner(list: &[AgentRecord], template: &str) -> std::collections::B
 }
 
 async fn spawn(cli: &Cli, template: &str, n: u32, runner: Option<&str>) -> Result<(), Failure> {
-    let (client, js, names) = connect(cli).await?;
-    let list = registered(&js, &names).await?;
+    let fleet = connect(cli).await?;
+    let list = registered(&fleet).await?;
     let counts = active_by_runner(&list, template);
     let (runner, current) = match runner {
         Some(r) => (r.to_owned(), counts.get(r).copied().unwrap_or(0)),
@@ -134,16 +131,16 @@ async fn spawn(cli: &Cli, template: &str, n: u32, runner: Option<&str>) -> Resul
     };
     let req =
         ScaleRequest { template: template.to_owned(), replicas: current.saturating_add(n), autoscale: false };
-    let reply = request(&client, &names, &runner, runner_op::SCALE, &req).await?;
+    let reply = change(&fleet, &runner, runner_op::SCALE, &req).await?;
     show(cli, &reply)
 }
 
 async fn scale(cli: &Cli, template: &str, replicas: u32, runner: Option<&str>) -> Result<(), Failure> {
-    let (client, js, names) = connect(cli).await?;
+    let fleet = connect(cli).await?;
     let runner = match runner {
         Some(r) => r.to_owned(),
         None => {
-            let counts = active_by_runner(&registered(&js, &names).await?, template);
+            let counts = active_by_runner(&registered(&fleet).await?, template);
             let mut runners = counts.keys();
             match (runners.next(), runners.next()) {
                 (Some(r), None) => r.clone(),
@@ -168,21 +165,20 @@ async fn scale(cli: &Cli, template: &str, replicas: u32, runner: Option<&str>) -
         }
     };
     let req = ScaleRequest { template: template.to_owned(), replicas, autoscale: false };
-    let reply = request(&client, &names, &runner, runner_op::SCALE, &req).await?;
+    let reply = change(&fleet, &runner, runner_op::SCALE, &req).await?;
     show(cli, &reply)
 }
 
 async fn stop(cli: &Cli, agent: &str, wait: bool, wait_timeout: Duration) -> Result<(), Failure> {
-    let (client, js, names) = connect(cli).await?;
-    let store = js.get_key_value(names.agents_bucket()).await.context("the agents bucket does not exist")?;
-    let rec = match store.get(agent).await.context("failed to read the agent")? {
-        Some(v) => codec::decode::<AgentRecord>(None, &v).context("unreadable agent record")?,
-        None => {
-            return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("no registered agent {agent:?}")));
-        }
+    let fleet = connect(cli).await?;
+    let store = bucket(&fleet, fleet.names.agents_bucket()).await?;
+    let Some((rec, _)) =
+        fleet.kv_get::<AgentRecord>(&store, agent).await.context("failed to read the agent")?
+    else {
+        return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("no registered agent {agent:?}")));
     };
     let req = StopAgentRequest { agent_id: agent.to_owned() };
-    let reply = request(&client, &names, &rec.runner_id, runner_op::STOP, &req).await?;
+    let reply = change(&fleet, &rec.runner_id, runner_op::STOP, &req).await?;
     show(cli, &reply)?;
     if wait {
         let t0 = std::time::Instant::now();
@@ -202,32 +198,15 @@ async fn stop(cli: &Cli, agent: &str, wait: bool, wait_timeout: Duration) -> Res
     Ok(())
 }
 
-async fn request<T: serde::Serialize>(
-    client: &async_nats::Client,
-    names: &Names,
+/// Asks `runner` to change its fleet (`op`: scale or stop); its error answers map to exit codes.
+async fn change<T: serde::Serialize>(
+    fleet: &Fleet,
     runner: &str,
     op: &str,
     body: &T,
 ) -> Result<FleetChangeReply, Failure> {
-    let payload = codec::encode(WireFormat::Msgpack, body).context("failed to encode the request")?;
-    let mut hdrs = async_nats::HeaderMap::new();
-    hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
-    let subject = names.runner_control(runner, op);
-    let msg = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request_with_headers(subject.clone(), hdrs, payload.into()),
-    )
-    .await
-    .map_err(|_| Failure::new(exit::TIMEOUT, anyhow::anyhow!("runner {runner} did not answer within 10 s")))?
-    .map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => Failure::new(
-            exit::UNAVAILABLE,
-            anyhow::anyhow!("runner {runner} is not running (no one listens on {subject})"),
-        ),
-        _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("request to runner {runner} failed: {e}")),
-    })?;
-    let reply: FleetChangeReply =
-        codec::decode(None, &msg.payload).context("unreadable reply from the runner")?;
+    let subject = fleet.names.runner_control(runner, op);
+    let reply: FleetChangeReply = request(fleet, subject, &format!("runner {runner}"), body).await?;
     if let Some(e) = &reply.error {
         let code = match e.code.as_str() {
             "unknown_template" | "unknown_agent" => exit::NOT_FOUND,

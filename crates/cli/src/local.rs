@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use flotilla_local::{FleetConfig, FleetFile, LocalFleet, LocalNats, ServerConfig};
 use flotilla_protocol::names::event_kind;
-use flotilla_protocol::{TaskSubmission, WireFormat, codec, headers};
+use flotilla_protocol::{TaskSubmission, headers};
+use flotilla_service::Fleet;
 use futures::StreamExt as _;
 
 use crate::{Cli, Failure, client, exit, output};
@@ -158,7 +159,7 @@ pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let (local, monitor_addr) =
         start(cli, fleet_file.clone(), data_dir, None, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let result = run_demo(cli, args, local.url(), monitor_addr, &fleet_file).await;
+    let result = run_demo(cli, args, local.fleet(), monitor_addr, &fleet_file).await;
     let stopped = stop(local).await;
     result?;
     stopped.map_err(|e| Failure::new(exit::UNAVAILABLE, e))
@@ -167,19 +168,11 @@ pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
 async fn run_demo(
     cli: &Cli,
     args: &DemoArgs,
-    url: &str,
+    fleet: &Fleet,
     monitor_addr: SocketAddr,
     fleet_file: &FleetFile,
 ) -> Result<(), Failure> {
-    let cli_for_demo = Cli {
-        nats_url: Some(url.to_owned()),
-        prefix: cli.prefix.clone(),
-        config: None,
-        json: cli.json,
-        command: crate::Command::Agents(crate::fleet::AgentsArgs { action: None }),
-    };
-    let (_client, js, names) = client::connect(&cli_for_demo).await?;
-    let agents_bucket = js.get_key_value(names.agents_bucket()).await.context("no agents bucket")?;
+    let agents_bucket = client::bucket(fleet, fleet.names.agents_bucket()).await?;
     let expected_agents: u32 = fleet_file.agents.iter().map(|a| a.replicas).sum();
     // Wait until the runner has registered its agents.
     let t0 = Instant::now();
@@ -203,10 +196,8 @@ async fn run_demo(
         args.llm_url.as_ref().map(|u| format!(" (model server {u})")).unwrap_or_default(),
         n_tasks
     );
-    let mut events = client::follow(&js, &names, None, false).await?;
+    let mut events = client::follow(fleet, None, false).await?;
     let started = Instant::now();
-    let mut hdrs = async_nats::HeaderMap::new();
-    hdrs.insert(headers::CONTENT_TYPE, WireFormat::Msgpack.content_type());
     for i in 0..n_tasks {
         let (cap, text) = match LLM_DEMO_TASKS.get(i % LLM_DEMO_TASKS.len()) {
             Some((cap, text)) if real_model && caps.iter().any(|c| c == cap) => ((*cap).to_owned(), *text),
@@ -221,20 +212,17 @@ async fn run_demo(
             input: serde_json::json!({ "text": text }),
             ..Default::default()
         };
-        let payload = codec::encode(WireFormat::Msgpack, &sub).context("failed to encode")?;
-        js.publish_with_headers(names.submit_subject(), hdrs.clone(), payload.into())
-            .await
-            .context("failed to submit")?
-            .await
-            .context("submission not stored")?;
+        fleet.publish_durable(fleet.names.submit_subject(), &sub, None).await.context("failed to submit")?;
     }
     // Two bad submissions, to show that they are rejected with a reason and nothing stalls.
-    let mut json = async_nats::HeaderMap::new();
+    let mut json = fleet.headers(None);
     json.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
     for bad in
         [&br#"{"capability": "translate.klingon", "id": "demo-bad-capability"}"#[..], &b"{not json"[..]]
     {
-        js.publish_with_headers(names.submit_subject(), json.clone(), bad.to_vec().into())
+        fleet
+            .js
+            .publish_with_headers(fleet.names.submit_subject(), json.clone(), bad.to_vec().into())
             .await
             .context("failed to submit")?
             .await

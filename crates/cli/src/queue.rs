@@ -23,9 +23,10 @@ fn secs(ms: u64) -> String {
 }
 
 pub async fn run(cli: &Cli, args: &QueueArgs) -> Result<(), Failure> {
-    let (client, _js, names) = connect(cli).await?;
+    let fleet = connect(cli).await?;
     let req = QueueRequest { limit: Some(args.limit) };
-    let report: QueueReport = request(&client, names.dispatcher_queue(), "active dispatcher", &req).await?;
+    let report: QueueReport =
+        request(&fleet, fleet.names.dispatcher_queue(), "active dispatcher", &req).await?;
     if cli.json {
         println!("{}", serde_json::to_string(&report).context("failed to render")?);
         return Ok(());

@@ -126,8 +126,14 @@ impl Pending {
     /// Waits until the stream has stored the message. A message refused because its subject
     /// already holds one (`Nats-Expected-Last-Subject-Sequence`) is [`FleetError::Exists`].
     pub async fn confirmed(self) -> Result<(), FleetError> {
+        self.acked().await.map(drop)
+    }
+
+    /// Like [`Self::confirmed`], with the stream's ack (stream, sequence, whether it was a
+    /// duplicate).
+    pub async fn acked(self) -> Result<jetstream::publish::PublishAck, FleetError> {
         match self.ack.await {
-            Ok(_) => Ok(()),
+            Ok(ack) => Ok(ack),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 Err(FleetError::Exists { key: self.subject })
             }
