@@ -1,15 +1,14 @@
-//! The budget service: `reserve`, `commit`, `release`, `set`, `show`, `carve`, `close`, `rate`,
-//! `backoff` and `price` on `<p>.budget.<op>` (a NATS micro service, `flotilla-budget`),
-//! answered from the [`Ledger`] by the keeper that holds the lease ([`crate::leader`]). Every
-//! change is recorded in the ledger stream, fenced by the stream's last sequence, and stored
-//! before it is answered; on taking the lease the ledger is rebuilt by replaying that stream.
-//! Requests that arrive together are decided together and their entries written together (one
-//! round trip for the batch), which is what lets one hot budget take more reservations per
-//! second than there are round trips. A reservation that needs a permit of a rate limit with
-//! none free waits here, in priority order, until one is (or answers `rate_limited` after
-//! [`MAX_WAIT`]).
+//! The budget service: the operations of [`BudgetOp`] on `<p>.budget.<op>` (a NATS micro
+//! service, `flotilla-budget`), each request decoded once into a [`BudgetCommand`] and answered
+//! from the [`Ledger`] by the keeper that holds the lease ([`crate::leader`]). Every change is
+//! recorded in the ledger stream, fenced by the stream's last sequence, and stored before it is
+//! answered; on taking the lease the ledger is rebuilt by replaying that stream. Requests that
+//! arrive together are decided together and their entries written together (one round trip for
+//! the batch), which is what lets one hot budget take more reservations per second than there
+//! are round trips. A reservation that needs a permit of a rate limit with none free waits here,
+//! in priority order, until one is (or answers `rate_limited` after [`MAX_WAIT`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -20,7 +19,9 @@ use async_nats::service::ServiceExt as _;
 use async_nats::service::endpoint::Endpoint;
 use bytes::Bytes;
 use flotilla_protocol::{
-    BudgetReply, BudgetRequest, BudgetStatus, ErrorInfo, LedgerEntry, Priority, RateStatus, WireFormat,
+    BackoffRequest, BudgetCommand, BudgetEvent, BudgetOp, BudgetOperation, BudgetReply, BudgetStatus,
+    CarveRequest, CloseRequest, CommitRequest, ErrorInfo, Expiry, LedgerChange, LedgerEntry, PriceRequest,
+    Priority, RateRequest, RateStatus, ReleaseRequest, ReserveRequest, SetRequest, ShowRequest, WireFormat,
     codec, headers, time::now_ms,
 };
 use flotilla_service::Fleet;
@@ -30,21 +31,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::ledger::{
-    Alert, End, Grant, Ledger, Limit, Policy, Price, Refusal, Reserve, Rules, UNLIMITED, Window, is_default,
+    Alert, AlertKind, End, Grant, Ledger, Limit, Policy, Price, Refusal, Reserve, Rules, UNLIMITED, Window,
+    is_default,
 };
+use crate::snapshot::Snapshot;
 
-/// Operations the service answers.
-pub const OPS: [&str; 10] =
-    ["reserve", "commit", "release", "set", "show", "carve", "close", "rate", "backoff", "price"];
 /// Most requests decided in one batch.
 const BATCH: usize = 512;
-/// How long an ended reservation is remembered for repeated operations.
-const REMEMBER_MS: u64 = 15 * 60 * 1000;
-/// Lease of a reservation whose request names none.
-const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
-/// Longest a reservation waits here for a rate permit before it is answered `rate_limited` (the
-/// caller asks again; a NATS request should not wait much longer).
-pub const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How often waiting reservations are looked at again.
 const WAIT_POLL: Duration = Duration::from_millis(25);
 
@@ -63,6 +56,16 @@ impl Default for Settings {
     }
 }
 
+/// How long an ended reservation is remembered for repeated operations.
+const REMEMBER_MS: u64 = 15 * 60 * 1000;
+
+/// Lease of a reservation whose request names none.
+const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
+/// Longest pause a provider's 429 may impose: a bogus hint must not stop the fleet for long.
+const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
+/// Window of a rate limit whose request names none.
+const DEFAULT_RATE_WINDOW_MS: u64 = 60_000;
+
 /// Rebuilds the ledger: the last snapshot (if any, and usable), then the ledger stream's entries
 /// after it, in order. Returns the ledger with the stream's last sequence. An entry whose replayed
 /// answer differs from the recorded one is logged (it would mean the replay is not faithful).
@@ -72,17 +75,7 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::
         fleet.js.get_stream(fleet.names.ledger_stream()).await.context("failed to open the ledger stream")?;
     let state = stream.info().await.context("failed to read the ledger stream")?.state.clone();
     let (first, last) = (state.first_sequence, state.last_sequence);
-    let snap = match snapshots {
-        None => None,
-        Some(store) => match crate::snapshot::load(store).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "ledger snapshot unusable; replaying the whole ledger");
-                None
-            }
-        },
-    };
-    let (mut ledger, from) = match snap {
+    let (mut ledger, from) = match load_snapshot(snapshots).await {
         // A snapshot from beyond the stream's end belongs to another stream: not used.
         Some(s) if s.seq <= last => (s.ledger, s.seq),
         _ => (Ledger::new(REMEMBER_MS), 0),
@@ -112,13 +105,12 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
         match codec::decode::<LedgerEntry>(None, &msg.payload) {
             Ok(e) => {
-                let (reply, _) = apply(&mut ledger, &e.op, &e.request, e.at_ms);
-                if reply != e.reply
-                    && !matches!(e.op.as_str(), "expire" | "warning" | "exhausted" | "refilled")
+                if let Some(reply) = apply_entry(&mut ledger, &e)
+                    && reply != e.reply
                 {
                     differ += 1;
                     if differ <= 10 {
-                        tracing::error!(seq, op = %e.op, recorded = ?e.reply, replayed = ?reply, "replayed answer differs");
+                        tracing::error!(seq, op = %e.op(), recorded = ?e.reply, replayed = ?reply, "replayed answer differs");
                     }
                 }
             }
@@ -137,6 +129,41 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::
         tracing::error!(differ, "the replay answered differently from the live keeper");
     }
     Ok((ledger, last))
+}
+
+/// The last snapshot, if there is one and it can be read (else the whole ledger is replayed).
+async fn load_snapshot(snapshots: Option<&ObjectStore>) -> Option<Snapshot> {
+    match crate::snapshot::load(snapshots?).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "ledger snapshot unusable; replaying the whole ledger");
+            None
+        }
+    }
+}
+
+/// Applies one recorded change at its time. Returns the answer a command gets now, to compare
+/// with the recorded one; `None` for an expiry and the budget events (recorded for auditors,
+/// nothing to answer).
+pub fn apply_entry(ledger: &mut Ledger, entry: &LedgerEntry) -> Option<BudgetReply> {
+    let at = entry.at_ms;
+    let (reply, _changed) = match &entry.change {
+        LedgerChange::Reserve(r) => reserve(ledger, r, at),
+        LedgerChange::Commit(r) => commit(ledger, r, at),
+        LedgerChange::Release(r) => release(ledger, r, at),
+        LedgerChange::Set(r) => set(ledger, r, at),
+        LedgerChange::Carve(r) => carve(ledger, r, at),
+        LedgerChange::Close(r) => close(ledger, r, at),
+        LedgerChange::Rate(r) => rate(ledger, r, at),
+        LedgerChange::Backoff(r) => backoff(ledger, r, at),
+        LedgerChange::Price(r) => price(ledger, r),
+        LedgerChange::Expire(e) => {
+            expire(ledger, e, at);
+            return None;
+        }
+        LedgerChange::Warning(_) | LedgerChange::Exhausted(_) | LedgerChange::Refilled(_) => return None,
+    };
+    Some(reply)
 }
 
 /// Serves budget requests while this keeper holds the lease, until `shutdown`.
@@ -178,9 +205,16 @@ pub async fn serve(
     }
 }
 
-/// A request waiting for a rate permit.
+/// Longest a reservation waits here for a rate permit before it is answered `rate_limited` (the
+/// caller asks again; a NATS request should not wait much longer).
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+/// How long a place in line waits for its caller to ask again.
+const PLACE_KEPT: Duration = Duration::from_secs(1);
+
+/// A reservation waiting for a rate permit.
 struct Waiter {
-    item: Item,
+    caller: Caller,
+    request: ReserveRequest,
     priority: Priority,
     since: Instant,
     order: u64,
@@ -197,23 +231,20 @@ struct Place {
     until: Instant,
 }
 
-/// How long a place in line waits for its caller to ask again.
-const PLACE_KEPT: Duration = Duration::from_secs(1);
-
-/// One request: its operation, the request itself, its decoded body and its wire format.
-struct Item {
-    op: &'static str,
-    req: async_nats::service::Request,
-    body: Result<BudgetRequest, BudgetReply>,
-    format: WireFormat,
-}
-
 /// A decided request, its answer and the entry that records it.
 struct Decided {
-    req: async_nats::service::Request,
+    caller: Caller,
     reply: BudgetReply,
     entry: Option<LedgerEntry>,
-    format: WireFormat,
+}
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error("another budget-keeper wrote to the ledger")]
+    Fenced,
+    #[error("the ledger could not be rebuilt after a failed write: {0}")]
+    Rebuild(String),
 }
 
 /// The active keeper's state.
@@ -232,15 +263,6 @@ struct Keeper<'a> {
     order: u64,
 }
 
-/// Why serving stopped.
-#[derive(Debug, thiserror::Error)]
-enum Stop {
-    #[error("another budget-keeper wrote to the ledger")]
-    Fenced,
-    #[error("the ledger could not be rebuilt after a failed write: {0}")]
-    Rebuild(String),
-}
-
 async fn serve_as_leader(
     fleet: &Fleet,
     snapshots: &ObjectStore,
@@ -255,35 +277,24 @@ async fn serve_as_leader(
         took_ms = started.elapsed().as_millis(),
         "active budget-keeper: ledger rebuilt"
     );
-    let mut keeper = Keeper {
-        fleet,
-        snapshots,
-        snapshot_every: settings.snapshot_every,
-        snapshot_seq: last_seq,
-        saving: None,
-        ledger,
-        last_seq,
-        waiters: Vec::new(),
-        places: Vec::new(),
-        order: 0,
-    };
+    let mut keeper = Keeper::new(fleet, snapshots, settings.snapshot_every, ledger, last_seq);
     let svc = fleet
         .client
         .service_builder()
-        .description(
-            "Flotilla budgets: reserve, commit, release, set, show, carve, close, rate, backoff, price",
-        )
+        .description(format!(
+            "Flotilla budgets: {}",
+            BudgetOp::ALL.iter().map(|op| op.as_str()).collect::<Vec<_>>().join(", ")
+        ))
         .start("flotilla-budget", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("failed to start the budget micro service: {e}"))?;
-    let mut endpoints: Vec<
-        futures::stream::BoxStream<'static, (&'static str, async_nats::service::Request)>,
-    > = Vec::new();
-    for op in OPS {
+    let mut endpoints: Vec<futures::stream::BoxStream<'static, (BudgetOp, async_nats::service::Request)>> =
+        Vec::new();
+    for &op in BudgetOp::ALL {
         let ep: Endpoint = svc
             .endpoint_builder()
-            .name(op)
-            .add(fleet.names.budget_subject(op))
+            .name(op.as_str())
+            .add(fleet.names.budget_subject(op.as_str()))
             .await
             .map_err(|e| anyhow::anyhow!("failed to add the {op} endpoint: {e}"))?;
         endpoints.push(ep.map(move |r| (op, r)).boxed());
@@ -303,7 +314,7 @@ async fn serve_as_leader(
                 }
                 continue;
             }
-            _ = poll.tick(), if !keeper.waiters.is_empty() || !keeper.places.is_empty() => {
+            _ = poll.tick(), if keeper.has_waiting() => {
                 if let Err(e) = keeper.round(Vec::new(), false).await {
                     break Err(e);
                 }
@@ -318,27 +329,59 @@ async fn serve_as_leader(
                 _ => break,
             }
         }
-        let items = batch
-            .into_iter()
-            .filter(|(op, req)| {
-                let ok = reply_allowed(req.message.reply.as_deref().unwrap_or_default(), &own);
-                if !ok {
-                    tracing::warn!(op, reply = ?req.message.reply, "request with a reply subject into the fleet's own or the system's subjects dropped");
-                }
-                ok
-            })
-            .map(|(op, req)| item(op, req))
-            .collect();
+        let items = batch.into_iter().filter_map(|(op, req)| receive(op, req, &own)).collect();
         if let Err(e) = keeper.round(items, false).await {
             break Err(e);
         }
     };
     // Stop taking requests before anything else: a standby answers them from now on.
     let _ = svc.stop().await;
-    for w in std::mem::take(&mut keeper.waiters) {
-        respond(w.item.req, w.item.format, refused("unavailable", "the budget-keeper is handing over")).await;
-    }
+    keeper.hand_over().await;
     result.map_err(anyhow::Error::from)
+}
+
+/// Who asked, and how to answer them.
+struct Caller {
+    request: async_nats::service::Request,
+    format: WireFormat,
+}
+
+/// A request as received: who asked, and the command they asked for (or the refusal to answer
+/// them with: the payload was no such request).
+struct Incoming {
+    pub caller: Caller,
+    pub command: Result<BudgetCommand, BudgetReply>,
+}
+
+/// Takes a request of `op` in: `None` (dropped, with a warning) when its reply subject is one the
+/// keeper must not write to (see [`reply_allowed`]), else the request decoded.
+#[tracing::instrument(level = "debug", skip_all, fields(op = %op))]
+fn receive(op: BudgetOp, request: async_nats::service::Request, own_prefix: &str) -> Option<Incoming> {
+    if !reply_allowed(request.message.reply.as_deref().unwrap_or_default(), own_prefix) {
+        tracing::warn!(
+            op = %op,
+            reply = ?request.message.reply,
+            "request with a reply subject into the fleet's own or the system's subjects dropped"
+        );
+        return None;
+    }
+    let ct = request
+        .message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CONTENT_TYPE))
+        .map(|v| v.as_str().to_owned());
+    let format = if codec::is_json(ct.as_deref(), &request.message.payload) {
+        WireFormat::Json
+    } else {
+        WireFormat::Msgpack
+    };
+    let command = BudgetCommand::decode(op, ct.as_deref(), &request.message.payload)
+        .map_err(|error| BudgetReply { error: Some(error), ..Default::default() });
+    if let Err(reply) = &command {
+        tracing::debug!(error = ?reply.error, "budget request refused undecoded");
+    }
+    Some(Incoming { caller: Caller { request, format }, command })
 }
 
 /// A reply may not go where it would be stored or acted on: the fleet's own subjects (its
@@ -350,29 +393,58 @@ fn reply_allowed(reply: &str, own_prefix: &str) -> bool {
         && !["$JS.", "$KV.", "$O.", "$SRV.", "$SYS.", "$JSC."].iter().any(|p| reply.starts_with(p))
 }
 
-fn item(op: &'static str, req: async_nats::service::Request) -> Item {
-    let ct = req
-        .message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned());
-    let format = if codec::is_json(ct.as_deref(), &req.message.payload) {
-        WireFormat::Json
-    } else {
-        WireFormat::Msgpack
-    };
-    let body = codec::decode::<BudgetRequest>(ct.as_deref(), &req.message.payload)
-        .map_err(|e| refused(e.reason.code(), e.message));
-    Item { op, req, body, format }
+impl Caller {
+    /// Answers, in the format the request came in.
+    async fn answer(self, reply: BudgetReply) {
+        let body = codec::encode(self.format, &reply)
+            .map(Bytes::from)
+            .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
+        if let Err(e) = self.request.respond(body).instrument(tracing::debug_span!("respond")).await {
+            tracing::debug!(error = %e, "failed to answer a budget request");
+        }
+    }
 }
 
-impl Keeper<'_> {
+/// The entry recording a decided command, if it changed the ledger.
+fn entry_of(command: BudgetCommand, changed: bool, at_ms: u64, reply: &BudgetReply) -> Option<LedgerEntry> {
+    let change = command.into_change().filter(|_| changed)?;
+    Some(LedgerEntry { change, at_ms, reply: reply.clone() })
+}
+
+impl<'a> Keeper<'a> {
+    /// A keeper with the `ledger` rebuilt up to the ledger stream's entry `last_seq`.
+    fn new(
+        fleet: &'a Fleet,
+        snapshots: &'a ObjectStore,
+        snapshot_every: u64,
+        ledger: Ledger,
+        last_seq: u64,
+    ) -> Self {
+        Self {
+            fleet,
+            snapshots,
+            snapshot_every,
+            snapshot_seq: last_seq,
+            saving: None,
+            ledger,
+            last_seq,
+            waiters: Vec::new(),
+            places: Vec::new(),
+            order: 0,
+        }
+    }
+
+    /// True while reservations wait for permits or places in line are kept (then the waiters
+    /// are looked at often).
+    fn has_waiting(&self) -> bool {
+        !self.waiters.is_empty() || !self.places.is_empty()
+    }
+
     /// One round: decides the new requests (a reservation that must wait for a rate permit
     /// joins the waiters), then the waiters in priority order, expires leases when `expire`,
     /// writes every change (and budget event) in one go, and answers.
     #[tracing::instrument(skip_all, fields(new = items.len(), waiting = self.waiters.len()))]
-    async fn round(&mut self, items: Vec<Item>, expire: bool) -> Result<(), Stop> {
+    async fn round(&mut self, items: Vec<Incoming>, expire: bool) -> Result<(), Stop> {
         let now = now_ms();
         let mut decided: Vec<Decided> = Vec::with_capacity(items.len());
         let mut entries_only: Vec<LedgerEntry> = Vec::new();
@@ -381,53 +453,48 @@ impl Keeper<'_> {
         let waiting: HashSet<String> = self
             .waiters
             .iter()
-            .filter_map(|w| w.item.body.as_ref().ok())
-            .flat_map(|b| b.rates.clone())
+            .flat_map(|w| w.request.rates.clone())
             .chain(self.places.iter().filter(|p| p.until > Instant::now()).flat_map(|p| p.rates.clone()))
             .collect();
-        for it in items {
-            let body = match &it.body {
-                Ok(b) => b,
+        for Incoming { caller, command } in items {
+            let command = match command {
+                Ok(c) => c,
                 Err(reply) => {
-                    let reply = reply.clone();
-                    decided.push(Decided { req: it.req, reply, entry: None, format: it.format });
+                    decided.push(Decided { caller, reply, entry: None });
                     continue;
                 }
             };
-            // (A reservation asked again that already holds its permit is answered at once.)
-            let holds = body.id.as_deref().is_some_and(|id| self.ledger.is_open(id));
-            if it.op == "reserve" && !holds && body.rates.iter().any(|r| waiting.contains(r)) {
-                self.wait(it);
-                continue;
-            }
-            let (mut reply, changed) = apply(&mut self.ledger, it.op, body, now);
-            if is_code(&reply, "rate_limited") {
-                self.wait(it);
+            let command = match command {
+                // (A reservation asked again that already holds its permit is answered at once.)
+                BudgetCommand::Reserve(r)
+                    if !self.ledger.is_open(&r.id) && r.rates.iter().any(|k| waiting.contains(k)) =>
+                {
+                    self.wait(caller, r);
+                    continue;
+                }
+                other => other,
+            };
+            let (mut reply, changed) = apply(&mut self.ledger, &command, now);
+            if is_code(&reply, "rate_limited")
+                && let BudgetCommand::Reserve(r) = command
+            {
+                self.wait(caller, r);
                 continue;
             }
             if let Some(rate) = reply.rate.as_mut() {
-                rate.waiting = self
-                    .waiters
-                    .iter()
-                    .filter(|w| w.item.body.as_ref().is_ok_and(|b| b.rates.contains(&rate.rate)))
-                    .count() as u64;
+                rate.waiting =
+                    self.waiters.iter().filter(|w| w.request.rates.contains(&rate.rate)).count() as u64;
             }
-            let entry = changed.then(|| LedgerEntry {
-                op: it.op.to_owned(),
-                at_ms: now,
-                request: body.clone(),
-                reply: reply.clone(),
-            });
-            decided.push(Decided { req: it.req, reply, entry, format: it.format });
+            let entry = entry_of(command, changed, now, &reply);
+            decided.push(Decided { caller, reply, entry });
         }
         self.decide_waiters(now, &mut decided);
         if expire {
             for id in self.ledger.expire(now) {
                 tracing::info!(reservation = %id, "reservation lease ran out; tokens released");
                 entries_only.push(LedgerEntry {
-                    op: "expire".to_owned(),
+                    change: LedgerChange::Expire(Expiry { id }),
                     at_ms: now,
-                    request: BudgetRequest { id: Some(id), ..Default::default() },
                     reply: BudgetReply::default(),
                 });
             }
@@ -438,6 +505,13 @@ impl Keeper<'_> {
         self.record_and_answer(decided, entries_only).await?;
         self.snapshot_if_due();
         Ok(())
+    }
+
+    /// Answers every waiter `unavailable` (the keeper is handing over to another).
+    async fn hand_over(&mut self) {
+        for w in std::mem::take(&mut self.waiters) {
+            w.caller.answer(refused("unavailable", "the budget-keeper is handing over")).await;
+        }
     }
 
     /// Saves a snapshot (in the background, one at a time) once enough entries came after the
@@ -458,24 +532,18 @@ impl Keeper<'_> {
         }));
     }
 
-    fn wait(&mut self, item: Item) {
-        let priority = item.body.as_ref().ok().and_then(|b| b.priority).unwrap_or_default();
-        let id = item.body.as_ref().ok().and_then(|b| b.id.clone());
+    fn wait(&mut self, caller: Caller, request: ReserveRequest) {
+        let priority = request.priority.unwrap_or_default();
         // The same reservation asked again while it waits (its caller timed out): the newer
         // request takes the older one's place; the older one's caller is gone.
-        if let Some(id) = &id
-            && let Some(w) = self
-                .waiters
-                .iter_mut()
-                .find(|w| w.item.body.as_ref().ok().and_then(|b| b.id.as_ref()) == Some(id))
-        {
-            w.item = item;
+        if let Some(w) = self.waiters.iter_mut().find(|w| w.request.id == request.id) {
+            w.caller = caller;
+            w.request = request;
             w.since = Instant::now();
             return;
         }
         // A caller asking again after `rate_limited` gets its place in line back.
-        let kept =
-            id.and_then(|id| self.places.iter().position(|p| p.id == id)).map(|i| self.places.remove(i));
+        let kept = self.places.iter().position(|p| p.id == request.id).map(|i| self.places.remove(i));
         let order = match kept {
             Some(p) => p.order,
             None => {
@@ -483,7 +551,7 @@ impl Keeper<'_> {
                 self.order
             }
         };
-        self.waiters.push(Waiter { item, priority, since: Instant::now(), order });
+        self.waiters.push(Waiter { caller, request, priority, since: Instant::now(), order });
     }
 
     /// Gives waiting reservations their permits, most urgent first; once one waiter of a rate
@@ -504,15 +572,14 @@ impl Keeper<'_> {
             for (_, _, rates) in places.iter().filter(|(p, o, _)| (*p, *o) < (w.priority, w.order)) {
                 blocked.extend(rates.iter().cloned());
             }
-            let Ok(body) = &w.item.body else { continue };
-            let behind = body.rates.iter().any(|r| blocked.contains(r));
+            let behind = w.request.rates.iter().any(|r| blocked.contains(r));
             let (mut reply, changed) = if behind {
                 (refused("rate_limited", "waiting behind more urgent calls"), false)
             } else {
-                apply(&mut self.ledger, w.item.op, body, now)
+                reserve(&mut self.ledger, &w.request, now)
             };
             if is_code(&reply, "rate_limited") {
-                blocked.extend(body.rates.iter().cloned());
+                blocked.extend(w.request.rates.iter().cloned());
                 if w.since.elapsed() < MAX_WAIT {
                     still.push(w);
                     continue;
@@ -527,41 +594,31 @@ impl Keeper<'_> {
                     ),
                 ));
                 reply.retry_after_ms = Some(0);
-                if let Some(id) = body.id.clone() {
-                    self.places.push(Place {
-                        id,
-                        rates: body.rates.clone(),
-                        priority: w.priority,
-                        order: w.order,
-                        until: Instant::now() + PLACE_KEPT,
-                    });
-                }
+                self.places.push(Place {
+                    id: w.request.id.clone(),
+                    rates: w.request.rates.clone(),
+                    priority: w.priority,
+                    order: w.order,
+                    until: Instant::now() + PLACE_KEPT,
+                });
             }
-            let entry = changed.then(|| LedgerEntry {
-                op: w.item.op.to_owned(),
-                at_ms: now,
-                request: body.clone(),
-                reply: reply.clone(),
-            });
-            decided.push(Decided { req: w.item.req, reply, entry, format: w.item.format });
+            let entry = entry_of(BudgetCommand::Reserve(w.request), changed, now, &reply);
+            decided.push(Decided { caller: w.caller, reply, entry });
         }
         self.waiters = still;
     }
 
     fn alert_entry(&mut self, alert: &Alert, now: u64) -> LedgerEntry {
         let budget = status(&mut self.ledger, &alert.scope, now);
+        let event = BudgetEvent { scope: alert.scope.clone(), warn_at: alert.threshold.map(|t| vec![t]) };
+        let change = match alert.kind {
+            AlertKind::Warning => LedgerChange::Warning(event),
+            AlertKind::Exhausted => LedgerChange::Exhausted(event),
+            AlertKind::Refilled => LedgerChange::Refilled(event),
+        };
         let pct = alert.threshold.map(|t| format!(" ({t} %)")).unwrap_or_default();
-        tracing::warn!(scope = %alert.scope, kind = alert.kind, "budget {}{pct}", alert.kind);
-        LedgerEntry {
-            op: alert.kind.to_owned(),
-            at_ms: now,
-            request: BudgetRequest {
-                scope: Some(alert.scope.clone()),
-                warn_at: alert.threshold.map(|t| vec![t]),
-                ..Default::default()
-            },
-            reply: BudgetReply { budget, ..Default::default() },
-        }
+        tracing::warn!(scope = %alert.scope, kind = %change.op(), "budget {}{pct}", change.op());
+        LedgerEntry { change, at_ms: now, reply: BudgetReply { budget, ..Default::default() } }
     }
 
     /// Writes the round's entries (all sent, each fenced by the sequence before it, then all
@@ -586,7 +643,8 @@ impl Keeper<'_> {
                 continue;
             }
             let expected = self.last_seq;
-            match self.fleet.send_fenced(self.fleet.names.ledger_subject(&e.op), e, expected).await {
+            let subject = self.fleet.names.ledger_subject(e.op().as_str());
+            match self.fleet.send_fenced(subject, e, expected).await {
                 Ok(p) => {
                     self.last_seq += 1;
                     pending.push(Some(p));
@@ -599,7 +657,6 @@ impl Keeper<'_> {
             }
         }
         let mut fenced = false;
-        let mut results: Vec<bool> = Vec::with_capacity(pending.len());
         for (i, p) in pending.into_iter().enumerate() {
             let stored = match p {
                 None => failed_at.is_none_or(|at| i < at),
@@ -618,7 +675,6 @@ impl Keeper<'_> {
             if !stored {
                 failed_at = Some(failed_at.map_or(i, |a| a.min(i)));
             }
-            results.push(stored);
         }
         for (i, d) in decided.into_iter().enumerate() {
             let reply = if failed_at.is_some_and(|at| i >= at) {
@@ -626,7 +682,7 @@ impl Keeper<'_> {
             } else {
                 d.reply
             };
-            respond(d.req, d.format, reply).await;
+            d.caller.answer(reply).await;
         }
         if fenced {
             return Err(Stop::Fenced);
@@ -648,21 +704,229 @@ impl Keeper<'_> {
     }
 }
 
-async fn respond(req: async_nats::service::Request, format: WireFormat, reply: BudgetReply) {
-    let body = codec::encode(format, &reply)
-        .map(Bytes::from)
-        .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
-    if let Err(e) = req.respond(body).instrument(tracing::debug_span!("respond")).await {
-        tracing::debug!(error = %e, "failed to answer a budget request");
+/// Applies one command at `now`; returns the answer and whether the ledger changed (then it is
+/// recorded).
+pub fn apply(ledger: &mut Ledger, command: &BudgetCommand, now: u64) -> (BudgetReply, bool) {
+    match command {
+        BudgetCommand::Reserve(r) => reserve(ledger, r, now),
+        BudgetCommand::Commit(r) => commit(ledger, r, now),
+        BudgetCommand::Release(r) => release(ledger, r, now),
+        BudgetCommand::Set(r) => set(ledger, r, now),
+        BudgetCommand::Show(r) => (show(ledger, r, now), false),
+        BudgetCommand::Carve(r) => carve(ledger, r, now),
+        BudgetCommand::Close(r) => close(ledger, r, now),
+        BudgetCommand::Rate(r) => rate(ledger, r, now),
+        BudgetCommand::Backoff(r) => backoff(ledger, r, now),
+        BudgetCommand::Price(r) => price(ledger, r),
     }
 }
 
+/// `reserve`: holds tokens in every scope at once (and a permit of every rate limit), or refuses.
+fn reserve(ledger: &mut Ledger, r: &ReserveRequest, now: u64) -> (BudgetReply, bool) {
+    if r.id.is_empty() {
+        return needs::<ReserveRequest>();
+    }
+    let open_before = ledger.is_open(&r.id);
+    let held = holding(&r.id, &r.scopes, r.want, r.min, r.lease_ms, &r.limits, r.model.as_deref());
+    match ledger.reserve(Reserve { rates: r.rates.clone(), ..held }, now) {
+        Ok(g) => (granted(g, now), !open_before),
+        Err(e) => (refusal(e), false),
+    }
+}
+
+/// `carve`: a child's budget, reserved out of its parent's (no rate permits).
+fn carve(ledger: &mut Ledger, r: &CarveRequest, now: u64) -> (BudgetReply, bool) {
+    if r.id.is_empty() || r.scope.is_empty() {
+        return needs::<CarveRequest>();
+    }
+    let open_before = ledger.is_open(&r.id);
+    let held = holding(&r.id, &r.scopes, r.want, r.min, r.lease_ms, &r.limits, r.model.as_deref());
+    match ledger.carve(held, &r.scope, now) {
+        Ok(g) => (granted(g, now), !open_before),
+        Err(e) => (refusal(e), false),
+    }
+}
+
+/// `close`: ends a task's budget (a carved one is settled with its parent).
+fn close(ledger: &mut Ledger, r: &CloseRequest, now: u64) -> (BudgetReply, bool) {
+    if r.scope.is_empty() {
+        return needs::<CloseRequest>();
+    }
+    match ledger.close(&r.scope, now) {
+        Ok(changed) => (BudgetReply { budget: status(ledger, &r.scope, now), ..Default::default() }, changed),
+        Err(e) => (refusal(e), false),
+    }
+}
+
+/// `commit`: what the call used becomes usage (priced), the rest goes back.
+fn commit(ledger: &mut Ledger, r: &CommitRequest, now: u64) -> (BudgetReply, bool) {
+    if r.id.is_empty() {
+        return needs::<CommitRequest>();
+    }
+    let open_before = ledger.is_open(&r.id);
+    ended(ledger.commit_priced(&r.id, r.used, r.prompt_tokens, now), open_before)
+}
+
+/// `release`: everything goes back; a key not yet reserved is forbidden (that changes the ledger
+/// too).
+fn release(ledger: &mut Ledger, r: &ReleaseRequest, now: u64) -> (BudgetReply, bool) {
+    if r.id.is_empty() {
+        return needs::<ReleaseRequest>();
+    }
+    let open_before = ledger.is_open(&r.id);
+    match ledger.release_or_forbid(&r.id, now) {
+        Ok((end, marked)) => ended(Ok(end), open_before || marked),
+        Err(e) => ended(Err(e), false),
+    }
+}
+
+/// `expire` (recorded by the keeper, never asked for): every lease due at `now` runs out, as it
+/// did when the entry was recorded.
+fn expire(ledger: &mut Ledger, e: &Expiry, now: u64) {
+    if !e.id.is_empty() {
+        ledger.expire(now);
+    }
+}
+
+/// `set`: a scope's (or a class's default) limit, window, policy and warning thresholds.
+fn set(ledger: &mut Ledger, r: &SetRequest, now: u64) -> (BudgetReply, bool) {
+    if r.scope.is_empty() {
+        return needs::<SetRequest>();
+    }
+    let window = match r.window_ms {
+        Some(0) => return (refused("invalid_request", "window_ms must be positive"), false),
+        Some(ms) => Window::Rolling { ms },
+        None => Window::Total,
+    };
+    let policy = match r.policy.as_deref().map(Policy::parse) {
+        None => Policy::Fail,
+        Some(Some(p)) => p,
+        Some(None) => return (refused("invalid_request", "policy must be fail or wait"), false),
+    };
+    let warn_at = match &r.warn_at {
+        None => Rules::default().warn_at,
+        Some(w) if w.iter().any(|p| *p == 0 || *p > 100) => {
+            return (refused("invalid_request", "warn_at percentages must be 1 to 100"), false);
+        }
+        Some(w) => w.clone(),
+    };
+    if r.limit_tokens == UNLIMITED {
+        return (refused("invalid_request", "limit_tokens is too large"), false);
+    }
+    ledger.set(&r.scope, Limit { tokens: r.limit_tokens, window }, Rules { policy, warn_at }, now);
+    (BudgetReply { budget: status(ledger, &r.scope, now), ..Default::default() }, true)
+}
+
+/// `show`: a rate limit (when `rate` is given) or a budget, as it is at `now`.
+fn show(ledger: &mut Ledger, r: &ShowRequest, now: u64) -> BudgetReply {
+    if let Some(key) = &r.rate {
+        return match rate_status(ledger, key, now) {
+            Some(s) => BudgetReply { rate: Some(s), ..Default::default() },
+            None => refused("unknown_scope", format!("no rate limit {key:?}")),
+        };
+    }
+    let Some(scope) = &r.scope else {
+        return refused("invalid_request", ShowRequest::NEEDS);
+    };
+    match status(ledger, scope, now) {
+        Some(b) => BudgetReply { budget: Some(b), ..Default::default() },
+        None => refused("unknown_scope", format!("no budget is set for scope {scope:?}")),
+    }
+}
+
+/// `rate`: a shared rate limit's requests and tokens per window.
+fn rate(ledger: &mut Ledger, r: &RateRequest, now: u64) -> (BudgetReply, bool) {
+    if r.rate.is_empty() {
+        return needs::<RateRequest>();
+    }
+    if r.rpm.is_none() && r.tpm.is_none() {
+        return (refused("invalid_request", "rate needs rpm or tpm"), false);
+    }
+    if r.window_ms == Some(0) {
+        return (refused("invalid_request", "window_ms must be positive"), false);
+    }
+    ledger.set_rate(&r.rate, r.rpm, r.tpm, r.window_ms.unwrap_or(DEFAULT_RATE_WINDOW_MS));
+    (BudgetReply { rate: rate_status(ledger, &r.rate, now), ..Default::default() }, true)
+}
+
+/// `backoff`: no permits of the rate limits until the provider's pause (capped) has passed.
+fn backoff(ledger: &mut Ledger, r: &BackoffRequest, now: u64) -> (BudgetReply, bool) {
+    if r.rates.is_empty() {
+        return needs::<BackoffRequest>();
+    }
+    let until = now.saturating_add(r.retry_after_ms.min(MAX_BACKOFF_MS));
+    for key in &r.rates {
+        ledger.backoff(key, until);
+    }
+    (BudgetReply::default(), true)
+}
+
+/// `price`: a model's price per million input and output tokens.
+fn price(ledger: &mut Ledger, r: &PriceRequest) -> (BudgetReply, bool) {
+    if r.model.is_empty() {
+        return needs::<PriceRequest>();
+    }
+    let (input, output) = (r.input_usd_per_mtok, r.output_usd_per_mtok);
+    if !(input.is_finite() && output.is_finite() && input >= 0.0 && output >= 0.0) {
+        return (refused("invalid_request", "prices must be finite and not negative"), false);
+    }
+    ledger.set_price(&r.model, Price { input_per_mtok: input, output_per_mtok: output });
+    (BudgetReply::default(), true)
+}
+
+/// A refusal with `code`.
+fn refused(code: &str, message: impl Into<String>) -> BudgetReply {
+    BudgetReply { error: Some(ErrorInfo::new(code, message)), ..Default::default() }
+}
+
+/// True when the answer is a refusal with `code`.
 fn is_code(reply: &BudgetReply, code: &str) -> bool {
     reply.error.as_ref().is_some_and(|e| e.code == code)
 }
 
-fn refused(code: &str, message: impl Into<String>) -> BudgetReply {
-    BudgetReply { error: Some(ErrorInfo::new(code, message)), ..Default::default() }
+/// The `invalid_request` answer to a request of `R` without a field its operation needs (the
+/// same whether the field was absent, which the decoding refuses, or empty).
+fn needs<R: BudgetOperation>() -> (BudgetReply, bool) {
+    (refused("invalid_request", R::NEEDS), false)
+}
+
+/// What a reservation or carve holds in the ledger (without rate permits).
+fn holding(
+    id: &str,
+    scopes: &[String],
+    want: u64,
+    min: Option<u64>,
+    lease_ms: Option<u64>,
+    limits: &BTreeMap<String, u64>,
+    model: Option<&str>,
+) -> Reserve {
+    Reserve {
+        id: id.to_owned(),
+        scopes: scopes.to_vec(),
+        want,
+        min: min.unwrap_or(1).min(want),
+        lease_ms: lease_ms.unwrap_or(DEFAULT_LEASE_MS),
+        limits: limits.clone(),
+        model: model.map(str::to_owned),
+        rates: Vec::new(),
+    }
+}
+
+/// The answer to a commit or release.
+fn ended(result: Result<End, Refusal>, changed: bool) -> (BudgetReply, bool) {
+    match result {
+        Ok(End::Committed { charged, over, cost_nusd }) => (
+            BudgetReply {
+                charged: Some(charged),
+                over: Some(over),
+                cost_usd: cost_nusd.map(usd),
+                ..Default::default()
+            },
+            changed,
+        ),
+        Ok(_) => (BudgetReply::default(), changed),
+        Err(e) => (refusal(e), false),
+    }
 }
 
 fn refusal(r: Refusal) -> BudgetReply {
@@ -680,11 +944,21 @@ fn refusal(r: Refusal) -> BudgetReply {
     BudgetReply { retry_after_ms: retry, ..refused(code, r.to_string()) }
 }
 
+fn granted(g: Grant, now: u64) -> BudgetReply {
+    BudgetReply {
+        tokens: Some(g.tokens),
+        expires_ms: Some(g.expires_ms),
+        lease_left_ms: Some(g.expires_ms.saturating_sub(now)),
+        ..Default::default()
+    }
+}
+
 #[allow(clippy::cast_precision_loss)]
 fn usd(nusd: u64) -> f64 {
     nusd as f64 / 1e9
 }
 
+/// A budget (or a class's default) as it is at `now`.
 fn status(ledger: &mut Ledger, scope: &str, now: u64) -> Option<BudgetStatus> {
     if is_default(scope) {
         let (limit, rules) = ledger.default_of(scope)?.clone();
@@ -732,188 +1006,4 @@ fn rate_status(ledger: &mut Ledger, key: &str, now: u64) -> Option<RateStatus> {
         waiting: 0,
         blocked_until_ms: (r.blocked_until > now).then_some(r.blocked_until),
     })
-}
-
-fn reserve_of(r: &BudgetRequest, id: String, want: u64) -> Reserve {
-    Reserve {
-        id,
-        scopes: r.scopes.clone(),
-        want,
-        min: r.min.unwrap_or(1).min(want),
-        lease_ms: r.lease_ms.unwrap_or(DEFAULT_LEASE_MS),
-        limits: r.limits.clone(),
-        model: r.model.clone(),
-        rates: r.rates.clone(),
-    }
-}
-
-fn granted(g: Grant, now: u64) -> BudgetReply {
-    BudgetReply {
-        tokens: Some(g.tokens),
-        expires_ms: Some(g.expires_ms),
-        lease_left_ms: Some(g.expires_ms.saturating_sub(now)),
-        ..Default::default()
-    }
-}
-
-/// Applies one operation at `now`; returns the answer and whether the ledger changed (then it is
-/// recorded). The replay calls this too, with each entry's time.
-pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (BudgetReply, bool) {
-    let need_id = || r.id.clone().filter(|id| !id.is_empty());
-    let need_scope = || r.scope.clone().filter(|s| !s.is_empty());
-    match op {
-        "reserve" => {
-            let (Some(id), Some(want)) = (need_id(), r.want) else {
-                return (refused("invalid_request", "reserve needs id and want"), false);
-            };
-            let open_before = ledger.is_open(&id);
-            match ledger.reserve(reserve_of(r, id, want), now) {
-                Ok(g) => (granted(g, now), !open_before),
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "carve" => {
-            let (Some(id), Some(want), Some(child)) = (need_id(), r.want, need_scope()) else {
-                return (refused("invalid_request", "carve needs id, want and scope (the child's)"), false);
-            };
-            let open_before = ledger.is_open(&id);
-            let mut req = reserve_of(r, id, want);
-            req.rates.clear();
-            match ledger.carve(req, &child, now) {
-                Ok(g) => (granted(g, now), !open_before),
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "close" => {
-            let Some(scope) = need_scope() else {
-                return (refused("invalid_request", "close needs scope"), false);
-            };
-            match ledger.close(&scope, now) {
-                Ok(changed) => {
-                    (BudgetReply { budget: status(ledger, &scope, now), ..Default::default() }, changed)
-                }
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "commit" | "release" | "expire" => {
-            let Some(id) = need_id() else {
-                return (refused("invalid_request", format!("{op} needs id")), false);
-            };
-            let mut open_before = ledger.is_open(&id);
-            let result = match op {
-                "commit" => match r.used {
-                    Some(used) => ledger.commit_priced(&id, used, r.prompt_tokens, now),
-                    None => return (refused("invalid_request", "commit needs used"), false),
-                },
-                "release" => ledger.release_or_forbid(&id, now).map(|(end, marked)| {
-                    open_before |= marked;
-                    end
-                }),
-                _ => {
-                    ledger.expire(now);
-                    return (BudgetReply::default(), false);
-                }
-            };
-            match result {
-                Ok(End::Committed { charged, over, cost_nusd }) => (
-                    BudgetReply {
-                        charged: Some(charged),
-                        over: Some(over),
-                        cost_usd: cost_nusd.map(usd),
-                        ..Default::default()
-                    },
-                    open_before,
-                ),
-                Ok(_) => (BudgetReply::default(), open_before),
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "set" => {
-            let (Some(scope), Some(tokens)) = (need_scope(), r.limit_tokens) else {
-                return (refused("invalid_request", "set needs scope and limit_tokens"), false);
-            };
-            let window = match r.window_ms {
-                Some(0) => return (refused("invalid_request", "window_ms must be positive"), false),
-                Some(ms) => Window::Rolling { ms },
-                None => Window::Total,
-            };
-            let policy = match r.policy.as_deref().map(Policy::parse) {
-                None => Policy::Fail,
-                Some(Some(p)) => p,
-                Some(None) => return (refused("invalid_request", "policy must be fail or wait"), false),
-            };
-            let warn_at = match &r.warn_at {
-                None => Rules::default().warn_at,
-                Some(w) if w.iter().any(|p| *p == 0 || *p > 100) => {
-                    return (refused("invalid_request", "warn_at percentages must be 1 to 100"), false);
-                }
-                Some(w) => w.clone(),
-            };
-            if tokens == UNLIMITED {
-                return (refused("invalid_request", "limit_tokens is too large"), false);
-            }
-            ledger.set(&scope, Limit { tokens, window }, Rules { policy, warn_at }, now);
-            (BudgetReply { budget: status(ledger, &scope, now), ..Default::default() }, true)
-        }
-        "show" => {
-            if let Some(key) = r.rate.clone() {
-                return match rate_status(ledger, &key, now) {
-                    Some(s) => (BudgetReply { rate: Some(s), ..Default::default() }, false),
-                    None => (refused("unknown_scope", format!("no rate limit {key:?}")), false),
-                };
-            }
-            let Some(scope) = r.scope.clone() else {
-                return (refused("invalid_request", "show needs scope or rate"), false);
-            };
-            match status(ledger, &scope, now) {
-                Some(b) => (BudgetReply { budget: Some(b), ..Default::default() }, false),
-                None => (refused("unknown_scope", format!("no budget is set for scope {scope:?}")), false),
-            }
-        }
-        "rate" => {
-            let Some(key) = r.rate.clone().filter(|k| !k.is_empty()) else {
-                return (refused("invalid_request", "rate needs rate (the key)"), false);
-            };
-            if r.rpm.is_none() && r.tpm.is_none() {
-                return (refused("invalid_request", "rate needs rpm or tpm"), false);
-            }
-            if r.window_ms == Some(0) {
-                return (refused("invalid_request", "window_ms must be positive"), false);
-            }
-            ledger.set_rate(&key, r.rpm, r.tpm, r.window_ms.unwrap_or(60_000));
-            (BudgetReply { rate: rate_status(ledger, &key, now), ..Default::default() }, true)
-        }
-        "backoff" => {
-            let Some(ms) = r.retry_after_ms.filter(|_| !r.rates.is_empty()) else {
-                return (refused("invalid_request", "backoff needs rates and retry_after_ms"), false);
-            };
-            // A provider's hint is capped: a bogus one must not stop the fleet for long.
-            let until = now.saturating_add(ms.min(10 * 60 * 1000));
-            for key in &r.rates {
-                ledger.backoff(key, until);
-            }
-            (BudgetReply::default(), true)
-        }
-        "price" => {
-            let (Some(model), Some(input), Some(output)) =
-                (r.model.clone().filter(|m| !m.is_empty()), r.input_usd_per_mtok, r.output_usd_per_mtok)
-            else {
-                return (
-                    refused(
-                        "invalid_request",
-                        "price needs model, input_usd_per_mtok and output_usd_per_mtok",
-                    ),
-                    false,
-                );
-            };
-            if !(input.is_finite() && output.is_finite() && input >= 0.0 && output >= 0.0) {
-                return (refused("invalid_request", "prices must be finite and not negative"), false);
-            }
-            ledger.set_price(&model, Price { input_per_mtok: input, output_per_mtok: output });
-            (BudgetReply::default(), true)
-        }
-        // Budget events: recorded for auditors, nothing to replay.
-        "warning" | "exhausted" | "refilled" => (BudgetReply::default(), false),
-        other => (refused("invalid_request", format!("no operation {other:?}")), false),
-    }
 }
