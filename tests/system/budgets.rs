@@ -351,7 +351,7 @@ async fn a_child_budget_is_carved_from_the_parent_and_what_it_did_not_use_is_ref
     let mut l = Ledger::new(u64::MAX);
     let mut seen = Vec::new();
     for e in &entries {
-        flotilla_budget_keeper::service::apply_entry(&mut l, e);
+        flotilla_budget_keeper::replay::apply_entry(&mut l, e);
         let child_closed =
             matches!(&e.change, LedgerChange::Close(CloseRequest { scope }) if scope == "task.p-s1c0");
         if matches!(e.change, LedgerChange::Carve(_)) || child_closed {

@@ -137,7 +137,7 @@ async fn check(fleet: &Fleet, reported: u64) {
     let mut replay = Ledger::new(u64::MAX);
     let mut peak = 0;
     for e in &entries {
-        flotilla_budget_keeper::service::apply_entry(&mut replay, e);
+        flotilla_budget_keeper::replay::apply_entry(&mut replay, e);
         if let Some(b) = replay.budget(SCOPE, e.at_ms) {
             assert!(b.used + b.held <= LIMIT, "overspent after {e:?}");
             peak = peak.max(b.used + b.held);

@@ -140,7 +140,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     let mut replay = Ledger::new(u64::MAX);
     let mut max_committed_and_held = 0;
     for e in &entries {
-        flotilla_budget_keeper::service::apply_entry(&mut replay, e);
+        flotilla_budget_keeper::replay::apply_entry(&mut replay, e);
         if let Some(b) = replay.budget("tenant.acme", e.at_ms) {
             assert!(b.used + b.held <= LIMIT, "overspent after {e:?}");
             max_committed_and_held = max_committed_and_held.max(b.used + b.held);
