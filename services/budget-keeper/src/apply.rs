@@ -325,3 +325,72 @@ fn rate_status(ledger: &mut Ledger, key: &str, now: u64) -> Option<RateStatus> {
         blocked_until_ms: (r.blocked_until > now).then_some(r.blocked_until),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal_of(ledger: &mut Ledger, command: BudgetCommand) -> (String, String) {
+        let (reply, changed) = apply(ledger, &command, 0);
+        assert!(!changed, "{command:?} changed the ledger");
+        let e = reply.error.unwrap_or_else(|| panic!("{command:?} was not refused"));
+        (e.code, e.message)
+    }
+
+    #[test]
+    fn empty_keys_and_names_are_refused_as_missing_ones_are() {
+        let mut l = Ledger::new(60_000);
+        let needs = |m: &str| ("invalid_request".to_owned(), m.to_owned());
+        let cases = [
+            (BudgetCommand::Reserve(ReserveRequest { want: 5, ..Default::default() }), ReserveRequest::NEEDS),
+            (BudgetCommand::Commit(CommitRequest::default()), CommitRequest::NEEDS),
+            (BudgetCommand::Release(ReleaseRequest::default()), ReleaseRequest::NEEDS),
+            (BudgetCommand::Set(SetRequest { limit_tokens: 5, ..Default::default() }), SetRequest::NEEDS),
+            (BudgetCommand::Show(ShowRequest::default()), ShowRequest::NEEDS),
+            (
+                BudgetCommand::Carve(CarveRequest { id: "c".into(), want: 5, ..Default::default() }),
+                CarveRequest::NEEDS,
+            ),
+            (BudgetCommand::Close(CloseRequest::default()), CloseRequest::NEEDS),
+            (BudgetCommand::Rate(RateRequest { rpm: Some(1), ..Default::default() }), RateRequest::NEEDS),
+            (
+                BudgetCommand::Backoff(BackoffRequest { rates: Vec::new(), retry_after_ms: 5 }),
+                BackoffRequest::NEEDS,
+            ),
+            (BudgetCommand::Price(PriceRequest::default()), PriceRequest::NEEDS),
+        ];
+        for (command, message) in cases {
+            assert_eq!(refusal_of(&mut l, command), needs(message));
+        }
+    }
+
+    #[test]
+    fn commands_change_the_ledger_and_answer_as_the_ledger_decides() {
+        let mut l = Ledger::new(60_000);
+        let set = SetRequest { scope: "tenant.a".into(), limit_tokens: 100, ..Default::default() };
+        let (reply, changed) = apply(&mut l, &BudgetCommand::Set(set), 0);
+        assert!(changed);
+        assert_eq!(reply.budget.and_then(|b| b.available), Some(100));
+        let reserve = ReserveRequest {
+            id: "r".into(),
+            scopes: vec!["tenant.a".into()],
+            want: 80,
+            ..Default::default()
+        };
+        let (reply, changed) = apply(&mut l, &BudgetCommand::Reserve(reserve.clone()), 0);
+        assert_eq!((reply.tokens, changed), (Some(80), true));
+        // Asked again: the same answer, nothing recorded again.
+        let (again, changed) = apply(&mut l, &BudgetCommand::Reserve(reserve), 0);
+        assert_eq!((again.tokens, changed), (Some(80), false));
+        let commit = CommitRequest { id: "r".into(), used: 30, prompt_tokens: None };
+        let (reply, changed) = apply(&mut l, &BudgetCommand::Commit(commit), 0);
+        assert_eq!((reply.charged, reply.over, changed), (Some(30), Some(0), true));
+        let show = ShowRequest { scope: Some("tenant.a".into()), rate: None };
+        let (reply, changed) = apply(&mut l, &BudgetCommand::Show(show), 0);
+        assert_eq!((reply.budget.map(|b| (b.used, b.held)), changed), (Some((30, 0)), false));
+        let unknown = ShowRequest { scope: None, rate: Some("p/m".into()) };
+        assert_eq!(refusal_of(&mut l, BudgetCommand::Show(unknown)).0, "unknown_scope");
+        let price = PriceRequest { model: "m".into(), input_usd_per_mtok: -1.0, output_usd_per_mtok: 1.0 };
+        assert_eq!(refusal_of(&mut l, BudgetCommand::Price(price)).0, "invalid_request");
+    }
+}

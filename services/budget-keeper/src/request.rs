@@ -74,3 +74,18 @@ impl Caller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::reply_allowed;
+
+    #[test]
+    fn answers_go_only_outside_the_fleet_s_and_the_server_s_subjects() {
+        assert!(reply_allowed("_INBOX.abc.1", "flotilla."));
+        assert!(!reply_allowed("", "flotilla."));
+        assert!(!reply_allowed("flotilla.ledger.reserve", "flotilla."));
+        for system in ["$JS.API.x", "$KV.b.k", "$O.s", "$SRV.PING", "$SYS.REQ", "$JSC.R"] {
+            assert!(!reply_allowed(system, "flotilla."), "{system}");
+        }
+    }
+}
