@@ -59,7 +59,7 @@ pub(crate) enum Stop {
     #[error("another budget-keeper wrote to the ledger")]
     Fenced,
     #[error("the ledger could not be rebuilt after a failed write: {0}")]
-    Rebuild(String),
+    Rebuild(#[source] crate::replay::RebuildError),
 }
 
 /// The active keeper's state.
@@ -369,7 +369,7 @@ impl<'a> Keeper<'a> {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "failed to rebuild the budget ledger");
-                    return Err(Stop::Rebuild(e.to_string()));
+                    return Err(Stop::Rebuild(e));
                 }
             }
         }
