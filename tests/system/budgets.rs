@@ -7,7 +7,10 @@
 use std::time::Duration;
 
 use flotilla_budget_keeper::ledger::Ledger;
-use flotilla_protocol::{BudgetRequest, LedgerEntry, Priority, TaskEvent, TaskSubmission, WireFormat, codec};
+use flotilla_protocol::{
+    CloseRequest, LedgerChange, LedgerEntry, PriceRequest, Priority, RateRequest, SetRequest, ShowRequest,
+    TaskEvent, TaskSubmission, WireFormat, codec,
+};
 use flotilla_service::budget::Client;
 use flotilla_service::{Fleet, StreamSettings};
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
@@ -87,7 +90,8 @@ async fn budgets_are_set_and_shown_from_the_cli() {
     );
     let (code, out, _) = cli(&url, &["--json", "budget", "ledger"]).await;
     assert_eq!(code, 0);
-    let ops: Vec<String> = out.lines().map(|l| serde_json::from_str::<LedgerEntry>(l).unwrap().op).collect();
+    let ops: Vec<String> =
+        out.lines().map(|l| serde_json::from_str::<LedgerEntry>(l).unwrap().op().to_string()).collect();
     assert_eq!(ops, ["set", "reserve", "set", "rate", "price"], "{out}");
     sys.stop().await;
 }
@@ -146,30 +150,26 @@ async fn a_task_whose_budget_cannot_pay_the_first_call_fails_before_the_model_is
     assert_eq!(e.error.as_ref().unwrap().code, "budget_exceeded", "{e:?}");
     assert!(stub.requests().is_empty(), "no request reached the model");
     // The same task with enough budget runs, priced.
-    let price = BudgetRequest {
-        model: Some("stub-model".into()),
-        input_usd_per_mtok: Some(1.0),
-        output_usd_per_mtok: Some(4.0),
-        ..Default::default()
-    };
-    keeper(&sys).call("price", &price).await.unwrap();
+    let price =
+        PriceRequest { model: "stub-model".into(), input_usd_per_mtok: 1.0, output_usd_per_mtok: 4.0 };
+    keeper(&sys).call(&price).await.unwrap();
     submit(&sys, "enough", "work", None, Some(5_000)).await;
     let e = outcome(&sys, "enough").await;
     assert_eq!(e.kind, "completed", "{e:?}");
     // 10 input tokens at $1/M and 2 output tokens at $4/M.
     assert!((e.cost_usd.unwrap() - 18e-6).abs() < 1e-12, "{e:?}");
     assert!((e.calls[0].cost_usd.unwrap() - 18e-6).abs() < 1e-12);
-    let b = keeper(&sys).call("show", &show("tenant.default")).await.unwrap().budget.unwrap();
+    let b = keeper(&sys).call(&show("tenant.default")).await.unwrap().budget.unwrap();
     assert_eq!(b.used, 12, "the tenant's usage is counted");
     assert!((b.cost_usd - 18e-6).abs() < 1e-12);
     // The task's own budget closed when it ended.
-    let t = keeper(&sys).call("show", &show("task.enough")).await.unwrap().budget.unwrap();
+    let t = keeper(&sys).call(&show("task.enough")).await.unwrap().budget.unwrap();
     assert!(t.closed_at_ms.is_some());
     sys.stop().await;
 }
 
-fn show(scope: &str) -> BudgetRequest {
-    BudgetRequest { scope: Some(scope.into()), ..Default::default() }
+fn show(scope: &str) -> ShowRequest {
+    ShowRequest { scope: Some(scope.into()), ..Default::default() }
 }
 
 /// Runs tasks one after another until one fails; returns how many completed first.
@@ -194,14 +194,14 @@ async fn an_agent_that_used_up_its_hourly_budget_fails_or_waits_per_policy_until
     let k = keeper(&sys);
     // Every agent: 600 tokens per rolling 6 s ("hourly", shortened), failing when out.
     let window = 6_000;
-    let set = |policy: &str| BudgetRequest {
-        scope: Some("agent.*".into()),
-        limit_tokens: Some(600),
+    let set = |policy: &str| SetRequest {
+        scope: "agent.*".into(),
+        limit_tokens: 600,
         window_ms: Some(window),
         policy: Some(policy.into()),
         ..Default::default()
     };
-    k.call("set", &set("fail")).await.unwrap();
+    k.call(&set("fail")).await.unwrap();
     sys.start_dispatcher(dispatcher_config()).await;
     sys.start_runner("r1", &stub_fleet(&stub, "w", "\"work\"", "")).await;
     sys.wait_for_agents("r1", 1).await;
@@ -219,7 +219,7 @@ async fn an_agent_that_used_up_its_hourly_budget_fails_or_waits_per_policy_until
 
     // With the policy `wait`, a task the budget cannot take waits for the window instead: after
     // a fresh window, `done` tasks fit, and the next one waits for the first of them to roll out.
-    k.call("set", &set("wait")).await.unwrap();
+    k.call(&set("wait")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(window + window / 60 + 200)).await;
     let start = std::time::Instant::now();
     for i in 0..done {
@@ -244,8 +244,10 @@ async fn an_agent_that_used_up_its_hourly_budget_fails_or_waits_per_policy_until
         "it waited too long: {waited:?}"
     );
     let entries = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_all()).await;
-    let ops: Vec<String> =
-        entries.iter().map(|(_, p)| codec::decode::<LedgerEntry>(None, p).unwrap().op).collect();
+    let ops: Vec<String> = entries
+        .iter()
+        .map(|(_, p)| codec::decode::<LedgerEntry>(None, p).unwrap().op().to_string())
+        .collect();
     for kind in ["warning", "exhausted", "refilled"] {
         assert!(ops.iter().any(|o| o == kind), "a {kind} entry is in the ledger: {ops:?}");
     }
@@ -258,8 +260,8 @@ async fn three_runners_share_sixty_requests_a_minute_and_interactive_tasks_go_fi
     stub.set_fallback(Reply::openai_text("ok", 5, 1));
     let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
     sys.start_budget_keeper().await;
-    let rate = BudgetRequest { rate: Some("openai/stub-model".into()), rpm: Some(60), ..Default::default() };
-    keeper(&sys).call("rate", &rate).await.unwrap();
+    let rate = RateRequest { rate: "openai/stub-model".into(), rpm: Some(60), ..Default::default() };
+    keeper(&sys).call(&rate).await.unwrap();
     // A loaded machine may delay heartbeats: agents must not be declared lost (their tasks would
     // run again as new attempts and reach the keeper in another order) during this long test.
     sys.start_dispatcher(flotilla_dispatcher::Config { missed_heartbeats: 30, ..dispatcher_config() }).await;
@@ -296,7 +298,10 @@ async fn three_runners_share_sixty_requests_a_minute_and_interactive_tasks_go_fi
     let entries = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_subject("reserve")).await;
     let order: Vec<String> = entries
         .iter()
-        .map(|(_, p)| codec::decode::<LedgerEntry>(None, p).unwrap().request.id.unwrap())
+        .map(|(_, p)| match codec::decode::<LedgerEntry>(None, p).unwrap().change {
+            LedgerChange::Reserve(r) => r.id,
+            other => panic!("not a reservation on the reserve subject: {other:?}"),
+        })
         .collect();
     assert_eq!(order.len(), 85, "{order:?}");
     // Waiting for a permit is not a failure: every task ran once.
@@ -346,15 +351,17 @@ async fn a_child_budget_is_carved_from_the_parent_and_what_it_did_not_use_is_ref
     let mut l = Ledger::new(u64::MAX);
     let mut seen = Vec::new();
     for e in &entries {
-        flotilla_budget_keeper::service::apply(&mut l, &e.op, &e.request, e.at_ms);
-        if e.op == "carve" || (e.op == "close" && e.request.scope.as_deref() == Some("task.p-s1c0")) {
-            seen.push((e.op.clone(), l.budget("task.p", e.at_ms).unwrap().available()));
+        flotilla_budget_keeper::replay::apply_entry(&mut l, e);
+        let child_closed =
+            matches!(&e.change, LedgerChange::Close(CloseRequest { scope }) if scope == "task.p-s1c0");
+        if matches!(e.change, LedgerChange::Carve(_)) || child_closed {
+            seen.push((e.op().to_string(), l.budget("task.p", e.at_ms).unwrap().available()));
         }
     }
     assert_eq!(seen, [("carve".to_owned(), 5_880), ("close".to_owned(), 8_380)], "{entries:?}");
-    let p = keeper(&sys).call("show", &show("task.p")).await.unwrap().budget.unwrap();
+    let p = keeper(&sys).call(&show("task.p")).await.unwrap().budget.unwrap();
     assert_eq!((p.used, p.available), (120 + 1_500 + 230, Some(10_000 - 1_850)));
-    let c = keeper(&sys).call("show", &show("task.p-s1c0")).await.unwrap().budget.unwrap();
+    let c = keeper(&sys).call(&show("task.p-s1c0")).await.unwrap().budget.unwrap();
     assert_eq!((c.limit_tokens, c.used), (Some(4_000), 1_500));
     sys.stop().await;
 }

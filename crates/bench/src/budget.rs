@@ -10,7 +10,10 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use flotilla_local::ServerConfig;
-use flotilla_protocol::{BudgetReply, BudgetRequest, LedgerEntry, Names, WireFormat, codec};
+use flotilla_protocol::{
+    BudgetReply, CommitRequest, LedgerChange, LedgerEntry, Names, ReserveRequest, SetRequest, ShowRequest,
+    WireFormat, codec,
+};
 use flotilla_service::budget::Client;
 use flotilla_service::{Fleet, Mode, nats};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -137,9 +140,8 @@ async fn finish(
 /// what the keeper writes per reservation.
 fn sample_value() -> anyhow::Result<Bytes> {
     let entry = LedgerEntry {
-        op: "reserve".to_owned(),
+        change: LedgerChange::Reserve(reserve("0190b2c4-1c5e-7f00-8000-000000000000-h-12345", "tenant.b123")),
         at_ms: flotilla_protocol::time::now_ms(),
-        request: reserve("0190b2c4-1c5e-7f00-8000-000000000000-h-12345", "tenant.b123"),
         reply: BudgetReply {
             tokens: Some(WANT),
             expires_ms: Some(flotilla_protocol::time::now_ms()),
@@ -150,19 +152,19 @@ fn sample_value() -> anyhow::Result<Bytes> {
     Ok(Bytes::from(codec::encode(WireFormat::Msgpack, &entry).context("failed to encode a ledger entry")?))
 }
 
-fn reserve(id: &str, scope: &str) -> BudgetRequest {
-    BudgetRequest {
-        id: Some(id.to_owned()),
+fn reserve(id: &str, scope: &str) -> ReserveRequest {
+    ReserveRequest {
+        id: id.to_owned(),
         scopes: vec![scope.to_owned()],
-        want: Some(WANT),
+        want: WANT,
         min: Some(1),
         lease_ms: Some(LEASE_MS),
         ..Default::default()
     }
 }
 
-fn commit(id: &str) -> BudgetRequest {
-    BudgetRequest { id: Some(id.to_owned()), used: Some(USED), ..Default::default() }
+fn commit(id: &str) -> CommitRequest {
+    CommitRequest { id: id.to_owned(), used: USED, ..Default::default() }
 }
 
 /// The raw baselines on a bucket like the budgets bucket (file storage, history 1).
@@ -335,7 +337,7 @@ impl Bench {
                     let id = format!("{prefix}{i}");
                     let t = Instant::now();
                     let granted = client
-                        .call("reserve", &reserve(&id, &spread.scope(i)))
+                        .call(&reserve(&id, &spread.scope(i)))
                         .await
                         .with_context(|| format!("reservation {id} was not granted"))?;
                     anyhow::ensure!(
@@ -344,7 +346,7 @@ impl Bench {
                         granted.tokens
                     );
                     if cycle {
-                        client.call("commit", &commit(&id)).await.with_context(|| format!("commit {id}"))?;
+                        client.call(&commit(&id)).await.with_context(|| format!("commit {id}"))?;
                     }
                     latencies.push(t.elapsed().as_secs_f64() * 1000.0);
                 }
@@ -370,11 +372,9 @@ impl Bench {
 
     /// The hot budget's tokens held and used, as the keeper reports them.
     async fn hot(&self) -> anyhow::Result<(u64, u64)> {
-        let req = BudgetRequest { scope: Some(HOT.to_owned()), ..Default::default() };
-        let reply = Client::new(self.fleet.clone())
-            .call("show", &req)
-            .await
-            .context("failed to show the hot budget")?;
+        let req = ShowRequest { scope: Some(HOT.to_owned()), ..Default::default() };
+        let reply =
+            Client::new(self.fleet.clone()).call(&req).await.context("failed to show the hot budget")?;
         let b = reply.budget.context("the keeper showed no hot budget")?;
         Ok((b.held, b.used))
     }
@@ -387,8 +387,8 @@ async fn budgets(bench: &Bench, sizes: Sizes, started: Instant) -> anyhow::Resul
     let set = |scope: String| {
         let client = client.clone();
         async move {
-            let req = BudgetRequest { scope: Some(scope), limit_tokens: Some(LIMIT), ..Default::default() };
-            client.call("set", &req).await.context("failed to set a budget")
+            let req = SetRequest { scope, limit_tokens: LIMIT, ..Default::default() };
+            client.call(&req).await.context("failed to set a budget")
         }
     };
     set(HOT.to_owned()).await?;

@@ -398,9 +398,8 @@ async fn settle_ledger(fleet: &Fleet) -> anyhow::Result<()> {
 async fn keeper_answers(fleet: &Fleet) -> anyhow::Result<()> {
     let mut client = flotilla_service::budget::Client::new(fleet.clone());
     client.patience = Duration::from_secs(30);
-    let req =
-        flotilla_protocol::BudgetRequest { scope: Some("bench.ready".to_owned()), ..Default::default() };
-    match client.call("show", &req).await {
+    let req = flotilla_protocol::ShowRequest { scope: Some("bench.ready".to_owned()), ..Default::default() };
+    match client.call(&req).await {
         Ok(_) | Err(flotilla_service::budget::BudgetError::Refused { .. }) => Ok(()),
         Err(e) => Err(anyhow::anyhow!(e).context("the budget-keeper did not answer")),
     }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use flotilla_protocol::{
-    BudgetReply, BudgetRequest, BudgetStatus, LedgerEntry, RateStatus, WireFormat, codec,
+    BudgetOperation, BudgetReply, BudgetStatus, CloseRequest, LedgerChange, LedgerEntry, Names, PriceRequest,
+    RateRequest, RateStatus, SetRequest, ShowRequest, WireFormat, codec,
 };
 
 use crate::client::connect;
@@ -87,59 +88,38 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
     let fleet = connect(cli).await?;
     let (client, names) = (&fleet.client, &fleet.names);
     let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let (op, req) = match &args.command {
-        BudgetCommand::Set { scope, tokens, window, policy, warn_at } => (
-            "set",
-            BudgetRequest {
-                scope: Some(scope.clone()),
-                limit_tokens: Some(*tokens),
+    let reply = match &args.command {
+        BudgetCommand::Set { scope, tokens, window, policy, warn_at } => {
+            let req = SetRequest {
+                scope: scope.clone(),
+                limit_tokens: *tokens,
                 window_ms: window.as_ref().map(ms),
                 policy: Some(policy.clone()),
                 warn_at: (!warn_at.is_empty()).then(|| warn_at.clone()),
-                ..Default::default()
-            },
-        ),
+            };
+            ask(&client, &names, &req).await?
+        }
         BudgetCommand::Show { scope } => {
-            ("show", BudgetRequest { scope: Some(scope.clone()), ..Default::default() })
+            ask(&client, &names, &ShowRequest { scope: Some(scope.clone()), rate: None }).await?
         }
         BudgetCommand::Rate { key, rpm: None, tpm: None, window: None } => {
-            ("show", BudgetRequest { rate: Some(key.clone()), ..Default::default() })
+            ask(&client, &names, &ShowRequest { scope: None, rate: Some(key.clone()) }).await?
         }
-        BudgetCommand::Rate { key, rpm, tpm, window } => (
-            "rate",
-            BudgetRequest {
-                rate: Some(key.clone()),
-                rpm: *rpm,
-                tpm: *tpm,
-                window_ms: window.as_ref().map(ms),
-                ..Default::default()
-            },
-        ),
+        BudgetCommand::Rate { key, rpm, tpm, window } => {
+            let req =
+                RateRequest { window_ms: window.as_ref().map(ms), rate: key.clone(), rpm: *rpm, tpm: *tpm };
+            ask(&client, &names, &req).await?
+        }
         BudgetCommand::Ledger { .. } => return Ok(()),
-        BudgetCommand::Price { model, input, output } => (
-            "price",
-            BudgetRequest {
-                model: Some(model.clone()),
-                input_usd_per_mtok: Some(*input),
-                output_usd_per_mtok: Some(*output),
-                ..Default::default()
-            },
-        ),
+        BudgetCommand::Price { model, input, output } => {
+            let req = PriceRequest {
+                model: model.clone(),
+                input_usd_per_mtok: *input,
+                output_usd_per_mtok: *output,
+            };
+            ask(&client, &names, &req).await?
+        }
     };
-    let subject = names.budget_subject(op);
-    let body = codec::encode(WireFormat::Msgpack, &req).context("failed to encode the request")?;
-    let msg = tokio::time::timeout(Duration::from_secs(10), client.request(subject.clone(), body.into()))
-        .await
-        .map_err(|_| {
-            Failure::new(exit::TIMEOUT, anyhow::anyhow!("the budget-keeper did not answer within 10 s"))
-        })?
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => {
-                Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("no budget-keeper answers on {subject}"))
-            }
-            _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("budget request failed: {e}")),
-        })?;
-    let reply: BudgetReply = codec::decode(None, &msg.payload).context("unreadable budget reply")?;
     if let Some(e) = reply.error {
         let code = if e.code == "unknown_scope" { exit::NOT_FOUND } else { exit::UNAVAILABLE };
         return Err(Failure::new(code, anyhow::anyhow!("{}: {}", e.code, e.message)));
@@ -162,6 +142,28 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
         _ => println!("ok"),
     }
     Ok(())
+}
+
+/// One request to the budget-keeper, on its operation's subject, waiting 10 s for the answer.
+async fn ask<R: BudgetOperation>(
+    client: &async_nats::Client,
+    names: &Names,
+    req: &R,
+) -> Result<BudgetReply, Failure> {
+    let subject = names.budget_subject(R::OP.as_str());
+    let body = codec::encode(WireFormat::Msgpack, req).context("failed to encode the request")?;
+    let msg = tokio::time::timeout(Duration::from_secs(10), client.request(subject.clone(), body.into()))
+        .await
+        .map_err(|_| {
+            Failure::new(exit::TIMEOUT, anyhow::anyhow!("the budget-keeper did not answer within 10 s"))
+        })?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => {
+                Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("no budget-keeper answers on {subject}"))
+            }
+            _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("budget request failed: {e}")),
+        })?;
+    Ok(codec::decode(None, &msg.payload).context("unreadable budget reply")?)
 }
 
 fn print_budget(b: &BudgetStatus) {
@@ -246,52 +248,294 @@ async fn ledger(cli: &Cli, scope: Option<&str>, follow: bool) -> Result<(), Fail
     }
 }
 
+/// True when the entry is about `scope` (a budget or a rate limit key).
 fn concerns(e: &LedgerEntry, scope: &str) -> bool {
-    let r = &e.request;
-    r.scope.as_deref() == Some(scope)
-        || r.rate.as_deref() == Some(scope)
-        || r.scopes.iter().any(|s| s == scope)
-        || r.rates.iter().any(|s| s == scope)
+    let is = |s: &String| s == scope;
+    match &e.change {
+        LedgerChange::Reserve(r) => r.scopes.iter().any(is) || r.rates.iter().any(is),
+        LedgerChange::Carve(r) => is(&r.scope) || r.scopes.iter().any(is),
+        LedgerChange::Set(SetRequest { scope: s, .. }) | LedgerChange::Close(CloseRequest { scope: s }) => {
+            is(s)
+        }
+        LedgerChange::Rate(r) => is(&r.rate),
+        LedgerChange::Backoff(r) => r.rates.iter().any(is),
+        LedgerChange::Warning(ev) | LedgerChange::Exhausted(ev) | LedgerChange::Refilled(ev) => is(&ev.scope),
+        LedgerChange::Commit(_)
+        | LedgerChange::Release(_)
+        | LedgerChange::Price(_)
+        | LedgerChange::Expire(_) => false,
+    }
+}
+
+/// What a change names, for its line.
+#[derive(Default)]
+struct Named<'a> {
+    id: Option<&'a str>,
+    /// The budget, rate limit or model it is about.
+    about: Option<&'a str>,
+    scopes: &'a [String],
+    want: Option<u64>,
+    used: Option<u64>,
+    limit: Option<u64>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    pause_ms: Option<u64>,
+    /// The threshold a warning crossed.
+    threshold: Option<u8>,
+}
+
+fn named(change: &LedgerChange) -> Named<'_> {
+    match change {
+        LedgerChange::Reserve(r) => {
+            Named { id: Some(&r.id), scopes: &r.scopes, want: Some(r.want), ..Default::default() }
+        }
+        LedgerChange::Commit(r) => Named { id: Some(&r.id), used: Some(r.used), ..Default::default() },
+        LedgerChange::Release(r) => Named { id: Some(&r.id), ..Default::default() },
+        LedgerChange::Set(r) => {
+            Named { about: Some(&r.scope), limit: Some(r.limit_tokens), ..Default::default() }
+        }
+        LedgerChange::Carve(r) => Named {
+            id: Some(&r.id),
+            about: Some(&r.scope),
+            scopes: &r.scopes,
+            want: Some(r.want),
+            ..Default::default()
+        },
+        LedgerChange::Close(r) => Named { about: Some(&r.scope), ..Default::default() },
+        LedgerChange::Rate(r) => Named { about: Some(&r.rate), rpm: r.rpm, tpm: r.tpm, ..Default::default() },
+        LedgerChange::Backoff(r) => Named { pause_ms: Some(r.retry_after_ms), ..Default::default() },
+        LedgerChange::Price(r) => Named { about: Some(&r.model), ..Default::default() },
+        LedgerChange::Expire(r) => Named { id: Some(&r.id), ..Default::default() },
+        LedgerChange::Warning(ev) => Named {
+            about: Some(&ev.scope),
+            threshold: ev.warn_at.as_ref().map(|w| w.first().copied().unwrap_or(0)),
+            ..Default::default()
+        },
+        LedgerChange::Exhausted(ev) | LedgerChange::Refilled(ev) => {
+            Named { about: Some(&ev.scope), ..Default::default() }
+        }
+    }
 }
 
 /// One line per entry: time, operation, what it concerns, what it came to.
 fn ledger_line(e: &LedgerEntry) -> String {
-    let r = &e.request;
+    let n = named(&e.change);
     let a = &e.reply;
-    let mut parts = vec![crate::output::clock(e.at_ms), format!("{:<9}", e.op)];
-    if let Some(id) = &r.id {
-        parts.push(id.clone());
-    }
-    if let Some(s) = r.scope.as_ref().or(r.rate.as_ref()).or(r.model.as_ref().filter(|_| e.op == "price")) {
-        parts.push(s.clone());
-    }
-    if !r.scopes.is_empty() {
-        parts.push(format!("[{}]", r.scopes.join(" ")));
+    let mut parts = vec![crate::output::clock(e.at_ms), format!("{:<9}", e.op().as_str())];
+    parts.extend(n.id.map(str::to_owned));
+    parts.extend(n.about.map(str::to_owned));
+    if !n.scopes.is_empty() {
+        parts.push(format!("[{}]", n.scopes.join(" ")));
     }
     let mut num = |k: &str, v: Option<u64>| {
         if let Some(v) = v {
             parts.push(format!("{k}={v}"));
         }
     };
-    num("want", r.want);
+    num("want", n.want);
     num("granted", a.tokens);
-    num("used", r.used);
+    num("used", n.used);
     num("charged", a.charged);
     num("over", a.over.filter(|o| *o > 0));
-    num("limit", r.limit_tokens);
-    num("rpm", r.rpm);
-    num("tpm", r.tpm);
-    num("pause_ms", r.retry_after_ms);
+    num("limit", n.limit);
+    num("rpm", n.rpm);
+    num("tpm", n.tpm);
+    num("pause_ms", n.pause_ms);
     if let Some(c) = a.cost_usd {
         parts.push(format!("cost=${c:.6}"));
     }
     if let Some(b) = &a.budget
-        && matches!(e.op.as_str(), "warning" | "exhausted" | "refilled")
+        && matches!(
+            e.change,
+            LedgerChange::Warning(_) | LedgerChange::Exhausted(_) | LedgerChange::Refilled(_)
+        )
     {
         parts.push(format!("used {} + held {} of {}", b.used, b.held, b.limit_tokens.unwrap_or(0)));
     }
-    if let Some(w) = r.warn_at.as_ref().filter(|_| e.op == "warning") {
-        parts.push(format!("threshold {}%", w.first().copied().unwrap_or(0)));
+    if let Some(t) = n.threshold {
+        parts.push(format!("threshold {t}%"));
     }
     parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_protocol::{
+        BackoffRequest, BudgetEvent, CarveRequest, CommitRequest, Expiry, Priority, ReleaseRequest,
+        ReserveRequest,
+    };
+
+    use super::*;
+
+    const AT: u64 = 1_764_000_000_123;
+
+    fn entry(change: LedgerChange, reply: BudgetReply) -> LedgerEntry {
+        LedgerEntry { change, at_ms: AT, reply }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// Entries of every kind with the lines (after the clock) and the scopes they concern, as the
+    /// printer gave them when the ledger's requests were one flat type.
+    fn cases() -> Vec<(LedgerEntry, &'static str, Vec<&'static str>)> {
+        let grant = BudgetReply { tokens: Some(2300), expires_ms: Some(AT + 90_000), ..Default::default() };
+        let status = BudgetStatus {
+            scope: "tenant.acme".into(),
+            limit_tokens: Some(5000),
+            used: 4100,
+            held: 300,
+            ..Default::default()
+        };
+        let budget = BudgetReply { budget: Some(status), ..Default::default() };
+        let acme = || BudgetEvent { scope: "tenant.acme".into(), warn_at: None };
+        vec![
+            (
+                entry(
+                    LedgerChange::Reserve(ReserveRequest {
+                        id: "t1:1:7:0:0.0".into(),
+                        scopes: strings(&["task.t1", "agent.r1-w-0", "tenant.acme", "model.m"]),
+                        want: 2300,
+                        min: Some(400),
+                        lease_ms: Some(90_000),
+                        limits: [("task.t1".to_owned(), 5000)].into(),
+                        model: Some("m".into()),
+                        rates: strings(&["openai/m", "key/OPENAI_API_KEY"]),
+                        priority: Some(Priority::INTERACTIVE),
+                    }),
+                    grant.clone(),
+                ),
+                "reserve   t1:1:7:0:0.0 [task.t1 agent.r1-w-0 tenant.acme model.m] want=2300 granted=2300",
+                vec!["tenant.acme", "openai/m", "task.t1"],
+            ),
+            (
+                entry(
+                    LedgerChange::Commit(CommitRequest {
+                        id: "t1:1:7:0:0.0".into(),
+                        used: 120,
+                        prompt_tokens: Some(100),
+                    }),
+                    BudgetReply {
+                        charged: Some(120),
+                        over: Some(0),
+                        cost_usd: Some(0.00018),
+                        ..Default::default()
+                    },
+                ),
+                "commit    t1:1:7:0:0.0 used=120 charged=120 cost=$0.000180",
+                vec![],
+            ),
+            (
+                entry(
+                    LedgerChange::Release(ReleaseRequest { id: "t1:1:7:0:0.0".into() }),
+                    BudgetReply::default(),
+                ),
+                "release   t1:1:7:0:0.0",
+                vec![],
+            ),
+            (
+                entry(
+                    LedgerChange::Set(SetRequest {
+                        scope: "agent.*".into(),
+                        limit_tokens: 600,
+                        window_ms: Some(6000),
+                        policy: Some("wait".into()),
+                        warn_at: Some(vec![50, 80]),
+                    }),
+                    budget.clone(),
+                ),
+                "set       agent.* limit=600",
+                vec!["agent.*"],
+            ),
+            (
+                entry(
+                    LedgerChange::Carve(CarveRequest {
+                        id: "carve:p-s1c0".into(),
+                        scopes: strings(&["task.p"]),
+                        want: 4000,
+                        scope: "task.p-s1c0".into(),
+                        ..Default::default()
+                    }),
+                    grant,
+                ),
+                "carve     carve:p-s1c0 task.p-s1c0 [task.p] want=4000 granted=2300",
+                vec!["task.p", "task.p-s1c0"],
+            ),
+            (
+                entry(LedgerChange::Close(CloseRequest { scope: "task.p-s1c0".into() }), budget.clone()),
+                "close     task.p-s1c0",
+                vec!["task.p-s1c0"],
+            ),
+            (
+                entry(
+                    LedgerChange::Rate(RateRequest {
+                        window_ms: Some(60_000),
+                        rate: "openai/m".into(),
+                        rpm: Some(60),
+                        tpm: Some(100_000),
+                    }),
+                    BudgetReply::default(),
+                ),
+                "rate      openai/m rpm=60 tpm=100000",
+                vec!["openai/m"],
+            ),
+            (
+                entry(
+                    LedgerChange::Backoff(BackoffRequest {
+                        rates: strings(&["openai/m", "key/OPENAI_API_KEY"]),
+                        retry_after_ms: 2000,
+                    }),
+                    BudgetReply::default(),
+                ),
+                "backoff   pause_ms=2000",
+                vec!["openai/m"],
+            ),
+            (
+                entry(
+                    LedgerChange::Price(PriceRequest {
+                        model: "m".into(),
+                        input_usd_per_mtok: 0.15,
+                        output_usd_per_mtok: 0.6,
+                    }),
+                    BudgetReply::default(),
+                ),
+                "price     m",
+                vec![],
+            ),
+            (
+                entry(LedgerChange::Expire(Expiry { id: "w1-c0".into() }), BudgetReply::default()),
+                "expire    w1-c0",
+                vec![],
+            ),
+            (
+                entry(
+                    LedgerChange::Warning(BudgetEvent { warn_at: Some(vec![80]), ..acme() }),
+                    budget.clone(),
+                ),
+                "warning   tenant.acme used 4100 + held 300 of 5000 threshold 80%",
+                vec!["tenant.acme"],
+            ),
+            (
+                entry(LedgerChange::Exhausted(acme()), budget.clone()),
+                "exhausted tenant.acme used 4100 + held 300 of 5000",
+                vec!["tenant.acme"],
+            ),
+            (
+                entry(LedgerChange::Refilled(acme()), budget),
+                "refilled  tenant.acme used 4100 + held 300 of 5000",
+                vec!["tenant.acme"],
+            ),
+        ]
+    }
+
+    #[test]
+    fn ledger_lines_and_scope_filters_read_as_they_always_have() {
+        let scopes = ["tenant.acme", "task.p", "task.p-s1c0", "openai/m", "agent.*", "m", "task.t1"];
+        for (e, line, concerned) in cases() {
+            assert_eq!(ledger_line(&e), format!("{} {line}", crate::output::clock(AT)));
+            let found: Vec<&str> = scopes.into_iter().filter(|s| concerns(&e, s)).collect();
+            assert_eq!(found, concerned, "{line}");
+        }
+    }
 }

@@ -85,7 +85,36 @@ pub fn decode_reporting<T: DeserializeOwned>(
     payload: &[u8],
 ) -> Result<(T, Vec<String>), DecodeError> {
     let mut unknown = Vec::new();
-    let result = if is_json(content_type, payload) {
+    decode_noting(content_type, payload, &mut unknown).map(|v| (v, unknown))
+}
+
+/// Decodes a payload like [`decode`] but refuses a field `T` does not know (`malformed`, as
+/// serde's `deny_unknown_fields` would): for requests, where a misspelt field must not be
+/// ignored. The type itself stays tolerant, so copies stored with more fields still decode.
+pub fn decode_strict<T: DeserializeOwned>(
+    content_type: Option<&str>,
+    payload: &[u8],
+) -> Result<T, DecodeError> {
+    let mut unknown = Vec::new();
+    let result = decode_noting(content_type, payload, &mut unknown);
+    // An unknown field seen before a decoding error came first, as it would have with
+    // `deny_unknown_fields`.
+    match unknown.first() {
+        Some(field) => {
+            Err(DecodeError { reason: RejectReason::Malformed, message: format!("unknown field `{field}`") })
+        }
+        None => result,
+    }
+}
+
+/// Decodes a payload, noting the paths of fields `T` does not know in `unknown` (also those seen
+/// before an error).
+fn decode_noting<T: DeserializeOwned>(
+    content_type: Option<&str>,
+    payload: &[u8],
+    unknown: &mut Vec<String>,
+) -> Result<T, DecodeError> {
+    if is_json(content_type, payload) {
         if json_depth_exceeds(payload, MAX_DEPTH) {
             return Err(too_deep());
         }
@@ -108,8 +137,7 @@ pub fn decode_reporting<T: DeserializeOwned>(
                 }
             }
         })
-    };
-    result.map(|v| (v, unknown))
+    }
 }
 
 /// Deepest nesting a message may have. Deeper values could exhaust the stack of a decoder or be
@@ -272,5 +300,19 @@ mod tests {
             decode_reporting::<TaskSubmission>(None, br#"{"capability":"echo","colour":"red"}"#).unwrap();
         assert_eq!(s.capability, "echo");
         assert_eq!(unknown, vec!["colour".to_string()]);
+    }
+
+    #[test]
+    fn strict_decoding_refuses_unknown_fields_first() {
+        let r =
+            |b: &[u8]| decode_strict::<TaskSubmission>(None, b).map(|s| s.capability).map_err(|e| e.reason);
+        assert_eq!(r(br#"{"capability":"echo"}"#), Ok("echo".to_owned()));
+        assert_eq!(r(br#"{"capability":"echo","colour":"red"}"#), Err(RejectReason::Malformed));
+        // The unknown field comes before the missing one, as with `deny_unknown_fields`.
+        assert_eq!(r(br#"{"colour":"red"}"#), Err(RejectReason::Malformed));
+        assert_eq!(r(br#"{"capability":7,"colour":"red"}"#), Err(RejectReason::WrongType));
+        let mp = rmp_serde::to_vec_named(&serde_json::json!({"capability": "x", "colour": 1})).unwrap();
+        let e = decode_strict::<TaskSubmission>(None, &mp).unwrap_err();
+        assert_eq!((e.reason, e.message.as_str()), (RejectReason::Malformed, "unknown field `colour`"));
     }
 }

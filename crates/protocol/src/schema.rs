@@ -9,7 +9,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
     fn s<T: JsonSchema>() -> Schema {
         schema_for!(T)
     }
-    vec![
+    let mut all = vec![
         ("task-submission", s::<TaskSubmission>()),
         ("task-record", s::<TaskRecord>()),
         ("task-event", s::<TaskEvent>()),
@@ -32,8 +32,25 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("health-reply", s::<HealthReply>()),
         ("lease", s::<Lease>()),
         ("error-reply", s::<ErrorReply>()),
-        ("budget-request", s::<BudgetRequest>()),
         ("budget-reply", s::<BudgetReply>()),
         ("ledger-entry", s::<LedgerEntry>()),
-    ]
+    ];
+    all.extend(BudgetOp::ALL.iter().map(|op| budget_request(*op)));
+    all
+}
+
+/// The request schema of one budget operation (`<p>.budget.<op>`).
+fn budget_request(op: BudgetOp) -> (&'static str, Schema) {
+    match op {
+        BudgetOp::Reserve => ("budget-reserve-request", schema_for!(ReserveRequest)),
+        BudgetOp::Commit => ("budget-commit-request", schema_for!(CommitRequest)),
+        BudgetOp::Release => ("budget-release-request", schema_for!(ReleaseRequest)),
+        BudgetOp::Set => ("budget-set-request", schema_for!(SetRequest)),
+        BudgetOp::Show => ("budget-show-request", schema_for!(ShowRequest)),
+        BudgetOp::Carve => ("budget-carve-request", schema_for!(CarveRequest)),
+        BudgetOp::Close => ("budget-close-request", schema_for!(CloseRequest)),
+        BudgetOp::Rate => ("budget-rate-request", schema_for!(RateRequest)),
+        BudgetOp::Backoff => ("budget-backoff-request", schema_for!(BackoffRequest)),
+        BudgetOp::Price => ("budget-price-request", schema_for!(PriceRequest)),
+    }
 }

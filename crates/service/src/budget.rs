@@ -1,11 +1,12 @@
-//! The budget-keeper's client: one call per operation on `<p>.budget.<op>`, asked again (with the
-//! same idempotency key, so nothing is charged twice) while no keeper answers or the active one
-//! says it is unavailable, for up to [`Client::patience`]. Used by the agent-runner before and
-//! after every model call, by the CLI and by tests.
+//! The budget-keeper's client: one call per operation, the subject `<p>.budget.<op>` taken from
+//! the request's type ([`BudgetOperation::OP`]), asked again (with the same idempotency key, so
+//! nothing is charged twice) while no keeper answers or the active one says it is unavailable,
+//! for up to [`Client::patience`]. Used by the agent-runner before and after every model call, by
+//! the CLI's benchmarks and by tests.
 
 use std::time::{Duration, Instant};
 
-use flotilla_protocol::{BudgetReply, BudgetRequest, ErrorInfo, codec};
+use flotilla_protocol::{BudgetOp, BudgetOperation, BudgetReply, ErrorInfo, codec};
 
 use crate::Fleet;
 
@@ -17,7 +18,7 @@ pub enum BudgetError {
     Refused { error: ErrorInfo, retry_after_ms: Option<u64> },
     /// No budget-keeper answered in time.
     #[error("no budget-keeper answered {op} within {waited:?}: {last}")]
-    Unavailable { op: String, waited: Duration, last: String },
+    Unavailable { op: BudgetOp, waited: Duration, last: String },
 }
 
 impl BudgetError {
@@ -47,18 +48,16 @@ impl Client {
         Self { fleet, request_timeout: Duration::from_secs(15), patience: Duration::from_secs(60) }
     }
 
-    /// One operation: the answer, or why there is none. `unavailable`, timeouts and "no
-    /// responders" are asked again with the same request until [`Self::patience`] runs out.
-    #[tracing::instrument(skip_all, fields(op = op, id = req.id.as_deref().unwrap_or_default()))]
-    pub async fn call(&self, op: &str, req: &BudgetRequest) -> Result<BudgetReply, BudgetError> {
+    /// One operation, on the subject of the request's type: the answer, or why there is none.
+    /// `unavailable`, timeouts and "no responders" are asked again with the same request until
+    /// [`Self::patience`] runs out.
+    #[tracing::instrument(skip_all, fields(op = %R::OP, id = req.id().unwrap_or_default()))]
+    pub async fn call<R: BudgetOperation>(&self, req: &R) -> Result<BudgetReply, BudgetError> {
+        let op = R::OP;
         let body: bytes::Bytes = codec::encode(self.fleet.format, req)
-            .map_err(|e| BudgetError::Unavailable {
-                op: op.to_owned(),
-                waited: Duration::ZERO,
-                last: e.to_string(),
-            })?
+            .map_err(|e| BudgetError::Unavailable { op, waited: Duration::ZERO, last: e.to_string() })?
             .into();
-        let subject = self.fleet.names.budget_subject(op);
+        let subject = self.fleet.names.budget_subject(op.as_str());
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
         loop {
@@ -86,7 +85,7 @@ impl Client {
                 },
             };
             if started.elapsed() >= self.patience {
-                return Err(BudgetError::Unavailable { op: op.to_owned(), waited: started.elapsed(), last });
+                return Err(BudgetError::Unavailable { op, waited: started.elapsed(), last });
             }
             tracing::debug!(last = %last, "budget-keeper not answering; asking again");
             tokio::time::sleep(pause).await;

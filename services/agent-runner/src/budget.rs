@@ -9,7 +9,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_protocol::{BudgetRequest, ErrorInfo, Priority, TaskRecord, time::now_ms};
+use flotilla_protocol::{
+    BackoffRequest, CloseRequest, CommitRequest, ErrorInfo, Priority, ReleaseRequest, ReserveRequest,
+    TaskRecord, time::now_ms,
+};
 use flotilla_service::budget::{BudgetError, Client};
 use tokio_util::sync::CancellationToken;
 
@@ -143,23 +146,22 @@ impl Budgets {
         let mut lease_try = 0u32;
         loop {
             let id = format!("{}:{step}:{try_n}.{lease_try}", self.key);
-            let body = BudgetRequest {
-                id: Some(id.clone()),
+            let body = ReserveRequest {
+                id: id.clone(),
                 scopes: scopes.clone(),
-                want: Some(prompt + u64::from(t.max_tokens_per_call)),
+                want: prompt + u64::from(t.max_tokens_per_call),
                 min: Some(prompt + u64::from(t.min_tokens_per_call.min(t.max_tokens_per_call))),
                 lease_ms: Some(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)),
                 limits: limits.clone(),
                 model: Some(t.model.clone()),
                 rates: t.rate_keys(),
                 priority: Some(self.priority),
-                ..Default::default()
             };
             // Dropped while the keeper has not answered (the attempt was cancelled while its call
             // waited for a permit), the reservation is released: the keeper then refuses it
             // when its turn comes instead of granting it to nobody.
             let asking = Asking(Some((self.client.clone(), id.clone())));
-            let answer = self.client.call("reserve", &body).await;
+            let answer = self.client.call(&body).await;
             asking.answered();
             let refusal = match answer {
                 Ok(reply) => {
@@ -224,13 +226,8 @@ impl Budgets {
 
     /// Commits what a call used; returns its cost in US dollars when the model has a price.
     pub async fn commit(&self, held: &Held, used: u64, prompt_tokens: u64) -> Result<Option<f64>, ErrorInfo> {
-        let body = BudgetRequest {
-            id: Some(held.id.clone()),
-            used: Some(used),
-            prompt_tokens: Some(prompt_tokens),
-            ..Default::default()
-        };
-        match self.client.call("commit", &body).await {
+        let body = CommitRequest { id: held.id.clone(), used, prompt_tokens: Some(prompt_tokens) };
+        match self.client.call(&body).await {
             Ok(r) => {
                 if r.over.is_some_and(|o| o > 0) {
                     tracing::warn!(over = r.over, "the call used more tokens than it held");
@@ -245,8 +242,8 @@ impl Budgets {
 
     /// Gives a reservation back whole (the call failed or was not made).
     pub async fn release(&self, held: &Held) {
-        let body = BudgetRequest { id: Some(held.id.clone()), ..Default::default() };
-        if let Err(e) = self.client.call("release", &body).await {
+        let body = ReleaseRequest { id: held.id.clone() };
+        if let Err(e) = self.client.call(&body).await {
             tracing::warn!(error = %e, "failed to release a reservation; its lease will");
         }
     }
@@ -254,8 +251,8 @@ impl Budgets {
     /// Tells the shared rate limiter that the provider answered 429.
     pub async fn backoff(&self, t: &AgentTemplate, retry_after: Option<Duration>) {
         let ms = retry_after.map_or(1_000, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).max(1);
-        let body = BudgetRequest { rates: t.rate_keys(), retry_after_ms: Some(ms), ..Default::default() };
-        if let Err(e) = self.client.call("backoff", &body).await {
+        let body = BackoffRequest { rates: t.rate_keys(), retry_after_ms: ms };
+        if let Err(e) = self.client.call(&body).await {
             tracing::warn!(error = %e, "failed to report a 429 to the rate limiter");
         }
     }
@@ -275,8 +272,8 @@ impl Drop for Asking {
         let Some((client, id)) = self.0.take() else { return };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let body = BudgetRequest { id: Some(id), ..Default::default() };
-                if let Err(e) = client.call("release", &body).await {
+                let body = ReleaseRequest { id };
+                if let Err(e) = client.call(&body).await {
                     tracing::warn!(error = %e, "failed to withdraw an unanswered reservation; its lease will end it");
                 }
             });
@@ -347,8 +344,8 @@ pub fn may_have_been_billed(e: &crate::llm::ProviderError) -> bool {
 
 /// Closes a task's budget (it ended): a carved one is settled with its parent.
 pub async fn close_task(client: &Client, task_id: &str) {
-    let body = BudgetRequest { scope: Some(task_scope(task_id)), ..Default::default() };
-    match client.call("close", &body).await {
+    let body = CloseRequest { scope: task_scope(task_id) };
+    match client.call(&body).await {
         Ok(_) => {}
         Err(e) if e.code() == "unknown_scope" => {}
         Err(e) => tracing::warn!(error = %e, "failed to close the task's budget"),

@@ -392,11 +392,33 @@ impl Price {
 /// A budget event to report (see [`Ledger::alerts`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alert {
-    /// `warning`, `exhausted` or `refilled`.
-    pub kind: &'static str,
+    pub kind: AlertKind,
     pub scope: String,
     /// The threshold crossed (`warning`).
     pub threshold: Option<u8>,
+}
+
+/// What a budget event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertKind {
+    /// A warning threshold was crossed.
+    Warning,
+    /// A reservation was refused for want of tokens.
+    Exhausted,
+    /// Below the thresholds again after one of those.
+    Refilled,
+}
+
+impl AlertKind {
+    /// The ledger entry the event is recorded as.
+    pub fn op(self) -> flotilla_protocol::LedgerOp {
+        use flotilla_protocol::LedgerOp;
+        match self {
+            Self::Warning => LedgerOp::Warning,
+            Self::Exhausted => LedgerOp::Exhausted,
+            Self::Refilled => LedgerOp::Refilled,
+        }
+    }
 }
 
 /// The ledger. See the module documentation.
@@ -919,16 +941,16 @@ impl Ledger {
             let level = b.rules.warn_at.iter().copied().filter(|w| u64::from(*w) <= pct).max().unwrap_or(0);
             if b.exhausted && !b.exhausted_reported {
                 b.exhausted_reported = true;
-                out.push(Alert { kind: "exhausted", scope: scope.clone(), threshold: None });
+                out.push(Alert { kind: AlertKind::Exhausted, scope: scope.clone(), threshold: None });
             }
             if level > b.alerted {
                 b.alerted = level;
-                out.push(Alert { kind: "warning", scope: scope.clone(), threshold: Some(level) });
+                out.push(Alert { kind: AlertKind::Warning, scope: scope.clone(), threshold: Some(level) });
             } else if level < b.alerted {
                 b.alerted = level;
                 b.exhausted = false;
                 b.exhausted_reported = false;
-                out.push(Alert { kind: "refilled", scope: scope.clone(), threshold: None });
+                out.push(Alert { kind: AlertKind::Refilled, scope: scope.clone(), threshold: None });
             }
         }
         out
@@ -1168,7 +1190,8 @@ mod tests {
         assert!(l.alerts(0).is_empty());
         l.reserve(req("1", &["agent.a"], 60, 1), 0).unwrap();
         l.commit("1", 60, 0).unwrap();
-        let kinds = |a: Vec<Alert>| a.into_iter().map(|a| (a.kind, a.threshold)).collect::<Vec<_>>();
+        let kinds =
+            |a: Vec<Alert>| a.into_iter().map(|a| (a.kind.op().as_str(), a.threshold)).collect::<Vec<_>>();
         assert_eq!(kinds(l.alerts(0)), [("warning", Some(50))]);
         l.reserve(req("2", &["agent.a"], 40, 1), 0).unwrap();
         l.commit("2", 40, 0).unwrap();

@@ -1,10 +1,16 @@
 //! The budget-keeper: owns the budgets bucket (the active keeper's lease, [`leader`]) and the
 //! ledger stream (both ensured at start), answers health requests and, while active, serves
 //! token budgets, rate limits and prices ([`service`] on `<p>.budget.<op>`) from its [`ledger`],
-//! every change recorded in the ledger stream first.
+//! every change recorded in the ledger stream first. What each operation does is [`apply`]; a
+//! keeper taking over rebuilds the ledger by [`replay`]; requests are taken in and decided in
+//! rounds by the private `request` and `batch` modules.
 
+pub mod apply;
+mod batch;
 pub mod leader;
 pub mod ledger;
+pub mod replay;
+mod request;
 pub mod service;
 pub mod snapshot;
 

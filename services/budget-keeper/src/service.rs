@@ -1,50 +1,26 @@
-//! The budget service: `reserve`, `commit`, `release`, `set`, `show`, `carve`, `close`, `rate`,
-//! `backoff` and `price` on `<p>.budget.<op>` (a NATS micro service, `flotilla-budget`),
-//! answered from the [`Ledger`] by the keeper that holds the lease ([`crate::leader`]). Every
-//! change is recorded in the ledger stream, fenced by the stream's last sequence, and stored
-//! before it is answered; on taking the lease the ledger is rebuilt by replaying that stream.
-//! Requests that arrive together are decided together and their entries written together (one
-//! round trip for the batch), which is what lets one hot budget take more reservations per
-//! second than there are round trips. A reservation that needs a permit of a rate limit with
-//! none free waits here, in priority order, until one is (or answers `rate_limited` after
-//! [`MAX_WAIT`]).
+//! The budget service: the operations of [`BudgetOp`] on `<p>.budget.<op>` (a NATS micro
+//! service, `flotilla-budget`), answered by the keeper that holds the lease ([`crate::leader`]).
+//! On taking the lease the ledger is rebuilt from the ledger stream ([`crate::replay`]); then
+//! requests are taken in (`request`) and decided in rounds (`batch`), every change recorded in
+//! the ledger stream, fenced by the stream's last sequence, and stored before it is answered.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::service::ServiceExt as _;
 use async_nats::service::endpoint::Endpoint;
-use bytes::Bytes;
-use flotilla_protocol::{
-    BudgetReply, BudgetRequest, BudgetStatus, ErrorInfo, LedgerEntry, Priority, RateStatus, WireFormat,
-    codec, headers, time::now_ms,
-};
+use flotilla_protocol::BudgetOp;
 use flotilla_service::Fleet;
-use flotilla_service::nats::{FleetError, Pending};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
-use crate::ledger::{
-    Alert, End, Grant, Ledger, Limit, Policy, Price, Refusal, Reserve, Rules, UNLIMITED, Window, is_default,
-};
+use crate::batch::Keeper;
+pub use crate::batch::MAX_WAIT;
+use crate::replay::rebuild;
 
-/// Operations the service answers.
-pub const OPS: [&str; 10] =
-    ["reserve", "commit", "release", "set", "show", "carve", "close", "rate", "backoff", "price"];
 /// Most requests decided in one batch.
 const BATCH: usize = 512;
-/// How long an ended reservation is remembered for repeated operations.
-const REMEMBER_MS: u64 = 15 * 60 * 1000;
-/// Lease of a reservation whose request names none.
-const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
-/// Longest a reservation waits here for a rate permit before it is answered `rate_limited` (the
-/// caller asks again; a NATS request should not wait much longer).
-pub const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How often waiting reservations are looked at again.
 const WAIT_POLL: Duration = Duration::from_millis(25);
 
@@ -61,82 +37,6 @@ impl Default for Settings {
     fn default() -> Self {
         Self { lease: Duration::from_secs(3), snapshot_every: 10_000 }
     }
-}
-
-/// Rebuilds the ledger: the last snapshot (if any, and usable), then the ledger stream's entries
-/// after it, in order. Returns the ledger with the stream's last sequence. An entry whose replayed
-/// answer differs from the recorded one is logged (it would mean the replay is not faithful).
-#[tracing::instrument(skip_all)]
-pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> anyhow::Result<(Ledger, u64)> {
-    let mut stream =
-        fleet.js.get_stream(fleet.names.ledger_stream()).await.context("failed to open the ledger stream")?;
-    let state = stream.info().await.context("failed to read the ledger stream")?.state.clone();
-    let (first, last) = (state.first_sequence, state.last_sequence);
-    let snap = match snapshots {
-        None => None,
-        Some(store) => match crate::snapshot::load(store).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "ledger snapshot unusable; replaying the whole ledger");
-                None
-            }
-        },
-    };
-    let (mut ledger, from) = match snap {
-        // A snapshot from beyond the stream's end belongs to another stream: not used.
-        Some(s) if s.seq <= last => (s.ledger, s.seq),
-        _ => (Ledger::new(REMEMBER_MS), 0),
-    };
-    ledger.remember_ms = REMEMBER_MS;
-    if last == from {
-        return Ok((ledger, last));
-    }
-    anyhow::ensure!(
-        first <= from + 1 || state.messages == 0,
-        "the ledger stream starts at entry {first} but the state is only known up to entry {from}: \
-         entries are missing (was the stream given an age limit?)"
-    );
-    let mut msgs = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from + 1 },
-            ..Default::default()
-        })
-        .await
-        .context("failed to replay the ledger")?
-        .messages()
-        .await
-        .context("failed to replay the ledger")?;
-    let mut differ = 0u64;
-    while let Some(msg) = msgs.next().await {
-        let msg = msg.context("ledger replay failed")?;
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
-        match codec::decode::<LedgerEntry>(None, &msg.payload) {
-            Ok(e) => {
-                let (reply, _) = apply(&mut ledger, &e.op, &e.request, e.at_ms);
-                if reply != e.reply
-                    && !matches!(e.op.as_str(), "expire" | "warning" | "exhausted" | "refilled")
-                {
-                    differ += 1;
-                    if differ <= 10 {
-                        tracing::error!(seq, op = %e.op, recorded = ?e.reply, replayed = ?reply, "replayed answer differs");
-                    }
-                }
-            }
-            Err(e) => tracing::error!(seq, error = %e, "unreadable ledger entry skipped"),
-        }
-        if seq >= last {
-            break;
-        }
-    }
-    // Bring the reporting state up to date without reporting again what was reported before.
-    let _ = ledger.alerts(now_ms());
-    if from > 0 {
-        tracing::info!(snapshot = from, replayed = last - from, "ledger rebuilt from a snapshot");
-    }
-    if differ > 0 {
-        tracing::error!(differ, "the replay answered differently from the live keeper");
-    }
-    Ok((ledger, last))
 }
 
 /// Serves budget requests while this keeper holds the lease, until `shutdown`.
@@ -178,69 +78,6 @@ pub async fn serve(
     }
 }
 
-/// A request waiting for a rate permit.
-struct Waiter {
-    item: Item,
-    priority: Priority,
-    since: Instant,
-    order: u64,
-}
-
-/// The place in line of a waiter that was answered `rate_limited` after [`MAX_WAIT`]: kept for
-/// [`PLACE_KEPT`], so its caller asking again (same id) gets its place back, and nobody behind it
-/// gets a permit in between.
-struct Place {
-    id: String,
-    rates: Vec<String>,
-    priority: Priority,
-    order: u64,
-    until: Instant,
-}
-
-/// How long a place in line waits for its caller to ask again.
-const PLACE_KEPT: Duration = Duration::from_secs(1);
-
-/// One request: its operation, the request itself, its decoded body and its wire format.
-struct Item {
-    op: &'static str,
-    req: async_nats::service::Request,
-    body: Result<BudgetRequest, BudgetReply>,
-    format: WireFormat,
-}
-
-/// A decided request, its answer and the entry that records it.
-struct Decided {
-    req: async_nats::service::Request,
-    reply: BudgetReply,
-    entry: Option<LedgerEntry>,
-    format: WireFormat,
-}
-
-/// The active keeper's state.
-struct Keeper<'a> {
-    fleet: &'a Fleet,
-    snapshots: &'a ObjectStore,
-    snapshot_every: u64,
-    /// The entry of the last snapshot taken (or loaded), and the one being saved.
-    snapshot_seq: u64,
-    saving: Option<tokio::task::JoinHandle<()>>,
-    ledger: Ledger,
-    /// The ledger stream's last sequence as this keeper knows it (the fence of its next write).
-    last_seq: u64,
-    waiters: Vec<Waiter>,
-    places: Vec<Place>,
-    order: u64,
-}
-
-/// Why serving stopped.
-#[derive(Debug, thiserror::Error)]
-enum Stop {
-    #[error("another budget-keeper wrote to the ledger")]
-    Fenced,
-    #[error("the ledger could not be rebuilt after a failed write: {0}")]
-    Rebuild(String),
-}
-
 async fn serve_as_leader(
     fleet: &Fleet,
     snapshots: &ObjectStore,
@@ -255,35 +92,24 @@ async fn serve_as_leader(
         took_ms = started.elapsed().as_millis(),
         "active budget-keeper: ledger rebuilt"
     );
-    let mut keeper = Keeper {
-        fleet,
-        snapshots,
-        snapshot_every: settings.snapshot_every,
-        snapshot_seq: last_seq,
-        saving: None,
-        ledger,
-        last_seq,
-        waiters: Vec::new(),
-        places: Vec::new(),
-        order: 0,
-    };
+    let mut keeper = Keeper::new(fleet, snapshots, settings.snapshot_every, ledger, last_seq);
     let svc = fleet
         .client
         .service_builder()
-        .description(
-            "Flotilla budgets: reserve, commit, release, set, show, carve, close, rate, backoff, price",
-        )
+        .description(format!(
+            "Flotilla budgets: {}",
+            BudgetOp::ALL.iter().map(|op| op.as_str()).collect::<Vec<_>>().join(", ")
+        ))
         .start("flotilla-budget", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("failed to start the budget micro service: {e}"))?;
-    let mut endpoints: Vec<
-        futures::stream::BoxStream<'static, (&'static str, async_nats::service::Request)>,
-    > = Vec::new();
-    for op in OPS {
+    let mut endpoints: Vec<futures::stream::BoxStream<'static, (BudgetOp, async_nats::service::Request)>> =
+        Vec::new();
+    for &op in BudgetOp::ALL {
         let ep: Endpoint = svc
             .endpoint_builder()
-            .name(op)
-            .add(fleet.names.budget_subject(op))
+            .name(op.as_str())
+            .add(fleet.names.budget_subject(op.as_str()))
             .await
             .map_err(|e| anyhow::anyhow!("failed to add the {op} endpoint: {e}"))?;
         endpoints.push(ep.map(move |r| (op, r)).boxed());
@@ -303,7 +129,7 @@ async fn serve_as_leader(
                 }
                 continue;
             }
-            _ = poll.tick(), if !keeper.waiters.is_empty() || !keeper.places.is_empty() => {
+            _ = poll.tick(), if keeper.has_waiting() => {
                 if let Err(e) = keeper.round(Vec::new(), false).await {
                     break Err(e);
                 }
@@ -318,602 +144,14 @@ async fn serve_as_leader(
                 _ => break,
             }
         }
-        let items = batch
-            .into_iter()
-            .filter(|(op, req)| {
-                let ok = reply_allowed(req.message.reply.as_deref().unwrap_or_default(), &own);
-                if !ok {
-                    tracing::warn!(op, reply = ?req.message.reply, "request with a reply subject into the fleet's own or the system's subjects dropped");
-                }
-                ok
-            })
-            .map(|(op, req)| item(op, req))
-            .collect();
+        let items =
+            batch.into_iter().filter_map(|(op, req)| crate::request::receive(op, req, &own)).collect();
         if let Err(e) = keeper.round(items, false).await {
             break Err(e);
         }
     };
     // Stop taking requests before anything else: a standby answers them from now on.
     let _ = svc.stop().await;
-    for w in std::mem::take(&mut keeper.waiters) {
-        respond(w.item.req, w.item.format, refused("unavailable", "the budget-keeper is handing over")).await;
-    }
+    keeper.hand_over().await;
     result.map_err(anyhow::Error::from)
-}
-
-/// A reply may not go where it would be stored or acted on: the fleet's own subjects (its
-/// streams, the ledger among them) or the server's (`$JS`, `$KV`, `$O`, `$SRV`, `$SYS`). Answering
-/// there would let any client write into the ledger and knock the keeper off its fence.
-fn reply_allowed(reply: &str, own_prefix: &str) -> bool {
-    !reply.is_empty()
-        && !reply.starts_with(own_prefix)
-        && !["$JS.", "$KV.", "$O.", "$SRV.", "$SYS.", "$JSC."].iter().any(|p| reply.starts_with(p))
-}
-
-fn item(op: &'static str, req: async_nats::service::Request) -> Item {
-    let ct = req
-        .message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned());
-    let format = if codec::is_json(ct.as_deref(), &req.message.payload) {
-        WireFormat::Json
-    } else {
-        WireFormat::Msgpack
-    };
-    let body = codec::decode::<BudgetRequest>(ct.as_deref(), &req.message.payload)
-        .map_err(|e| refused(e.reason.code(), e.message));
-    Item { op, req, body, format }
-}
-
-impl Keeper<'_> {
-    /// One round: decides the new requests (a reservation that must wait for a rate permit
-    /// joins the waiters), then the waiters in priority order, expires leases when `expire`,
-    /// writes every change (and budget event) in one go, and answers.
-    #[tracing::instrument(skip_all, fields(new = items.len(), waiting = self.waiters.len()))]
-    async fn round(&mut self, items: Vec<Item>, expire: bool) -> Result<(), Stop> {
-        let now = now_ms();
-        let mut decided: Vec<Decided> = Vec::with_capacity(items.len());
-        let mut entries_only: Vec<LedgerEntry> = Vec::new();
-        // Rate limits with waiters: a newcomer queues behind them, whatever its priority (the
-        // waiters are sorted below).
-        let waiting: HashSet<String> = self
-            .waiters
-            .iter()
-            .filter_map(|w| w.item.body.as_ref().ok())
-            .flat_map(|b| b.rates.clone())
-            .chain(self.places.iter().filter(|p| p.until > Instant::now()).flat_map(|p| p.rates.clone()))
-            .collect();
-        for it in items {
-            let body = match &it.body {
-                Ok(b) => b,
-                Err(reply) => {
-                    let reply = reply.clone();
-                    decided.push(Decided { req: it.req, reply, entry: None, format: it.format });
-                    continue;
-                }
-            };
-            // (A reservation asked again that already holds its permit is answered at once.)
-            let holds = body.id.as_deref().is_some_and(|id| self.ledger.is_open(id));
-            if it.op == "reserve" && !holds && body.rates.iter().any(|r| waiting.contains(r)) {
-                self.wait(it);
-                continue;
-            }
-            let (mut reply, changed) = apply(&mut self.ledger, it.op, body, now);
-            if is_code(&reply, "rate_limited") {
-                self.wait(it);
-                continue;
-            }
-            if let Some(rate) = reply.rate.as_mut() {
-                rate.waiting = self
-                    .waiters
-                    .iter()
-                    .filter(|w| w.item.body.as_ref().is_ok_and(|b| b.rates.contains(&rate.rate)))
-                    .count() as u64;
-            }
-            let entry = changed.then(|| LedgerEntry {
-                op: it.op.to_owned(),
-                at_ms: now,
-                request: body.clone(),
-                reply: reply.clone(),
-            });
-            decided.push(Decided { req: it.req, reply, entry, format: it.format });
-        }
-        self.decide_waiters(now, &mut decided);
-        if expire {
-            for id in self.ledger.expire(now) {
-                tracing::info!(reservation = %id, "reservation lease ran out; tokens released");
-                entries_only.push(LedgerEntry {
-                    op: "expire".to_owned(),
-                    at_ms: now,
-                    request: BudgetRequest { id: Some(id), ..Default::default() },
-                    reply: BudgetReply::default(),
-                });
-            }
-        }
-        for alert in self.ledger.alerts(now) {
-            entries_only.push(self.alert_entry(&alert, now));
-        }
-        self.record_and_answer(decided, entries_only).await?;
-        self.snapshot_if_due();
-        Ok(())
-    }
-
-    /// Saves a snapshot (in the background, one at a time) once enough entries came after the
-    /// last one.
-    fn snapshot_if_due(&mut self) {
-        if self.snapshot_every == 0 || self.last_seq < self.snapshot_seq.saturating_add(self.snapshot_every) {
-            return;
-        }
-        if self.saving.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
-        }
-        let (store, ledger, seq) = (self.snapshots.clone(), self.ledger.clone(), self.last_seq);
-        self.snapshot_seq = seq;
-        self.saving = Some(tokio::spawn(async move {
-            if let Err(e) = crate::snapshot::save(&store, ledger, seq).await {
-                tracing::warn!(error = %e, "failed to save a ledger snapshot; the next one will try again");
-            }
-        }));
-    }
-
-    fn wait(&mut self, item: Item) {
-        let priority = item.body.as_ref().ok().and_then(|b| b.priority).unwrap_or_default();
-        let id = item.body.as_ref().ok().and_then(|b| b.id.clone());
-        // The same reservation asked again while it waits (its caller timed out): the newer
-        // request takes the older one's place; the older one's caller is gone.
-        if let Some(id) = &id
-            && let Some(w) = self
-                .waiters
-                .iter_mut()
-                .find(|w| w.item.body.as_ref().ok().and_then(|b| b.id.as_ref()) == Some(id))
-        {
-            w.item = item;
-            w.since = Instant::now();
-            return;
-        }
-        // A caller asking again after `rate_limited` gets its place in line back.
-        let kept =
-            id.and_then(|id| self.places.iter().position(|p| p.id == id)).map(|i| self.places.remove(i));
-        let order = match kept {
-            Some(p) => p.order,
-            None => {
-                self.order += 1;
-                self.order
-            }
-        };
-        self.waiters.push(Waiter { item, priority, since: Instant::now(), order });
-    }
-
-    /// Gives waiting reservations their permits, most urgent first; once one waiter of a rate
-    /// limit cannot have a permit, no later one of that limit gets one in this round.
-    fn decide_waiters(&mut self, now: u64, decided: &mut Vec<Decided>) {
-        self.places.retain(|p| p.until > Instant::now());
-        if self.waiters.is_empty() {
-            return;
-        }
-        self.waiters.sort_by_key(|w| (w.priority, w.order));
-        // Places in line whose callers are about to ask again block their limits for everyone
-        // behind them.
-        let places: Vec<(Priority, u64, Vec<String>)> =
-            self.places.iter().map(|p| (p.priority, p.order, p.rates.clone())).collect();
-        let mut blocked: HashSet<String> = HashSet::new();
-        let mut still = Vec::new();
-        for w in std::mem::take(&mut self.waiters) {
-            for (_, _, rates) in places.iter().filter(|(p, o, _)| (*p, *o) < (w.priority, w.order)) {
-                blocked.extend(rates.iter().cloned());
-            }
-            let Ok(body) = &w.item.body else { continue };
-            let behind = body.rates.iter().any(|r| blocked.contains(r));
-            let (mut reply, changed) = if behind {
-                (refused("rate_limited", "waiting behind more urgent calls"), false)
-            } else {
-                apply(&mut self.ledger, w.item.op, body, now)
-            };
-            if is_code(&reply, "rate_limited") {
-                blocked.extend(body.rates.iter().cloned());
-                if w.since.elapsed() < MAX_WAIT {
-                    still.push(w);
-                    continue;
-                }
-                // Answered before the caller's request times out; its place in line is kept
-                // for a moment, and it should ask again at once.
-                reply.error = Some(ErrorInfo::new(
-                    "rate_limited",
-                    format!(
-                        "no rate permit within {} s; ask again now to keep your place",
-                        MAX_WAIT.as_secs()
-                    ),
-                ));
-                reply.retry_after_ms = Some(0);
-                if let Some(id) = body.id.clone() {
-                    self.places.push(Place {
-                        id,
-                        rates: body.rates.clone(),
-                        priority: w.priority,
-                        order: w.order,
-                        until: Instant::now() + PLACE_KEPT,
-                    });
-                }
-            }
-            let entry = changed.then(|| LedgerEntry {
-                op: w.item.op.to_owned(),
-                at_ms: now,
-                request: body.clone(),
-                reply: reply.clone(),
-            });
-            decided.push(Decided { req: w.item.req, reply, entry, format: w.item.format });
-        }
-        self.waiters = still;
-    }
-
-    fn alert_entry(&mut self, alert: &Alert, now: u64) -> LedgerEntry {
-        let budget = status(&mut self.ledger, &alert.scope, now);
-        let pct = alert.threshold.map(|t| format!(" ({t} %)")).unwrap_or_default();
-        tracing::warn!(scope = %alert.scope, kind = alert.kind, "budget {}{pct}", alert.kind);
-        LedgerEntry {
-            op: alert.kind.to_owned(),
-            at_ms: now,
-            request: BudgetRequest {
-                scope: Some(alert.scope.clone()),
-                warn_at: alert.threshold.map(|t| vec![t]),
-                ..Default::default()
-            },
-            reply: BudgetReply { budget, ..Default::default() },
-        }
-    }
-
-    /// Writes the round's entries (all sent, each fenced by the sequence before it, then all
-    /// acks awaited), then answers in order. From the first entry that was not stored on, every
-    /// answer is `unavailable` (what came after may have depended on it) and the ledger is
-    /// rebuilt from the stream; a fence that fails means another keeper wrote: this one stops.
-    async fn record_and_answer(
-        &mut self,
-        decided: Vec<Decided>,
-        extra: Vec<LedgerEntry>,
-    ) -> Result<(), Stop> {
-        let mut pending: Vec<Option<Pending>> = Vec::with_capacity(decided.len() + extra.len());
-        let mut failed_at: Option<usize> = None;
-        let entries = decided.iter().map(|d| d.entry.as_ref()).chain(extra.iter().map(Some));
-        for (i, entry) in entries.enumerate() {
-            let Some(e) = entry else {
-                pending.push(None);
-                continue;
-            };
-            if failed_at.is_some() {
-                pending.push(None);
-                continue;
-            }
-            let expected = self.last_seq;
-            match self.fleet.send_fenced(self.fleet.names.ledger_subject(&e.op), e, expected).await {
-                Ok(p) => {
-                    self.last_seq += 1;
-                    pending.push(Some(p));
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "failed to record a budget change");
-                    failed_at = Some(i);
-                    pending.push(None);
-                }
-            }
-        }
-        let mut fenced = false;
-        let mut results: Vec<bool> = Vec::with_capacity(pending.len());
-        for (i, p) in pending.into_iter().enumerate() {
-            let stored = match p {
-                None => failed_at.is_none_or(|at| i < at),
-                Some(p) => match p.confirmed().await {
-                    Ok(()) => true,
-                    Err(FleetError::Exists { .. }) => {
-                        fenced = true;
-                        false
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "a budget change was not stored");
-                        false
-                    }
-                },
-            };
-            if !stored {
-                failed_at = Some(failed_at.map_or(i, |a| a.min(i)));
-            }
-            results.push(stored);
-        }
-        for (i, d) in decided.into_iter().enumerate() {
-            let reply = if failed_at.is_some_and(|at| i >= at) {
-                refused("unavailable", "the ledger could not be written; ask again with the same id")
-            } else {
-                d.reply
-            };
-            respond(d.req, d.format, reply).await;
-        }
-        if fenced {
-            return Err(Stop::Fenced);
-        }
-        if failed_at.is_some() {
-            // What was decided but not stored must not count: the stream is the truth.
-            match rebuild(self.fleet, Some(self.snapshots)).await {
-                Ok((l, seq)) => {
-                    self.ledger = l;
-                    self.last_seq = seq;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "failed to rebuild the budget ledger");
-                    return Err(Stop::Rebuild(e.to_string()));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-async fn respond(req: async_nats::service::Request, format: WireFormat, reply: BudgetReply) {
-    let body = codec::encode(format, &reply)
-        .map(Bytes::from)
-        .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
-    if let Err(e) = req.respond(body).instrument(tracing::debug_span!("respond")).await {
-        tracing::debug!(error = %e, "failed to answer a budget request");
-    }
-}
-
-fn is_code(reply: &BudgetReply, code: &str) -> bool {
-    reply.error.as_ref().is_some_and(|e| e.code == code)
-}
-
-fn refused(code: &str, message: impl Into<String>) -> BudgetReply {
-    BudgetReply { error: Some(ErrorInfo::new(code, message)), ..Default::default() }
-}
-
-fn refusal(r: Refusal) -> BudgetReply {
-    let (code, retry) = match &r {
-        Refusal::Exhausted { .. } => ("budget_exceeded", None),
-        Refusal::Wait { retry_after_ms, .. } => ("budget_wait", Some(*retry_after_ms)),
-        Refusal::RateLimited { retry_after_ms, .. } => ("rate_limited", Some(*retry_after_ms)),
-        Refusal::Closed(_) => ("budget_closed", None),
-        Refusal::UnknownScope(_) => ("unknown_scope", None),
-        Refusal::UnknownReservation(_) => ("unknown_reservation", None),
-        Refusal::Ended(..) => ("reservation_ended", None),
-        Refusal::Mismatch(_) => ("reservation_mismatch", None),
-        Refusal::Invalid => ("invalid_request", None),
-    };
-    BudgetReply { retry_after_ms: retry, ..refused(code, r.to_string()) }
-}
-
-#[allow(clippy::cast_precision_loss)]
-fn usd(nusd: u64) -> f64 {
-    nusd as f64 / 1e9
-}
-
-fn status(ledger: &mut Ledger, scope: &str, now: u64) -> Option<BudgetStatus> {
-    if is_default(scope) {
-        let (limit, rules) = ledger.default_of(scope)?.clone();
-        return Some(BudgetStatus {
-            scope: scope.to_owned(),
-            limit_tokens: Some(limit.tokens),
-            window_ms: window_ms(limit.window),
-            policy: rules.policy.name().to_owned(),
-            warn_at: rules.warn_at,
-            ..Default::default()
-        });
-    }
-    let b = ledger.budget(scope, now)?;
-    Some(BudgetStatus {
-        scope: scope.to_owned(),
-        limit_tokens: b.is_limited().then_some(b.limit.tokens),
-        window_ms: window_ms(b.limit.window),
-        used: b.used,
-        held: b.held,
-        available: b.is_limited().then(|| b.available()),
-        cost_usd: usd(b.cost_nusd),
-        policy: b.rules.policy.name().to_owned(),
-        warn_at: b.rules.warn_at.clone(),
-        closed_at_ms: b.closed_ms,
-        carved_by: b.carved_by.clone(),
-    })
-}
-
-fn window_ms(w: Window) -> Option<u64> {
-    match w {
-        Window::Total => None,
-        Window::Rolling { ms } => Some(ms),
-    }
-}
-
-fn rate_status(ledger: &mut Ledger, key: &str, now: u64) -> Option<RateStatus> {
-    let r = ledger.rate(key, now)?;
-    Some(RateStatus {
-        rate: key.to_owned(),
-        rpm: r.rpm,
-        tpm: r.tpm,
-        window_ms: r.window_ms,
-        requests: r.requests(),
-        tokens: r.tokens(),
-        waiting: 0,
-        blocked_until_ms: (r.blocked_until > now).then_some(r.blocked_until),
-    })
-}
-
-fn reserve_of(r: &BudgetRequest, id: String, want: u64) -> Reserve {
-    Reserve {
-        id,
-        scopes: r.scopes.clone(),
-        want,
-        min: r.min.unwrap_or(1).min(want),
-        lease_ms: r.lease_ms.unwrap_or(DEFAULT_LEASE_MS),
-        limits: r.limits.clone(),
-        model: r.model.clone(),
-        rates: r.rates.clone(),
-    }
-}
-
-fn granted(g: Grant, now: u64) -> BudgetReply {
-    BudgetReply {
-        tokens: Some(g.tokens),
-        expires_ms: Some(g.expires_ms),
-        lease_left_ms: Some(g.expires_ms.saturating_sub(now)),
-        ..Default::default()
-    }
-}
-
-/// Applies one operation at `now`; returns the answer and whether the ledger changed (then it is
-/// recorded). The replay calls this too, with each entry's time.
-pub fn apply(ledger: &mut Ledger, op: &str, r: &BudgetRequest, now: u64) -> (BudgetReply, bool) {
-    let need_id = || r.id.clone().filter(|id| !id.is_empty());
-    let need_scope = || r.scope.clone().filter(|s| !s.is_empty());
-    match op {
-        "reserve" => {
-            let (Some(id), Some(want)) = (need_id(), r.want) else {
-                return (refused("invalid_request", "reserve needs id and want"), false);
-            };
-            let open_before = ledger.is_open(&id);
-            match ledger.reserve(reserve_of(r, id, want), now) {
-                Ok(g) => (granted(g, now), !open_before),
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "carve" => {
-            let (Some(id), Some(want), Some(child)) = (need_id(), r.want, need_scope()) else {
-                return (refused("invalid_request", "carve needs id, want and scope (the child's)"), false);
-            };
-            let open_before = ledger.is_open(&id);
-            let mut req = reserve_of(r, id, want);
-            req.rates.clear();
-            match ledger.carve(req, &child, now) {
-                Ok(g) => (granted(g, now), !open_before),
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "close" => {
-            let Some(scope) = need_scope() else {
-                return (refused("invalid_request", "close needs scope"), false);
-            };
-            match ledger.close(&scope, now) {
-                Ok(changed) => {
-                    (BudgetReply { budget: status(ledger, &scope, now), ..Default::default() }, changed)
-                }
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "commit" | "release" | "expire" => {
-            let Some(id) = need_id() else {
-                return (refused("invalid_request", format!("{op} needs id")), false);
-            };
-            let mut open_before = ledger.is_open(&id);
-            let result = match op {
-                "commit" => match r.used {
-                    Some(used) => ledger.commit_priced(&id, used, r.prompt_tokens, now),
-                    None => return (refused("invalid_request", "commit needs used"), false),
-                },
-                "release" => ledger.release_or_forbid(&id, now).map(|(end, marked)| {
-                    open_before |= marked;
-                    end
-                }),
-                _ => {
-                    ledger.expire(now);
-                    return (BudgetReply::default(), false);
-                }
-            };
-            match result {
-                Ok(End::Committed { charged, over, cost_nusd }) => (
-                    BudgetReply {
-                        charged: Some(charged),
-                        over: Some(over),
-                        cost_usd: cost_nusd.map(usd),
-                        ..Default::default()
-                    },
-                    open_before,
-                ),
-                Ok(_) => (BudgetReply::default(), open_before),
-                Err(e) => (refusal(e), false),
-            }
-        }
-        "set" => {
-            let (Some(scope), Some(tokens)) = (need_scope(), r.limit_tokens) else {
-                return (refused("invalid_request", "set needs scope and limit_tokens"), false);
-            };
-            let window = match r.window_ms {
-                Some(0) => return (refused("invalid_request", "window_ms must be positive"), false),
-                Some(ms) => Window::Rolling { ms },
-                None => Window::Total,
-            };
-            let policy = match r.policy.as_deref().map(Policy::parse) {
-                None => Policy::Fail,
-                Some(Some(p)) => p,
-                Some(None) => return (refused("invalid_request", "policy must be fail or wait"), false),
-            };
-            let warn_at = match &r.warn_at {
-                None => Rules::default().warn_at,
-                Some(w) if w.iter().any(|p| *p == 0 || *p > 100) => {
-                    return (refused("invalid_request", "warn_at percentages must be 1 to 100"), false);
-                }
-                Some(w) => w.clone(),
-            };
-            if tokens == UNLIMITED {
-                return (refused("invalid_request", "limit_tokens is too large"), false);
-            }
-            ledger.set(&scope, Limit { tokens, window }, Rules { policy, warn_at }, now);
-            (BudgetReply { budget: status(ledger, &scope, now), ..Default::default() }, true)
-        }
-        "show" => {
-            if let Some(key) = r.rate.clone() {
-                return match rate_status(ledger, &key, now) {
-                    Some(s) => (BudgetReply { rate: Some(s), ..Default::default() }, false),
-                    None => (refused("unknown_scope", format!("no rate limit {key:?}")), false),
-                };
-            }
-            let Some(scope) = r.scope.clone() else {
-                return (refused("invalid_request", "show needs scope or rate"), false);
-            };
-            match status(ledger, &scope, now) {
-                Some(b) => (BudgetReply { budget: Some(b), ..Default::default() }, false),
-                None => (refused("unknown_scope", format!("no budget is set for scope {scope:?}")), false),
-            }
-        }
-        "rate" => {
-            let Some(key) = r.rate.clone().filter(|k| !k.is_empty()) else {
-                return (refused("invalid_request", "rate needs rate (the key)"), false);
-            };
-            if r.rpm.is_none() && r.tpm.is_none() {
-                return (refused("invalid_request", "rate needs rpm or tpm"), false);
-            }
-            if r.window_ms == Some(0) {
-                return (refused("invalid_request", "window_ms must be positive"), false);
-            }
-            ledger.set_rate(&key, r.rpm, r.tpm, r.window_ms.unwrap_or(60_000));
-            (BudgetReply { rate: rate_status(ledger, &key, now), ..Default::default() }, true)
-        }
-        "backoff" => {
-            let Some(ms) = r.retry_after_ms.filter(|_| !r.rates.is_empty()) else {
-                return (refused("invalid_request", "backoff needs rates and retry_after_ms"), false);
-            };
-            // A provider's hint is capped: a bogus one must not stop the fleet for long.
-            let until = now.saturating_add(ms.min(10 * 60 * 1000));
-            for key in &r.rates {
-                ledger.backoff(key, until);
-            }
-            (BudgetReply::default(), true)
-        }
-        "price" => {
-            let (Some(model), Some(input), Some(output)) =
-                (r.model.clone().filter(|m| !m.is_empty()), r.input_usd_per_mtok, r.output_usd_per_mtok)
-            else {
-                return (
-                    refused(
-                        "invalid_request",
-                        "price needs model, input_usd_per_mtok and output_usd_per_mtok",
-                    ),
-                    false,
-                );
-            };
-            if !(input.is_finite() && output.is_finite() && input >= 0.0 && output >= 0.0) {
-                return (refused("invalid_request", "prices must be finite and not negative"), false);
-            }
-            ledger.set_price(&model, Price { input_per_mtok: input, output_per_mtok: output });
-            (BudgetReply::default(), true)
-        }
-        // Budget events: recorded for auditors, nothing to replay.
-        "warning" | "exhausted" | "refilled" => (BudgetReply::default(), false),
-        other => (refused("invalid_request", format!("no operation {other:?}")), false),
-    }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flotilla_budget_keeper::ledger::Ledger;
-use flotilla_protocol::BudgetRequest;
+use flotilla_protocol::{CommitRequest, ReserveRequest, SetRequest, ShowRequest};
 use flotilla_service::Fleet;
 use flotilla_service::budget::Client;
 use flotilla_testkit::stub_llm::{Reply, StubLlm};
@@ -85,15 +85,15 @@ async fn run(fleet: &Fleet, stub: &StubLlm, halfway: impl FnOnce() + Send + 'sta
                 }
                 let id = format!("w{w}-c{c}");
                 let abandon = (w + c) % 10 == 0;
-                let req = BudgetRequest {
-                    id: Some(id.clone()),
+                let req = ReserveRequest {
+                    id: id.clone(),
                     scopes: vec![SCOPE.into()],
-                    want: Some(WANT),
+                    want: WANT,
                     min: Some(WANT),
                     lease_ms: Some(if abandon { 1_500 } else { 120_000 }),
                     ..Default::default()
                 };
-                let tokens = match client.call("reserve", &req).await {
+                let tokens = match client.call(&req).await {
                     Ok(r) => r.tokens.unwrap(),
                     // An abandoned reservation stored but not answered before a kill may have
                     // expired by the time it is asked again.
@@ -108,8 +108,8 @@ async fn run(fleet: &Fleet, stub: &StubLlm, halfway: impl FnOnce() + Send + 'sta
                     continue;
                 }
                 let used = llm_call(&http, &stub, tokens).await;
-                let commit = BudgetRequest { id: Some(id), used: Some(used), ..Default::default() };
-                let r = client.call("commit", &commit).await.unwrap();
+                let commit = CommitRequest { id, used, ..Default::default() };
+                let r = client.call(&commit).await.unwrap();
                 assert_eq!((r.charged, r.over), (Some(used), Some(0)));
                 reported += used;
             }
@@ -126,9 +126,9 @@ async fn run(fleet: &Fleet, stub: &StubLlm, halfway: impl FnOnce() + Send + 'sta
 /// Checks the ledger and the final state.
 async fn check(fleet: &Fleet, reported: u64) {
     let client = Client::new(fleet.clone());
-    let show = BudgetRequest { scope: Some(SCOPE.into()), ..Default::default() };
+    let show = ShowRequest { scope: Some(SCOPE.into()), ..Default::default() };
     let b = eventually(Duration::from_secs(20), "abandoned reservations to expire", || async {
-        let b = client.call("show", &show).await.ok()?.budget?;
+        let b = client.call(&show).await.ok()?.budget?;
         (b.held == 0).then_some(b)
     })
     .await;
@@ -137,7 +137,7 @@ async fn check(fleet: &Fleet, reported: u64) {
     let mut replay = Ledger::new(u64::MAX);
     let mut peak = 0;
     for e in &entries {
-        flotilla_budget_keeper::service::apply(&mut replay, &e.op, &e.request, e.at_ms);
+        flotilla_budget_keeper::replay::apply_entry(&mut replay, e);
         if let Some(b) = replay.budget(SCOPE, e.at_ms) {
             assert!(b.used + b.held <= LIMIT, "overspent after {e:?}");
             peak = peak.max(b.used + b.held);
@@ -146,8 +146,8 @@ async fn check(fleet: &Fleet, reported: u64) {
     let end = replay.budget(SCOPE, u64::MAX / 2).unwrap();
     assert_eq!(end.used, reported, "the replayed ledger ends where the keeper did");
     assert!(peak > LIMIT * 9 / 10, "the budget was under pressure (peak {peak})");
-    assert!(entries.iter().any(|e| e.op == "expire"), "abandoned reservations expired");
-    assert!(entries.iter().any(|e| e.op == "exhausted"), "exhaustion was recorded");
+    assert!(entries.iter().any(|e| e.op() == "expire"), "abandoned reservations expired");
+    assert!(entries.iter().any(|e| e.op() == "exhausted"), "exhaustion was recorded");
 }
 
 async fn setup(server: &NatsServer) -> (Fleet, StubLlm) {
@@ -166,8 +166,8 @@ async fn setup(server: &NatsServer) -> (Fleet, StubLlm) {
 async fn set_limit(fleet: &Fleet) {
     let mut client = Client::new(fleet.clone());
     client.request_timeout = Duration::from_secs(2);
-    let set = BudgetRequest { scope: Some(SCOPE.into()), limit_tokens: Some(LIMIT), ..Default::default() };
-    let r = client.call("set", &set).await.unwrap();
+    let set = SetRequest { scope: SCOPE.into(), limit_tokens: LIMIT, ..Default::default() };
+    let r = client.call(&set).await.unwrap();
     assert_eq!(r.budget.unwrap().available, Some(LIMIT));
 }
 

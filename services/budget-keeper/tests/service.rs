@@ -9,7 +9,10 @@ mod common;
 use std::time::Duration;
 
 use flotilla_budget_keeper::ledger::Ledger;
-use flotilla_protocol::{BudgetReply, BudgetRequest, WireFormat, codec, headers};
+use flotilla_protocol::{
+    BudgetOperation, BudgetReply, CommitRequest, LedgerChange, RateRequest, ReserveRequest, SetRequest,
+    ShowRequest, WireFormat, codec, headers,
+};
 use flotilla_service::Fleet;
 use flotilla_service::Service as _;
 use flotilla_testkit::{NatsServer, eventually};
@@ -37,11 +40,11 @@ impl Keeper {
     }
 }
 
-async fn call(fleet: &Fleet, op: &str, req: &BudgetRequest) -> BudgetReply {
+async fn call<R: BudgetOperation>(fleet: &Fleet, req: &R) -> BudgetReply {
     let body = codec::encode(WireFormat::Msgpack, req).unwrap();
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
-        fleet.client.request(fleet.names.budget_subject(op), body.into()),
+        fleet.client.request(fleet.names.budget_subject(R::OP.as_str()), body.into()),
     )
     .await
     .expect("the budget-keeper answers")
@@ -49,19 +52,19 @@ async fn call(fleet: &Fleet, op: &str, req: &BudgetRequest) -> BudgetReply {
     codec::decode(None, &reply.payload).unwrap()
 }
 
-fn reserve(id: &str, want: u64, lease_ms: u64) -> BudgetRequest {
-    BudgetRequest {
-        id: Some(id.into()),
+fn reserve(id: &str, want: u64, lease_ms: u64) -> ReserveRequest {
+    ReserveRequest {
+        id: id.into(),
         scopes: vec!["tenant.acme".into()],
-        want: Some(want),
+        want,
         min: Some(1),
         lease_ms: Some(lease_ms),
         ..Default::default()
     }
 }
 
-fn show() -> BudgetRequest {
-    BudgetRequest { scope: Some("tenant.acme".into()), ..Default::default() }
+fn show() -> ShowRequest {
+    ShowRequest { scope: Some("tenant.acme".into()), ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,9 +72,9 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     let server = NatsServer::start();
     let (fleet, _) = server.fleet("t").await;
     let keeper = start(&server, "bk-1").await;
-    let set = BudgetRequest {
-        scope: Some("tenant.acme".into()),
-        limit_tokens: Some(LIMIT),
+    let set = SetRequest {
+        scope: "tenant.acme".into(),
+        limit_tokens: LIMIT,
         window_ms: Some(24 * 3600 * 1000),
         ..Default::default()
     };
@@ -94,7 +97,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
             for c in 0..10u64 {
                 let id = format!("w{w}-c{c}");
                 let abandon = (w + c) % 10 == 0;
-                let r = call(&fleet, "reserve", &reserve(&id, 300, if abandon { 800 } else { 60_000 })).await;
+                let r = call(&fleet, &reserve(&id, 300, if abandon { 800 } else { 60_000 })).await;
                 let Some(tokens) = r.tokens else {
                     assert_eq!(r.error.unwrap().code, "budget_exceeded");
                     refused += 1;
@@ -105,9 +108,9 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
                 }
                 // The call used part of what it held; the commit is delivered twice.
                 let used = tokens.min(100 + (w * 7 + c * 13) % 200);
-                let commit = BudgetRequest { id: Some(id.clone()), used: Some(used), ..Default::default() };
-                let first = call(&fleet, "commit", &commit).await;
-                let again = call(&fleet, "commit", &commit).await;
+                let commit = CommitRequest { id: id.clone(), used, ..Default::default() };
+                let first = call(&fleet, &commit).await;
+                let again = call(&fleet, &commit).await;
                 assert_eq!(first, again, "a repeated commit answers as the first");
                 charged += first.charged.unwrap();
             }
@@ -125,7 +128,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
 
     // Abandoned reservations expire and give their tokens back.
     let status = eventually(Duration::from_secs(10), "abandoned reservations to expire", || async {
-        let b = call(&fleet, "show", &show()).await.budget.unwrap();
+        let b = call(&fleet, &show()).await.budget.unwrap();
         (b.held == 0).then_some(b)
     })
     .await;
@@ -137,14 +140,14 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     let mut replay = Ledger::new(u64::MAX);
     let mut max_committed_and_held = 0;
     for e in &entries {
-        flotilla_budget_keeper::service::apply(&mut replay, &e.op, &e.request, e.at_ms);
+        flotilla_budget_keeper::replay::apply_entry(&mut replay, e);
         if let Some(b) = replay.budget("tenant.acme", e.at_ms) {
             assert!(b.used + b.held <= LIMIT, "overspent after {e:?}");
             max_committed_and_held = max_committed_and_held.max(b.used + b.held);
         }
     }
     assert!(max_committed_and_held > LIMIT / 2);
-    assert!(entries.iter().any(|e| e.op == "expire"), "expiries are in the ledger");
+    assert!(entries.iter().any(|e| e.op() == "expire"), "expiries are in the ledger");
 
     // A restarted budget-keeper rebuilds the same state from the ledger.
     keeper.stop().await;
@@ -158,13 +161,10 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     assert_eq!((after.used, after.held), (status.used, status.held));
     // Keys used before the restart are still known: a repeated commit charges nothing new, an
     // ended key cannot hold again.
-    let commit = BudgetRequest { id: Some("w1-c1".into()), used: Some(5), ..Default::default() };
-    assert!(call(&fleet, "commit", &commit).await.error.is_none());
-    assert_eq!(
-        call(&fleet, "reserve", &reserve("w1-c1", 300, 60_000)).await.error.unwrap().code,
-        "reservation_ended"
-    );
-    assert_eq!(call(&fleet, "show", &show()).await.budget.unwrap().used, status.used);
+    let commit = CommitRequest { id: "w1-c1".into(), used: 5, ..Default::default() };
+    assert!(call(&fleet, &commit).await.error.is_none());
+    assert_eq!(call(&fleet, &reserve("w1-c1", 300, 60_000)).await.error.unwrap().code, "reservation_ended");
+    assert_eq!(call(&fleet, &show()).await.budget.unwrap().used, status.used);
 
     // Any client: JSON in, JSON out; bad input gets a coded error.
     let json = fleet
@@ -216,7 +216,7 @@ async fn concurrent_reservations_never_overspend_and_survive_a_restart() {
     fleet.client.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(common::ledger_entries(&fleet).await.len(), before, "no answer was stored in the ledger");
-    let r = call(&fleet, "reserve", &reserve("after-forgery", 10, 60_000)).await;
+    let r = call(&fleet, &reserve("after-forgery", 10, 60_000)).await;
     assert_eq!(r.tokens, Some(10), "the keeper still writes to its ledger");
     keeper.stop().await;
 }
@@ -226,15 +226,14 @@ async fn scarce_rate_permits_go_to_the_most_urgent_waiter_first() {
     let server = NatsServer::start();
     let (fleet, _) = server.fleet("t").await;
     let keeper = start(&server, "bk-1").await;
-    let rate =
-        BudgetRequest { rate: Some("p/m".into()), rpm: Some(2), window_ms: Some(500), ..Default::default() };
+    let rate = RateRequest { rate: "p/m".into(), rpm: Some(2), window_ms: Some(500), ..Default::default() };
     eventually(Duration::from_secs(10), "the budget-keeper to answer", || async {
         let body = codec::encode(WireFormat::Msgpack, &rate).unwrap();
         let reply = fleet.client.request(fleet.names.budget_subject("rate"), body.into()).await.ok()?;
         codec::decode::<BudgetReply>(None, &reply.payload).ok()?.rate
     })
     .await;
-    let ask = |id: &str, priority: flotilla_protocol::Priority| BudgetRequest {
+    let ask = |id: &str, priority: flotilla_protocol::Priority| ReserveRequest {
         rates: vec!["p/m".into()],
         priority: Some(priority),
         ..reserve(id, 10, 60_000)
@@ -242,19 +241,19 @@ async fn scarce_rate_permits_go_to_the_most_urgent_waiter_first() {
     use flotilla_protocol::Priority;
     // Two permits go at once; the next ones wait for the window (plus its margin) to pass.
     for id in ["first", "second"] {
-        assert_eq!(call(&fleet, "reserve", &ask(id, Priority::NORMAL)).await.tokens, Some(10));
+        assert_eq!(call(&fleet, &ask(id, Priority::NORMAL)).await.tokens, Some(10));
     }
     let started = std::time::Instant::now();
     let batch = {
         let fleet = fleet.clone();
         let r = ask("batch", Priority::BATCH);
-        tokio::spawn(async move { call(&fleet, "reserve", &r).await })
+        tokio::spawn(async move { call(&fleet, &r).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let urgent = {
         let fleet = fleet.clone();
         let r = ask("urgent", Priority::INTERACTIVE);
-        tokio::spawn(async move { call(&fleet, "reserve", &r).await })
+        tokio::spawn(async move { call(&fleet, &r).await })
     };
     assert_eq!(urgent.await.unwrap().tokens, Some(10));
     assert_eq!(batch.await.unwrap().tokens, Some(10));
@@ -263,8 +262,10 @@ async fn scarce_rate_permits_go_to_the_most_urgent_waiter_first() {
     let order: Vec<String> = common::ledger_entries(&fleet)
         .await
         .into_iter()
-        .filter(|e| e.op == "reserve")
-        .map(|e| e.request.id.unwrap())
+        .filter_map(|e| match e.change {
+            LedgerChange::Reserve(r) => Some(r.id),
+            _ => None,
+        })
         .collect();
     assert_eq!(order, ["first", "second", "urgent", "batch"]);
     keeper.stop().await;

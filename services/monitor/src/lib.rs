@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use flotilla_protocol::{AgentRecord, codec, time::now_ms};
+use flotilla_protocol::{AgentRecord, LedgerOp, codec, time::now_ms};
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -63,23 +63,9 @@ struct OpLabel {
     op: String,
 }
 
-/// Budget ledger entry kinds counted under their own label.
-const LEDGER_OPS: [&str; 14] = [
-    "reserve",
-    "commit",
-    "release",
-    "set",
-    "carve",
-    "close",
-    "rate",
-    "backoff",
-    "price",
-    "expire",
-    "warning",
-    "exhausted",
-    "refilled",
-    "other",
-];
+/// The label of ledger entries on subjects that name no ledger change of this version (the
+/// others are counted under their change's name, [`LedgerOp`]: the label set stays bounded).
+const OTHER_LEDGER_OP: &str = "other";
 
 /// Most distinct model labels (models come from fleet files, but a bound keeps a bad publisher
 /// from growing the label set).
@@ -345,7 +331,7 @@ fn count_event(metrics: &Metrics, msg: &async_nats::jetstream::Message) {
 /// expects of a restarted process).
 fn count_ledger_entry(metrics: &Metrics, msg: &async_nats::jetstream::Message) {
     let op = msg.subject.rsplit('.').next().unwrap_or_default();
-    let op = if LEDGER_OPS.contains(&op) { op } else { "other" };
+    let op = op.parse::<LedgerOp>().map_or(OTHER_LEDGER_OP, LedgerOp::as_str);
     metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
 }
 

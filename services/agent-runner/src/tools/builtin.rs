@@ -275,8 +275,8 @@ async fn carve(ctx: &ToolCtx, child: &str, asked: Option<u64>) -> Result<Option<
     let want = match asked {
         Some(n) => n,
         None => {
-            let show = flotilla_protocol::BudgetRequest { scope: Some(parent.clone()), ..Default::default() };
-            match client.call("show", &show).await {
+            let show = flotilla_protocol::ShowRequest { scope: Some(parent.clone()), ..Default::default() };
+            match client.call(&show).await {
                 Ok(r) => r.budget.and_then(|b| b.available).unwrap_or(cap),
                 Err(e) if e.code() == "unknown_scope" => cap,
                 Err(e) => return Err(ToolError::new(format!("cannot read this task's budget: {e}"))),
@@ -292,16 +292,16 @@ async fn carve(ctx: &ToolCtx, child: &str, asked: Option<u64>) -> Result<Option<
         .deadline_ms
         .map_or(24 * 3600 * 1000, |d| d.saturating_sub(flotilla_protocol::time::now_ms()))
         .max(60_000);
-    let req = flotilla_protocol::BudgetRequest {
-        id: Some(format!("carve:{child}")),
+    let req = flotilla_protocol::CarveRequest {
+        id: format!("carve:{child}"),
         scopes: vec![parent.clone()],
-        want: Some(want),
+        want,
         lease_ms: Some(lease_ms),
-        scope: Some(crate::budget::task_scope(child)),
+        scope: crate::budget::task_scope(child),
         limits: [(parent, cap)].into_iter().collect(),
         ..Default::default()
     };
-    match client.call("carve", &req).await {
+    match client.call(&req).await {
         Ok(r) => {
             tracing::info!(child, tokens = r.tokens, "carved the sub-task's budget out of this task's");
             Ok(r.tokens)
