@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use flotilla_protocol::{
-    BudgetOperation, BudgetReply, BudgetStatus, CloseRequest, LedgerChange, LedgerEntry, Names, PriceRequest,
-    RateRequest, RateStatus, SetRequest, ShowRequest, WireFormat, codec,
+    BudgetOperation, BudgetReply, BudgetStatus, CloseRequest, LedgerChange, LedgerEntry, PriceRequest,
+    RateRequest, RateStatus, SetRequest, ShowRequest, codec,
 };
 
-use crate::client::connect;
+use crate::client::{connect, request};
 use crate::{Cli, Failure, exit};
+use flotilla_service::Fleet;
 
 #[derive(Debug, clap::Args)]
 pub struct BudgetArgs {
@@ -86,7 +87,6 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
         return ledger(cli, scope.as_deref(), *follow).await;
     }
     let fleet = connect(cli).await?;
-    let (client, names) = (&fleet.client, &fleet.names);
     let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let reply = match &args.command {
         BudgetCommand::Set { scope, tokens, window, policy, warn_at } => {
@@ -97,18 +97,18 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
                 policy: Some(policy.clone()),
                 warn_at: (!warn_at.is_empty()).then(|| warn_at.clone()),
             };
-            ask(&client, &names, &req).await?
+            ask(&fleet, &req).await?
         }
         BudgetCommand::Show { scope } => {
-            ask(&client, &names, &ShowRequest { scope: Some(scope.clone()), rate: None }).await?
+            ask(&fleet, &ShowRequest { scope: Some(scope.clone()), rate: None }).await?
         }
         BudgetCommand::Rate { key, rpm: None, tpm: None, window: None } => {
-            ask(&client, &names, &ShowRequest { scope: None, rate: Some(key.clone()) }).await?
+            ask(&fleet, &ShowRequest { scope: None, rate: Some(key.clone()) }).await?
         }
         BudgetCommand::Rate { key, rpm, tpm, window } => {
             let req =
                 RateRequest { window_ms: window.as_ref().map(ms), rate: key.clone(), rpm: *rpm, tpm: *tpm };
-            ask(&client, &names, &req).await?
+            ask(&fleet, &req).await?
         }
         BudgetCommand::Ledger { .. } => return Ok(()),
         BudgetCommand::Price { model, input, output } => {
@@ -117,7 +117,7 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
                 input_usd_per_mtok: *input,
                 output_usd_per_mtok: *output,
             };
-            ask(&client, &names, &req).await?
+            ask(&fleet, &req).await?
         }
     };
     if let Some(e) = reply.error {
@@ -145,25 +145,8 @@ pub async fn run(cli: &Cli, args: &BudgetArgs) -> Result<(), Failure> {
 }
 
 /// One request to the budget-keeper, on its operation's subject, waiting 10 s for the answer.
-async fn ask<R: BudgetOperation>(
-    client: &async_nats::Client,
-    names: &Names,
-    req: &R,
-) -> Result<BudgetReply, Failure> {
-    let subject = names.budget_subject(R::OP.as_str());
-    let body = codec::encode(WireFormat::Msgpack, req).context("failed to encode the request")?;
-    let msg = tokio::time::timeout(Duration::from_secs(10), client.request(subject.clone(), body.into()))
-        .await
-        .map_err(|_| {
-            Failure::new(exit::TIMEOUT, anyhow::anyhow!("the budget-keeper did not answer within 10 s"))
-        })?
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::NoResponders => {
-                Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("no budget-keeper answers on {subject}"))
-            }
-            _ => Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("budget request failed: {e}")),
-        })?;
-    Ok(codec::decode(None, &msg.payload).context("unreadable budget reply")?)
+async fn ask<R: BudgetOperation>(fleet: &Fleet, req: &R) -> Result<BudgetReply, Failure> {
+    request(fleet, fleet.names.budget_subject(R::OP.as_str()), "budget-keeper", req).await
 }
 
 fn print_budget(b: &BudgetStatus) {

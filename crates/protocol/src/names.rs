@@ -282,11 +282,6 @@ impl Names {
         format!("{}_approvals", self.lower)
     }
 
-    /// KV bucket: token budgets, owned by the budget-keeper.
-    pub fn budgets_bucket(&self) -> String {
-        format!("{}_budgets", self.lower)
-    }
-
     /// Object store: snapshots of the budget ledger's state, owned by the budget-keeper.
     pub fn budget_snapshots_bucket(&self) -> String {
         format!("{}_budget_snapshots", self.lower)

@@ -1,13 +1,12 @@
-//! The budget-keeper: owns the budgets bucket (the active keeper's lease, [`leader`]) and the
-//! ledger stream (both ensured at start), answers health requests and, while active, serves
-//! token budgets, rate limits and prices ([`service`] on `<p>.budget.<op>`) from its [`ledger`],
-//! every change recorded in the ledger stream first. What each operation does is [`apply`]; a
+//! The budget-keeper: owns the ledger stream and the snapshot store (both ensured at start),
+//! answers health requests and, while it holds the `budget-keeper` lease
+//! ([`flotilla_service::lease`]), serves token budgets, rate limits and prices ([`service`] on
+//! `<p>.budget.<op>`) from its [`ledger`], every change recorded in the ledger stream first. What each operation does is [`apply`]; a
 //! keeper taking over rebuilds the ledger by [`replay`]; requests are taken in and decided in
 //! rounds by the private `request` and `batch` modules.
 
 pub mod apply;
 mod batch;
-pub mod leader;
 pub mod ledger;
 pub mod replay;
 mod request;
@@ -17,8 +16,8 @@ pub mod snapshot;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{kv, stream};
-use flotilla_service::{Fleet, Topology};
+use flotilla_protocol::names::lease_key;
+use flotilla_service::{Fleet, Topology, lease};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -26,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
-    /// Replicas of the budgets bucket and the ledger stream.
+    /// Replicas of the ledger stream and the snapshot store (default: the fleet's).
     pub replicas: Option<usize>,
     /// Length of the active keeper's lease: a standby takes over this long after the active
-    /// keeper died.
+    /// keeper died (300 ms to 20 s).
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
     /// Ledger entries between two snapshots of the state (0: none; a keeper taking over then
@@ -39,8 +38,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let s = service::Settings::default();
-        Self { replicas: None, lease: s.lease, snapshot_every: s.snapshot_every }
+        Self {
+            replicas: None,
+            lease: Duration::from_secs(3),
+            snapshot_every: service::Settings::default().snapshot_every,
+        }
     }
 }
 
@@ -48,6 +50,19 @@ impl Default for Config {
 #[derive(Debug, Clone, Default)]
 pub struct BudgetKeeper {
     config: Config,
+}
+
+impl Config {
+    /// Refuses settings that cannot work.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (lease::MIN_TTL..=lease::MAX_TTL).contains(&self.lease),
+            "budget_keeper.lease must be between {:?} and {:?}",
+            lease::MIN_TTL,
+            lease::MAX_TTL
+        );
+        Ok(())
+    }
 }
 
 impl BudgetKeeper {
@@ -63,31 +78,19 @@ impl flotilla_service::Service for BudgetKeeper {
     /// requests, and serves budgets while this keeper holds the lease, until `shutdown`.
     async fn run(self, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = self.config;
+        config.validate()?;
         let replicas = config.replicas.unwrap_or(topology.replicas);
-        let bucket = fleet.names.budgets_bucket();
-        let store = flotilla_service::topology::ensure_bucket(
-            &fleet.js,
-            flotilla_service::Mode::Own,
-            kv::Config {
-                bucket: bucket.clone(),
-                description: "Flotilla: token budgets and their usage".to_owned(),
-                history: 1,
-                max_age: Duration::ZERO,
-                num_replicas: replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let lease_store = store.clone();
-        let store = Arc::new(store);
-        let health = flotilla_service::health::serve(
-            fleet.clone(),
-            Self::NAME,
-            Arc::new(move || serde_json::json!({ "bucket": store.name })),
-            shutdown.clone(),
-        )
-        .await?;
+        let lease_status = Arc::new(lease::LeaseStatus::default());
+        let health = {
+            let lease_status = lease_status.clone();
+            let details = move || {
+                let mut d = serde_json::json!({});
+                lease_status.add_details(&mut d);
+                d
+            };
+            flotilla_service::health::serve(fleet.clone(), Self::NAME, Arc::new(details), shutdown.clone())
+                .await?
+        };
         // The ledger stream is the budget-keeper's own: ensured here too, so it serves even where
         // nothing else ensured the fleet's streams.
         let settings = flotilla_service::StreamSettings { replicas, ..Default::default() };
@@ -100,10 +103,12 @@ impl flotilla_service::Service for BudgetKeeper {
             .get_or_create_stream(ledger)
             .await
             .map_err(|e| anyhow::anyhow!("failed to ensure the ledger stream: {e}"))?;
-        tracing::info!(bucket = %bucket, "budget-keeper ready");
+        tracing::info!(ledger = %fleet.names.ledger_stream(), "budget-keeper ready");
         let snapshots = snapshot::ensure(&fleet, replicas).await?;
-        let settings = service::Settings { lease: config.lease, snapshot_every: config.snapshot_every };
-        let served = service::serve(fleet, lease_store, snapshots, settings, shutdown.clone()).await;
+        let settings = service::Settings { snapshot_every: config.snapshot_every };
+        let role = lease::Role { key: lease_key::BUDGET_KEEPER, ttl: config.lease, status: lease_status };
+        let served =
+            service::serve(fleet, topology.leases.clone(), role, snapshots, settings, shutdown.clone()).await;
         shutdown.cancel();
         let _ = health.await;
         served

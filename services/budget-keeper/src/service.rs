@@ -1,5 +1,6 @@
 //! The budget service: the operations of [`BudgetOp`] on `<p>.budget.<op>` (a NATS micro
-//! service, `flotilla-budget`), answered by the keeper that holds the lease ([`crate::leader`]).
+//! service, `flotilla-budget`), answered by the keeper that holds the lease
+//! ([`flotilla_service::lease`], key `budget-keeper`).
 //! On taking the lease the ledger is rebuilt from the ledger stream ([`crate::replay`]); then
 //! requests are taken in (`request`) and decided in rounds (`batch`), every change recorded in
 //! the ledger stream, fenced by the stream's last sequence, and stored before it is answered.
@@ -11,7 +12,7 @@ use async_nats::jetstream::object_store::ObjectStore;
 use async_nats::service::ServiceExt as _;
 use async_nats::service::endpoint::Endpoint;
 use flotilla_protocol::BudgetOp;
-use flotilla_service::Fleet;
+use flotilla_service::{Fleet, lease};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -24,58 +25,39 @@ const BATCH: usize = 512;
 /// How often waiting reservations are looked at again.
 const WAIT_POLL: Duration = Duration::from_millis(25);
 
-/// What a keeper needs.
+/// What the active keeper needs besides NATS.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Length of the leader lease.
-    pub lease: Duration,
     /// Ledger entries between two snapshots of the state (0: none).
     pub snapshot_every: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { lease: Duration::from_secs(3), snapshot_every: 10_000 }
+        Self { snapshot_every: 10_000 }
     }
 }
 
-/// Serves budget requests while this keeper holds the lease, until `shutdown`.
+/// Serves budget requests while this keeper holds the lease (`role` in `leases`), until
+/// `shutdown`. A keeper whose serving fails (a rebuild that cannot be trusted, a fenced write)
+/// releases the lease and competes again only after a backoff.
 pub async fn serve(
     fleet: Fleet,
-    store: kv::Store,
+    leases: kv::Store,
+    role: lease::Role,
     snapshots: ObjectStore,
     settings: Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let me = fleet.instance.clone();
-    loop {
-        let Some(held) = crate::leader::acquire(&store, &me, settings.lease, &shutdown).await else {
-            return Ok(());
-        };
-        let lost = shutdown.child_token();
-        let keeper =
-            tokio::spawn(crate::leader::keep(store.clone(), me.clone(), settings.lease, held, lost.clone()));
-        let result = serve_as_leader(&fleet, &snapshots, &settings, &lost).await;
-        let resigning = shutdown.is_cancelled();
-        lost.cancel();
-        let _ = keeper.await;
-        match result {
-            Ok(()) if resigning => {
-                crate::leader::resign(&store, &me).await;
-                return Ok(());
-            }
-            Ok(()) => tracing::warn!("no longer the active budget-keeper"),
-            Err(e) => {
-                tracing::error!(error = %e, "budget-keeper stepped down");
-                // Let another keeper try before this one does again.
-                crate::leader::resign(&store, &me).await;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(settings.lease) => {}
-                }
-            }
+    let work = {
+        let fleet = fleet.clone();
+        move |lost: CancellationToken| {
+            let (fleet, snapshots, settings) = (fleet.clone(), snapshots.clone(), settings.clone());
+            async move { serve_as_leader(&fleet, &snapshots, &settings, &lost).await }
         }
-    }
+    };
+    lease::hold(fleet, leases, role, shutdown, work).await;
+    Ok(())
 }
 
 async fn serve_as_leader(

@@ -201,10 +201,13 @@ async fn killing_the_active_keeper_halfway_loses_no_commit_and_overspends_nothin
     killer.await.unwrap();
     check(&fleet, reported).await;
     // The standby answered the second half: it holds the lease now.
-    let kv = fleet.js.get_key_value(fleet.names.budgets_bucket()).await.unwrap();
-    let lease: serde_json::Value =
-        serde_json::from_slice(&kv.get(flotilla_budget_keeper::leader::KEY).await.unwrap().unwrap()).unwrap();
-    assert_eq!(lease["holder"], "bk-b");
+    let leases = fleet.js.get_key_value(fleet.names.leases_bucket()).await.unwrap();
+    let (lease, _) = fleet
+        .kv_get::<flotilla_protocol::Lease>(&leases, flotilla_protocol::names::lease_key::BUDGET_KEEPER)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.holder, "bk-b");
     // It started from a snapshot, and its answers (checked above against a replay of the whole
     // ledger) are the same.
     let store = fleet.js.get_object_store(fleet.names.budget_snapshots_bucket()).await.unwrap();

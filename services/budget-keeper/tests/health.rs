@@ -1,4 +1,5 @@
-//! The budget-keeper ensures its bucket and answers health requests, also as a NATS micro service.
+//! The budget-keeper ensures its ledger stream and snapshot store and answers health requests,
+//! also as a NATS micro service.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -8,7 +9,7 @@ use flotilla_testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ensures_its_bucket_and_answers_health() {
+async fn ensures_its_ledger_and_answers_health() {
     let server = NatsServer::start();
     let (fleet, topology) = server.fleet("bk1").await;
     let shutdown = CancellationToken::new();
@@ -24,7 +25,8 @@ async fn ensures_its_bucket_and_answers_health() {
     assert_eq!(h.service, "budget-keeper");
     assert_eq!(h.instance, "bk1");
     assert_eq!(h.status, "ok");
-    assert!(fleet.js.get_key_value(fleet.names.budgets_bucket()).await.is_ok());
+    assert!(fleet.js.get_stream(fleet.names.ledger_stream()).await.is_ok());
+    assert!(fleet.js.get_object_store(fleet.names.budget_snapshots_bucket()).await.is_ok());
 
     // Discoverable through the micro service protocol.
     let ping = fleet.client.request("$SRV.PING.flotilla-budget-keeper", "".into()).await.unwrap();
