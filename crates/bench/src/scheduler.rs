@@ -1,7 +1,7 @@
 //! Part (d) of `flotilla-bench dispatcher`: the scheduling core alone, without NATS. It registers
 //! many agents, queues many tasks the way the scheduler does (one `Queued` per task record), then
 //! times `next()` decisions; and it measures the heap the core holds per queued task, and what the
-//! scheduler's per-task record cache (`TaskView` in `scheduler.rs`) adds on top.
+//! scheduler's per-task record cache (`TaskView` in `scheduler/projection.rs`) adds on top.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -117,9 +117,9 @@ fn delta(after: usize, before: usize) -> isize {
 }
 
 /// Runs part (d). Blocking and CPU-bound: call it off the async runtime.
-/// The shape of the scheduler's `TaskView` for a queued task: revision, state, attempt, deadline,
-/// last update, runner, and the record kept encoded as stored.
-type CachedView = (u64, flotilla_protocol::TaskState, u32, Option<u64>, u64, Option<String>, Box<[u8]>);
+/// The shape of the scheduler's `TaskView` (`scheduler/projection.rs`) for a queued task:
+/// revision, state, deadline, and the record kept encoded as stored.
+type CachedView = (u64, flotilla_protocol::TaskState, Option<u64>, Box<[u8]>);
 
 pub fn run(agents: u32, queued_tasks: usize, decisions: usize) -> anyhow::Result<Figures> {
     let mut core = RunQueue::new(Policy::default());
@@ -143,15 +143,7 @@ pub fn run(agents: u32, queued_tasks: usize, decisions: usize) -> anyhow::Result
             .map_err(|r| anyhow::anyhow!("bench submission rejected: {}", r.message))?;
         let encoded = flotilla_protocol::codec::encode(flotilla_protocol::WireFormat::Msgpack, &rec)
             .context("failed to encode a bench record")?;
-        let view = (
-            u64::try_from(i).unwrap_or(0),
-            rec.state,
-            rec.attempt,
-            rec.deadline_ms,
-            rec.updated_at_ms,
-            rec.runner_id.clone(),
-            Box::<[u8]>::from(encoded),
-        );
+        let view = (u64::try_from(i).unwrap_or(0), rec.state, rec.deadline_ms, Box::<[u8]>::from(encoded));
         cache.insert(id, view);
     }
     let cache_bytes = delta(heap::live_bytes(), cache_before);
@@ -161,7 +153,7 @@ pub fn run(agents: u32, queued_tasks: usize, decisions: usize) -> anyhow::Result
     for view in cache.values() {
         // As the scheduler does when it needs the record: decode the kept bytes.
         let rec: TaskRecord =
-            flotilla_protocol::codec::decode(None, &view.6).context("failed to decode a bench record")?;
+            flotilla_protocol::codec::decode(None, &view.3).context("failed to decode a bench record")?;
         core.enqueue(queued(&rec), Now::current());
     }
     let enqueue_s = t.elapsed().as_secs_f64();

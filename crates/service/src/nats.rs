@@ -394,6 +394,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn answers_go_only_outside_the_fleet_s_and_the_server_s_subjects() {
+        let names = Names::default();
+        assert!(reply_allowed("_INBOX.abc.1", &names));
+        assert!(!reply_allowed("", &names));
+        assert!(!reply_allowed("flotilla.ledger.reserve", &names));
+        assert!(reply_allowed("flotillas.x", &names), "only the prefix's own subjects");
+        for system in ["$JS.API.x", "$KV.b.k", "$O.s", "$SRV.PING", "$SYS.REQ", "$JSC.R"] {
+            assert!(!reply_allowed(system, &names), "{system}");
+        }
+    }
+
+    #[test]
     fn event_msg_ids_tell_steps_and_partial_text_apart() {
         let mut e = TaskEvent::new("t1", "progress");
         e.attempt = Some(2);

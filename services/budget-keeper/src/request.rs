@@ -3,7 +3,8 @@
 //! answered in the format it came in.
 
 use bytes::Bytes;
-use flotilla_protocol::{BudgetCommand, BudgetOp, BudgetReply, WireFormat, codec, headers};
+use flotilla_protocol::{BudgetCommand, BudgetOp, BudgetReply, Names, WireFormat, codec};
+use flotilla_service::nats::{content_type, format_of, reply_allowed};
 use tracing::Instrument as _;
 
 /// Who asked, and how to answer them.
@@ -20,14 +21,15 @@ pub(crate) struct Incoming {
 }
 
 /// Takes a request of `op` in: `None` (dropped, with a warning) when its reply subject is one the
-/// keeper must not write to (see [`reply_allowed`]), else the request decoded.
+/// keeper must not write to ([`reply_allowed`]: answering into the fleet's own subjects would let
+/// any client write into the ledger and knock the keeper off its fence), else the request decoded.
 #[tracing::instrument(level = "debug", skip_all, fields(op = %op))]
 pub(crate) fn receive(
     op: BudgetOp,
     request: async_nats::service::Request,
-    own_prefix: &str,
+    names: &Names,
 ) -> Option<Incoming> {
-    if !reply_allowed(request.message.reply.as_deref().unwrap_or_default(), own_prefix) {
+    if !reply_allowed(request.message.reply.as_deref().unwrap_or_default(), names) {
         tracing::warn!(
             op = %op,
             reply = ?request.message.reply,
@@ -35,32 +37,14 @@ pub(crate) fn receive(
         );
         return None;
     }
-    let ct = request
-        .message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned());
-    let format = if codec::is_json(ct.as_deref(), &request.message.payload) {
-        WireFormat::Json
-    } else {
-        WireFormat::Msgpack
-    };
-    let command = BudgetCommand::decode(op, ct.as_deref(), &request.message.payload)
+    let message = &request.message;
+    let format = format_of(message.headers.as_ref(), &message.payload);
+    let command = BudgetCommand::decode(op, content_type(message.headers.as_ref()), &message.payload)
         .map_err(|error| BudgetReply { error: Some(error), ..Default::default() });
     if let Err(reply) = &command {
         tracing::debug!(error = ?reply.error, "budget request refused undecoded");
     }
     Some(Incoming { caller: Caller { request, format }, command })
-}
-
-/// A reply may not go where it would be stored or acted on: the fleet's own subjects (its
-/// streams, the ledger among them) or the server's (`$JS`, `$KV`, `$O`, `$SRV`, `$SYS`). Answering
-/// there would let any client write into the ledger and knock the keeper off its fence.
-fn reply_allowed(reply: &str, own_prefix: &str) -> bool {
-    !reply.is_empty()
-        && !reply.starts_with(own_prefix)
-        && !["$JS.", "$KV.", "$O.", "$SRV.", "$SYS.", "$JSC."].iter().any(|p| reply.starts_with(p))
 }
 
 impl Caller {
@@ -71,21 +55,6 @@ impl Caller {
             .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
         if let Err(e) = self.request.respond(body).instrument(tracing::debug_span!("respond")).await {
             tracing::debug!(error = %e, "failed to answer a budget request");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::reply_allowed;
-
-    #[test]
-    fn answers_go_only_outside_the_fleet_s_and_the_server_s_subjects() {
-        assert!(reply_allowed("_INBOX.abc.1", "flotilla."));
-        assert!(!reply_allowed("", "flotilla."));
-        assert!(!reply_allowed("flotilla.ledger.reserve", "flotilla."));
-        for system in ["$JS.API.x", "$KV.b.k", "$O.s", "$SRV.PING", "$SYS.REQ", "$JSC.R"] {
-            assert!(!reply_allowed(system, "flotilla."), "{system}");
         }
     }
 }

@@ -97,7 +97,6 @@ async fn serve_as_leader(
         endpoints.push(ep.map(move |r| (op, r)).boxed());
     }
     let mut requests = futures::stream::select_all(endpoints);
-    let own = format!("{}.", fleet.names.prefix());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll = tokio::time::interval(WAIT_POLL);
@@ -126,8 +125,10 @@ async fn serve_as_leader(
                 _ => break,
             }
         }
-        let items =
-            batch.into_iter().filter_map(|(op, req)| crate::request::receive(op, req, &own)).collect();
+        let items = batch
+            .into_iter()
+            .filter_map(|(op, req)| crate::request::receive(op, req, &fleet.names))
+            .collect();
         if let Err(e) = keeper.round(items, false).await {
             break Err(e);
         }
