@@ -99,6 +99,20 @@ pub struct Names {
     lower: String,
 }
 
+/// Accessors of [`Names`], one line each: `name(args) = form "text";` is a method returning
+/// `<form><text>` (`form`: the prefix as in subjects, its upper-case or its lower-case form),
+/// where `{arg}` in the text stands for the argument of that name.
+macro_rules! names {
+    ($( $(#[$doc:meta])* $name:ident($($arg:ident),*) = $form:ident $text:literal; )*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(&self, $($arg: &str),*) -> String {
+                format!(concat!("{}", $text), self.$form, $($arg = $arg),*)
+            }
+        )*
+    };
+}
+
 impl Names {
     /// Names for a fleet under `prefix`.
     pub fn new(prefix: Prefix) -> Self {
@@ -112,113 +126,91 @@ impl Names {
         &self.prefix
     }
 
-    // ---- subjects -------------------------------------------------------------------------
-
-    /// Where anyone submits a task: `<p>.tasks.submit`.
-    pub fn submit_subject(&self) -> String {
-        format!("{}.tasks.submit", self.prefix)
+    // ---- subjects of tasks and their events --------------------------------------------------
+    names! {
+        /// Where anyone submits a task.
+        submit_subject() = prefix ".tasks.submit";
+        /// One task event.
+        task_event_subject(task_id, kind) = prefix ".events.task.{task_id}.{kind}";
+        /// Every event of one task.
+        task_events_of(task_id) = prefix ".events.task.{task_id}.*";
+        /// Every task event of one kind.
+        task_events_kind(kind) = prefix ".events.task.*.{kind}";
+        /// Every task event.
+        task_events_all() = prefix ".events.task.>";
+        /// An agent's lifecycle event.
+        agent_event_subject(agent_id, kind) = prefix ".events.agent.{agent_id}.{kind}";
+        /// Every event (the events stream's subjects).
+        events_all() = prefix ".events.>";
     }
 
-    /// One task event: `<p>.events.task.<id>.<kind>`.
-    pub fn task_event_subject(&self, task_id: &str, kind: &str) -> String {
-        format!("{}.events.task.{task_id}.{kind}", self.prefix)
+    // ---- subjects of assignments, budgets and dead letters ---------------------------------
+    names! {
+        /// Assignments for one runner.
+        assign_subject(runner_id) = prefix ".assign.{runner_id}";
+        /// Every assignment.
+        assign_all() = prefix ".assign.*";
+        /// Requests to the budget-keeper, one subject per operation.
+        budget_subject(op) = prefix ".budget.{op}";
+        /// The ledger of budget changes, one subject per kind of change.
+        ledger_subject(op) = prefix ".ledger.{op}";
+        /// Every ledger entry.
+        ledger_all() = prefix ".ledger.>";
+        /// Dead-letter records from one source.
+        deadletter_subject(source) = prefix ".deadletter.{source}";
+        /// Every dead-letter record.
+        deadletter_all() = prefix ".deadletter.>";
     }
 
-    /// Every event of one task: `<p>.events.task.<id>.*`.
-    pub fn task_events_of(&self, task_id: &str) -> String {
-        format!("{}.events.task.{task_id}.*", self.prefix)
-    }
-
-    /// Every task event of one kind: `<p>.events.task.*.<kind>`.
-    pub fn task_events_kind(&self, kind: &str) -> String {
-        format!("{}.events.task.*.{kind}", self.prefix)
-    }
-
-    /// Every task event: `<p>.events.task.>`.
-    pub fn task_events_all(&self) -> String {
-        format!("{}.events.task.>", self.prefix)
-    }
-
-    /// Agent lifecycle event: `<p>.events.agent.<agent>.<kind>`.
-    pub fn agent_event_subject(&self, agent_id: &str, kind: &str) -> String {
-        format!("{}.events.agent.{agent_id}.{kind}", self.prefix)
-    }
-
-    /// Every event: `<p>.events.>`.
-    pub fn events_all(&self) -> String {
-        format!("{}.events.>", self.prefix)
-    }
-
-    /// Assignments for one runner: `<p>.assign.<runner>`.
-    pub fn assign_subject(&self, runner_id: &str) -> String {
-        format!("{}.assign.{runner_id}", self.prefix)
-    }
-
-    /// Every assignment: `<p>.assign.*`.
-    /// Budget-keeper requests: `<p>.budget.<op>`.
-    pub fn budget_subject(&self, op: &str) -> String {
-        format!("{}.budget.{op}", self.prefix)
-    }
-
-    /// The ledger of budget changes: `<p>.ledger.<op>`.
-    pub fn ledger_subject(&self, op: &str) -> String {
-        format!("{}.ledger.{op}", self.prefix)
-    }
-
-    /// Every ledger entry: `<p>.ledger.>`.
-    pub fn ledger_all(&self) -> String {
-        format!("{}.ledger.>", self.prefix)
-    }
-
-    /// Stream: the ledger of budget changes (the budget-keeper's state, replayable for audit).
-    pub fn ledger_stream(&self) -> String {
-        format!("{}_LEDGER", self.upper)
-    }
-
-    pub fn assign_all(&self) -> String {
-        format!("{}.assign.*", self.prefix)
-    }
-
-    /// Dead-letter records from one source: `<p>.deadletter.<source>`.
-    pub fn deadletter_subject(&self, source: &str) -> String {
-        format!("{}.deadletter.{source}", self.prefix)
-    }
-
-    /// Every dead-letter record: `<p>.deadletter.>`.
-    pub fn deadletter_all(&self) -> String {
-        format!("{}.deadletter.>", self.prefix)
-    }
-
-    /// Health request subject of one service: `<p>.health.<service>`.
-    pub fn health_subject(&self, service: &str) -> String {
-        format!("{}.health.{service}", self.prefix)
-    }
-
-    /// Health request subject of one instance of a service: `<p>.health.<service>.<instance>`.
-    pub fn instance_health_subject(&self, service: &str, instance: &str) -> String {
-        format!("{}.health.{service}.{instance}", self.prefix)
+    // ---- request/reply subjects ------------------------------------------------------------
+    names! {
+        /// Health requests to one service (any instance answers).
+        health_subject(service) = prefix ".health.{service}";
+        /// Health requests to one instance of a service.
+        instance_health_subject(service, instance) = prefix ".health.{service}.{instance}";
+        /// The active dispatcher's queue report, for a `QueueRequest`.
+        dispatcher_queue() = prefix ".dispatcher.queue";
+        /// Cancelling a task, answered by the active dispatcher, for a `CancelRequest`.
+        dispatcher_cancel() = prefix ".dispatcher.cancel";
+        /// A runner's fleet changes: `scale` (a `ScaleRequest`), `stop` (a `StopAgentRequest`),
+        /// `cancel` (a `CancelTask`, no reply).
+        runner_control(runner_id, op) = prefix ".runners.{runner_id}.{op}";
+        /// An agent's inbox for direct messages.
+        agent_inbox(agent_id) = prefix ".agents.{agent_id}.inbox";
+        /// A topic an agent's `publish` tool writes to.
+        topic_subject(topic) = prefix ".topics.{topic}";
     }
 
     // ---- streams ---------------------------------------------------------------------------
-
-    /// Stream capturing submissions.
-    pub fn submissions_stream(&self) -> String {
-        format!("{}_SUBMISSIONS", self.upper)
+    names! {
+        /// Submissions.
+        submissions_stream() = upper "_SUBMISSIONS";
+        /// Every event: the audit trail (limits retention).
+        events_stream() = upper "_EVENTS";
+        /// Assignments to runners (work queue).
+        assignments_stream() = upper "_ASSIGNMENTS";
+        /// Dead-letter records.
+        deadletter_stream() = upper "_DEADLETTER";
+        /// The ledger of budget changes: the budget-keeper's state, replayable for audit.
+        ledger_stream() = upper "_LEDGER";
     }
 
-    /// Stream capturing every event (audit trail, limits retention).
-    pub fn events_stream(&self) -> String {
-        format!("{}_EVENTS", self.upper)
-    }
-
-    /// Work-queue stream of assignments to runners.
-    pub fn assignments_stream(&self) -> String {
-        format!("{}_ASSIGNMENTS", self.upper)
-    }
-
-    /// Stream of dead-letter records.
-    pub fn deadletter_stream(&self) -> String {
-        format!("{}_DEADLETTER", self.upper)
+    // ---- buckets ---------------------------------------------------------------------------
+    names! {
+        /// KV: the current record of every task, by task id.
+        tasks_bucket() = lower "_tasks";
+        /// KV: the agent registry with heartbeats, by agent id.
+        agents_bucket() = lower "_agents";
+        /// KV: every capability a fleet ever declared, by capability.
+        capabilities_bucket() = lower "_capabilities";
+        /// KV: agents' shared memory, keys `<namespace>.<key>`.
+        memory_bucket() = lower "_memory";
+        /// KV: requests for human approval, by task id.
+        approvals_bucket() = lower "_approvals";
+        /// KV: leases of exclusive roles, by role (see [`lease_key`]).
+        leases_bucket() = lower "_leases";
+        /// Object store: snapshots of the budget ledger's state.
+        budget_snapshots_bucket() = lower "_budget_snapshots";
     }
 
     // ---- consumers -------------------------------------------------------------------------
@@ -231,70 +223,6 @@ impl Names {
     /// A runner's durable consumer on its assignments.
     pub fn runner_consumer(&self, runner_id: &str) -> String {
         format!("runner-{runner_id}")
-    }
-
-    // ---- buckets ---------------------------------------------------------------------------
-
-    /// KV bucket: current record of every task, keyed by task id.
-    pub fn tasks_bucket(&self) -> String {
-        format!("{}_tasks", self.lower)
-    }
-
-    /// KV bucket: agent registry with heartbeats, keyed by agent id.
-    pub fn agents_bucket(&self) -> String {
-        format!("{}_agents", self.lower)
-    }
-
-    /// KV bucket: agents' shared memory, keys `<namespace>.<key>`.
-    pub fn memory_bucket(&self) -> String {
-        format!("{}_memory", self.lower)
-    }
-
-    /// An agent's inbox for direct messages (request/reply): `<p>.agents.<agent>.inbox`.
-    pub fn agent_inbox(&self, agent_id: &str) -> String {
-        format!("{}.agents.{agent_id}.inbox", self.prefix)
-    }
-
-    /// The active dispatcher's queue report (request/reply): `<p>.dispatcher.queue`.
-    pub fn dispatcher_queue(&self) -> String {
-        format!("{}.dispatcher.queue", self.prefix)
-    }
-
-    /// Cancelling a task (request/reply, answered by the active dispatcher):
-    /// `<p>.dispatcher.cancel` with a `CancelRequest`.
-    pub fn dispatcher_cancel(&self) -> String {
-        format!("{}.dispatcher.cancel", self.prefix)
-    }
-
-    /// A runner's fleet-change requests (request/reply): `<p>.runners.<runner>.scale` with a
-    /// `ScaleRequest`, `<p>.runners.<runner>.stop` with a `StopAgentRequest`.
-    pub fn runner_control(&self, runner_id: &str, op: &str) -> String {
-        format!("{}.runners.{runner_id}.{op}", self.prefix)
-    }
-
-    /// Topic an agent's `publish` tool writes to: `<p>.topics.<topic>`.
-    pub fn topic_subject(&self, topic: &str) -> String {
-        format!("{}.topics.{topic}", self.prefix)
-    }
-
-    /// KV bucket: requests for human approval, keyed by task id.
-    pub fn approvals_bucket(&self) -> String {
-        format!("{}_approvals", self.lower)
-    }
-
-    /// Object store: snapshots of the budget ledger's state, owned by the budget-keeper.
-    pub fn budget_snapshots_bucket(&self) -> String {
-        format!("{}_budget_snapshots", self.lower)
-    }
-
-    /// KV bucket: every capability ever declared by a fleet, keyed by capability.
-    pub fn capabilities_bucket(&self) -> String {
-        format!("{}_capabilities", self.lower)
-    }
-
-    /// KV bucket: leases of exclusive roles, keyed by role (see [`lease_key`]).
-    pub fn leases_bucket(&self) -> String {
-        format!("{}_leases", self.lower)
     }
 }
 
@@ -319,6 +247,10 @@ mod tests {
         assert_eq!(n.submissions_stream(), "ACME_FLEET_SUBMISSIONS");
         assert_eq!(n.tasks_bucket(), "acme_fleet_tasks");
         assert_eq!(n.leases_bucket(), "acme_fleet_leases");
+        assert_eq!(n.instance_health_subject("monitor", "m1"), "acme.fleet.health.monitor.m1");
+        assert_eq!(n.runner_control("r1", "scale"), "acme.fleet.runners.r1.scale");
+        assert_eq!(n.ledger_stream(), "ACME_FLEET_LEDGER");
+        assert_eq!(n.events_all(), "acme.fleet.events.>");
     }
 
     #[test]

@@ -62,6 +62,7 @@ impl AgentState {
 }
 
 /// A lifecycle transition, published on `<prefix>.events.agent.<agent_id>.<state>`.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentEvent {
     pub agent_id: String,
@@ -69,9 +70,7 @@ pub struct AgentEvent {
     pub from: AgentState,
     pub to: AgentState,
     /// The task the transition concerns, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub at_ms: u64,
 }
@@ -145,12 +144,12 @@ fn initializing() -> AgentState {
 }
 
 /// A direct message to an agent, sent as a request to its inbox.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DirectMessage {
     /// Sending agent (or any client).
     pub from: String,
     /// The task the sender works on, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
     pub message: Value,
     /// When true the receiving agent answers with its model; otherwise the runner only confirms
@@ -160,15 +159,13 @@ pub struct DirectMessage {
 }
 
 /// The answer to a [`DirectMessage`].
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DirectReply {
     pub agent_id: String,
     /// The agent's answer, when one was asked for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
 }
 
@@ -183,6 +180,7 @@ pub enum ApprovalStatus {
 
 /// A task's request for human approval, in the approvals bucket under the task id. The agent
 /// waits until `status` is decided (`flotilla approve|reject <task>`).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Approval {
     pub task_id: String,
@@ -191,10 +189,8 @@ pub struct Approval {
     pub agent_id: String,
     pub question: String,
     pub status: ApprovalStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
     pub asked_at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at_ms: Option<u64>,
 }
 

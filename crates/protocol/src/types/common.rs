@@ -30,6 +30,7 @@ pub(crate) fn default_tenant() -> String {
 pub const DEFAULT_TENANT: &str = "default";
 
 /// A message that could not be processed, with the reason and the original bytes.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DeadLetter {
     /// Component that gave up on the message, e.g. `dispatcher.intake`.
@@ -37,12 +38,10 @@ pub struct DeadLetter {
     /// Machine-readable reason code.
     pub reason: String,
     pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
     /// Subject the original message arrived on.
     pub subject: String,
     /// Stream sequence of the original message, when it came from a stream.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_sequence: Option<u64>,
     /// The original payload, base64 (standard alphabet), cut to the first 64 KiB.
     pub payload_base64: String,

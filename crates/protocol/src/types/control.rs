@@ -9,26 +9,24 @@ use super::*;
 
 /// Asks the active dispatcher to cancel a task that has not finished (`<p>.dispatcher.cancel`,
 /// request/reply, MessagePack or JSON; `flotilla cancel`). Answered with a [`CancelReply`].
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelRequest {
     pub task_id: String,
     /// Why; becomes the task's failure message (default "cancelled by an operator").
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
 /// The dispatcher's answer to a [`CancelRequest`]: the task's record as cancelled and the state
 /// it was in, or an `error` (codes: `not_found`, `already_finished`, `malformed` and the other
 /// codes of a bad request, `unavailable`).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CancelReply {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<Box<TaskRecord>>,
     /// The state the task was in before the cancel.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub was: Option<TaskState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
 }
 
@@ -75,6 +73,7 @@ pub struct StopAgentRequest {
 
 /// A runner's answer to a [`ScaleRequest`] or [`StopAgentRequest`]: the template's agents on that
 /// runner after the change, or an error.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct FleetChangeReply {
     pub runner_id: String,
@@ -87,16 +86,15 @@ pub struct FleetChangeReply {
     /// Agents that are finishing their tasks before they deregister.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stopping: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
 }
 
 /// Asks the active dispatcher for its queue (`<p>.dispatcher.queue`, request/reply, MessagePack
 /// or JSON; an empty body asks with the defaults). Answered with a [`QueueReport`].
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct QueueRequest {
     /// How many of the longest-waiting tasks to list (default 20, at most 1000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
 }
 

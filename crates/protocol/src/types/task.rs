@@ -11,11 +11,11 @@ use serde_json::Value;
 use super::*;
 
 /// A task as submitted by any NATS client on `<prefix>.tasks.submit` (JSON or MessagePack).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskSubmission {
     /// Task id: 1–128 of `[A-Za-z0-9_-]`. Generated when absent (or taken from `Nats-Msg-Id`).
     /// Submitting the same id again never runs the task twice.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The capability an agent must declare to run this task. Required.
     pub capability: String,
@@ -24,33 +24,25 @@ pub struct TaskSubmission {
     pub input: Value,
     /// 0 (most urgent) to 9, or one of `critical` (0), `interactive` (2), `normal` (5, default),
     /// `batch` (8).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
     /// Tenant the task is accounted to. Defaults to `default`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// Token budget for the whole task.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_tokens: Option<u64>,
     /// Time allowed from submission: milliseconds, or text such as `"30s"` or `"5m"`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<DurationSpec>,
     /// Absolute deadline: epoch milliseconds or RFC 3339 text. The earlier of `timeout` and
     /// `deadline` applies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<TimeSpec>,
     /// Affinity key: tasks sharing it prefer the agent that served the key last.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_key: Option<String>,
     /// The task that spawned this one, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
     /// Labels an agent must carry (e.g. `model`, `region`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Most attempts, 1–20 (default: the dispatcher's `default_max_attempts`, 3). An attempt
     /// that fails with a retryable error runs again after an exponential backoff.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
 }
 
@@ -229,6 +221,7 @@ impl Usage {
 }
 
 /// Token usage of one model call of a task.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CallUsage {
     /// Step of the agent loop (1-based).
@@ -237,7 +230,6 @@ pub struct CallUsage {
     pub usage: Usage,
     /// What the call cost in US dollars, by the budget-keeper's price table (absent when the
     /// model has no price or budgets are off).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
 }
 
@@ -351,6 +343,7 @@ impl Assignment {
 /// and `rejected` carry `error`; `progress` carries either a finished step (`step`, `usage`,
 /// `detail`) or, while a streaming model writes, a piece of its text (`step`, `text_delta`,
 /// `text_seq`).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskEvent {
     pub task_id: String,
@@ -358,47 +351,32 @@ pub struct TaskEvent {
     /// `completed`, `failed` or `requeued`.
     pub kind: String,
     pub at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capability: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     /// Why the scheduler made the decision this event reports (e.g. `least_loaded`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Step of the agent loop a `progress` event reports.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u32>,
     /// What a `progress` event reports: the step's text, tool calls and results.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Value>,
     /// Partial text of a `progress` event sent while the model is still writing its answer to
     /// `step`: the text produced since the previous such event. Concatenated in `text_seq` order,
     /// the deltas of a step are its answer text. Absent on the event that closes the step.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_delta: Option<String>,
     /// Position (from 1) of a `text_delta` among the partial-text events of its step.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_seq: Option<u32>,
     /// Usage of every model call (on `completed` and `failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<CallUsage>,
     /// What the task's model calls cost in US dollars (on `completed` and `failed`, when the
     /// budget-keeper has prices for the models used).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
 }
 

@@ -14,6 +14,7 @@ use super::*;
 
 /// The current record of a task, kept in the tasks KV bucket under its id. Every change to it is
 /// a revision-checked update, which is what fences claims and completions.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskRecord {
     pub id: String,
@@ -24,14 +25,10 @@ pub struct TaskRecord {
     pub priority: Priority,
     #[serde(default = "default_tenant")]
     pub tenant: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_tokens: Option<u64>,
     /// Epoch ms after which the task fails with `deadline_exceeded`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -41,28 +38,20 @@ pub struct TaskRecord {
     #[serde(default)]
     pub attempt: u32,
     /// Agent holding the current attempt.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
     /// Runner hosting that agent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_id: Option<String>,
     pub submitted_at_ms: u64,
     pub updated_at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
     /// Warnings about the submission (e.g. fields this version does not know).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
     /// W3C `traceparent` of the submission, so that all work on the task joins one trace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<String>,
     /// Sub-tasks this task delegated, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -287,17 +276,14 @@ impl TaskRecord {
 }
 
 /// One failed attempt of a task, kept in its record and in its dead letter.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AttemptRecord {
     pub attempt: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_id: Option<String>,
     pub error: ErrorInfo,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: u64,
 }

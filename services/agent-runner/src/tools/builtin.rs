@@ -1,5 +1,7 @@
-//! The built-in tools: shared memory (`memory_get`, `memory_put`, `memory_list`, in a KV bucket
-//! namespaced by tenant), `publish` to a topic, and `delegate` a sub-task and wait for it.
+//! The built-in tools, each a spec and an async function ([`builtins`]): shared memory
+//! (`memory_get`, `memory_put`, `memory_list`, in a KV bucket namespaced by tenant), `publish` to
+//! a topic, `delegate` a sub-task and wait for it, `ask_human` for approval, and `send_message` to
+//! another agent.
 
 use std::sync::Arc;
 
@@ -16,16 +18,47 @@ use serde_json::{Value, json};
 use super::{Tool, ToolCtx, ToolError};
 use crate::llm::ToolSpec;
 
+/// A built-in tool: its spec and the function that runs it.
+struct Builtin {
+    spec: ToolSpec,
+    run: for<'a> fn(&'a ToolCtx, Value) -> BoxFuture<'a, Result<Value, ToolError>>,
+}
+
+impl Builtin {
+    fn tool(
+        spec: ToolSpec,
+        run: for<'a> fn(&'a ToolCtx, Value) -> BoxFuture<'a, Result<Value, ToolError>>,
+    ) -> Arc<dyn Tool> {
+        Arc::new(Self { spec, run })
+    }
+}
+
+impl std::fmt::Debug for Builtin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builtin").field("name", &self.spec.name).finish_non_exhaustive()
+    }
+}
+
+impl Tool for Builtin {
+    fn spec(&self) -> ToolSpec {
+        self.spec.clone()
+    }
+
+    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        (self.run)(ctx, args)
+    }
+}
+
 /// Every built-in tool.
 pub fn builtins() -> Vec<Arc<dyn Tool>> {
     vec![
-        Arc::new(MemoryGet),
-        Arc::new(MemoryPut),
-        Arc::new(MemoryList),
-        Arc::new(Publish),
-        Arc::new(Delegate),
-        Arc::new(AskHuman),
-        Arc::new(SendMessage),
+        Builtin::tool(memory_get_spec(), |ctx, args| Box::pin(memory_get(ctx, args))),
+        Builtin::tool(memory_put_spec(), |ctx, args| Box::pin(memory_put(ctx, args))),
+        Builtin::tool(memory_list_spec(), |ctx, args| Box::pin(memory_list(ctx, args))),
+        Builtin::tool(publish_spec(), |ctx, args| Box::pin(publish(ctx, args))),
+        Builtin::tool(delegate_spec(), |ctx, args| Box::pin(delegate(ctx, args))),
+        Builtin::tool(ask_human_spec(), |ctx, args| Box::pin(ask_human(ctx, args))),
+        Builtin::tool(send_message_spec(), |ctx, args| Box::pin(send_message(ctx, args))),
     ]
 }
 
@@ -53,134 +86,103 @@ fn nats_err(e: impl std::fmt::Display) -> ToolError {
     ToolError::new(format!("shared state unavailable: {e}"))
 }
 
-#[derive(Debug)]
-struct MemoryGet;
-
-impl Tool for MemoryGet {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec::object(
-            "memory_get",
-            "Read a value from the fleet's shared memory. Returns null when the key is not set.",
-            json!({ "key": { "type": "string", "description": "memory key" } }),
-            &["key"],
-        )
-    }
-
-    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
-        Box::pin(async move {
-            let key = memory_key(ctx, str_arg(&args, "key")?)?;
-            let v = ctx.memory.get(&key).await.map_err(nats_err)?;
-            Ok(v.map(|b| serde_json::from_slice(&b).unwrap_or(Value::Null)).unwrap_or(Value::Null))
-        })
-    }
+fn memory_get_spec() -> ToolSpec {
+    ToolSpec::object(
+        "memory_get",
+        "Read a value from the fleet's shared memory. Returns null when the key is not set.",
+        json!({ "key": { "type": "string", "description": "memory key" } }),
+        &["key"],
+    )
 }
 
-#[derive(Debug)]
-struct MemoryPut;
-
-impl Tool for MemoryPut {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec::object(
-            "memory_put",
-            "Store a JSON value in the fleet's shared memory under a key.",
-            json!({
-                "key": { "type": "string", "description": "memory key" },
-                "value": { "description": "any JSON value" }
-            }),
-            &["key", "value"],
-        )
-    }
-
-    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
-        Box::pin(async move {
-            let key = memory_key(ctx, str_arg(&args, "key")?)?;
-            let value = args.get("value").cloned().unwrap_or(Value::Null);
-            let bytes = serde_json::to_vec(&value).map_err(|e| ToolError::new(e.to_string()))?;
-            if bytes.len() > 64 * 1024 {
-                return Err(ToolError::new("value is larger than 64 KiB"));
-            }
-            ctx.memory.put(&key, bytes.into()).await.map_err(nats_err)?;
-            Ok(json!({ "stored": true }))
-        })
-    }
+async fn memory_get(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let key = memory_key(ctx, str_arg(&args, "key")?)?;
+    let v = ctx.memory.get(&key).await.map_err(nats_err)?;
+    Ok(v.map(|b| serde_json::from_slice(&b).unwrap_or(Value::Null)).unwrap_or(Value::Null))
 }
 
-#[derive(Debug)]
-struct MemoryList;
-
-impl Tool for MemoryList {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec::object(
-            "memory_list",
-            "List keys in the fleet's shared memory, optionally only those starting with a prefix.",
-            json!({ "prefix": { "type": "string" } }),
-            &[],
-        )
-    }
-
-    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
-        Box::pin(async move {
-            let namespace = format!("{}.", ctx.task.tenant);
-            let prefix = args.get("prefix").and_then(Value::as_str).unwrap_or_default();
-            let mut keys = ctx.memory.keys().await.map_err(nats_err)?;
-            let mut out = Vec::new();
-            while let Some(k) = keys.next().await {
-                let k = k.map_err(nats_err)?;
-                if let Some(own) = k.strip_prefix(&namespace)
-                    && own.starts_with(prefix)
-                {
-                    out.push(own.to_owned());
-                }
-            }
-            out.sort();
-            out.truncate(200);
-            Ok(json!(out))
-        })
-    }
+fn memory_put_spec() -> ToolSpec {
+    ToolSpec::object(
+        "memory_put",
+        "Store a JSON value in the fleet's shared memory under a key.",
+        json!({
+            "key": { "type": "string", "description": "memory key" },
+            "value": { "description": "any JSON value" }
+        }),
+        &["key", "value"],
+    )
 }
 
-#[derive(Debug)]
-struct Publish;
-
-impl Tool for Publish {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec::object(
-            "publish",
-            "Publish a message to a topic other agents and services can subscribe to.",
-            json!({
-                "topic": { "type": "string", "description": "topic name, e.g. alerts or build.status" },
-                "message": { "description": "any JSON value" }
-            }),
-            &["topic", "message"],
-        )
+async fn memory_put(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let key = memory_key(ctx, str_arg(&args, "key")?)?;
+    let value = args.get("value").cloned().unwrap_or(Value::Null);
+    let bytes = serde_json::to_vec(&value).map_err(|e| ToolError::new(e.to_string()))?;
+    if bytes.len() > 64 * 1024 {
+        return Err(ToolError::new("value is larger than 64 KiB"));
     }
-
-    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
-        Box::pin(async move {
-            let topic = str_arg(&args, "topic")?;
-            if !topic.split('.').all(flotilla_protocol::names::is_token) {
-                return Err(ToolError::new("topic must be dot-separated words of A-Z a-z 0-9 _ -"));
-            }
-            let body = json!({
-                "from_agent": ctx.agent_id,
-                "task_id": ctx.task.id,
-                "message": args.get("message").cloned().unwrap_or(Value::Null),
-            });
-            let mut h = async_nats::HeaderMap::new();
-            h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
-            let subject = ctx.fleet.names.topic_subject(topic);
-            ctx.fleet
-                .client
-                .publish_with_headers(subject.clone(), h, body.to_string().into())
-                .await
-                .map_err(nats_err)?;
-            Ok(json!({ "published": subject }))
-        })
-    }
+    ctx.memory.put(&key, bytes.into()).await.map_err(nats_err)?;
+    Ok(json!({ "stored": true }))
 }
 
-#[derive(Debug)]
-struct Delegate;
+fn memory_list_spec() -> ToolSpec {
+    ToolSpec::object(
+        "memory_list",
+        "List keys in the fleet's shared memory, optionally only those starting with a prefix.",
+        json!({ "prefix": { "type": "string" } }),
+        &[],
+    )
+}
+
+async fn memory_list(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let namespace = format!("{}.", ctx.task.tenant);
+    let prefix = args.get("prefix").and_then(Value::as_str).unwrap_or_default();
+    let mut keys = ctx.memory.keys().await.map_err(nats_err)?;
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        let k = k.map_err(nats_err)?;
+        if let Some(own) = k.strip_prefix(&namespace)
+            && own.starts_with(prefix)
+        {
+            out.push(own.to_owned());
+        }
+    }
+    out.sort();
+    out.truncate(200);
+    Ok(json!(out))
+}
+
+fn publish_spec() -> ToolSpec {
+    ToolSpec::object(
+        "publish",
+        "Publish a message to a topic other agents and services can subscribe to.",
+        json!({
+            "topic": { "type": "string", "description": "topic name, e.g. alerts or build.status" },
+            "message": { "description": "any JSON value" }
+        }),
+        &["topic", "message"],
+    )
+}
+
+async fn publish(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let topic = str_arg(&args, "topic")?;
+    if !topic.split('.').all(flotilla_protocol::names::is_token) {
+        return Err(ToolError::new("topic must be dot-separated words of A-Z a-z 0-9 _ -"));
+    }
+    let body = json!({
+        "from_agent": ctx.agent_id,
+        "task_id": ctx.task.id,
+        "message": args.get("message").cloned().unwrap_or(Value::Null),
+    });
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+    let subject = ctx.fleet.names.topic_subject(topic);
+    ctx.fleet
+        .client
+        .publish_with_headers(subject.clone(), h, body.to_string().into())
+        .await
+        .map_err(nats_err)?;
+    Ok(json!({ "published": subject }))
+}
 
 /// Id of a child task: stable across retries of the parent, so a re-run finds its children.
 fn child_id(parent: &str, step: u32, index: usize) -> String {
@@ -192,79 +194,73 @@ fn child_id(parent: &str, step: u32, index: usize) -> String {
     }
 }
 
-impl Tool for Delegate {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec::object(
-            "delegate",
-            "Hand a sub-task to another agent with the given capability and wait for its result.",
-            json!({
-                "capability": { "type": "string" },
-                "input": { "description": "the sub-task's input" },
-                "budget_tokens": { "type": "integer", "minimum": 1 }
-            }),
-            &["capability", "input"],
-        )
-    }
+fn delegate_spec() -> ToolSpec {
+    ToolSpec::object(
+        "delegate",
+        "Hand a sub-task to another agent with the given capability and wait for its result.",
+        json!({
+            "capability": { "type": "string" },
+            "input": { "description": "the sub-task's input" },
+            "budget_tokens": { "type": "integer", "minimum": 1 }
+        }),
+        &["capability", "input"],
+    )
+}
 
-    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
-        Box::pin(async move {
-            let capability = str_arg(&args, "capability")?.to_owned();
-            let id = child_id(&ctx.task.id, ctx.step, ctx.index);
-            let fleet = &ctx.fleet;
-            // Follow the child's events from the start, before submitting, so nothing is missed.
-            let stream = fleet.js.get_stream(fleet.names.events_stream()).await.map_err(nats_err)?;
-            let consumer = stream
-                .create_consumer(pull::OrderedConfig {
-                    filter_subject: fleet.names.task_events_of(&id),
-                    deliver_policy: DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats_err)?;
-            let mut events = consumer.messages().await.map_err(nats_err)?;
-            let asked = args.get("budget_tokens").and_then(Value::as_u64);
-            let budget_tokens = carve(ctx, &id, asked).await?;
-            let sub = TaskSubmission {
-                id: Some(id.clone()),
-                capability,
-                input: args.get("input").cloned().unwrap_or(Value::Null),
-                priority: Some(ctx.task.priority),
-                tenant: Some(ctx.task.tenant.clone()),
-                budget_tokens,
-                deadline: ctx.task.deadline_ms.map(flotilla_protocol::TimeSpec::Millis),
-                parent_id: Some(ctx.task.id.clone()),
-                ..Default::default()
-            };
-            if let Err(e) = fleet.publish_durable(fleet.names.submit_subject(), &sub, Some(&id)).await {
-                // Nothing was submitted: what was carved for the child goes back at once.
-                if let Some(client) = &ctx.budgets {
-                    crate::budget::close_task(client, &id).await;
-                }
-                return Err(nats_err(e));
-            }
-            // Link the child in the parent's record.
-            let parent = ctx.task.id.clone();
-            let child = id.clone();
-            fleet
-                .kv_modify::<TaskRecord, _>(&ctx.tasks, &parent, 10, |mut r| {
-                    r.link_child(&child).then_some(r)
-                })
-                .await
-                .map_err(nats_err)?;
-            tracing::info!(child = %id, "delegated; waiting for the sub-task");
-            ctx.states.set(flotilla_protocol::AgentState::Waiting);
-            let result = wait_for_child(ctx, &id, &mut events).await;
-            ctx.states.set(flotilla_protocol::AgentState::Executing);
-            if result.is_ok()
-                && let Some(client) = &ctx.budgets
-            {
-                // The child ended: what it did not use goes back to this task (its runner closes
-                // it too; closing twice changes nothing).
-                crate::budget::close_task(client, &id).await;
-            }
-            result
+async fn delegate(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let capability = str_arg(&args, "capability")?.to_owned();
+    let id = child_id(&ctx.task.id, ctx.step, ctx.index);
+    let fleet = &ctx.fleet;
+    // Follow the child's events from the start, before submitting, so nothing is missed.
+    let stream = fleet.js.get_stream(fleet.names.events_stream()).await.map_err(nats_err)?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: fleet.names.task_events_of(&id),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
         })
+        .await
+        .map_err(nats_err)?;
+    let mut events = consumer.messages().await.map_err(nats_err)?;
+    let asked = args.get("budget_tokens").and_then(Value::as_u64);
+    let budget_tokens = carve(ctx, &id, asked).await?;
+    let sub = TaskSubmission {
+        id: Some(id.clone()),
+        capability,
+        input: args.get("input").cloned().unwrap_or(Value::Null),
+        priority: Some(ctx.task.priority),
+        tenant: Some(ctx.task.tenant.clone()),
+        budget_tokens,
+        deadline: ctx.task.deadline_ms.map(flotilla_protocol::TimeSpec::Millis),
+        parent_id: Some(ctx.task.id.clone()),
+        ..Default::default()
+    };
+    if let Err(e) = fleet.publish_durable(fleet.names.submit_subject(), &sub, Some(&id)).await {
+        // Nothing was submitted: what was carved for the child goes back at once.
+        if let Some(client) = &ctx.budgets {
+            crate::budget::close_task(client, &id).await;
+        }
+        return Err(nats_err(e));
     }
+    // Link the child in the parent's record.
+    let parent = ctx.task.id.clone();
+    let child = id.clone();
+    fleet
+        .kv_modify::<TaskRecord, _>(&ctx.tasks, &parent, 10, |mut r| r.link_child(&child).then_some(r))
+        .await
+        .map_err(nats_err)?;
+    tracing::info!(child = %id, "delegated; waiting for the sub-task");
+    ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    let result = wait_for_child(ctx, &id, &mut events).await;
+    ctx.states.set(flotilla_protocol::AgentState::Executing);
+    if result.is_ok()
+        && let Some(client) = &ctx.budgets
+    {
+        // The child ended: what it did not use goes back to this task (its runner closes
+        // it too; closing twice changes nothing).
+        crate::budget::close_task(client, &id).await;
+    }
+    result
 }
 
 /// A child's budget: carved out of this task's remaining budget when this task has one (all of
@@ -344,6 +340,139 @@ async fn wait_for_child(
     }
 }
 
+fn ask_human_spec() -> ToolSpec {
+    ToolSpec::object(
+        "ask_human",
+        "Ask a human operator to approve the next action and wait for the answer. \
+         A rejection ends the task.",
+        json!({ "question": { "type": "string", "description": "what to approve" } }),
+        &["question"],
+    )
+}
+
+async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let question = str_arg(&args, "question")?.to_owned();
+    let request_id = format!("s{}c{}", ctx.step, ctx.index);
+    let key = ctx.task.id.as_str();
+    // Watch first, so a decision made right after the request is not missed.
+    let mut watch = ctx.approvals.watch(key).await.map_err(nats_err)?;
+    let existing = ctx.fleet.kv_get::<Approval>(&ctx.approvals, key).await.map_err(nats_err)?;
+    let decided = match existing {
+        // A retried attempt finds the answer its request already got.
+        Some((a, _)) if a.request_id == request_id && a.status != ApprovalStatus::Pending => Some(a),
+        Some((a, _)) if a.request_id == request_id => None,
+        _ => {
+            let a = Approval {
+                task_id: ctx.task.id.clone(),
+                request_id: request_id.clone(),
+                agent_id: ctx.agent_id.clone(),
+                question: question.clone(),
+                status: ApprovalStatus::Pending,
+                comment: None,
+                asked_at_ms: now_ms(),
+                decided_at_ms: None,
+            };
+            ctx.fleet.kv_put(&ctx.approvals, key, &a).await.map_err(nats_err)?;
+            let mut ev =
+                TaskEvent::for_task(&ctx.task, flotilla_protocol::names::event_kind::APPROVAL_REQUESTED);
+            ev.step = Some(ctx.step);
+            ev.agent_id = Some(ctx.agent_id.clone());
+            ev.detail = Some(json!({ "question": question, "request_id": request_id }));
+            ctx.fleet.publish_event(&ev).await.map_err(nats_err)?;
+            None
+        }
+    };
+    let decision = match decided {
+        Some(a) => a,
+        None => {
+            ctx.states.set(flotilla_protocol::AgentState::Waiting);
+            let waited = async {
+                loop {
+                    let entry = tokio::select! {
+                        _ = ctx.cancel.cancelled() => return Err(ToolError::new("cancelled while waiting for approval")),
+                        e = watch.next() => match e {
+                            Some(Ok(e)) => e,
+                            Some(Err(e)) => return Err(nats_err(e)),
+                            None => return Err(ToolError::new("approval watch ended")),
+                        },
+                    };
+                    if let Ok(a) = codec::decode::<Approval>(None, &entry.value)
+                        && a.request_id == request_id
+                        && a.status != ApprovalStatus::Pending
+                    {
+                        return Ok(a);
+                    }
+                }
+            }
+            .await;
+            ctx.states.set(flotilla_protocol::AgentState::Executing);
+            waited?
+        }
+    };
+    match decision.status {
+        ApprovalStatus::Rejected => Err(ToolError::fail_task(
+            "rejected",
+            decision.comment.unwrap_or_else(|| "rejected by a human".to_owned()),
+        )),
+        _ => Ok(json!({ "approved": true, "comment": decision.comment })),
+    }
+}
+
+fn send_message_spec() -> ToolSpec {
+    ToolSpec::object(
+        "send_message",
+        "Send a direct message to another agent by its id; optionally wait for its reply.",
+        json!({
+            "agent": { "type": "string", "description": "the receiving agent's id" },
+            "message": { "description": "the message (text or JSON)" },
+            "wait_reply": { "type": "boolean", "default": false },
+            "timeout_s": { "type": "integer", "minimum": 1, "maximum": 600, "default": 60 }
+        }),
+        &["agent", "message"],
+    )
+}
+
+async fn send_message(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let agent = str_arg(&args, "agent")?;
+    if !flotilla_protocol::names::is_token(agent) {
+        return Err(ToolError::new("agent must be an agent id (A-Z a-z 0-9 _ -)"));
+    }
+    let wants_reply = args.get("wait_reply").and_then(Value::as_bool).unwrap_or(false);
+    let timeout = std::time::Duration::from_secs(args.get("timeout_s").and_then(Value::as_u64).unwrap_or(60));
+    let m = DirectMessage {
+        from: ctx.agent_id.clone(),
+        task_id: Some(ctx.task.id.clone()),
+        message: args.get("message").cloned().unwrap_or(Value::Null),
+        wants_reply,
+    };
+    let body = ctx.fleet.encode(&m).map_err(nats_err)?;
+    let request = async_nats::Request::new().payload(body).timeout(Some(timeout));
+    if wants_reply {
+        ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    }
+    let result = ctx.fleet.client.send_request(ctx.fleet.names.agent_inbox(agent), request).await;
+    if wants_reply {
+        ctx.states.set(flotilla_protocol::AgentState::Executing);
+    }
+    let msg = result.map_err(|e| match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => {
+            ToolError::new(format!("agent {agent} is not reachable"))
+        }
+        async_nats::RequestErrorKind::TimedOut => {
+            ToolError::new(format!("agent {agent} did not answer within {timeout:?}"))
+        }
+        _ => nats_err(e),
+    })?;
+    let reply: DirectReply = codec::decode(None, &msg.payload).map_err(|e| ToolError::new(e.to_string()))?;
+    if let Some(err) = reply.error {
+        return Err(ToolError::new(format!("agent {agent}: {}: {}", err.code, err.message)));
+    }
+    Ok(match reply.reply {
+        Some(text) => json!({ "delivered": true, "reply": text }),
+        None => json!({ "delivered": true }),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,156 +484,5 @@ mod tests {
         assert!(!valid_key(".x"));
         assert_eq!(child_id("t1", 2, 0), "t1-s2c0");
         assert!(child_id(&"x".repeat(128), 1, 0).len() <= 128);
-    }
-}
-
-#[derive(Debug)]
-struct AskHuman;
-
-impl Tool for AskHuman {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec::object(
-            "ask_human",
-            "Ask a human operator to approve the next action and wait for the answer. \
-                          A rejection ends the task.",
-            json!({ "question": { "type": "string", "description": "what to approve" } }),
-            &["question"],
-        )
-    }
-
-    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
-        Box::pin(async move {
-            let question = str_arg(&args, "question")?.to_owned();
-            let request_id = format!("s{}c{}", ctx.step, ctx.index);
-            let key = ctx.task.id.as_str();
-            // Watch first, so a decision made right after the request is not missed.
-            let mut watch = ctx.approvals.watch(key).await.map_err(nats_err)?;
-            let existing = ctx.fleet.kv_get::<Approval>(&ctx.approvals, key).await.map_err(nats_err)?;
-            let decided = match existing {
-                // A retried attempt finds the answer its request already got.
-                Some((a, _)) if a.request_id == request_id && a.status != ApprovalStatus::Pending => Some(a),
-                Some((a, _)) if a.request_id == request_id => None,
-                _ => {
-                    let a = Approval {
-                        task_id: ctx.task.id.clone(),
-                        request_id: request_id.clone(),
-                        agent_id: ctx.agent_id.clone(),
-                        question: question.clone(),
-                        status: ApprovalStatus::Pending,
-                        comment: None,
-                        asked_at_ms: now_ms(),
-                        decided_at_ms: None,
-                    };
-                    ctx.fleet.kv_put(&ctx.approvals, key, &a).await.map_err(nats_err)?;
-                    let mut ev = TaskEvent::for_task(
-                        &ctx.task,
-                        flotilla_protocol::names::event_kind::APPROVAL_REQUESTED,
-                    );
-                    ev.step = Some(ctx.step);
-                    ev.agent_id = Some(ctx.agent_id.clone());
-                    ev.detail = Some(json!({ "question": question, "request_id": request_id }));
-                    ctx.fleet.publish_event(&ev).await.map_err(nats_err)?;
-                    None
-                }
-            };
-            let decision = match decided {
-                Some(a) => a,
-                None => {
-                    ctx.states.set(flotilla_protocol::AgentState::Waiting);
-                    let waited = async {
-                        loop {
-                            let entry = tokio::select! {
-                                _ = ctx.cancel.cancelled() => return Err(ToolError::new("cancelled while waiting for approval")),
-                                e = watch.next() => match e {
-                                    Some(Ok(e)) => e,
-                                    Some(Err(e)) => return Err(nats_err(e)),
-                                    None => return Err(ToolError::new("approval watch ended")),
-                                },
-                            };
-                            if let Ok(a) = codec::decode::<Approval>(None, &entry.value)
-                                && a.request_id == request_id
-                                && a.status != ApprovalStatus::Pending
-                            {
-                                return Ok(a);
-                            }
-                        }
-                    }
-                    .await;
-                    ctx.states.set(flotilla_protocol::AgentState::Executing);
-                    waited?
-                }
-            };
-            match decision.status {
-                ApprovalStatus::Rejected => Err(ToolError::fail_task(
-                    "rejected",
-                    decision.comment.unwrap_or_else(|| "rejected by a human".to_owned()),
-                )),
-                _ => Ok(json!({ "approved": true, "comment": decision.comment })),
-            }
-        })
-    }
-}
-
-#[derive(Debug)]
-struct SendMessage;
-
-impl Tool for SendMessage {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec::object(
-            "send_message",
-            "Send a direct message to another agent by its id; optionally wait for its reply.",
-            json!({
-                "agent": { "type": "string", "description": "the receiving agent's id" },
-                "message": { "description": "the message (text or JSON)" },
-                "wait_reply": { "type": "boolean", "default": false },
-                "timeout_s": { "type": "integer", "minimum": 1, "maximum": 600, "default": 60 }
-            }),
-            &["agent", "message"],
-        )
-    }
-
-    fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
-        Box::pin(async move {
-            let agent = str_arg(&args, "agent")?;
-            if !flotilla_protocol::names::is_token(agent) {
-                return Err(ToolError::new("agent must be an agent id (A-Z a-z 0-9 _ -)"));
-            }
-            let wants_reply = args.get("wait_reply").and_then(Value::as_bool).unwrap_or(false);
-            let timeout =
-                std::time::Duration::from_secs(args.get("timeout_s").and_then(Value::as_u64).unwrap_or(60));
-            let m = DirectMessage {
-                from: ctx.agent_id.clone(),
-                task_id: Some(ctx.task.id.clone()),
-                message: args.get("message").cloned().unwrap_or(Value::Null),
-                wants_reply,
-            };
-            let body = ctx.fleet.encode(&m).map_err(nats_err)?;
-            let request = async_nats::Request::new().payload(body).timeout(Some(timeout));
-            if wants_reply {
-                ctx.states.set(flotilla_protocol::AgentState::Waiting);
-            }
-            let result = ctx.fleet.client.send_request(ctx.fleet.names.agent_inbox(agent), request).await;
-            if wants_reply {
-                ctx.states.set(flotilla_protocol::AgentState::Executing);
-            }
-            let msg = result.map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    ToolError::new(format!("agent {agent} is not reachable"))
-                }
-                async_nats::RequestErrorKind::TimedOut => {
-                    ToolError::new(format!("agent {agent} did not answer within {timeout:?}"))
-                }
-                _ => nats_err(e),
-            })?;
-            let reply: DirectReply =
-                codec::decode(None, &msg.payload).map_err(|e| ToolError::new(e.to_string()))?;
-            if let Some(err) = reply.error {
-                return Err(ToolError::new(format!("agent {agent}: {}: {}", err.code, err.message)));
-            }
-            Ok(match reply.reply {
-                Some(text) => json!({ "delivered": true, "reply": text }),
-                None => json!({ "delivered": true }),
-            })
-        })
     }
 }

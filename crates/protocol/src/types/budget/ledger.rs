@@ -8,25 +8,6 @@ use serde::{Serializer, ser};
 
 use super::*;
 
-op_names! {
-    /// What a ledger entry records: the last token of its subject `<p>.ledger.<op>`.
-    pub enum LedgerOp {
-        Reserve = "reserve",
-        Commit = "commit",
-        Release = "release",
-        Set = "set",
-        Carve = "carve",
-        Close = "close",
-        Rate = "rate",
-        Backoff = "backoff",
-        Price = "price",
-        Expire = "expire",
-        Warning = "warning",
-        Exhausted = "exhausted",
-        Refilled = "refilled",
-    }
-}
-
 /// A reservation whose lease ran out (`expire`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Expiry {
@@ -35,11 +16,11 @@ pub struct Expiry {
 }
 
 /// What a budget event (`warning`, `exhausted`, `refilled`) concerns.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BudgetEvent {
     pub scope: String,
     /// With a `warning`: the threshold crossed (one percentage).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warn_at: Option<Vec<u8>>,
 }
 

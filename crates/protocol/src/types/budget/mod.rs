@@ -54,6 +54,50 @@ macro_rules! op_names {
     };
 }
 
+/// The two name sets of the budgets from one list of the operations that change the budgets
+/// (each is both a request and a ledger entry): [`BudgetOp`] adds the queries, [`LedgerOp`] what
+/// the keeper records on its own.
+macro_rules! budget_names {
+    (
+        changes { $($change:ident = $change_text:literal,)+ }
+        $(#[$op_meta:meta])* BudgetOp also { $($query:ident = $query_text:literal,)+ }
+        $(#[$ledger_meta:meta])* LedgerOp also { $($own:ident = $own_text:literal,)+ }
+    ) => {
+        op_names! {
+            $(#[$op_meta])*
+            pub enum BudgetOp { $($change = $change_text,)+ $($query = $query_text,)+ }
+        }
+        op_names! {
+            $(#[$ledger_meta])*
+            pub enum LedgerOp { $($change = $change_text,)+ $($own = $own_text,)+ }
+        }
+    };
+}
+
+budget_names! {
+    changes {
+        Reserve = "reserve",
+        Commit = "commit",
+        Release = "release",
+        Set = "set",
+        Carve = "carve",
+        Close = "close",
+        Rate = "rate",
+        Backoff = "backoff",
+        Price = "price",
+    }
+    /// An operation of the budget-keeper: the last token of its subject `<p>.budget.<op>`.
+    BudgetOp also { Show = "show", }
+    /// What a ledger entry records: the last token of its subject `<p>.ledger.<op>` (the changes,
+    /// a lease that ran out, and the budget events).
+    LedgerOp also {
+        Expire = "expire",
+        Warning = "warning",
+        Exhausted = "exhausted",
+        Refilled = "refilled",
+    }
+}
+
 mod ledger;
 mod ops;
 mod requests;
@@ -70,21 +114,19 @@ pub use requests::*;
 pub struct UnknownOp(pub String);
 
 /// A budget as the budget-keeper reports it.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct BudgetStatus {
     pub scope: String,
     /// Absent for a scope that is only counted (no limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_tokens: Option<u64>,
     /// Absent for a limit over the scope's whole life.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_ms: Option<u64>,
     /// Used in the window.
     pub used: u64,
     /// Held by open reservations.
     pub held: u64,
     /// Absent without a limit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available: Option<u64>,
     /// What the scope's usage cost in the window, in US dollars (by the price table).
     #[serde(default)]
@@ -95,20 +137,17 @@ pub struct BudgetStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warn_at: Vec<u8>,
     /// Set for a task's budget that has ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_at_ms: Option<u64>,
     /// Set for a budget carved out of another (the carve reservation).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carved_by: Option<String>,
 }
 
 /// A shared rate limit as the budget-keeper reports it.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RateStatus {
     pub rate: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u64>,
     pub window_ms: u64,
     /// Permits granted in the current window.
@@ -118,7 +157,6 @@ pub struct RateStatus {
     /// Permits waiting.
     pub waiting: u64,
     /// Set while a provider's 429 holds the permits back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_until_ms: Option<u64>,
 }
 
@@ -127,34 +165,25 @@ pub struct RateStatus {
 /// `retry_after_ms`), `rate_limited` (no permit in time: try again after `retry_after_ms`),
 /// `budget_closed`, `unknown_scope`, `unknown_reservation`, `reservation_ended`,
 /// `reservation_mismatch`, `invalid_request`, `malformed`, `unavailable`).
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct BudgetReply {
     /// Tokens the reservation holds (`reserve`, `carve`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
     /// When the reservation's lease runs out (`reserve`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<u64>,
     /// How long the lease lasts from the answer on (`reserve`): compare with the caller's own
     /// clock, not `expires_ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_left_ms: Option<u64>,
     /// Tokens charged (`commit`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub charged: Option<u64>,
     /// Tokens used beyond the reservation, not charged (`commit`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub over: Option<u64>,
     /// What the call cost in US dollars (`commit`, when the model has a price).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
     /// With `budget_wait` and `rate_limited`: when to try again.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<RateStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
 }

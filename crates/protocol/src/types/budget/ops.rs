@@ -10,22 +10,6 @@ use serde::de::DeserializeOwned;
 use super::*;
 use crate::codec;
 
-op_names! {
-    /// An operation of the budget-keeper: the last token of its subject `<p>.budget.<op>`.
-    pub enum BudgetOp {
-        Reserve = "reserve",
-        Commit = "commit",
-        Release = "release",
-        Set = "set",
-        Show = "show",
-        Carve = "carve",
-        Close = "close",
-        Rate = "rate",
-        Backoff = "backoff",
-        Price = "price",
-    }
-}
-
 /// A request type of one operation: the client sends it to `<p>.budget.<OP>`, the keeper decodes
 /// it from there.
 pub trait BudgetOperation: Serialize + DeserializeOwned + Into<BudgetCommand> {

@@ -16,6 +16,7 @@ use crate::types::Priority;
 
 /// `reserve`: hold up to `want` tokens (at least `min`) in every one of `scopes` at once, for
 /// `lease_ms`, before a model call.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct ReserveRequest {
@@ -28,27 +29,24 @@ pub struct ReserveRequest {
     /// Tokens wanted.
     pub want: u64,
     /// Fewest tokens worth granting (default 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<u64>,
     /// How long the reservation lives unless committed or released (default five minutes).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
     /// Limits (tokens, over the scope's life) of scopes to create if they have none yet, e.g. the
     /// task's own.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, u64>,
     /// The model called, priced at commit.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// Rate limits (keys) the call needs a permit of.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rates: Vec<String>,
     /// Who gets scarce permits first.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
 }
 
 /// `commit`: what the call of reservation `id` used; the rest goes back.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct CommitRequest {
@@ -56,7 +54,6 @@ pub struct CommitRequest {
     /// Tokens the call used.
     pub used: u64,
     /// Of `used`, how many were prompt (input) tokens, for the price.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u64>,
 }
 
@@ -69,35 +66,33 @@ pub struct ReleaseRequest {
 
 /// `set`: a scope's limit, or with `<class>.*` the default of every scope of that class without a
 /// limit of its own.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct SetRequest {
     pub scope: String,
     pub limit_tokens: u64,
     /// Absent for a limit over the scope's whole life.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_ms: Option<u64>,
     /// `fail` (default) or `wait` (for the window to roll).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// Percentages of the limit at which a `warning` is recorded (default 80).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warn_at: Option<Vec<u8>>,
 }
 
 /// `show`: a budget (`scope`) or a rate limit (`rate`); one of them is needed.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct ShowRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<String>,
     /// A rate limit's key (asked for when set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<String>,
 }
 
 /// `carve`: a child task's budget `scope`, created with what is reserved (key `id`) out of the
 /// parent's `scopes`; closing the child settles it.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct CarveRequest {
@@ -107,14 +102,11 @@ pub struct CarveRequest {
     pub scopes: Vec<String>,
     /// Tokens to carve.
     pub want: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
     /// Limits of the parent's scopes to create if they have none yet.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// The child's scope.
     pub scope: String,
@@ -128,17 +120,15 @@ pub struct CloseRequest {
 }
 
 /// `rate`: a shared rate limit: `rpm` requests and/or `tpm` tokens per window.
+#[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct RateRequest {
     /// The window (default one minute).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_ms: Option<u64>,
     /// The rate limit's key.
     pub rate: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u64>,
 }
 
