@@ -10,8 +10,9 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::pull;
 use flotilla_protocol::names::runner_op;
 use flotilla_protocol::{
-    AgentState, CancelTask, ErrorInfo, ErrorReply, FleetChangeReply, ScaleRequest, StopAgentRequest, codec,
+    AgentState, CancelTask, ErrorInfo, ErrorReply, FleetChangeReply, ScaleRequest, StopAgentRequest,
 };
+use flotilla_service::nats::decode_payload;
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,14 @@ use tracing::Instrument as _;
 
 use crate::llm::Provider;
 use crate::registry::{Agents, Slot};
+
+/// What a runner is asked on its control subjects.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    Scale,
+    Stop,
+    Cancel,
+}
 
 /// Most agents one runner hosts, whatever a scale request asks.
 pub const MAX_AGENTS: u32 = 100_000;
@@ -64,33 +73,29 @@ impl Control {
     /// Answers fleet-change requests and takes cancellations until `shutdown`.
     pub async fn serve(mut self) -> anyhow::Result<()> {
         let runner = self.agents.runner_id.clone();
-        let scale =
-            self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::SCALE)).await?;
-        let stop =
-            self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::STOP)).await?;
-        let cancel =
-            self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, runner_op::CANCEL)).await?;
-        let mut requests = futures::stream::select(futures::stream::select(scale, stop), cancel);
+        let mut subscriptions = Vec::new();
+        for (op, ask) in
+            [(runner_op::SCALE, Ask::Scale), (runner_op::STOP, Ask::Stop), (runner_op::CANCEL, Ask::Cancel)]
+        {
+            let sub = self.fleet.client.subscribe(self.fleet.names.runner_control(&runner, op)).await?;
+            subscriptions.push(sub.map(move |m| (ask, m)).boxed());
+        }
+        let mut requests = futures::stream::select_all(subscriptions);
         loop {
-            let msg = tokio::select! {
+            let (ask, msg) = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 m = requests.next() => match m { Some(m) => m, None => break },
             };
-            let op = msg.subject.as_str().rsplit('.').next().unwrap_or_default().to_owned();
-            if op == runner_op::CANCEL {
-                self.cancel(&msg).await;
-                continue;
-            }
-            let span = tracing::info_span!("fleet_change", runner_id = %runner, op = %op);
-            let reply = self.handle(&op, &msg).instrument(span).await;
-            if let Some(to) = msg.reply.clone() {
-                match self.fleet.encode(&reply) {
-                    Ok(body) => {
-                        if let Err(e) = self.fleet.client.publish(to, body).await {
-                            tracing::warn!(error = %e, "failed to answer a fleet-change request");
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "failed to encode a fleet-change reply"),
+            let span = tracing::info_span!("fleet_change", runner_id = %runner, ask = ?ask);
+            match ask {
+                Ask::Cancel => self.cancel(&msg).instrument(span).await,
+                Ask::Scale => {
+                    let reply = self.change(&msg, Self::scale).instrument(span).await;
+                    self.fleet.respond(&msg, &reply).await;
+                }
+                Ask::Stop => {
+                    let reply = self.change(&msg, Self::stop).instrument(span).await;
+                    self.fleet.respond(&msg, &reply).await;
                 }
             }
         }
@@ -102,8 +107,7 @@ impl Control {
     /// (`{runner_id, task_id, attempt, stopped}` or an `ErrorReply`).
     #[tracing::instrument(skip_all, fields(runner_id = %self.agents.runner_id, subject = %msg.subject, task_id, attempt))]
     async fn cancel(&self, msg: &async_nats::Message) {
-        let content_type = msg.headers.as_ref().and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE));
-        let answer = match codec::decode::<CancelTask>(content_type.map(|v| v.as_str()), &msg.payload) {
+        match decode_payload::<CancelTask>(msg.headers.as_ref(), &msg.payload) {
             Ok(req) => {
                 let span = tracing::Span::current();
                 span.record("task_id", req.task_id.as_str());
@@ -114,56 +118,35 @@ impl Control {
                 } else {
                     tracing::debug!("cancel for an attempt this runner does not hold");
                 }
-                self.fleet.encode(&serde_json::json!({
+                let answer = serde_json::json!({
                     "runner_id": self.agents.runner_id,
                     "task_id": req.task_id,
                     "attempt": req.attempt,
                     "stopped": stopped,
-                }))
+                });
+                self.fleet.respond(msg, &answer).await;
             }
             Err(e) => {
                 tracing::warn!(reason = e.reason.code(), error = %e, "undecodable cancel request ignored");
-                self.fleet.encode(&ErrorReply { error: ErrorInfo::new(e.reason.code(), e.message) })
+                self.fleet
+                    .respond(msg, &ErrorReply { error: ErrorInfo::new(e.reason.code(), e.message) })
+                    .await;
             }
-        };
-        let Some(to) = msg.reply.clone() else { return };
-        match answer {
-            Ok(body) => {
-                if let Err(e) = self.fleet.client.publish(to, body).await {
-                    tracing::warn!(error = %e, "failed to answer a cancel request");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "failed to encode a cancel reply"),
         }
     }
 
-    async fn handle(&mut self, op: &str, msg: &async_nats::Message) -> FleetChangeReply {
+    /// Carries out one fleet change: decodes its request, lets `apply` make the change (it names
+    /// the template and returns the agents it started), and answers with the template's agents
+    /// after it, registered before the answer goes out.
+    async fn change<R: serde::de::DeserializeOwned>(
+        &mut self,
+        msg: &async_nats::Message,
+        apply: impl AsyncFnOnce(&mut Self, R, &mut FleetChangeReply) -> Result<Vec<String>, ErrorInfo>,
+    ) -> FleetChangeReply {
         let mut reply = FleetChangeReply { runner_id: self.agents.runner_id.clone(), ..Default::default() };
-        let content_type = msg.headers.as_ref().and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE));
-        let result = match op {
-            runner_op::SCALE => {
-                match codec::decode::<ScaleRequest>(content_type.map(|v| v.as_str()), &msg.payload) {
-                    Ok(req) => {
-                        reply.template.clone_from(&req.template);
-                        self.scale(&req).await
-                    }
-                    Err(e) => Err(ErrorInfo::new(e.reason.code(), e.message)),
-                }
-            }
-            runner_op::STOP => {
-                match codec::decode::<StopAgentRequest>(content_type.map(|v| v.as_str()), &msg.payload) {
-                    Ok(req) => match self.agents.stop_agent(&req.agent_id) {
-                        Ok(template) => {
-                            tracing::info!(agent_id = %req.agent_id, "stop requested");
-                            reply.template = template;
-                            Ok(Vec::new())
-                        }
-                        Err(e) => Err(ErrorInfo::new(e.code(), e.to_string())),
-                    },
-                    Err(e) => Err(ErrorInfo::new(e.reason.code(), e.message)),
-                }
-            }
-            other => Err(ErrorInfo::new("unknown_operation", format!("no operation {other:?}"))),
+        let result = match decode_payload::<R>(msg.headers.as_ref(), &msg.payload) {
+            Ok(req) => apply(self, req, &mut reply).await,
+            Err(e) => Err(ErrorInfo::new(e.reason.code(), e.message)),
         };
         match result {
             Ok(started) => {
@@ -184,7 +167,27 @@ impl Control {
         reply
     }
 
-    async fn scale(&mut self, req: &ScaleRequest) -> Result<Vec<String>, ErrorInfo> {
+    /// Stops an agent: it takes no new work, finishes what it holds, then deregisters.
+    async fn stop(
+        &mut self,
+        req: StopAgentRequest,
+        reply: &mut FleetChangeReply,
+    ) -> Result<Vec<String>, ErrorInfo> {
+        let template =
+            self.agents.stop_agent(&req.agent_id).map_err(|e| ErrorInfo::new(e.code(), e.to_string()))?;
+        tracing::info!(agent_id = %req.agent_id, "stop requested");
+        reply.template = template;
+        Ok(Vec::new())
+    }
+
+    /// Runs the requested number of agents of a template (an autoscaler's request within the
+    /// template's limits).
+    async fn scale(
+        &mut self,
+        req: ScaleRequest,
+        reply: &mut FleetChangeReply,
+    ) -> Result<Vec<String>, ErrorInfo> {
+        reply.template.clone_from(&req.template);
         if req.replicas > MAX_AGENTS {
             return Err(ErrorInfo::new(
                 "limit_exceeded",
