@@ -5,7 +5,7 @@
 //! nothing itself.
 
 use anyhow::Context as _;
-use flotilla_protocol::{CancelReply, CancelRequest, cancel_code};
+use flotilla_protocol::{CancelReply, CancelRequest, TaskState, cancel_code};
 
 use crate::client::{connect, request};
 use crate::{Cli, Failure, exit, output};
@@ -33,7 +33,10 @@ pub async fn cancel(cli: &Cli, id: &str, reason: Option<&str>) -> Result<(), Fai
     if cli.json {
         println!("{}", serde_json::to_string(&rec).context("failed to render")?);
     } else {
-        println!("cancelled {id} (it was {was})");
+        match was {
+            TaskState::Failed => println!("{id} was cancelled already"),
+            _ => println!("cancelled {id} (it was {was})"),
+        }
         print!("{}", output::task_block(&rec));
     }
     Ok(())

@@ -81,6 +81,13 @@ pub mod service {
     pub const ALL: [&str; 4] = [DISPATCHER, BUDGET_KEEPER, MONITOR, AGENT_RUNNER];
 }
 
+/// Queue groups of request subjects that several instances may listen on at once.
+pub mod queue_group {
+    /// The active dispatcher's requests (`<p>.dispatcher.queue`, `<p>.dispatcher.cancel`): should
+    /// two dispatchers be active for a moment, a request still gets one answer.
+    pub const DISPATCHER: &str = "dispatcher";
+}
+
 /// Keys of the leases bucket: one per role that only one instance may hold at a time.
 pub mod lease_key {
     /// The active dispatcher (the one that schedules).

@@ -49,6 +49,10 @@ pub async fn serve(
                 _ = shutdown.cancelled() => break,
                 r = endpoint.next() => match r { Some(r) => r, None => break },
             };
+            if !crate::nats::reply_allowed(req.message.reply.as_deref().unwrap_or_default(), &fleet.names) {
+                tracing::warn!(reply = ?req.message.reply, "health request with a reply subject into the fleet's own or the server's subjects: not answered");
+                continue;
+            }
             let reply = HealthReply {
                 service: service.to_owned(),
                 instance: fleet.instance.clone(),

@@ -196,7 +196,13 @@ impl Contender {
         let mut failures: u32 = 0;
         loop {
             let Some(held) = self.stand_by(not_before, &shutdown).await else { return };
-            match self.hold(held, &shutdown, &mut work).await {
+            let held_since = Instant::now();
+            let ended = self.hold(held, &shutdown, &mut work).await;
+            // Work that ran well for a while before it failed starts its backoff afresh.
+            if held_since.elapsed() >= self.ttl * 16 {
+                failures = 0;
+            }
+            match ended {
                 Ended::Shutdown => return,
                 Ended::Lost(why) => {
                     tracing::info!(state = "standby", why, "lease lost: standing by");

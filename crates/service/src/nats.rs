@@ -243,16 +243,20 @@ impl Fleet {
     }
 
     /// Sends a message to a stream only if the stream's last sequence is `expected` (the fence of
-    /// a single writer: a writer that is not the only one finds out at its next write). Refused,
-    /// its [`Pending::confirmed`] is [`FleetError::Exists`].
+    /// a single writer: a writer that is not the only one finds out at its next write), marked as
+    /// written by `source` (`Flotilla-Source`), so a reader tells the writer's messages from
+    /// anything else that landed on the stream's subjects. Refused, its [`Pending::confirmed`] is
+    /// [`FleetError::Exists`].
     pub async fn send_fenced<T: Serialize + ?Sized>(
         &self,
         subject: String,
         value: &T,
         expected: u64,
+        source: &str,
     ) -> Result<Pending, FleetError> {
         let mut h = self.headers(None);
         h.insert(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE, expected.to_string().as_str());
+        h.insert(headers::FLOTILLA_SOURCE, source);
         let payload = self.encode(value)?;
         self.send_with_headers(subject, h, payload).await
     }

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::object_store::ObjectStore;
+use flotilla_protocol::names::service;
 use flotilla_protocol::{
     BudgetCommand, BudgetEvent, BudgetReply, ErrorInfo, Expiry, LedgerChange, LedgerEntry, Priority,
     ReserveRequest, time::now_ms,
@@ -317,7 +318,7 @@ impl<'a> Keeper<'a> {
             }
             let expected = self.last_seq;
             let subject = self.fleet.names.ledger_subject(e.op().as_str());
-            match self.fleet.send_fenced(subject, e, expected).await {
+            match self.fleet.send_fenced(subject, e, expected, service::BUDGET_KEEPER).await {
                 Ok(p) => {
                     self.last_seq += 1;
                     pending.push(Some(p));

@@ -85,8 +85,20 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> Result<(
     while let Some(msg) = msgs.next().await {
         let msg = msg.map_err(|e| stream_failed("read the ledger", e))?;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(last);
-        let entry = codec::decode::<LedgerEntry>(None, &msg.payload)
-            .map_err(|source| RebuildError::Unreadable { seq, source })?;
+        let entry = match codec::decode::<LedgerEntry>(None, &msg.payload) {
+            Ok(entry) => entry,
+            // A keeper wrote it and it cannot be read: the state past it is unknown.
+            Err(source) if written_by_a_keeper(&msg) => return Err(RebuildError::Unreadable { seq, source }),
+            // Not a ledger entry at all (something else published on the ledger's subjects,
+            // e.g. an answer sent to a reply subject there): it changed no budget.
+            Err(e) => {
+                tracing::error!(seq, subject = %msg.subject, error = %e, "a message on the ledger that no budget-keeper wrote skipped");
+                if seq >= last {
+                    break;
+                }
+                continue;
+            }
+        };
         if let Some(reply) = apply_entry(&mut ledger, &entry)
             && reply != entry.reply
         {
@@ -108,6 +120,15 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> Result<(
         tracing::error!(differ, "the replay answered differently from the live keeper");
     }
     Ok((ledger, last))
+}
+
+/// Whether a budget-keeper wrote the message (every ledger write is marked so; an entry from
+/// before the marks decodes, so it never gets here).
+fn written_by_a_keeper(msg: &async_nats::jetstream::Message) -> bool {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(flotilla_protocol::headers::FLOTILLA_SOURCE))
+        .is_some_and(|v| v.as_str() == flotilla_protocol::names::service::BUDGET_KEEPER)
 }
 
 /// The last snapshot, if there is one and it can be read (else the whole ledger is replayed).

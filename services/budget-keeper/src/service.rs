@@ -85,10 +85,12 @@ async fn serve_as_leader(
         .start("flotilla-budget", env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| anyhow::anyhow!("failed to start the budget micro service: {e}"))?;
+    let svc = Serving(Some(svc));
     let mut endpoints: Vec<futures::stream::BoxStream<'static, (BudgetOp, async_nats::service::Request)>> =
         Vec::new();
     for &op in BudgetOp::ALL {
         let ep: Endpoint = svc
+            .service()?
             .endpoint_builder()
             .name(op.as_str())
             .add(fleet.names.budget_subject(op.as_str()))
@@ -134,7 +136,40 @@ async fn serve_as_leader(
         }
     };
     // Stop taking requests before anything else: a standby answers them from now on.
-    let _ = svc.stop().await;
+    svc.stop().await;
     keeper.hand_over().await;
     result.map_err(anyhow::Error::from)
+}
+
+/// The budget micro service while this keeper serves. It is stopped however serving ends, also
+/// when the lease's holder aborts the work: a service left running would linger in `nats micro`
+/// discovery and answer its verbs for a keeper that no longer serves.
+struct Serving(Option<async_nats::service::Service>);
+
+impl Serving {
+    fn service(&self) -> anyhow::Result<&async_nats::service::Service> {
+        self.0.as_ref().ok_or_else(|| anyhow::anyhow!("the budget micro service has stopped"))
+    }
+
+    async fn stop(mut self) {
+        if let Some(svc) = self.0.take()
+            && let Err(e) = svc.stop().await
+        {
+            tracing::warn!(error = %e, "failed to stop the budget micro service");
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(svc) = self.0.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                if let Err(e) = svc.stop().await {
+                    tracing::warn!(error = %e, "failed to stop the budget micro service");
+                }
+            });
+        }
+    }
 }

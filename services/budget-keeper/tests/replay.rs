@@ -1,6 +1,8 @@
 //! A ledger entry the replay cannot read stops the rebuild with an error naming its sequence, and
 //! a budget-keeper taking the lease over such a ledger does not serve from it: it steps down
-//! (and tries again later) rather than answer from a ledger missing a change.
+//! (and tries again later) rather than answer from a ledger missing a change. A message on the
+//! ledger's subjects that no keeper wrote (an answer reflected there, say) is no entry: the
+//! replay skips it, loudly, and the keeper serves on.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -34,12 +36,21 @@ async fn an_unreadable_ledger_entry_stops_the_rebuild_and_the_keeper_does_not_se
     let (_, last) = rebuild(&fleet, None).await.unwrap();
     assert_eq!(last, 1, "the set is the only entry");
 
-    // Bytes that are no ledger entry.
+    // Something that is no ledger entry, published by something else than a keeper: skipped.
+    let subject = fleet.names.ledger_subject("reserve");
+    let ping = br#"{"type":"io.nats.micro.v1.ping_response","name":"flotilla-budget"}"#.to_vec();
+    fleet.js.publish(subject.clone(), ping.into()).await.unwrap().await.unwrap();
+    let (_, last) = rebuild(&fleet, None).await.unwrap();
+    assert_eq!(last, 2, "the foreign message is passed over, the rebuild reaches the end");
+
+    // Bytes that are no ledger entry, marked as a keeper's write.
     let garbage = b"\xc1 not an entry".to_vec();
-    fleet.js.publish(fleet.names.ledger_subject("reserve"), garbage.into()).await.unwrap().await.unwrap();
+    let mut marked = async_nats::HeaderMap::new();
+    marked.insert(flotilla_protocol::headers::FLOTILLA_SOURCE, "budget-keeper");
+    fleet.js.publish_with_headers(subject, marked, garbage.into()).await.unwrap().await.unwrap();
     match rebuild(&fleet, None).await {
-        Err(e @ RebuildError::Unreadable { seq: 2, .. }) => {
-            assert!(e.to_string().contains("ledger entry 2"), "{e}");
+        Err(e @ RebuildError::Unreadable { seq: 3, .. }) => {
+            assert!(e.to_string().contains("ledger entry 3"), "{e}");
         }
         other => panic!("the rebuild went past an unreadable entry: {:?}", other.map(|(_, seq)| seq)),
     }

@@ -11,7 +11,7 @@ use super::*;
 /// request/reply, MessagePack or JSON; `flotilla cancel`). Answered with a [`CancelReply`].
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct CancelRequest {
     pub task_id: String,
     /// Why; becomes the task's failure message (default "cancelled by an operator").
@@ -19,8 +19,9 @@ pub struct CancelRequest {
 }
 
 /// The dispatcher's answer to a [`CancelRequest`]: the task's record as cancelled and the state
-/// it was in, or an `error` (codes: `not_found`, `already_finished`, `malformed` and the other
-/// codes of a bad request, `unavailable`).
+/// it was in (`failed` when it had been cancelled already: asking again is no error), or an
+/// `error` (codes: `not_found`, `already_finished`, `malformed` and the other codes of a bad
+/// request, `unavailable`).
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CancelReply {

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
+use flotilla_protocol::names::queue_group;
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +80,7 @@ pub async fn run(
     // written by the one writer that also requeues and expires.
     let mut queue_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_queue()).await?;
     let mut cancel_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_cancel()).await?;
+    let cancels = Arc::new(tokio::sync::Semaphore::new(requests::CANCELS_AT_ONCE));
     let mut tick = tokio::time::interval(s.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -112,7 +114,7 @@ pub async fn run(
             },
             _ = tick.tick() => s.on_tick().await,
             Some(req) = queue_requests.next() => s.answer_queue_request(&req).await,
-            Some(req) = cancel_requests.next() => s.answer_cancel_request(req),
+            Some(req) = cancel_requests.next() => s.answer_cancel_request(req, &cancels).await,
             Some(w) = done_rx.recv() => {
                 s.on_written(w).await;
                 while let Ok(w) = done_rx.try_recv() {
@@ -131,10 +133,11 @@ async fn watch(store: &kv::Store) -> anyhow::Result<kv::Watch> {
     store.watch_with_history(">").await.map_err(|e| anyhow::anyhow!("failed to watch bucket: {e}"))
 }
 
+/// Subscribes in the dispatchers' queue group (see [`queue_group::DISPATCHER`]).
 async fn subscribe(fleet: &Fleet, subject: String) -> anyhow::Result<async_nats::Subscriber> {
     fleet
         .client
-        .subscribe(subject.clone())
+        .queue_subscribe(subject.clone(), queue_group::DISPATCHER.to_owned())
         .await
         .map_err(|e| anyhow::anyhow!("failed to subscribe to {subject}: {e}"))
 }

@@ -6,19 +6,25 @@
 //! it, and tells the runner of a running attempt to stop it. Answers go out in the request's own
 //! format.
 
+use std::sync::Arc;
+
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
     CancelReply, CancelRequest, ErrorInfo, QueueRequest, TaskEvent, TaskRecord, TaskState,
-    cancel_code as code, failure, time::now_ms,
+    cancel_code as code, codec, failure, time::now_ms,
 };
 use flotilla_service::Fleet;
-use flotilla_service::nats::{FleetError, decode_payload};
+use flotilla_service::nats::{FleetError, content_type, decode_payload};
 use flotilla_service::topology::Topology;
+use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use super::Scheduler;
 use super::housekeeping::tell_runner_to_stop;
 use crate::runqueue::Now;
+
+/// Cancels worked on at once; more are answered `unavailable`.
+pub(super) const CANCELS_AT_ONCE: usize = 64;
 
 /// Lost revision races after which a cancel gives up (and says so).
 const TRIES: usize = 5;
@@ -46,14 +52,20 @@ impl Scheduler {
     }
 
     /// Answers a cancel request, beside the loop (its writes are revision-checked like every
-    /// other; the watch brings the result back into the schedule).
-    pub(super) fn answer_cancel_request(&self, req: async_nats::Message) {
+    /// other; the watch brings the result back into the schedule), at most [`CANCELS_AT_ONCE`]
+    /// at a time.
+    pub(super) async fn answer_cancel_request(&self, req: async_nats::Message, cancels: &Arc<Semaphore>) {
+        let Ok(permit) = cancels.clone().try_acquire_owned() else {
+            let busy = refused(code::UNAVAILABLE, "too many cancels at once; ask again");
+            return self.fleet.respond(&req, &busy).await;
+        };
         let (fleet, topology) = (self.fleet.clone(), self.topology.clone());
         let span = tracing::info_span!("cancel", task_id = tracing::field::Empty);
         flotilla_service::trace::continue_from(&span, req.headers.as_ref());
         tokio::spawn(
             async move {
-                let reply = match decode_payload::<CancelRequest>(req.headers.as_ref(), &req.payload) {
+                let ct = content_type(req.headers.as_ref());
+                let reply = match codec::decode_strict::<CancelRequest>(ct, &req.payload) {
                     Ok(r) => {
                         tracing::Span::current().record("task_id", r.task_id.as_str());
                         cancel(&fleet, &topology, &r).await
@@ -61,6 +73,7 @@ impl Scheduler {
                     Err(e) => refused(e.reason.code(), e.message),
                 };
                 fleet.respond(&req, &reply).await;
+                drop(permit);
             }
             .instrument(span),
         );
@@ -85,6 +98,15 @@ async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest) -> Canc
         };
         let was = match rec.cancel(&error, now_ms()) {
             Ok(was) => was,
+            // Cancelled already (this request asked again, or another answer came first):
+            // what the asker wanted holds.
+            Err(_) if rec.error.as_ref().is_some_and(|e| e.code == failure::CANCELLED) => {
+                return CancelReply {
+                    record: Some(Box::new(rec)),
+                    was: Some(TaskState::Failed),
+                    error: None,
+                };
+            }
             Err(_) => {
                 let detail =
                     rec.error.as_ref().map(|e| format!(" ({}: {})", e.code, e.message)).unwrap_or_default();
