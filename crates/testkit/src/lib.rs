@@ -103,25 +103,25 @@ impl NatsServer {
     }
 }
 
-/// Path of one of the workspace's binaries (`flotilla-agent-runner`, `flotilla`, …), built
-/// (or brought up to date) once per test process, so a test never runs a stale binary.
+/// Path of one of the workspace's binaries (`flotilla-agent-runner`, `flotilla`, …). Every binary
+/// of the workspace is built (or brought up to date) once per test process, so a test never runs
+/// a stale binary. They are built together, for the whole workspace: built one package at a time,
+/// Cargo would resolve the dependencies' features for that package alone and rebuild them, each
+/// time, away from what `cargo test --workspace` built.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    static BUILT: std::sync::Once = std::sync::Once::new();
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
-    let path = dir.join(name);
-    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !built.iter().any(|b| b == name) {
+    BUILT.call_once(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--bin", name])
+            .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build --bin {name} failed");
-        built.push(name.to_owned());
-    }
-    path
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
+    dir.join(name)
 }
 
 /// A child process in its own process group; the whole group is killed (SIGKILL) on drop, so
