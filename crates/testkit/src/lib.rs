@@ -103,22 +103,40 @@ impl NatsServer {
     }
 }
 
+/// Prefixes of the variables Cargo sets for the package of a running test.
+const CARGO_PACKAGE_VARS: [&str; 7] = [
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+];
+
 /// Path of one of the workspace's binaries (`flotilla-agent-runner`, `flotilla`, …). Every binary
 /// of the workspace is built (or brought up to date) once per test process, so a test never runs
-/// a stale binary. They are built together, for the whole workspace: built one package at a time,
-/// Cargo would resolve the dependencies' features for that package alone and rebuild them, each
-/// time, away from what `cargo test --workspace` built.
+/// a stale binary. They are built together, for the whole workspace, and without the variables
+/// Cargo set for the test's package: otherwise Cargo would resolve features for one package
+/// alone, or see a build script's inputs changed, and rebuild dependencies away from what
+/// `cargo test --workspace` built, in the middle of the suite.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     // Test executables live in target/<profile>/deps; binaries one level up.
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
     BUILT.call_once(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "--workspace", "--bins"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo build");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "--workspace", "--bins"]).current_dir(workspace_root());
+        // What Cargo set for this test's own package: build scripts that read such a variable
+        // (ring's does) would see it changed and rebuild, for every package that calls this.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if CARGO_PACKAGE_VARS.iter().any(|p| key.starts_with(p)) {
+                cargo.env_remove(key.as_ref());
+            }
+        }
+        let status = cargo.status().expect("run cargo build");
         assert!(status.success(), "cargo build --workspace --bins failed");
     });
     dir.join(name)
