@@ -94,6 +94,19 @@ impl LeaseStatus {
         }
     }
 
+    /// The details of a health reply: `more()` (an object) with this view of the lease added.
+    pub fn details_with(
+        self: &Arc<Self>,
+        more: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> crate::health::Details {
+        let status = self.clone();
+        Arc::new(move || {
+            let mut d = more();
+            status.add_details(&mut d);
+            d
+        })
+    }
+
     fn set(&self, view: View) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = view;
     }

@@ -74,23 +74,16 @@ impl BudgetKeeper {
 impl flotilla_service::Service for BudgetKeeper {
     const NAME: &'static str = flotilla_protocol::names::service::BUDGET_KEEPER;
 
-    /// Ensures the budgets bucket, the ledger stream and the snapshot store, answers health
-    /// requests, and serves budgets while this keeper holds the lease, until `shutdown`.
+    /// Ensures the ledger stream and the snapshot store, answers health requests, and serves
+    /// budgets while this keeper holds the lease, until `shutdown`.
     async fn run(self, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = self.config;
         config.validate()?;
         let replicas = config.replicas.unwrap_or(topology.replicas);
         let lease_status = Arc::new(lease::LeaseStatus::default());
-        let health = {
-            let lease_status = lease_status.clone();
-            let details = move || {
-                let mut d = serde_json::json!({});
-                lease_status.add_details(&mut d);
-                d
-            };
-            flotilla_service::health::serve(fleet.clone(), Self::NAME, Arc::new(details), shutdown.clone())
-                .await?
-        };
+        let details = lease_status.details_with(|| serde_json::json!({}));
+        let health =
+            flotilla_service::health::serve(fleet.clone(), Self::NAME, details, shutdown.clone()).await?;
         // The ledger stream is the budget-keeper's own: ensured here too, so it serves even where
         // nothing else ensured the fleet's streams.
         let settings = flotilla_service::StreamSettings { replicas, ..Default::default() };

@@ -211,16 +211,12 @@ impl flotilla_service::Service for Dispatcher {
         config.validate()?;
         let stats = Arc::new(Stats::default());
         let lease_status = Arc::new(lease::LeaseStatus::default());
-        let health = {
-            let (stats, lease_status) = (stats.clone(), lease_status.clone());
-            let details = move || {
-                let mut d = stats.details();
-                lease_status.add_details(&mut d);
-                d
-            };
-            flotilla_service::health::serve(fleet.clone(), Self::NAME, Arc::new(details), shutdown.clone())
-                .await?
+        let details = {
+            let stats = stats.clone();
+            lease_status.details_with(move || stats.details())
         };
+        let health =
+            flotilla_service::health::serve(fleet.clone(), Self::NAME, details, shutdown.clone()).await?;
         // Only the holder of the lease schedules; intake runs on every dispatcher.
         let role = lease::Role { key: lease_key::DISPATCHER, ttl: config.lease_ttl, status: lease_status };
         let scheduler = {
