@@ -94,7 +94,7 @@ impl Topology {
 }
 
 /// Creates (and in [`Mode::Own`] updates) one bucket.
-pub async fn ensure_bucket(
+async fn ensure_bucket(
     js: &jetstream::Context,
     mode: Mode,
     cfg: kv::Config,

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
-    /// Replicas of the ledger stream and the snapshot store (default: the fleet's).
+    /// Replicas of the snapshot store (default: the fleet's, `streams.replicas`, which the ledger
+    /// stream has with the rest of the topology).
     pub replicas: Option<usize>,
     /// Length of the active keeper's lease: a standby takes over this long after the active
     /// keeper died (300 ms to 20 s).
@@ -74,7 +75,7 @@ impl BudgetKeeper {
 impl flotilla_service::Service for BudgetKeeper {
     const NAME: &'static str = flotilla_protocol::names::service::BUDGET_KEEPER;
 
-    /// Ensures the ledger stream and the snapshot store, answers health requests, and serves
+    /// Ensures the snapshot store, answers health requests, and serves
     /// budgets while this keeper holds the lease, until `shutdown`.
     async fn run(self, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = self.config;
@@ -84,18 +85,8 @@ impl flotilla_service::Service for BudgetKeeper {
         let details = lease_status.details_with(|| serde_json::json!({}));
         let health =
             flotilla_service::health::serve(fleet.clone(), Self::NAME, details, shutdown.clone()).await?;
-        // The ledger stream is the budget-keeper's own: ensured here too, so it serves even where
-        // nothing else ensured the fleet's streams.
-        let settings = flotilla_service::StreamSettings { replicas, ..Default::default() };
-        let ledger = flotilla_service::topology::stream_configs(&fleet.names, &settings)
-            .into_iter()
-            .find(|c| c.name == fleet.names.ledger_stream())
-            .ok_or_else(|| anyhow::anyhow!("no ledger stream configuration"))?;
-        fleet
-            .js
-            .get_or_create_stream(ledger)
-            .await
-            .map_err(|e| anyhow::anyhow!("failed to ensure the ledger stream: {e}"))?;
+        // The ledger stream came with the topology the keeper was given; the snapshot store is
+        // its own.
         tracing::info!(ledger = %fleet.names.ledger_stream(), "budget-keeper ready");
         let snapshots = snapshot::ensure(&fleet, replicas).await?;
         let settings = service::Settings { snapshot_every: config.snapshot_every };
