@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use flotilla_protocol::names::runner_op;
-use flotilla_protocol::{AgentRecord, AgentStatus, FleetChangeReply, ScaleRequest, StopAgentRequest, codec};
+use flotilla_protocol::{AgentRecord, AgentStatus, FleetChangeReply, ScaleRequest, StopAgentRequest};
 use flotilla_service::Fleet;
-use futures::StreamExt as _;
+use flotilla_service::nats::FleetError;
 
 use crate::client::{bucket, connect, request};
 use crate::{Cli, Failure, exit, output};
@@ -71,14 +71,13 @@ pub async fn run(cli: &Cli, args: &AgentsArgs) -> Result<(), Failure> {
 
 async fn registered(fleet: &Fleet) -> Result<Vec<AgentRecord>, Failure> {
     let store = bucket(fleet, fleet.names.agents_bucket()).await?;
-    let mut keys = store.keys().await.context("failed to list agents")?;
     let mut list: Vec<AgentRecord> = Vec::new();
-    while let Some(k) = keys.next().await {
-        let k = k.context("failed to list agents")?;
-        if let Some(v) = store.get(&k).await.context("failed to read agent")?
-            && let Ok(rec) = codec::decode::<AgentRecord>(None, &v)
-        {
-            list.push(rec);
+    for key in fleet.kv_keys(&store).await.context("failed to list agents")? {
+        match fleet.kv_get::<AgentRecord>(&store, &key).await {
+            Ok(Some((rec, _))) => list.push(rec),
+            // Gone since (deregistered) or unreadable: not listed.
+            Ok(None) | Err(FleetError::Decode { .. }) => {}
+            Err(e) => return Err(anyhow::Error::from(e).context("failed to read an agent").into()),
         }
     }
     list.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));

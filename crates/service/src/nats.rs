@@ -310,6 +310,29 @@ impl Fleet {
         }
     }
 
+    /// Every key of a bucket that holds or held a value (a deleted key may be among them: read
+    /// it to know), sorted. Taken from the stream's own subject counts, one consistent answer:
+    /// a listing through a consumer (`Store::keys`) can end early while keys are being rewritten,
+    /// as heartbeats are all the time.
+    pub async fn kv_keys(&self, store: &kv::Store) -> Result<Vec<String>, FleetError> {
+        use futures::TryStreamExt as _;
+        let failed = |e: async_nats::Error| FleetError::Kv { key: ">".to_owned(), source: e };
+        let subjects: Vec<(String, usize)> = store
+            .stream
+            .info_with_subjects(format!("{}>", store.prefix))
+            .await
+            .map_err(|e| failed(e.into()))?
+            .try_collect()
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let mut keys: Vec<String> = subjects
+            .into_iter()
+            .filter_map(|(s, _)| s.strip_prefix(&store.prefix).map(str::to_owned))
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
     /// True when the key holds a value (not deleted or purged).
     pub async fn kv_exists(&self, store: &kv::Store, key: &str) -> Result<bool, FleetError> {
         let entry =

@@ -94,11 +94,7 @@ impl Topology {
 }
 
 /// Creates (and in [`Mode::Own`] updates) one bucket.
-async fn ensure_bucket(
-    js: &jetstream::Context,
-    mode: Mode,
-    cfg: kv::Config,
-) -> anyhow::Result<kv::Store> {
+async fn ensure_bucket(js: &jetstream::Context, mode: Mode, cfg: kv::Config) -> anyhow::Result<kv::Store> {
     let name = cfg.bucket.clone();
     let result = match mode {
         Mode::Own => js.create_or_update_key_value(cfg).await.map_err(anyhow::Error::from),
