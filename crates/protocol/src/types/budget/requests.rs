@@ -14,35 +14,52 @@ use serde::{Deserialize, Serialize};
 use super::{BudgetCommand, BudgetOp, BudgetOperation};
 use crate::types::Priority;
 
-/// `reserve`: hold up to `want` tokens (at least `min`) in every one of `scopes` at once, for
-/// `lease_ms`, before a model call.
-#[serde_with::skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[schemars(deny_unknown_fields)]
-pub struct ReserveRequest {
-    /// Idempotency key, one per model call: asked again, the first answer is given again.
-    pub id: String,
-    /// Scopes the reservation counts against, e.g. `task.<id>`, `agent.<id>`, `tenant.<name>`,
-    /// `model.<name>`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub scopes: Vec<String>,
-    /// Tokens wanted.
-    pub want: u64,
-    /// Fewest tokens worth granting (default 1).
-    pub min: Option<u64>,
-    /// How long the reservation lives unless committed or released (default five minutes).
-    pub lease_ms: Option<u64>,
-    /// Limits (tokens, over the scope's life) of scopes to create if they have none yet, e.g. the
-    /// task's own.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub limits: BTreeMap<String, u64>,
-    /// The model called, priced at commit.
-    pub model: Option<String>,
-    /// Rate limits (keys) the call needs a permit of.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rates: Vec<String>,
-    /// Who gets scarce permits first.
-    pub priority: Option<Priority>,
+/// Declares a request that holds tokens in a set of scopes until it is committed, released or
+/// runs out (`reserve`, and `carve`, which is a reservation that becomes a child's budget): the
+/// hold's fields first, in their wire order, then the operation's own.
+macro_rules! hold_request {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident: $ty:ty,)* }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            /// Idempotency key, one per hold: asked again, the first answer is given again.
+            pub id: String,
+            /// Scopes the tokens are held in, e.g. `task.<id>`, `agent.<id>`, `tenant.<name>`,
+            /// `model.<name>` (for `carve`, the parent's).
+            #[serde(default, skip_serializing_if = "Vec::is_empty")]
+            pub scopes: Vec<String>,
+            /// Tokens wanted.
+            pub want: u64,
+            /// Fewest tokens worth granting (default 1).
+            pub min: Option<u64>,
+            /// How long the hold lives unless committed or released (default five minutes).
+            pub lease_ms: Option<u64>,
+            /// Limits (tokens, over the scope's life) of scopes to create if they have none yet,
+            /// e.g. the task's own.
+            #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+            pub limits: BTreeMap<String, u64>,
+            /// The model called, priced at commit.
+            pub model: Option<String>,
+            $($(#[$field_meta])* pub $field: $ty,)*
+        }
+    };
+}
+
+hold_request! {
+    /// `reserve`: hold up to `want` tokens (at least `min`) in every one of `scopes` at once, for
+    /// `lease_ms`, before a model call.
+    #[serde_with::skip_serializing_none]
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+    #[schemars(deny_unknown_fields)]
+    pub struct ReserveRequest {
+        /// Rate limits (keys) the call needs a permit of.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub rates: Vec<String>,
+        /// Who gets scarce permits first.
+        pub priority: Option<Priority>,
+    }
 }
 
 /// `commit`: what the call of reservation `id` used; the rest goes back.
@@ -90,26 +107,16 @@ pub struct ShowRequest {
     pub rate: Option<String>,
 }
 
-/// `carve`: a child task's budget `scope`, created with what is reserved (key `id`) out of the
-/// parent's `scopes`; closing the child settles it.
-#[serde_with::skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[schemars(deny_unknown_fields)]
-pub struct CarveRequest {
-    pub id: String,
-    /// The parent's scopes.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub scopes: Vec<String>,
-    /// Tokens to carve.
-    pub want: u64,
-    pub min: Option<u64>,
-    pub lease_ms: Option<u64>,
-    /// Limits of the parent's scopes to create if they have none yet.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub limits: BTreeMap<String, u64>,
-    pub model: Option<String>,
-    /// The child's scope.
-    pub scope: String,
+hold_request! {
+    /// `carve`: a child task's budget `scope`, created with what is reserved (key `id`) out of the
+    /// parent's `scopes`; closing the child settles it.
+    #[serde_with::skip_serializing_none]
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+    #[schemars(deny_unknown_fields)]
+    pub struct CarveRequest {
+        /// The child's scope.
+        pub scope: String,
+    }
 }
 
 /// `close`: ends a task's budget; a carved one gives what it did not use back to its parent.
