@@ -299,8 +299,9 @@ async fn agents_message_each_other_directly() {
     let events = sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
     let done = events.iter().find(|e| e.kind == "completed").unwrap();
     let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap().to_owned();
-    assert!(answer.contains("[helper] message: Message from agent r1-asker-0: what is 2+2?"), "{answer}");
-    assert!(answer.contains(r#"{"delivered":true}"#), "{answer}");
-    assert!(answer.contains("nobody-here is not reachable"), "{answer}");
+    // The helper's model saw the question and its answer came back to the waiting call.
+    assert!(answer.contains("[helper] message: what is 2+2?"), "{answer}");
+    assert!(answer.contains(r#""delivered":["agent:r1-helper-0"]"#), "{answer}");
+    assert!(answer.contains("unknown_agent: agent nobody-here is not registered"), "{answer}");
     sys.stop().await;
 }

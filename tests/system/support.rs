@@ -20,6 +20,20 @@ use flotilla_service::{StreamSettings, Topology};
 use flotilla_testkit::{ChildProcess, NatsServer, bin};
 use futures::StreamExt as _;
 
+/// With `FLOTILLA_TEST_LOG` set (an env filter such as `info`), the services' logs go to the
+/// test's output.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("FLOTILLA_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 pub const HEARTBEAT: Duration = Duration::from_millis(300);
 
 /// A fleet under test.
@@ -99,6 +113,7 @@ impl System {
         settings: StreamSettings,
         format: WireFormat,
     ) -> Self {
+        init_logging();
         let names = Names::new(Prefix::new(prefix).unwrap());
         let local = LocalFleet::on_server(server.url(), names.clone(), format, settings).await.unwrap();
         Self {

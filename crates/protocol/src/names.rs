@@ -88,6 +88,9 @@ pub mod queue_group {
     pub const DISPATCHER: &str = "dispatcher";
 }
 
+/// Queue group of the message router (`<p>.msg.send.>`): every dispatcher instance routes.
+pub const ROUTER_QUEUE_GROUP: &str = "router";
+
 /// Keys of the leases bucket: one per role that only one instance may hold at a time.
 pub mod lease_key {
     /// The active dispatcher (the one that schedules).
@@ -182,10 +185,32 @@ impl Names {
         /// A runner's fleet changes: `scale` (a `ScaleRequest`), `stop` (a `StopAgentRequest`),
         /// `cancel` (a `CancelTask`, no reply).
         runner_control(runner_id, op) = prefix ".runners.{runner_id}.{op}";
-        /// An agent's inbox for direct messages.
-        agent_inbox(agent_id) = prefix ".agents.{agent_id}.inbox";
+        /// Where a runner asks the router to send a message for one of its agents.
+        msg_send_runner(runner_id) = prefix ".msg.send.runner.{runner_id}";
+        /// Where a client (any NATS client, an operator) asks the router to send a message.
+        msg_send_client(client) = prefix ".msg.send.client.{client}";
+        /// Every send request (the router listens here).
+        msg_send_all() = prefix ".msg.send.>";
         /// A topic an agent's `publish` tool writes to.
         topic_subject(topic) = prefix ".topics.{topic}";
+    }
+
+    // ---- subjects of stored messages (only the router publishes here) -----------------------
+    names! {
+        /// A message for one agent, in one priority class.
+        inbox_agent(runner_id, agent_id, class) = prefix ".inbox.agent.{runner_id}.{agent_id}.{class}";
+        /// The messages of one class for every agent of a runner (a runner's consumer).
+        inbox_runner(runner_id, class) = prefix ".inbox.agent.{runner_id}.*.{class}";
+        /// A message for any agent of a template, in one priority class.
+        inbox_template(template, class) = prefix ".inbox.template.{template}.{class}";
+        /// A message (a reply) for a client identity.
+        inbox_client(client) = prefix ".inbox.client.{client}";
+        /// Every stored message (the messages stream's subjects).
+        inbox_all() = prefix ".inbox.>";
+        /// A message event of a task's conversation (`_` for no task).
+        message_event_subject(task_id, kind) = prefix ".events.message.{task_id}.{kind}";
+        /// Every message event of one task.
+        message_events_of(task_id) = prefix ".events.message.{task_id}.*";
     }
 
     // ---- streams ---------------------------------------------------------------------------
@@ -200,6 +225,8 @@ impl Names {
         deadletter_stream() = upper "_DEADLETTER";
         /// The ledger of budget changes: the budget-keeper's state, replayable for audit.
         ledger_stream() = upper "_LEDGER";
+        /// Direct messages, stored before the sender is told they were delivered.
+        messages_stream() = upper "_MESSAGES";
     }
 
     // ---- buckets ---------------------------------------------------------------------------
@@ -216,6 +243,10 @@ impl Names {
         approvals_bucket() = lower "_approvals";
         /// KV: leases of exclusive roles, by role (see [`lease_key`]).
         leases_bucket() = lower "_leases";
+        /// KV: who may message whom, by grant name.
+        grants_bucket() = lower "_grants";
+        /// KV: how the handling of each message stands, by message id.
+        messages_bucket() = lower "_messages";
         /// Object store: snapshots of the budget ledger's state.
         budget_snapshots_bucket() = lower "_budget_snapshots";
     }
@@ -225,6 +256,17 @@ impl Names {
     /// The dispatcher's durable consumer on submissions.
     pub fn dispatcher_intake_consumer(&self) -> String {
         "dispatcher-intake".to_owned()
+    }
+
+    /// A runner's durable consumer on its agents' messages of one class.
+    pub fn runner_mailbox_consumer(&self, runner_id: &str, class: &str) -> String {
+        format!("mailbox-{runner_id}-{class}")
+    }
+
+    /// The durable consumer, shared by every runner hosting the template, on a template's messages
+    /// of one class.
+    pub fn template_mailbox_consumer(&self, template: &str, class: &str) -> String {
+        format!("group-{template}-{class}")
     }
 
     /// A runner's durable consumer on its assignments.

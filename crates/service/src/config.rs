@@ -78,6 +78,10 @@ pub struct StreamSettings {
     pub tasks_max_age: Duration,
     /// Largest message accepted on the submissions stream.
     pub max_msg_size: i32,
+    /// How long direct messages are kept (a conversation can be read back this long; no message
+    /// waits longer for its receiver than a day).
+    #[serde(with = "humantime_serde")]
+    pub messages_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -90,6 +94,7 @@ impl Default for StreamSettings {
             events_max_bytes: -1,
             tasks_max_age: Duration::from_secs(30 * 24 * 3600),
             max_msg_size: 1024 * 1024,
+            messages_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

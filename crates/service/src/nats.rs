@@ -217,6 +217,18 @@ impl Fleet {
         self.send_event(event).await?.confirmed().await
     }
 
+    /// Publishes a message event on `<p>.events.message.<task>.<kind>`, de-duplicated per
+    /// message and kind.
+    pub async fn publish_message_event(
+        &self,
+        event: &flotilla_protocol::MessageEvent,
+    ) -> Result<(), FleetError> {
+        let task = event.task_id.as_deref().unwrap_or("_");
+        let subject = self.names.message_event_subject(task, &event.kind);
+        let msg_id = format!("msg:{}:{}", event.message_id, event.kind);
+        self.publish_durable(subject, event, Some(&msg_id)).await
+    }
+
     /// Sends a task event without waiting for its ack (see [`Self::send_durable`]).
     pub async fn send_event(&self, event: &TaskEvent) -> Result<Pending, FleetError> {
         let subject = self.names.task_event_subject(&event.task_id, &event.kind);

@@ -42,6 +42,10 @@ pub struct Topology {
     pub approvals: kv::Store,
     /// Leases of exclusive roles (the active dispatcher).
     pub leases: kv::Store,
+    /// Who may message whom.
+    pub grants: kv::Store,
+    /// How the handling of each message stands (fences redeliveries).
+    pub messages: kv::Store,
     /// Replicas of every stream and bucket, as they were ensured (services that own further
     /// buckets create them with as many).
     pub replicas: usize,
@@ -71,6 +75,8 @@ impl Topology {
             (names.memory_bucket(), "Flotilla: agents' shared memory", 1, Duration::ZERO),
             (names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
             (names.leases_bucket(), "Flotilla: leases of exclusive roles", 1, LEASES_MAX_AGE),
+            (names.grants_bucket(), "Flotilla: who may message whom", 5, Duration::ZERO),
+            (names.messages_bucket(), "Flotilla: handling of direct messages", 1, s.messages_max_age),
         ];
         let mut stores = Vec::with_capacity(buckets.len());
         for (bucket, description, history, max_age) in buckets {
@@ -85,11 +91,22 @@ impl Topology {
             };
             stores.push(ensure_bucket(js, mode, cfg).await?);
         }
-        let Ok([tasks, agents, capabilities, memory, approvals, leases]) = <[kv::Store; 6]>::try_from(stores)
+        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages]) =
+            <[kv::Store; 8]>::try_from(stores)
         else {
             anyhow::bail!("a bucket of the topology was not ensured");
         };
-        Ok(Self { tasks, agents, capabilities, memory, approvals, leases, replicas: s.replicas })
+        Ok(Self {
+            tasks,
+            agents,
+            capabilities,
+            memory,
+            approvals,
+            leases,
+            grants,
+            messages,
+            replicas: s.replicas,
+        })
     }
 }
 
@@ -159,6 +176,18 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
             deny_delete: true,
             deny_purge: true,
             ..base(names.ledger_stream(), vec![names.ledger_all()], "Flotilla: ledger of budget changes")
+        },
+        stream::Config {
+            // Limits, not work queue: a task's conversation can be read back after it was handled.
+            retention: stream::RetentionPolicy::Limits,
+            max_age: s.messages_max_age,
+            duplicate_window: Duration::from_secs(120),
+            max_message_size: 256 * 1024,
+            ..base(
+                names.messages_stream(),
+                vec![names.inbox_all()],
+                "Flotilla: direct messages between agents",
+            )
         },
     ]
 }

@@ -289,6 +289,7 @@ pub fn fake_agent(
         agent_id: agent_id.into(),
         name: "fake".into(),
         runner_id: runner_id.into(),
+        tenant: flotilla_protocol::DEFAULT_TENANT.into(),
         capabilities: vec!["work".into()],
         labels: Default::default(),
         provider: "offline".into(),

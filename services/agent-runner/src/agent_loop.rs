@@ -29,6 +29,9 @@ pub struct Env {
     pub states: TaskStates,
     /// Budgets of the calls (absent when the runner does not enforce budgets).
     pub budgets: Option<crate::budget::Budgets>,
+    /// Publish each step as a task `progress` event (off for work on a direct message, which
+    /// belongs to no task of its own).
+    pub report_steps: bool,
 }
 
 /// A finished loop.
@@ -168,7 +171,7 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
         // A first step that is already the answer has nothing to report that `completed` does
         // not carry (the text, this call's usage): it gets no `progress` event of its own.
         let answered_at_once = step == 1 && resp.tool_calls.is_empty();
-        if !answered_at_once {
+        if !answered_at_once && env.report_steps {
             publish_step(env, rec, step, &resp, &previous_results).await?;
         }
         if resp.tool_calls.is_empty() {
@@ -219,7 +222,7 @@ async fn call(
     step: u32,
     req: &ChatRequest,
 ) -> Result<crate::llm::ChatResponse, crate::llm::ProviderError> {
-    if !env.provider.streams() {
+    if !env.provider.streams() || !env.report_steps {
         return env.provider.chat(req).await;
     }
     let (sink, pieces) = TextSink::channel();

@@ -4,7 +4,6 @@
 //! `<p>.runners.<runner>.cancel` (a `CancelTask`, core NATS): stop an attempt it holds whose task
 //! was already ended by someone else.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::pull;
@@ -16,10 +15,8 @@ use flotilla_service::nats::decode_payload;
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
-use crate::llm::Provider;
 use crate::registry::{Agents, Slot};
 
 /// What a runner is asked on its control subjects.
@@ -38,11 +35,6 @@ pub struct Control {
     pub fleet: Fleet,
     pub topology: Topology,
     pub agents: Arc<Agents>,
-    pub providers: HashMap<String, Provider>,
-    /// The budget-keeper, when budgets are enforced (direct messages' model calls count too).
-    pub budgets: Option<flotilla_service::budget::Client>,
-    /// Where new agents' inboxes run.
-    pub inboxes: TaskTracker,
     pub shutdown: CancellationToken,
     /// The assignment consumer, whose `max_ack_pending` grows with the agents' capacity.
     pub stream: async_nats::jetstream::stream::Stream,
@@ -56,17 +48,9 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
-    /// Starts an agent's inbox and marks it idle (registered at the next registry write).
+    /// Marks a new agent idle (registered at the next registry write); its messages come
+    /// through the runner's mailbox.
     pub fn start_agent(&self, slot: &Arc<Slot>) {
-        if let Some(provider) = self.providers.get(&slot.template.name) {
-            self.inboxes.spawn(crate::inbox::serve(
-                self.fleet.clone(),
-                slot.clone(),
-                provider.clone(),
-                self.budgets.clone(),
-                self.shutdown.clone(),
-            ));
-        }
         slot.lifecycle.set(None, AgentState::Idle);
     }
 

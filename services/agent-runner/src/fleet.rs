@@ -30,6 +30,10 @@ pub struct AgentTemplate {
     pub name: String,
     /// Capabilities its agents serve.
     pub capabilities: Vec<String>,
+    /// The tenant its agents belong to: their shared memory, and whom they may message without a
+    /// grant (agents of the same tenant).
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// Model provider; `offline` is the built-in deterministic model.
     #[serde(default = "default_provider")]
     pub provider: String,
@@ -226,6 +230,10 @@ impl FleetFile {
         }
         Ok(())
     }
+}
+
+fn default_tenant() -> String {
+    flotilla_protocol::DEFAULT_TENANT.to_owned()
 }
 
 #[cfg(test)]

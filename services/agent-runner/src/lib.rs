@@ -7,9 +7,9 @@ pub mod agent_loop;
 pub mod budget;
 mod control;
 pub mod fleet;
-mod inbox;
 pub mod lifecycle;
 pub mod llm;
+pub mod mailbox;
 mod partial_text;
 mod registry;
 pub mod tools;
@@ -53,6 +53,10 @@ pub struct Config {
     pub drain_grace: Duration,
     /// TOML file of API keys (`NAME = "value"`), consulted when the environment lacks a key.
     pub secrets_file: Option<PathBuf>,
+    /// A direct message waiting this long counts one priority class more urgent (`0s`: strict
+    /// precedence).
+    #[serde(with = "humantime_serde")]
+    pub message_aging: Duration,
     /// Reserve every model call's tokens with the budget-keeper first (and commit its usage
     /// after). With this off, only the task's own token cap is checked, by the runner alone.
     pub budgets: bool,
@@ -68,6 +72,7 @@ impl Default for Config {
             max_task_time: Duration::from_secs(3600),
             drain_grace: Duration::from_secs(10),
             secrets_file: None,
+            message_aging: mailbox::DEFAULT_AGING,
             budgets: true,
         }
     }
@@ -229,14 +234,10 @@ async fn run(
     // The budget-keeper, asked before and after every model call (tasks' and direct messages').
     let budgets = config.budgets.then(|| flotilla_service::budget::Client::new(fleet.clone()));
     // Agents started and stopped at runtime (`flotilla agents spawn|stop`, scale requests).
-    let inboxes = TaskTracker::new();
     let control = control::Control {
         fleet: fleet.clone(),
         topology: topology.clone(),
         agents: agents.clone(),
-        providers: providers.clone(),
-        budgets: budgets.clone(),
-        inboxes: inboxes.clone(),
         shutdown: shutdown.clone(),
         stream: stream.clone(),
         consumer: consumer_config,
@@ -281,7 +282,19 @@ async fn run(
         providers,
         registry: Arc::new(registry),
         budgets,
+        mailbox: Arc::new(mailbox::Mailbox::new(config.message_aging)),
     });
+    let messages = fleet
+        .js
+        .get_stream(fleet.names.messages_stream())
+        .await
+        .context("failed to open the messages stream")?;
+    let mailbox_stop = CancellationToken::new();
+    let mailbox = tokio::spawn(mailbox::run(
+        Arc::new(mailbox::Env { ctx: ctx.clone(), mailbox: ctx.mailbox.clone(), ack_wait: config.ack_wait }),
+        messages,
+        mailbox_stop.clone(),
+    ));
 
     let pull = flotilla_service::consume::Pull {
         what: "assignment",
@@ -312,8 +325,13 @@ async fn run(
         Ok(Err(e)) => tracing::warn!(error = %e, "the fleet-change endpoint failed"),
         Err(e) => tracing::warn!(error = %e, "the fleet-change endpoint panicked"),
     }
-    inboxes.close();
-    inboxes.wait().await;
+    // Messages not yet taken go back; those being handled finish (or are handed back at abort).
+    mailbox_stop.cancel();
+    match mailbox.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "the mailbox failed"),
+        Err(e) => tracing::warn!(error = %e, "the mailbox panicked"),
+    }
     heartbeat_stop.cancel();
     let _ = heartbeat.await;
     for slot in agents.slots() {

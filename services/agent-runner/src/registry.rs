@@ -247,6 +247,11 @@ impl Agents {
         self.read().values().map(|s| s.in_flight.load(Ordering::Relaxed)).fold(0, u32::saturating_add)
     }
 
+    /// The names of every template this runner can host.
+    pub fn template_names(&self) -> Vec<String> {
+        self.templates.keys().cloned().collect()
+    }
+
     /// Agents of `template` that take work, and those finishing before they leave, by index.
     pub fn of_template(&self, template: &str) -> (Vec<Arc<Slot>>, Vec<Arc<Slot>>) {
         let mut all: Vec<Arc<Slot>> =
@@ -349,6 +354,7 @@ impl Agents {
             agent_id: slot.agent_id.clone(),
             name: slot.template.name.clone(),
             runner_id: self.runner_id.clone(),
+            tenant: slot.template.tenant.clone(),
             capabilities: slot.template.capabilities.clone(),
             labels: slot.template.labels.clone(),
             provider: slot.template.provider.clone(),

@@ -41,6 +41,8 @@ pub struct Context {
     pub registry: Arc<Registry>,
     /// The budget-keeper, when budgets are enforced.
     pub budgets: Option<flotilla_service::budget::Client>,
+    /// The agents' direct messages.
+    pub mailbox: Arc<crate::mailbox::Mailbox>,
 }
 
 /// Handles one assignment message; never panics, never returns an error: every outcome is an
@@ -366,6 +368,8 @@ async fn run_claimed(
             approvals: ctx.topology.approvals.clone(),
             task: rec.clone(),
             agent_id: slot.agent_id.clone(),
+            runner_id: ctx.runner_id.clone(),
+            mailbox: ctx.mailbox.clone(),
             step: 0,
             index: 0,
             cancel: cancel.token.clone(),
@@ -376,6 +380,7 @@ async fn run_claimed(
         budgets: ctx.budgets.clone().map(|client| {
             crate::budget::Budgets::for_attempt(client, &rec, rev, &slot.agent_id, &slot.template)
         }),
+        report_steps: true,
     };
 
     let mut cancelled = false;

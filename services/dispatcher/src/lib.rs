@@ -5,6 +5,7 @@
 //! the `dispatcher` lease, [`flotilla_service::lease`]).
 
 mod intake;
+mod router;
 pub mod runqueue;
 mod scheduler;
 
@@ -232,9 +233,16 @@ impl flotilla_service::Service for Dispatcher {
                 },
             ))
         };
+        // Every instance routes messages (the router keeps no state of its own).
+        let router = tokio::spawn(router::run(fleet.clone(), topology.clone(), shutdown.clone()));
         let intake = intake::run(config, fleet, topology, stats, shutdown.clone()).await;
         shutdown.cancel();
         scheduler.await.context("the lease contest panicked")?;
+        match router.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = format!("{e:#}"), "the message router failed"),
+            Err(e) => tracing::error!(error = %e, "the message router panicked"),
+        }
         let _ = health.await;
         intake
     }

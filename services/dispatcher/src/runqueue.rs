@@ -728,6 +728,7 @@ mod tests {
             agent_id: id.into(),
             name: "t".into(),
             runner_id: "r".into(),
+            tenant: "default".into(),
             capabilities: caps.iter().map(|c| (*c).to_owned()).collect(),
             labels: Default::default(),
             provider: "offline".into(),

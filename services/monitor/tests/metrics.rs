@@ -78,6 +78,7 @@ async fn task_events_show_up_in_metrics() {
             agent_id: id.into(),
             name: "t".into(),
             runner_id: "r".into(),
+            tenant: "default".into(),
             capabilities: vec!["x".into()],
             labels: Default::default(),
             provider: "offline".into(),

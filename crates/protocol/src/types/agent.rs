@@ -1,11 +1,10 @@
-//! Agents: lifecycle states and events, registry records, declared capabilities, direct
-//! messages between agents and requests for human approval.
+//! Agents: lifecycle states and events, registry records, declared capabilities and
+//! requests for human approval.
 
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::*;
 
@@ -100,6 +99,9 @@ pub struct AgentRecord {
     /// Template name from the fleet file.
     pub name: String,
     pub runner_id: String,
+    /// The tenant its template belongs to (messages across tenants need a grant).
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     pub capabilities: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -141,32 +143,6 @@ pub struct CapabilityRecord {
 
 fn initializing() -> AgentState {
     AgentState::Initializing
-}
-
-/// A direct message to an agent, sent as a request to its inbox.
-#[serde_with::skip_serializing_none]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct DirectMessage {
-    /// Sending agent (or any client).
-    pub from: String,
-    /// The task the sender works on, if any.
-    pub task_id: Option<String>,
-    pub message: Value,
-    /// When true the receiving agent answers with its model; otherwise the runner only confirms
-    /// receipt.
-    #[serde(default)]
-    pub wants_reply: bool,
-}
-
-/// The answer to a [`DirectMessage`].
-#[serde_with::skip_serializing_none]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct DirectReply {
-    pub agent_id: String,
-    /// The agent's answer, when one was asked for.
-    pub reply: Option<String>,
-    pub usage: Option<Usage>,
-    pub error: Option<ErrorInfo>,
 }
 
 /// Where a request for human approval stands.

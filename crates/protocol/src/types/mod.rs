@@ -5,6 +5,7 @@ mod agent;
 mod budget;
 mod common;
 mod control;
+mod message;
 mod task;
 mod task_record;
 
@@ -12,5 +13,6 @@ pub use agent::*;
 pub use budget::*;
 pub use common::*;
 pub use control::*;
+pub use message::*;
 pub use task::*;
 pub use task_record::*;

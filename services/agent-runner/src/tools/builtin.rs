@@ -8,8 +8,7 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
-    Approval, ApprovalStatus, DirectMessage, DirectReply, TaskEvent, TaskRecord, TaskSubmission, codec,
-    headers, time::now_ms,
+    Approval, ApprovalStatus, TaskEvent, TaskRecord, TaskSubmission, codec, headers, time::now_ms,
 };
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
@@ -421,56 +420,103 @@ async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
 fn send_message_spec() -> ToolSpec {
     ToolSpec::object(
         "send_message",
-        "Send a direct message to another agent by its id; optionally wait for its reply.",
+        "Send a message to another agent (by id), to any agent of a template or with a capability, or to \
+         every agent a selector matches (broadcast, e.g. \"template:critic\"). It is stored before this \
+         returns; the receiver's model acts on it. Optionally wait for the receiver's answer.",
         json!({
             "agent": { "type": "string", "description": "the receiving agent's id" },
+            "template": { "type": "string", "description": "any agent of this template" },
+            "capability": { "type": "string", "description": "any agent with this capability" },
+            "broadcast": { "type": "string", "description": "every agent matching: agent:ID, template:NAME, capability:CAP, tenant:T (comma-separated), or *" },
             "message": { "description": "the message (text or JSON)" },
             "wait_reply": { "type": "boolean", "default": false },
-            "timeout_s": { "type": "integer", "minimum": 1, "maximum": 600, "default": 60 }
+            "timeout_s": { "type": "integer", "minimum": 1, "maximum": 3600, "default": 60 },
+            "priority": { "description": "0-9 or critical, interactive, normal, batch; default the task's" },
+            "ttl_s": { "type": "integer", "minimum": 1, "maximum": 86400, "description": "how long the message may wait for its receiver (default 3600)" }
         }),
-        &["agent", "message"],
+        &["message"],
     )
 }
 
 async fn send_message(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
-    let agent = str_arg(&args, "agent")?;
-    if !flotilla_protocol::names::is_token(agent) {
-        return Err(ToolError::new("agent must be an agent id (A-Z a-z 0-9 _ -)"));
-    }
-    let wants_reply = args.get("wait_reply").and_then(Value::as_bool).unwrap_or(false);
-    let timeout = std::time::Duration::from_secs(args.get("timeout_s").and_then(Value::as_u64).unwrap_or(60));
-    let m = DirectMessage {
-        from: ctx.agent_id.clone(),
-        task_id: Some(ctx.task.id.clone()),
-        message: args.get("message").cloned().unwrap_or(Value::Null),
-        wants_reply,
+    let text = |name: &str| args.get(name).and_then(Value::as_str).map(str::to_owned);
+    let broadcast = match text("broadcast") {
+        Some(s) => Some(flotilla_protocol::Selector::parse(&s).map_err(ToolError::new)?),
+        None => None,
     };
-    let body = ctx.fleet.encode(&m).map_err(nats_err)?;
-    let request = async_nats::Request::new().payload(body).timeout(Some(timeout));
-    if wants_reply {
-        ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    let to = flotilla_protocol::Address {
+        agent: text("agent"),
+        template: text("template"),
+        capability: text("capability"),
+        broadcast,
+        client: None,
+    };
+    if to.alternatives() != 1 {
+        return Err(ToolError::new("give exactly one of agent, template, capability, broadcast"));
     }
-    let result = ctx.fleet.client.send_request(ctx.fleet.names.agent_inbox(agent), request).await;
-    if wants_reply {
-        ctx.states.set(flotilla_protocol::AgentState::Executing);
+    let priority = match args.get("priority") {
+        None | Some(Value::Null) => ctx.task.priority,
+        Some(p) => serde_json::from_value(p.clone())
+            .map_err(|_| ToolError::new("priority must be 0-9 or critical, interactive, normal, batch"))?,
+    };
+    let wants_reply =
+        args.get("wait_reply").and_then(Value::as_bool).unwrap_or(false) && to.broadcast.is_none();
+    let timeout = std::time::Duration::from_secs(
+        args.get("timeout_s").and_then(Value::as_u64).unwrap_or(60).clamp(1, 3600),
+    );
+    // The same call of the same step sends the same message: a re-run is stored once.
+    let seed = format!("{}:{}:{}:{}", ctx.task.id, ctx.task.attempt, ctx.step, ctx.index);
+    let id = format!("m{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, seed.as_bytes()).simple());
+    let m = flotilla_protocol::MessageSend {
+        id: Some(id.clone()),
+        from: Some(ctx.agent_id.clone()),
+        to,
+        // Work on a message carries the conversation's task on.
+        task_id: Some(
+            ctx.task
+                .parent_id
+                .clone()
+                .filter(|_| ctx.task.capability == "message")
+                .unwrap_or_else(|| ctx.task.id.clone()),
+        ),
+        tenant: None,
+        priority: Some(priority),
+        ttl_ms: args.get("ttl_s").and_then(Value::as_u64).map(|s| s.clamp(1, 86_400) * 1000),
+        wants_reply,
+        in_reply_to: None,
+        body: args.get("message").cloned().unwrap_or(Value::Null),
+    };
+    let waiting = wants_reply.then(|| ctx.mailbox.wait_for_reply(&id));
+    let answer = crate::mailbox::send(&ctx.fleet, &ctx.runner_id, &m)
+        .await
+        .map_err(|e| ToolError::new(format!("{}: {}", e.code, e.message)))?;
+    if let Some(err) = answer.error {
+        return Err(ToolError::new(format!("{}: {}", err.code, err.message)));
     }
-    let msg = result.map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => {
-            ToolError::new(format!("agent {agent} is not reachable"))
-        }
-        async_nats::RequestErrorKind::TimedOut => {
-            ToolError::new(format!("agent {agent} did not answer within {timeout:?}"))
-        }
-        _ => nats_err(e),
-    })?;
-    let reply: DirectReply = codec::decode(None, &msg.payload).map_err(|e| ToolError::new(e.to_string()))?;
-    if let Some(err) = reply.error {
-        return Err(ToolError::new(format!("agent {agent}: {}: {}", err.code, err.message)));
+    let delivered: Vec<Value> = answer.delivered.iter().map(|d| json!(d.to)).collect();
+    let refused: Vec<Value> = answer
+        .refused
+        .iter()
+        .map(|r| json!({ "to": r.to, "code": r.code, "rule": r.rule, "message": r.message }))
+        .collect();
+    let Some(mut waiting) = waiting else {
+        return Ok(json!({ "delivered": delivered, "refused": refused, "id": id }));
+    };
+    ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    let reply = tokio::select! {
+        r = &mut waiting.reply => r.ok(),
+        _ = tokio::time::sleep(timeout) => None,
+        _ = ctx.cancel.cancelled() => None,
+    };
+    ctx.states.set(flotilla_protocol::AgentState::Executing);
+    let Some(reply) = reply else {
+        return Err(ToolError::new(format!("no reply within {timeout:?} (message {id} stays delivered)")));
+    };
+    if let Some(err) = reply.body.get("error") {
+        return Err(ToolError::new(format!("the receiver failed: {err}")));
     }
-    Ok(match reply.reply {
-        Some(text) => json!({ "delivered": true, "reply": text }),
-        None => json!({ "delivered": true }),
-    })
+    let text = reply.body.get("text").cloned().unwrap_or(reply.body.clone());
+    Ok(json!({ "delivered": delivered, "id": id, "reply": text, "from": reply.from.to_string() }))
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub struct ToolCtx {
     /// The task being worked on (as claimed).
     pub task: TaskRecord,
     pub agent_id: String,
+    /// The runner hosting the agent (the router checks it hosts `agent_id`).
+    pub runner_id: String,
+    /// Where replies to the agent's messages arrive.
+    pub mailbox: Arc<crate::mailbox::Mailbox>,
     /// Loop step and index of the call within it, for idempotent side effects.
     pub step: u32,
     pub index: usize,

@@ -1,0 +1,717 @@
+//! Direct messages, on the receiving side: the runner's durable consumers on the messages stream
+//! (one per priority class for its own agents, and one per class and template shared with every
+//! runner hosting the template), a queue per agent and class held here until the agent has a free
+//! slot, and the handling of one message: fenced by a record in the messages bucket (a
+//! redelivery never acts twice), run through the agent's loop with the message as its input, the
+//! answer sent back through the router, and only then acked. A reply to a message an agent is
+//! waiting for goes to that wait instead.
+//!
+//! Most urgent first: an agent takes the message of the most urgent class it has, aged by one
+//! class per `aging` of waiting so the batch class never starves; within a class, oldest first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{Message, stream};
+use flotilla_protocol::{
+    Address, Envelope, ErrorInfo, MessageEvent, MessageRecord, MessageSend, MessageState, PriorityClass,
+    SendReply, codec, message_event, time::now_ms,
+};
+use flotilla_service::nats::{FleetError, decode_payload};
+use flotilla_service::{AckGuard, Fleet};
+use futures::StreamExt as _;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::agent_loop;
+use crate::registry::Slot;
+use crate::worker::Context;
+
+/// How long a message waits, at most, before it counts one class more urgent.
+pub const DEFAULT_AGING: Duration = Duration::from_secs(30);
+
+/// Messages of one class a runner holds unacked at once (per consumer).
+const MAX_HELD: i64 = 10_000;
+
+/// A stored message held here until an agent takes it.
+struct Held {
+    guard: AckGuard,
+    envelope: Envelope,
+    class: PriorityClass,
+    held_at: tokio::time::Instant,
+}
+
+/// Where a held message waits: one agent's queue, or a template's (any of its agents here).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Queue {
+    Agent(String),
+    Template(String),
+}
+
+/// The runner's messages: what is held, who waits for a reply, and what wakes the dispatch.
+pub struct Mailbox {
+    queues: Mutex<HashMap<Queue, [VecDeque<Held>; 4]>>,
+    /// Replies awaited by a `send_message` call, by the id of the message they answer.
+    waiters: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
+    wake: Notify,
+    aging: Duration,
+}
+
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox").field("aging", &self.aging).finish_non_exhaustive()
+    }
+}
+
+/// Removes a reply wait when the waiting call ends, however it ends.
+#[derive(Debug)]
+pub struct Waiting<'a> {
+    mailbox: &'a Mailbox,
+    id: String,
+    pub reply: oneshot::Receiver<Envelope>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.mailbox.waiters.lock() {
+            w.remove(&self.id);
+        }
+    }
+}
+
+impl Mailbox {
+    pub fn new(aging: Duration) -> Self {
+        Self {
+            queues: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            aging,
+        }
+    }
+
+    /// Waits for the reply to message `id` (register before sending it).
+    pub fn wait_for_reply(&self, id: &str) -> Waiting<'_> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiters.lock() {
+            w.insert(id.to_owned(), tx);
+        }
+        Waiting { mailbox: self, id: id.to_owned(), reply: rx }
+    }
+
+    fn hold(&self, queue: Queue, held: Held) {
+        if let Ok(mut q) = self.queues.lock() {
+            let slot = q.entry(queue).or_default();
+            if let Some(class_queue) = slot.get_mut(held.class.rank()) {
+                class_queue.push_back(held);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// How many messages wait in `queue`.
+    fn held_in(&self, queue: &Queue) -> usize {
+        self.queues.lock().map(|q| q.get(queue).map_or(0, |c| c.iter().map(VecDeque::len).sum())).unwrap_or(0)
+    }
+
+    /// Takes the most urgent message (aged) of the agent's own queue and its template's.
+    fn take_for(&self, agent_id: &str, template: &str) -> Option<Held> {
+        let mut q = self.queues.lock().ok()?;
+        let now = tokio::time::Instant::now();
+        let mut best: Option<(usize, usize, tokio::time::Instant, Queue, usize)> = None;
+        for queue in [Queue::Agent(agent_id.to_owned()), Queue::Template(template.to_owned())] {
+            let Some(classes) = q.get(&queue) else { continue };
+            for (rank, class_queue) in classes.iter().enumerate() {
+                let Some(front) = class_queue.front() else { continue };
+                let aged = if self.aging.is_zero() {
+                    0
+                } else {
+                    usize::try_from(
+                        now.duration_since(front.held_at).as_millis() / self.aging.as_millis().max(1),
+                    )
+                    .unwrap_or(usize::MAX)
+                };
+                let effective = rank.saturating_sub(aged);
+                let better = best
+                    .as_ref()
+                    .is_none_or(|(e, r, at, _, _)| (effective, rank, front.held_at) < (*e, *r, *at));
+                if better {
+                    best = Some((effective, rank, front.held_at, queue.clone(), rank));
+                }
+            }
+        }
+        let (_, _, _, queue, rank) = best?;
+        q.get_mut(&queue).and_then(|c| c.get_mut(rank)).and_then(VecDeque::pop_front)
+    }
+
+    /// Every held message's guard, for in-progress acks.
+    async fn keep_alive(&self) {
+        let guards: Vec<async_nats::jetstream::Message> = match self.queues.lock() {
+            Ok(q) => q.values().flatten().flatten().filter_map(|h| h.guard.message().cloned()).collect(),
+            Err(_) => return,
+        };
+        for m in guards {
+            if let Err(e) = m.ack_with(async_nats::jetstream::AckKind::Progress).await {
+                tracing::debug!(error = %e, "in-progress ack of a held message failed");
+            }
+        }
+    }
+
+    /// Hands back (for another runner, or a later start) what waits in the queues `drop` selects.
+    async fn release(&self, drop: impl Fn(&Queue) -> bool) {
+        let released: Vec<Held> = match self.queues.lock() {
+            Ok(mut q) => {
+                let keys: Vec<Queue> = q.keys().filter(|k| drop(k)).cloned().collect();
+                keys.into_iter().filter_map(|k| q.remove(&k)).flatten().flatten().collect()
+            }
+            Err(_) => return,
+        };
+        for h in released {
+            h.guard.nak(None).await;
+        }
+    }
+}
+
+/// What the mailbox's tasks share.
+#[derive(Debug)]
+pub struct Env {
+    pub ctx: Arc<Context>,
+    pub mailbox: Arc<Mailbox>,
+    pub ack_wait: Duration,
+}
+
+/// Consumes this runner's messages and hands them to its agents until `shutdown`; then gives back
+/// what was not taken.
+pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ctx = &env.ctx;
+    let runner = ctx.runner_id.clone();
+    let tracker = TaskTracker::new();
+    for class in PriorityClass::ALL {
+        let cfg = pull::Config {
+            durable_name: Some(ctx.fleet.names.runner_mailbox_consumer(&runner, class.as_str())),
+            description: Some(format!("Flotilla runner {runner}: its agents' {} messages", class.as_str())),
+            filter_subject: ctx.fleet.names.inbox_runner(&runner, class.as_str()),
+            ..consumer_config(env.ack_wait)
+        };
+        let consumer = stream.create_consumer(cfg).await?;
+        tracker.spawn(prefetch(env.clone(), consumer, class, shutdown.clone()));
+    }
+    let mut templates: Vec<String> = ctx.agents.slots().iter().map(|s| s.template.name.clone()).collect();
+    templates.extend(ctx.agents.template_names());
+    templates.sort();
+    templates.dedup();
+    for template in templates {
+        let mut consumers = Vec::new();
+        for class in PriorityClass::ALL {
+            let cfg = pull::Config {
+                durable_name: Some(ctx.fleet.names.template_mailbox_consumer(&template, class.as_str())),
+                description: Some(format!("Flotilla template {template}: its {} messages", class.as_str())),
+                filter_subject: ctx.fleet.names.inbox_template(&template, class.as_str()),
+                ..consumer_config(env.ack_wait)
+            };
+            consumers.push((class, stream.create_consumer(cfg).await?));
+        }
+        tracker.spawn(take_for_template(env.clone(), template, consumers, shutdown.clone()));
+    }
+    let keep_alive = {
+        let (mailbox, every, stop) = (env.mailbox.clone(), env.ack_wait / 3, shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => mailbox.keep_alive().await,
+                }
+            }
+        })
+    };
+    dispatch(env.clone(), &tracker, shutdown.clone()).await;
+    env.mailbox.release(|_| true).await;
+    tracker.close();
+    tracker.wait().await;
+    keep_alive.abort();
+    env.mailbox.release(|_| true).await;
+    Ok(())
+}
+
+fn consumer_config(ack_wait: Duration) -> pull::Config {
+    pull::Config {
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: -1,
+        max_ack_pending: MAX_HELD,
+        deliver_policy: DeliverPolicy::All,
+        inactive_threshold: Duration::from_secs(24 * 3600),
+        ..Default::default()
+    }
+}
+
+/// Reads one class of the runner's own agents' messages as they come and holds each for its agent.
+async fn prefetch(env: Arc<Env>, consumer: PullConsumer, class: PriorityClass, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, class = class.as_str(), "failed to read messages; trying again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        loop {
+            let m = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                m = messages.next() => m,
+            };
+            match m {
+                Some(Ok(m)) => {
+                    let Some(held) = open(&env, m).await else { continue };
+                    // A reply that a call waits for goes to it at once: the waiting agent holds
+                    // its slot, so it must not queue for one.
+                    let Some(held) = to_waiter(&env, held).await else { continue };
+                    let agent = held.envelope.for_agent.clone().or_else(|| held.envelope.to.agent.clone());
+                    match agent {
+                        Some(a) if env.ctx.agents.get(&a).is_some() => {
+                            env.mailbox.hold(Queue::Agent(a), held)
+                        }
+                        _ => gone(&env, held).await,
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading messages failed; reading again");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Takes a template's messages, most urgent class first, one at a time whenever an agent of it
+/// here has a free slot and nothing of the template waits here already: so a busy runner leaves
+/// them to another.
+async fn take_for_template(
+    env: Arc<Env>,
+    template: String,
+    consumers: Vec<(PriorityClass, PullConsumer)>,
+    shutdown: CancellationToken,
+) {
+    let queue = Queue::Template(template.clone());
+    let doorbell = env.ctx.fleet.client.subscribe(env.ctx.fleet.names.inbox_template(&template, "*")).await;
+    let mut doorbell = match doorbell {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no doorbell for template messages; polling");
+            None
+        }
+    };
+    while !shutdown.is_cancelled() {
+        let free = env.ctx.agents.of_template(&template).0.iter().any(|s| s.permits.available_permits() > 0);
+        let mut took = false;
+        if free && env.mailbox.held_in(&queue) == 0 {
+            for (_, consumer) in &consumers {
+                let batch = match consumer.fetch().max_messages(1).messages().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fetching template messages failed");
+                        continue;
+                    }
+                };
+                let got: Vec<Message> = batch.filter_map(|m| async { m.ok() }).collect().await;
+                for m in got {
+                    if let Some(held) = open(&env, m).await {
+                        env.mailbox.hold(queue.clone(), held);
+                        took = true;
+                    }
+                }
+                if took {
+                    break;
+                }
+            }
+        }
+        if took {
+            continue;
+        }
+        let rung = async {
+            match doorbell.as_mut() {
+                Some(d) => {
+                    d.next().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = rung => {},
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {},
+        }
+    }
+}
+
+/// Decodes a stored message; an unreadable one is acked away with a dead letter.
+async fn open(env: &Env, m: Message) -> Option<Held> {
+    let guard = AckGuard::new(m);
+    let msg = guard.message()?;
+    match decode_payload::<Envelope>(msg.headers.as_ref(), &msg.payload) {
+        Ok(envelope) => {
+            let class = PriorityClass::of(envelope.priority);
+            Some(Held { guard, envelope, class, held_at: tokio::time::Instant::now() })
+        }
+        Err(e) => {
+            let dl = flotilla_service::nats::dead_letter_of(
+                msg,
+                "agent-runner.messages",
+                e.reason.code(),
+                &e.message,
+            );
+            if let Err(e) =
+                env.ctx.fleet.dead_letter(flotilla_protocol::names::service::AGENT_RUNNER, &dl, None).await
+            {
+                tracing::error!(error = %e, "failed to write a dead letter");
+                guard.nak(None).await;
+                return None;
+            }
+            guard.term().await;
+            None
+        }
+    }
+}
+
+/// Hands a reply to the call waiting for it (`None`: done), or gives the message back.
+async fn to_waiter(env: &Env, held: Held) -> Option<Held> {
+    let Some(original) = &held.envelope.in_reply_to else { return Some(held) };
+    let waiter = env.mailbox.waiters.lock().ok().and_then(|mut w| w.remove(original));
+    let Some(tx) = waiter else { return Some(held) };
+    let e = held.envelope.clone();
+    if tx.send(held.envelope.clone()).is_err() {
+        // The wait ended a moment ago: the agent gets the reply as a message of its own.
+        return Some(held);
+    }
+    let agent = e.for_agent.clone().or_else(|| e.to.agent.clone());
+    event(env, &e, message_event::DELIVERED, agent.as_deref(), None).await;
+    held.guard.ack().await;
+    None
+}
+
+/// A message for an agent that has left this runner: it expires (the sender hears of it).
+async fn gone(env: &Env, held: Held) {
+    let why = ErrorInfo::new("agent_gone", "the agent left before it handled the message");
+    expire(env, &held.envelope, why).await;
+    held.guard.ack().await;
+}
+
+/// Hands held messages to agents with a free slot, until `shutdown`.
+async fn dispatch(env: Arc<Env>, tracker: &TaskTracker, shutdown: CancellationToken) {
+    loop {
+        for slot in env.ctx.agents.slots() {
+            if slot.in_error() || slot.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            while let Ok(permit) = slot.permits.clone().try_acquire_owned() {
+                let Some(held) = env.mailbox.take_for(&slot.agent_id, &slot.template.name) else {
+                    drop(permit);
+                    break;
+                };
+                let (env, slot) = (env.clone(), slot.clone());
+                let span = tracing::info_span!(
+                    "message",
+                    message_id = %held.envelope.id,
+                    agent_id = %slot.agent_id,
+                    from = %held.envelope.from,
+                );
+                tracker.spawn(
+                    async move {
+                        handle(&env, &slot, held).await;
+                        drop(permit);
+                        env.mailbox.wake.notify_one();
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        // Held messages of agents that are leaving go back for the others.
+        let leaving: Vec<String> = env
+            .ctx
+            .agents
+            .slots()
+            .iter()
+            .filter(|s| s.stopping.load(std::sync::atomic::Ordering::SeqCst))
+            .map(|s| s.template.name.clone())
+            .collect();
+        for template in leaving {
+            if env.ctx.agents.of_template(&template).0.is_empty() {
+                env.mailbox.release(|q| *q == Queue::Template(template.clone())).await;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = env.mailbox.wake.notified() => {},
+            // Slots also free up when tasks end.
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {},
+        }
+    }
+}
+
+/// How taking a message ended.
+enum Taken {
+    /// Ours to act on, from this record revision.
+    Act(u64),
+    /// Already handled (or expired): ack it again.
+    Done,
+}
+
+/// Records that `slot` takes the message; a second delivery finds the record.
+async fn take(env: &Env, slot: &Slot, e: &Envelope) -> Result<Taken, FleetError> {
+    let fleet = &env.ctx.fleet;
+    let store = &env.ctx.topology.messages;
+    let record = MessageRecord {
+        id: e.id.clone(),
+        state: MessageState::Handling,
+        agent_id: slot.agent_id.clone(),
+        runner_id: env.ctx.runner_id.clone(),
+        from: e.from.clone(),
+        wants_reply: e.wants_reply,
+        task_id: e.task_id.clone(),
+        at_ms: now_ms(),
+        reply_id: None,
+    };
+    match fleet.kv_create(store, &e.id, &record).await {
+        Ok(rev) => return Ok(Taken::Act(rev)),
+        Err(err) if err.is_conflict() => {}
+        Err(err) => return Err(err),
+    }
+    let Some((found, rev)) = fleet.kv_get::<MessageRecord>(store, &e.id).await? else {
+        return Err(FleetError::Conflict { key: e.id.clone() });
+    };
+    match found.state {
+        // Taken before by a run that did not finish (a crash): take it again, fenced.
+        MessageState::Handling => Ok(Taken::Act(fleet.kv_update(store, &e.id, &record, rev).await?)),
+        MessageState::Handled | MessageState::Expired => Ok(Taken::Done),
+    }
+}
+
+/// Handles one message on `slot` (a slot permit is held).
+async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
+    // A reply whose wait began after it was held here still goes to the wait.
+    let Some(held) = to_waiter(env, held).await else { return };
+    let Held { guard, envelope: e, .. } = held;
+    if e.expires_at_ms <= now_ms() {
+        expire(env, &e, ErrorInfo::new("expired", "the message waited longer than its TTL")).await;
+        guard.ack().await;
+        return;
+    }
+    let rev = match take(env, slot, &e).await {
+        Ok(Taken::Act(rev)) => rev,
+        Ok(Taken::Done) => {
+            guard.ack().await;
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not record taking the message; it comes again");
+            guard.nak(Some(Duration::from_secs(1))).await;
+            return;
+        }
+    };
+    event(env, &e, message_event::DELIVERED, Some(&slot.agent_id), None).await;
+    let every = env.ack_wait / 3;
+    let answer = guard.with_progress(every, env.ctx.max_task_time, act(env, slot, &e, rev)).await;
+    let reply_id = if e.wants_reply {
+        let body = match &answer {
+            Ok(text) => serde_json::json!({ "text": text }),
+            Err(err) => serde_json::json!({ "error": err }),
+        };
+        match reply(env, slot, &e, body).await {
+            Ok(id) => Some(id),
+            Err(err) => {
+                tracing::warn!(error = %err.message, "the reply was not sent; the message comes again");
+                guard.nak(Some(Duration::from_secs(1))).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    if let Err(err) = &answer {
+        tracing::info!(code = %err.code, error = %err.message, "the agent's work on a message failed");
+    }
+    let done = MessageRecord {
+        id: e.id.clone(),
+        state: MessageState::Handled,
+        agent_id: slot.agent_id.clone(),
+        runner_id: env.ctx.runner_id.clone(),
+        from: e.from.clone(),
+        wants_reply: e.wants_reply,
+        task_id: e.task_id.clone(),
+        at_ms: now_ms(),
+        reply_id: reply_id.clone(),
+    };
+    if let Err(err) = env.ctx.fleet.kv_update(&env.ctx.topology.messages, &e.id, &done, rev).await {
+        // Another delivery took it over meanwhile (this run was thought dead): it decides.
+        tracing::warn!(error = %err, "the message's record moved on; leaving it to the other run");
+        guard.release();
+        return;
+    }
+    event(env, &e, message_event::ANSWERED, Some(&slot.agent_id), reply_id.as_deref()).await;
+    guard.ack().await;
+}
+
+/// Runs the agent's loop on the message; the answer's text, or why there is none.
+async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, rev: u64) -> Result<String, ErrorInfo> {
+    let ctx = &env.ctx;
+    let Some(provider) = ctx.providers.get(&slot.template.name).cloned() else {
+        return Err(ErrorInfo::new("crashed", format!("no provider for template {}", slot.template.name)));
+    };
+    let rec = e.work_record(&slot.template.tenant, &slot.agent_id, &ctx.runner_id, now_ms());
+    let cancel = ctx.abort.child_token();
+    let _stop_tools = cancel.clone().drop_guard();
+    let mut template = (*slot.template).clone();
+    let about = match (&e.in_reply_to, &e.task_id) {
+        (Some(orig), _) => format!("This is {}'s reply to your message {orig}.", e.from),
+        (None, Some(task)) => format!("This is a message from {} about task {task}.", e.from),
+        (None, None) => format!("This is a message from {}.", e.from),
+    };
+    let ask = if e.wants_reply { " Your final answer is sent back to the sender." } else { "" };
+    template.system_prompt = format!("{}\n\n{about}{ask}", template.system_prompt).trim_start().to_owned();
+    let template = Arc::new(template);
+    let states = crate::lifecycle::TaskStates::new(slot.lifecycle.clone(), rec.id.clone());
+    let loop_env = agent_loop::Env {
+        states: states.clone(),
+        provider,
+        template: template.clone(),
+        registry: ctx.registry.clone(),
+        tool_ctx: crate::tools::ToolCtx {
+            fleet: ctx.fleet.clone(),
+            memory: ctx.topology.memory.clone(),
+            tasks: ctx.topology.tasks.clone(),
+            approvals: ctx.topology.approvals.clone(),
+            task: rec.clone(),
+            agent_id: slot.agent_id.clone(),
+            runner_id: ctx.runner_id.clone(),
+            mailbox: ctx.mailbox.clone(),
+            step: 0,
+            index: 0,
+            cancel: cancel.clone(),
+            states,
+            budgets: ctx.budgets.clone(),
+            task_cap: template.max_tokens_per_task,
+        },
+        budgets: ctx.budgets.clone().map(|client| crate::budget::Budgets {
+            client,
+            // Unique to this take of the message, like an attempt's claim.
+            key: format!("{}:{rev}", rec.id),
+            agent_id: slot.agent_id.clone(),
+            task: None,
+            tenant: Some(rec.tenant.clone()),
+            priority: rec.priority,
+            deadline_ms: Some(e.expires_at_ms.max(now_ms().saturating_add(60_000))),
+        }),
+        report_steps: false,
+    };
+    slot.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let result = agent_loop::run(&loop_env, &rec).await;
+    slot.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    slot.lifecycle.finish(&rec.id);
+    match result {
+        Ok(answer) => Ok(answer.text),
+        Err(agent_loop::LoopError::Failed { error, .. }) => Err(error),
+        Err(agent_loop::LoopError::Crashed(why)) => Err(ErrorInfo::new("crashed", why)),
+        Err(agent_loop::LoopError::Infrastructure(err)) => {
+            Err(ErrorInfo::new("unavailable", err.to_string()))
+        }
+    }
+}
+
+/// Sends the answer to `e` back to its sender through the router; its id.
+async fn reply(env: &Env, slot: &Slot, e: &Envelope, body: serde_json::Value) -> Result<String, ErrorInfo> {
+    let id = reply_id(&e.id);
+    let to = match (&e.from.agent, &e.from.client) {
+        (Some(a), _) => Address::agent(a),
+        (None, Some(c)) => Address { client: Some(c.clone()), ..Default::default() },
+        _ => return Err(ErrorInfo::new("invalid_request", "the sender cannot be answered")),
+    };
+    let m = MessageSend {
+        id: Some(id.clone()),
+        from: Some(slot.agent_id.clone()),
+        to,
+        task_id: e.task_id.clone(),
+        priority: Some(e.priority),
+        in_reply_to: Some(e.id.clone()),
+        body,
+        ..Default::default()
+    };
+    let answer = send(&env.ctx.fleet, &env.ctx.runner_id, &m).await?;
+    match answer.error {
+        // The sender has gone: nobody to tell, the message is still handled.
+        Some(err) if err.code == "unknown_agent" => {
+            tracing::info!(error = %err.message, "the sender has gone; the reply is dropped");
+            Ok(id)
+        }
+        Some(err) => Err(err),
+        None => Ok(id),
+    }
+}
+
+/// The id of the reply to message `id`: the same for every run, so a reply sent twice is stored
+/// once.
+pub fn reply_id(id: &str) -> String {
+    format!("re{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, id.as_bytes()).simple())
+}
+
+/// Asks the router to send `m` for one of this runner's agents.
+pub async fn send(fleet: &Fleet, runner_id: &str, m: &MessageSend) -> Result<SendReply, ErrorInfo> {
+    let body = fleet.encode(m).map_err(|e| ErrorInfo::new("unavailable", e.to_string()))?;
+    let mut last = None;
+    // The router may be starting (no responders): ask again for a few seconds.
+    for _ in 0..20 {
+        let request = async_nats::Request::new()
+            .payload(body.clone())
+            .headers(fleet.headers(None))
+            .timeout(Some(Duration::from_secs(10)));
+        match fleet.client.send_request(fleet.names.msg_send_runner(runner_id), request).await {
+            Ok(msg) => {
+                return codec::decode::<SendReply>(None, &msg.payload).map_err(|e| {
+                    ErrorInfo::new("unavailable", format!("unreadable answer of the router: {e}"))
+                });
+            }
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(ErrorInfo::new("unavailable", format!("the router did not answer: {e}"))),
+        }
+    }
+    Err(ErrorInfo::new(
+        "unavailable",
+        format!("no message router is running: {}", last.map(|e| e.to_string()).unwrap_or_default()),
+    ))
+}
+
+/// Records that `e` expired unhandled (a sender waiting for its reply times out).
+async fn expire(env: &Env, e: &Envelope, why: ErrorInfo) {
+    tracing::info!(code = %why.code, "message expired: {}", why.message);
+    event(env, e, message_event::EXPIRED, None, None).await;
+}
+
+/// Publishes a message event of `e`.
+async fn event(env: &Env, e: &Envelope, kind: &str, agent: Option<&str>, reply: Option<&str>) {
+    let ev = MessageEvent {
+        message_id: e.id.clone(),
+        kind: kind.to_owned(),
+        at_ms: now_ms(),
+        from: e.from.to_string(),
+        to: e.to.to_string(),
+        task_id: e.task_id.clone(),
+        priority: Some(e.priority),
+        agent_id: agent.map(str::to_owned),
+        seq: None,
+        in_reply_to: e.in_reply_to.clone().or_else(|| reply.map(str::to_owned)),
+        error: None,
+        rule: None,
+    };
+    if let Err(err) = env.ctx.fleet.publish_message_event(&ev).await {
+        tracing::warn!(error = %err, kind, "failed to publish a message event");
+    }
+}
