@@ -19,6 +19,7 @@ mod drain;
 mod failover;
 mod fleet_changes;
 mod long_call;
+mod messages;
 mod prefixes;
 mod real_model;
 mod retries;

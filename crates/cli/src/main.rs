@@ -9,6 +9,7 @@ mod budget;
 mod cancel;
 mod client;
 mod fleet;
+mod grants;
 mod local;
 mod output;
 mod queue;
@@ -92,6 +93,10 @@ pub enum Command {
     Queue(queue::QueueArgs),
     /// Token budgets: set a scope's limit, show its usage.
     Budget(budget::BudgetArgs),
+    /// Who may message whom: allow, deny, list, remove.
+    Grants(grants::GrantsArgs),
+    /// Send a message to an agent, a template, a capability or a broadcast, as a client identity.
+    Send(grants::SendArgs),
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
     /// Measure a component against raw NATS in the same run: runs `flotilla-bench` (from next
@@ -133,6 +138,8 @@ fn main() -> ExitCode {
             Command::Cancel { id, reason } => cancel::cancel(&cli, id, reason.as_deref()).await,
             Command::Agents(args) => fleet::run(&cli, args).await,
             Command::Tail(args) => client::tail(&cli, args).await,
+            Command::Grants(args) => grants::run(&cli, args).await,
+            Command::Send(args) => grants::send(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::exec(&cli, args),

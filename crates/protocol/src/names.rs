@@ -211,6 +211,8 @@ impl Names {
         message_event_subject(task_id, kind) = prefix ".events.message.{task_id}.{kind}";
         /// Every message event of one task.
         message_events_of(task_id) = prefix ".events.message.{task_id}.*";
+        /// Every message event.
+        message_events_all() = prefix ".events.message.>";
     }
 
     // ---- streams ---------------------------------------------------------------------------

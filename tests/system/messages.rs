@@ -1,0 +1,272 @@
+//! Direct messages between agents: the permission matrix, priority under a flood, durability
+//! across a runner's `kill -9`, and a template's messages moving to another runner.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use flotilla_protocol::{
+    Effect, Grant, GrantScope, MessageEvent, MessageSend, Selector, SendReply, TaskSubmission, WireFormat,
+    codec, message_event,
+};
+use flotilla_service::StreamSettings;
+use serde_json::json;
+
+use crate::support::*;
+
+/// Every message event so far.
+async fn message_events(sys: &System) -> Vec<MessageEvent> {
+    sys.read_stream(&sys.names.events_stream(), &sys.names.message_events_all())
+        .await
+        .into_iter()
+        .map(|(_, p)| codec::decode(None, &p).unwrap())
+        .collect()
+}
+
+/// Waits until `done` holds for the message events, then returns them.
+async fn wait_for_messages(
+    sys: &System,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&[MessageEvent]) -> bool,
+) -> Vec<MessageEvent> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let events = message_events(sys).await;
+        if done(&events) {
+            return events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} not seen after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn of_kind<'a>(events: &'a [MessageEvent], kind: &'a str) -> impl Iterator<Item = &'a MessageEvent> + 'a {
+    events.iter().filter(move |e| e.kind == kind)
+}
+
+/// Sends as client `client` with one JSON request, as any NATS client can.
+async fn client_send(sys: &System, client: &str, m: &MessageSend) -> SendReply {
+    let body = codec::encode(WireFormat::Json, m).unwrap();
+    let reply = sys.client.request(sys.names.msg_send_client(client), body.into()).await.unwrap();
+    codec::decode(None, &reply.payload).unwrap()
+}
+
+fn grant(name: &str, effect: Effect, from: &str, to: &str) -> Grant {
+    Grant {
+        name: name.into(),
+        effect,
+        scope: GrantScope::Message,
+        from: Selector::parse(from).unwrap(),
+        to: Selector::parse(to).unwrap(),
+        created_at_ms: None,
+    }
+}
+
+// The matrix: ten agents, one per template t0..t9, t0-t4 on r1 and t5-t9 on r2; t0-t6 of
+// tenant a, t7-t9 of tenant b.
+fn runner_of(i: usize) -> &'static str {
+    if i < 5 { "r1" } else { "r2" }
+}
+fn agent_of(i: usize) -> String {
+    format!("{}-t{i}-0", runner_of(i))
+}
+fn tenant_of(i: usize) -> &'static str {
+    if i < 7 { "a" } else { "b" }
+}
+
+/// What the grants below must decide for `i → j`, written out by hand: (allowed, rule).
+fn expected(i: usize, j: usize) -> (bool, &'static str) {
+    if tenant_of(i) == "a" && j == 8 {
+        (true, "a-to-t8")
+    } else if i == 0 && j == 2 {
+        (false, "t0-not-t2")
+    } else if i == 1 {
+        (false, "quiet-t1")
+    } else if tenant_of(i) != tenant_of(j) {
+        (false, "default:cross-tenant")
+    } else {
+        (true, "default:same-tenant")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_ordered_pair_of_ten_agents_is_delivered_once_or_refused_with_its_rule() {
+    let mut sys = System::with_dispatcher().await;
+    for g in [
+        grant("quiet-t1", Effect::Deny, "template:t1", "*"),
+        grant("a-to-t8", Effect::Allow, "tenant:a", "agent:r2-t8-0"),
+        grant("t0-not-t2", Effect::Deny, "agent:r1-t0-0", "template:t2"),
+    ] {
+        // As a plain client would: JSON into the grants bucket.
+        sys.topology.grants.put(&g.name, serde_json::to_vec(&g).unwrap().into()).await.unwrap();
+    }
+    for runner in ["r1", "r2"] {
+        let fleet: String = (0..10)
+            .filter(|i| runner_of(*i) == runner)
+            .map(|i| {
+                format!(
+                    "[[agent]]\nname = \"t{i}\"\ncapabilities = [\"c{i}\"]\ntenant = \"{}\"\ntools = [\"send_message\"]\n\n",
+                    tenant_of(i)
+                )
+            })
+            .collect();
+        sys.start_runner(runner, &fleet).await;
+    }
+    sys.wait_for_agents("r1", 5).await;
+    sys.wait_for_agents("r2", 5).await;
+    for i in 0..10 {
+        let calls: Vec<serde_json::Value> = (0..10)
+            .filter(|j| *j != i)
+            .map(|j| json!({ "name": "send_message", "arguments": { "agent": agent_of(j), "message": { "text": format!("hello from {i}") } } }))
+            .collect();
+        sys.submit(&TaskSubmission {
+            id: Some(format!("sender-{i}")),
+            capability: format!("c{i}"),
+            input: json!({ "text": "greet everyone", "_offline": { "tool_calls": calls } }),
+            ..Default::default()
+        })
+        .await;
+    }
+    let pairs: Vec<(usize, usize)> =
+        (0..10).flat_map(|i| (0..10).filter(move |j| *j != i).map(move |j| (i, j))).collect();
+    assert_eq!(pairs.len(), 90);
+    let allowed: BTreeSet<(String, String)> = pairs
+        .iter()
+        .filter(|(i, j)| expected(*i, *j).0)
+        .map(|(i, j)| (format!("agent:{}", agent_of(*i)), agent_of(*j)))
+        .collect();
+    let denied: BTreeMap<(String, String), &str> = pairs
+        .iter()
+        .filter(|(i, j)| !expected(*i, *j).0)
+        .map(|(i, j)| {
+            ((format!("agent:{}", agent_of(*i)), format!("agent:{}", agent_of(*j))), expected(*i, *j).1)
+        })
+        .collect();
+    assert!(!allowed.is_empty() && !denied.is_empty());
+    let (n_allowed, n_denied) = (allowed.len(), denied.len());
+    wait_for_messages(&sys, "every message handled or refused", Duration::from_secs(60), |ev| {
+        of_kind(ev, message_event::ANSWERED).count() >= n_allowed
+            && of_kind(ev, message_event::REFUSED).count() >= n_denied
+    })
+    .await;
+    // Time for a duplicate to show, if there were one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = message_events(&sys).await;
+    let mut handled: HashMap<(String, String), usize> = HashMap::new();
+    for e in of_kind(&events, message_event::ANSWERED) {
+        *handled.entry((e.from.clone(), e.agent_id.clone().unwrap())).or_default() += 1;
+    }
+    let handled_pairs: BTreeSet<(String, String)> = handled.keys().cloned().collect();
+    assert_eq!(handled_pairs, allowed, "the allowed pairs, and only they, were handled");
+    assert!(handled.values().all(|n| *n == 1), "each handled once: {handled:?}");
+    let refused: BTreeMap<(String, String), String> = of_kind(&events, message_event::REFUSED)
+        .map(|e| ((e.from.clone(), e.to.clone()), e.rule.clone().unwrap()))
+        .collect();
+    assert_eq!(of_kind(&events, message_event::REFUSED).count(), n_denied, "each refusal recorded once");
+    let want: BTreeMap<(String, String), String> =
+        denied.iter().map(|(k, v)| (k.clone(), (*v).to_owned())).collect();
+    assert_eq!(refused, want, "every denial with the rule that refused it");
+    // Each sender's model was told of each denial, with the rule.
+    let tasks = sys.wait_for_kind("completed", 10, Duration::from_secs(30)).await;
+    for (i, j) in pairs.iter().filter(|(i, j)| !expected(*i, *j).0) {
+        let done =
+            tasks.iter().find(|e| e.kind == "completed" && e.task_id == format!("sender-{i}")).unwrap();
+        let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap();
+        let told = format!(
+            "agent:{} may not message agent:{} (rule {})",
+            agent_of(*i),
+            agent_of(*j),
+            expected(*i, *j).1
+        );
+        assert!(answer.contains(&told), "sender {i} was not told {told:?}: {answer}");
+    }
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_critical_message_overtakes_two_hundred_batch_messages() {
+    let fleet = "[[agent]]\nname = \"slow\"\ncapabilities = [\"slow\"]\n";
+    let sys = System::with_runner("r1", fleet, 1).await;
+    let send = |id: String, priority: &str, sleep_ms: u64| MessageSend {
+        id: Some(id.clone()),
+        to: flotilla_protocol::Address::agent("r1-slow-0"),
+        priority: Some(flotilla_protocol::Priority::from_name(priority).unwrap()),
+        body: json!({ "text": id, "_offline": { "sleep_ms": sleep_ms } }),
+        ..Default::default()
+    };
+    for k in 0..200 {
+        let r = client_send(&sys, "loader", &send(format!("batch-{k}"), "batch", 15)).await;
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    let started_before = of_kind(&message_events(&sys).await, message_event::DELIVERED).count();
+    let r = client_send(&sys, "loader", &send("urgent".into(), "critical", 0)).await;
+    assert!(r.error.is_none(), "{r:?}");
+    assert_eq!(r.delivered.len(), 1);
+    let events = wait_for_messages(&sys, "201 handled messages", Duration::from_secs(60), |ev| {
+        of_kind(ev, message_event::ANSWERED).count() >= 201
+    })
+    .await;
+    let order: Vec<&str> =
+        of_kind(&events, message_event::DELIVERED).map(|e| e.message_id.as_str()).collect();
+    let at = order.iter().position(|id| *id == "urgent").unwrap();
+    assert!(
+        at <= started_before + 1,
+        "the critical message was taken as number {at}, but only {started_before} batch messages had been taken when it was sent"
+    );
+    assert!(
+        at < 200,
+        "the critical message did not overtake the batch backlog: taken at {at} of {}",
+        order.len()
+    );
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_survive_a_runner_kill_and_each_is_acted_on_once() {
+    let sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    let mut sys = sys;
+    sys.start_dispatcher(dispatcher_config()).await;
+    let fleet = "[[agent]]\nname = \"keeper\"\ncapabilities = [\"keep\"]\nconcurrency = 2\ntools = [\"memory_put\"]\n";
+    let mut runner = sys.spawn_runner_process("rk", fleet);
+    sys.wait_for_agents("rk", 1).await;
+    let n = 30;
+    for k in 0..n {
+        // Fire and forget: the receiving agent's model acts on it (stores the key).
+        let m = MessageSend {
+            id: Some(format!("keep-{k}")),
+            to: flotilla_protocol::Address::agent("rk-keeper-0"),
+            body: json!({ "text": format!("remember {k}"), "_offline": {
+                "sleep_ms": 100,
+                "tool_calls": [{ "name": "memory_put", "arguments": { "key": format!("seen-{k}"), "value": k } }]
+            } }),
+            ..Default::default()
+        };
+        let r = client_send(&sys, "writer", &m).await;
+        assert!(r.error.is_none(), "{r:?}");
+    }
+    wait_for_messages(&sys, "a few handled messages", Duration::from_secs(30), |ev| {
+        of_kind(ev, message_event::ANSWERED).count() >= 4
+    })
+    .await;
+    runner.kill9();
+    let handled_before = of_kind(&message_events(&sys).await, message_event::ANSWERED).count();
+    assert!(handled_before < n, "all were handled before the kill; the test proves nothing");
+    let _runner = sys.spawn_runner_process("rk", fleet);
+    let events = wait_for_messages(&sys, "every message handled", Duration::from_secs(60), |ev| {
+        of_kind(ev, message_event::ANSWERED).map(|e| e.message_id.clone()).collect::<BTreeSet<_>>().len() >= n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = if events.is_empty() { events } else { message_events(&sys).await };
+    let mut answered: HashMap<String, usize> = HashMap::new();
+    for e in of_kind(&events, message_event::ANSWERED) {
+        *answered.entry(e.message_id.clone()).or_default() += 1;
+    }
+    assert_eq!(answered.len(), n);
+    assert!(answered.values().all(|c| *c == 1), "a message was handled twice: {answered:?}");
+    for k in 0..n {
+        let v = sys.topology.memory.get(format!("default.seen-{k}")).await.unwrap();
+        assert!(v.is_some(), "the agent's model did not act on message {k}");
+    }
+    sys.stop().await;
+}
