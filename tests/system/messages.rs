@@ -270,3 +270,112 @@ async fn messages_survive_a_runner_kill_and_each_is_acted_on_once() {
     }
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_to_a_template_move_with_it_to_another_runner() {
+    let mut sys = System::with_dispatcher().await;
+    let template = |replicas: u32| {
+        format!("[[agent]]\nname = \"mover\"\ncapabilities = [\"move\"]\nreplicas = {replicas}\n")
+    };
+    sys.start_runner("r1", &template(1)).await;
+    sys.start_runner("r2", &template(0)).await;
+    sys.wait_for_agents("r1", 1).await;
+    // The only agent of the template is busy, so it takes none of the messages...
+    let mut busy = sleeping("busy", 8_000);
+    busy.capability = "move".into();
+    sys.submit(&busy).await;
+    sys.wait_for_kind("started", 1, Duration::from_secs(20)).await;
+    for k in 0..100 {
+        let m = MessageSend {
+            id: Some(format!("move-{k}")),
+            to: flotilla_protocol::Address::template("mover"),
+            body: json!({ "text": format!("job {k}"), "_offline": { "sleep_ms": 5 } }),
+            ..Default::default()
+        };
+        let r = client_send(&sys, "mover-client", &m).await;
+        assert_eq!(r.delivered.len(), 1, "{r:?}");
+    }
+    // ...and is then stopped, while the template starts on the other runner.
+    let ask = |subject: String, body: serde_json::Value| {
+        let client = sys.client.clone();
+        async move {
+            let m = client.request(subject, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap_or_default()
+        }
+    };
+    ask(sys.names.runner_control("r1", "stop"), json!({ "agent_id": "r1-mover-0" })).await;
+    ask(sys.names.runner_control("r2", "scale"), json!({ "template": "mover", "replicas": 1 })).await;
+    let events = wait_for_messages(&sys, "100 handled messages", Duration::from_secs(60), |ev| {
+        of_kind(ev, message_event::ANSWERED).count() >= 100
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = if events.is_empty() { events } else { message_events(&sys).await };
+    let answered: Vec<&MessageEvent> = of_kind(&events, message_event::ANSWERED).collect();
+    assert_eq!(answered.len(), 100, "each handled once");
+    let ids: BTreeSet<&str> = answered.iter().map(|e| e.message_id.as_str()).collect();
+    assert_eq!(ids.len(), 100);
+    assert!(
+        answered.iter().all(|e| e.agent_id.as_deref() == Some("r2-mover-0")),
+        "handled by the stopped agent: {:?}",
+        answered
+            .iter()
+            .filter(|e| e.agent_id.as_deref() != Some("r2-mover-0"))
+            .map(|e| &e.message_id)
+            .collect::<Vec<_>>()
+    );
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_py_messages_an_agent_and_cannot_forge_a_sender() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Json).await;
+    sys.start_dispatcher(dispatcher_config()).await;
+    sys.start_runner("r1", "[[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\n").await;
+    sys.start_runner("r2", "[[agent]]\nname = \"other\"\ncapabilities = [\"other\"]\n").await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.wait_for_agents("r2", 1).await;
+    let root = flotilla_testkit::workspace_root();
+    let out = tokio::process::Command::new("python3")
+        .arg(root.join("tests/py/message_client.py"))
+        .args([sys.server.url(), "flotilla", "r1-helper-0", "r2"])
+        .env("PYTHONPATH", root.join(".tools/python"))
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["sent"]["delivered"][0]["to"], "agent:r1-helper-0", "{seen}");
+    assert_eq!(seen["reply"]["in_reply_to"], "py-question", "{seen}");
+    assert_eq!(seen["reply"]["from"]["agent"], "r1-helper-0", "{seen}");
+    assert_eq!(seen["reply"]["body"]["text"], "[helper] message: hello from python", "{seen}");
+    assert_eq!(seen["as_agent"]["error"]["code"], "forbidden_sender", "{seen}");
+    assert_eq!(seen["wrong_runner"]["error"]["code"], "forbidden_sender", "{seen}");
+    assert_eq!(seen["unknown_field"]["error"]["code"], "malformed", "{seen}");
+    assert!(seen["unknown_field"]["error"]["message"].as_str().unwrap().contains("colour"), "{seen}");
+    assert!(seen["bad_priority"]["error"]["code"].is_string(), "{seen}");
+    // None of the forged messages reached the agent: it handled exactly one message.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = message_events(&sys).await;
+    let handled: Vec<&str> =
+        of_kind(&events, message_event::ANSWERED).map(|e| e.message_id.as_str()).collect();
+    assert_eq!(handled, vec!["py-question"]);
+
+    // A send request whose reply subject points into the fleet's own subjects is not answered
+    // there (nor acted on twice: the message is stored once by its id).
+    let body = serde_json::to_vec(&json!({ "id": "bounce", "to": { "agent": "r1-helper-0" }, "body": "x" }))
+        .unwrap();
+    let mut spy = sys.client.subscribe(sys.names.runner_control("r2", "cancel")).await.unwrap();
+    sys.client
+        .publish_with_reply(
+            sys.names.msg_send_client("py"),
+            sys.names.runner_control("r2", "cancel"),
+            body.into(),
+        )
+        .await
+        .unwrap();
+    sys.client.flush().await.unwrap();
+    let bounced = tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut spy)).await;
+    assert!(bounced.is_err(), "the router answered into another runner's subject");
+    sys.stop().await;
+}

@@ -58,7 +58,21 @@ pub struct Mailbox {
     /// Replies awaited by a `send_message` call, by the id of the message they answer.
     waiters: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
     wake: Notify,
+    /// Told whenever an agent's slot frees up (a task or a message ended).
+    freed: Notify,
     aging: Duration,
+}
+
+/// Tells the mailbox, when dropped, that a slot has freed up: declare it before the slot's
+/// permit, so that it drops after it.
+#[derive(Debug)]
+pub struct Freed<'a>(&'a Mailbox);
+
+impl Drop for Freed<'_> {
+    fn drop(&mut self) {
+        self.0.freed.notify_waiters();
+        self.0.wake.notify_one();
+    }
 }
 
 impl std::fmt::Debug for Mailbox {
@@ -89,8 +103,14 @@ impl Mailbox {
             queues: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            freed: Notify::new(),
             aging,
         }
+    }
+
+    /// A guard that reports a freed slot when dropped.
+    pub fn freed_on_drop(&self) -> Freed<'_> {
+        Freed(self)
     }
 
     /// Waits for the reply to message `id` (register before sending it).
@@ -309,6 +329,10 @@ async fn take_for_template(
         }
     };
     while !shutdown.is_cancelled() {
+        // Listening before looking, so a slot freed meanwhile is not missed.
+        let freed = env.mailbox.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
         let free = env.ctx.agents.of_template(&template).0.iter().any(|s| s.permits.available_permits() > 0);
         let mut took = false;
         if free && env.mailbox.held_in(&queue) == 0 {
@@ -346,6 +370,7 @@ async fn take_for_template(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = rung => {},
+            _ = freed => {},
             _ = tokio::time::sleep(Duration::from_millis(250)) => {},
         }
     }
@@ -424,9 +449,10 @@ async fn dispatch(env: Arc<Env>, tracker: &TaskTracker, shutdown: CancellationTo
                 );
                 tracker.spawn(
                     async move {
+                        let freed = env.mailbox.freed_on_drop();
                         handle(&env, &slot, held).await;
                         drop(permit);
-                        env.mailbox.wake.notify_one();
+                        drop(freed);
                     }
                     .instrument(span),
                 );

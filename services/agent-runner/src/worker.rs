@@ -188,6 +188,8 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
     // From here a `CancelTask` for this attempt stops it. The drain's abort cancels the same
     // token, but then the work is handed back rather than dropped.
     let held = ctx.agents.hold(&a.task_id, a.attempt, &a.agent_id, ctx.abort.child_token());
+    // Dropped after the permit: the mailbox hears that the slot is free again.
+    let _freed = ctx.mailbox.freed_on_drop();
     // Wait for a free slot while keeping the assignment alive.
     let permit = tokio::select! {
         p = guard.with_progress(ctx.progress_every, ctx.max_task_time, slot.permits.clone().acquire_owned()) => p,

@@ -61,7 +61,7 @@ impl PriorityClass {
 /// Who a grant speaks of: every field that is set must match (an empty selector matches anyone).
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct Selector {
     /// One agent, by id.
     pub agent: Option<String>,
@@ -200,7 +200,7 @@ impl std::fmt::Display for Party {
 
 /// Where a message goes: exactly one of the four.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct Address {
     /// One agent, by id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,7 +275,7 @@ pub const DEFAULT_MESSAGE_TTL_MS: u64 = 3600 * 1000;
 /// once the message is stored.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct MessageSend {
     /// Idempotency key (`[A-Za-z0-9_-]`, at most 96): sent again, the message is stored once.
     /// Generated when absent.
@@ -377,7 +377,7 @@ pub enum GrantScope {
 /// A rule of who may message whom, in the grants bucket under its name.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct Grant {
     /// The rule's name (its key): `[A-Za-z0-9_-]`.
     pub name: String,
