@@ -379,3 +379,64 @@ async fn nats_py_messages_an_agent_and_cannot_forge_a_sender() {
     assert!(bounced.is_err(), "the router answered into another runner's subject");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn topic_events_wake_each_subscribed_template_once_across_a_runner_kill() {
+    let mut sys = System::with_dispatcher().await;
+    let template = |name: &str, from: &str| {
+        format!("[[agent]]\nname = \"{name}\"\ncapabilities = [\"{name}\"]\ntopics = [\"orders.*\"]\ntopics_from = \"{from}\"\n\n")
+    };
+    let fleet: String = ["audit", "billing", "shipping"].iter().map(|t| template(t, "new")).collect();
+    let _ra = sys.spawn_runner_process("ra", &fleet);
+    let mut rb = sys.spawn_runner_process("rb", &fleet);
+    sys.wait_for_agents("ra", 3).await;
+    sys.wait_for_agents("rb", 3).await;
+    let n = 500;
+    let root = flotilla_testkit::workspace_root();
+    let publisher = tokio::process::Command::new("python3")
+        .arg(root.join("tests/py/topic_publisher.py"))
+        .args([sys.server.url(), "flotilla", "orders.created", &n.to_string()])
+        .env("PYTHONPATH", root.join(".tools/python"))
+        .output();
+    let killer = async {
+        wait_for_messages(&sys, "some topic events handled", Duration::from_secs(60), |ev| {
+            of_kind(ev, message_event::ANSWERED).count() >= 150
+        })
+        .await;
+        rb.kill9();
+    };
+    let (out, ()) = tokio::join!(publisher, killer);
+    let out = out.unwrap();
+    assert!(out.status.success(), "publisher failed: {}", String::from_utf8_lossy(&out.stderr));
+    let _rb = sys.spawn_runner_process("rb", &fleet);
+    let per_template = |events: &[MessageEvent], t: &str| {
+        of_kind(events, message_event::ANSWERED)
+            .filter(|e| e.message_id.starts_with(&format!("topic-{t}-")))
+            .map(|e| e.message_id.clone())
+            .collect::<Vec<_>>()
+    };
+    let events = wait_for_messages(&sys, "every event handled by every template", Duration::from_secs(120), |ev| {
+        ["audit", "billing", "shipping"].iter().all(|t| per_template(ev, t).len() >= n)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = if events.is_empty() { events } else { message_events(&sys).await };
+    for t in ["audit", "billing", "shipping"] {
+        let ids = per_template(&events, t);
+        let distinct: BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), n, "template {t} missed events");
+        assert_eq!(ids.len(), n, "template {t} handled an event twice");
+    }
+    // Both runners took part (queue semantics inside a template, across runners).
+    let by: BTreeSet<String> = of_kind(&events, message_event::ANSWERED).filter_map(|e| e.agent_id.clone()).collect();
+    assert!(by.iter().any(|a| a.starts_with("ra-")) && by.iter().any(|a| a.starts_with("rb-")), "{by:?}");
+
+    // A template subscribing later from the start gets every earlier event.
+    sys.start_runner("rc", &template("late", "all")).await;
+    let events = wait_for_messages(&sys, "the late template caught up", Duration::from_secs(60), |ev| {
+        per_template(ev, "late").len() >= n
+    })
+    .await;
+    assert_eq!(per_template(&events, "late").len(), n);
+    sys.stop().await;
+}

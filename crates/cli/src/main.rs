@@ -13,6 +13,7 @@ mod grants;
 mod local;
 mod output;
 mod queue;
+mod topics;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -97,6 +98,8 @@ pub enum Command {
     Grants(grants::GrantsArgs),
     /// Send a message to an agent, a template, a capability or a broadcast, as a client identity.
     Send(grants::SendArgs),
+    /// Topic events: publish, tail, list (with the templates subscribed).
+    Topics(topics::TopicsArgs),
     /// Follow lifecycle events live.
     Tail(client::TailArgs),
     /// Measure a component against raw NATS in the same run: runs `flotilla-bench` (from next
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
             Command::Agents(args) => fleet::run(&cli, args).await,
             Command::Tail(args) => client::tail(&cli, args).await,
             Command::Grants(args) => grants::run(&cli, args).await,
+            Command::Topics(args) => topics::run(&cli, args).await,
             Command::Send(args) => grants::send(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,

@@ -191,8 +191,10 @@ impl Names {
         msg_send_client(client) = prefix ".msg.send.client.{client}";
         /// Every send request (the router listens here).
         msg_send_all() = prefix ".msg.send.>";
-        /// A topic an agent's `publish` tool writes to.
+        /// A topic (stored in the topics stream): agents' `publish` tool, or any client.
         topic_subject(topic) = prefix ".topics.{topic}";
+        /// Every topic (the topics stream's subjects).
+        topics_all() = prefix ".topics.>";
     }
 
     // ---- subjects of stored messages (only the router publishes here) -----------------------
@@ -229,6 +231,8 @@ impl Names {
         ledger_stream() = upper "_LEDGER";
         /// Direct messages, stored before the sender is told they were delivered.
         messages_stream() = upper "_MESSAGES";
+        /// Everything published on a topic, kept for subscribers that were away.
+        topics_stream() = upper "_TOPICS";
     }
 
     // ---- buckets ---------------------------------------------------------------------------
@@ -269,6 +273,11 @@ impl Names {
     /// of one class.
     pub fn template_mailbox_consumer(&self, template: &str, class: &str) -> String {
         format!("group-{template}-{class}")
+    }
+
+    /// The durable consumer of a template's topic subscriptions, shared by its runners.
+    pub fn topic_consumer(&self, template: &str) -> String {
+        format!("topics-{template}")
     }
 
     /// A runner's durable consumer on its assignments.

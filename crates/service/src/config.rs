@@ -82,6 +82,10 @@ pub struct StreamSettings {
     /// waits longer for its receiver than a day).
     #[serde(with = "humantime_serde")]
     pub messages_max_age: Duration,
+    /// How long topic events are kept (what a subscriber that was away, or subscribes later
+    /// from the start, can still get).
+    #[serde(with = "humantime_serde")]
+    pub topics_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -95,6 +99,7 @@ impl Default for StreamSettings {
             tasks_max_age: Duration::from_secs(30 * 24 * 3600),
             max_msg_size: 1024 * 1024,
             messages_max_age: Duration::from_secs(7 * 24 * 3600),
+            topics_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -189,5 +189,12 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
                 "Flotilla: direct messages between agents",
             )
         },
+        stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            max_age: s.topics_max_age,
+            duplicate_window: Duration::from_secs(120),
+            max_message_size: 256 * 1024,
+            ..base(names.topics_stream(), vec![names.topics_all()], "Flotilla: topic events")
+        },
     ]
 }

@@ -34,6 +34,15 @@ pub struct AgentTemplate {
     /// grant (agents of the same tenant).
     #[serde(default = "default_tenant")]
     pub tenant: String,
+    /// Topic patterns (`orders.created`, `orders.*`, `alerts.>`) whose events its agents act on:
+    /// each event once per template (one of its agents takes it), whichever runner it is on.
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Where the template's subscription starts when it is first made: `new` (default: what is
+    /// published from then on), `all` (everything the topics stream still keeps) or an RFC 3339
+    /// time. Later starts continue where the template left off.
+    #[serde(default)]
+    pub topics_from: Option<String>,
     /// Model provider; `offline` is the built-in deterministic model.
     #[serde(default = "default_provider")]
     pub provider: String,
@@ -187,6 +196,27 @@ impl FleetFile {
         for a in &self.agents {
             if !is_token(&a.name) || a.name.len() > 64 {
                 bail!("agent name {:?} must be 1-64 characters of A-Z a-z 0-9 _ -", a.name);
+            }
+            for t in &a.topics {
+                let tokens: Vec<&str> = t.split('.').collect();
+                let last = tokens.len().saturating_sub(1);
+                let ok = tokens
+                    .iter()
+                    .enumerate()
+                    .all(|(i, tok)| is_token(tok) || *tok == "*" || (*tok == ">" && i == last));
+                if !ok {
+                    bail!("agent {:?}: topic {t:?} must be dot-separated words, * or a final >", a.name);
+                }
+            }
+            if let Some(from) = &a.topics_from
+                && from != "new"
+                && from != "all"
+                && flotilla_protocol::validate::parse_time_ms(&flotilla_protocol::TimeSpec::Text(
+                    from.clone(),
+                ))
+                .is_err()
+            {
+                bail!("agent {:?}: topics_from {from:?} must be new, all or an RFC 3339 time", a.name);
             }
             if !seen.insert(&a.name) {
                 bail!("agent name {:?} is declared twice", a.name);

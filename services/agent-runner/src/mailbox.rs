@@ -224,7 +224,8 @@ pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationTo
     templates.sort();
     templates.dedup();
     for template in templates {
-        let mut consumers = Vec::new();
+        let mut sources = Vec::new();
+        let mut bells = vec![ctx.fleet.names.inbox_template(&template, "*")];
         for class in PriorityClass::ALL {
             let cfg = pull::Config {
                 durable_name: Some(ctx.fleet.names.template_mailbox_consumer(&template, class.as_str())),
@@ -232,9 +233,16 @@ pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationTo
                 filter_subject: ctx.fleet.names.inbox_template(&template, class.as_str()),
                 ..consumer_config(env.ack_wait)
             };
-            consumers.push((class, stream.create_consumer(cfg).await?));
+            sources.push((Source::Inbox, stream.create_consumer(cfg).await?));
         }
-        tracker.spawn(take_for_template(env.clone(), template, consumers, shutdown.clone()));
+        if let Some(t) = ctx.agents.template(&template)
+            && !t.topics.is_empty()
+        {
+            let subjects: Vec<String> = t.topics.iter().map(|p| ctx.fleet.names.topic_subject(p)).collect();
+            bells.extend(subjects.iter().cloned());
+            sources.push((Source::Topics, topic_consumer(env.ack_wait, &ctx.fleet, &t, subjects).await?));
+        }
+        tracker.spawn(take_for_template(env.clone(), template, sources, bells, shutdown.clone()));
     }
     let keep_alive = {
         let (mailbox, every, stop) = (env.mailbox.clone(), env.ack_wait / 3, shutdown.clone());
@@ -254,6 +262,59 @@ pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationTo
     keep_alive.abort();
     env.mailbox.release(|_| true).await;
     Ok(())
+}
+
+/// Where a template's taker reads: its messages (one consumer per class, most urgent first),
+/// then its topic subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Inbox,
+    Topics,
+}
+
+/// The template's durable subscription to its topics: created where `topics_from` says the
+/// first time, its patterns brought up to date after (it continues where it left off).
+async fn topic_consumer(
+    ack_wait: Duration,
+    fleet: &Fleet,
+    t: &crate::fleet::AgentTemplate,
+    subjects: Vec<String>,
+) -> anyhow::Result<PullConsumer> {
+    use anyhow::Context as _;
+    let stream =
+        fleet.js.get_stream(fleet.names.topics_stream()).await.context("failed to open the topics stream")?;
+    let name = fleet.names.topic_consumer(&t.name);
+    if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&name).await {
+        let info = existing.info().await.context("failed to read the topic subscription")?;
+        if info.config.filter_subjects == subjects {
+            return Ok(existing);
+        }
+        let mut cfg: pull::Config = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subjects: subjects,
+            deliver_policy: info.config.deliver_policy,
+            description: info.config.description.clone(),
+            ..consumer_config(ack_wait)
+        };
+        cfg.filter_subject = String::new();
+        return stream.update_consumer(cfg).await.context("failed to update the topic subscription");
+    }
+    let deliver_policy = match t.topics_from.as_deref() {
+        None | Some("new") => DeliverPolicy::New,
+        Some("all") => DeliverPolicy::All,
+        Some(time) => DeliverPolicy::ByStartTime {
+            start_time: async_nats::datetime::parse_rfc3339(time)
+                .map_err(|e| anyhow::anyhow!("topics_from {time:?}: {e}"))?,
+        },
+    };
+    let cfg = pull::Config {
+        durable_name: Some(name),
+        description: Some(format!("Flotilla template {}: its topic subscriptions", t.name)),
+        filter_subjects: subjects,
+        deliver_policy,
+        ..consumer_config(ack_wait)
+    };
+    stream.create_consumer(cfg).await.context("failed to create the topic subscription")
 }
 
 fn consumer_config(ack_wait: Duration) -> pull::Config {
@@ -316,18 +377,20 @@ async fn prefetch(env: Arc<Env>, consumer: PullConsumer, class: PriorityClass, s
 async fn take_for_template(
     env: Arc<Env>,
     template: String,
-    consumers: Vec<(PriorityClass, PullConsumer)>,
+    consumers: Vec<(Source, PullConsumer)>,
+    bells: Vec<String>,
     shutdown: CancellationToken,
 ) {
     let queue = Queue::Template(template.clone());
-    let doorbell = env.ctx.fleet.client.subscribe(env.ctx.fleet.names.inbox_template(&template, "*")).await;
-    let mut doorbell = match doorbell {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no doorbell for template messages; polling");
-            None
+    // Core subscriptions on the same subjects ring when something arrives.
+    let mut subscriptions = Vec::new();
+    for subject in bells {
+        match env.ctx.fleet.client.subscribe(subject).await {
+            Ok(s) => subscriptions.push(s),
+            Err(e) => tracing::warn!(error = %e, "no doorbell for template messages; polling"),
         }
-    };
+    }
+    let mut doorbell = (!subscriptions.is_empty()).then(|| futures::stream::select_all(subscriptions));
     while !shutdown.is_cancelled() {
         // Listening before looking, so a slot freed meanwhile is not missed.
         let freed = env.mailbox.freed.notified();
@@ -336,7 +399,7 @@ async fn take_for_template(
         let free = env.ctx.agents.of_template(&template).0.iter().any(|s| s.permits.available_permits() > 0);
         let mut took = false;
         if free && env.mailbox.held_in(&queue) == 0 {
-            for (_, consumer) in &consumers {
+            for (source, consumer) in &consumers {
                 let batch = match consumer.fetch().max_messages(1).messages().await {
                     Ok(b) => b,
                     Err(e) => {
@@ -346,7 +409,11 @@ async fn take_for_template(
                 };
                 let got: Vec<Message> = batch.filter_map(|m| async { m.ok() }).collect().await;
                 for m in got {
-                    if let Some(held) = open(&env, m).await {
+                    let opened = match source {
+                        Source::Inbox => open(&env, m).await,
+                        Source::Topics => Some(open_topic(&env, &template, m)),
+                    };
+                    if let Some(held) = opened {
                         env.mailbox.hold(queue.clone(), held);
                         took = true;
                     }
@@ -373,6 +440,55 @@ async fn take_for_template(
             _ = freed => {},
             _ = tokio::time::sleep(Duration::from_millis(250)) => {},
         }
+    }
+}
+
+/// A topic event as a message for the template: its id names the template and the event's
+/// sequence (so each template acts on each event once), its body is the payload (JSON, else
+/// text), its sender the topic.
+fn open_topic(env: &Env, template: &str, m: Message) -> Held {
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+    let topic = m
+        .subject
+        .as_str()
+        .strip_prefix(&format!("{}.topics.", env.ctx.fleet.names.prefix()))
+        .unwrap_or(m.subject.as_str())
+        .to_owned();
+    let msgpack = flotilla_service::nats::content_type(m.headers.as_ref())
+        == Some(flotilla_protocol::headers::APPLICATION_MSGPACK);
+    let body = serde_json::from_slice::<serde_json::Value>(&m.payload)
+        .ok()
+        .or_else(|| {
+            msgpack
+                .then(|| {
+                    codec::decode::<serde_json::Value>(
+                        Some(flotilla_protocol::headers::APPLICATION_MSGPACK),
+                        &m.payload,
+                    )
+                    .ok()
+                })
+                .flatten()
+        })
+        .unwrap_or_else(|| serde_json::Value::String(String::from_utf8_lossy(&m.payload).into_owned()));
+    let now = now_ms();
+    let envelope = Envelope {
+        id: format!("topic-{template}-{seq}"),
+        from: flotilla_protocol::Party { topic: Some(topic), ..Default::default() },
+        to: Address::template(template),
+        for_agent: None,
+        task_id: None,
+        priority: flotilla_protocol::Priority::NORMAL,
+        wants_reply: false,
+        in_reply_to: None,
+        body,
+        sent_at_ms: now,
+        expires_at_ms: u64::MAX,
+    };
+    Held {
+        guard: AckGuard::new(m),
+        envelope,
+        class: PriorityClass::Normal,
+        held_at: tokio::time::Instant::now(),
     }
 }
 
@@ -595,6 +711,7 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, rev: u64) -> Result<Stri
     let _stop_tools = cancel.clone().drop_guard();
     let mut template = (*slot.template).clone();
     let about = match (&e.in_reply_to, &e.task_id) {
+        _ if e.from.topic.is_some() => format!("This is an event on {}.", e.from),
         (Some(orig), _) => format!("This is {}'s reply to your message {orig}.", e.from),
         (None, Some(task)) => format!("This is a message from {} about task {task}.", e.from),
         (None, None) => format!("This is a message from {}.", e.from),

@@ -164,6 +164,8 @@ pub struct Party {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
     pub client: Option<String>,
+    /// The topic (its subject) of a topic event.
+    pub topic: Option<String>,
     #[serde(default = "default_tenant")]
     pub tenant: String,
 }
@@ -177,6 +179,7 @@ impl Party {
             template: Some(r.name.clone()),
             capabilities: r.capabilities.clone(),
             client: None,
+            topic: None,
             tenant: r.tenant.clone(),
         }
     }
@@ -189,6 +192,9 @@ impl Party {
 
 impl std::fmt::Display for Party {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(t) = &self.topic {
+            return write!(f, "topic:{t}");
+        }
         match (&self.agent, &self.client, &self.template) {
             (Some(a), _, _) => write!(f, "agent:{a}"),
             (None, Some(c), _) => write!(f, "client:{c}"),
@@ -550,6 +556,7 @@ mod tests {
             template: Some(template.into()),
             capabilities: vec![format!("{template}-work")],
             client: None,
+            topic: None,
             tenant: tenant.into(),
         }
     }

@@ -153,7 +153,7 @@ async fn memory_list(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
 fn publish_spec() -> ToolSpec {
     ToolSpec::object(
         "publish",
-        "Publish a message to a topic other agents and services can subscribe to.",
+        "Publish an event to a topic: it is stored, and every template subscribed to the topic acts on it once.",
         json!({
             "topic": { "type": "string", "description": "topic name, e.g. alerts or build.status" },
             "message": { "description": "any JSON value" }
@@ -174,13 +174,19 @@ async fn publish(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     });
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+    // The same call of the same step publishes once, however often the step is re-run.
+    let msg_id = format!("pub:{}:{}:{}:{}", ctx.task.id, ctx.task.attempt, ctx.step, ctx.index);
+    h.insert(headers::NATS_MSG_ID, msg_id.as_str());
     let subject = ctx.fleet.names.topic_subject(topic);
-    ctx.fleet
-        .client
+    let ack = ctx
+        .fleet
+        .js
         .publish_with_headers(subject.clone(), h, body.to_string().into())
         .await
+        .map_err(nats_err)?
+        .await
         .map_err(nats_err)?;
-    Ok(json!({ "published": subject }))
+    Ok(json!({ "published": subject, "seq": ack.sequence }))
 }
 
 /// Id of a child task: stable across retries of the parent, so a re-run finds its children.
