@@ -384,7 +384,9 @@ async fn nats_py_messages_an_agent_and_cannot_forge_a_sender() {
 async fn topic_events_wake_each_subscribed_template_once_across_a_runner_kill() {
     let mut sys = System::with_dispatcher().await;
     let template = |name: &str, from: &str| {
-        format!("[[agent]]\nname = \"{name}\"\ncapabilities = [\"{name}\"]\ntopics = [\"orders.*\"]\ntopics_from = \"{from}\"\n\n")
+        format!(
+            "[[agent]]\nname = \"{name}\"\ncapabilities = [\"{name}\"]\ntopics = [\"orders.*\"]\ntopics_from = \"{from}\"\n\n"
+        )
     };
     let fleet: String = ["audit", "billing", "shipping"].iter().map(|t| template(t, "new")).collect();
     let _ra = sys.spawn_runner_process("ra", &fleet);
@@ -415,10 +417,11 @@ async fn topic_events_wake_each_subscribed_template_once_across_a_runner_kill() 
             .map(|e| e.message_id.clone())
             .collect::<Vec<_>>()
     };
-    let events = wait_for_messages(&sys, "every event handled by every template", Duration::from_secs(120), |ev| {
-        ["audit", "billing", "shipping"].iter().all(|t| per_template(ev, t).len() >= n)
-    })
-    .await;
+    let events =
+        wait_for_messages(&sys, "every event handled by every template", Duration::from_secs(120), |ev| {
+            ["audit", "billing", "shipping"].iter().all(|t| per_template(ev, t).len() >= n)
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let events = if events.is_empty() { events } else { message_events(&sys).await };
     for t in ["audit", "billing", "shipping"] {
@@ -428,7 +431,8 @@ async fn topic_events_wake_each_subscribed_template_once_across_a_runner_kill() 
         assert_eq!(ids.len(), n, "template {t} handled an event twice");
     }
     // Both runners took part (queue semantics inside a template, across runners).
-    let by: BTreeSet<String> = of_kind(&events, message_event::ANSWERED).filter_map(|e| e.agent_id.clone()).collect();
+    let by: BTreeSet<String> =
+        of_kind(&events, message_event::ANSWERED).filter_map(|e| e.agent_id.clone()).collect();
     assert!(by.iter().any(|a| a.starts_with("ra-")) && by.iter().any(|a| a.starts_with("rb-")), "{by:?}");
 
     // A template subscribing later from the start gets every earlier event.
@@ -438,5 +442,109 @@ async fn topic_events_wake_each_subscribed_template_once_across_a_runner_kill() 
     })
     .await;
     assert_eq!(per_template(&events, "late").len(), n);
+    sys.stop().await;
+}
+
+fn memory_grant(name: &str, effect: Effect, from: &str, to: &str) -> Grant {
+    Grant { scope: GrantScope::MemoryWrite, ..grant(name, effect, from, to) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_agents_count_exactly_through_compare_and_swap_and_others_are_refused() {
+    let mut sys = System::with_dispatcher().await;
+    for g in [
+        memory_grant("counters-closed", Effect::Deny, "*", "namespace:counters"),
+        memory_grant("counters-for-counters", Effect::Allow, "template:counter", "namespace:counters"),
+    ] {
+        sys.topology.grants.put(&g.name, serde_json::to_vec(&g).unwrap().into()).await.unwrap();
+    }
+    let counter = "[[agent]]\nname = \"counter\"\ncapabilities = [\"count\"]\nreplicas = 25\nmax_steps = 400\n\
+                   tools = [\"memory_get\", \"memory_put\"]\n\n";
+    let intruder = "[[agent]]\nname = \"intruder\"\ncapabilities = [\"intrude\"]\ntools = [\"memory_put\"]\n";
+    sys.start_runner("r1", &format!("{counter}{intruder}")).await;
+    sys.start_runner("r2", counter).await;
+    sys.wait_for_agents("r1", 26).await;
+    sys.wait_for_agents("r2", 25).await;
+    let n = 100;
+    for k in 0..n {
+        sys.submit(&TaskSubmission {
+            id: Some(format!("count-{k}")),
+            capability: "count".into(),
+            input: json!({ "text": "count", "_offline": { "increment": { "namespace": "counters", "key": "hits" } } }),
+            ..Default::default()
+        })
+        .await;
+    }
+    let events = sys.wait_for_kind("completed", n, Duration::from_secs(120)).await;
+    let agents: BTreeSet<String> =
+        events.iter().filter(|e| e.kind == "completed").filter_map(|e| e.agent_id.clone()).collect();
+    assert!(agents.len() >= 40, "only {} agents took part", agents.len());
+    let hits = sys.topology.memory.get("default.counters.hits").await.unwrap().unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&hits).unwrap(), json!(n), "lost or doubled increments");
+    // Some increments really raced (and were retried after a conflict).
+    let conflicts = events
+        .iter()
+        .filter(|e| e.kind == "completed")
+        .filter(|e| e.output.as_ref().unwrap()["answer"].as_str().unwrap().contains("conflict"))
+        .count();
+    assert!(conflicts > 0, "no increment ever conflicted: the test did not race");
+
+    // A template without the grant is refused, with the rule.
+    sys.submit(&TaskSubmission {
+        id: Some("intrusion".into()),
+        capability: "intrude".into(),
+        input: json!({ "text": "reset", "_offline": { "tool_calls": [
+            { "name": "memory_put", "arguments": { "namespace": "counters", "key": "hits", "value": 0 } }
+        ] } }),
+        ..Default::default()
+    })
+    .await;
+    let events = sys.wait_for_kind("completed", n + 1, Duration::from_secs(30)).await;
+    let done = events.iter().find(|e| e.kind == "completed" && e.task_id == "intrusion").unwrap();
+    let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap();
+    assert!(
+        answer.contains("permission_denied: agent:r1-intruder-0 may not write namespace:counters (rule counters-closed)"),
+        "{answer}"
+    );
+    let hits = sys.topology.memory.get("default.counters.hits").await.unwrap().unwrap();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&hits).unwrap(), json!(n));
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_waiting_for_a_memory_change_wakes_within_100_ms() {
+    let fleet = "[[agent]]\nname = \"waiter\"\ncapabilities = [\"wait\"]\ntools = [\"memory_wait\"]\n";
+    let sys = System::with_runner("r1", fleet, 1).await;
+    sys.submit(&TaskSubmission {
+        id: Some("waiting".into()),
+        capability: "wait".into(),
+        input: json!({ "text": "wait", "_offline": { "tool_calls": [
+            { "name": "memory_wait", "arguments": { "key": "signal", "timeout_s": 30 } }
+        ] } }),
+        ..Default::default()
+    })
+    .await;
+    // Until the agent is waiting.
+    let waiting = sys.names.agent_event_subject("r1-waiter-0", "waiting");
+    flotilla_testkit::eventually(Duration::from_secs(20), "the agent to wait", || {
+        let (sys, waiting) = (&sys, waiting.clone());
+        async move { (!sys.read_stream(&sys.names.events_stream(), &waiting).await.is_empty()).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let put_at = flotilla_protocol::time::now_ms();
+    sys.topology.memory.put("default.signal", b"\"go\"".to_vec().into()).await.unwrap();
+    let events = sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    let done = events.iter().find(|e| e.kind == "completed").unwrap();
+    let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap();
+    let woken: u64 = answer
+        .split("\"woken_at_ms\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no woken_at_ms in {answer}"));
+    assert!(answer.contains("\"value\":\"go\""), "{answer}");
+    let after = woken.saturating_sub(put_at);
+    assert!(after <= 100, "woke {after} ms after the put");
     sys.stop().await;
 }

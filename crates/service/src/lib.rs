@@ -6,6 +6,7 @@ pub mod bootstrap;
 pub mod budget;
 pub mod config;
 pub mod consume;
+pub mod follow;
 pub mod health;
 pub mod lease;
 pub mod local_server;

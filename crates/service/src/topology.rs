@@ -72,7 +72,7 @@ impl Topology {
             (names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
             (names.agents_bucket(), "Flotilla: agent registry and heartbeats", 1, Duration::from_secs(3600)),
             (names.capabilities_bucket(), "Flotilla: capabilities declared by fleets", 1, Duration::ZERO),
-            (names.memory_bucket(), "Flotilla: agents' shared memory", 1, Duration::ZERO),
+            (names.memory_bucket(), "Flotilla: agents' shared memory", 10, Duration::ZERO),
             (names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
             (names.leases_bucket(), "Flotilla: leases of exclusive roles", 1, LEASES_MAX_AGE),
             (names.grants_bucket(), "Flotilla: who may message whom", 5, Duration::ZERO),

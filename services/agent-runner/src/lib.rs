@@ -268,6 +268,10 @@ async fn run(
         heartbeat_stop.clone(),
     ));
 
+    // Who may read and write which namespace of shared memory.
+    let grants = flotilla_service::follow::Grants::default();
+    let grants_stop = CancellationToken::new();
+    let grants_view = tokio::spawn(grants.clone().maintain(topology.grants.clone(), grants_stop.clone()));
     let tracker = TaskTracker::new();
     // Cancelled after the drain grace: handlers still running give their work back.
     let abort = CancellationToken::new();
@@ -283,6 +287,7 @@ async fn run(
         registry: Arc::new(registry),
         budgets,
         mailbox: Arc::new(mailbox::Mailbox::new(config.message_aging)),
+        grants: grants.clone(),
     });
     let messages = fleet
         .js
@@ -339,6 +344,8 @@ async fn run(
     }
     events_stop.cancel();
     let _ = lifecycle_events.await;
+    grants_stop.cancel();
+    let _ = grants_view.await;
     agents.deregister(&fleet, &topology).await;
     let _ = health.await;
     tracing::info!(runner = %runner_id, "runner stopped");

@@ -734,6 +734,8 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, rev: u64) -> Result<Stri
             agent_id: slot.agent_id.clone(),
             runner_id: ctx.runner_id.clone(),
             mailbox: ctx.mailbox.clone(),
+            party: slot.party(&ctx.runner_id),
+            grants: ctx.grants.clone(),
             step: 0,
             index: 0,
             cancel: cancel.clone(),

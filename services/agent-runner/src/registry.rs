@@ -73,6 +73,18 @@ impl Slot {
             && self.running.lock().map(|r| r.is_empty()).unwrap_or(false)
     }
 
+    /// The agent as grants see it.
+    pub fn party(&self, runner_id: &str) -> flotilla_protocol::Party {
+        flotilla_protocol::Party {
+            agent: Some(self.agent_id.clone()),
+            runner: Some(runner_id.to_owned()),
+            template: Some(self.template.name.clone()),
+            capabilities: self.template.capabilities.clone(),
+            tenant: self.template.tenant.clone(),
+            ..Default::default()
+        }
+    }
+
     /// True when the agent crashed too often and takes no more work.
     pub fn in_error(&self) -> bool {
         self.crashes.load(Ordering::Relaxed) >= MAX_CRASHES

@@ -43,6 +43,8 @@ pub struct Context {
     pub budgets: Option<flotilla_service::budget::Client>,
     /// The agents' direct messages.
     pub mailbox: Arc<crate::mailbox::Mailbox>,
+    /// Every grant, kept current.
+    pub grants: flotilla_service::follow::Grants,
 }
 
 /// Handles one assignment message; never panics, never returns an error: every outcome is an
@@ -372,6 +374,8 @@ async fn run_claimed(
             agent_id: slot.agent_id.clone(),
             runner_id: ctx.runner_id.clone(),
             mailbox: ctx.mailbox.clone(),
+            party: slot.party(&ctx.runner_id),
+            grants: ctx.grants.clone(),
             step: 0,
             index: 0,
             cancel: cancel.token.clone(),

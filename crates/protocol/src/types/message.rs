@@ -73,6 +73,8 @@ pub struct Selector {
     pub tenant: Option<String>,
     /// One client or operator identity (what a plain NATS client sends as).
     pub client: Option<String>,
+    /// A namespace of shared memory (memory grants).
+    pub namespace: Option<String>,
 }
 
 impl Selector {
@@ -84,6 +86,7 @@ impl Selector {
         eq(&self.agent, &party.agent)
             && eq(&self.template, &party.template)
             && eq(&self.client, &party.client)
+            && eq(&self.namespace, &party.namespace)
             && self.tenant.as_ref().is_none_or(|t| *t == party.tenant)
             && self.capability.as_ref().is_none_or(|c| party.capabilities.contains(c))
     }
@@ -95,6 +98,7 @@ impl Selector {
         n(&self.agent, 8)
             + n(&self.client, 8)
             + n(&self.template, 4)
+            + n(&self.namespace, 4)
             + n(&self.capability, 2)
             + n(&self.tenant, 1)
     }
@@ -124,9 +128,10 @@ impl Selector {
                 "capability" => &mut s.capability,
                 "tenant" => &mut s.tenant,
                 "client" => &mut s.client,
+                "namespace" => &mut s.namespace,
                 other => {
                     return Err(format!(
-                        "{other:?}: kind must be agent, template, capability, tenant or client"
+                        "{other:?}: kind must be agent, template, capability, tenant, client or namespace"
                     ));
                 }
             };
@@ -143,6 +148,7 @@ impl std::fmt::Display for Selector {
             ("client", &self.client),
             ("template", &self.template),
             ("capability", &self.capability),
+            ("namespace", &self.namespace),
             ("tenant", &self.tenant),
         ]
         .into_iter()
@@ -166,6 +172,8 @@ pub struct Party {
     pub client: Option<String>,
     /// The topic (its subject) of a topic event.
     pub topic: Option<String>,
+    /// A namespace of shared memory (what a memory grant's `to` speaks of).
+    pub namespace: Option<String>,
     #[serde(default = "default_tenant")]
     pub tenant: String,
 }
@@ -180,8 +188,14 @@ impl Party {
             capabilities: r.capabilities.clone(),
             client: None,
             topic: None,
+            namespace: None,
             tenant: r.tenant.clone(),
         }
+    }
+
+    /// Namespace `ns` of `tenant`'s shared memory.
+    pub fn namespace(ns: &str, tenant: &str) -> Self {
+        Self { namespace: Some(ns.to_owned()), tenant: tenant.to_owned(), ..Default::default() }
     }
 
     /// A client identity of `tenant`.
@@ -194,6 +208,9 @@ impl std::fmt::Display for Party {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if let Some(t) = &self.topic {
             return write!(f, "topic:{t}");
+        }
+        if let Some(n) = &self.namespace {
+            return write!(f, "namespace:{n}");
         }
         match (&self.agent, &self.client, &self.template) {
             (Some(a), _, _) => write!(f, "agent:{a}"),
@@ -378,6 +395,22 @@ pub enum GrantScope {
     /// Direct messages.
     #[default]
     Message,
+    /// Reading a namespace of shared memory (get, list, history, wait).
+    MemoryRead,
+    /// Writing a namespace of shared memory (put, delete).
+    MemoryWrite,
+}
+
+impl GrantScope {
+    /// The CLI's name of the scope.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "message" => Some(Self::Message),
+            "memory-read" | "memory_read" => Some(Self::MemoryRead),
+            "memory-write" | "memory_write" => Some(Self::MemoryWrite),
+            _ => None,
+        }
+    }
 }
 
 /// A rule of who may message whom, in the grants bucket under its name.
@@ -557,6 +590,7 @@ mod tests {
             capabilities: vec![format!("{template}-work")],
             client: None,
             topic: None,
+            namespace: None,
             tenant: tenant.into(),
         }
     }

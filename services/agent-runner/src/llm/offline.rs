@@ -4,7 +4,9 @@
 //! `fail_attempts` (fail attempts 1 to N, succeed from N + 1), `fail_code` (the error code of those
 //! failures: `model_error` by default, or a `provider_*` code such as `provider_refused`), and
 //! `tool_calls` (a list of `{"name", "arguments"}` the model calls on its first turn before
-//! answering).
+//! answering), and `increment` (`{"key", "namespace"}`: add one to a number in shared memory by
+//! compare-and-swap, as a model would: `memory_get`, then `memory_put` with the revision read,
+//! reading again after a conflict).
 
 use std::time::Duration;
 
@@ -87,6 +89,17 @@ pub async fn chat(agent: &str, req: &ChatRequest) -> Result<ChatResponse, Provid
             _ => None,
         })
         .collect();
+    if let Some(target) = directives.get("increment")
+        && let Some(call) = next_increment_step(target, req)
+    {
+        let completion = tokens(call.name.len() + 16);
+        return Ok(ChatResponse {
+            text: String::new(),
+            tool_calls: vec![call],
+            usage: Usage::new(tokens(prompt_len), completion),
+            finish: Finish::ToolCalls,
+        });
+    }
     let planned = directives.get("tool_calls").and_then(Value::as_array).cloned().unwrap_or_default();
     if results.is_empty() && !planned.is_empty() {
         let calls: Vec<ToolCall> = planned
@@ -116,6 +129,48 @@ pub async fn chat(agent: &str, req: &ChatRequest) -> Result<ChatResponse, Provid
     }
     let usage = Usage::new(tokens(prompt_len), tokens(answer.len()));
     Ok(ChatResponse { text: answer, tool_calls: vec![], usage, finish: Finish::Stop })
+}
+
+/// The next call of a compare-and-swap increment of `target`, or `None` when it is done (stored,
+/// or refused other than by a conflict).
+fn next_increment_step(target: &Value, req: &ChatRequest) -> Option<ToolCall> {
+    let mut args = serde_json::Map::new();
+    for field in ["key", "namespace"] {
+        if let Some(v) = target.get(field) {
+            args.insert(field.to_owned(), v.clone());
+        }
+    }
+    let last = req.turns.iter().rev().find_map(|t| match t {
+        Turn::ToolResult { name, content, is_error, .. } => {
+            Some((name.as_str(), content.as_str(), *is_error))
+        }
+        _ => None,
+    });
+    let n = req.turns.iter().filter(|t| matches!(t, Turn::ToolResult { .. })).count();
+    let get = |args: serde_json::Map<String, Value>| ToolCall {
+        id: format!("offline-inc-{n}"),
+        name: "memory_get".to_owned(),
+        arguments: Ok(Value::Object(args)),
+    };
+    match last {
+        None => Some(get(args)),
+        Some(("memory_put", content, true)) if content.contains("conflict") => Some(get(args)),
+        Some(("memory_get", content, false)) => {
+            let read: Value = serde_json::from_str(content).unwrap_or(Value::Null);
+            let value = read.get("value").and_then(Value::as_i64).unwrap_or(0);
+            args.insert("value".to_owned(), Value::from(value.saturating_add(1)));
+            args.insert(
+                "expected_revision".to_owned(),
+                read.get("revision").cloned().unwrap_or(Value::from(0)),
+            );
+            Some(ToolCall {
+                id: format!("offline-inc-{n}"),
+                name: "memory_put".to_owned(),
+                arguments: Ok(Value::Object(args)),
+            })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,9 @@ pub fn builtins() -> Vec<Arc<dyn Tool>> {
         Builtin::tool(memory_get_spec(), |ctx, args| Box::pin(memory_get(ctx, args))),
         Builtin::tool(memory_put_spec(), |ctx, args| Box::pin(memory_put(ctx, args))),
         Builtin::tool(memory_list_spec(), |ctx, args| Box::pin(memory_list(ctx, args))),
+        Builtin::tool(memory_delete_spec(), |ctx, args| Box::pin(memory_delete(ctx, args))),
+        Builtin::tool(memory_history_spec(), |ctx, args| Box::pin(memory_history(ctx, args))),
+        Builtin::tool(memory_wait_spec(), |ctx, args| Box::pin(memory_wait(ctx, args))),
         Builtin::tool(publish_spec(), |ctx, args| Box::pin(publish(ctx, args))),
         Builtin::tool(delegate_spec(), |ctx, args| Box::pin(delegate(ctx, args))),
         Builtin::tool(ask_human_spec(), |ctx, args| Box::pin(ask_human(ctx, args))),
@@ -69,12 +72,42 @@ fn valid_key(key: &str) -> bool {
         && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/' | '=' | '.'))
 }
 
-fn memory_key(ctx: &ToolCtx, key: &str) -> Result<String, ToolError> {
-    if valid_key(key) {
-        Ok(format!("{}.{key}", ctx.task.tenant))
-    } else {
-        Err(ToolError::new("key must be 1-200 characters of A-Z a-z 0-9 _ - / = ."))
+/// A memory key as stored (`<tenant>.<key>`) and its namespace (the key's first dot-separated
+/// part, or `default` for a key without a dot), from a tool call's `key` and `namespace`.
+struct MemoryKey {
+    stored: String,
+    namespace: String,
+}
+
+fn memory_key(ctx: &ToolCtx, args: &Value) -> Result<MemoryKey, ToolError> {
+    let key = str_arg(args, "key")?;
+    let key = match args.get("namespace").and_then(Value::as_str) {
+        Some(ns) => format!("{ns}.{key}"),
+        None => key.to_owned(),
+    };
+    if !valid_key(&key) {
+        return Err(ToolError::new("key must be 1-200 characters of A-Z a-z 0-9 _ - / = ."));
     }
+    let namespace = key.split_once('.').map_or("default", |(ns, _)| ns).to_owned();
+    Ok(MemoryKey { stored: format!("{}.{key}", ctx.task.tenant), namespace })
+}
+
+/// Refuses a memory access the grants do not allow (`permission_denied` with the rule).
+fn memory_allowed(
+    ctx: &ToolCtx,
+    scope: flotilla_protocol::GrantScope,
+    namespace: &str,
+) -> Result<(), ToolError> {
+    let to = flotilla_protocol::Party::namespace(namespace, &ctx.task.tenant);
+    let d = ctx.grants.decide(scope, &ctx.party, &to);
+    if d.allowed {
+        return Ok(());
+    }
+    let what = if scope == flotilla_protocol::GrantScope::MemoryWrite { "write" } else { "read" };
+    Err(ToolError::new(format!(
+        "permission_denied: {} may not {what} namespace:{namespace} (rule {})",
+        ctx.party, d.rule
+    )))
 }
 
 fn str_arg<'a>(args: &'a Value, name: &str) -> Result<&'a str, ToolError> {
@@ -85,64 +118,239 @@ fn nats_err(e: impl std::fmt::Display) -> ToolError {
     ToolError::new(format!("shared state unavailable: {e}"))
 }
 
+/// The `key` and optional `namespace` arguments every memory tool takes.
+fn key_args(extra: Value) -> Value {
+    let mut props = json!({
+        "key": { "type": "string", "description": "memory key (its first dot-separated part is its namespace)" },
+        "namespace": { "type": "string", "description": "namespace; the key is then <namespace>.<key>" }
+    });
+    if let (Some(p), Some(e)) = (props.as_object_mut(), extra.as_object()) {
+        p.extend(e.clone());
+    }
+    props
+}
+
 fn memory_get_spec() -> ToolSpec {
     ToolSpec::object(
         "memory_get",
-        "Read a value from the fleet's shared memory. Returns null when the key is not set.",
-        json!({ "key": { "type": "string", "description": "memory key" } }),
+        "Read a value from the fleet's shared memory, with its revision (0 when the key is not set).",
+        key_args(json!({})),
         &["key"],
     )
 }
 
+fn decoded(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or(Value::Null)
+}
+
 async fn memory_get(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
-    let key = memory_key(ctx, str_arg(&args, "key")?)?;
-    let v = ctx.memory.get(&key).await.map_err(nats_err)?;
-    Ok(v.map(|b| serde_json::from_slice(&b).unwrap_or(Value::Null)).unwrap_or(Value::Null))
+    let k = memory_key(ctx, &args)?;
+    memory_allowed(ctx, flotilla_protocol::GrantScope::MemoryRead, &k.namespace)?;
+    let entry = ctx.memory.entry(&k.stored).await.map_err(nats_err)?;
+    Ok(match entry {
+        Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+            json!({ "value": decoded(&e.value), "revision": e.revision })
+        }
+        _ => json!({ "value": null, "revision": 0 }),
+    })
 }
 
 fn memory_put_spec() -> ToolSpec {
     ToolSpec::object(
         "memory_put",
-        "Store a JSON value in the fleet's shared memory under a key.",
-        json!({
-            "key": { "type": "string", "description": "memory key" },
-            "value": { "description": "any JSON value" }
-        }),
+        "Store a JSON value in the fleet's shared memory. With expected_revision it is a \
+         compare-and-swap: it stores only if the key is still at that revision (0: only if the key \
+         is not set), and otherwise reports a conflict with the current value, to read again and retry.",
+        key_args(json!({
+            "value": { "description": "any JSON value" },
+            "expected_revision": { "type": "integer", "minimum": 0 }
+        })),
         &["key", "value"],
     )
 }
 
 async fn memory_put(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
-    let key = memory_key(ctx, str_arg(&args, "key")?)?;
+    let k = memory_key(ctx, &args)?;
+    memory_allowed(ctx, flotilla_protocol::GrantScope::MemoryWrite, &k.namespace)?;
     let value = args.get("value").cloned().unwrap_or(Value::Null);
     let bytes = serde_json::to_vec(&value).map_err(|e| ToolError::new(e.to_string()))?;
     if bytes.len() > 64 * 1024 {
         return Err(ToolError::new("value is larger than 64 KiB"));
     }
-    ctx.memory.put(&key, bytes.into()).await.map_err(nats_err)?;
-    Ok(json!({ "stored": true }))
+    let revision = match args.get("expected_revision").and_then(Value::as_u64) {
+        None => ctx.memory.put(&k.stored, bytes.into()).await.map_err(nats_err)?,
+        Some(0) => match ctx.memory.create(&k.stored, bytes.into()).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {
+                return Err(conflict(ctx, &k, 0).await);
+            }
+            Err(e) => return Err(nats_err(e)),
+        },
+        Some(rev) => match ctx.memory.update(&k.stored, bytes.into(), rev).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+                return Err(conflict(ctx, &k, rev).await);
+            }
+            Err(e) => return Err(nats_err(e)),
+        },
+    };
+    Ok(json!({ "stored": true, "revision": revision }))
+}
+
+/// A compare-and-swap that lost: what the key holds now, for the model to retry from.
+async fn conflict(ctx: &ToolCtx, k: &MemoryKey, expected: u64) -> ToolError {
+    let now = match ctx.memory.entry(&k.stored).await {
+        Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+            json!({ "value": decoded(&e.value), "revision": e.revision })
+        }
+        _ => json!({ "value": null, "revision": 0 }),
+    };
+    ToolError::new(format!(
+        "conflict: the key is no longer at revision {expected}; it now holds {now}. Read it again and retry."
+    ))
+}
+
+fn memory_delete_spec() -> ToolSpec {
+    ToolSpec::object(
+        "memory_delete",
+        "Delete a key from the fleet's shared memory (with expected_revision: only if it is still at that revision).",
+        key_args(json!({ "expected_revision": { "type": "integer", "minimum": 1 } })),
+        &["key"],
+    )
+}
+
+async fn memory_delete(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let k = memory_key(ctx, &args)?;
+    memory_allowed(ctx, flotilla_protocol::GrantScope::MemoryWrite, &k.namespace)?;
+    let expected = args.get("expected_revision").and_then(Value::as_u64);
+    match ctx.memory.delete_expect_revision(&k.stored, expected).await {
+        Ok(()) => Ok(json!({ "deleted": true })),
+        Err(e) if expected.is_some() && e.to_string().contains("wrong last sequence") => {
+            Err(conflict(ctx, &k, expected.unwrap_or_default()).await)
+        }
+        Err(e) => Err(nats_err(e)),
+    }
+}
+
+fn memory_history_spec() -> ToolSpec {
+    ToolSpec::object(
+        "memory_history",
+        "The recent values of a key in the fleet's shared memory, oldest first, with their revisions.",
+        key_args(json!({})),
+        &["key"],
+    )
+}
+
+async fn memory_history(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let k = memory_key(ctx, &args)?;
+    memory_allowed(ctx, flotilla_protocol::GrantScope::MemoryRead, &k.namespace)?;
+    let mut history = match ctx.memory.history(&k.stored).await {
+        Ok(h) => h,
+        // No value ever: an empty history.
+        Err(e) if e.to_string().contains("no key") || e.to_string().contains("not found") => {
+            return Ok(json!([]));
+        }
+        Err(e) => return Err(nats_err(e)),
+    };
+    let mut out = Vec::new();
+    while let Some(e) = history.next().await {
+        let e = e.map_err(nats_err)?;
+        let deleted = e.operation != async_nats::jetstream::kv::Operation::Put;
+        out.push(json!({
+            "revision": e.revision,
+            "value": if deleted { Value::Null } else { decoded(&e.value) },
+            "deleted": deleted,
+            "at": e.created.unix_timestamp(),
+        }));
+    }
+    Ok(json!(out))
+}
+
+fn memory_wait_spec() -> ToolSpec {
+    ToolSpec::object(
+        "memory_wait",
+        "Wait until a key of the fleet's shared memory changes (past after_revision, or from now), \
+         up to timeout_s; returns the new value and revision, or timed_out.",
+        key_args(json!({
+            "after_revision": { "type": "integer", "minimum": 0 },
+            "timeout_s": { "type": "integer", "minimum": 1, "maximum": 3600, "default": 60 }
+        })),
+        &["key"],
+    )
+}
+
+async fn memory_wait(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let k = memory_key(ctx, &args)?;
+    memory_allowed(ctx, flotilla_protocol::GrantScope::MemoryRead, &k.namespace)?;
+    let timeout = std::time::Duration::from_secs(
+        args.get("timeout_s").and_then(Value::as_u64).unwrap_or(60).clamp(1, 3600),
+    );
+    // Watching first, then reading, so a change in between is not missed.
+    let mut watch = ctx.memory.watch_with_history(&k.stored).await.map_err(nats_err)?;
+    let after = match args.get("after_revision").and_then(Value::as_u64) {
+        Some(r) => r,
+        None => match ctx.memory.entry(&k.stored).await.map_err(nats_err)? {
+            Some(e) => e.revision,
+            None => 0,
+        },
+    };
+    ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    let changed = async {
+        while let Some(e) = watch.next().await {
+            let e = e.map_err(nats_err)?;
+            if e.revision > after {
+                return Ok(Some(e));
+            }
+        }
+        Ok::<_, ToolError>(None)
+    };
+    let result = tokio::select! {
+        r = changed => r,
+        _ = tokio::time::sleep(timeout) => Ok(None),
+        _ = ctx.cancel.cancelled() => Err(ToolError::new("cancelled while waiting for a change")),
+    };
+    ctx.states.set(flotilla_protocol::AgentState::Executing);
+    Ok(match result? {
+        Some(e) => {
+            let deleted = e.operation != async_nats::jetstream::kv::Operation::Put;
+            json!({
+                "value": if deleted { Value::Null } else { decoded(&e.value) },
+                "revision": e.revision,
+                "deleted": deleted,
+                "woken_at_ms": now_ms(),
+            })
+        }
+        None => json!({ "timed_out": true, "revision": after }),
+    })
 }
 
 fn memory_list_spec() -> ToolSpec {
     ToolSpec::object(
         "memory_list",
-        "List keys in the fleet's shared memory, optionally only those starting with a prefix.",
-        json!({ "prefix": { "type": "string" } }),
+        "List keys in the fleet's shared memory, optionally only those of a namespace or starting with a prefix.",
+        json!({ "prefix": { "type": "string" }, "namespace": { "type": "string" } }),
         &[],
     )
 }
 
 async fn memory_list(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
-    let namespace = format!("{}.", ctx.task.tenant);
+    let own = format!("{}.", ctx.task.tenant);
     let prefix = args.get("prefix").and_then(Value::as_str).unwrap_or_default();
+    let prefix = match args.get("namespace").and_then(Value::as_str) {
+        Some(ns) => format!("{ns}.{prefix}"),
+        None => prefix.to_owned(),
+    };
     let mut keys = ctx.memory.keys().await.map_err(nats_err)?;
     let mut out = Vec::new();
     while let Some(k) = keys.next().await {
         let k = k.map_err(nats_err)?;
-        if let Some(own) = k.strip_prefix(&namespace)
-            && own.starts_with(prefix)
+        if let Some(key) = k.strip_prefix(&own)
+            && key.starts_with(&prefix)
         {
-            out.push(own.to_owned());
+            let ns = key.split_once('.').map_or("default", |(ns, _)| ns);
+            if memory_allowed(ctx, flotilla_protocol::GrantScope::MemoryRead, ns).is_ok() {
+                out.push(key.to_owned());
+            }
         }
     }
     out.sort();

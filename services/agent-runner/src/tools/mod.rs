@@ -31,6 +31,9 @@ pub struct ToolCtx {
     pub runner_id: String,
     /// Where replies to the agent's messages arrive.
     pub mailbox: Arc<crate::mailbox::Mailbox>,
+    /// The agent as grants see it, and the grants (shared memory's namespaces are granted).
+    pub party: flotilla_protocol::Party,
+    pub grants: flotilla_service::follow::Grants,
     /// Loop step and index of the call within it, for idempotent side effects.
     pub step: u32,
     pub index: usize,

@@ -269,7 +269,7 @@ impl Router {
     /// The receivers of `m` from `from`, and the ones refused; an error when the address names
     /// nothing that exists.
     async fn resolve(&self, m: &MessageSend, from: &Party) -> Result<(Vec<Target>, Vec<Refusal>), ErrorInfo> {
-        let grants = self.view.grants();
+        let grants = self.view.grants.all();
         let judge = |to: &Party| decide(&grants, GrantScope::Message, from, to);
         let denied = |to: String, d: Decision| {
             refusal(
