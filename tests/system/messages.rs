@@ -480,7 +480,11 @@ async fn fifty_agents_count_exactly_through_compare_and_swap_and_others_are_refu
         events.iter().filter(|e| e.kind == "completed").filter_map(|e| e.agent_id.clone()).collect();
     assert!(agents.len() >= 40, "only {} agents took part", agents.len());
     let hits = sys.topology.memory.get("default.counters.hits").await.unwrap().unwrap();
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&hits).unwrap(), json!(n), "lost or doubled increments");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&hits).unwrap(),
+        json!(n),
+        "lost or doubled increments"
+    );
     // Some increments really raced (and were retried after a conflict).
     let conflicts = events
         .iter()
@@ -503,7 +507,9 @@ async fn fifty_agents_count_exactly_through_compare_and_swap_and_others_are_refu
     let done = events.iter().find(|e| e.kind == "completed" && e.task_id == "intrusion").unwrap();
     let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap();
     assert!(
-        answer.contains("permission_denied: agent:r1-intruder-0 may not write namespace:counters (rule counters-closed)"),
+        answer.contains(
+            "permission_denied: agent:r1-intruder-0 may not write namespace:counters (rule counters-closed)"
+        ),
         "{answer}"
     );
     let hits = sys.topology.memory.get("default.counters.hits").await.unwrap().unwrap();
@@ -546,5 +552,67 @@ async fn an_agent_waiting_for_a_memory_change_wakes_within_100_ms() {
     assert!(answer.contains("\"value\":\"go\""), "{answer}");
     let after = woken.saturating_sub(put_at);
     assert!(after <= 100, "woke {after} ms after the put");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_manages_grants_memory_topics_and_sends() {
+    let fleet = "[[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\ntenant = \"acme\"\ntopics = [\"news.*\"]\n";
+    let sys = System::with_runner("r1", fleet, 1).await;
+    let url = sys.server.url().to_owned();
+    // Grants: across tenants, the operator (tenant default) is refused until granted.
+    let (code, _, err) = cli(&url, &["send", "--to", "agent:r1-helper-0", "hi"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("permission_denied") && err.contains("default:cross-tenant"), "{err}");
+    let (code, out, err) =
+        cli(&url, &["grants", "allow", "ops-to-acme", "--from", "client:operator", "--to", "tenant:acme"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ops-to-acme") && out.contains("client:operator -> tenant:acme"), "{out}");
+    let (_, out, _) = cli(&url, &["grants", "list"]).await;
+    assert!(out.contains("ops-to-acme"), "{out}");
+    let started = std::time::Instant::now();
+    let answer = loop {
+        let (code, out, err) = cli(&url, &["send", "--to", "agent:r1-helper-0", "--wait", "what's up?"]).await;
+        if code == 0 {
+            break out;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "the grant did not apply within a second: {err}");
+    };
+    assert!(answer.contains("agent:r1-helper-0: [helper] message: what's up?"), "{answer}");
+    let (code, _, _) = cli(&url, &["grants", "remove", "ops-to-acme"]).await;
+    assert_eq!(code, 0);
+    let (code, _, _) = cli(&url, &["grants", "remove", "ops-to-acme"]).await;
+    assert_eq!(code, 3, "removing a grant that is not there");
+
+    // Memory: put, compare-and-swap, history.
+    let (code, out, _) = cli(&url, &["memory", "put", "notes.today", "\"sunny\""]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("revision"), "{out}");
+    let (_, out, _) = cli(&url, &["--json", "memory", "get", "notes.today"]).await;
+    let got: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let rev = got["revision"].as_u64().unwrap();
+    let (code, _, err) = cli(&url, &["memory", "put", "notes.today", "\"rain\"", "--expect", &(rev + 5).to_string()]).await;
+    assert_eq!(code, 1, "a stale compare-and-swap must fail: {err}");
+    assert!(err.contains("conflict"), "{err}");
+    let (code, _, _) = cli(&url, &["memory", "put", "notes.today", "\"rain\"", "--expect", &rev.to_string()]).await;
+    assert_eq!(code, 0);
+    let (_, out, _) = cli(&url, &["memory", "history", "notes.today"]).await;
+    assert!(out.contains("sunny") && out.contains("rain"), "{out}");
+    let (code, out, err) = cli(&url, &["memory", "ls", "notes."]).await;
+    assert_eq!((code, out.trim()), (0, "notes.today"), "{err}");
+
+    // Topics: publish, the template acts on it, list shows the subscription.
+    let (code, out, err) = cli(&url, &["topics", "publish", "news.today", "{\"text\": \"extra\"}"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("published on news.today"), "{out}");
+    wait_for_messages(&sys, "the topic event handled", Duration::from_secs(20), |ev| {
+        of_kind(ev, message_event::ANSWERED).any(|e| e.from == "topic:news.today")
+    })
+    .await;
+    let (_, out, _) = cli(&url, &["--json", "topics", "list"]).await;
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(listed["topics"][0]["topic"], "news.today", "{listed}");
+    assert_eq!(listed["subscriptions"][0]["template"], "helper", "{listed}");
+    assert_eq!(listed["subscriptions"][0]["topics"][0], "news.*", "{listed}");
     sys.stop().await;
 }

@@ -27,9 +27,12 @@ pub struct Rule {
     /// Senders it speaks of (a selector; default `*`).
     #[arg(long, default_value = "*")]
     pub from: String,
-    /// Receivers it speaks of (a selector; default `*`).
+    /// Receivers it speaks of (a selector; default `*`); for memory, `namespace:NS`.
     #[arg(long, default_value = "*")]
     pub to: String,
+    /// What it covers: `message`, `memory-read` or `memory-write`.
+    #[arg(long, default_value = "message")]
+    pub scope: String,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -63,7 +66,8 @@ pub async fn run(cli: &Cli, args: &GrantsArgs) -> Result<(), Failure> {
             let grant = Grant {
                 name: rule.name.clone(),
                 effect,
-                scope: GrantScope::Message,
+                scope: GrantScope::parse(&rule.scope)
+                    .ok_or_else(|| usage("--scope is message, memory-read or memory-write"))?,
                 from: Selector::parse(&rule.from).map_err(usage)?,
                 to: Selector::parse(&rule.to).map_err(usage)?,
                 created_at_ms: Some(now_ms()),
@@ -117,7 +121,12 @@ fn line(g: &Grant) -> String {
         Effect::Allow => "allow",
         Effect::Deny => "deny",
     };
-    format!("{:<24} {effect:<5} {} -> {}", g.name, g.from, g.to)
+    let scope = match g.scope {
+        GrantScope::Message => "message",
+        GrantScope::MemoryRead => "memory-read",
+        GrantScope::MemoryWrite => "memory-write",
+    };
+    format!("{:<24} {effect:<5} {scope:<12} {} -> {}", g.name, g.from, g.to)
 }
 
 #[derive(Debug, clap::Args)]

@@ -11,6 +11,7 @@ mod client;
 mod fleet;
 mod grants;
 mod local;
+mod memory;
 mod output;
 mod queue;
 mod topics;
@@ -98,6 +99,8 @@ pub enum Command {
     Grants(grants::GrantsArgs),
     /// Send a message to an agent, a template, a capability or a broadcast, as a client identity.
     Send(grants::SendArgs),
+    /// The agents' shared memory: get, put (with --expect for compare-and-swap), ls, watch, history.
+    Memory(memory::MemoryArgs),
     /// Topic events: publish, tail, list (with the templates subscribed).
     Topics(topics::TopicsArgs),
     /// Follow lifecycle events live.
@@ -143,6 +146,7 @@ fn main() -> ExitCode {
             Command::Tail(args) => client::tail(&cli, args).await,
             Command::Grants(args) => grants::run(&cli, args).await,
             Command::Topics(args) => topics::run(&cli, args).await,
+            Command::Memory(args) => memory::run(&cli, args).await,
             Command::Send(args) => grants::send(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,
