@@ -557,7 +557,8 @@ async fn an_agent_waiting_for_a_memory_change_wakes_within_100_ms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cli_manages_grants_memory_topics_and_sends() {
-    let fleet = "[[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\ntenant = \"acme\"\ntopics = [\"news.*\"]\n";
+    let fleet =
+        "[[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\ntenant = \"acme\"\ntopics = [\"news.*\"]\n";
     let sys = System::with_runner("r1", fleet, 1).await;
     let url = sys.server.url().to_owned();
     // Grants: across tenants, the operator (tenant default) is refused until granted.
@@ -565,14 +566,16 @@ async fn the_cli_manages_grants_memory_topics_and_sends() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("permission_denied") && err.contains("default:cross-tenant"), "{err}");
     let (code, out, err) =
-        cli(&url, &["grants", "allow", "ops-to-acme", "--from", "client:operator", "--to", "tenant:acme"]).await;
+        cli(&url, &["grants", "allow", "ops-to-acme", "--from", "client:operator", "--to", "tenant:acme"])
+            .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ops-to-acme") && out.contains("client:operator -> tenant:acme"), "{out}");
     let (_, out, _) = cli(&url, &["grants", "list"]).await;
     assert!(out.contains("ops-to-acme"), "{out}");
     let started = std::time::Instant::now();
     let answer = loop {
-        let (code, out, err) = cli(&url, &["send", "--to", "agent:r1-helper-0", "--wait", "what's up?"]).await;
+        let (code, out, err) =
+            cli(&url, &["send", "--to", "agent:r1-helper-0", "--wait", "what's up?"]).await;
         if code == 0 {
             break out;
         }
@@ -591,10 +594,12 @@ async fn the_cli_manages_grants_memory_topics_and_sends() {
     let (_, out, _) = cli(&url, &["--json", "memory", "get", "notes.today"]).await;
     let got: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let rev = got["revision"].as_u64().unwrap();
-    let (code, _, err) = cli(&url, &["memory", "put", "notes.today", "\"rain\"", "--expect", &(rev + 5).to_string()]).await;
+    let (code, _, err) =
+        cli(&url, &["memory", "put", "notes.today", "\"rain\"", "--expect", &(rev + 5).to_string()]).await;
     assert_eq!(code, 1, "a stale compare-and-swap must fail: {err}");
     assert!(err.contains("conflict"), "{err}");
-    let (code, _, _) = cli(&url, &["memory", "put", "notes.today", "\"rain\"", "--expect", &rev.to_string()]).await;
+    let (code, _, _) =
+        cli(&url, &["memory", "put", "notes.today", "\"rain\"", "--expect", &rev.to_string()]).await;
     assert_eq!(code, 0);
     let (_, out, _) = cli(&url, &["memory", "history", "notes.today"]).await;
     assert!(out.contains("sunny") && out.contains("rain"), "{out}");

@@ -1,8 +1,9 @@
 //! `flotilla-bench`: Flotilla's components measured against raw NATS on the same server in the
 //! same run. `runner` (an agent-runner's memory and step overhead, [`runner`]), `dispatcher`
-//! (throughput, latency, decision time and memory, [`dispatcher`]) and `budget` (budget-keeper
-//! reservations, [`budget`]). Each starts a local nats-server unless given `--nats-url`, and the
-//! services it measures in this process through a [`LocalFleet`]; `--json` prints one report.
+//! (throughput, latency, decision time and memory, [`dispatcher`]), `budget` (budget-keeper
+//! reservations, [`budget`]) and `messages` (direct messages send → handled, [`messages`]).
+//! Each starts a local nats-server unless given `--nats-url`, and the services it measures in
+//! this process through a [`LocalFleet`]; `--json` prints one report.
 //!
 //! Exit codes: 0 success; 2 bad usage; 5 the bench could not run (NATS, a service, a failed task).
 
@@ -11,6 +12,7 @@ mod dispatcher;
 mod events;
 mod figures;
 mod heap;
+mod messages;
 mod profile;
 mod raw;
 mod runner;
@@ -86,6 +88,26 @@ pub enum BenchWhat {
         /// ends. Reports the ledger entries per task too.
         #[arg(long)]
         budgets: bool,
+    },
+    /// Direct messages send → handled (through the router, offline model) next to raw JetStream
+    /// publish → consume on the same server, and the consumers they cost at that many agents.
+    Messages {
+        /// Messages sent [default: 5000; 300 with --quick].
+        #[arg(long)]
+        messages: Option<usize>,
+        /// Agents of the one runner [default: 1000; 20 with --quick].
+        #[arg(long)]
+        agents: Option<u32>,
+        /// Sends in flight at once.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Small sizes, for tests and a first look.
+        #[arg(long)]
+        quick: bool,
+        /// Configuration file of the local nats-server [default: the project's nats/server.conf,
+        /// with `sync_interval: always`]; e.g. nats/test.conf to flush on the default interval.
+        #[arg(long)]
+        server_config: Option<PathBuf>,
     },
     /// Budget-keeper reservations per second on one hot budget and on 1,000 budgets, next to raw
     /// KV compare-and-swap (sequential and concurrent) on the same server.
@@ -172,6 +194,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 queued: queued.unwrap_or(if *quick { 20_000 } else { 1_000_000 }),
             };
             dispatcher::run(cli, sizes, server_config(conf.as_deref()), *budgets).await
+        }
+        BenchWhat::Messages { messages, agents, in_flight, quick, server_config: conf } => {
+            let sizes = messages::Sizes {
+                messages: messages.unwrap_or(if *quick { 300 } else { 5000 }),
+                agents: agents.unwrap_or(if *quick { 20 } else { 1000 }),
+                in_flight: *in_flight,
+            };
+            messages::run(cli, sizes, server_config(conf.as_deref())).await
         }
         BenchWhat::Budget { reservations, in_flight, quick, server_config: conf } => {
             let sizes = budget::Sizes {

@@ -1,4 +1,4 @@
-//! `flotilla-bench runner`, `flotilla-bench dispatcher` and `flotilla-bench budget` run end to
+//! `flotilla-bench runner`, `dispatcher`, `budget` and `messages` run end to
 //! end on a small scale and report their figures (the real numbers come from release builds, on
 //! demand).
 
@@ -138,4 +138,17 @@ fn bench_budget_reports_reservations_next_to_raw_compare_and_swap() {
         assert!(report["goals"][goal].is_boolean(), "goal {goal} missing");
     }
     eprintln!("bench budget --quick took {:?}", started.elapsed());
+}
+
+#[test]
+fn bench_messages_reports_rates_next_to_raw_jetstream() {
+    let report = bench(&["messages", "--quick", "--json"]);
+    assert_eq!(report["messages"], 300);
+    positive_figures(
+        &report,
+        &[("raw", &["per_s", "p50_ms", "p99_ms"]), ("flotilla", &["per_s", "p50_ms", "p99_ms"])],
+    );
+    positive(&report, "/rate_vs_raw");
+    // Four consumers for the runner's agents, four for their template, whatever the agents.
+    assert_eq!(report["message_consumers"], 8, "{report}");
 }
