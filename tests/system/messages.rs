@@ -621,3 +621,68 @@ async fn the_cli_manages_grants_memory_topics_and_sends() {
     assert_eq!(listed["subscriptions"][0]["topics"][0], "news.*", "{listed}");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recall_finds_the_planted_neighbour_identically_from_two_runners() {
+    let mut sys = System::with_dispatcher().await;
+    let tpl = |name: &str| format!("[[agent]]\nname = \"{name}\"\ncapabilities = [\"{name}\"]\ntools = [\"remember\", \"recall\"]\n\n");
+    sys.start_runner("r1", &format!("{}{}", tpl("writer"), tpl("reader_a"))).await;
+    sys.start_runner("r2", &tpl("reader_b")).await;
+    sys.wait_for_agents("r1", 2).await;
+    sys.wait_for_agents("r2", 1).await;
+    // 1,000 texts of words from a vocabulary the query does not use, one planted among them.
+    let mut seed = 7u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        seed >> 33
+    };
+    let planted = "the blue heron fishes at dawn by the river";
+    let texts: Vec<String> = (0..1000)
+        .map(|k| {
+            if k == 500 {
+                planted.to_owned()
+            } else {
+                (0..8).map(|_| format!("w{}", next() % 300)).collect::<Vec<_>>().join(" ")
+            }
+        })
+        .collect();
+    for (batch, chunk) in texts.chunks(100).enumerate() {
+        let calls: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|t| json!({ "name": "remember", "arguments": { "text": t, "metadata": { "batch": batch } } }))
+            .collect();
+        sys.submit(&TaskSubmission {
+            id: Some(format!("remember-{batch}")),
+            capability: "writer".into(),
+            input: json!({ "text": "remember these", "_offline": { "tool_calls": calls } }),
+            ..Default::default()
+        })
+        .await;
+    }
+    sys.wait_for_kind("completed", 10, Duration::from_secs(120)).await;
+    for reader in ["reader_a", "reader_b"] {
+        sys.submit(&TaskSubmission {
+            id: Some(format!("ask-{reader}")),
+            capability: reader.into(),
+            input: json!({ "text": "what fishes at dawn?", "_offline": { "tool_calls": [
+                { "name": "recall", "arguments": { "query": "a blue heron fishing at dawn", "k": 3 } }
+            ] } }),
+            ..Default::default()
+        })
+        .await;
+    }
+    let events = sys.wait_for_kind("completed", 12, Duration::from_secs(30)).await;
+    let hits = |reader: &str| {
+        let done = events.iter().find(|e| e.kind == "completed" && e.task_id == format!("ask-{reader}")).unwrap();
+        let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap().to_owned();
+        let json = answer.split("recall -> ").nth(1).unwrap().trim_end_matches(')').to_owned();
+        serde_json::from_str::<serde_json::Value>(&json).unwrap_or_else(|e| panic!("{e}: {answer}"))
+    };
+    let (a, b) = (hits("reader_a"), hits("reader_b"));
+    assert_eq!(a, b, "two runners answered differently");
+    let top: Vec<&str> = a.as_array().unwrap().iter().map(|h| h["text"].as_str().unwrap()).collect();
+    assert_eq!(top.len(), 3);
+    assert!(top.contains(&planted), "the planted text is not in the top 3: {top:?}");
+    assert_eq!(a[0]["metadata"]["batch"], 5, "{a}");
+    sys.stop().await;
+}

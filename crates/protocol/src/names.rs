@@ -195,6 +195,10 @@ impl Names {
         topic_subject(topic) = prefix ".topics.{topic}";
         /// Every topic (the topics stream's subjects).
         topics_all() = prefix ".topics.>";
+        /// What agents of a tenant remembered (`remember`), for `recall`.
+        recall_subject(tenant) = prefix ".recall.{tenant}";
+        /// Everything remembered (the recall stream's subjects).
+        recall_all() = prefix ".recall.>";
     }
 
     // ---- subjects of stored messages (only the router publishes here) -----------------------
@@ -233,6 +237,9 @@ impl Names {
         messages_stream() = upper "_MESSAGES";
         /// Everything published on a topic, kept for subscribers that were away.
         topics_stream() = upper "_TOPICS";
+        /// Texts agents remembered, with their embeddings: every runner's recall index is built
+        /// from it.
+        recall_stream() = upper "_RECALL";
     }
 
     // ---- buckets ---------------------------------------------------------------------------

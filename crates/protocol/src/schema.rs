@@ -25,6 +25,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("grant", s::<Grant>()),
         ("message-event", s::<MessageEvent>()),
         ("message-record", s::<MessageRecord>()),
+        ("recollection", s::<Recollection>()),
         ("cancel-task", s::<CancelTask>()),
         ("cancel-request", s::<CancelRequest>()),
         ("cancel-reply", s::<CancelReply>()),

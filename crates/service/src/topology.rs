@@ -196,5 +196,12 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
             max_message_size: 256 * 1024,
             ..base(names.topics_stream(), vec![names.topics_all()], "Flotilla: topic events")
         },
+        stream::Config {
+            // Kept whole: the recall index of every runner is rebuilt from it.
+            retention: stream::RetentionPolicy::Limits,
+            duplicate_window: Duration::from_secs(120),
+            max_message_size: 1024 * 1024,
+            ..base(names.recall_stream(), vec![names.recall_all()], "Flotilla: what agents remembered")
+        },
     ]
 }

@@ -43,6 +43,10 @@ pub struct AgentTemplate {
     /// time. Later starts continue where the template left off.
     #[serde(default)]
     pub topics_from: Option<String>,
+    /// The embedding model of `remember`/`recall` (OpenAI-compatible providers: asked at
+    /// `<base_url>/embeddings`; default the chat `model`). The offline provider embeds offline.
+    #[serde(default)]
+    pub embedding_model: Option<String>,
     /// Model provider; `offline` is the built-in deterministic model.
     #[serde(default = "default_provider")]
     pub provider: String,

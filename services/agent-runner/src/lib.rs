@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod llm;
 pub mod mailbox;
 mod partial_text;
+pub mod recall;
 mod registry;
 pub mod tools;
 mod worker;
@@ -108,11 +109,13 @@ impl flotilla_service::Service for Runner {
     }
 }
 
-/// Builds each template's provider, with its API key from the environment or the secrets file.
-fn providers(
-    config: &Config,
-    fleet_file: &FleetFile,
-) -> anyhow::Result<std::collections::HashMap<String, llm::Provider>> {
+/// Each template's model provider and embedder.
+type Providers =
+    (std::collections::HashMap<String, llm::Provider>, std::collections::HashMap<String, recall::Embedder>);
+
+/// Builds each template's provider and embedder, with its API key from the environment or the
+/// secrets file.
+fn providers(config: &Config, fleet_file: &FleetFile) -> anyhow::Result<Providers> {
     let secrets: std::collections::HashMap<String, String> = match &config.secrets_file {
         Some(p) => toml::from_str(
             &std::fs::read_to_string(p)
@@ -123,6 +126,7 @@ fn providers(
     };
     let http = llm::http_client()?;
     let mut out = std::collections::HashMap::new();
+    let mut embedders = std::collections::HashMap::new();
     for t in &fleet_file.agents {
         let key_name = t.api_key_env.clone().unwrap_or_else(|| match t.provider.as_str() {
             "anthropic" => "ANTHROPIC_API_KEY".to_owned(),
@@ -163,9 +167,20 @@ fn providers(
             }
             _ => llm::Provider::Offline { agent: t.name.clone() },
         };
+        let embedder = match &provider {
+            llm::Provider::OpenAi(_) => recall::Embedder::OpenAi {
+                http: http.clone(),
+                base_url: t.base_url.clone().unwrap_or_else(|| "https://api.openai.com/v1".to_owned()),
+                api_key: llm::Secret::new(key.clone()),
+                model: t.embedding_model.clone().unwrap_or_else(|| t.model.clone()),
+                timeout: t.request_timeout,
+            },
+            _ => recall::Embedder::Offline,
+        };
+        embedders.insert(t.name.clone(), embedder);
         out.insert(t.name.clone(), provider);
     }
-    Ok(out)
+    Ok((out, embedders))
 }
 
 async fn run(
@@ -181,7 +196,7 @@ async fn run(
             anyhow::bail!("agent {:?}: unknown tool {unknown:?}", t.name);
         }
     }
-    let providers = providers(&config, &fleet_file)?;
+    let (providers, embedders) = providers(&config, &fleet_file)?;
     anyhow::ensure!(
         config.heartbeat_interval >= Duration::from_millis(10),
         "agent_runner.heartbeat_interval must be at least 10ms"
@@ -272,6 +287,9 @@ async fn run(
     let grants = flotilla_service::follow::Grants::default();
     let grants_stop = CancellationToken::new();
     let grants_view = tokio::spawn(grants.clone().maintain(topology.grants.clone(), grants_stop.clone()));
+    // What agents remembered, from the recall stream.
+    let recall_index = Arc::new(recall::Index::default());
+    let recall_view = tokio::spawn(recall_index.clone().maintain(fleet.clone(), grants_stop.clone()));
     let tracker = TaskTracker::new();
     // Cancelled after the drain grace: handlers still running give their work back.
     let abort = CancellationToken::new();
@@ -288,6 +306,8 @@ async fn run(
         budgets,
         mailbox: Arc::new(mailbox::Mailbox::new(config.message_aging)),
         grants: grants.clone(),
+        recall: recall_index.clone(),
+        embedders,
     });
     let messages = fleet
         .js
@@ -346,6 +366,7 @@ async fn run(
     let _ = lifecycle_events.await;
     grants_stop.cancel();
     let _ = grants_view.await;
+    let _ = recall_view.await;
     agents.deregister(&fleet, &topology).await;
     let _ = health.await;
     tracing::info!(runner = %runner_id, "runner stopped");

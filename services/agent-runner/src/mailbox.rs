@@ -736,6 +736,12 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, rev: u64) -> Result<Stri
             mailbox: ctx.mailbox.clone(),
             party: slot.party(&ctx.runner_id),
             grants: ctx.grants.clone(),
+            recall: ctx.recall.clone(),
+            embedder: ctx
+                .embedders
+                .get(&slot.template.name)
+                .cloned()
+                .unwrap_or(crate::recall::Embedder::Offline),
             step: 0,
             index: 0,
             cancel: cancel.clone(),

@@ -45,6 +45,9 @@ pub struct Context {
     pub mailbox: Arc<crate::mailbox::Mailbox>,
     /// Every grant, kept current.
     pub grants: flotilla_service::follow::Grants,
+    /// What agents remembered, and each template's embedder.
+    pub recall: Arc<crate::recall::Index>,
+    pub embedders: std::collections::HashMap<String, crate::recall::Embedder>,
 }
 
 /// Handles one assignment message; never panics, never returns an error: every outcome is an
@@ -376,6 +379,12 @@ async fn run_claimed(
             mailbox: ctx.mailbox.clone(),
             party: slot.party(&ctx.runner_id),
             grants: ctx.grants.clone(),
+            recall: ctx.recall.clone(),
+            embedder: ctx
+                .embedders
+                .get(&slot.template.name)
+                .cloned()
+                .unwrap_or(crate::recall::Embedder::Offline),
             step: 0,
             index: 0,
             cancel: cancel.token.clone(),

@@ -578,6 +578,24 @@ impl Envelope {
     }
 }
 
+/// Something an agent remembered (`remember`), on `<p>.recall.<tenant>`: its text, metadata and
+/// embedding. Every runner's recall index is built from these, so any runner answers the same.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Recollection {
+    pub id: String,
+    pub tenant: String,
+    pub text: String,
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, Value>,
+    /// The embedding model; only vectors of one model are compared.
+    pub model: String,
+    pub vector: Vec<f32>,
+    pub agent_id: Option<String>,
+    pub task_id: Option<String>,
+    pub at_ms: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

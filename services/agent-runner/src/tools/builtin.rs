@@ -58,6 +58,8 @@ pub fn builtins() -> Vec<Arc<dyn Tool>> {
         Builtin::tool(memory_history_spec(), |ctx, args| Box::pin(memory_history(ctx, args))),
         Builtin::tool(memory_wait_spec(), |ctx, args| Box::pin(memory_wait(ctx, args))),
         Builtin::tool(publish_spec(), |ctx, args| Box::pin(publish(ctx, args))),
+        Builtin::tool(remember_spec(), |ctx, args| Box::pin(remember(ctx, args))),
+        Builtin::tool(recall_spec(), |ctx, args| Box::pin(recall(ctx, args))),
         Builtin::tool(delegate_spec(), |ctx, args| Box::pin(delegate(ctx, args))),
         Builtin::tool(ask_human_spec(), |ctx, args| Box::pin(ask_human(ctx, args))),
         Builtin::tool(send_message_spec(), |ctx, args| Box::pin(send_message(ctx, args))),
@@ -395,6 +397,92 @@ async fn publish(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
         .await
         .map_err(nats_err)?;
     Ok(json!({ "published": subject, "seq": ack.sequence }))
+}
+
+fn remember_spec() -> ToolSpec {
+    ToolSpec::object(
+        "remember",
+        "Remember a text (with optional metadata) in the fleet's shared recall, for any agent of the tenant to recall by meaning.",
+        json!({
+            "text": { "type": "string" },
+            "metadata": { "type": "object", "description": "fields recall can filter on" }
+        }),
+        &["text"],
+    )
+}
+
+/// Longest text `remember` keeps.
+const MAX_REMEMBERED: usize = 16 * 1024;
+
+async fn remember(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let text = str_arg(&args, "text")?;
+    if text.is_empty() || text.len() > MAX_REMEMBERED {
+        return Err(ToolError::new(format!("text must be 1-{MAX_REMEMBERED} bytes")));
+    }
+    let metadata = match args.get("metadata") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(ToolError::new("metadata must be an object")),
+    };
+    let vector = ctx.embedder.embed(text).await.map_err(ToolError::new)?;
+    // The same call of the same step remembers once, however often the step runs.
+    let seed = format!("{}:{}:{}:{}", ctx.task.id, ctx.task.attempt, ctx.step, ctx.index);
+    let id = format!("r{}", uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, seed.as_bytes()).simple());
+    let r = flotilla_protocol::Recollection {
+        id: id.clone(),
+        tenant: ctx.task.tenant.clone(),
+        text: text.to_owned(),
+        metadata,
+        model: ctx.embedder.model().to_owned(),
+        vector,
+        agent_id: Some(ctx.agent_id.clone()),
+        task_id: Some(ctx.task.id.clone()),
+        at_ms: now_ms(),
+    };
+    let subject = ctx.fleet.names.recall_subject(&ctx.task.tenant);
+    let ack = ctx
+        .fleet
+        .send_durable(subject, &r, Some(&id))
+        .await
+        .map_err(nats_err)?
+        .acked()
+        .await
+        .map_err(nats_err)?;
+    Ok(json!({ "remembered": id, "seq": ack.sequence }))
+}
+
+fn recall_spec() -> ToolSpec {
+    ToolSpec::object(
+        "recall",
+        "Recall the texts of the fleet's shared recall nearest in meaning to a query, nearest first.",
+        json!({
+            "query": { "type": "string" },
+            "k": { "type": "integer", "minimum": 1, "maximum": 50, "default": 5 },
+            "filter": { "type": "object", "description": "metadata fields the texts must have" }
+        }),
+        &["query"],
+    )
+}
+
+async fn recall(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
+    let query = str_arg(&args, "query")?;
+    let k = usize::try_from(args.get("k").and_then(Value::as_u64).unwrap_or(5).clamp(1, 50)).unwrap_or(5);
+    let filter = match args.get("filter") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(ToolError::new("filter must be an object")),
+    };
+    let vector = ctx.embedder.embed(query).await.map_err(ToolError::new)?;
+    // Everything stored when the question was asked is in the answer, on every runner.
+    let end = crate::recall::stream_end(&ctx.fleet).await.map_err(nats_err)?;
+    if !ctx.recall.caught_up(end, std::time::Duration::from_secs(5)).await {
+        return Err(ToolError::new("the recall index is still loading; try again"));
+    }
+    let hits = ctx.recall.search(&ctx.task.tenant, ctx.embedder.model(), &vector, k, &filter);
+    Ok(json!(hits
+        .iter()
+        .map(|h| json!({ "id": h.id, "text": h.text, "metadata": h.metadata, "score": (f64::from(h.score) * 1e4).round() / 1e4 }))
+        .collect::<Vec<_>>()))
 }
 
 /// Id of a child task: stable across retries of the parent, so a re-run finds its children.

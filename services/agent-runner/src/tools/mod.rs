@@ -34,6 +34,9 @@ pub struct ToolCtx {
     /// The agent as grants see it, and the grants (shared memory's namespaces are granted).
     pub party: flotilla_protocol::Party,
     pub grants: flotilla_service::follow::Grants,
+    /// The recall index and the template's embedder (`remember`, `recall`).
+    pub recall: Arc<crate::recall::Index>,
+    pub embedder: crate::recall::Embedder,
     /// Loop step and index of the call within it, for idempotent side effects.
     pub step: u32,
     pub index: usize,
