@@ -625,7 +625,11 @@ async fn the_cli_manages_grants_memory_topics_and_sends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recall_finds_the_planted_neighbour_identically_from_two_runners() {
     let mut sys = System::with_dispatcher().await;
-    let tpl = |name: &str| format!("[[agent]]\nname = \"{name}\"\ncapabilities = [\"{name}\"]\ntools = [\"remember\", \"recall\"]\n\n");
+    let tpl = |name: &str| {
+        format!(
+            "[[agent]]\nname = \"{name}\"\ncapabilities = [\"{name}\"]\ntools = [\"remember\", \"recall\"]\n\n"
+        )
+    };
     sys.start_runner("r1", &format!("{}{}", tpl("writer"), tpl("reader_a"))).await;
     sys.start_runner("r2", &tpl("reader_b")).await;
     sys.wait_for_agents("r1", 2).await;
@@ -649,7 +653,9 @@ async fn recall_finds_the_planted_neighbour_identically_from_two_runners() {
     for (batch, chunk) in texts.chunks(100).enumerate() {
         let calls: Vec<serde_json::Value> = chunk
             .iter()
-            .map(|t| json!({ "name": "remember", "arguments": { "text": t, "metadata": { "batch": batch } } }))
+            .map(
+                |t| json!({ "name": "remember", "arguments": { "text": t, "metadata": { "batch": batch } } }),
+            )
             .collect();
         sys.submit(&TaskSubmission {
             id: Some(format!("remember-{batch}")),
@@ -673,7 +679,8 @@ async fn recall_finds_the_planted_neighbour_identically_from_two_runners() {
     }
     let events = sys.wait_for_kind("completed", 12, Duration::from_secs(30)).await;
     let hits = |reader: &str| {
-        let done = events.iter().find(|e| e.kind == "completed" && e.task_id == format!("ask-{reader}")).unwrap();
+        let done =
+            events.iter().find(|e| e.kind == "completed" && e.task_id == format!("ask-{reader}")).unwrap();
         let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap().to_owned();
         let json = answer.split("recall -> ").nth(1).unwrap().trim_end_matches(')').to_owned();
         serde_json::from_str::<serde_json::Value>(&json).unwrap_or_else(|e| panic!("{e}: {answer}"))

@@ -1,9 +1,10 @@
 //! `flotilla-bench`: Flotilla's components measured against raw NATS on the same server in the
 //! same run. `runner` (an agent-runner's memory and step overhead, [`runner`]), `dispatcher`
 //! (throughput, latency, decision time and memory, [`dispatcher`]), `budget` (budget-keeper
-//! reservations, [`budget`]) and `messages` (direct messages send → handled, [`messages`]).
-//! Each starts a local nats-server unless given `--nats-url`, and the services it measures in
-//! this process through a [`LocalFleet`]; `--json` prints one report.
+//! reservations, [`budget`]), `messages` (direct messages send → handled, [`messages`]) and
+//! `recall` (the recall index at many vectors, [`recall`]). Each starts a local nats-server
+//! unless given `--nats-url`, and the services it measures in this process through a
+//! [`LocalFleet`]; `--json` prints one report.
 //!
 //! Exit codes: 0 success; 2 bad usage; 5 the bench could not run (NATS, a service, a failed task).
 
@@ -15,6 +16,7 @@ mod heap;
 mod messages;
 mod profile;
 mod raw;
+mod recall;
 mod runner;
 mod scheduler;
 
@@ -109,6 +111,21 @@ pub enum BenchWhat {
         #[arg(long)]
         server_config: Option<PathBuf>,
     },
+    /// The recall index at many stored vectors: search latency and memory per vector.
+    Recall {
+        /// Vectors stored [default: 100000; 2000 with --quick].
+        #[arg(long)]
+        vectors: Option<usize>,
+        /// Dimensions of each vector (384 for a small sentence-embedding model).
+        #[arg(long, default_value_t = 384)]
+        dimensions: usize,
+        /// Searches timed [default: 500; 50 with --quick].
+        #[arg(long)]
+        queries: Option<usize>,
+        /// Small sizes, for tests and a first look.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Budget-keeper reservations per second on one hot budget and on 1,000 budgets, next to raw
     /// KV compare-and-swap (sequential and concurrent) on the same server.
     Budget {
@@ -202,6 +219,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 in_flight: *in_flight,
             };
             messages::run(cli, sizes, server_config(conf.as_deref())).await
+        }
+        BenchWhat::Recall { vectors, dimensions, queries, quick } => {
+            let sizes = recall::Sizes {
+                vectors: vectors.unwrap_or(if *quick { 2000 } else { 100_000 }),
+                dimensions: *dimensions,
+                queries: queries.unwrap_or(if *quick { 50 } else { 500 }),
+            };
+            recall::run(cli, sizes).await
         }
         BenchWhat::Budget { reservations, in_flight, quick, server_config: conf } => {
             let sizes = budget::Sizes {

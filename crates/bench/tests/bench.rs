@@ -152,3 +152,14 @@ fn bench_messages_reports_rates_next_to_raw_jetstream() {
     // Four consumers for the runner's agents, four for their template, whatever the agents.
     assert_eq!(report["message_consumers"], 8, "{report}");
 }
+
+#[test]
+fn bench_recall_reports_latency_and_memory_per_vector() {
+    let report = bench(&["recall", "--quick", "--json"]);
+    assert_eq!(report["vectors"], 2000);
+    for f in ["/search_p50_ms", "/search_p99_ms", "/stream_end_round_trip_p50_ms", "/index_bytes_per_vector"]
+    {
+        positive(&report, f);
+    }
+    assert!(report["index_bytes_per_vector"].as_f64().unwrap() >= 384.0 * 4.0, "{report}");
+}

@@ -153,7 +153,8 @@ impl Index {
         self.len() == 0
     }
 
-    fn apply(&self, r: Recollection, seq: u64) {
+    /// Applies stream entry `seq` (what following the stream does; public for benchmarks).
+    pub fn apply(&self, r: Recollection, seq: u64) {
         if let Ok(mut e) = self.entries.write() {
             let list = e.entry((r.tenant, r.model)).or_default();
             // The same id remembered again replaces the older entry.
