@@ -113,3 +113,49 @@ async fn a_real_model_calls_a_tool_and_its_usage_matches_what_the_server_reporte
     sys.stop().await;
     drop(llm);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_model_answers_a_direct_message_from_another_agent() {
+    let llm = tokio::task::spawn_blocking(LocalLlm::start).await.unwrap().expect("the local model starts");
+    let fleet = format!(
+        r#"[[agent]]
+name = "asker"
+capabilities = ["ask"]
+tools = ["send_message"]
+
+[[agent]]
+name = "expert"
+capabilities = ["expert"]
+provider = "openai"
+model = "local"
+base_url = "{}"
+system_prompt = "You are a helpful expert. Answer questions in one short sentence."
+max_steps = 2
+max_tokens_per_call = 60
+request_timeout = "180s"
+"#,
+        llm.base_url
+    );
+    let sys = System::with_runner("rm", &fleet, 2).await;
+    sys.submit(&TaskSubmission {
+        id: Some("ask-expert".into()),
+        capability: "ask".into(),
+        input: serde_json::json!({ "text": "ask", "_offline": { "tool_calls": [
+            { "name": "send_message", "arguments": { "agent": "rm-expert-0", "message": "What colour is the sky on a clear day?", "wait_reply": true, "timeout_s": 240 } }
+        ] } }),
+        ..Default::default()
+    })
+    .await;
+    let rec = flotilla_testkit::eventually(Duration::from_secs(300), "the asking task to finish", || async {
+        sys.task("ask-expert").await.filter(|r| matches!(r.state, TaskState::Completed | TaskState::Failed))
+    })
+    .await;
+    assert_eq!(rec.state, TaskState::Completed, "{:?}", rec.error);
+    // The answer came back from the expert (through the router) and is the model's own text.
+    let answer = rec.output.unwrap()["answer"].as_str().unwrap().to_owned();
+    let result: serde_json::Value =
+        serde_json::from_str(answer.split("send_message -> ").nth(1).unwrap().trim_end_matches(')')).unwrap();
+    assert_eq!(result["from"], "agent:rm-expert-0", "{answer}");
+    let reply = result["reply"].as_str().unwrap();
+    assert!(!reply.trim().is_empty() && !reply.starts_with("[expert]"), "not the model's answer: {reply}");
+}
