@@ -160,12 +160,14 @@ async fn memory_get(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
 fn memory_put_spec() -> ToolSpec {
     ToolSpec::object(
         "memory_put",
-        "Store a JSON value in the fleet's shared memory. With expected_revision it is a \
-         compare-and-swap: it stores only if the key is still at that revision (0: only if the key \
-         is not set), and otherwise reports a conflict with the current value, to read again and retry.",
+        "Store a JSON value in the fleet's shared memory under a key.",
         key_args(json!({
             "value": { "description": "any JSON value" },
-            "expected_revision": { "type": "integer", "minimum": 0 }
+            "expected_revision": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "store only if the key is still at this revision (0: only if it is not set); otherwise a conflict is reported: read again and retry"
+            }
         })),
         &["key", "value"],
     )
