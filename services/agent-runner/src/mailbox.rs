@@ -725,30 +725,7 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, rev: u64) -> Result<Stri
         provider,
         template: template.clone(),
         registry: ctx.registry.clone(),
-        tool_ctx: crate::tools::ToolCtx {
-            fleet: ctx.fleet.clone(),
-            memory: ctx.topology.memory.clone(),
-            tasks: ctx.topology.tasks.clone(),
-            approvals: ctx.topology.approvals.clone(),
-            task: rec.clone(),
-            agent_id: slot.agent_id.clone(),
-            runner_id: ctx.runner_id.clone(),
-            mailbox: ctx.mailbox.clone(),
-            party: slot.party(&ctx.runner_id),
-            grants: ctx.grants.clone(),
-            recall: ctx.recall.clone(),
-            embedder: ctx
-                .embedders
-                .get(&slot.template.name)
-                .cloned()
-                .unwrap_or(crate::recall::Embedder::Offline),
-            step: 0,
-            index: 0,
-            cancel: cancel.clone(),
-            states,
-            budgets: ctx.budgets.clone(),
-            task_cap: template.max_tokens_per_task,
-        },
+        tool_ctx: ctx.tool_ctx(slot, &rec, cancel.clone(), states, template.max_tokens_per_task),
         budgets: ctx.budgets.clone().map(|client| crate::budget::Budgets {
             client,
             // Unique to this take of the message, like an attempt's claim.

@@ -50,6 +50,43 @@ pub struct Context {
     pub embedders: std::collections::HashMap<String, crate::recall::Embedder>,
 }
 
+impl Context {
+    /// What the tools of `slot`'s work on `rec` see.
+    pub fn tool_ctx(
+        &self,
+        slot: &Slot,
+        rec: &TaskRecord,
+        cancel: CancellationToken,
+        states: crate::lifecycle::TaskStates,
+        task_cap: Option<u64>,
+    ) -> ToolCtx {
+        ToolCtx {
+            fleet: self.fleet.clone(),
+            memory: self.topology.memory.clone(),
+            tasks: self.topology.tasks.clone(),
+            approvals: self.topology.approvals.clone(),
+            task: rec.clone(),
+            agent_id: slot.agent_id.clone(),
+            runner_id: self.runner_id.clone(),
+            mailbox: self.mailbox.clone(),
+            party: slot.party(&self.runner_id),
+            grants: self.grants.clone(),
+            recall: self.recall.clone(),
+            embedder: self
+                .embedders
+                .get(&slot.template.name)
+                .cloned()
+                .unwrap_or(crate::recall::Embedder::Offline),
+            step: 0,
+            index: 0,
+            cancel,
+            states,
+            budgets: self.budgets.clone(),
+            task_cap,
+        }
+    }
+}
+
 /// Handles one assignment message; never panics, never returns an error: every outcome is an
 /// ack, a NAK (retry) or a TERM with a dead letter.
 pub async fn handle(ctx: Arc<Context>, msg: Message) {
@@ -368,30 +405,13 @@ async fn run_claimed(
         provider,
         template: slot.template.clone(),
         registry: ctx.registry.clone(),
-        tool_ctx: ToolCtx {
-            fleet: ctx.fleet.clone(),
-            memory: ctx.topology.memory.clone(),
-            tasks: ctx.topology.tasks.clone(),
-            approvals: ctx.topology.approvals.clone(),
-            task: rec.clone(),
-            agent_id: slot.agent_id.clone(),
-            runner_id: ctx.runner_id.clone(),
-            mailbox: ctx.mailbox.clone(),
-            party: slot.party(&ctx.runner_id),
-            grants: ctx.grants.clone(),
-            recall: ctx.recall.clone(),
-            embedder: ctx
-                .embedders
-                .get(&slot.template.name)
-                .cloned()
-                .unwrap_or(crate::recall::Embedder::Offline),
-            step: 0,
-            index: 0,
-            cancel: cancel.token.clone(),
+        tool_ctx: ctx.tool_ctx(
+            slot,
+            &rec,
+            cancel.token.clone(),
             states,
-            budgets: ctx.budgets.clone(),
-            task_cap: crate::budget::task_cap(&rec, &slot.template),
-        },
+            crate::budget::task_cap(&rec, &slot.template),
+        ),
         budgets: ctx.budgets.clone().map(|client| {
             crate::budget::Budgets::for_attempt(client, &rec, rev, &slot.agent_id, &slot.template)
         }),
