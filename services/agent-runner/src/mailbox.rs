@@ -140,31 +140,18 @@ impl Mailbox {
     /// Takes the most urgent message (aged) of the agent's own queue and its template's.
     fn take_for(&self, agent_id: &str, template: &str) -> Option<Held> {
         let mut q = self.queues.lock().ok()?;
-        let now = tokio::time::Instant::now();
-        let mut best: Option<(usize, usize, tokio::time::Instant, Queue, usize)> = None;
-        for queue in [Queue::Agent(agent_id.to_owned()), Queue::Template(template.to_owned())] {
-            let Some(classes) = q.get(&queue) else { continue };
+        let queues = [Queue::Agent(agent_id.to_owned()), Queue::Template(template.to_owned())];
+        let mut fronts = Vec::new();
+        for (i, queue) in queues.iter().enumerate() {
+            let Some(classes) = q.get(queue) else { continue };
             for (rank, class_queue) in classes.iter().enumerate() {
-                let Some(front) = class_queue.front() else { continue };
-                let aged = if self.aging.is_zero() {
-                    0
-                } else {
-                    usize::try_from(
-                        now.duration_since(front.held_at).as_millis() / self.aging.as_millis().max(1),
-                    )
-                    .unwrap_or(usize::MAX)
-                };
-                let effective = rank.saturating_sub(aged);
-                let better = best
-                    .as_ref()
-                    .is_none_or(|(e, r, at, _, _)| (effective, rank, front.held_at) < (*e, *r, *at));
-                if better {
-                    best = Some((effective, rank, front.held_at, queue.clone(), rank));
+                if let Some(front) = class_queue.front() {
+                    fronts.push((i, rank, front.held_at));
                 }
             }
         }
-        let (_, _, _, queue, rank) = best?;
-        q.get_mut(&queue).and_then(|c| c.get_mut(rank)).and_then(VecDeque::pop_front)
+        let (i, rank) = most_urgent(&fronts, tokio::time::Instant::now(), self.aging)?;
+        q.get_mut(queues.get(i)?).and_then(|c| c.get_mut(rank)).and_then(VecDeque::pop_front)
     }
 
     /// Every held message's guard, for in-progress acks.
@@ -193,6 +180,31 @@ impl Mailbox {
             h.guard.nak(None).await;
         }
     }
+}
+
+/// Of the oldest message of each (queue, class rank) — `(queue, rank, held since)` — the one to
+/// take: the most urgent class after aging (one class more urgent per `aging` waited, past
+/// critical if need be, so nothing starves), then the more urgent class as sent, then the oldest.
+fn most_urgent(
+    fronts: &[(usize, usize, tokio::time::Instant)],
+    now: tokio::time::Instant,
+    aging: Duration,
+) -> Option<(usize, usize)> {
+    // Signed: a message that waited long enough beats even a fresh critical one.
+    let aged = |since: tokio::time::Instant| -> i64 {
+        if aging.is_zero() {
+            0
+        } else {
+            i64::try_from(now.duration_since(since).as_millis() / aging.as_millis().max(1))
+                .unwrap_or(i64::MAX)
+        }
+    };
+    fronts
+        .iter()
+        .min_by_key(|(_, rank, since)| {
+            (i64::try_from(*rank).unwrap_or(i64::MAX).saturating_sub(aged(*since)), *rank, *since)
+        })
+        .map(|(queue, rank, _)| (*queue, *rank))
 }
 
 /// What the mailbox's tasks share.
@@ -841,5 +853,28 @@ async fn event(env: &Env, e: &Envelope, kind: &str, agent: Option<&str>, reply: 
     };
     if let Err(err) = env.ctx.fleet.publish_message_event(&ev).await {
         tracing::warn!(error = %err, kind, "failed to publish a message event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_urgent_class_goes_first_and_aging_lifts_the_old() {
+        let now = tokio::time::Instant::now();
+        let ago = |s: u64| now.checked_sub(Duration::from_secs(s)).unwrap();
+        let aging = Duration::from_secs(30);
+        // A fresh critical message beats a batch one that has waited a little.
+        assert_eq!(most_urgent(&[(0, 3, ago(10)), (0, 0, ago(0))], now, aging), Some((0, 0)));
+        // A batch message that waited three agings counts as critical: the class as sent breaks
+        // the tie; one aging more and it goes before any fresh critical message.
+        assert_eq!(most_urgent(&[(0, 3, ago(95)), (0, 0, ago(0))], now, aging), Some((0, 0)));
+        assert_eq!(most_urgent(&[(0, 3, ago(125)), (0, 0, ago(0))], now, aging), Some((0, 3)));
+        // Equal after aging: the class as sent decides.
+        assert_eq!(most_urgent(&[(0, 2, ago(31)), (1, 1, ago(0))], now, aging), Some((1, 1)));
+        // Strict precedence without aging; the template's queue competes like the agent's own.
+        assert_eq!(most_urgent(&[(0, 3, ago(10_000)), (1, 2, ago(0))], now, Duration::ZERO), Some((1, 2)));
+        assert_eq!(most_urgent(&[], now, aging), None);
     }
 }
