@@ -693,3 +693,39 @@ async fn recall_finds_the_planted_neighbour_identically_from_two_runners() {
     assert_eq!(a[0]["metadata"]["batch"], 5, "{a}");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_that_outlives_its_ttl_expires_and_its_waiting_sender_is_told() {
+    let fleet = "[[agent]]\nname = \"busy\"\ncapabilities = [\"busy\"]\n";
+    let sys = System::with_runner("r1", fleet, 1).await;
+    // Long enough for the harness to see it start (its event reads take up to a second or so).
+    let mut busy = sleeping("long-task", 4_000);
+    busy.capability = "busy".into();
+    sys.submit(&busy).await;
+    sys.wait_for_kind("started", 1, Duration::from_secs(20)).await;
+    let mut answers = sys.client.subscribe(sys.names.inbox_client("impatient")).await.unwrap();
+    let m = MessageSend {
+        id: Some("short-lived".into()),
+        to: flotilla_protocol::Address::agent("r1-busy-0"),
+        ttl_ms: Some(300),
+        wants_reply: true,
+        body: json!("are you there?"),
+        ..Default::default()
+    };
+    let r = client_send(&sys, "impatient", &m).await;
+    assert_eq!(r.delivered.len(), 1, "{r:?}");
+    let answer = tokio::time::timeout(Duration::from_secs(20), futures::StreamExt::next(&mut answers))
+        .await
+        .expect("the sender was not told")
+        .unwrap();
+    let e: flotilla_protocol::Envelope = codec::decode(None, &answer.payload).unwrap();
+    assert_eq!(e.in_reply_to.as_deref(), Some("short-lived"));
+    assert_eq!(e.body["error"]["code"], "expired", "{:?}", e.body);
+    let events = message_events(&sys).await;
+    assert_eq!(of_kind(&events, message_event::EXPIRED).count(), 1);
+    assert_eq!(
+        of_kind(&events, message_event::ANSWERED).filter(|e| e.message_id == "short-lived").count(),
+        0
+    );
+    sys.stop().await;
+}

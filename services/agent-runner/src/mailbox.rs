@@ -653,7 +653,12 @@ async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
     let Some(held) = to_waiter(env, held).await else { return };
     let Held { guard, envelope: e, .. } = held;
     if e.expires_at_ms <= now_ms() {
-        expire(env, &e, ErrorInfo::new("expired", "the message waited longer than its TTL")).await;
+        let why = ErrorInfo::new("expired", "the message waited longer than its TTL");
+        expire(env, &e, why.clone()).await;
+        if e.wants_reply && !tell_expired(env, slot, &e, why).await {
+            guard.nak(Some(Duration::from_secs(1))).await;
+            return;
+        }
         guard.ack().await;
         return;
     }
@@ -827,6 +832,40 @@ pub async fn send(fleet: &Fleet, runner_id: &str, m: &MessageSend) -> Result<Sen
         "unavailable",
         format!("no message router is running: {}", last.map(|e| e.to_string()).unwrap_or_default()),
     ))
+}
+
+/// Tells a sender waiting for the answer to `e` that it expired: the record says so (which is
+/// what lets this agent answer it), then an answer with the error goes back. False when that
+/// could not be done (the message comes again).
+async fn tell_expired(env: &Env, slot: &Slot, e: &Envelope, why: ErrorInfo) -> bool {
+    let record = MessageRecord {
+        id: e.id.clone(),
+        state: MessageState::Expired,
+        agent_id: slot.agent_id.clone(),
+        runner_id: env.ctx.runner_id.clone(),
+        from: e.from.clone(),
+        wants_reply: true,
+        task_id: e.task_id.clone(),
+        at_ms: now_ms(),
+        reply_id: Some(reply_id(&e.id)),
+    };
+    match env.ctx.fleet.kv_create(&env.ctx.topology.messages, &e.id, &record).await {
+        Ok(_) => {}
+        // Already recorded (handled, or expired by an earlier delivery): nothing more to say.
+        Err(err) if err.is_conflict() => return true,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not record the expiry");
+            return false;
+        }
+    }
+    match reply(env, slot, e, serde_json::json!({ "error": why })).await {
+        Ok(_) => true,
+        Err(err) => {
+            tracing::warn!(error = %err.message, "could not tell the sender of the expiry");
+            // The record says expired: a redelivery finds it and only acks.
+            true
+        }
+    }
 }
 
 /// Records that `e` expired unhandled (a sender waiting for its reply times out).
