@@ -282,8 +282,11 @@ impl System {
         if last == 0 {
             return out;
         }
+        // As many as matched the filter when the consumer was made (waiting for sequence `last`
+        // would wait out the timeout whenever the stream's last message does not match).
+        let matching = consumer.cached_info().num_pending;
         let mut msgs = consumer.messages().await.unwrap();
-        loop {
+        while (out.len() as u64) < matching {
             let next = tokio::time::timeout(Duration::from_secs(2), msgs.next()).await;
             let Ok(Some(Ok(m))) = next else { break };
             let seq = m.info().unwrap().stream_sequence;
