@@ -111,14 +111,22 @@ pub fn offline_embedding(text: &str) -> Vec<f32> {
     v
 }
 
-/// One remembered text in the index.
+/// One remembered text in the index (its vector is in its space's contiguous array).
 #[derive(Debug, Clone)]
 struct Entry {
     id: String,
     text: String,
     metadata: serde_json::Map<String, Value>,
-    vector: Vec<f32>,
     seq: u64,
+}
+
+/// Every vector of one tenant and model, stored back to back so a search streams through them.
+#[derive(Debug, Default)]
+struct Space {
+    dims: usize,
+    entries: Vec<Entry>,
+    vectors: Vec<f32>,
+    by_id: HashMap<String, usize>,
 }
 
 /// A recall hit.
@@ -133,20 +141,33 @@ pub struct Hit {
 /// The runner's recall index: by (tenant, model), every entry of the stream applied so far.
 #[derive(Debug)]
 pub struct Index {
-    entries: RwLock<HashMap<(String, String), Vec<Entry>>>,
+    spaces: RwLock<HashMap<(String, String), Space>>,
     applied: watch::Sender<u64>,
 }
 
 impl Default for Index {
     fn default() -> Self {
-        Self { entries: RwLock::default(), applied: watch::channel(0).0 }
+        Self { spaces: RwLock::default(), applied: watch::channel(0).0 }
     }
+}
+
+/// A dot product in eight independent lanes, which the compiler turns into SIMD.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((l, p), q) in lanes.iter_mut().zip(x).zip(y) {
+            *l += p * q;
+        }
+    }
+    lanes.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
 impl Index {
     /// Vectors held, all tenants and models.
     pub fn len(&self) -> usize {
-        self.entries.read().map(|e| e.values().map(Vec::len).sum()).unwrap_or(0)
+        self.spaces.read().map(|e| e.values().map(|s| s.entries.len()).sum()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -155,11 +176,33 @@ impl Index {
 
     /// Applies stream entry `seq` (what following the stream does; public for benchmarks).
     pub fn apply(&self, r: Recollection, seq: u64) {
-        if let Ok(mut e) = self.entries.write() {
-            let list = e.entry((r.tenant, r.model)).or_default();
-            // The same id remembered again replaces the older entry.
-            list.retain(|x| x.id != r.id);
-            list.push(Entry { id: r.id, text: r.text, metadata: r.metadata, vector: r.vector, seq });
+        if let Ok(mut spaces) = self.spaces.write() {
+            let space = spaces.entry((r.tenant, r.model)).or_default();
+            if space.dims == 0 {
+                space.dims = r.vector.len();
+            }
+            if r.vector.len() != space.dims || space.dims == 0 {
+                tracing::warn!(id = %r.id, dims = r.vector.len(), want = space.dims, "a vector of another size for this model; not indexed");
+            } else {
+                let entry = Entry { id: r.id.clone(), text: r.text, metadata: r.metadata, seq };
+                match space.by_id.get(&r.id).copied() {
+                    // The same id remembered again replaces the older entry.
+                    Some(at) => {
+                        let start = at.saturating_mul(space.dims);
+                        if let (Some(e), Some(v)) =
+                            (space.entries.get_mut(at), space.vectors.get_mut(start..start + space.dims))
+                        {
+                            *e = entry;
+                            v.copy_from_slice(&r.vector);
+                        }
+                    }
+                    None => {
+                        space.by_id.insert(r.id, space.entries.len());
+                        space.entries.push(entry);
+                        space.vectors.extend_from_slice(&r.vector);
+                    }
+                }
+            }
         }
         self.applied.send_replace(seq);
     }
@@ -180,21 +223,32 @@ impl Index {
         k: usize,
         filter: &serde_json::Map<String, Value>,
     ) -> Vec<Hit> {
-        let Ok(e) = self.entries.read() else { return Vec::new() };
-        let Some(list) = e.get(&(tenant.to_owned(), model.to_owned())) else { return Vec::new() };
-        let mut scored: Vec<(f32, u64, &Entry)> = list
-            .iter()
-            .filter(|x| filter.iter().all(|(k, v)| x.metadata.get(k) == Some(v)))
-            .map(|x| (x.vector.iter().zip(query).map(|(a, b)| a * b).sum::<f32>(), x.seq, x))
-            .collect();
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        scored
-            .into_iter()
-            .take(k)
-            .map(|(score, _, x)| Hit {
-                id: x.id.clone(),
-                text: x.text.clone(),
-                metadata: x.metadata.clone(),
+        let Ok(spaces) = self.spaces.read() else { return Vec::new() };
+        let Some(space) = spaces.get(&(tenant.to_owned(), model.to_owned())) else { return Vec::new() };
+        if query.len() != space.dims || k == 0 {
+            return Vec::new();
+        }
+        // The best k so far, best first: (score, seq, position).
+        let mut best: Vec<(f32, u64, usize)> = Vec::with_capacity(k + 1);
+        for (at, (entry, v)) in space.entries.iter().zip(space.vectors.chunks_exact(space.dims)).enumerate() {
+            if !filter.iter().all(|(key, want)| entry.metadata.get(key) == Some(want)) {
+                continue;
+            }
+            let score = dot(v, query);
+            let beats = |(s, q, _): &(f32, u64, usize)| score > *s || (score == *s && entry.seq < *q);
+            if best.len() == k && !best.last().is_some_and(beats) {
+                continue;
+            }
+            let pos = best.iter().position(beats).unwrap_or(best.len());
+            best.insert(pos, (score, entry.seq, at));
+            best.truncate(k);
+        }
+        best.into_iter()
+            .filter_map(|(score, _, at)| space.entries.get(at).map(|e| (score, e)))
+            .map(|(score, e)| Hit {
+                id: e.id.clone(),
+                text: e.text.clone(),
+                metadata: e.metadata.clone(),
                 score,
             })
             .collect()
