@@ -132,6 +132,16 @@ impl Mailbox {
         self.wake.notify_one();
     }
 
+    /// The queues that hold a message now.
+    fn waiting(&self) -> Vec<Queue> {
+        self.queues
+            .lock()
+            .map(|q| {
+                q.iter().filter(|(_, c)| c.iter().any(|d| !d.is_empty())).map(|(k, _)| k.clone()).collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// How many messages wait in `queue`.
     fn held_in(&self, queue: &Queue) -> usize {
         self.queues.lock().map(|q| q.get(queue).map_or(0, |c| c.iter().map(VecDeque::len).sum())).unwrap_or(0)
@@ -559,7 +569,17 @@ async fn gone(env: &Env, held: Held) {
 /// Hands held messages to agents with a free slot, until `shutdown`.
 async fn dispatch(env: Arc<Env>, tracker: &TaskTracker, shutdown: CancellationToken) {
     loop {
-        for slot in env.ctx.agents.slots() {
+        // Only the agents that have something waiting: their own queue, or their template's.
+        let mut candidates: Vec<Arc<Slot>> = Vec::new();
+        for queue in env.mailbox.waiting() {
+            match queue {
+                Queue::Agent(a) => candidates.extend(env.ctx.agents.get(&a)),
+                Queue::Template(t) => candidates.extend(env.ctx.agents.of_template(&t).0),
+            }
+        }
+        candidates.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        candidates.dedup_by(|a, b| a.agent_id == b.agent_id);
+        for slot in candidates {
             if slot.in_error() || slot.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 continue;
             }
@@ -586,18 +606,13 @@ async fn dispatch(env: Arc<Env>, tracker: &TaskTracker, shutdown: CancellationTo
                 );
             }
         }
-        // Held messages of agents that are leaving go back for the others.
-        let leaving: Vec<String> = env
-            .ctx
-            .agents
-            .slots()
-            .iter()
-            .filter(|s| s.stopping.load(std::sync::atomic::Ordering::SeqCst))
-            .map(|s| s.template.name.clone())
-            .collect();
-        for template in leaving {
-            if env.ctx.agents.of_template(&template).0.is_empty() {
-                env.mailbox.release(|q| *q == Queue::Template(template.clone())).await;
+        // Held messages of a template with no agent here taking work any more (the last one is
+        // leaving) go back for the other runners.
+        for queue in env.mailbox.waiting() {
+            if let Queue::Template(t) = &queue
+                && env.ctx.agents.of_template(t).0.is_empty()
+            {
+                env.mailbox.release(|q| q == &queue).await;
             }
         }
         tokio::select! {
