@@ -223,10 +223,18 @@ impl Fleet {
         &self,
         event: &flotilla_protocol::MessageEvent,
     ) -> Result<(), FleetError> {
+        self.send_message_event(event).await?.confirmed().await
+    }
+
+    /// Sends a message event without waiting for its ack (see [`Self::send_durable`]).
+    pub async fn send_message_event(
+        &self,
+        event: &flotilla_protocol::MessageEvent,
+    ) -> Result<Pending, FleetError> {
         let task = event.task_id.as_deref().unwrap_or("_");
         let subject = self.names.message_event_subject(task, &event.kind);
         let msg_id = format!("msg:{}:{}", event.message_id, event.kind);
-        self.publish_durable(subject, event, Some(&msg_id)).await
+        self.send_durable(subject, event, Some(&msg_id)).await
     }
 
     /// Sends a task event without waiting for its ack (see [`Self::send_durable`]).

@@ -65,8 +65,13 @@ pub async fn run(fleet: Fleet, topology: Topology, shutdown: CancellationToken) 
         flotilla_service::trace::continue_from(&span, req.headers.as_ref());
         tokio::spawn(
             async move {
-                let reply = router.handle(&req).await;
+                let (reply, events) = router.handle(&req).await;
                 router.fleet.respond(&req, &reply).await;
+                for e in events {
+                    if let Err(e) = e.confirmed().await {
+                        tracing::warn!(error = %e, "a message event was not stored");
+                    }
+                }
                 drop(permit);
             }
             .instrument(span),
@@ -127,7 +132,18 @@ impl Router {
         }
     }
 
-    async fn handle(&self, req: &async_nats::Message) -> SendReply {
+    /// Answers a send request; the events it sent, whose acks the caller awaits after answering.
+    async fn handle(&self, req: &async_nats::Message) -> (SendReply, Vec<flotilla_service::nats::Pending>) {
+        let mut events = Vec::new();
+        let reply = self.route(req, &mut events).await;
+        (reply, events)
+    }
+
+    async fn route(
+        &self,
+        req: &async_nats::Message,
+        events: &mut Vec<flotilla_service::nats::Pending>,
+    ) -> SendReply {
         let m: MessageSend = match codec::decode_strict(content_type(req.headers.as_ref()), &req.payload) {
             Ok(m) => m,
             Err(e) => return error_reply("", e.reason.code(), e.message),
@@ -201,7 +217,7 @@ impl Router {
             Err(e) => return SendReply { id, error: Some(e), ..Default::default() },
         };
         for r in &refused {
-            self.event(&envelope, message_event::REFUSED, |ev| {
+            self.event(events, &envelope, message_event::REFUSED, |ev| {
                 ev.to.clone_from(&r.to);
                 ev.rule.clone_from(&r.rule);
                 ev.error = Some(ErrorInfo::new(r.code.clone(), r.message.clone()));
@@ -238,7 +254,7 @@ impl Router {
             match stored {
                 Ok(ack) => {
                     if !ack.duplicate {
-                        self.event(&env, message_event::SENT, |ev| {
+                        self.event(events, &env, message_event::SENT, |ev| {
                             ev.to.clone_from(&to);
                             ev.seq = Some(ack.sequence);
                         })
@@ -422,8 +438,15 @@ impl Router {
         }
     }
 
-    /// Publishes a message event about `env` (failures are logged: the message itself is stored).
-    async fn event(&self, env: &Envelope, kind: &str, fill: impl FnOnce(&mut MessageEvent)) {
+    /// Sends a message event about `env`; its ack is awaited after the sender has its answer
+    /// (failures are logged: the message itself is stored).
+    async fn event(
+        &self,
+        events: &mut Vec<flotilla_service::nats::Pending>,
+        env: &Envelope,
+        kind: &str,
+        fill: impl FnOnce(&mut MessageEvent),
+    ) {
         let mut ev = MessageEvent {
             message_id: env.id.clone(),
             kind: kind.to_owned(),
@@ -439,8 +462,9 @@ impl Router {
             rule: None,
         };
         fill(&mut ev);
-        if let Err(e) = self.fleet.publish_message_event(&ev).await {
-            tracing::warn!(error = %e, kind, "failed to publish a message event");
+        match self.fleet.send_message_event(&ev).await {
+            Ok(p) => events.push(p),
+            Err(e) => tracing::warn!(error = %e, kind, "failed to publish a message event"),
         }
     }
 }
