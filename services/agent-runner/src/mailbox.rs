@@ -231,31 +231,35 @@ pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationTo
     let ctx = &env.ctx;
     let runner = ctx.runner_id.clone();
     let tracker = TaskTracker::new();
+    let names = &ctx.fleet.names;
     for class in PriorityClass::ALL {
-        let cfg = pull::Config {
-            durable_name: Some(ctx.fleet.names.runner_mailbox_consumer(&runner, class.as_str())),
-            description: Some(format!("Flotilla runner {runner}: its agents' {} messages", class.as_str())),
-            filter_subject: ctx.fleet.names.inbox_runner(&runner, class.as_str()),
-            ..consumer_config(env.ack_wait)
-        };
-        let consumer = stream.create_consumer(cfg).await?;
+        let c = class.as_str();
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(names.runner_mailbox_consumer(&runner, c)),
+                description: Some(format!("Flotilla runner {runner}: its agents' {c} messages")),
+                filter_subject: names.inbox_runner(&runner, c),
+                ..consumer_config(env.ack_wait)
+            })
+            .await?;
         tracker.spawn(prefetch(env.clone(), consumer, class, shutdown.clone()));
     }
-    let mut templates: Vec<String> = ctx.agents.slots().iter().map(|s| s.template.name.clone()).collect();
-    templates.extend(ctx.agents.template_names());
-    templates.sort();
-    templates.dedup();
-    for template in templates {
+    // Every template of the fleet file, also those with no agent here yet (a scale-up may start
+    // one at any time).
+    for template in ctx.agents.template_names() {
         let mut sources = Vec::new();
-        let mut bells = vec![ctx.fleet.names.inbox_template(&template, "*")];
+        let mut bells = vec![names.inbox_template(&template, "*")];
         for class in PriorityClass::ALL {
-            let cfg = pull::Config {
-                durable_name: Some(ctx.fleet.names.template_mailbox_consumer(&template, class.as_str())),
-                description: Some(format!("Flotilla template {template}: its {} messages", class.as_str())),
-                filter_subject: ctx.fleet.names.inbox_template(&template, class.as_str()),
-                ..consumer_config(env.ack_wait)
-            };
-            sources.push((Source::Inbox, stream.create_consumer(cfg).await?));
+            let c = class.as_str();
+            let consumer = stream
+                .create_consumer(pull::Config {
+                    durable_name: Some(names.template_mailbox_consumer(&template, c)),
+                    description: Some(format!("Flotilla template {template}: its {c} messages")),
+                    filter_subject: names.inbox_template(&template, c),
+                    ..consumer_config(env.ack_wait)
+                })
+                .await?;
+            sources.push((Source::Inbox, consumer));
         }
         if let Some(t) = ctx.agents.template(&template)
             && !t.topics.is_empty()

@@ -165,15 +165,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Index {
-    /// Vectors held, all tenants and models.
-    pub fn len(&self) -> usize {
-        self.spaces.read().map(|e| e.values().map(|s| s.entries.len()).sum()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Applies stream entry `seq` (what following the stream does; public for benchmarks).
     pub fn apply(&self, r: Recollection, seq: u64) {
         if let Ok(mut spaces) = self.spaces.write() {

@@ -103,11 +103,6 @@ impl Selector {
             + n(&self.tenant, 1)
     }
 
-    /// True when no field is set.
-    pub fn is_empty(&self) -> bool {
-        self.specificity() == 0
-    }
-
     /// Parses the CLI's form: `*`, or comma-separated `agent:ID`, `template:NAME`,
     /// `capability:CAP`, `tenant:T`, `client:NAME`.
     pub fn parse(text: &str) -> Result<Self, String> {
