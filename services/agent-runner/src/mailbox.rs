@@ -566,8 +566,11 @@ async fn to_waiter(env: &Env, held: Held) -> Option<Held> {
 /// A message for an agent that has left this runner: it expires (the sender hears of it).
 async fn gone(env: &Env, held: Held) {
     let why = ErrorInfo::new("agent_gone", "the agent left before it handled the message");
-    expire(env, &held.envelope, why).await;
-    held.guard.ack().await;
+    if expire(env, &held.envelope, why).await {
+        held.guard.ack().await;
+    } else {
+        held.guard.nak(Some(Duration::from_secs(1))).await;
+    }
 }
 
 /// Hands held messages to agents with a free slot, until `shutdown`.
@@ -632,8 +635,8 @@ async fn dispatch(env: Arc<Env>, tracker: &TaskTracker, shutdown: CancellationTo
 enum Taken {
     /// Ours to act on, from this record revision.
     Act(u64),
-    /// Already handled (or expired): ack it again.
-    Done,
+    /// Already handled (or expired): ack it again, once what the record says is told.
+    Done(MessageRecord),
 }
 
 /// Records that `slot` takes the message; a second delivery finds the record.
@@ -662,7 +665,7 @@ async fn take(env: &Env, slot: &Slot, e: &Envelope) -> Result<Taken, FleetError>
     match found.state {
         // Taken before by a run that did not finish (a crash): take it again, fenced.
         MessageState::Handling => Ok(Taken::Act(fleet.kv_update(store, &e.id, &record, rev).await?)),
-        MessageState::Handled | MessageState::Expired => Ok(Taken::Done),
+        MessageState::Handled | MessageState::Expired => Ok(Taken::Done(found)),
     }
 }
 
@@ -673,8 +676,7 @@ async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
     let Held { guard, envelope: e, .. } = held;
     if e.expires_at_ms <= now_ms() {
         let why = ErrorInfo::new("expired", "the message waited longer than its TTL");
-        expire(env, &e, why.clone()).await;
-        if e.wants_reply && !tell_expired(env, slot, &e, why).await {
+        if !expire(env, &e, why.clone()).await || (e.wants_reply && !tell_expired(env, slot, &e, why).await) {
             guard.nak(Some(Duration::from_secs(1))).await;
             return;
         }
@@ -683,7 +685,16 @@ async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
     }
     let rev = match take(env, slot, &e).await {
         Ok(Taken::Act(rev)) => rev,
-        Ok(Taken::Done) => {
+        Ok(Taken::Done(found)) => {
+            // An earlier run recorded the answer and may have died before its event was
+            // stored: the event goes again (the same de-duplication id, so it is stored once).
+            if found.state == MessageState::Handled
+                && !event(env, &e, message_event::ANSWERED, Some(&found.agent_id), found.reply_id.as_deref())
+                    .await
+            {
+                guard.nak(Some(Duration::from_secs(1))).await;
+                return;
+            }
             guard.ack().await;
             return;
         }
@@ -732,7 +743,11 @@ async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
         guard.release();
         return;
     }
-    event(env, &e, message_event::ANSWERED, Some(&slot.agent_id), reply_id.as_deref()).await;
+    // Acked only once the event is stored: a redelivery finds the record and tells it again.
+    if !event(env, &e, message_event::ANSWERED, Some(&slot.agent_id), reply_id.as_deref()).await {
+        guard.nak(Some(Duration::from_secs(1))).await;
+        return;
+    }
     guard.ack().await;
 }
 
@@ -887,14 +902,15 @@ async fn tell_expired(env: &Env, slot: &Slot, e: &Envelope, why: ErrorInfo) -> b
     }
 }
 
-/// Records that `e` expired unhandled (a sender waiting for its reply times out).
-async fn expire(env: &Env, e: &Envelope, why: ErrorInfo) {
+/// Records that `e` expired unhandled (a sender waiting for its reply times out); false when the
+/// event could not be stored (the message comes again).
+async fn expire(env: &Env, e: &Envelope, why: ErrorInfo) -> bool {
     tracing::info!(code = %why.code, "message expired: {}", why.message);
-    event(env, e, message_event::EXPIRED, None, None).await;
+    event(env, e, message_event::EXPIRED, None, None).await
 }
 
-/// Publishes a message event of `e`.
-async fn event(env: &Env, e: &Envelope, kind: &str, agent: Option<&str>, reply: Option<&str>) {
+/// Publishes a message event of `e`; false when it could not be stored.
+async fn event(env: &Env, e: &Envelope, kind: &str, agent: Option<&str>, reply: Option<&str>) -> bool {
     let ev = MessageEvent {
         message_id: e.id.clone(),
         kind: kind.to_owned(),
@@ -909,8 +925,12 @@ async fn event(env: &Env, e: &Envelope, kind: &str, agent: Option<&str>, reply: 
         error: None,
         rule: None,
     };
-    if let Err(err) = env.ctx.fleet.publish_message_event(&ev).await {
-        tracing::warn!(error = %err, kind, "failed to publish a message event");
+    match env.ctx.fleet.publish_message_event(&ev).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(error = %err, kind, "failed to publish a message event");
+            false
+        }
     }
 }
 
