@@ -113,7 +113,7 @@ pub enum BenchWhat {
     },
     /// The recall index at many stored vectors: search latency and memory per vector.
     Recall {
-        /// Vectors stored [default: 100000; 2000 with --quick].
+        /// Vectors stored [default: 100000; 6000 with --quick, enough for the graph].
         #[arg(long)]
         vectors: Option<usize>,
         /// Dimensions of each vector (384 for a small sentence-embedding model).
@@ -222,7 +222,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         BenchWhat::Recall { vectors, dimensions, queries, quick } => {
             let sizes = recall::Sizes {
-                vectors: vectors.unwrap_or(if *quick { 2000 } else { 100_000 }),
+                vectors: vectors.unwrap_or(if *quick { 6000 } else { 100_000 }),
                 dimensions: *dimensions,
                 queries: queries.unwrap_or(if *quick { 50 } else { 500 }),
             };

@@ -290,6 +290,7 @@ async fn run(
     // What agents remembered, from the recall stream.
     let recall_index = Arc::new(recall::Index::default());
     let recall_view = tokio::spawn(recall_index.clone().maintain(fleet.clone(), grants_stop.clone()));
+    let recall_graphs = tokio::spawn(recall_index.clone().build_graphs(grants_stop.clone()));
     let tracker = TaskTracker::new();
     // Cancelled after the drain grace: handlers still running give their work back.
     let abort = CancellationToken::new();
@@ -367,6 +368,7 @@ async fn run(
     grants_stop.cancel();
     let _ = grants_view.await;
     let _ = recall_view.await;
+    let _ = recall_graphs.await;
     agents.deregister(&fleet, &topology).await;
     let _ = health.await;
     tracing::info!(runner = %runner_id, "runner stopped");

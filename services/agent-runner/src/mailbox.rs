@@ -636,7 +636,7 @@ enum Taken {
     /// Ours to act on, from this record revision.
     Act(u64),
     /// Already handled (or expired): ack it again, once what the record says is told.
-    Done(MessageRecord),
+    Done(Box<MessageRecord>),
 }
 
 /// Records that `slot` takes the message; a second delivery finds the record.
@@ -665,7 +665,7 @@ async fn take(env: &Env, slot: &Slot, e: &Envelope) -> Result<Taken, FleetError>
     match found.state {
         // Taken before by a run that did not finish (a crash): take it again, fenced.
         MessageState::Handling => Ok(Taken::Act(fleet.kv_update(store, &e.id, &record, rev).await?)),
-        MessageState::Handled | MessageState::Expired => Ok(Taken::Done(found)),
+        MessageState::Handled | MessageState::Expired => Ok(Taken::Done(Box::new(found))),
     }
 }
 

@@ -480,7 +480,10 @@ async fn recall(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     if !ctx.recall.caught_up(end, std::time::Duration::from_secs(5)).await {
         return Err(ToolError::new("the recall index is still loading; try again"));
     }
-    let hits = ctx.recall.search(&ctx.task.tenant, ctx.embedder.model(), &vector, k, &filter);
+    let hits = ctx
+        .recall
+        .search(&ctx.task.tenant, ctx.embedder.model(), &vector, k, &filter)
+        .map_err(ToolError::new)?;
     Ok(json!(hits
         .iter()
         .map(|h| json!({ "id": h.id, "text": h.text, "metadata": h.metadata, "score": (f64::from(h.score) * 1e4).round() / 1e4 }))
