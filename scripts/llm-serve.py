@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""llm-serve.py MODEL.gguf [PORT] — serve a GGUF with xllamacpp's embedded
-llama.cpp server (OpenAI-compatible /v1/chat/completions, tools included).
+"""llm-serve.py [--embedding] MODEL.gguf [PORT] — serve a GGUF with xllamacpp's embedded
+llama.cpp server (OpenAI-compatible /v1/chat/completions, tools included; with --embedding,
+/v1/embeddings of a sentence-embedding model such as the one `embed-install` makes).
 
-Needs PYTHONPATH pointing at the directory filled by `llm-install`.
+Needs PYTHONPATH pointing at the directory filled by `llm-install` (or `embed-install`).
 Listens on 127.0.0.1:PORT (0 or omitted = a free port). When the model is
 loaded and /health answers 200, prints exactly one line to stdout, the base
 URL (e.g. http://127.0.0.1:41234/v1), then runs until SIGTERM/SIGINT.
@@ -74,11 +75,15 @@ CHAT_TEMPLATE = r"""
 
 
 def main() -> int:
-    if len(sys.argv) not in (2, 3):
-        print("usage: llm-serve.py MODEL.gguf [PORT]", file=sys.stderr)
+    args = sys.argv[1:]
+    embedding = bool(args) and args[0] == "--embedding"
+    if embedding:
+        args = args[1:]
+    if len(args) not in (1, 2):
+        print("usage: llm-serve.py [--embedding] MODEL.gguf [PORT]", file=sys.stderr)
         return 2
-    model = os.path.abspath(sys.argv[1])
-    port = int(sys.argv[2]) if len(sys.argv) == 3 else 0
+    model = os.path.abspath(args[0])
+    port = int(args[1]) if len(args) == 2 else 0
     if not os.path.isfile(model):
         print(f"llm-serve: no such model file: {model}", file=sys.stderr)
         return 2
@@ -110,6 +115,21 @@ def main() -> int:
     p.chat_template = CHAT_TEMPLATE
     p.ui = False                 # no web UI
     p.cache_ram_mib = 256        # bound the host-RAM prompt cache
+    if embedding:
+        # The pooling the GGUF names (mean for all-MiniLM-L6-v2). A non-causal model needs a
+        # whole input in one batch: inputs of up to 512 tokens, four at a time. One thread was
+        # steady on two cores; two were erratic.
+        p.embedding = True
+        p.n_ctx = 2048
+        p.n_parallel = 4
+        p.kv_unified = False
+        p.n_batch = 512
+        p.n_ubatch = 512
+        p.cpuparams.n_threads = 1
+        p.cpuparams_batch.n_threads = 1
+        p.use_jinja = False
+        p.chat_template = ""
+        p.warmup = False
 
     try:
         server = xllamacpp.Server(p)  # loads the model, then serves in the background

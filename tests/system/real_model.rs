@@ -159,3 +159,60 @@ request_timeout = "180s"
     let reply = result["reply"].as_str().unwrap();
     assert!(!reply.trim().is_empty() && !reply.starts_with("[expert]"), "not the model's answer: {reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recall_through_a_real_embedding_model_finds_by_meaning_not_by_shared_words() {
+    let embed =
+        tokio::task::spawn_blocking(LocalLlm::start_embedding).await.unwrap().expect("the embedder starts");
+    let proxy = UsageProxy::start(&embed.base_url).await.unwrap();
+    let fleet = format!(
+        "[[agent]]\nname = \"librarian\"\ncapabilities = [\"library\"]\ntools = [\"remember\", \"recall\"]\n\
+         embedding_url = \"{}\"\nembedding_model = \"all-minilm-l6-v2\"\n",
+        proxy.base_url()
+    );
+    let mut sys = System::with_dispatcher().await;
+    sys.start_runner("re", &fleet).await;
+    sys.wait_for_agents("re", 1).await;
+    // The text that means the same as the question shares none of its words; one that shares
+    // most of its words means something else (the offline hashed-words embedder picks that one).
+    let meant = "The kitten sleeps upon the sofa.";
+    let texts = [
+        "Quarterly revenue rose by nine percent.",
+        meant,
+        "A cat food price list on a website.",
+        "The train to Berlin leaves at noon.",
+        "Ownership rules in Rust prevent data races.",
+    ];
+    let calls: Vec<serde_json::Value> =
+        texts.iter().map(|t| serde_json::json!({ "name": "remember", "arguments": { "text": t } })).collect();
+    sys.submit(&TaskSubmission {
+        id: Some("shelve".into()),
+        capability: "library".into(),
+        input: serde_json::json!({ "text": "remember these", "_offline": { "tool_calls": calls } }),
+        ..Default::default()
+    })
+    .await;
+    sys.wait_for_kind("completed", 1, Duration::from_secs(120)).await;
+    sys.submit(&TaskSubmission {
+        id: Some("ask".into()),
+        capability: "library".into(),
+        input: serde_json::json!({ "text": "where is the cat?", "_offline": { "tool_calls": [
+            { "name": "recall", "arguments": { "query": "a cat napping on a couch", "k": 2 } }
+        ] } }),
+        ..Default::default()
+    })
+    .await;
+    let events = sys.wait_for_kind("completed", 2, Duration::from_secs(120)).await;
+    let done = events.iter().find(|e| e.kind == "completed" && e.task_id == "ask").unwrap();
+    let answer = done.output.as_ref().unwrap()["answer"].as_str().unwrap().to_owned();
+    let json = answer.split("recall -> ").nth(1).unwrap().trim_end_matches(')').to_owned();
+    let hits: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert_eq!(hits[0]["text"], meant, "{hits}");
+    // Every text and the query went to the real model.
+    let calls = proxy.calls();
+    let embeddings: Vec<_> =
+        calls.iter().filter(|c| c.path.ends_with("/embeddings") && c.status == 200).collect();
+    assert_eq!(embeddings.len(), texts.len() + 1, "{calls:?}");
+    assert_eq!(embeddings[0].request["model"], "all-minilm-l6-v2");
+    sys.stop().await;
+}

@@ -39,6 +39,26 @@ pub fn install() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Installs the embedding model (if needed) and returns the path of its GGUF file.
+pub fn install_embedding() -> anyhow::Result<PathBuf> {
+    static INSTALLED: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(p) = installed.as_ref() {
+        return Ok(p.clone());
+    }
+    let root = workspace_root();
+    let out = Command::new(root.join("scripts/embed-install"))
+        .arg(root.join(".tools/embed"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("failed to run scripts/embed-install")?;
+    anyhow::ensure!(out.status.success(), "scripts/embed-install failed ({})", out.status);
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    anyhow::ensure!(path.is_file(), "scripts/embed-install printed {path:?}, which is not a file");
+    *installed = Some(path.clone());
+    Ok(path)
+}
+
 /// A running model server (killed on drop).
 #[derive(Debug)]
 pub struct LocalLlm {
@@ -51,13 +71,25 @@ impl LocalLlm {
     /// Installs and starts the model; returns once it answers `/health` (blocking; first start
     /// takes a few seconds to load the weights).
     pub fn start() -> anyhow::Result<Self> {
-        let model = install()?;
+        Self::serve(&install()?, false, ".tools/llm")
+    }
+
+    /// Installs and starts the real embedding model (all-MiniLM-L6-v2, 384 dimensions) serving
+    /// `/v1/embeddings`.
+    pub fn start_embedding() -> anyhow::Result<Self> {
+        Self::serve(&install_embedding()?, true, ".tools/embed")
+    }
+
+    fn serve(model: &std::path::Path, embedding: bool, packages: &str) -> anyhow::Result<Self> {
         let root = workspace_root();
         let mut cmd = Command::new("python3");
-        cmd.arg(root.join("scripts/llm-serve.py"))
-            .arg(&model)
+        cmd.arg(root.join("scripts/llm-serve.py"));
+        if embedding {
+            cmd.arg("--embedding");
+        }
+        cmd.arg(model)
             .arg("0")
-            .env("PYTHONPATH", root.join(".tools/llm"))
+            .env("PYTHONPATH", root.join(packages))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());

@@ -47,6 +47,11 @@ pub struct AgentTemplate {
     /// `<base_url>/embeddings`; default the chat `model`). The offline provider embeds offline.
     #[serde(default)]
     pub embedding_model: Option<String>,
+    /// Where `remember`/`recall` embed (`<embedding_url>/embeddings`, OpenAI-compatible), for
+    /// any provider, the offline one too: e.g. a local embedding model beside a remote chat
+    /// model. Default: the provider's `base_url` (OpenAI-compatible providers), else offline.
+    #[serde(default)]
+    pub embedding_url: Option<String>,
     /// Model provider; `offline` is the built-in deterministic model.
     #[serde(default = "default_provider")]
     pub provider: String,
