@@ -46,6 +46,10 @@ pub struct DemoArgs {
     /// Without it the demo runs on the built-in offline model.
     #[arg(long, env = "FLOTILLA_LLM_URL")]
     pub llm_url: Option<String>,
+    /// OpenAI-compatible base URL of an embedding server (e.g. the one `scripts/demo` starts):
+    /// every template without an `embedding_url` embeds what it remembers and recalls there.
+    #[arg(long, env = "FLOTILLA_EMBEDDING_URL")]
+    pub embedding_url: Option<String>,
     /// How long to wait for all tasks (default: 60s offline, 600s on a real model).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
@@ -125,10 +129,12 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
 }
 
 /// Tasks of the real-model demo: (capability, request).
-const LLM_DEMO_TASKS: [(&str, &str); 4] = [
+const LLM_DEMO_TASKS: [(&str, &str); 6] = [
     ("notes", "Call memory_put with key release_day and value \"the release ships on Friday\"."),
+    ("library", "Call the remember tool with the text \"The kitten sleeps upon the sofa.\""),
     ("explain", "In two sentences: why does a message broker help a fleet of AI agents?"),
     ("code.review", "Review this Rust code and name the bug: let v: Vec<u8> = vec![]; let x = v[0];"),
+    ("library", "Call the recall tool with the query \"a cat napping on a couch\" and say what you found."),
     ("notes", "Call memory_put with key oncall and value \"Dana is on call this week\"."),
 ];
 
@@ -152,6 +158,12 @@ pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
     if let Some(url) = &args.llm_url {
         for t in fleet_file.agents.iter_mut().filter(|t| t.provider == "openai" && t.base_url.is_none()) {
             t.base_url = Some(url.clone());
+        }
+    }
+    if let Some(url) = &args.embedding_url {
+        for t in fleet_file.agents.iter_mut().filter(|t| t.embedding_url.is_none()) {
+            t.embedding_url = Some(url.clone());
+            t.embedding_model.get_or_insert_with(|| "all-minilm-l6-v2".to_owned());
         }
     }
     let temp =
