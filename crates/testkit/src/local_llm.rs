@@ -22,39 +22,30 @@ use crate::{ChildProcess, workspace_root};
 /// Installs the model (if needed) and returns the path of its GGUF file.
 pub fn install() -> anyhow::Result<PathBuf> {
     static INSTALLED: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(p) = installed.as_ref() {
-        return Ok(p.clone());
-    }
-    let root = workspace_root();
-    let out = Command::new(root.join("scripts/llm-install"))
-        .arg(root.join(".tools/llm"))
-        .stderr(Stdio::inherit())
-        .output()
-        .context("failed to run scripts/llm-install")?;
-    anyhow::ensure!(out.status.success(), "scripts/llm-install failed ({})", out.status);
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    anyhow::ensure!(path.is_file(), "scripts/llm-install printed {path:?}, which is not a file");
-    *installed = Some(path.clone());
-    Ok(path)
+    install_once(&INSTALLED, "llm-install", ".tools/llm")
 }
 
 /// Installs the embedding model (if needed) and returns the path of its GGUF file.
 pub fn install_embedding() -> anyhow::Result<PathBuf> {
     static INSTALLED: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    install_once(&INSTALLED, "embed-install", ".tools/embed")
+}
+
+/// Runs `scripts/<script> <dir>` once per process; the GGUF path it printed.
+fn install_once(cache: &Mutex<Option<PathBuf>>, script: &str, dir: &str) -> anyhow::Result<PathBuf> {
+    let mut installed = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(p) = installed.as_ref() {
         return Ok(p.clone());
     }
     let root = workspace_root();
-    let out = Command::new(root.join("scripts/embed-install"))
-        .arg(root.join(".tools/embed"))
+    let out = Command::new(root.join("scripts").join(script))
+        .arg(root.join(dir))
         .stderr(Stdio::inherit())
         .output()
-        .context("failed to run scripts/embed-install")?;
-    anyhow::ensure!(out.status.success(), "scripts/embed-install failed ({})", out.status);
+        .with_context(|| format!("failed to run scripts/{script}"))?;
+    anyhow::ensure!(out.status.success(), "scripts/{script} failed ({})", out.status);
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    anyhow::ensure!(path.is_file(), "scripts/embed-install printed {path:?}, which is not a file");
+    anyhow::ensure!(path.is_file(), "scripts/{script} printed {path:?}, which is not a file");
     *installed = Some(path.clone());
     Ok(path)
 }
