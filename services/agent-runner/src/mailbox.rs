@@ -633,13 +633,18 @@ async fn dispatch(env: Arc<Env>, tracker: &TaskTracker, shutdown: CancellationTo
 
 /// How taking a message ended.
 enum Taken {
-    /// Ours to act on, from this record revision.
-    Act(u64),
+    /// Ours to act on: from this record revision (a message that wants a reply), or with no
+    /// record until it is handled (one that does not).
+    Act(Option<u64>),
     /// Already handled (or expired): ack it again, once what the record says is told.
     Done(Box<MessageRecord>),
 }
 
-/// Records that `slot` takes the message; a second delivery finds the record.
+/// Takes the message for `slot`. One that wants a reply is recorded as handling first, so only
+/// the run holding the record's revision sends the reply and records it handled. One that does
+/// not is only looked up: its one record is written when it is handled, which is one stored
+/// write less on its way (a second, concurrent run would act on it either way: a taken-over
+/// record does not stop the first run's agent either).
 async fn take(env: &Env, slot: &Slot, e: &Envelope) -> Result<Taken, FleetError> {
     let fleet = &env.ctx.fleet;
     let store = &env.ctx.topology.messages;
@@ -654,8 +659,19 @@ async fn take(env: &Env, slot: &Slot, e: &Envelope) -> Result<Taken, FleetError>
         at_ms: now_ms(),
         reply_id: None,
     };
+    if !e.wants_reply {
+        return match fleet.kv_get::<MessageRecord>(store, &e.id).await? {
+            None => Ok(Taken::Act(None)),
+            Some((found, rev)) => match found.state {
+                MessageState::Handling => {
+                    Ok(Taken::Act(Some(fleet.kv_update(store, &e.id, &record, rev).await?)))
+                }
+                MessageState::Handled | MessageState::Expired => Ok(Taken::Done(Box::new(found))),
+            },
+        };
+    }
     match fleet.kv_create(store, &e.id, &record).await {
-        Ok(rev) => return Ok(Taken::Act(rev)),
+        Ok(rev) => return Ok(Taken::Act(Some(rev))),
         Err(err) if err.is_conflict() => {}
         Err(err) => return Err(err),
     }
@@ -664,7 +680,7 @@ async fn take(env: &Env, slot: &Slot, e: &Envelope) -> Result<Taken, FleetError>
     };
     match found.state {
         // Taken before by a run that did not finish (a crash): take it again, fenced.
-        MessageState::Handling => Ok(Taken::Act(fleet.kv_update(store, &e.id, &record, rev).await?)),
+        MessageState::Handling => Ok(Taken::Act(Some(fleet.kv_update(store, &e.id, &record, rev).await?))),
         MessageState::Handled | MessageState::Expired => Ok(Taken::Done(Box::new(found))),
     }
 }
@@ -706,7 +722,9 @@ async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
     };
     event(env, &e, message_event::DELIVERED, Some(&slot.agent_id), None).await;
     let every = env.ack_wait / 3;
-    let answer = guard.with_progress(every, env.ctx.max_task_time, act(env, slot, &e, rev)).await;
+    // Unique to this take, like an attempt's claim: the record's revision, else the delivery.
+    let take_key = rev.map_or_else(|| format!("d{}", guard.delivered()), |r| r.to_string());
+    let answer = guard.with_progress(every, env.ctx.max_task_time, act(env, slot, &e, &take_key)).await;
     let reply_id = if e.wants_reply {
         let body = match &answer {
             Ok(text) => serde_json::json!({ "text": text }),
@@ -737,8 +755,14 @@ async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
         at_ms: now_ms(),
         reply_id: reply_id.clone(),
     };
-    if let Err(err) = env.ctx.fleet.kv_update(&env.ctx.topology.messages, &e.id, &done, rev).await {
-        // Another delivery took it over meanwhile (this run was thought dead): it decides.
+    let store = &env.ctx.topology.messages;
+    let recorded = match rev {
+        Some(rev) => env.ctx.fleet.kv_update(store, &e.id, &done, rev).await,
+        None => env.ctx.fleet.kv_create(store, &e.id, &done).await,
+    };
+    if let Err(err) = recorded {
+        // Another delivery recorded it or took it over meanwhile (this run was thought dead):
+        // it decides; or the store failed, and the message comes again.
         tracing::warn!(error = %err, "the message's record moved on; leaving it to the other run");
         guard.release();
         return;
@@ -752,7 +776,7 @@ async fn handle(env: &Env, slot: &Arc<Slot>, held: Held) {
 }
 
 /// Runs the agent's loop on the message; the answer's text, or why there is none.
-async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, rev: u64) -> Result<String, ErrorInfo> {
+async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, take_key: &str) -> Result<String, ErrorInfo> {
     let ctx = &env.ctx;
     let Some(provider) = ctx.providers.get(&slot.template.name).cloned() else {
         return Err(ErrorInfo::new("crashed", format!("no provider for template {}", slot.template.name)));
@@ -780,7 +804,7 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, rev: u64) -> Result<Stri
         budgets: ctx.budgets.clone().map(|client| crate::budget::Budgets {
             client,
             // Unique to this take of the message, like an attempt's claim.
-            key: format!("{}:{rev}", rec.id),
+            key: format!("{}:{take_key}", rec.id),
             agent_id: slot.agent_id.clone(),
             task: None,
             tenant: Some(rec.tenant.clone()),
@@ -911,7 +935,18 @@ async fn expire(env: &Env, e: &Envelope, why: ErrorInfo) -> bool {
 
 /// Publishes a message event of `e`; false when it could not be stored.
 async fn event(env: &Env, e: &Envelope, kind: &str, agent: Option<&str>, reply: Option<&str>) -> bool {
-    let ev = MessageEvent {
+    match env.ctx.fleet.publish_message_event(&event_of(e, kind, agent, reply)).await {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(error = %err, kind, "failed to publish a message event");
+            false
+        }
+    }
+}
+
+/// The message event `kind` of `e`.
+fn event_of(e: &Envelope, kind: &str, agent: Option<&str>, reply: Option<&str>) -> MessageEvent {
+    MessageEvent {
         message_id: e.id.clone(),
         kind: kind.to_owned(),
         at_ms: now_ms(),
@@ -924,13 +959,6 @@ async fn event(env: &Env, e: &Envelope, kind: &str, agent: Option<&str>, reply: 
         in_reply_to: e.in_reply_to.clone().or_else(|| reply.map(str::to_owned)),
         error: None,
         rule: None,
-    };
-    match env.ctx.fleet.publish_message_event(&ev).await {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::warn!(error = %err, kind, "failed to publish a message event");
-            false
-        }
     }
 }
 
