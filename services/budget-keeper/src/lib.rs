@@ -83,12 +83,12 @@ impl flotilla_service::Service for BudgetKeeper {
         let replicas = config.replicas.unwrap_or(topology.replicas);
         let lease_status = Arc::new(lease::LeaseStatus::default());
         let details = lease_status.details_with(|| serde_json::json!({}));
+        // The ledger stream came with the topology the keeper was given; the snapshot store is
+        // its own, and ensured before health says "ok".
+        let snapshots = snapshot::ensure(&fleet, replicas).await?;
         let health =
             flotilla_service::health::serve(fleet.clone(), Self::NAME, details, shutdown.clone()).await?;
-        // The ledger stream came with the topology the keeper was given; the snapshot store is
-        // its own.
         tracing::info!(ledger = %fleet.names.ledger_stream(), "budget-keeper ready");
-        let snapshots = snapshot::ensure(&fleet, replicas).await?;
         let settings = service::Settings { snapshot_every: config.snapshot_every };
         let role = lease::Role { key: lease_key::BUDGET_KEEPER, ttl: config.lease, status: lease_status };
         let served =
