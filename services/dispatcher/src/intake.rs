@@ -116,7 +116,11 @@ impl Intake {
         let ct = header(m, headers::CONTENT_TYPE);
         let (sub, unknown) = match codec::decode_reporting::<TaskSubmission>(ct.as_deref(), &m.payload) {
             Ok(v) => v,
-            Err(e) => return self.reject(m, None, e.reason, &e.message).await,
+            // The rejection goes under the submission's own id when that much can be read, so
+            // the client finds it where it looks, whatever else is wrong.
+            Err(e) => {
+                return self.reject(m, readable_id(ct.as_deref(), &m.payload), e.reason, &e.message).await;
+            }
         };
         let id = match task_id_for(&sub, msg_id.as_deref()) {
             Ok(id) => id,
@@ -247,4 +251,16 @@ impl Intake {
         let dl_id = format!("intake:{}", dl.stream_sequence.unwrap_or(0));
         self.fleet.dead_letter(service::DISPATCHER, &dl, Some(&dl_id)).await
     }
+}
+
+/// The `id` of a submission that does not decode as a whole (a field of the wrong type, say),
+/// when it is a string that is a valid task id; the rest of the message is not looked at.
+fn readable_id(content_type: Option<&str>, payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    }
+    let id = codec::decode::<IdOnly>(content_type, payload).ok()?.id?;
+    id.as_str().filter(|i| flotilla_protocol::names::is_token(i)).map(str::to_owned)
 }
