@@ -306,3 +306,39 @@ async fn agents_message_each_other_directly() {
     assert!(answer.contains("unknown_agent: agent nobody-here is not registered"), "{answer}");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_key_that_the_provider_quotes_back_is_stored_nowhere() {
+    const KEY: &str = "sk-flotilla-test-7f3c9a1e5b42";
+    // A provider that quotes the key it was sent in its error, as some do.
+    let stub = StubLlm::start(vec![
+        Reply::raw(401, &format!(r#"{{"error":{{"message":"Incorrect API key provided: {KEY}"}}}}"#)),
+        Reply::openai_text("done", 10, 2),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(&secrets, format!("STUB_KEY = \"{KEY}\"\n")).unwrap();
+    let mut sys = System::with_dispatcher().await;
+    let config = flotilla_agent_runner::Config { secrets_file: Some(secrets), ..runner_config("r1") };
+    let fleet = stub_agent("assistant", &stub, "api_key_env = \"STUB_KEY\"\n");
+    sys.start_runner_configured("r1", &fleet, config, Registry::with_builtins().unwrap()).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.submit(&TaskSubmission { max_attempts: Some(1), ..chat("refused", json!("hello")) }).await;
+    sys.wait_for_kind("failed", 1, Duration::from_secs(20)).await;
+    sys.submit(&chat("answered", json!("hello again"))).await;
+    let events = sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    let failed = events.iter().find(|e| e.kind == "failed").unwrap();
+    let why = &failed.error.as_ref().unwrap().message;
+    assert!(why.contains("<redacted>"), "the provider's message, redacted: {why}");
+    // Nothing any service stored holds the key: events, records, registry, ledger, dead letters.
+    let stored = sys.everything_stored().await;
+    assert!(stored.len() > 10, "{} messages", stored.len());
+    for (stream, subject, payload) in &stored {
+        assert!(
+            !payload.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+            "the key is stored in {stream} on {subject}"
+        );
+    }
+    sys.stop().await;
+}

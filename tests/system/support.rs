@@ -167,11 +167,42 @@ impl System {
         fleet_toml: &str,
         registry: flotilla_agent_runner::tools::Registry,
     ) {
-        let file = FleetFile::parse(fleet_toml).unwrap();
         let config = flotilla_agent_runner::Config { budgets: self.budgets, ..runner_config(id) };
+        self.start_runner_configured(id, fleet_toml, config, registry).await;
+    }
+
+    /// A runner in this process with a configuration and tool registry of the test's.
+    pub async fn start_runner_configured(
+        &mut self,
+        id: &str,
+        fleet_toml: &str,
+        config: flotilla_agent_runner::Config,
+        registry: flotilla_agent_runner::tools::Registry,
+    ) {
+        let file = FleetFile::parse(fleet_toml).unwrap();
         let runner = flotilla_agent_runner::Runner::new(config, file).unwrap().with_tools(registry);
         let handle = self.local.spawn(id, runner).await.unwrap();
         self.runners.insert(id.to_owned(), handle);
+    }
+
+    /// Every stream's messages: (stream, subject, payload).
+    pub async fn everything_stored(&self) -> Vec<(String, String, bytes::Bytes)> {
+        let names: Vec<String> = self.js.stream_names().filter_map(|n| async { n.ok() }).collect().await;
+        let mut out = Vec::new();
+        for name in names {
+            // By sequence: work-queue streams (the intake) take no ordered consumer.
+            let mut stream = self.js.get_stream(&name).await.unwrap();
+            let (first, last) = {
+                let info = stream.info().await.unwrap();
+                (info.state.first_sequence, info.state.last_sequence)
+            };
+            for seq in first..=last {
+                if let Ok(m) = stream.get_raw_message(seq).await {
+                    out.push((name.clone(), m.subject.to_string(), m.payload));
+                }
+            }
+        }
+        out
     }
 
     /// Two runners `ra` and `rb` as separate processes hosting `fleet_toml`, once `agents` agents

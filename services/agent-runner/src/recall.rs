@@ -70,7 +70,8 @@ impl Embedder {
                 let body: Value =
                     resp.json().await.map_err(|e| format!("embeddings answer unreadable: {e}"))?;
                 if !status.is_success() {
-                    return Err(format!("embeddings endpoint answered {status}: {body}"));
+                    // The endpoint may quote the key it was sent.
+                    return Err(api_key.redact(&format!("embeddings endpoint answered {status}: {body}")));
                 }
                 body.pointer("/data/0/embedding")
                     .and_then(Value::as_array)

@@ -26,7 +26,7 @@ impl Client {
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let body = request_body(req);
         let retry = if req.single_try { self.settings.retry.once() } else { self.settings.retry };
-        retry.run(|| self.once(&body)).await
+        retry.run(|| self.once(&body)).await.map_err(|e| e.redacted(&self.settings.api_key))
     }
 
     async fn once(&self, body: &Value) -> Result<ChatResponse, ProviderError> {

@@ -142,6 +142,24 @@ impl ProviderError {
         )
     }
 
+    /// The error with every occurrence of `secret` in its text replaced: a provider may quote
+    /// the key it was sent in its error body, and that text ends up in task events.
+    #[must_use]
+    pub fn redacted(self, secret: &Secret) -> Self {
+        let r = |m: String| secret.redact(&m);
+        match self {
+            Self::Server { status, message, retry_after } => {
+                Self::Server { status, message: r(message), retry_after }
+            }
+            Self::Refused { status, message } => Self::Refused { status, message: r(message) },
+            Self::Transport(m) => Self::Transport(r(m)),
+            Self::Malformed(m) => Self::Malformed(r(m)),
+            Self::Failed(m) => Self::Failed(r(m)),
+            Self::Config(m) => Self::Config(r(m)),
+            other => other,
+        }
+    }
+
     /// A stable, snake_case code for task errors.
     pub fn code(&self) -> &'static str {
         match self {
@@ -173,6 +191,11 @@ impl Secret {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// `text` with the key replaced by `<redacted>` wherever it occurs.
+    pub fn redact(&self, text: &str) -> String {
+        if self.0.is_empty() { text.to_owned() } else { text.replace(&self.0, "<redacted>") }
     }
 }
 

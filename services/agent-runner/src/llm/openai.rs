@@ -62,8 +62,9 @@ impl Client {
     ) -> Result<ChatResponse, ProviderError> {
         let mut body = request_body(req);
         let retry = if req.single_try { self.settings.retry.once() } else { self.settings.retry };
+        let key = &self.settings.api_key;
         let Some(idle) = self.stream_idle_timeout else {
-            return retry.run(|| self.once(&body)).await;
+            return retry.run(|| self.once(&body)).await.map_err(|e| e.redacted(key));
         };
         if let Some(obj) = body.as_object_mut() {
             obj.insert("stream".into(), json!(true));
@@ -76,6 +77,7 @@ impl Client {
                 || !forwarded.load(Ordering::SeqCst),
             )
             .await
+            .map_err(|e| e.redacted(key))
     }
 
     fn post(&self, body: &Value) -> reqwest::RequestBuilder {
