@@ -203,3 +203,119 @@ async fn a_bad_submission_with_a_readable_id_is_rejected_under_that_id() {
     assert!(events.iter().any(|e| e.kind == "rejected" && e.task_id.starts_with("rejected-")), "{events:?}");
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_thousand_hostile_submissions_are_each_rejected_and_the_fleet_keeps_serving() {
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_dispatcher(flotilla_dispatcher::Config { max_input_bytes: 1024, ..dispatcher_config() }).await;
+    sys.start_runner("r1", &worker_fleet(1, 2)).await;
+    sys.wait_for_agents("r1", 1).await;
+    let json = Some(headers::APPLICATION_JSON);
+    let mp = Some(headers::APPLICATION_MSGPACK);
+    // (kind, body for id, content type, reason); an id of None: none can be read.
+    type Case = (Option<String>, Vec<u8>, Option<&'static str>, &'static str);
+    let kinds: Vec<Box<dyn Fn(usize) -> Case>> = vec![
+        Box::new(|_| (None, b"\xc1\xff\x00 not a message".to_vec(), None, "malformed")),
+        Box::new(|_| (None, b"{\"capability\": ".to_vec(), json, "malformed")),
+        Box::new(move |n| {
+            let id = format!("h-missing-{n}");
+            (Some(id.clone()), format!(r#"{{"id": "{id}", "input": 1}}"#).into_bytes(), json, "missing_field")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-unknown-cap-{n}");
+            let body = format!(r#"{{"id": "{id}", "capability": "translate.klingon"}}"#);
+            (Some(id), body.into_bytes(), json, "unknown_capability")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-wrong-type-{n}");
+            (
+                Some(id.clone()),
+                format!(r#"{{"id": "{id}", "capability": 42}}"#).into_bytes(),
+                json,
+                "wrong_type",
+            )
+        }),
+        Box::new(move |n| {
+            let id = format!("h-mp-type-{n}");
+            let body = rmp_serde::to_vec_named(
+                &serde_json::json!({"id": id, "capability": "work", "budget_tokens": "lots"}),
+            )
+            .unwrap();
+            (Some(id), body, mp, "wrong_type")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-priority-{n}");
+            let body = format!(r#"{{"id": "{id}", "capability": "work", "priority": 99}}"#);
+            (Some(id), body.into_bytes(), json, "invalid_field")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-large-{n}");
+            let body = format!(r#"{{"id": "{id}", "capability": "work", "input": "{}"}}"#, "x".repeat(2048));
+            (Some(id), body.into_bytes(), json, "input_too_large")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-deadline-{n}");
+            let body = format!(r#"{{"id": "{id}", "capability": "work", "deadline": 1000}}"#);
+            (Some(id), body.into_bytes(), json, "deadline_exceeded")
+        }),
+        // Nested too deep: not read at all, so its id is not either (yet): a generated id.
+        Box::new(move |n| {
+            let id = format!("h-deep-{n}");
+            let body = format!(
+                r#"{{"id": "{id}", "capability": "work", "input": {}1{}}}"#,
+                "[".repeat(300),
+                "]".repeat(300)
+            );
+            (None, body.into_bytes(), json, "invalid_field")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-encoding-{n}");
+            let body = format!(r#"{{"id": "{id}", "capability": 7}}"#);
+            (Some(id), body.into_bytes(), Some("application/xml"), "malformed")
+        }),
+        Box::new(move |n| {
+            let body = format!(r#"{{"id": "bad id {n}!", "capability": "work"}}"#);
+            (None, body.into_bytes(), json, "invalid_field")
+        }),
+    ];
+    let per_kind = 2_000usize.div_ceil(kinds.len());
+    let mut sent: Vec<(Option<String>, &str)> = Vec::new();
+    let mut acks = Vec::new();
+    for n in 0..per_kind {
+        for kind in &kinds {
+            let (id, body, ct, reason) = kind(n);
+            let mut h = async_nats::HeaderMap::new();
+            if let Some(ct) = ct {
+                h.insert(headers::CONTENT_TYPE, ct);
+            }
+            acks.push(sys.js.publish_with_headers(sys.names.submit_subject(), h, body.into()).await.unwrap());
+            sent.push((id, reason));
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let good =
+        TaskSubmission { id: Some("good-after".into()), capability: "work".into(), ..Default::default() };
+    sys.submit(&good).await;
+    let events = sys.wait_for_kind("rejected", sent.len(), Duration::from_secs(120)).await;
+    let rejected: std::collections::HashMap<&str, &str> = events
+        .iter()
+        .filter(|e| e.kind == "rejected")
+        .map(|e| (e.task_id.as_str(), e.error.as_ref().map_or("", |x| x.code.as_str())))
+        .collect();
+    let mut generated = 0;
+    for (id, reason) in &sent {
+        match id {
+            Some(id) => assert_eq!(rejected.get(id.as_str()).copied(), Some(*reason), "{id}"),
+            None => generated += 1,
+        }
+    }
+    let under_generated = rejected.keys().filter(|k| k.starts_with("rejected-")).count();
+    assert_eq!(under_generated, generated, "only submissions with no readable id get a generated id");
+    assert!(sent.len() >= 2_000 && kinds.len() >= 10);
+    // Every service kept serving: the good task completes.
+    sys.wait_for_kind("completed", 1, Duration::from_secs(30)).await;
+    assert_eq!(sys.task("good-after").await.unwrap().state, flotilla_protocol::TaskState::Completed);
+    sys.stop().await;
+}

@@ -261,6 +261,9 @@ fn readable_id(content_type: Option<&str>, payload: &[u8]) -> Option<String> {
         #[serde(default)]
         id: Option<serde_json::Value>,
     }
-    let id = codec::decode::<IdOnly>(content_type, payload).ok()?.id?;
+    // As declared, else as the bytes look (a wrong or unknown content type).
+    let decoded =
+        codec::decode::<IdOnly>(content_type, payload).or_else(|_| codec::decode::<IdOnly>(None, payload));
+    let id = decoded.ok()?.id?;
     id.as_str().filter(|i| flotilla_protocol::names::is_token(i)).map(str::to_owned)
 }
