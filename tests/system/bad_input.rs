@@ -258,15 +258,15 @@ async fn two_thousand_hostile_submissions_are_each_rejected_and_the_fleet_keeps_
             let body = format!(r#"{{"id": "{id}", "capability": "work", "deadline": 1000}}"#);
             (Some(id), body.into_bytes(), json, "deadline_exceeded")
         }),
-        // Nested too deep: not read at all, so its id is not either (yet): a generated id.
+        // Nested too deep to decode: its id is still read (JSON's top level, scanned).
         Box::new(move |n| {
             let id = format!("h-deep-{n}");
             let body = format!(
-                r#"{{"id": "{id}", "capability": "work", "input": {}1{}}}"#,
+                r#"{{"input": {}1{}, "id": "{id}", "capability": "work"}}"#,
                 "[".repeat(300),
                 "]".repeat(300)
             );
-            (None, body.into_bytes(), json, "invalid_field")
+            (Some(id), body.into_bytes(), json, "invalid_field")
         }),
         Box::new(move |n| {
             let id = format!("h-encoding-{n}");

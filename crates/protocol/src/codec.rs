@@ -223,8 +223,100 @@ fn classify_msgpack(e: rmp_serde::decode::Error) -> DecodeError {
     }
 }
 
+/// The string value of `key` in a JSON object's top level, found without decoding the rest (so
+/// also in a document nested too deep to decode, or with other fields of the wrong type): a scan
+/// that keeps no stack. `None` when the payload is not an object or `key` is absent or not a
+/// string.
+pub fn json_top_level_string(payload: &[u8], key: &str) -> Option<String> {
+    let ws = |p: &[u8], mut i: usize| {
+        while p.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = ws(payload, 0);
+    if payload.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = ws(payload, i);
+        if payload.get(i) != Some(&b'"') {
+            return None;
+        }
+        let end = json_string_end(payload, i)?;
+        let k: String = serde_json::from_slice(payload.get(i..end)?).ok()?;
+        i = ws(payload, end);
+        if payload.get(i) != Some(&b':') {
+            return None;
+        }
+        i = ws(payload, i + 1);
+        if k == key {
+            if payload.get(i) != Some(&b'"') {
+                return None;
+            }
+            let end = json_string_end(payload, i)?;
+            return serde_json::from_slice(payload.get(i..end)?).ok();
+        }
+        i = ws(payload, json_skip_value(payload, i)?);
+        match payload.get(i)? {
+            b',' => i += 1,
+            _ => return None,
+        }
+    }
+}
+
+/// Just past the closing quote of the JSON string that opens at `start`.
+fn json_string_end(p: &[u8], start: usize) -> Option<usize> {
+    let mut i = start + 1;
+    loop {
+        match p.get(i)? {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+}
+
+/// Where the JSON value that starts at `start` ends: the `,` or `}` after it in its object.
+fn json_skip_value(p: &[u8], start: usize) -> Option<usize> {
+    let (mut depth, mut i) = (0usize, start);
+    loop {
+        match p.get(i)? {
+            b'"' => i = json_string_end(p, i)?,
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' if depth == 0 => return Some(i),
+            b'}' | b']' => {
+                depth -= 1;
+                i += 1;
+            }
+            b',' if depth == 0 => return Some(i),
+            _ => i += 1,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_top_level_string_is_found_without_decoding_the_rest() {
+        let deep = format!(
+            r#"{{"input": {}1{}, "n": {{"id": "inner"}}, "id": "t\u0031"}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert_eq!(json_top_level_string(deep.as_bytes(), "id").as_deref(), Some("t1"));
+        assert_eq!(json_top_level_string(br#" { "a": "x,}\"", "id" : "ok" } "#, "id").as_deref(), Some("ok"));
+        assert_eq!(json_top_level_string(br#"{"id": 5}"#, "id"), None);
+        assert_eq!(json_top_level_string(br#"{"a": {"id": "inner"}}"#, "id"), None);
+        assert_eq!(json_top_level_string(br#"["id", "x"]"#, "id"), None);
+        assert_eq!(json_top_level_string(br#"{"id": "unterminated"#, "id"), None);
+        assert_eq!(json_top_level_string(b"", "id"), None);
+    }
+
     use super::*;
     use crate::types::{Priority, TaskSubmission};
 

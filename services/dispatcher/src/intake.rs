@@ -253,8 +253,8 @@ impl Intake {
     }
 }
 
-/// The `id` of a submission that does not decode as a whole (a field of the wrong type, say),
-/// when it is a string that is a valid task id; the rest of the message is not looked at.
+/// The `id` of a submission that does not decode as a whole (a field of the wrong type, nesting
+/// too deep, a wrong content type), when it is a string that is a valid task id.
 fn readable_id(content_type: Option<&str>, payload: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct IdOnly {
@@ -264,6 +264,10 @@ fn readable_id(content_type: Option<&str>, payload: &[u8]) -> Option<String> {
     // As declared, else as the bytes look (a wrong or unknown content type).
     let decoded =
         codec::decode::<IdOnly>(content_type, payload).or_else(|_| codec::decode::<IdOnly>(None, payload));
-    let id = decoded.ok()?.id?;
-    id.as_str().filter(|i| flotilla_protocol::names::is_token(i)).map(str::to_owned)
+    let id = match decoded {
+        Ok(d) => d.id?.as_str().map(str::to_owned)?,
+        // Too deep to decode at all: JSON's top level is still read, without a stack.
+        Err(_) => codec::json_top_level_string(payload, "id")?,
+    };
+    flotilla_protocol::names::is_token(&id).then_some(id)
 }
