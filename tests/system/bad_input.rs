@@ -10,12 +10,30 @@ use crate::support::*;
 use flotilla_protocol::{DeadLetter, TaskSubmission, WireFormat, codec, headers};
 use flotilla_service::StreamSettings;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_bad_input_is_rejected_and_dead_lettered() {
+/// A dispatcher whose inputs may be at most 1 KiB and one runner with an agent for `work`.
+async fn intake_system() -> System {
     let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
     sys.start_dispatcher(flotilla_dispatcher::Config { max_input_bytes: 1024, ..dispatcher_config() }).await;
     sys.start_runner("r1", &worker_fleet(1, 2)).await;
     sys.wait_for_agents("r1", 1).await;
+    sys
+}
+
+/// Publishes raw bytes to the intake, as any client could, and waits for the stream's ack.
+async fn publish(sys: &System, payload: Vec<u8>, content_type: Option<&str>, msg_id: Option<&str>) {
+    let mut h = async_nats::HeaderMap::new();
+    if let Some(ct) = content_type {
+        h.insert(headers::CONTENT_TYPE, ct);
+    }
+    if let Some(id) = msg_id {
+        h.insert(headers::NATS_MSG_ID, id);
+    }
+    sys.js.publish_with_headers(sys.names.submit_subject(), h, payload.into()).await.unwrap().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_bad_input_is_rejected_and_dead_lettered() {
+    let sys = intake_system().await;
 
     let json = Some(headers::APPLICATION_JSON);
     // Nested far deeper than any decoder's stack should be asked to go.
@@ -51,17 +69,7 @@ async fn each_bad_input_is_rejected_and_dead_lettered() {
         ("bad-deep-msgpack", deep_msgpack, None, "invalid_field"),
     ];
     for (msg_id, payload, ct, _) in &cases {
-        let mut h = async_nats::HeaderMap::new();
-        if let Some(ct) = ct {
-            h.insert(headers::CONTENT_TYPE, *ct);
-        }
-        h.insert(headers::NATS_MSG_ID, *msg_id);
-        sys.js
-            .publish_with_headers(sys.names.submit_subject(), h, payload.clone().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish(&sys, payload.clone(), *ct, Some(msg_id)).await;
     }
     // The services keep serving: a good task after all that completes.
     let good =
@@ -170,28 +178,10 @@ async fn a_bad_submission_with_a_readable_id_is_rejected_under_that_id() {
         ),
     ];
     for (_, payload, ct, _) in &cases {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(headers::CONTENT_TYPE, *ct);
-        sys.js
-            .publish_with_headers(sys.names.submit_subject(), h, payload.clone().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        publish(&sys, payload.clone(), Some(ct), None).await;
     }
     // An id that is itself wrong cannot be used: a generated one.
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(headers::CONTENT_TYPE, json);
-    sys.js
-        .publish_with_headers(
-            sys.names.submit_subject(),
-            h,
-            br#"{"id": "not a token!", "capability": 7}"#.to_vec().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish(&sys, br#"{"id": "not a token!", "capability": 7}"#.to_vec(), Some(json), None).await;
     let events = sys.wait_for_kind("rejected", cases.len() + 1, Duration::from_secs(20)).await;
     for (id, _, _, reason) in &cases {
         let ev = events
@@ -206,10 +196,7 @@ async fn a_bad_submission_with_a_readable_id_is_rejected_under_that_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_thousand_hostile_submissions_are_each_rejected_and_the_fleet_keeps_serving() {
-    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
-    sys.start_dispatcher(flotilla_dispatcher::Config { max_input_bytes: 1024, ..dispatcher_config() }).await;
-    sys.start_runner("r1", &worker_fleet(1, 2)).await;
-    sys.wait_for_agents("r1", 1).await;
+    let sys = intake_system().await;
     let json = Some(headers::APPLICATION_JSON);
     let mp = Some(headers::APPLICATION_MSGPACK);
     // (kind, body for id, content type, reason); an id of None: none can be read.
