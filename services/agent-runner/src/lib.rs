@@ -168,30 +168,28 @@ fn providers(config: &Config, fleet_file: &FleetFile) -> anyhow::Result<Provider
             _ => llm::Provider::Offline { agent: t.name.clone() },
         };
         let openai = matches!(provider, llm::Provider::OpenAi(_));
-        let embedder = match (&t.embedding_url, openai) {
-            (Some(url), _) => recall::Embedder::OpenAi {
+        // `embedding_url`, else an OpenAI-compatible chat provider's own host, else offline.
+        let embedder = match t.embedding_url.clone().or_else(|| {
+            openai.then(|| t.base_url.clone().unwrap_or_else(|| "https://api.openai.com/v1".to_owned()))
+        }) {
+            Some(base_url) => recall::Embedder::OpenAi {
                 http: http.clone(),
-                base_url: url.clone(),
                 // The chat provider's key goes only to the chat provider's own host.
-                api_key: llm::Secret::new(if openai && t.base_url.as_ref() == Some(url) {
-                    key.clone()
-                } else {
-                    String::new()
-                }),
+                api_key: llm::Secret::new(
+                    if openai && (t.embedding_url.is_none() || t.embedding_url == t.base_url) {
+                        key.clone()
+                    } else {
+                        String::new()
+                    },
+                ),
+                base_url,
                 model: t
                     .embedding_model
                     .clone()
                     .unwrap_or_else(|| if openai { t.model.clone() } else { "embedding".to_owned() }),
                 timeout: t.request_timeout,
             },
-            (None, true) => recall::Embedder::OpenAi {
-                http: http.clone(),
-                base_url: t.base_url.clone().unwrap_or_else(|| "https://api.openai.com/v1".to_owned()),
-                api_key: llm::Secret::new(key.clone()),
-                model: t.embedding_model.clone().unwrap_or_else(|| t.model.clone()),
-                timeout: t.request_timeout,
-            },
-            (None, false) => recall::Embedder::Offline,
+            None => recall::Embedder::Offline,
         };
         embedders.insert(t.name.clone(), embedder);
         out.insert(t.name.clone(), provider);

@@ -234,14 +234,14 @@ pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationTo
     let names = &ctx.fleet.names;
     for class in PriorityClass::ALL {
         let c = class.as_str();
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(names.runner_mailbox_consumer(&runner, c)),
-                description: Some(format!("Flotilla runner {runner}: its agents' {c} messages")),
-                filter_subject: names.inbox_runner(&runner, c),
-                ..consumer_config(env.ack_wait)
-            })
-            .await?;
+        let consumer = inbox_consumer(
+            &stream,
+            env.ack_wait,
+            names.runner_mailbox_consumer(&runner, c),
+            format!("Flotilla runner {runner}: its agents' {c} messages"),
+            names.inbox_runner(&runner, c),
+        )
+        .await?;
         tracker.spawn(prefetch(env.clone(), consumer, class, shutdown.clone()));
     }
     // Every template of the fleet file, also those with no agent here yet (a scale-up may start
@@ -251,14 +251,14 @@ pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationTo
         let mut bells = vec![names.inbox_template(&template, "*")];
         for class in PriorityClass::ALL {
             let c = class.as_str();
-            let consumer = stream
-                .create_consumer(pull::Config {
-                    durable_name: Some(names.template_mailbox_consumer(&template, c)),
-                    description: Some(format!("Flotilla template {template}: its {c} messages")),
-                    filter_subject: names.inbox_template(&template, c),
-                    ..consumer_config(env.ack_wait)
-                })
-                .await?;
+            let consumer = inbox_consumer(
+                &stream,
+                env.ack_wait,
+                names.template_mailbox_consumer(&template, c),
+                format!("Flotilla template {template}: its {c} messages"),
+                names.inbox_template(&template, c),
+            )
+            .await?;
             sources.push((Source::Inbox, consumer));
         }
         if let Some(t) = ctx.agents.template(&template)
@@ -341,6 +341,23 @@ async fn topic_consumer(
         ..consumer_config(ack_wait)
     };
     stream.create_consumer(cfg).await.context("failed to create the topic subscription")
+}
+
+/// A durable consumer of one inbox subject (one class of a runner's or a template's messages).
+async fn inbox_consumer(
+    stream: &stream::Stream,
+    ack_wait: Duration,
+    name: String,
+    description: String,
+    filter_subject: String,
+) -> anyhow::Result<PullConsumer> {
+    let cfg = pull::Config {
+        durable_name: Some(name),
+        description: Some(description),
+        filter_subject,
+        ..consumer_config(ack_wait)
+    };
+    Ok(stream.create_consumer(cfg).await?)
 }
 
 fn consumer_config(ack_wait: Duration) -> pull::Config {
