@@ -24,7 +24,7 @@ async def main(url: str, prefix: str) -> None:
         json.dumps(task).encode(),
         headers={"Content-Type": "application/json"},
     )
-    sub = await js.subscribe(f"{prefix}.events.task.{task_id}.completed", ordered_consumer=True)
+    sub = await js.subscribe(f"{prefix}.events.task.*.{task_id}.completed", ordered_consumer=True)
     msg = await sub.next_msg(timeout=30)
     event = json.loads(msg.data)
     print(json.dumps({"id": task_id, "stream": ack.stream, "seq": ack.seq, "event": event}))

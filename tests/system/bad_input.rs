@@ -306,3 +306,38 @@ async fn two_thousand_hostile_submissions_are_each_rejected_and_the_fleet_keeps_
     assert_eq!(sys.task("good-after").await.unwrap().state, flotilla_protocol::TaskState::Completed);
     sys.stop().await;
 }
+
+/// A tenant's submit subject names the task's tenant: a task on it belongs to that tenant, its
+/// events carry the tenant token, and a submission there naming another tenant is rejected
+/// under that tenant's events, where its client looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_subject_names_the_tenant_and_a_body_naming_another_is_rejected() {
+    let sys = intake_system().await;
+    let json = |body: &str| body.as_bytes().to_vec();
+    let green = sys.names.tenant_submit_subject("green");
+    let ok = json(r#"{"id": "green-1", "capability": "work"}"#);
+    let wrong = json(r#"{"id": "green-2", "capability": "work", "tenant": "blue"}"#);
+    for body in [ok, wrong] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+        sys.js.publish_with_headers(green.clone(), h, body.into()).await.unwrap().await.unwrap();
+    }
+    sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    sys.wait_for_kind("rejected", 1, Duration::from_secs(20)).await;
+    let stored = sys.read_stream(&sys.names.events_stream(), &sys.names.tenant_task_events("green")).await;
+    let kinds: Vec<(String, String)> = stored
+        .iter()
+        .map(|(subject, _)| {
+            let (tenant, id, kind) = sys.names.parse_task_event_subject(subject).unwrap();
+            assert_eq!(tenant, "green");
+            (id.to_owned(), kind.to_owned())
+        })
+        .collect();
+    assert!(kinds.contains(&("green-1".into(), "completed".into())), "{kinds:?}");
+    assert!(kinds.contains(&("green-2".into(), "rejected".into())), "{kinds:?}");
+    assert_eq!(sys.task("green-1").await.unwrap().tenant, "green");
+    let rejected = sys.events().await.into_iter().find(|e| e.task_id == "green-2").unwrap();
+    assert_eq!(rejected.error.unwrap().code, "tenant_mismatch");
+    assert!(sys.task("green-2").await.is_none());
+    sys.stop().await;
+}

@@ -79,7 +79,7 @@ async fn submit_all(sys: &System, subs: &[TaskSubmission]) {
 }
 
 /// How many tasks have a `completed` event in the events stream: the number of distinct
-/// `<p>.events.task.<id>.completed` subjects, counted by the server.
+/// `<p>.events.task.<tenant>.<id>.completed` subjects, counted by the server.
 async fn completed_tasks(sys: &System) -> usize {
     let stream = sys.js.get_stream(sys.names.events_stream()).await.unwrap();
     let subjects = stream.info_with_subjects(sys.names.task_events_kind("completed")).await.unwrap();

@@ -136,7 +136,7 @@ async fn when_retries_run_out_the_task_fails_with_a_dead_letter_of_every_attempt
     assert!(dl.message.contains("model_error"), "{}", dl.message);
     assert_eq!(dl.attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(), [1, 2]);
     assert!(dl.attempts.iter().all(|a| a.error.code == "model_error"));
-    assert_eq!(dl.subject, sys.names.task_event_subject("doomed", "failed"));
+    assert_eq!(dl.subject, sys.names.task_event_subject("default", "doomed", "failed"));
     assert!(dl.payload_len > 0 && !dl.payload_base64.is_empty(), "the task record is the payload");
 
     // No third attempt, ever.

@@ -240,8 +240,12 @@ async fn collect(
             _ => anyhow::bail!("tasks stopped ending: {ended} of {n} ended"),
         };
         let at = Instant::now();
-        let Some((id, kind)) =
-            msg.subject.as_str().strip_prefix(&subject_prefix).and_then(|r| r.rsplit_once('.'))
+        let Some((id, kind)) = msg
+            .subject
+            .as_str()
+            .strip_prefix(&subject_prefix)
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(_tenant, r)| r.rsplit_once('.'))
         else {
             continue;
         };

@@ -49,7 +49,7 @@ pub fn is_token(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// Kinds of task lifecycle events; the last token of `<prefix>.events.task.<id>.<kind>`.
+/// Kinds of task lifecycle events; the last token of `<prefix>.events.task.<tenant>.<id>.<kind>`.
 pub mod event_kind {
     pub const ACCEPTED: &str = "accepted";
     pub const REJECTED: &str = "rejected";
@@ -136,16 +136,47 @@ impl Names {
         &self.prefix
     }
 
+    /// The tenant, task id and kind of a task event's subject
+    /// (`<prefix>.events.task.<tenant>.<id>.<kind>`), if it is one.
+    pub fn parse_task_event_subject<'s>(&self, subject: &'s str) -> Option<(&'s str, &'s str, &'s str)> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".events.task.")?;
+        let mut parts = rest.split('.');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(tenant), Some(id), Some(kind), None) => Some((tenant, id, kind)),
+            _ => None,
+        }
+    }
+
+    /// The tenant a submission's subject names: `Some` for `<prefix>.tasks.submit.<tenant>`,
+    /// `None` for the bare submit subject (or any other subject).
+    pub fn tenant_of_submit_subject<'s>(&self, subject: &'s str) -> Option<&'s str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".tasks.submit.")
+            .filter(|t| !t.is_empty() && !t.contains('.'))
+    }
+
     // ---- subjects of tasks and their events --------------------------------------------------
     names! {
-        /// Where anyone submits a task.
+        /// Where a trusted client (an operator, a test, any client while authentication is
+        /// off) submits a task: the tenant is the submission's `tenant` field, else `default`.
         submit_subject() = prefix ".tasks.submit";
-        /// One task event.
-        task_event_subject(task_id, kind) = prefix ".events.task.{task_id}.{kind}";
-        /// Every event of one task.
-        task_events_of(task_id) = prefix ".events.task.{task_id}.*";
+        /// Where a tenant's clients submit its tasks: the tenant is this subject's last token
+        /// (a submission naming another tenant is rejected), and a submitter credential may
+        /// publish here and nowhere else.
+        tenant_submit_subject(tenant) = prefix ".tasks.submit.{tenant}";
+        /// Every tenant's submit subject.
+        tenant_submit_all() = prefix ".tasks.submit.*";
+        /// One task event, under the task's tenant.
+        task_event_subject(tenant, task_id, kind) = prefix ".events.task.{tenant}.{task_id}.{kind}";
+        /// Every event of one task of a known tenant.
+        tenant_task_events_of(tenant, task_id) = prefix ".events.task.{tenant}.{task_id}.*";
+        /// Every event of one task (of whatever tenant).
+        task_events_of(task_id) = prefix ".events.task.*.{task_id}.*";
         /// Every task event of one kind.
-        task_events_kind(kind) = prefix ".events.task.*.{kind}";
+        task_events_kind(kind) = prefix ".events.task.*.*.{kind}";
+        /// Every task event of one tenant (what its submitters may read).
+        tenant_task_events(tenant) = prefix ".events.task.{tenant}.>";
         /// Every task event.
         task_events_all() = prefix ".events.task.>";
         /// An agent's lifecycle event.
@@ -310,7 +341,17 @@ mod tests {
     fn names_follow_the_prefix() {
         let n = Names::new(Prefix::new("acme.fleet").unwrap());
         assert_eq!(n.submit_subject(), "acme.fleet.tasks.submit");
-        assert_eq!(n.task_event_subject("t1", "completed"), "acme.fleet.events.task.t1.completed");
+        assert_eq!(
+            n.task_event_subject("default", "t1", "completed"),
+            "acme.fleet.events.task.default.t1.completed"
+        );
+        assert_eq!(
+            n.parse_task_event_subject("acme.fleet.events.task.t9.t1.completed"),
+            Some(("t9", "t1", "completed"))
+        );
+        assert_eq!(n.parse_task_event_subject("acme.fleet.events.task.t1.completed"), None);
+        assert_eq!(n.tenant_of_submit_subject("acme.fleet.tasks.submit.green"), Some("green"));
+        assert_eq!(n.tenant_of_submit_subject("acme.fleet.tasks.submit"), None);
         assert_eq!(n.submissions_stream(), "ACME_FLEET_SUBMISSIONS");
         assert_eq!(n.tasks_bucket(), "acme_fleet_tasks");
         assert_eq!(n.leases_bucket(), "acme_fleet_leases");

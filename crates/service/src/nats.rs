@@ -51,6 +51,17 @@ pub fn event_msg_id(event: &TaskEvent) -> String {
     msg_id
 }
 
+/// The tenant whose subjects carry a task event: its `tenant`, else the default tenant (an
+/// event with no tenant, or with one that is no subject token, can only be the rejection of a
+/// submission that named none readable).
+pub fn event_tenant(event: &TaskEvent) -> &str {
+    event
+        .tenant
+        .as_deref()
+        .filter(|t| flotilla_protocol::names::is_token(t))
+        .unwrap_or(flotilla_protocol::DEFAULT_TENANT)
+}
+
 /// The content type a message names, if any.
 pub fn content_type(h: Option<&HeaderMap>) -> Option<&str> {
     h.and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str())
@@ -239,14 +250,14 @@ impl Fleet {
 
     /// Sends a task event without waiting for its ack (see [`Self::send_durable`]).
     pub async fn send_event(&self, event: &TaskEvent) -> Result<Pending, FleetError> {
-        let subject = self.names.task_event_subject(&event.task_id, &event.kind);
+        let subject = self.names.task_event_subject(event_tenant(event), &event.task_id, &event.kind);
         self.send_durable(subject, event, Some(&event_msg_id(event))).await
     }
 
     /// Sends a task event under a de-duplication id of the caller's (for events that may rightly
     /// happen more than once per attempt, such as an assignment taken back and made again).
     pub async fn send_event_with_id(&self, event: &TaskEvent, msg_id: &str) -> Result<Pending, FleetError> {
-        let subject = self.names.task_event_subject(&event.task_id, &event.kind);
+        let subject = self.names.task_event_subject(event_tenant(event), &event.task_id, &event.kind);
         self.send_durable(subject, event, Some(msg_id)).await
     }
 
@@ -255,7 +266,7 @@ impl Fleet {
     /// stream refuses it, at any age, when the subject already holds a message. The refusal
     /// comes back from [`Pending::confirmed`] as [`FleetError::Exists`].
     pub async fn send_first_event(&self, event: &TaskEvent) -> Result<Pending, FleetError> {
-        let subject = self.names.task_event_subject(&event.task_id, &event.kind);
+        let subject = self.names.task_event_subject(event_tenant(event), &event.task_id, &event.kind);
         let mut h = self.headers(Some(&event_msg_id(event)));
         h.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let payload = self.encode(event)?;

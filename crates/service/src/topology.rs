@@ -144,7 +144,11 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
             max_age: s.submissions_max_age,
             duplicate_window: s.duplicate_window,
             max_message_size: s.max_msg_size,
-            ..base(names.submissions_stream(), vec![names.submit_subject()], "Flotilla: task submissions")
+            ..base(
+                names.submissions_stream(),
+                vec![names.submit_subject(), names.tenant_submit_all()],
+                "Flotilla: task submissions",
+            )
         },
         stream::Config {
             retention: stream::RetentionPolicy::Limits,

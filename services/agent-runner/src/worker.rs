@@ -600,7 +600,7 @@ async fn dead_letter_retries(fleet: &Fleet, rec: &TaskRecord) -> Result<(), Flee
         "agent-runner.retries",
         "retries_exhausted",
         format!("all {} attempts failed; the last with {last}", rec.attempt),
-        fleet.names.task_event_subject(&rec.id, event_kind::FAILED),
+        fleet.names.task_event_subject(&rec.tenant, &rec.id, event_kind::FAILED),
         &payload,
     )
     .task(rec.id.clone())

@@ -114,18 +114,33 @@ impl Intake {
         let Some(m) = guard.message() else { return Ok(()) };
         let msg_id = header(m, headers::NATS_MSG_ID);
         let ct = header(m, headers::CONTENT_TYPE);
-        let (sub, unknown) = match codec::decode_reporting::<TaskSubmission>(ct.as_deref(), &m.payload) {
+        // A tenant's own subject names the tenant; its rejections go to that tenant's events,
+        // where its clients (and only they) may look.
+        let subject_tenant = self.fleet.names.tenant_of_submit_subject(&m.subject).map(str::to_owned);
+        let (mut sub, unknown) = match codec::decode_reporting::<TaskSubmission>(ct.as_deref(), &m.payload) {
             Ok(v) => v,
             // The rejection goes under the submission's own id when that much can be read, so
             // the client finds it where it looks, whatever else is wrong.
             Err(e) => {
-                return self.reject(m, readable_id(ct.as_deref(), &m.payload), e.reason, &e.message).await;
+                let id = readable_id(ct.as_deref(), &m.payload);
+                return self.reject(m, id, subject_tenant.as_deref(), e.reason, &e.message).await;
             }
         };
         let id = match task_id_for(&sub, msg_id.as_deref()) {
             Ok(id) => id,
-            Err(r) => return self.reject(m, None, r.reason, &r.message).await,
+            Err(r) => return self.reject(m, None, subject_tenant.as_deref(), r.reason, &r.message).await,
         };
+        let tenant = match (&subject_tenant, &sub.tenant) {
+            (Some(on), Some(named)) if on != named => {
+                let why = format!("submitted on tenant {on:?}'s subject but names tenant {named:?}");
+                return self.reject(m, Some(id), Some(on), RejectReason::TenantMismatch, &why).await;
+            }
+            (Some(on), _) => Some(on.clone()),
+            (None, named) => named.clone().filter(|t| flotilla_protocol::names::is_token(t)),
+        };
+        if subject_tenant.is_some() {
+            sub.tenant = subject_tenant.clone();
+        }
         tracing::Span::current().record("task_id", id.as_str());
         let limits = Limits { max_input_bytes: self.config.max_input_bytes };
         let asked_attempts = sub.max_attempts;
@@ -133,13 +148,14 @@ impl Intake {
             Ok(r) => r,
             // A bad copy of an existing task never puts a rejection into that task's history:
             // `reject` counts it as a duplicate.
-            Err(r) => return self.reject(m, Some(id), r.reason, &r.message).await,
+            Err(r) => return self.reject(m, Some(id), tenant.as_deref(), r.reason, &r.message).await,
         };
         if self.config.unknown_capability == UnknownCapability::Reject
             && !self.capability_known(&rec.capability).await?
         {
             let why = format!("no agent in this fleet declares capability {:?}", rec.capability);
-            return self.reject(m, Some(id), RejectReason::UnknownCapability, &why).await;
+            let tenant = Some(rec.tenant.as_str());
+            return self.reject(m, Some(id), tenant, RejectReason::UnknownCapability, &why).await;
         }
         if asked_attempts.is_none() {
             rec.max_attempts = self.config.default_max_attempts;
@@ -207,6 +223,7 @@ impl Intake {
         &self,
         m: &Message,
         id: Option<String>,
+        tenant: Option<&str>,
         reason: RejectReason,
         message: &str,
     ) -> Result<(), FleetError> {
@@ -233,6 +250,7 @@ impl Intake {
         };
         tracing::info!(task_id = %task_id, reason = reason.code(), %message, "submission rejected");
         let mut ev = TaskEvent::new(task_id.clone(), event_kind::REJECTED);
+        ev.tenant = tenant.map(str::to_owned);
         ev.error = Some(ErrorInfo::new(reason.code(), message));
         self.fleet.publish_event(&ev).await?;
         self.dead_letter(m, Some(task_id), reason.code(), message).await

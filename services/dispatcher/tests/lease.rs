@@ -102,7 +102,10 @@ impl Harness {
     async fn assigned(&self, id: &str) -> bool {
         let names = &self.fleet.names;
         let stream = self.fleet.js.get_stream(names.events_stream()).await.unwrap();
-        stream.get_last_raw_message_by_subject(&names.task_event_subject(id, "assigned")).await.is_ok()
+        stream
+            .get_last_raw_message_by_subject(&names.task_event_subject("default", id, "assigned"))
+            .await
+            .is_ok()
     }
 
     async fn wait_assigned(&self, id: &str) {

@@ -304,7 +304,7 @@ async fn follow_once(
 
 /// Counts one task event (the stream is followed from the beginning).
 fn count_event(metrics: &Metrics, msg: &async_nats::jetstream::Message) {
-    // Subject: <prefix>.events.task.<id>.<kind>; unknown kinds share one label, so that no
+    // Subject: <prefix>.events.task.<tenant>.<id>.<kind>; unknown kinds share one label, so that no
     // publisher can grow the label set without bound.
     let kind = msg.subject.rsplit('.').next().unwrap_or_default();
     let kind = if KINDS.contains(&kind) { kind } else { "other" };

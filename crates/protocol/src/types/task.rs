@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use super::*;
 
-/// A task as submitted by any NATS client on `<prefix>.tasks.submit` (JSON or MessagePack).
+/// A task as submitted by any NATS client on `<prefix>.tasks.submit.<tenant>` (or, trusted, on
+/// `<prefix>.tasks.submit`), in JSON or MessagePack.
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskSubmission {
@@ -25,7 +26,8 @@ pub struct TaskSubmission {
     /// 0 (most urgent) to 9, or one of `critical` (0), `interactive` (2), `normal` (5, default),
     /// `batch` (8).
     pub priority: Option<Priority>,
-    /// Tenant the task is accounted to. Defaults to `default`.
+    /// Tenant the task is accounted to: the submit subject's tenant, else this field, else
+    /// `default`. On a tenant's subject, naming another tenant is rejected (`tenant_mismatch`).
     pub tenant: Option<String>,
     /// Token budget for the whole task.
     pub budget_tokens: Option<u64>,
@@ -251,6 +253,8 @@ pub enum RejectReason {
     InputTooLarge,
     /// The deadline had already passed when the task arrived.
     DeadlineExceeded,
+    /// The submission names a tenant other than the one whose subject it was published on.
+    TenantMismatch,
 }
 
 impl RejectReason {
@@ -264,6 +268,7 @@ impl RejectReason {
             Self::UnknownCapability => "unknown_capability",
             Self::InputTooLarge => "input_too_large",
             Self::DeadlineExceeded => "deadline_exceeded",
+            Self::TenantMismatch => "tenant_mismatch",
         }
     }
 }
@@ -338,7 +343,7 @@ impl Assignment {
     }
 }
 
-/// A task lifecycle event, published on `<prefix>.events.task.<id>.<kind>`. Which optional fields
+/// A task lifecycle event, published on `<prefix>.events.task.<tenant>.<id>.<kind>`. Which optional fields
 /// are present depends on `kind`: `completed` carries `output`, `usage` and `agent_id`; `failed`
 /// and `rejected` carry `error`; `progress` carries either a finished step (`step`, `usage`,
 /// `detail`) or, while a streaming model writes, a piece of its text (`step`, `text_delta`,

@@ -521,7 +521,7 @@ async fn delegate(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     let stream = fleet.js.get_stream(fleet.names.events_stream()).await.map_err(nats_err)?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: fleet.names.task_events_of(&id),
+            filter_subject: fleet.names.tenant_task_events_of(&ctx.task.tenant, &id),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
@@ -541,7 +541,9 @@ async fn delegate(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
         parent_id: Some(ctx.task.id.clone()),
         ..Default::default()
     };
-    if let Err(e) = fleet.publish_durable(fleet.names.submit_subject(), &sub, Some(&id)).await {
+    if let Err(e) =
+        fleet.publish_durable(fleet.names.tenant_submit_subject(&ctx.task.tenant), &sub, Some(&id)).await
+    {
         // Nothing was submitted: what was carved for the child goes back at once.
         if let Some(client) = &ctx.budgets {
             crate::budget::close_task(client, &id).await;
