@@ -10,4 +10,6 @@ COPY --from=build /src/target/release/flotilla /src/target/release/flotilla-disp
      /src/target/release/flotilla-agent-runner /src/target/release/flotilla-monitor \
      /src/target/release/flotilla-budget-keeper /usr/local/bin/
 COPY examples/demo-fleet.toml /etc/flotilla/fleet.toml
+# The credentials volume of compose.yaml: written by `flotilla auth init` as this user.
+RUN mkdir /auth && chown flotilla /auth
 USER flotilla

@@ -4,11 +4,11 @@ import asyncio
 import json
 import sys
 
-import nats
+import flotilla_connect
 
 
 async def main(url: str, prefix: str, task_ids: list[str]) -> None:
-    nc = await nats.connect(url)
+    nc = await flotilla_connect.connect(url)
     answers = []
     for task_id in task_ids:
         request = {"task_id": task_id, "reason": "cancelled from python"}

@@ -5,11 +5,11 @@ import json
 import sys
 import uuid
 
-import nats
+import flotilla_connect
 
 
 async def main(url: str, prefix: str) -> None:
-    nc = await nats.connect(url)
+    nc = await flotilla_connect.connect(url)
     js = nc.jetstream()
     task_id = "py-" + uuid.uuid4().hex[:12]
     task = {
@@ -19,12 +19,14 @@ async def main(url: str, prefix: str) -> None:
         "priority": "interactive",
         "tenant": "python",
     }
+    # Listening first (a tenant's submitter may subscribe to its own tenant's events), then
+    # submitting on the tenant's own subject, acked by the stream.
+    sub = await nc.subscribe(f"{prefix}.events.task.python.{task_id}.completed")
     ack = await js.publish(
-        f"{prefix}.tasks.submit",
+        f"{prefix}.tasks.submit.python",
         json.dumps(task).encode(),
         headers={"Content-Type": "application/json"},
     )
-    sub = await js.subscribe(f"{prefix}.events.task.*.{task_id}.completed", ordered_consumer=True)
     msg = await sub.next_msg(timeout=30)
     event = json.loads(msg.data)
     print(json.dumps({"id": task_id, "stream": ack.stream, "seq": ack.seq, "event": event}))

@@ -6,13 +6,14 @@ import asyncio
 import json
 import sys
 
+import flotilla_connect
 import nats
 
 HEADERS = {"Content-Type": "application/json"}
 
 
 async def main(url: str, prefix: str, agent: str, other_runner: str) -> None:
-    nc = await nats.connect(url)
+    nc = await flotilla_connect.connect(url)
     out = {}
     # Replies to client "py" are stored on <p>.inbox.client.py and published there live.
     replies = await nc.subscribe(f"{prefix}.inbox.client.py")
@@ -29,9 +30,15 @@ async def main(url: str, prefix: str, agent: str, other_runner: str) -> None:
     # A client claiming to be an agent.
     out["as_agent"] = await send(f"{prefix}.msg.send.client.py",
                                  {"from": agent, "to": {"agent": agent}, "body": "forged"})
-    # A "runner" claiming an agent it does not host.
-    out["wrong_runner"] = await send(f"{prefix}.msg.send.runner.{other_runner}",
-                                     {"from": agent, "to": {"agent": agent}, "body": "forged"})
+    # A "runner" claiming an agent it does not host (with authentication on, the server does not
+    # let a client publish there at all, and the request gets no answer).
+    try:
+        msg = await nc.request(f"{prefix}.msg.send.runner.{other_runner}",
+                               json.dumps({"from": agent, "to": {"agent": agent}, "body": "forged"}).encode(),
+                               timeout=2, headers=HEADERS)
+        out["wrong_runner"] = json.loads(msg.data)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        out["wrong_runner"] = {"denied": True}
     # Unknown fields and wrong types get a reason.
     out["unknown_field"] = await send(f"{prefix}.msg.send.client.py",
                                       {"to": {"agent": agent}, "body": "x", "colour": "red"})

@@ -4,11 +4,11 @@ import asyncio
 import json
 import sys
 
-import nats
+import flotilla_connect
 
 
 async def main(url: str, prefix: str, topic: str, n: int) -> None:
-    nc = await nats.connect(url)
+    nc = await flotilla_connect.connect(url)
     js = nc.jetstream()
     for k in range(n):
         # Acked by the stream, so none is lost on the way.

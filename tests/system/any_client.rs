@@ -7,6 +7,7 @@
 use crate::support::*;
 use flotilla_protocol::WireFormat;
 use flotilla_service::StreamSettings;
+use flotilla_service::auth::RoleSpec;
 use flotilla_testkit::workspace_root;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -16,16 +17,11 @@ async fn a_plain_json_task_from_nats_py_completes() {
     sys.start_runner("r1", &worker_fleet(1, 2)).await;
     sys.wait_for_agents("r1", 1).await;
 
-    let root = workspace_root();
-    let pythonpath = root.join(".tools/python");
+    let pythonpath = workspace_root().join(".tools/python");
     assert!(pythonpath.join("nats").is_dir(), "nats-py missing: run scripts/install-nats-server");
-    let out = tokio::process::Command::new("python3")
-        .arg(root.join("tests/py/json_client.py"))
-        .arg(sys.server.url())
-        .env("PYTHONPATH", &pythonpath)
-        .output()
-        .await
-        .unwrap();
+    // As tenant python's submitter: all it may do is submit as python and read python's events.
+    let submitter = ("submitter-python", RoleSpec::Submitter { tenant: "python".into() });
+    let out = sys.python("json_client.py", &[sys.server.url()], submitter).await;
     assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let event = &reply["event"];
@@ -69,14 +65,9 @@ async fn nats_py_cancels_a_running_task_with_one_json_request() {
     sys.submit(&long).await;
     sys.wait_for_kind("started", 1, std::time::Duration::from_secs(30)).await;
 
-    let root = workspace_root();
-    let out = tokio::process::Command::new("python3")
-        .arg(root.join("tests/py/cancel_client.py"))
-        .args([sys.server.url(), "flotilla", "py-long", "no-such-task"])
-        .env("PYTHONPATH", root.join(".tools/python"))
-        .output()
-        .await
-        .unwrap();
+    let args = [sys.server.url(), "flotilla", "py-long", "no-such-task"];
+    let operator = ("operator-test", RoleSpec::Operator { name: "test".into() });
+    let out = sys.python("cancel_client.py", &args, operator).await;
     assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
     let answers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let cancelled = &answers[0];

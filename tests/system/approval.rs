@@ -23,7 +23,12 @@ fn asking(id: &str, question: &str) -> TaskSubmission {
 }
 
 fn flotilla(url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("flotilla")).args(args).env("FLOTILLA_NATS_URL", url).output().unwrap();
+    let mut cmd = Command::new(bin("flotilla"));
+    cmd.args(args).env("FLOTILLA_NATS_URL", url);
+    if let Some(creds) = flotilla_testkit::operator_creds(url) {
+        cmd.env("FLOTILLA_CREDS", creds);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into(),

@@ -19,10 +19,12 @@ use futures::StreamExt as _;
 fn spawn_dispatcher(sys: &System, instance: &str, ttl: &str) -> ChildProcess {
     let format = if sys.format == WireFormat::Json { "json" } else { "msgpack" };
     let prefix = sys.names.prefix().to_string();
+    let creds = sys.server.creds(&prefix, "dispatcher").map(|p| p.display().to_string()).unwrap_or_default();
     ChildProcess::spawn(
         &bin("flotilla-dispatcher"),
         &[],
         &[
+            ("FLOTILLA_CREDS", &creds),
             ("FLOTILLA_NATS_URL", sys.server.url()),
             ("FLOTILLA_INSTANCE", instance),
             ("FLOTILLA_PREFIX", &prefix),

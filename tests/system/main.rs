@@ -23,6 +23,7 @@ mod messages;
 mod prefixes;
 mod real_model;
 mod retries;
+mod roles;
 mod runner_crash;
 mod scale_out;
 mod scheduling;

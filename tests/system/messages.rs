@@ -335,14 +335,9 @@ async fn nats_py_messages_an_agent_and_cannot_forge_a_sender() {
     sys.start_runner("r2", "[[agent]]\nname = \"other\"\ncapabilities = [\"other\"]\n").await;
     sys.wait_for_agents("r1", 1).await;
     sys.wait_for_agents("r2", 1).await;
-    let root = flotilla_testkit::workspace_root();
-    let out = tokio::process::Command::new("python3")
-        .arg(root.join("tests/py/message_client.py"))
-        .args([sys.server.url(), "flotilla", "r1-helper-0", "r2"])
-        .env("PYTHONPATH", root.join(".tools/python"))
-        .output()
-        .await
-        .unwrap();
+    // As client identity "py": an operator of that name may send as "py" and nothing else.
+    let py = ("operator-py", flotilla_service::auth::RoleSpec::Operator { name: "py".into() });
+    let out = sys.python("message_client.py", &[sys.server.url(), "flotilla", "r1-helper-0", "r2"], py).await;
     assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["sent"]["delivered"][0]["to"], "agent:r1-helper-0", "{seen}");
@@ -350,7 +345,12 @@ async fn nats_py_messages_an_agent_and_cannot_forge_a_sender() {
     assert_eq!(seen["reply"]["from"]["agent"], "r1-helper-0", "{seen}");
     assert_eq!(seen["reply"]["body"]["text"], "[helper] message: hello from python", "{seen}");
     assert_eq!(seen["as_agent"]["error"]["code"], "forbidden_sender", "{seen}");
-    assert_eq!(seen["wrong_runner"]["error"]["code"], "forbidden_sender", "{seen}");
+    if sys.server.auth_enabled() {
+        // Publishing as a runner is not even let through by the server.
+        assert_eq!(seen["wrong_runner"]["denied"], true, "{seen}");
+    } else {
+        assert_eq!(seen["wrong_runner"]["error"]["code"], "forbidden_sender", "{seen}");
+    }
     assert_eq!(seen["unknown_field"]["error"]["code"], "malformed", "{seen}");
     assert!(seen["unknown_field"]["error"]["message"].as_str().unwrap().contains("colour"), "{seen}");
     assert!(seen["bad_priority"]["error"]["code"].is_string(), "{seen}");
@@ -394,12 +394,10 @@ async fn topic_events_wake_each_subscribed_template_once_across_a_runner_kill() 
     sys.wait_for_agents("ra", 3).await;
     sys.wait_for_agents("rb", 3).await;
     let n = 500;
-    let root = flotilla_testkit::workspace_root();
-    let publisher = tokio::process::Command::new("python3")
-        .arg(root.join("tests/py/topic_publisher.py"))
-        .args([sys.server.url(), "flotilla", "orders.created", &n.to_string()])
-        .env("PYTHONPATH", root.join(".tools/python"))
-        .output();
+    let count = n.to_string();
+    let operator = ("operator-test", flotilla_service::auth::RoleSpec::Operator { name: "test".into() });
+    let args = [sys.server.url(), "flotilla", "orders.created", &count];
+    let publisher = sys.python("topic_publisher.py", &args, operator);
     let killer = async {
         wait_for_messages(&sys, "some topic events handled", Duration::from_secs(60), |ev| {
             of_kind(ev, message_event::ANSWERED).count() >= 150
@@ -408,7 +406,6 @@ async fn topic_events_wake_each_subscribed_template_once_across_a_runner_kill() 
         rb.kill9();
     };
     let (out, ()) = tokio::join!(publisher, killer);
-    let out = out.unwrap();
     assert!(out.status.success(), "publisher failed: {}", String::from_utf8_lossy(&out.stderr));
     let _rb = sys.spawn_runner_process("rb", &fleet);
     let per_template = |events: &[MessageEvent], t: &str| {
@@ -561,15 +558,14 @@ async fn the_cli_manages_grants_memory_topics_and_sends() {
         "[[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\ntenant = \"acme\"\ntopics = [\"news.*\"]\n";
     let sys = System::with_runner("r1", fleet, 1).await;
     let url = sys.server.url().to_owned();
-    // Grants: across tenants, the operator (tenant default) is refused until granted.
+    // Grants: across tenants, the operator `test` (tenant default) is refused until granted.
     let (code, _, err) = cli(&url, &["send", "--to", "agent:r1-helper-0", "hi"]).await;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("permission_denied") && err.contains("default:cross-tenant"), "{err}");
     let (code, out, err) =
-        cli(&url, &["grants", "allow", "ops-to-acme", "--from", "client:operator", "--to", "tenant:acme"])
-            .await;
+        cli(&url, &["grants", "allow", "ops-to-acme", "--from", "client:test", "--to", "tenant:acme"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ops-to-acme") && out.contains("client:operator -> tenant:acme"), "{out}");
+    assert!(out.contains("ops-to-acme") && out.contains("client:test -> tenant:acme"), "{out}");
     let (_, out, _) = cli(&url, &["grants", "list"]).await;
     assert!(out.contains("ops-to-acme"), "{out}");
     let started = std::time::Instant::now();

@@ -115,7 +115,14 @@ impl System {
     ) -> Self {
         init_logging();
         let names = Names::new(Prefix::new(prefix).unwrap());
-        let local = LocalFleet::on_server(server.url(), names.clone(), format, settings).await.unwrap();
+        let options = flotilla_local::Options {
+            format,
+            streams: settings,
+            auth: server.creds(prefix, "admin").map(flotilla_service::ClientAuth::creds).unwrap_or_default(),
+            identities: server.auth_dir(prefix),
+            ..flotilla_local::Options::new(flotilla_local::Nats::Url(server.url().to_owned()), names.clone())
+        };
+        let local = LocalFleet::start(options).await.unwrap();
         Self {
             server,
             names,
@@ -180,9 +187,47 @@ impl System {
         registry: flotilla_agent_runner::tools::Registry,
     ) {
         let file = FleetFile::parse(fleet_toml).unwrap();
+        self.runner_identity(id, fleet_toml);
         let runner = flotilla_agent_runner::Runner::new(config, file).unwrap().with_tools(registry);
         let handle = self.local.spawn(id, runner).await.unwrap();
         self.runners.insert(id.to_owned(), handle);
+    }
+
+    /// Makes sure runner `id` hosting `fleet_toml` has an identity (with authentication on);
+    /// returns its seed file.
+    pub fn runner_identity(&self, id: &str, fleet_toml: &str) -> Option<PathBuf> {
+        let file = FleetFile::parse(fleet_toml).unwrap();
+        let templates: Vec<String> = file.agents.iter().map(|t| t.name.clone()).collect();
+        self.server.runner_creds(self.names.prefix().as_str(), id, &templates)
+    }
+
+    /// Runs one of `tests/py/`'s nats-py clients with `args`, connected as `identity` of this
+    /// fleet when the server runs with authentication (created by `role` if it does not exist).
+    pub async fn python(
+        &self,
+        script: &str,
+        args: &[&str],
+        identity: (&str, flotilla_service::auth::RoleSpec),
+    ) -> std::process::Output {
+        let root = flotilla_testkit::workspace_root();
+        let mut cmd = tokio::process::Command::new("python3");
+        cmd.arg(root.join("tests/py").join(script)).args(args).env("PYTHONPATH", root.join(".tools/python"));
+        let prefix = self.names.prefix().as_str();
+        if self.server.auth_enabled() {
+            let (name, role) = identity;
+            self.server.change_auth(prefix, |a| {
+                if a.get(name).is_none() {
+                    a.add(name, role).unwrap();
+                }
+            });
+            cmd.env("FLOTILLA_CREDS", self.server.creds(prefix, name).unwrap());
+        }
+        cmd.output().await.unwrap()
+    }
+
+    /// The harness's own fleet handle (the admin's connection).
+    pub fn fleet(&self) -> &flotilla_service::Fleet {
+        self.local.fleet()
     }
 
     /// Every stream's messages: (stream, subject, payload).
@@ -226,21 +271,21 @@ impl System {
         let hb = format!("{}ms", HEARTBEAT.as_millis());
         let format = if self.format == WireFormat::Json { "json" } else { "msgpack" };
         let prefix = self.names.prefix().to_string();
-        ChildProcess::spawn(
-            &bin("flotilla-agent-runner"),
-            &[],
-            &[
-                ("FLOTILLA_NATS_URL", self.server.url()),
-                ("FLOTILLA_FLEET", path.to_str().unwrap()),
-                ("FLOTILLA_RUNNER_ID", id),
-                ("FLOTILLA_WIRE_FORMAT", format),
-                ("FLOTILLA_PREFIX", &prefix),
-                ("FLOTILLA_AGENT_RUNNER__HEARTBEAT_INTERVAL", &hb),
-                ("FLOTILLA_AGENT_RUNNER__BUDGETS", if self.budgets { "true" } else { "false" }),
-                ("RUST_LOG", "warn"),
-            ],
-        )
-        .unwrap()
+        let creds = self.runner_identity(id, fleet_toml).map(|p| p.display().to_string());
+        let mut env = vec![
+            ("FLOTILLA_NATS_URL", self.server.url()),
+            ("FLOTILLA_FLEET", path.to_str().unwrap()),
+            ("FLOTILLA_RUNNER_ID", id),
+            ("FLOTILLA_WIRE_FORMAT", format),
+            ("FLOTILLA_PREFIX", &prefix),
+            ("FLOTILLA_AGENT_RUNNER__HEARTBEAT_INTERVAL", &hb),
+            ("FLOTILLA_AGENT_RUNNER__BUDGETS", if self.budgets { "true" } else { "false" }),
+            ("RUST_LOG", "warn"),
+        ];
+        if let Some(creds) = &creds {
+            env.push(("FLOTILLA_CREDS", creds));
+        }
+        ChildProcess::spawn(&bin("flotilla-agent-runner"), &[], &env).unwrap()
     }
 
     /// Waits until `n` agents of runner `id` have a fresh heartbeat.
@@ -395,11 +440,13 @@ pub async fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
     let url = url.to_owned();
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new(flotilla_testkit::bin("flotilla"))
-            .args(&args)
-            .env("FLOTILLA_NATS_URL", &url)
-            .output()
-            .unwrap();
+        let mut cmd = std::process::Command::new(flotilla_testkit::bin("flotilla"));
+        cmd.args(&args).env("FLOTILLA_NATS_URL", &url);
+        // As an operator: the test server's own, when it runs with authentication.
+        if let Some(creds) = flotilla_testkit::operator_creds(&url) {
+            cmd.env("FLOTILLA_CREDS", creds);
+        }
+        let out = cmd.output().unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into(),

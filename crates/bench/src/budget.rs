@@ -433,7 +433,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig) -> anyhow
     let names = local.fleet().names.clone();
     let mut fleets = Vec::with_capacity(CONNECTIONS);
     for c in 0..CONNECTIONS {
-        let client = nats::connect(local.url(), &format!("flotilla-bench-{c}")).await?;
+        let client = nats::connect(local.url(), &format!("flotilla-bench-{c}"), &Default::default()).await?;
         fleets.push(Fleet::new(client, names.clone(), WireFormat::Msgpack, "bench".into()));
     }
     let build = if cfg!(debug_assertions) { "debug" } else { "release" };

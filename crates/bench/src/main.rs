@@ -179,7 +179,7 @@ impl Cli {
                     ServerConfig::File(p) => format!("local nats-server with {}", p.display()),
                     ServerConfig::Defaults => "local nats-server with its defaults".to_owned(),
                 };
-                (Nats::Local(LocalNats { data_dir: dir.to_path_buf(), port: None, config }), desc)
+                (Nats::Local(LocalNats { data_dir: dir.to_path_buf(), port: None, config, auth: None }), desc)
             }
         };
         let options =

@@ -197,7 +197,11 @@ async fn ledger(cli: &Cli, scope: Option<&str>, follow: bool) -> Result<(), Fail
         return Ok(());
     }
     let mut msgs = stream
-        .create_consumer(pull::OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .create_consumer(pull::OrderedConfig {
+            name: Some(flotilla_service::nats::ordered_name()),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
         .await
         .context("failed to read the ledger")?
         .messages()

@@ -29,7 +29,8 @@ pub struct SubmitArgs {
     /// Priority: 0-9 or critical, interactive, normal, batch.
     #[arg(long)]
     pub priority: Option<String>,
-    /// Tenant.
+    /// Tenant: the task goes to `<p>.tasks.submit.<tenant>` (default: `default`), which is all
+    /// a submitter credential may publish to.
     #[arg(long)]
     pub tenant: Option<String>,
     /// Timeout, e.g. 30s.
@@ -60,6 +61,9 @@ pub struct TailArgs {
     /// Only this task's events.
     #[arg(long)]
     pub task: Option<String>,
+    /// Only this tenant's events (all a submitter credential may read).
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// Replay from the start of the stream instead of following new events only.
     #[arg(long)]
     pub from_start: bool,
@@ -83,14 +87,77 @@ pub async fn connect(cli: &Cli) -> Result<Fleet, Failure> {
         .filter(|u| !u.is_empty())
         .unwrap_or("nats://127.0.0.1:4222")
         .to_owned();
-    let client = async_nats::ConnectOptions::new()
+    let auth = cli.client_auth();
+    let client = auth
+        .options(async_nats::ConnectOptions::new())
+        .map_err(|e| Failure::new(2, e))?
         .name("flotilla-cli")
         .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .event_callback(|event| async move {
+            if let async_nats::Event::ServerError(async_nats::ServerError::Other(e)) = event
+                && e.contains("Permissions Violation")
+            {
+                refused::record(e);
+            }
+        })
         .connect(&url)
         .await
-        .with_context(|| format!("cannot reach NATS at {url} (is `flotilla up` running? set --nats-url)"))
-        .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
+        .map_err(|e| {
+            let text = e.to_string();
+            let why = if text.to_lowercase().contains("authoriz") {
+                match &cli.creds {
+                    None => format!(
+                        "NATS at {url} refused a connection without credentials: authentication is on \
+                         (pass --creds or FLOTILLA_CREDS with a seed file `flotilla auth` wrote)"
+                    ),
+                    Some(c) => format!(
+                        "NATS at {url} refused the credential {} (unknown or revoked identity)",
+                        c.display()
+                    ),
+                }
+            } else {
+                format!("cannot reach NATS at {url} (is `flotilla up` running? set --nats-url): {text}")
+            };
+            Failure::new(exit::UNAVAILABLE, anyhow::anyhow!(why))
+        })?;
     Ok(Fleet::new(client, names, WireFormat::Msgpack, "cli".to_owned()))
+}
+
+/// What the server refused this process, so that an error can say which permission is missing
+/// instead of only that nothing answered.
+pub mod refused {
+    use std::sync::Mutex;
+
+    static REFUSED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static NOTIFY: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+    /// Records the server's `Permissions Violation for … to "…"` error.
+    pub fn record(error: String) {
+        if let Ok(mut r) = REFUSED.lock() {
+            r.push(error);
+        }
+        NOTIFY.notify_waiters();
+    }
+
+    /// Everything refused so far.
+    pub fn all() -> Vec<String> {
+        REFUSED.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Resolves at the next refusal.
+    pub async fn next() {
+        NOTIFY.notified().await;
+    }
+
+    /// The sentence an error ends with when the server refused something.
+    pub fn explain() -> Option<String> {
+        let all = all();
+        let first = all.first()?;
+        Some(format!(
+            "the server refused it: {first} (this credential's role does not allow that; see nats/permissions.md)"
+        ))
+    }
 }
 
 /// A bucket of the fleet, or exit 5 saying that it does not exist (no Flotilla service has run
@@ -114,8 +181,14 @@ pub async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
 ) -> Result<Rep, Failure> {
     let body = fleet.encode(req).context("failed to encode the request")?;
     let asked = fleet.client.request_with_headers(subject.clone(), fleet.headers(None), body);
-    let msg = tokio::time::timeout(Duration::from_secs(10), asked)
-        .await
+    let answered = tokio::select! {
+        a = tokio::time::timeout(Duration::from_secs(10), asked) => a,
+        () = refused::next() => {
+            let why = refused::explain().unwrap_or_else(|| format!("the server refused a publish to {subject}"));
+            return Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("cannot ask the {who}: {why}")));
+        }
+    };
+    let msg = answered
         .map_err(|_| Failure::new(exit::TIMEOUT, anyhow::anyhow!("the {who} did not answer within 10 s")))?
         .map_err(|e| match e.kind() {
             async_nats::RequestErrorKind::NoResponders => {
@@ -134,26 +207,32 @@ fn parse_input(raw: Option<&str>) -> serde_json::Value {
     }
 }
 
-/// Opens an ordered consumer on the events of one task (or all), from the start or from now.
+/// Opens an ordered consumer on the events of one task (or all), of one tenant (or any), from
+/// the start or from now. Its filter travels in the create request's subject, so a credential
+/// confined to one tenant's events may open it for that tenant, and for no other.
 pub async fn follow(
     fleet: &Fleet,
     task: Option<&str>,
+    tenant: Option<&str>,
     from_start: bool,
 ) -> anyhow::Result<jetstream::consumer::pull::Ordered> {
     let names = &fleet.names;
-    let stream =
-        fleet.js.get_stream(names.events_stream()).await.context(
-            "the fleet's event stream does not exist (has a Flotilla service run against this NATS?)",
-        )?;
-    let filter = task.map_or_else(|| names.task_events_all(), |t| names.task_events_of(t));
+    let stream = fleet.js.get_stream_no_info(names.events_stream()).await.context("bad stream name")?;
+    let filter = match (task, tenant) {
+        (Some(t), Some(tenant)) => names.tenant_task_events_of(tenant, t),
+        (Some(t), None) => names.task_events_of(t),
+        (None, Some(tenant)) => names.tenant_task_events(tenant),
+        (None, None) => names.task_events_all(),
+    };
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
+            name: Some(flotilla_service::nats::ordered_name()),
             filter_subject: filter,
             deliver_policy: if from_start { DeliverPolicy::All } else { DeliverPolicy::New },
             ..Default::default()
         })
         .await
-        .context("failed to follow events")?;
+        .context("failed to follow events (does the fleet's event stream exist, and may this credential read these events?)")?;
     consumer.messages().await.context("failed to follow events")
 }
 
@@ -185,9 +264,10 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
         max_attempts: args.max_attempts,
     };
     let fleet = connect(cli).await?;
-    let events = if args.wait { Some(follow(&fleet, Some(&id), true).await?) } else { None };
+    let tenant = args.tenant.as_deref().unwrap_or(flotilla_protocol::DEFAULT_TENANT);
+    let events = if args.wait { Some(follow(&fleet, Some(&id), Some(tenant), true).await?) } else { None };
     let ack = fleet
-        .send_durable(fleet.names.submit_subject(), &sub, Some(&id))
+        .send_durable(fleet.names.tenant_submit_subject(tenant), &sub, Some(&id))
         .await
         .context("failed to submit")?
         .acked()
@@ -258,7 +338,7 @@ pub async fn status(cli: &Cli, id: &str) -> Result<(), Failure> {
 
 pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<(), Failure> {
     let fleet = connect(cli).await?;
-    let mut events = follow(&fleet, args.task.as_deref(), args.from_start).await?;
+    let mut events = follow(&fleet, args.task.as_deref(), args.tenant.as_deref(), args.from_start).await?;
     let stop = flotilla_service::shutdown::wait_for_signal();
     tokio::pin!(stop);
     loop {

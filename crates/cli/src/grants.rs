@@ -136,9 +136,11 @@ pub struct SendArgs {
     pub to: String,
     /// The message: JSON, or else text.
     pub body: String,
-    /// The client identity to send as.
-    #[arg(long = "as", default_value = "operator")]
-    pub identity: String,
+    /// The client identity to send as (default: the operator's name of a credential
+    /// `operator-<name>.nk`, else `operator`). With authentication on, an operator may send as
+    /// its own name only.
+    #[arg(long = "as")]
+    pub identity: Option<String>,
     /// The sender's tenant.
     #[arg(long)]
     pub tenant: Option<String>,
@@ -176,7 +178,9 @@ fn address(to: &str) -> Result<Address, Failure> {
 }
 
 pub async fn send(cli: &Cli, args: &SendArgs) -> Result<(), Failure> {
-    if !is_token(&args.identity) {
+    let identity =
+        args.identity.clone().unwrap_or_else(|| cli.operator_name().unwrap_or_else(|| "operator".to_owned()));
+    if !is_token(&identity) {
         return Err(usage("--as must be 1-128 characters of A-Z a-z 0-9 _ -"));
     }
     let priority = match &args.priority {
@@ -205,7 +209,7 @@ pub async fn send(cli: &Cli, args: &SendArgs) -> Result<(), Failure> {
         Some(
             fleet
                 .client
-                .subscribe(fleet.names.inbox_client(&args.identity))
+                .subscribe(fleet.names.inbox_client(&identity))
                 .await
                 .context("failed to listen for the reply")?,
         )
@@ -213,7 +217,7 @@ pub async fn send(cli: &Cli, args: &SendArgs) -> Result<(), Failure> {
         None
     };
     let reply: SendReply =
-        request(&fleet, fleet.names.msg_send_client(&args.identity), "message router", &m).await?;
+        request(&fleet, fleet.names.msg_send_client(&identity), "message router", &m).await?;
     if let Some(e) = &reply.error {
         let code = match e.code.as_str() {
             "invalid_request" | "malformed" | "unknown_fields" => 2,

@@ -34,6 +34,10 @@ pub struct UpArgs {
     /// Monitor's HTTP address (/metrics).
     #[arg(long, env = "FLOTILLA_MONITOR_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub monitor_addr: SocketAddr,
+    /// Start the local nats-server without authentication (for experiments: any client may
+    /// then do anything).
+    #[arg(long)]
+    pub no_auth: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,6 +63,9 @@ pub struct DemoArgs {
     /// Data directory of the local nats-server (default: a temporary directory).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Start the local nats-server without authentication.
+    #[arg(long)]
+    pub no_auth: bool,
 }
 
 /// A local fleet as `up` and `demo` run it: the four services from the configuration (and the
@@ -69,18 +76,82 @@ async fn start(
     data_dir: PathBuf,
     port: Option<u16>,
     monitor_addr: SocketAddr,
+    no_auth: bool,
 ) -> anyhow::Result<(LocalFleet, SocketAddr)> {
-    let config = FleetConfig::load(
+    let mut config = FleetConfig::load(
         cli.config.as_deref(),
-        serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix }),
+        serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix, "creds": cli.creds, "tls_ca": cli.tls_ca }),
     )?;
-    let local = LocalNats { data_dir: data_dir.clone(), port, config: ServerConfig::Durable };
-    let mut fleet = LocalFleet::start(config.options(local)?).await?;
+    // The embedded server runs with authentication unless asked not to: each service as its
+    // own identity, from an auth directory kept with the server's data.
+    let auth_dir = (!no_auth && config.common.nats_url().is_none()).then(|| data_dir.join("auth"));
+    if let Some(dir) = &auth_dir {
+        let runner_id = config.agent_runner.runner_id.get_or_insert_with(|| "local".to_owned()).clone();
+        prepare_auth(dir, &config.common.names()?, &runner_id, &fleet_file)?;
+    }
+    let local =
+        LocalNats { data_dir: data_dir.clone(), port, config: ServerConfig::Durable, auth: auth_dir.clone() };
+    let mut options = config.options(local)?;
+    options.auth = config.common.auth.clone();
+    if let Some(dir) = &auth_dir {
+        options.auth = flotilla_service::ClientAuth::creds(dir.join("creds/admin.nk"));
+        options.identities = Some(dir.clone());
+    }
+    let mut fleet = LocalFleet::start(options).await?;
     if let Some(s) = fleet.server() {
         eprintln!("nats-server {} started (pid {}, data in {})", s.url(), s.pid(), data_dir.display());
+        match &auth_dir {
+            Some(dir) => print_auth_help(dir, s.url()),
+            None => eprintln!("authentication is off (--no-auth): any client may do anything"),
+        }
     }
     let monitor_addr = fleet.start_all(&config, fleet_file, monitor_addr).await?;
     Ok((fleet, monitor_addr))
+}
+
+/// The identities a local fleet needs: created on first use, the runner's brought up to date
+/// with the fleet file's templates.
+fn prepare_auth(
+    dir: &std::path::Path,
+    names: &flotilla_protocol::Names,
+    runner_id: &str,
+    fleet_file: &FleetFile,
+) -> anyhow::Result<()> {
+    use flotilla_service::auth::{AuthDir, RoleSpec};
+    let mut auth = match AuthDir::open(dir) {
+        Ok(a) => a,
+        Err(flotilla_service::auth::AuthError::NotInitialized(_)) => AuthDir::init(dir, names.prefix())?,
+        Err(e) => return Err(e.into()),
+    };
+    let templates: Vec<String> = fleet_file.agents.iter().map(|t| t.name.clone()).collect();
+    auth.ensure_runner(runner_id, &templates)?;
+    if auth.get("operator-local").is_none() {
+        auth.add("operator-local", RoleSpec::Operator { name: "local".to_owned() })?;
+    }
+    if auth.get("submitter-default").is_none() {
+        auth.add(
+            "submitter-default",
+            RoleSpec::Submitter { tenant: flotilla_protocol::DEFAULT_TENANT.to_owned() },
+        )?;
+    }
+    Ok(())
+}
+
+fn print_auth_help(dir: &std::path::Path, url: &str) {
+    let creds = dir.join("creds");
+    let pk = flotilla_service::auth::Credentials::load(&creds.join("submitter-default.nk"))
+        .map(|c| c.inbox_prefix())
+        .unwrap_or_default();
+    eprintln!(
+        "authentication is on (identities in {}; `flotilla auth --dir {} list`):\n  \
+         operator CLI:  flotilla --nats-url {url} --creds {} status <task>\n  \
+         plain client:  nkey seed {} with inbox prefix {pk},\n                 \
+         submit on flotilla.tasks.submit.default, read flotilla.events.task.default.>",
+        dir.display(),
+        dir.display(),
+        creds.join("operator-local.nk").display(),
+        creds.join("submitter-default.nk").display(),
+    );
 }
 
 /// Stops the fleet (services in order, connections, the local server).
@@ -104,7 +175,8 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
     let _telemetry = flotilla_service::telemetry::init("flotilla", "info");
     let fleet_file = load_fleet(args.fleet.as_ref())?;
     let (mut fleet, monitor_addr) =
-        start(cli, fleet_file, args.data_dir.clone(), Some(args.port), args.monitor_addr).await?;
+        start(cli, fleet_file, args.data_dir.clone(), Some(args.port), args.monitor_addr, args.no_auth)
+            .await?;
     eprintln!(
         "flotilla is up: NATS {}  prefix {}  metrics http://{monitor_addr}/metrics  (Ctrl-C to stop)",
         fleet.url(),
@@ -170,7 +242,8 @@ pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
         tempfile::Builder::new().prefix("flotilla-demo-").tempdir().context("failed to create a temp dir")?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let (local, monitor_addr) =
-        start(cli, fleet_file.clone(), data_dir, None, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        start(cli, fleet_file.clone(), data_dir, None, SocketAddr::from(([127, 0, 0, 1], 0)), args.no_auth)
+            .await?;
     let result = run_demo(cli, args, local.fleet(), monitor_addr, &fleet_file).await;
     let stopped = stop(local).await;
     result?;
@@ -208,7 +281,7 @@ async fn run_demo(
         args.llm_url.as_ref().map(|u| format!(" (model server {u})")).unwrap_or_default(),
         n_tasks
     );
-    let mut events = client::follow(fleet, None, false).await?;
+    let mut events = client::follow(fleet, None, None, false).await?;
     let started = Instant::now();
     for i in 0..n_tasks {
         let (cap, text) = match LLM_DEMO_TASKS.get(i % LLM_DEMO_TASKS.len()) {

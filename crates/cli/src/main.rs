@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the task failed or was rejected; 2 bad usage; 3 not found;
 //! 4 timed out; 5 NATS or the fleet could not be reached or used.
 
+mod auth;
 mod bench;
 mod budget;
 mod cancel;
@@ -60,11 +61,35 @@ pub struct Cli {
     /// Configuration file (TOML) for the services `up` runs.
     #[arg(long, global = true, env = "FLOTILLA_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Seed file of the identity to connect as (`flotilla auth` writes them).
+    #[arg(long, global = true, env = "FLOTILLA_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server with; turns TLS on.
+    #[arg(long, global = true, env = "FLOTILLA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The operator name of the credential, when its seed file is named as `flotilla auth` names
+    /// an operator's (`operator-<name>.nk`).
+    pub fn operator_name(&self) -> Option<String> {
+        let stem = self.creds.as_ref()?.file_stem()?.to_str()?;
+        stem.strip_prefix("operator-").map(str::to_owned)
+    }
+
+    /// How the CLI authenticates, from its flags.
+    pub fn client_auth(&self) -> flotilla_service::ClientAuth {
+        flotilla_service::ClientAuth {
+            creds: self.creds.clone(),
+            tls_ca: self.tls_ca.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +133,9 @@ pub enum Command {
     /// Measure a component against raw NATS in the same run: runs `flotilla-bench` (from next
     /// to this executable) with the same arguments.
     Bench(bench::BenchArgs),
+    /// Identities and credentials: init, add-runner, add-submitter, add-operator, add-auditor,
+    /// revoke, list.
+    Auth(auth::AuthArgs),
     /// Approve the pending human-approval request of a task.
     Approve {
         /// Task id.
@@ -151,13 +179,20 @@ fn main() -> ExitCode {
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::exec(&cli, args),
+            Command::Auth(args) => auth::run(&cli, args),
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
             Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
+        Err(mut f) => {
+            // Whatever failed, say so when the server refused something on the way.
+            if let Some(why) = client::refused::explain()
+                && !format!("{:#}", f.error).contains("the server refused")
+            {
+                f.error = f.error.context(why);
+            }
             if cli.json {
                 let out = serde_json::json!({ "error": format!("{:#}", f.error), "exit_code": f.code });
                 println!("{out}");

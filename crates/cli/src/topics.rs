@@ -79,6 +79,7 @@ pub async fn run(cli: &Cli, args: &TopicsArgs) -> Result<(), Failure> {
                 fleet.js.get_stream(fleet.names.topics_stream()).await.context("no topics stream")?;
             let consumer = stream
                 .create_consumer(pull::OrderedConfig {
+                    name: Some(flotilla_service::nats::ordered_name()),
                     filter_subject: fleet.names.topic_subject(pattern),
                     deliver_policy: if *from_start { DeliverPolicy::All } else { DeliverPolicy::New },
                     ..Default::default()

@@ -9,8 +9,13 @@ use std::time::Duration;
 
 use flotilla_testkit::{ChildProcess, bin, free_port};
 
-fn flotilla(url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("flotilla")).args(args).env("FLOTILLA_NATS_URL", url).output().unwrap();
+fn flotilla_as(url: &str, creds: Option<&Path>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin("flotilla"));
+    cmd.args(args).env("FLOTILLA_NATS_URL", url).env_remove("FLOTILLA_CREDS");
+    if let Some(c) = creds {
+        cmd.env("FLOTILLA_CREDS", c);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -53,6 +58,9 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
     )
     .unwrap();
 
+    // `up` runs its server with authentication: the CLI connects as `up`'s operator.
+    let operator = data.path().join("auth/creds/operator-local.nk");
+    let flotilla = |url: &str, args: &[&str]| flotilla_as(url, Some(&operator), args);
     // Wait until the fleet's agents are registered.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -88,6 +96,7 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
         Command::new(bin("flotilla"))
             .args(["tail", "--from-start", "--json", "--task", "cli-1"])
             .env("FLOTILLA_NATS_URL", &url)
+            .env("FLOTILLA_CREDS", &operator)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
@@ -119,6 +128,19 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
     let (code, _, err) = flotilla(&url, &["submit", "no.such.capability", "--wait"]);
     assert_eq!(code, 1);
     assert!(err.contains("unknown_capability"), "{err}");
+    // Without a credential the server refuses the CLI, and says how to connect.
+    let (code, _, err) = flotilla_as(&url, None, &["agents"]);
+    assert_eq!(code, 5);
+    assert!(err.contains("without credentials"), "{err}");
+    // The default tenant's submitter may submit as its tenant and follow the task.
+    let submitter = data.path().join("auth/creds/submitter-default.nk");
+    let (code, out, err) = flotilla_as(
+        &url,
+        Some(&submitter),
+        &["submit", "summarize", "--input", "hello", "--tenant", "default", "--wait", "--json"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("completed"), "{out}");
     // Unreachable NATS exits 5.
     assert_eq!(flotilla(&format!("nats://127.0.0.1:{}", free_port()), &["agents"]).0, 5);
 

@@ -3,12 +3,13 @@
 //! after them), then their connections drained and the local server, if any, stopped.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_protocol::names::service;
 use flotilla_protocol::{Names, WireFormat};
 use flotilla_service::local_server::LocalServer;
-use flotilla_service::{Fleet, Mode, Service, StreamSettings, Topology};
+use flotilla_service::{ClientAuth, Fleet, Mode, Service, StreamSettings, Topology};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -44,6 +45,12 @@ pub struct Options {
     /// Name of the fleet's own connection; a service's connection is `<name>-<service>` (what
     /// the server's connection list shows).
     pub connection_name: String,
+    /// How the fleet's own connection authenticates.
+    pub auth: ClientAuth,
+    /// An auth directory (`flotilla auth init`): every service then connects as its own
+    /// identity (`dispatcher`, `budget-keeper`, `monitor`, `runner-<id>`) and opens the topology
+    /// on its own connection, so it can do only what its role allows.
+    pub identities: Option<PathBuf>,
 }
 
 impl Options {
@@ -56,6 +63,8 @@ impl Options {
             streams: StreamSettings::default(),
             mode: Mode::Own,
             connection_name: "flotilla".to_owned(),
+            auth: ClientAuth::default(),
+            identities: None,
         }
     }
 }
@@ -143,6 +152,7 @@ pub struct LocalFleet {
     server: Option<LocalServer>,
     url: String,
     connection_name: String,
+    identities: Option<PathBuf>,
     /// The fleet's own connection: the topology was ensured on it; callers read and publish on it.
     control: Fleet,
     topology: Topology,
@@ -158,7 +168,7 @@ pub struct LocalFleet {
 impl LocalFleet {
     /// Starts a local nats-server if `options` asks for one, connects, and ensures the topology.
     pub async fn start(options: Options) -> anyhow::Result<Self> {
-        let Options { nats, names, format, streams, mode, connection_name } = options;
+        let Options { nats, names, format, streams, mode, connection_name, auth, identities } = options;
         let (server, url) = match nats {
             Nats::Url(url) => (None, url),
             Nats::Local(local) => {
@@ -167,7 +177,7 @@ impl LocalFleet {
                 (Some(server), url)
             }
         };
-        let client = flotilla_service::nats::connect(&url, &connection_name).await?;
+        let client = flotilla_service::nats::connect(&url, &connection_name, &auth).await?;
         let control = Fleet::new(client, names, format, connection_name.clone());
         let topology = Topology::ensure(&control.js, &control.names, &streams, mode).await?;
         let (exits, exited) = mpsc::unbounded_channel();
@@ -175,6 +185,7 @@ impl LocalFleet {
             server,
             url,
             connection_name,
+            identities,
             control,
             topology,
             root: CancellationToken::new(),
@@ -193,6 +204,11 @@ impl LocalFleet {
         streams: StreamSettings,
     ) -> anyhow::Result<Self> {
         Self::start(Options { format, streams, ..Options::new(Nats::Url(url.to_owned()), names) }).await
+    }
+
+    /// The auth directory the services take their identities from, if any.
+    pub fn identities(&self) -> Option<&std::path::Path> {
+        self.identities.as_deref()
     }
 
     /// The server's client URL.
@@ -219,11 +235,33 @@ impl LocalFleet {
     /// Runs `svc` as `instance` on a connection of its own until it is stopped, with a stop token
     /// of its own.
     pub async fn spawn<S: Service>(&mut self, instance: &str, svc: S) -> anyhow::Result<ServiceHandle> {
-        let client =
-            flotilla_service::nats::connect(&self.url, &format!("{}-{}", self.connection_name, S::NAME))
-                .await?;
+        self.spawn_as(&identity_of(S::NAME, instance), instance, svc).await
+    }
+
+    /// [`Self::spawn`] as the identity `identity` of the fleet's auth directory, if it has one.
+    pub async fn spawn_as<S: Service>(
+        &mut self,
+        identity: &str,
+        instance: &str,
+        svc: S,
+    ) -> anyhow::Result<ServiceHandle> {
+        let auth = match &self.identities {
+            Some(dir) => ClientAuth::creds(dir.join("creds").join(format!("{identity}.nk"))),
+            None => ClientAuth::default(),
+        };
+        let client = flotilla_service::nats::connect(
+            &self.url,
+            &format!("{}-{}", self.connection_name, S::NAME),
+            &auth,
+        )
+        .await?;
         let fleet =
             Fleet::new(client.clone(), self.control.names.clone(), self.control.format, instance.into());
+        // With its own identity, a service sees the buckets through its own connection.
+        let topology = match &self.identities {
+            Some(_) => Topology::open(&fleet.js, &fleet.names, Duration::from_secs(30)).await?,
+            None => self.topology.clone(),
+        };
         let handle = ServiceHandle {
             id: self.next_id,
             service: S::NAME,
@@ -232,7 +270,7 @@ impl LocalFleet {
         };
         self.next_id += 1;
         let exit = Exit { id: handle.id, exits: self.exits.clone() };
-        let (topology, stop) = (self.topology.clone(), handle.stop.clone());
+        let stop = handle.stop.clone();
         let task = tokio::spawn(async move {
             let _exit = exit;
             svc.run(fleet, topology, stop).await
@@ -306,6 +344,12 @@ impl LocalFleet {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// The identity a service of the fleet connects as (see `flotilla auth init`): a runner as
+/// `runner-<id>`, every other service by its name.
+pub fn identity_of(service: &str, instance: &str) -> String {
+    if service == service::AGENT_RUNNER { format!("runner-{instance}") } else { service.to_owned() }
 }
 
 /// A service's place in [`STOP_ORDER`].

@@ -29,6 +29,8 @@ pub struct LocalNats {
     pub port: Option<u16>,
     /// The server's configuration.
     pub config: ServerConfig,
+    /// An auth directory whose `auth.conf` the server includes (authentication on).
+    pub auth: Option<PathBuf>,
 }
 
 /// Configuration of a local nats-server.
@@ -51,7 +53,20 @@ impl LocalNats {
         let config_file = match &self.config {
             ServerConfig::Durable => {
                 let conf = self.data_dir.join("nats-server.conf");
-                std::fs::write(&conf, SERVER_CONF).context("failed to write nats-server.conf")?;
+                let mut text = SERVER_CONF.to_owned();
+                if let Some(dir) = &self.auth {
+                    // nats-server reads an include relative to the including file's directory.
+                    let auth_conf = dir
+                        .join("auth.conf")
+                        .strip_prefix(&self.data_dir)
+                        .map(std::path::Path::to_path_buf)
+                        .context("the auth directory must be inside the data directory")?;
+                    text.push_str(&format!(
+                        "# Authentication: every client connects as an identity of the auth directory.\ninclude \"{}\"\n",
+                        auth_conf.display()
+                    ));
+                }
+                std::fs::write(&conf, text).context("failed to write nats-server.conf")?;
                 Some(conf)
             }
             ServerConfig::File(path) => Some(path.clone()),

@@ -69,8 +69,9 @@ impl LocalFleet {
         let (_, monitor_addr) = self.spawn_monitor(&name("monitor"), monitor_addr).await?;
         let mut runner_config = config.agent_runner.clone();
         runner_config.runner_id.get_or_insert_with(|| format!("local-{instance}"));
+        let identity = format!("runner-{}", runner_config.runner_id.as_deref().unwrap_or_default());
         let runner = flotilla_agent_runner::Runner::new(runner_config, fleet_file)?;
-        self.spawn(&name("agent-runner"), runner).await?;
+        self.spawn_as(&identity, &name("agent-runner"), runner).await?;
         Ok(monitor_addr)
     }
 }

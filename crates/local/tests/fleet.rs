@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use flotilla_local::{FleetConfig, FleetFile, LocalFleet, LocalNats, Nats, Options, ServerConfig};
 use flotilla_protocol::names::service;
-use flotilla_protocol::{Names, Prefix, TaskRecord, TaskState, TaskSubmission, WireFormat};
-use flotilla_service::{Fleet, Service, StreamSettings, Topology};
+use flotilla_protocol::{Names, Prefix, TaskRecord, TaskState, TaskSubmission};
+use flotilla_service::{Fleet, Service, Topology};
 use flotilla_testkit::{NatsServer, eventually, http_get};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -25,10 +25,14 @@ const FLEET: &str = "[[agent]]\nname = \"writer\"\ncapabilities = [\"summarize\"
 async fn all_four_services_complete_a_task_and_stop_cleanly() {
     let server = NatsServer::start();
     let config = FleetConfig::load(None, serde_json::json!({ "instance": "t" })).unwrap();
-    let mut local =
-        LocalFleet::on_server(server.url(), names(), WireFormat::Msgpack, StreamSettings::default())
-            .await
-            .unwrap();
+    // Each service as its own identity; the runner `local-t` hosts template `writer`.
+    server.runner_creds("flotilla", "local-t", &["writer".to_owned()]);
+    let options = Options {
+        auth: server.admin_auth(),
+        identities: server.auth_dir("flotilla"),
+        ..Options::new(Nats::Url(server.url().to_owned()), names())
+    };
+    let mut local = LocalFleet::start(options).await.unwrap();
     let fleet_file = FleetFile::parse(FLEET).unwrap();
     let monitor = local.start_all(&config, fleet_file, "127.0.0.1:0".parse().unwrap()).await.unwrap();
 
@@ -65,8 +69,12 @@ async fn all_four_services_complete_a_task_and_stop_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_without_a_url_starts_its_own_server_and_stops_it() {
     let dir = tempfile::tempdir().unwrap();
-    let nats =
-        Nats::Local(LocalNats { data_dir: dir.path().into(), port: None, config: ServerConfig::Durable });
+    let nats = Nats::Local(LocalNats {
+        data_dir: dir.path().into(),
+        port: None,
+        config: ServerConfig::Durable,
+        auth: None,
+    });
     let local = LocalFleet::start(Options::new(nats, names())).await.unwrap();
     let pid = local.server().expect("a server was started").pid();
     assert!(dir.path().join("nats-server.conf").is_file());
@@ -106,10 +114,10 @@ fn probe<const I: usize>(stopped: &Arc<Mutex<Vec<&'static str>>>, fail: bool) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_stop_in_order_alone_on_request_and_failures_are_reported() {
     let server = NatsServer::start();
-    let mut local =
-        LocalFleet::on_server(server.url(), names(), WireFormat::Msgpack, StreamSettings::default())
-            .await
-            .unwrap();
+    // The probes are not real services: they share the harness's (admin) connection's topology.
+    let options =
+        Options { auth: server.admin_auth(), ..Options::new(Nats::Url(server.url().to_owned()), names()) };
+    let mut local = LocalFleet::start(options).await.unwrap();
     let stopped = Arc::new(Mutex::new(Vec::new()));
     // Started in the reverse of the stop order: monitor, agent-runner, budget-keeper, dispatcher.
     local.spawn("m", probe::<2>(&stopped, false)).await.unwrap();

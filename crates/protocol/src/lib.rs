@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod headers;
 pub mod names;
+pub mod roles;
 pub mod schema;
 pub mod time;
 pub mod types;

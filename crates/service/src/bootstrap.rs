@@ -3,6 +3,7 @@
 //! SIGINT or SIGTERM, then drain the connection ([`run_binary`]).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use figment::Figment;
@@ -19,6 +20,12 @@ pub struct CommonArgs {
     /// NATS URL(s), comma-separated.
     #[arg(long, env = "FLOTILLA_NATS_URL")]
     pub nats_url: Option<String>,
+    /// Seed file of this process's identity (`flotilla auth` writes them).
+    #[arg(long, env = "FLOTILLA_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server with; turns TLS on.
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Loaded configuration of a service binary.
@@ -32,7 +39,15 @@ impl Loaded {
     /// Loads defaults, the file, the environment, then the common flags.
     pub fn load(args: &CommonArgs) -> anyhow::Result<Self> {
         let figment = config::figment(args.config.as_deref());
-        let common = config::extract(&figment, None, serde_json::json!({ "nats_url": args.nats_url }))?;
+        let common = config::extract(
+            &figment,
+            None,
+            serde_json::json!({
+                "nats_url": args.nats_url,
+                "creds": args.creds,
+                "tls_ca": args.tls_ca,
+            }),
+        )?;
         Ok(Self { figment, common })
     }
 
@@ -56,10 +71,20 @@ impl Loaded {
         let names = self.common.names()?;
         let instance =
             instance.or_else(|| self.common.instance.clone()).unwrap_or_else(config::random_instance_id);
-        let client =
-            crate::nats::connect(&self.common.nats_url_or_default(), &format!("flotilla-{service}")).await?;
+        let client = crate::nats::connect(
+            &self.common.nats_url_or_default(),
+            &format!("flotilla-{service}"),
+            &self.common.auth,
+        )
+        .await?;
         let fleet = Fleet::new(client, names, self.common.wire_format, instance);
-        let topology = Topology::ensure(&fleet.js, &fleet.names, &self.common.streams, mode).await?;
+        let has_creds = self.common.auth.creds.as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+        let topology = if mode == Mode::Join && has_creds {
+            // A least-privilege credential creates nothing: the dispatcher owns the topology.
+            Topology::open(&fleet.js, &fleet.names, Duration::from_secs(60)).await?
+        } else {
+            Topology::ensure(&fleet.js, &fleet.names, &self.common.streams, mode).await?
+        };
         Ok((fleet, topology))
     }
 }

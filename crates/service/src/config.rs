@@ -24,6 +24,25 @@ pub struct CommonConfig {
     pub instance: Option<String>,
     /// Stream and bucket settings.
     pub streams: StreamSettings,
+    /// How to authenticate to NATS (`creds`, `tls_ca`, `tls_cert`, `tls_key`).
+    #[serde(flatten)]
+    pub auth: ClientAuth,
+}
+
+/// How a process authenticates to NATS: an nkey seed file (`flotilla auth` writes one per
+/// identity) and, for TLS, the CA to trust and an optional client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClientAuth {
+    /// Seed file of this process's identity (`FLOTILLA_CREDS`).
+    pub creds: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) the server's certificate must chain to; turns TLS on
+    /// (`FLOTILLA_TLS_CA`).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients (`FLOTILLA_TLS_CERT`).
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Key of the client certificate (PEM) (`FLOTILLA_TLS_KEY`).
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for CommonConfig {
@@ -34,6 +53,7 @@ impl Default for CommonConfig {
             wire_format: WireFormat::Msgpack,
             instance: None,
             streams: StreamSettings::default(),
+            auth: ClientAuth::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! connection, idempotent creation of streams / consumers / buckets, publishing and acking.
 
 pub mod ack;
+pub mod auth;
 pub mod bootstrap;
 pub mod budget;
 pub mod config;
@@ -18,7 +19,7 @@ pub mod topology;
 pub mod trace;
 
 pub use ack::AckGuard;
-pub use config::{CommonConfig, StreamSettings};
+pub use config::{ClientAuth, CommonConfig, StreamSettings};
 pub use nats::Fleet;
 pub use run::Service;
 pub use topology::{Mode, Topology};

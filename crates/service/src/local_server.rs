@@ -104,6 +104,8 @@ impl LocalServer {
         cmd.args(["-js", "-a", "127.0.0.1", "-p", &port, "--http_port", "-1"])
             .arg("-sd")
             .arg(&options.store_dir)
+            .arg("-P")
+            .arg(options.store_dir.join("nats-server.pid"))
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .arg("-l")
@@ -148,6 +150,15 @@ impl LocalServer {
     /// Process id of the server.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Asks the server to reload its configuration (SIGHUP): changed users and permissions apply
+    /// to new and live connections.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status().context("failed to run kill")?;
+        anyhow::ensure!(status.success(), "could not signal nats-server {pid} to reload");
+        Ok(())
     }
 
     /// Asks the server to stop (SIGTERM, so it flushes and closes its store), waits up to

@@ -11,6 +11,8 @@ use bytes::Bytes;
 use flotilla_protocol::{DeadLetter, Names, TaskEvent, WireFormat, codec, headers};
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::config::ClientAuth;
+
 /// Errors of the fleet handle's operations.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -62,6 +64,13 @@ pub fn event_tenant(event: &TaskEvent) -> &str {
         .unwrap_or(flotilla_protocol::DEFAULT_TENANT)
 }
 
+/// A fresh name for an ordered consumer. Named, its create request carries its filter in the
+/// subject (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), which NATS permissions can pin
+/// to what the identity may read; an unnamed one could ask for anything.
+pub fn ordered_name() -> String {
+    format!("o{}", uuid::Uuid::now_v7().simple())
+}
+
 /// The content type a message names, if any.
 pub fn content_type(h: Option<&HeaderMap>) -> Option<&str> {
     h.and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str())
@@ -108,9 +117,9 @@ pub fn dead_letter_of(msg: &jetstream::Message, source: &str, reason: &str, mess
 }
 
 /// Connects to NATS, retrying the first connection so services can start before the server.
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+pub async fn connect(url: &str, name: &str, auth: &ClientAuth) -> anyhow::Result<async_nats::Client> {
     use anyhow::Context as _;
-    async_nats::ConnectOptions::new()
+    auth.options(async_nats::ConnectOptions::new())?
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
@@ -118,6 +127,33 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
         .connect(url)
         .await
         .with_context(|| format!("failed to connect to NATS at {url}"))
+}
+
+impl ClientAuth {
+    /// Credentials from a seed file only.
+    pub fn creds(path: impl Into<std::path::PathBuf>) -> Self {
+        Self { creds: Some(path.into()), ..Self::default() }
+    }
+
+    /// `options` with this identity's seed and inbox prefix, and TLS when a CA is given.
+    pub fn options(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> anyhow::Result<async_nats::ConnectOptions> {
+        // An empty setting (`FLOTILLA_CREDS=`) is none.
+        if let Some(path) = self.creds.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+            options = crate::auth::Credentials::load(path)?.apply(options);
+        }
+        if let Some(ca) = self.tls_ca.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+            options = options.require_tls(true).add_root_certificates(ca.clone());
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => options = options.add_client_certificate(cert.clone(), key.clone()),
+            (None, None) => {}
+            _ => anyhow::bail!("a client certificate needs both tls_cert and tls_key"),
+        }
+        Ok(options)
+    }
 }
 
 /// A message sent to a stream whose ack has not been awaited yet.

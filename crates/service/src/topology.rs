@@ -110,6 +110,54 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Opens the fleet's buckets without creating anything, as a service with a least-privilege
+    /// credential must (only the dispatcher may create the topology): waits up to `patience` for
+    /// a bucket the dispatcher has not created yet.
+    pub async fn open(js: &jetstream::Context, names: &Names, patience: Duration) -> anyhow::Result<Self> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut stores = Vec::with_capacity(8);
+        for bucket in [
+            names.tasks_bucket(),
+            names.agents_bucket(),
+            names.capabilities_bucket(),
+            names.memory_bucket(),
+            names.approvals_bucket(),
+            names.leases_bucket(),
+            names.grants_bucket(),
+            names.messages_bucket(),
+        ] {
+            let mut logged = false;
+            let store = loop {
+                match js.get_key_value(&bucket).await {
+                    Ok(store) => break store,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        if !logged {
+                            tracing::info!(%bucket, error = %e, "waiting for the dispatcher to create the fleet's buckets");
+                            logged = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::from(e).context(format!(
+                            "bucket {bucket} cannot be opened (has a dispatcher created the fleet's topology? \
+                             does this credential allow $JS.API.STREAM.INFO.KV_{bucket}?)"
+                        )));
+                    }
+                }
+            };
+            stores.push(store);
+        }
+        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages]) =
+            <[kv::Store; 8]>::try_from(stores)
+        else {
+            anyhow::bail!("a bucket of the topology was not opened");
+        };
+        let replicas = tasks.stream.cached_info().config.num_replicas;
+        Ok(Self { tasks, agents, capabilities, memory, approvals, leases, grants, messages, replicas })
+    }
+}
+
 /// Creates (and in [`Mode::Own`] updates) one bucket.
 async fn ensure_bucket(js: &jetstream::Context, mode: Mode, cfg: kv::Config) -> anyhow::Result<kv::Store> {
     let name = cfg.bucket.clone();

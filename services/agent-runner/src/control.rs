@@ -37,7 +37,7 @@ pub struct Control {
     pub agents: Arc<Agents>,
     pub shutdown: CancellationToken,
     /// The assignment consumer, whose `max_ack_pending` grows with the agents' capacity.
-    pub stream: async_nats::jetstream::stream::Stream,
+    pub stream: async_nats::jetstream::stream::Stream<()>,
     pub consumer: pull::Config,
 }
 

@@ -240,7 +240,7 @@ async fn run(
 
     let stream = fleet
         .js
-        .get_stream(fleet.names.assignments_stream())
+        .get_stream_no_info(fleet.names.assignments_stream())
         .await
         .context("failed to open the assignments stream")?;
     let capacity = i64::from(agents.total_capacity());
@@ -326,7 +326,7 @@ async fn run(
     });
     let messages = fleet
         .js
-        .get_stream(fleet.names.messages_stream())
+        .get_stream_no_info(fleet.names.messages_stream())
         .await
         .context("failed to open the messages stream")?;
     let mailbox_stop = CancellationToken::new();

@@ -227,7 +227,11 @@ pub struct Env {
 
 /// Consumes this runner's messages and hands them to its agents until `shutdown`; then gives back
 /// what was not taken.
-pub async fn run(env: Arc<Env>, stream: stream::Stream, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    env: Arc<Env>,
+    stream: stream::Stream<()>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let ctx = &env.ctx;
     let runner = ctx.runner_id.clone();
     let tracker = TaskTracker::new();
@@ -307,8 +311,11 @@ async fn topic_consumer(
     subjects: Vec<String>,
 ) -> anyhow::Result<PullConsumer> {
     use anyhow::Context as _;
-    let stream =
-        fleet.js.get_stream(fleet.names.topics_stream()).await.context("failed to open the topics stream")?;
+    let stream = fleet
+        .js
+        .get_stream_no_info(fleet.names.topics_stream())
+        .await
+        .context("failed to open the topics stream")?;
     let name = fleet.names.topic_consumer(&t.name);
     if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&name).await {
         let info = existing.info().await.context("failed to read the topic subscription")?;
@@ -345,7 +352,7 @@ async fn topic_consumer(
 
 /// A durable consumer of one inbox subject (one class of a runner's or a template's messages).
 async fn inbox_consumer(
-    stream: &stream::Stream,
+    stream: &stream::Stream<()>,
     ack_wait: Duration,
     name: String,
     description: String,

@@ -452,9 +452,11 @@ impl Index {
     pub async fn maintain(self: Arc<Self>, fleet: Fleet, shutdown: CancellationToken) {
         let mut from = 1u64;
         while !shutdown.is_cancelled() {
-            let consumer = match fleet.js.get_stream(fleet.names.recall_stream()).await {
+            let consumer = match fleet.js.get_stream_no_info(fleet.names.recall_stream()).await {
                 Ok(s) => {
                     s.create_consumer(pull::OrderedConfig {
+                        name: Some(flotilla_service::nats::ordered_name()),
+                        filter_subject: fleet.names.recall_all(),
                         deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
                         ..Default::default()
                     })
@@ -505,8 +507,8 @@ impl Index {
 
 /// The recall stream's last sequence now: what a recall waits for the index to have applied.
 pub async fn stream_end(fleet: &Fleet) -> Result<u64, String> {
-    let mut s = fleet.js.get_stream(fleet.names.recall_stream()).await.map_err(|e| e.to_string())?;
-    s.info().await.map(|i| i.state.last_sequence).map_err(|e| e.to_string())
+    let s = fleet.js.get_stream_no_info(fleet.names.recall_stream()).await.map_err(|e| e.to_string())?;
+    s.get_info().await.map(|i| i.state.last_sequence).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

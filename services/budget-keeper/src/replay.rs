@@ -73,6 +73,7 @@ pub async fn rebuild(fleet: &Fleet, snapshots: Option<&ObjectStore>) -> Result<(
     }
     let mut msgs = stream
         .create_consumer(pull::OrderedConfig {
+            name: Some(flotilla_service::nats::ordered_name()),
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from + 1 },
             ..Default::default()
         })

@@ -30,10 +30,13 @@ const WANT: u64 = 64;
 const MAX_USED: u64 = 60;
 
 fn keeper(server: &NatsServer, instance: &str) -> ChildProcess {
+    let creds =
+        server.creds("flotilla", "budget-keeper").map(|p| p.display().to_string()).unwrap_or_default();
     ChildProcess::spawn(
         &bin("flotilla-budget-keeper"),
         &[],
         &[
+            ("FLOTILLA_CREDS", &creds),
             ("FLOTILLA_NATS_URL", server.url()),
             ("FLOTILLA_INSTANCE", instance),
             ("FLOTILLA_BUDGET_KEEPER__LEASE", "1s"),

@@ -280,6 +280,7 @@ async fn follow_once(
     };
     let consumer = s
         .create_consumer(pull::OrderedConfig {
+            name: Some(flotilla_service::nats::ordered_name()),
             filter_subject: filter.unwrap_or_default().to_owned(),
             deliver_policy,
             ..Default::default()

@@ -518,9 +518,10 @@ async fn delegate(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     let id = child_id(&ctx.task.id, ctx.step, ctx.index);
     let fleet = &ctx.fleet;
     // Follow the child's events from the start, before submitting, so nothing is missed.
-    let stream = fleet.js.get_stream(fleet.names.events_stream()).await.map_err(nats_err)?;
+    let stream = fleet.js.get_stream_no_info(fleet.names.events_stream()).await.map_err(nats_err)?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
+            name: Some(flotilla_service::nats::ordered_name()),
             filter_subject: fleet.names.tenant_task_events_of(&ctx.task.tenant, &id),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()

@@ -108,6 +108,14 @@ pub use ledger::*;
 pub use ops::*;
 pub use requests::*;
 
+impl BudgetOp {
+    /// An operator's change of the rules (limits, rates, prices), as opposed to the reservations
+    /// and accounting agents make: only operators may ask for it.
+    pub fn is_control(self) -> bool {
+        matches!(self, Self::Set | Self::Rate | Self::Price)
+    }
+}
+
 /// A name that is not an operation (or ledger change) of this version.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("no operation {0:?}")]
