@@ -27,4 +27,5 @@ mod roles;
 mod runner_crash;
 mod scale_out;
 mod scheduling;
+mod tls;
 mod trace_propagation;

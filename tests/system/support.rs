@@ -118,7 +118,7 @@ impl System {
         let options = flotilla_local::Options {
             format,
             streams: settings,
-            auth: server.creds(prefix, "admin").map(flotilla_service::ClientAuth::creds).unwrap_or_default(),
+            auth: server.client_auth(prefix, "admin"),
             identities: server.auth_dir(prefix),
             ..flotilla_local::Options::new(flotilla_local::Nats::Url(server.url().to_owned()), names.clone())
         };
@@ -285,6 +285,16 @@ impl System {
         if let Some(creds) = &creds {
             env.push(("FLOTILLA_CREDS", creds));
         }
+        let tls = self.server.tls_auth();
+        let tls_env: Vec<(&str, String)> = [
+            ("FLOTILLA_TLS_CA", &tls.tls_ca),
+            ("FLOTILLA_TLS_CERT", &tls.tls_cert),
+            ("FLOTILLA_TLS_KEY", &tls.tls_key),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|p| (k, p.display().to_string())))
+        .collect();
+        env.extend(tls_env.iter().map(|(k, v)| (*k, v.as_str())));
         ChildProcess::spawn(&bin("flotilla-agent-runner"), &[], &env).unwrap()
     }
 

@@ -80,7 +80,8 @@ async fn start(
 ) -> anyhow::Result<(LocalFleet, SocketAddr)> {
     let mut config = FleetConfig::load(
         cli.config.as_deref(),
-        serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix, "creds": cli.creds, "tls_ca": cli.tls_ca }),
+        serde_json::json!({ "nats_url": cli.nats_url, "prefix": cli.prefix, "creds": cli.creds, "tls_ca": cli.tls_ca,
+            "tls_cert": cli.tls_cert, "tls_key": cli.tls_key }),
     )?;
     // The embedded server runs with authentication unless asked not to: each service as its
     // own identity, from an auth directory kept with the server's data.

@@ -67,6 +67,12 @@ pub struct Cli {
     /// CA certificate (PEM) to verify the server with; turns TLS on.
     #[arg(long, global = true, env = "FLOTILLA_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a server that verifies clients.
+    #[arg(long, global = true, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, global = true, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -87,7 +93,8 @@ impl Cli {
         flotilla_service::ClientAuth {
             creds: self.creds.clone(),
             tls_ca: self.tls_ca.clone(),
-            ..Default::default()
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
         }
     }
 }

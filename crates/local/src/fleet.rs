@@ -153,6 +153,9 @@ pub struct LocalFleet {
     url: String,
     connection_name: String,
     identities: Option<PathBuf>,
+    /// The TLS settings every service's connection shares (the fleet's own, without its
+    /// credential).
+    tls: ClientAuth,
     /// The fleet's own connection: the topology was ensured on it; callers read and publish on it.
     control: Fleet,
     topology: Topology,
@@ -178,6 +181,7 @@ impl LocalFleet {
             }
         };
         let client = flotilla_service::nats::connect(&url, &connection_name, &auth).await?;
+        let tls = ClientAuth { creds: None, ..auth };
         let control = Fleet::new(client, names, format, connection_name.clone());
         let topology = Topology::ensure(&control.js, &control.names, &streams, mode).await?;
         let (exits, exited) = mpsc::unbounded_channel();
@@ -186,6 +190,7 @@ impl LocalFleet {
             url,
             connection_name,
             identities,
+            tls,
             control,
             topology,
             root: CancellationToken::new(),
@@ -246,8 +251,11 @@ impl LocalFleet {
         svc: S,
     ) -> anyhow::Result<ServiceHandle> {
         let auth = match &self.identities {
-            Some(dir) => ClientAuth::creds(dir.join("creds").join(format!("{identity}.nk"))),
-            None => ClientAuth::default(),
+            Some(dir) => ClientAuth {
+                creds: Some(dir.join("creds").join(format!("{identity}.nk"))),
+                ..self.tls.clone()
+            },
+            None => self.tls.clone(),
         };
         let client = flotilla_service::nats::connect(
             &self.url,

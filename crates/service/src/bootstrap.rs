@@ -26,6 +26,12 @@ pub struct CommonArgs {
     /// CA certificate (PEM) to verify the server with; turns TLS on.
     #[arg(long, env = "FLOTILLA_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a server that verifies clients.
+    #[arg(long, env = "FLOTILLA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Loaded configuration of a service binary.
@@ -46,6 +52,8 @@ impl Loaded {
                 "nats_url": args.nats_url,
                 "creds": args.creds,
                 "tls_ca": args.tls_ca,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
             }),
         )?;
         Ok(Self { figment, common })

@@ -13,6 +13,7 @@ use flotilla_service::local_server::{LocalServer, LocalServerOptions, locate};
 
 pub mod local_llm;
 pub mod stub_llm;
+pub mod tls;
 
 /// Root of the workspace (where `nats/`, `scripts/` and `.tools/` live).
 pub fn workspace_root() -> PathBuf {
@@ -34,6 +35,8 @@ pub struct NatsServer {
     server: LocalServer,
     /// The auth directories by prefix; `None` for a server without authentication.
     auth: Option<std::sync::Mutex<std::collections::BTreeMap<String, flotilla_service::auth::AuthDir>>>,
+    /// TLS only, with this PKI; `true`: clients must show a certificate too.
+    tls: Option<(tls::TestPki, bool)>,
     dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -72,15 +75,36 @@ impl NatsServer {
         Self::start_with(false)
     }
 
+    /// Starts a fresh server with authentication that takes TLS connections only, with a
+    /// certificate for `127.0.0.1` from a test CA; with `verify_clients`, clients must show a
+    /// certificate of that CA too.
+    pub fn start_tls(verify_clients: bool) -> Self {
+        Self::start_tls_for(&["127.0.0.1", "localhost"], verify_clients)
+    }
+
+    /// [`Self::start_tls`] with a server certificate for `names` only.
+    pub fn start_tls_for(names: &[&str], verify_clients: bool) -> Self {
+        init_tracing();
+        let dir = tempfile::Builder::new().prefix("flotilla-nats-").tempdir().expect("temp dir");
+        let path = dir.path().to_path_buf();
+        let pki = tls::TestPki::generate(&path.join("pki"), names);
+        let auth = Self::default_auth(&path);
+        Self::start_in(path, None, Some(dir), Some(auth), Some((pki, verify_clients)))
+    }
+
+    fn default_auth(
+        path: &Path,
+    ) -> std::sync::Mutex<std::collections::BTreeMap<String, flotilla_service::auth::AuthDir>> {
+        let prefix = flotilla_protocol::names::DEFAULT_PREFIX;
+        std::sync::Mutex::new([(prefix.to_owned(), new_auth_dir(path, prefix))].into())
+    }
+
     fn start_with(auth: bool) -> Self {
         init_tracing();
         let dir = tempfile::Builder::new().prefix("flotilla-nats-").tempdir().expect("temp dir");
         let path = dir.path().to_path_buf();
-        let auth = auth.then(|| {
-            let prefix = flotilla_protocol::names::DEFAULT_PREFIX;
-            std::sync::Mutex::new([(prefix.to_owned(), new_auth_dir(&path, prefix))].into())
-        });
-        Self::start_in(path, None, Some(dir), auth)
+        let auth = auth.then(|| Self::default_auth(&path));
+        Self::start_in(path, None, Some(dir), auth, None)
     }
 
     fn start_in(
@@ -88,6 +112,7 @@ impl NatsServer {
         port: Option<u16>,
         tmp: Option<tempfile::TempDir>,
         auth: Option<std::sync::Mutex<std::collections::BTreeMap<String, flotilla_service::auth::AuthDir>>>,
+        tls: Option<(tls::TestPki, bool)>,
     ) -> Self {
         let root = workspace_root();
         let binary =
@@ -98,6 +123,9 @@ impl NatsServer {
             conf.push_str("\ninclude \"auth.conf\"\n");
             std::fs::write(dir.join("auth.conf"), combined_auth(&dirs)).expect("write auth.conf");
         }
+        if let Some((pki, verify)) = &tls {
+            conf.push_str(&pki.server_conf(*verify));
+        }
         let conf_path = dir.join("server.conf");
         std::fs::write(&conf_path, conf).expect("write server.conf");
         let server = LocalServer::start(LocalServerOptions {
@@ -107,7 +135,7 @@ impl NatsServer {
             config_file: Some(conf_path),
         })
         .expect("nats-server starts");
-        let s = Self { server, auth, dir, _dir: tmp };
+        let s = Self { server, auth, tls, dir, _dir: tmp };
         if let Some(creds) =
             s.creds(flotilla_protocol::names::DEFAULT_PREFIX, &format!("operator-{TEST_OPERATOR}"))
         {
@@ -217,9 +245,26 @@ impl NatsServer {
     /// How the test's own observer connects: as the default fleet's admin (unrestricted; no
     /// service runs as it), or without credentials on a server without authentication.
     pub fn admin_auth(&self) -> flotilla_service::ClientAuth {
-        self.creds(flotilla_protocol::names::DEFAULT_PREFIX, "admin")
-            .map(flotilla_service::ClientAuth::creds)
-            .unwrap_or_default()
+        self.client_auth(flotilla_protocol::names::DEFAULT_PREFIX, "admin")
+    }
+
+    /// How identity `name` of `prefix`'s fleet connects: its seed file (with authentication on)
+    /// and, on a TLS server, the test CA (and the client certificate when the server verifies
+    /// clients).
+    pub fn client_auth(&self, prefix: &str, name: &str) -> flotilla_service::ClientAuth {
+        let mut auth = self.tls_auth();
+        auth.creds = self.creds(prefix, name);
+        auth
+    }
+
+    /// The TLS part of how a client connects (nothing on a plaintext server).
+    pub fn tls_auth(&self) -> flotilla_service::ClientAuth {
+        self.tls.as_ref().map(|(pki, verify)| pki.client_auth(*verify)).unwrap_or_default()
+    }
+
+    /// The server's test PKI, on a TLS server.
+    pub fn pki(&self) -> Option<&tls::TestPki> {
+        self.tls.as_ref().map(|(p, _)| p)
     }
 
     /// Connects a client (the admin, see [`Self::admin_auth`]).
@@ -234,8 +279,7 @@ impl NatsServer {
 
     /// Connects as identity `name` of `prefix`'s fleet.
     pub async fn client_as(&self, prefix: &str, name: &str) -> async_nats::Client {
-        let creds = self.creds(prefix, name).expect("authentication is on");
-        flotilla_service::ClientAuth::creds(creds)
+        self.client_auth(prefix, name)
             .options(async_nats::ConnectOptions::new())
             .unwrap()
             .connect(self.url())
@@ -270,7 +314,8 @@ impl NatsServer {
         self.server.stop();
         let tmp = self._dir.take();
         let auth = self.auth.take();
-        *self = Self::start_in(self.dir.clone(), Some(port), tmp, auth);
+        let tls = self.tls.take();
+        *self = Self::start_in(self.dir.clone(), Some(port), tmp, auth, tls);
     }
 }
 
