@@ -11,13 +11,11 @@ async def main(url: str, prefix: str, task_ids: list[str]) -> None:
     nc = await flotilla_connect.connect(url)
     answers = []
     for task_id in task_ids:
-        request = {"task_id": task_id, "reason": "cancelled from python"}
-        msg = await nc.request(
-            f"{prefix}.dispatcher.cancel",
-            json.dumps(request).encode(),
-            timeout=10,
-            headers={"Content-Type": "application/json"},
-        )
+        request = json.dumps({"task_id": task_id, "reason": "cancelled from python"}).encode()
+        subject = f"{prefix}.dispatcher.cancel"
+        # Signed by the operator's key when there is one (authentication on).
+        headers = flotilla_connect.signed_headers(subject, request, {"Content-Type": "application/json"})
+        msg = await nc.request(subject, request, timeout=10, headers=headers)
         answers.append(json.loads(msg.data))
     print(json.dumps(answers))
     await nc.close()

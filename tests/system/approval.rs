@@ -82,5 +82,75 @@ async fn approve_completes_and_reject_fails_with_the_comment() {
     assert_eq!(failed.task_id, "drop-db");
     let err = failed.error.as_ref().unwrap();
     assert_eq!((err.code.as_str(), err.message.as_str()), ("rejected", "not on a Friday"));
+    // Who decided is in each task's history, from the operator's verified signature.
+    let all = sys.events().await;
+    for (task, decision) in [("ship-it", "approved"), ("drop-db", "rejected")] {
+        let d = all.iter().find(|e| e.task_id == task && e.kind == "approval_decided").unwrap();
+        assert_eq!(d.actor.as_deref(), Some("test"), "{d:?}");
+        assert_eq!(d.detail.as_ref().unwrap()["decision"], decision);
+    }
+    sys.stop().await;
+}
+
+/// A decision no operator signed (written straight into the bucket, as anyone able to write
+/// there could) is not acted on: it is refused with an event, the agent keeps waiting, and a
+/// real operator's decision then counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_approval_is_refused_and_a_signed_one_counts() {
+    let fleet = "[[agent]]\nname = \"operator\"\ncapabilities = [\"ops\"]\ntools = [\"ask_human\"]\n";
+    let mut sys = System::with_dispatcher().await;
+    sys.start_runner("r1", fleet).await;
+    sys.wait_for_agents("r1", 1).await;
+    let url = sys.server.url().to_owned();
+    sys.submit(&asking("guarded", "Transfer the funds?")).await;
+    sys.wait_for_kind("approval_requested", 1, Duration::from_secs(20)).await;
+    let (mut forged, rev) = sys
+        .fleet()
+        .kv_get::<flotilla_protocol::Approval>(&sys.topology.approvals, "guarded")
+        .await
+        .unwrap()
+        .unwrap();
+    forged.status = flotilla_protocol::ApprovalStatus::Approved;
+    forged.comment = Some("trust me".into());
+    let impostor = nkeys::KeyPair::new_user();
+    forged.signer = Some(impostor.public_key());
+    forged.signature = Some(base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        impostor.sign(&forged.signed_content()).unwrap(),
+    ));
+    sys.fleet().kv_update(&sys.topology.approvals, "guarded", &forged, rev).await.unwrap();
+    let refused = flotilla_testkit::eventually(Duration::from_secs(10), "the refusal event", || async {
+        let stored =
+            sys.read_stream(&sys.names.events_stream(), &sys.names.control_event_subject("refused")).await;
+        stored.into_iter().find_map(|(_, p)| {
+            flotilla_protocol::codec::decode::<flotilla_protocol::ControlEvent>(None, &p).ok()
+        })
+    })
+    .await;
+    assert_eq!(
+        (refused.action.as_str(), refused.reason.as_str()),
+        ("approve", "unknown_operator"),
+        "{refused:?}"
+    );
+    assert_eq!(refused.task_id.as_deref(), Some("guarded"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sys.task("guarded").await.unwrap().state,
+        TaskState::Running,
+        "the forged approval was acted on"
+    );
+    // The operator decides anew; that one counts.
+    let (code, _, err) = flotilla(&url, &["approve", "guarded", "--comment", "checked"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no operator's"), "{err}");
+    let done = sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    assert!(done.iter().any(|e| e.task_id == "guarded"));
+    let d = sys
+        .events()
+        .await
+        .into_iter()
+        .find(|e| e.task_id == "guarded" && e.kind == "approval_decided")
+        .unwrap();
+    assert_eq!(d.actor.as_deref(), Some("test"));
     sys.stop().await;
 }

@@ -225,7 +225,9 @@ async fn a_running_task_is_cancelled_and_its_agent_takes_new_work() {
     assert!(out.contains("cancelled long (it was running)"), "{out}");
     let failed = event(&sys, "long", "failed", Duration::from_secs(5)).await;
     assert_eq!(failed.error.as_ref().unwrap().code, "cancelled");
-    assert_eq!(failed.error.unwrap().message, "cancelled by an operator");
+    // Attributed to the operator whose signature the request carried.
+    assert_eq!(failed.error.unwrap().message, "cancelled by test");
+    assert_eq!(failed.actor.as_deref(), Some("test"));
     // The runner stopped the attempt (it counts it) ...
     eventually(Duration::from_secs(5), "the runner to stop the attempt", || async {
         (sys.health("agent-runner", "rk").await.details["cancelled"] == 1).then_some(())

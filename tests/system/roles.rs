@@ -542,3 +542,169 @@ async fn a_revoked_runner_is_cut_off_and_its_work_is_done_once_elsewhere() {
     );
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn control_actions_are_attributed_and_unsigned_or_revoked_ones_refused_with_an_event() {
+    use flotilla_service::auth::{Credentials, RoleSpec};
+    let mut sys = System::with_dispatcher().await;
+    sys.start_runner("r1", &worker_fleet(1, 2)).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.server.change_auth("flotilla", |a| {
+        a.add("operator-bob", RoleSpec::Operator { name: "bob".into() }).unwrap();
+    });
+    sys.sync_operators().await;
+    let bob_seed = sys.server.creds("flotilla", "operator-bob").unwrap();
+    let kept = tempfile::NamedTempFile::new().unwrap();
+    std::fs::copy(&bob_seed, kept.path()).unwrap();
+    let bob = Credentials::load(kept.path()).unwrap();
+    let conn =
+        connect_with(&sys.server, &sys.server.creds("flotilla", "operator-test").unwrap()).await.unwrap();
+    let subject = sys.names.dispatcher_cancel();
+    let ask = |task: &str, signer: Option<&Credentials>| {
+        let (conn, subject) = (conn.clone(), subject.clone());
+        let body = bytes::Bytes::from(serde_json::json!({ "task_id": task }).to_string());
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Content-Type", "application/json");
+        if let Some(s) = signer {
+            s.sign_request(&mut h, &subject, &body).unwrap();
+        }
+        async move {
+            let m = conn.request_with_headers(subject, h, body).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()
+        }
+    };
+    for i in 0..3 {
+        sys.submit(&sleeping(format!("c-{i}"), 4_000)).await;
+    }
+    sys.wait_for_kind("accepted", 3, Duration::from_secs(10)).await;
+    // Signed by bob: cancelled, and the event says so.
+    let done = ask("c-0", Some(&bob)).await;
+    assert!(done["error"].is_null(), "{done}");
+    // Unsigned, where authentication is on: refused.
+    let unsigned = ask("c-1", None).await;
+    assert_eq!(unsigned["error"]["code"], "unauthorized", "{unsigned}");
+    assert!(unsigned["error"]["message"].as_str().unwrap().starts_with("unsigned"), "{unsigned}");
+    // Bob revoked (and the revocation published): his kept key no longer counts.
+    sys.server.change_auth("flotilla", |a| a.revoke("operator-bob").unwrap());
+    sys.sync_operators().await;
+    let revoked = ask("c-2", Some(&bob)).await;
+    assert_eq!(revoked["error"]["code"], "unauthorized", "{revoked}");
+    assert!(revoked["error"]["message"].as_str().unwrap().starts_with("revoked_operator"), "{revoked}");
+    // A signature over something else: refused.
+    let mut h = async_nats::HeaderMap::new();
+    let other = Credentials::load(&sys.server.creds("flotilla", "operator-test").unwrap()).unwrap();
+    other.sign_request(&mut h, &subject, b"{\"task_id\": \"c-9\"}").unwrap();
+    let body = bytes::Bytes::from(serde_json::json!({ "task_id": "c-1" }).to_string());
+    let m = conn.request_with_headers(subject.clone(), h, body).await.unwrap();
+    let tampered: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert!(tampered["error"]["message"].as_str().unwrap().starts_with("bad_signature"), "{tampered}");
+
+    let events = sys.events().await;
+    let failed = events.iter().find(|e| e.task_id == "c-0" && e.kind == "failed").unwrap();
+    assert_eq!(failed.actor.as_deref(), Some("bob"));
+    for id in ["c-1", "c-2"] {
+        assert!(!events.iter().any(|e| e.task_id == id && e.kind == "failed"), "{id} was cancelled");
+    }
+    let refusals: Vec<flotilla_protocol::ControlEvent> = sys
+        .read_stream(&sys.names.events_stream(), &sys.names.control_event_subject("refused"))
+        .await
+        .into_iter()
+        .map(|(_, p)| flotilla_protocol::codec::decode(None, &p).unwrap())
+        .collect();
+    let reasons: Vec<(&str, &str)> =
+        refusals.iter().map(|r| (r.task_id.as_deref().unwrap_or(""), r.reason.as_str())).collect();
+    assert_eq!(reasons, [("c-1", "unsigned"), ("c-2", "revoked_operator"), ("c-1", "bad_signature")]);
+    assert_eq!(refusals[1].operator.as_deref(), Some("bob"));
+    sys.stop().await;
+}
+
+/// Everything a run wrote — every stream and bucket, the runner's debug log, the server's log,
+/// the CLI's output — holds no API key and no credential seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_api_key_or_credential_appears_in_anything_a_run_wrote() {
+    use flotilla_testkit::stub_llm::{Reply, StubLlm};
+    const KEY: &str = "sk-flotilla-scan-91c2e7d04b";
+    let stub = StubLlm::start(vec![
+        Reply::raw(401, &format!(r#"{{"error":{{"message":"Incorrect API key provided: {KEY}"}}}}"#)),
+        Reply::openai_text("done", 10, 2),
+        Reply::openai_text("done again", 10, 2),
+    ])
+    .await;
+    let mut sys = System::with_dispatcher().await;
+    // With budgets: the ledger is scanned too.
+    sys.start_budget_keeper().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.toml");
+    std::fs::write(&secrets, format!("STUB_KEY = \"{KEY}\"\n")).unwrap();
+    let fleet = format!(
+        "[[agent]]\nname = \"assistant\"\ncapabilities = [\"chat\"]\nprovider = \"openai\"\nmodel = \"stub\"\n\
+         base_url = \"{}\"\napi_key_env = \"STUB_KEY\"\n",
+        stub.openai_base()
+    );
+    let fleet_path = dir.path().join("fleet.toml");
+    std::fs::write(&fleet_path, &fleet).unwrap();
+    let creds = sys.runner_identity("rs", &fleet).unwrap();
+    let log_path = dir.path().join("runner.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = std::process::Command::new(flotilla_testkit::bin("flotilla-agent-runner"));
+    cmd.env("FLOTILLA_NATS_URL", sys.server.url())
+        .env("FLOTILLA_CREDS", &creds)
+        .env("FLOTILLA_FLEET", &fleet_path)
+        .env("FLOTILLA_RUNNER_ID", "rs")
+        .env("FLOTILLA_AGENT_RUNNER__SECRETS_FILE", &secrets)
+        .env("FLOTILLA_AGENT_RUNNER__HEARTBEAT_INTERVAL", "300ms")
+        .env("RUST_LOG", "debug")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let runner = flotilla_testkit::ChildProcess::spawn_command(cmd, "agent-runner").unwrap();
+    sys.wait_for_agents("rs", 1).await;
+    let chat = |id: &str| flotilla_protocol::TaskSubmission {
+        id: Some(id.into()),
+        capability: "chat".into(),
+        input: serde_json::json!("hello"),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    sys.submit(&chat("refused")).await;
+    sys.wait_for_kind("failed", 1, Duration::from_secs(20)).await;
+    sys.submit(&chat("answered")).await;
+    sys.wait_for_kind("completed", 1, Duration::from_secs(20)).await;
+    // Operator commands (signed with the operator's seed) and their output.
+    let url = sys.server.url().to_owned();
+    let mut cli_output = String::new();
+    for args in [&["status", "answered"][..], &["cancel", "refused"], &["--json", "agents"]] {
+        let (_, o, e) = cli(&url, args).await;
+        cli_output.push_str(&o);
+        cli_output.push_str(&e);
+    }
+    assert!(cli_output.contains("answered"), "{cli_output}");
+    drop(runner);
+
+    let mut secrets_to_find: Vec<(String, String)> = vec![("the API key".into(), KEY.into())];
+    let auth = sys.server.auth_dir("flotilla").unwrap();
+    for entry in std::fs::read_dir(auth.join("creds")).unwrap().flatten() {
+        let seed = std::fs::read_to_string(entry.path()).unwrap().trim().to_owned();
+        secrets_to_find.push((format!("the seed of {}", entry.file_name().to_string_lossy()), seed));
+    }
+    let mut places: Vec<(String, Vec<u8>)> = sys
+        .everything_stored()
+        .await
+        .into_iter()
+        .map(|(stream, subject, payload)| (format!("{stream} {subject}"), payload.to_vec()))
+        .collect();
+    let runner_log = std::fs::read(&log_path).unwrap();
+    assert!(runner_log.len() > 1000, "the runner logged at debug level");
+    places.push(("the runner's log".into(), runner_log));
+    places.push(("the nats-server log".into(), std::fs::read(sys.server.log_path()).unwrap()));
+    places.push(("the CLI's output".into(), cli_output.into_bytes()));
+    assert!(places.len() > 20, "{} places scanned", places.len());
+    for (what, secret) in &secrets_to_find {
+        for (place, bytes) in &places {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{what} appears in {place}"
+            );
+        }
+    }
+    sys.stop().await;
+}

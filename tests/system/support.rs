@@ -123,6 +123,7 @@ impl System {
             ..flotilla_local::Options::new(flotilla_local::Nats::Url(server.url().to_owned()), names.clone())
         };
         let local = LocalFleet::start(options).await.unwrap();
+        server.publish_operators(prefix, local.fleet(), &local.topology().operators).await;
         Self {
             server,
             names,
@@ -221,8 +222,16 @@ impl System {
                 }
             });
             cmd.env("FLOTILLA_CREDS", self.server.creds(prefix, name).unwrap());
+            self.sync_operators().await;
         }
         cmd.output().await.unwrap()
+    }
+
+    /// Publishes the operators' keys (after adding or revoking an operator), as
+    /// `flotilla auth sync` does.
+    pub async fn sync_operators(&self) {
+        let prefix = self.names.prefix().as_str();
+        self.server.publish_operators(prefix, self.local.fleet(), &self.topology.operators).await;
     }
 
     /// The harness's own fleet handle (the admin's connection).

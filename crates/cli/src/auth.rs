@@ -70,9 +70,26 @@ pub enum AuthCommand {
     Revoke { name: String },
     /// List the identities.
     List,
+    /// Publish every operator's signing key (and every revocation) into the fleet, where the
+    /// services check control actions against them. Run as the admin
+    /// (`--creds <dir>/creds/admin.nk`) after adding or revoking an operator.
+    Sync,
 }
 
-pub fn run(cli: &Cli, args: &AuthArgs) -> Result<(), Failure> {
+pub async fn run(cli: &Cli, args: &AuthArgs) -> Result<(), Failure> {
+    if let AuthCommand::Sync = args.command {
+        let auth = AuthDir::open(&args.dir).map_err(|e| Failure::new(2, e))?;
+        let fleet = crate::client::connect(cli).await?;
+        let store = crate::client::bucket(&fleet, fleet.names.operators_bucket()).await?;
+        let n =
+            auth.publish_operators(&fleet, &store).await.context("failed to publish the operators' keys")?;
+        println!("published {n} operator key(s) to {}", fleet.names.operators_bucket());
+        return Ok(());
+    }
+    run_offline(cli, args)
+}
+
+fn run_offline(cli: &Cli, args: &AuthArgs) -> Result<(), Failure> {
     let dir = &args.dir;
     let changed = match &args.command {
         AuthCommand::Init { if_missing: true, .. } if dir.join("identities.json").exists() => {
@@ -115,7 +132,14 @@ pub fn run(cli: &Cli, args: &AuthArgs) -> Result<(), Failure> {
             change(dir, |a| add(a, &name, RoleSpec::Submitter { tenant: tenant.clone() }))?
         }
         AuthCommand::AddOperator { name } => {
-            change(dir, |a| add(a, &format!("operator-{name}"), RoleSpec::Operator { name: name.clone() }))?
+            let changed = change(dir, |a| {
+                add(a, &format!("operator-{name}"), RoleSpec::Operator { name: name.clone() })
+            })?;
+            eprintln!(
+                "publish its key to the fleet: flotilla --creds <admin.nk> auth --dir {} sync",
+                dir.display()
+            );
+            changed
         }
         AuthCommand::AddAuditor { name } => change(dir, |a| add(a, name, RoleSpec::Auditor))?,
         AuthCommand::Revoke { name } => change(dir, |a| {
@@ -128,6 +152,7 @@ pub fn run(cli: &Cli, args: &AuthArgs) -> Result<(), Failure> {
             print_summary(&auth, cli.json);
             false
         }
+        AuthCommand::Sync => false,
     };
     if changed {
         match &args.reload_pid_file {

@@ -88,6 +88,9 @@ pub async fn connect(cli: &Cli) -> Result<Fleet, Failure> {
         .unwrap_or("nats://127.0.0.1:4222")
         .to_owned();
     let auth = cli.client_auth();
+    if let Some(path) = auth.creds.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+        signer::set(flotilla_service::auth::Credentials::load(path).map_err(|e| Failure::new(2, e))?);
+    }
     let client = auth
         .options(async_nats::ConnectOptions::new())
         .map_err(|e| Failure::new(2, e))?
@@ -122,6 +125,21 @@ pub async fn connect(cli: &Cli) -> Result<Fleet, Failure> {
             Failure::new(exit::UNAVAILABLE, anyhow::anyhow!(why))
         })?;
     Ok(Fleet::new(client, names, WireFormat::Msgpack, "cli".to_owned()))
+}
+
+/// The credential this process signs its control actions with (set by [`connect`]).
+pub mod signer {
+    use flotilla_service::auth::Credentials;
+
+    static SIGNER: std::sync::OnceLock<Credentials> = std::sync::OnceLock::new();
+
+    pub fn set(c: Credentials) {
+        let _ = SIGNER.set(c);
+    }
+
+    pub fn get() -> Option<&'static Credentials> {
+        SIGNER.get()
+    }
 }
 
 /// What the server refused this process, so that an error can say which permission is missing
@@ -180,7 +198,12 @@ pub async fn request<Req: serde::Serialize, Rep: serde::de::DeserializeOwned>(
     req: &Req,
 ) -> Result<Rep, Failure> {
     let body = fleet.encode(req).context("failed to encode the request")?;
-    let asked = fleet.client.request_with_headers(subject.clone(), fleet.headers(None), body);
+    let mut h = fleet.headers(None);
+    // An operator's requests carry its signature: the service records who asked.
+    if let Some(signer) = signer::get() {
+        signer.sign_request(&mut h, &subject, &body).context("failed to sign the request")?;
+    }
+    let asked = fleet.client.request_with_headers(subject.clone(), h, body);
     let answered = tokio::select! {
         a = tokio::time::timeout(Duration::from_secs(10), asked) => a,
         () = refused::next() => {
@@ -363,6 +386,10 @@ pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<(), Failure> {
 pub async fn decide(cli: &Cli, id: &str, approve: bool, comment: Option<String>) -> Result<(), Failure> {
     let fleet = connect(cli).await?;
     let store = bucket(&fleet, fleet.names.approvals_bucket()).await?;
+    let operators = bucket(&fleet, fleet.names.operators_bucket()).await?;
+    // With a credential, a decision counts only when an operator's key signed it (as the agent
+    // checks); one that no operator signed is decided anew.
+    let checker = fleet.clone().authenticated(signer::get().is_some());
     for _ in 0..5 {
         let Some((mut a, rev)) =
             fleet.kv_get::<Approval>(&store, id).await.context("failed to read the approval request")?
@@ -370,14 +397,25 @@ pub async fn decide(cli: &Cli, id: &str, approve: bool, comment: Option<String>)
             return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("task {id} has no approval request")));
         };
         if a.status != ApprovalStatus::Pending {
-            return Err(Failure::new(
-                exit::TASK_FAILED,
-                anyhow::anyhow!("the request of task {id} was already {:?}", a.status),
-            ));
+            match flotilla_service::attest::approval_actor(&checker, &operators, &a).await {
+                Ok(by) => {
+                    return Err(Failure::new(
+                        exit::TASK_FAILED,
+                        anyhow::anyhow!("the request of task {id} was already {:?} by {by}", a.status),
+                    ));
+                }
+                Err(r) => eprintln!("the decision on record is no operator's ({}); deciding anew", r.reason),
+            }
         }
         a.status = if approve { ApprovalStatus::Approved } else { ApprovalStatus::Rejected };
         a.comment = comment.clone();
         a.decided_at_ms = Some(flotilla_protocol::time::now_ms());
+        // Signed by the operator: the agent acts on it only if the signature is an operator's.
+        a.signature = None;
+        a.signer = signer::get().map(|s| s.public_key.clone());
+        if let Some(s) = signer::get() {
+            a.signature = Some(s.sign(&a.signed_content()).context("failed to sign the decision")?);
+        }
         match fleet.kv_update(&store, id, &a, rev).await {
             Ok(_) => {
                 if cli.json {

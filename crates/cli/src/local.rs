@@ -99,6 +99,11 @@ async fn start(
         options.identities = Some(dir.clone());
     }
     let mut fleet = LocalFleet::start(options).await?;
+    if let Some(dir) = &auth_dir {
+        // The operators' keys, which the services check control actions against.
+        let auth = flotilla_service::auth::AuthDir::open(dir)?;
+        auth.publish_operators(fleet.fleet(), &fleet.topology().operators).await?;
+    }
     if let Some(s) = fleet.server() {
         eprintln!("nats-server {} started (pid {}, data in {})", s.url(), s.pid(), data_dir.display());
         match &auth_dir {

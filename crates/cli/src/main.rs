@@ -186,7 +186,7 @@ fn main() -> ExitCode {
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::exec(&cli, args),
-            Command::Auth(args) => auth::run(&cli, args),
+            Command::Auth(args) => auth::run(&cli, args).await,
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
             Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,
         }

@@ -31,6 +31,14 @@ pub fn event_line(e: &TaskEvent) -> String {
     if let Some(r) = &e.reason {
         line.push_str(&format!("  reason={r}"));
     }
+    if let Some(by) = &e.actor {
+        line.push_str(&format!("  by={by}"));
+    }
+    if e.kind == flotilla_protocol::names::event_kind::APPROVAL_DECIDED
+        && let Some(d) = e.detail.as_ref().and_then(|d| d.get("decision")).and_then(|d| d.as_str())
+    {
+        line.push_str(&format!("  decision={d}"));
+    }
     if let Some(s) = e.step {
         line.push_str(&format!("  step={s}"));
     }

@@ -264,7 +264,8 @@ impl LocalFleet {
         )
         .await?;
         let fleet =
-            Fleet::new(client.clone(), self.control.names.clone(), self.control.format, instance.into());
+            Fleet::new(client.clone(), self.control.names.clone(), self.control.format, instance.into())
+                .authenticated(self.identities.is_some());
         // With its own identity, a service sees the buckets through its own connection.
         let topology = match &self.identities {
             Some(_) => Topology::open(&fleet.js, &fleet.names, Duration::from_secs(30)).await?,

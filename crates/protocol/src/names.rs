@@ -60,6 +60,8 @@ pub mod event_kind {
     pub const REQUEUED: &str = "requeued";
     pub const PROGRESS: &str = "progress";
     pub const APPROVAL_REQUESTED: &str = "approval_requested";
+    /// A human answered an approval request (`actor`: who; `detail`: the decision and comment).
+    pub const APPROVAL_DECIDED: &str = "approval_decided";
     /// An attempt failed with a retryable error; the task is queued again after a backoff.
     pub const RETRYING: &str = "retrying";
 }
@@ -181,6 +183,8 @@ impl Names {
         task_events_all() = prefix ".events.task.>";
         /// An agent's lifecycle event.
         agent_event_subject(agent_id, kind) = prefix ".events.agent.{agent_id}.{kind}";
+        /// A control action refused because of who asked (`kind`: `refused`).
+        control_event_subject(kind) = prefix ".events.control.{kind}";
         /// Every event (the events stream's subjects).
         events_all() = prefix ".events.>";
     }
@@ -291,6 +295,8 @@ impl Names {
         grants_bucket() = lower "_grants";
         /// KV: how the handling of each message stands, by message id.
         messages_bucket() = lower "_messages";
+        /// KV: the operators' signing keys, by public key (written by the admin only).
+        operators_bucket() = lower "_operators";
         /// Object store: snapshots of the budget ledger's state.
         budget_snapshots_bucket() = lower "_budget_snapshots";
     }

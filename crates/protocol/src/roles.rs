@@ -186,6 +186,7 @@ fn buckets(n: &Names) -> Vec<String> {
         n.leases_bucket(),
         n.grants_bucket(),
         n.messages_bucket(),
+        n.operators_bucket(),
     ]
 }
 
@@ -249,7 +250,9 @@ fn dispatcher(g: &mut G<'_>) {
         .kv_read(&n.messages_bucket(), ">")
         .kv_read(&n.capabilities_bucket(), ">")
         .kv_read(&n.agents_bucket(), ">")
-        .kv_read(&n.grants_bucket(), ">");
+        .kv_read(&n.grants_bucket(), ">")
+        .kv_read(&n.operators_bucket(), "*");
+    g.publish(n.control_event_subject("*"));
     for b in [n.tasks_bucket(), n.agents_bucket(), n.grants_bucket(), n.leases_bucket()] {
         g.kv_watch(&b);
     }
@@ -334,7 +337,9 @@ fn runner(g: &mut G<'_>, id: &str, templates: &[String]) {
         .kv_write(&n.messages_bucket(), ">")
         .kv_write(&n.approvals_bucket(), "*")
         .kv_write(&n.memory_bucket(), ">")
-        .kv_read(&n.grants_bucket(), ">");
+        .kv_read(&n.grants_bucket(), ">")
+        .kv_read(&n.operators_bucket(), "*");
+    g.publish(n.control_event_subject("*"));
     for b in [n.approvals_bucket(), n.memory_bucket(), n.grants_bucket()] {
         g.kv_watch(&b);
     }
@@ -378,6 +383,8 @@ fn operator(g: &mut G<'_>, name: &str) {
     for b in [n.tasks_bucket(), n.agents_bucket(), n.capabilities_bucket()] {
         g.kv_read(&b, ">").kv_watch(&b);
     }
+    // Whether an existing approval decision is an operator's.
+    g.kv_read(&n.operators_bucket(), "*");
     g.subscribe(n.inbox_client(name));
 }
 

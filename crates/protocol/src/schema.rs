@@ -27,6 +27,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("message-record", s::<MessageRecord>()),
         ("recollection", s::<Recollection>()),
         ("cancel-task", s::<CancelTask>()),
+        ("operator-key", s::<OperatorKey>()),
+        ("control-event", s::<ControlEvent>()),
         ("cancel-request", s::<CancelRequest>()),
         ("cancel-reply", s::<CancelReply>()),
         ("queue-request", s::<QueueRequest>()),

@@ -318,6 +318,30 @@ impl AuthDir {
     }
 }
 
+impl AuthDir {
+    /// Publishes every operator's signing key (and every revocation) into the fleet's
+    /// `<p>_operators` bucket, which services check control requests against. Needs a connection
+    /// that may write there: the admin's.
+    pub async fn publish_operators(
+        &self,
+        fleet: &crate::Fleet,
+        store: &async_nats::jetstream::kv::Store,
+    ) -> Result<usize, crate::nats::FleetError> {
+        let mut n = 0;
+        for i in &self.file.identities {
+            let RoleSpec::Operator { name } = &i.role else { continue };
+            let key = flotilla_protocol::OperatorKey {
+                name: name.clone(),
+                public_key: i.public_key.clone(),
+                revoked_ms: i.revoked_ms,
+            };
+            fleet.kv_put(store, &i.public_key, &key).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 fn quoted(list: &[String]) -> String {
     let items: Vec<String> = list.iter().map(|s| format!("\"{s}\"")).collect();
     format!("[{}]", items.join(", "))
@@ -381,6 +405,11 @@ impl Credentials {
         let key = nkeys::KeyPair::from_seed(&seed)
             .map_err(|e| AuthError::BadSeed { path: path.to_path_buf(), message: e.to_string() })?;
         Ok(Self { seed, public_key: key.public_key() })
+    }
+
+    /// The key pair of the seed.
+    pub fn key_pair(&self) -> Result<nkeys::KeyPair, AuthError> {
+        nkeys::KeyPair::from_seed(&self.seed).map_err(|e| AuthError::Invalid(e.to_string()))
     }
 
     /// The private inbox prefix of this identity.

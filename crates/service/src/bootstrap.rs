@@ -85,8 +85,8 @@ impl Loaded {
             &self.common.auth,
         )
         .await?;
-        let fleet = Fleet::new(client, names, self.common.wire_format, instance);
         let has_creds = self.common.auth.creds.as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+        let fleet = Fleet::new(client, names, self.common.wire_format, instance).authenticated(has_creds);
         let topology = if mode == Mode::Join && has_creds {
             // A least-privilege credential creates nothing: the dispatcher owns the topology.
             Topology::open(&fleet.js, &fleet.names, Duration::from_secs(60)).await?

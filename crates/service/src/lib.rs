@@ -2,6 +2,7 @@
 //! connection, idempotent creation of streams / consumers / buckets, publishing and acking.
 
 pub mod ack;
+pub mod attest;
 pub mod auth;
 pub mod bootstrap;
 pub mod budget;

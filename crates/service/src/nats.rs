@@ -198,13 +198,22 @@ pub struct Fleet {
     pub format: WireFormat,
     /// This process's instance id (logs, health, registry).
     pub instance: String,
+    /// Whether this connection authenticated with a credential: authentication is on, so
+    /// control actions must carry an operator's signature.
+    pub authenticated: bool,
 }
 
 impl Fleet {
     /// A fleet handle on an existing connection.
     pub fn new(client: async_nats::Client, names: Names, format: WireFormat, instance: String) -> Self {
         let js = jetstream::new(client.clone());
-        Self { client, js, names, format, instance }
+        Self { client, js, names, format, instance, authenticated: false }
+    }
+
+    /// The same handle, marked as connected with a credential (see [`Self::authenticated`]).
+    pub fn authenticated(mut self, yes: bool) -> Self {
+        self.authenticated = yes;
+        self
     }
 
     /// Headers every published message carries.

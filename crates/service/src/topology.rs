@@ -46,6 +46,8 @@ pub struct Topology {
     pub grants: kv::Store,
     /// How the handling of each message stands (fences redeliveries).
     pub messages: kv::Store,
+    /// The operators' signing keys (written by the admin only).
+    pub operators: kv::Store,
     /// Replicas of every stream and bucket, as they were ensured (services that own further
     /// buckets create them with as many).
     pub replicas: usize,
@@ -77,6 +79,7 @@ impl Topology {
             (names.leases_bucket(), "Flotilla: leases of exclusive roles", 1, LEASES_MAX_AGE),
             (names.grants_bucket(), "Flotilla: who may message whom", 5, Duration::ZERO),
             (names.messages_bucket(), "Flotilla: handling of direct messages", 1, s.messages_max_age),
+            (names.operators_bucket(), "Flotilla: operators' signing keys", 5, Duration::ZERO),
         ];
         let mut stores = Vec::with_capacity(buckets.len());
         for (bucket, description, history, max_age) in buckets {
@@ -91,8 +94,8 @@ impl Topology {
             };
             stores.push(ensure_bucket(js, mode, cfg).await?);
         }
-        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages]) =
-            <[kv::Store; 8]>::try_from(stores)
+        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages, operators]) =
+            <[kv::Store; 9]>::try_from(stores)
         else {
             anyhow::bail!("a bucket of the topology was not ensured");
         };
@@ -105,6 +108,7 @@ impl Topology {
             leases,
             grants,
             messages,
+            operators,
             replicas: s.replicas,
         })
     }
@@ -116,7 +120,7 @@ impl Topology {
     /// a bucket the dispatcher has not created yet.
     pub async fn open(js: &jetstream::Context, names: &Names, patience: Duration) -> anyhow::Result<Self> {
         let deadline = tokio::time::Instant::now() + patience;
-        let mut stores = Vec::with_capacity(8);
+        let mut stores = Vec::with_capacity(9);
         for bucket in [
             names.tasks_bucket(),
             names.agents_bucket(),
@@ -126,6 +130,7 @@ impl Topology {
             names.leases_bucket(),
             names.grants_bucket(),
             names.messages_bucket(),
+            names.operators_bucket(),
         ] {
             let mut logged = false;
             let store = loop {
@@ -148,13 +153,24 @@ impl Topology {
             };
             stores.push(store);
         }
-        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages]) =
-            <[kv::Store; 8]>::try_from(stores)
+        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages, operators]) =
+            <[kv::Store; 9]>::try_from(stores)
         else {
             anyhow::bail!("a bucket of the topology was not opened");
         };
         let replicas = tasks.stream.cached_info().config.num_replicas;
-        Ok(Self { tasks, agents, capabilities, memory, approvals, leases, grants, messages, replicas })
+        Ok(Self {
+            tasks,
+            agents,
+            capabilities,
+            memory,
+            approvals,
+            leases,
+            grants,
+            messages,
+            operators,
+            replicas,
+        })
     }
 }
 

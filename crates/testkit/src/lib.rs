@@ -144,6 +144,11 @@ impl NatsServer {
         s
     }
 
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.server.options().store_dir.join("nats-server.log")
+    }
+
     /// The server's log lines about refused publishes or subscriptions ("Permissions Violation").
     pub fn violations(&self) -> Vec<String> {
         let log = self.server.options().store_dir.join("nats-server.log");
@@ -206,6 +211,22 @@ impl NatsServer {
             self.apply(&dirs);
         }
         Some(dir.join("creds").join(format!("runner-{id}.nk")))
+    }
+
+    /// Publishes the operators' keys of `prefix`'s fleet into its `<p>_operators` bucket (as
+    /// `flotilla auth sync` does), through `fleet` (the admin's connection); nothing without
+    /// authentication.
+    pub async fn publish_operators(
+        &self,
+        prefix: &str,
+        fleet: &flotilla_service::Fleet,
+        store: &async_nats::jetstream::kv::Store,
+    ) {
+        let Some(auth) = &self.auth else { return };
+        let dir = auth.lock().unwrap().get(prefix).cloned();
+        if let Some(dir) = dir {
+            dir.publish_operators(fleet, store).await.expect("operators' keys published");
+        }
     }
 
     /// The seed file of identity `name` of `prefix`'s fleet (`None` without authentication).

@@ -65,6 +65,7 @@ impl Context {
             memory: self.topology.memory.clone(),
             tasks: self.topology.tasks.clone(),
             approvals: self.topology.approvals.clone(),
+            operators: self.topology.operators.clone(),
             task: rec.clone(),
             agent_id: slot.agent_id.clone(),
             runner_id: self.runner_id.clone(),

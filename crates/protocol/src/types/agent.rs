@@ -168,6 +168,21 @@ pub struct Approval {
     pub comment: Option<String>,
     pub asked_at_ms: u64,
     pub decided_at_ms: Option<u64>,
+    /// The public key of the operator whose signature decided it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The signer's signature (base64url) over this record without it
+    /// ([`Approval::signed_content`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Approval {
+    /// What an operator signs when it decides: this record's JSON with `signature` left out.
+    pub fn signed_content(&self) -> Vec<u8> {
+        let unsigned = Self { signature: None, ..self.clone() };
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

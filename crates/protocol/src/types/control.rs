@@ -39,6 +39,10 @@ pub mod cancel_code {
     pub const ALREADY_FINISHED: &str = "already_finished";
     /// NATS failed, or the record kept changing: ask again.
     pub const UNAVAILABLE: &str = "unavailable";
+    /// Not signed by a known operator's key where signatures are required (the message says
+    /// why: `unsigned`, `bad_signature`, `stale_signature`, `unknown_operator`,
+    /// `revoked_operator`); a `<p>.events.control.refused` event records it.
+    pub const UNAUTHORIZED: &str = "unauthorized";
 }
 
 /// Tells a runner to stop an attempt that no longer counts (cancelled, past its deadline):
@@ -180,4 +184,40 @@ pub struct HealthReply {
     /// Service-specific figures.
     #[serde(default)]
     pub details: Value,
+}
+
+/// An operator's signing key, as the services know it: the record under its public key in the
+/// `<p>_operators` bucket, which only the admin writes (`flotilla auth sync`). A control request
+/// signed by a key that is not here, or is revoked, is refused.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct OperatorKey {
+    /// The operator's name: what its actions are attributed to.
+    pub name: String,
+    pub public_key: String,
+    /// When it was revoked.
+    pub revoked_ms: Option<u64>,
+}
+
+/// A control action that was refused because of who asked (`<p>.events.control.refused`): not
+/// signed where signatures are required, a bad or stale signature, an unknown or revoked key.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ControlEvent {
+    /// `refused`.
+    pub kind: String,
+    /// What was asked: `cancel`, `approve`, `reject`, …
+    pub action: String,
+    /// The task it concerned, if any.
+    pub task_id: Option<String>,
+    /// The public key that signed it, if any.
+    pub signer: Option<String>,
+    /// The operator that key belongs to, if it is known.
+    pub operator: Option<String>,
+    /// `unsigned`, `bad_signature`, `stale_signature`, `unknown_operator`, `revoked_operator`.
+    pub reason: String,
+    pub message: String,
+    /// Which service refused it.
+    pub by: String,
+    pub at_ms: u64,
 }

@@ -383,6 +383,9 @@ pub struct TaskEvent {
     /// What the task's model calls cost in US dollars (on `completed` and `failed`, when the
     /// budget-keeper has prices for the models used).
     pub cost_usd: Option<f64>,
+    /// The operator who caused this event (`failed` of a cancel, `approval_decided`), as its
+    /// verified signature names it; `anonymous` for an unsigned action where none is required.
+    pub actor: Option<String>,
 }
 
 impl TaskEvent {
@@ -408,6 +411,7 @@ impl TaskEvent {
             text_seq: None,
             calls: Vec::new(),
             cost_usd: None,
+            actor: None,
         }
     }
 

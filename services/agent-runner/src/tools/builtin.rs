@@ -680,6 +680,8 @@ async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
                 comment: None,
                 asked_at_ms: now_ms(),
                 decided_at_ms: None,
+                signer: None,
+                signature: None,
             };
             ctx.fleet.kv_put(&ctx.approvals, key, &a).await.map_err(nats_err)?;
             let mut ev =
@@ -691,8 +693,15 @@ async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
             None
         }
     };
-    let decision = match decided {
-        Some(a) => a,
+    let decided = match decided {
+        Some(a) => match flotilla_service::attest::approval_actor(&ctx.fleet, &ctx.operators, &a).await {
+            Ok(by) => Some((a, by)),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let (decision, by) = match decided {
+        Some(found) => found,
         None => {
             ctx.states.set(flotilla_protocol::AgentState::Waiting);
             let waited = async {
@@ -709,7 +718,15 @@ async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
                         && a.request_id == request_id
                         && a.status != ApprovalStatus::Pending
                     {
-                        return Ok(a);
+                        match flotilla_service::attest::approval_actor(&ctx.fleet, &ctx.operators, &a).await {
+                            Ok(by) => return Ok((a, by)),
+                            // Not an operator's decision: the request stays open.
+                            Err(r) => {
+                                let action = if a.status == ApprovalStatus::Approved { "approve" } else { "reject" };
+                                let by = format!("agent-runner {}", ctx.runner_id);
+                                flotilla_service::attest::publish_refusal(&ctx.fleet, action, Some(&a.task_id), &r, &by).await;
+                            }
+                        }
                     }
                 }
             }
@@ -718,6 +735,25 @@ async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
             waited?
         }
     };
+    // Who decided goes into the task's history (once per request: the event id is fixed).
+    let mut ev = TaskEvent::for_task(&ctx.task, flotilla_protocol::names::event_kind::APPROVAL_DECIDED);
+    ev.step = Some(ctx.step);
+    ev.agent_id = Some(ctx.agent_id.clone());
+    ev.actor = Some(by.clone());
+    ev.detail = Some(json!({
+        "request_id": request_id,
+        "decision": decision.status,
+        "comment": decision.comment,
+        "by": by,
+    }));
+    let msg_id = format!("{}:approval_decided:{request_id}", ctx.task.id);
+    ctx.fleet
+        .send_event_with_id(&ev, &msg_id)
+        .await
+        .map_err(nats_err)?
+        .confirmed()
+        .await
+        .map_err(nats_err)?;
     match decision.status {
         ApprovalStatus::Rejected => Err(ToolError::fail_task(
             "rejected",

@@ -24,6 +24,8 @@ pub struct ToolCtx {
     pub memory: kv::Store,
     pub tasks: kv::Store,
     pub approvals: kv::Store,
+    /// The operators' signing keys: an approval decision counts only when one of them signed it.
+    pub operators: kv::Store,
     /// The task being worked on (as claimed).
     pub task: TaskRecord,
     pub agent_id: String,

@@ -68,7 +68,23 @@ impl Scheduler {
                 let reply = match codec::decode_strict::<CancelRequest>(ct, &req.payload) {
                     Ok(r) => {
                         tracing::Span::current().record("task_id", r.task_id.as_str());
-                        cancel(&fleet, &topology, &r).await
+                        // Who asked: an operator's verified signature, or the refusal.
+                        match flotilla_service::attest::request_actor(&fleet, &topology.operators, &req).await
+                        {
+                            Ok(actor) => cancel(&fleet, &topology, &r, &actor).await,
+                            Err(why) => {
+                                let by = format!("dispatcher {}", fleet.instance);
+                                flotilla_service::attest::publish_refusal(
+                                    &fleet,
+                                    "cancel",
+                                    Some(&r.task_id),
+                                    &why,
+                                    &by,
+                                )
+                                .await;
+                                refused(code::UNAUTHORIZED, format!("{}: {}", why.reason, why.message))
+                            }
+                        }
                     }
                     Err(e) => refused(e.reason.code(), e.message),
                 };
@@ -85,10 +101,10 @@ fn refused(code: &str, message: impl Into<String>) -> CancelReply {
 }
 
 /// Cancels the task `req` names, if it has not finished.
-async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest) -> CancelReply {
+async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest, actor: &str) -> CancelReply {
     let id = req.task_id.as_str();
-    let error =
-        ErrorInfo::new(failure::CANCELLED, req.reason.as_deref().unwrap_or("cancelled by an operator"));
+    let default_reason = format!("cancelled by {actor}");
+    let error = ErrorInfo::new(failure::CANCELLED, req.reason.as_deref().unwrap_or(&default_reason));
     let unavailable = |e: FleetError| refused(code::UNAVAILABLE, format!("failed to cancel task {id}: {e}"));
     for _ in 0..TRIES {
         let (mut rec, rev) = match fleet.kv_get::<TaskRecord>(&topology.tasks, id).await {
@@ -123,6 +139,7 @@ async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest) -> Canc
         // The same event (and id) a runner would publish for this attempt, so copies de-duplicate.
         let mut ev = TaskEvent::for_task(&rec, event_kind::FAILED);
         ev.error = rec.error.clone();
+        ev.actor = Some(actor.to_owned());
         if let Err(e) = fleet.publish_event(&ev).await {
             // The record is final either way; a reader of the stream misses the event.
             tracing::warn!(task_id = id, error = %e, "failed to publish the failed event of a cancelled task");
