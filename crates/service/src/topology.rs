@@ -69,48 +69,11 @@ impl Topology {
             };
             result.with_context(|| format!("failed to ensure stream {name}"))?;
         }
-        // (bucket, description, history, max age)
-        let buckets = [
-            (names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
-            (names.agents_bucket(), "Flotilla: agent registry and heartbeats", 1, Duration::from_secs(3600)),
-            (names.capabilities_bucket(), "Flotilla: capabilities declared by fleets", 1, Duration::ZERO),
-            (names.memory_bucket(), "Flotilla: agents' shared memory", 10, Duration::ZERO),
-            (names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
-            (names.leases_bucket(), "Flotilla: leases of exclusive roles", 1, LEASES_MAX_AGE),
-            (names.grants_bucket(), "Flotilla: who may message whom", 5, Duration::ZERO),
-            (names.messages_bucket(), "Flotilla: handling of direct messages", 1, s.messages_max_age),
-            (names.operators_bucket(), "Flotilla: operators' signing keys", 5, Duration::ZERO),
-        ];
-        let mut stores = Vec::with_capacity(buckets.len());
-        for (bucket, description, history, max_age) in buckets {
-            let cfg = kv::Config {
-                bucket,
-                description: description.to_owned(),
-                history,
-                max_age,
-                num_replicas: s.replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            };
+        let mut stores = Vec::new();
+        for cfg in bucket_configs(names, s) {
             stores.push(ensure_bucket(js, mode, cfg).await?);
         }
-        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages, operators]) =
-            <[kv::Store; 9]>::try_from(stores)
-        else {
-            anyhow::bail!("a bucket of the topology was not ensured");
-        };
-        Ok(Self {
-            tasks,
-            agents,
-            capabilities,
-            memory,
-            approvals,
-            leases,
-            grants,
-            messages,
-            operators,
-            replicas: s.replicas,
-        })
+        Self::from_stores(stores, s.replicas)
     }
 }
 
@@ -121,17 +84,7 @@ impl Topology {
     pub async fn open(js: &jetstream::Context, names: &Names, patience: Duration) -> anyhow::Result<Self> {
         let deadline = tokio::time::Instant::now() + patience;
         let mut stores = Vec::with_capacity(9);
-        for bucket in [
-            names.tasks_bucket(),
-            names.agents_bucket(),
-            names.capabilities_bucket(),
-            names.memory_bucket(),
-            names.approvals_bucket(),
-            names.leases_bucket(),
-            names.grants_bucket(),
-            names.messages_bucket(),
-            names.operators_bucket(),
-        ] {
+        for bucket in bucket_configs(names, &StreamSettings::default()).into_iter().map(|c| c.bucket) {
             let mut logged = false;
             let store = loop {
                 match js.get_key_value(&bucket).await {
@@ -153,12 +106,20 @@ impl Topology {
             };
             stores.push(store);
         }
+        let replicas = stores.first().map_or(1, |t| t.stream.cached_info().config.num_replicas);
+        Self::from_stores(stores, replicas)
+    }
+}
+
+impl Topology {
+    /// The handles, from the stores of the buckets in the order [`Topology::ensure`] and
+    /// [`Topology::open`] list them.
+    fn from_stores(stores: Vec<kv::Store>, replicas: usize) -> anyhow::Result<Self> {
         let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages, operators]) =
             <[kv::Store; 9]>::try_from(stores)
         else {
             anyhow::bail!("a bucket of the topology was not opened");
         };
-        let replicas = tasks.stream.cached_info().config.num_replicas;
         Ok(Self {
             tasks,
             agents,
@@ -172,6 +133,34 @@ impl Topology {
             replicas,
         })
     }
+}
+
+/// The configuration of every bucket of a fleet, in the order of [`Topology`]'s fields.
+pub fn bucket_configs(names: &Names, s: &StreamSettings) -> Vec<kv::Config> {
+    // (bucket, description, history, max age)
+    let buckets = [
+        (names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
+        (names.agents_bucket(), "Flotilla: agent registry and heartbeats", 1, Duration::from_secs(3600)),
+        (names.capabilities_bucket(), "Flotilla: capabilities declared by fleets", 1, Duration::ZERO),
+        (names.memory_bucket(), "Flotilla: agents' shared memory", 10, Duration::ZERO),
+        (names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
+        (names.leases_bucket(), "Flotilla: leases of exclusive roles", 1, LEASES_MAX_AGE),
+        (names.grants_bucket(), "Flotilla: who may message whom", 5, Duration::ZERO),
+        (names.messages_bucket(), "Flotilla: handling of direct messages", 1, s.messages_max_age),
+        (names.operators_bucket(), "Flotilla: operators' signing keys", 5, Duration::ZERO),
+    ];
+    buckets
+        .into_iter()
+        .map(|(bucket, description, history, max_age)| kv::Config {
+            bucket,
+            description: description.to_owned(),
+            history,
+            max_age,
+            num_replicas: s.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Creates (and in [`Mode::Own`] updates) one bucket.
