@@ -49,6 +49,11 @@ async fn each_bad_input_is_rejected_and_dead_lettered() {
     let big = format!(r#"{{"capability": "work", "input": "{}"}}"#, "x".repeat(4096));
     let mp_wrong =
         rmp_serde::to_vec_named(&serde_json::json!({"capability": "work", "budget_tokens": "lots"})).unwrap();
+    let fields: Vec<String> = (0..2000).map(|i| format!(r#""k{i}": {i}"#)).collect();
+    let many_fields =
+        format!(r#"{{"capability": "work", "labels": {{{}}}}}"#, fields.join(", ")).into_bytes();
+    let long_string =
+        format!(r#"{{"capability": "work", "note": "{}"}}"#, "y".repeat(300 * 1024)).into_bytes();
     let cases: Vec<(&str, Vec<u8>, Option<&str>, &str)> = vec![
         ("bad-undecodable", b"\xc1\xff\x00 not a message".to_vec(), None, "malformed"),
         ("bad-json-syntax", b"{\"capability\": ".to_vec(), json, "malformed"),
@@ -65,8 +70,10 @@ async fn each_bad_input_is_rejected_and_dead_lettered() {
             json,
             "deadline_exceeded",
         ),
-        ("bad-deep-json", deep_json, json, "invalid_field"),
-        ("bad-deep-msgpack", deep_msgpack, None, "invalid_field"),
+        ("bad-deep-json", deep_json, json, "too_deep"),
+        ("bad-deep-msgpack", deep_msgpack, None, "too_deep"),
+        ("bad-many-fields", many_fields, json, "too_many_fields"),
+        ("bad-long-string", long_string, json, "string_too_long"),
     ];
     for (msg_id, payload, ct, _) in &cases {
         publish(&sys, payload.clone(), *ct, Some(msg_id)).await;
@@ -253,7 +260,20 @@ async fn two_thousand_hostile_submissions_are_each_rejected_and_the_fleet_keeps_
                 "[".repeat(300),
                 "]".repeat(300)
             );
-            (Some(id), body.into_bytes(), json, "invalid_field")
+            (Some(id), body.into_bytes(), json, "too_deep")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-fields-{n}");
+            let fields: Vec<String> = (0..1100).map(|i| format!(r#""k{i}": 1"#)).collect();
+            let body =
+                format!(r#"{{"id": "{id}", "capability": "work", "input": {{{}}}}}"#, fields.join(","));
+            (Some(id), body.into_bytes(), json, "too_many_fields")
+        }),
+        Box::new(move |n| {
+            let id = format!("h-long-{n}");
+            let body =
+                format!(r#"{{"id": "{id}", "capability": "work", "x": "{}"}}"#, "z".repeat(257 * 1024));
+            (Some(id), body.into_bytes(), json, "string_too_long")
         }),
         Box::new(move |n| {
             let id = format!("h-encoding-{n}");
@@ -339,5 +359,105 @@ async fn a_tenant_subject_names_the_tenant_and_a_body_naming_another_is_rejected
     let rejected = sys.events().await.into_iter().find(|e| e.task_id == "green-2").unwrap();
     assert_eq!(rejected.error.unwrap().code, "tenant_mismatch");
     assert!(sys.task("green-2").await.is_none());
+    sys.stop().await;
+}
+
+/// Sends `body` as JSON to `subject` and decodes the answer as `T`.
+async fn ask<T: serde::de::DeserializeOwned>(sys: &System, subject: String, body: String) -> T {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+    let reply = sys.client.request_with_headers(subject, h, body.into()).await.unwrap();
+    codec::decode(None, &reply.payload).unwrap()
+}
+
+/// Every other way in — requests to each service, topic messages, shared memory — holds the
+/// limits of `flotilla_protocol::limits` and answers (or dead-letters) with the limit's reason
+/// code; the services keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_way_in_holds_its_limits_and_says_which() {
+    let mut sys = System::with_dispatcher().await;
+    sys.start_budget_keeper().await;
+    sys.start_runner(
+        "ra",
+        "[[agent]]\nname = \"reader\"\ncapabilities = [\"read\"]\ntopics = [\"news.*\"]\n",
+    )
+    .await;
+    sys.wait_for_agents("ra", 1).await;
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let fields = |n: usize| (0..n).map(|i| format!(r#""k{i}": {i}"#)).collect::<Vec<_>>().join(", ");
+
+    let cancel: flotilla_protocol::CancelReply =
+        ask(&sys, sys.names.dispatcher_cancel(), format!(r#"{{"task_id": "t", "reason": {}}}"#, deep(40)))
+            .await;
+    assert_eq!(cancel.error.unwrap().code, "too_deep");
+
+    let to = sys.names.msg_send_client("limits");
+    let sent: flotilla_protocol::SendReply =
+        ask(&sys, to, format!(r#"{{"to": "template:reader", "body": {{{}}}}}"#, fields(1100))).await;
+    assert_eq!(sent.error.unwrap().code, "too_many_fields");
+
+    let set = format!(r#"{{"key": "tenant.acme", "tokens": 10, "note": "{}"}}"#, "n".repeat(70 * 1024));
+    let budget: flotilla_protocol::BudgetReply = ask(&sys, sys.names.budget_subject("set"), set).await;
+    assert_eq!(budget.error.unwrap().code, "string_too_long");
+
+    let scale = format!(r#"{{"template": "reader", "replicas": 1, "x": "{}"}}"#, "s".repeat(300 * 1024));
+    let changed: flotilla_protocol::FleetChangeReply =
+        ask(&sys, sys.names.runner_control("ra", "scale"), scale).await;
+    assert_eq!(changed.error.unwrap().code, "too_large");
+
+    // Shared memory: the bucket itself refuses an oversized value, whoever writes it.
+    let memory = sys.js.get_key_value(sys.names.memory_bucket()).await.unwrap();
+    let huge = vec![b'm'; flotilla_protocol::limits::MAX_MEMORY_VALUE_BYTES + 1];
+    assert!(
+        memory.put("default.huge", huge.into()).await.is_err(),
+        "the memory bucket took an oversized value"
+    );
+    memory.put("default.small", "1".into()).await.unwrap();
+
+    // A topic message over the limits wakes no agent and is dead-lettered with its reason; the
+    // next one is handled.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE, headers::APPLICATION_JSON);
+    let big = format!("{{{}}}", fields(2000));
+    let refused = sys.js.publish_with_headers(sys.names.topic_subject("news.big"), h.clone(), big.into());
+    let refused = refused.await.unwrap().await.unwrap().sequence;
+    let fine = sys.js.publish_with_headers(sys.names.topic_subject("news.ok"), h, r#"{"text": "hi"}"#.into());
+    let fine = fine.await.unwrap().await.unwrap().sequence;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let handled = loop {
+        let events: Vec<flotilla_protocol::MessageEvent> = sys
+            .read_stream(&sys.names.events_stream(), &sys.names.message_events_all())
+            .await
+            .into_iter()
+            .map(|(_, p)| codec::decode(None, &p).unwrap())
+            .collect();
+        let ids: Vec<String> = events.into_iter().map(|e| e.message_id).collect();
+        if ids.contains(&format!("topic-reader-{fine}")) {
+            break ids;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the valid topic message was not handled: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        !handled.contains(&format!("topic-reader-{refused}")),
+        "the oversized topic message woke an agent"
+    );
+    let letters: Vec<DeadLetter> = sys
+        .read_stream(&sys.names.deadletter_stream(), &sys.names.deadletter_all())
+        .await
+        .into_iter()
+        .map(|(_, p)| codec::decode(None, &p).unwrap())
+        .collect();
+    assert!(
+        letters.iter().any(|d| d.source == "agent-runner.topics"
+            && d.reason == "too_many_fields"
+            && d.stream_sequence == Some(refused)),
+        "{letters:?}"
+    );
+
+    // Every service kept serving.
+    sys.submit(&TaskSubmission { id: Some("after".into()), capability: "read".into(), ..Default::default() })
+        .await;
+    sys.wait_for_kind("completed", 1, Duration::from_secs(30)).await;
     sys.stop().await;
 }

@@ -50,7 +50,7 @@ fn shown(e: &kv::Entry) -> String {
 
 fn valid(key: &str) -> Result<(), Failure> {
     let ok = !key.is_empty()
-        && key.len() <= 200
+        && key.len() <= flotilla_protocol::limits::MAX_MEMORY_KEY_BYTES
         && key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/' | '=' | '.' | '>' | '*'));
@@ -88,6 +88,11 @@ pub async fn run(cli: &Cli, args: &MemoryArgs) -> Result<(), Failure> {
             let v: serde_json::Value =
                 serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.clone()));
             let bytes: bytes::Bytes = serde_json::to_vec(&v).context("failed to encode")?.into();
+            let json = Some(flotilla_protocol::headers::APPLICATION_JSON);
+            if let Err(e) = flotilla_protocol::limits::check(json, &bytes, &flotilla_protocol::limits::MEMORY)
+            {
+                return Err(Failure::new(2, anyhow::anyhow!("{}: the value is refused: {e}", e.code())));
+            }
             let rev = match expect {
                 None => store.put(full(key), bytes).await.context("failed to store")?,
                 Some(0) => store.create(full(key), bytes).await.map_err(|e| {

@@ -89,12 +89,13 @@ pub fn decode_reporting<T: DeserializeOwned>(
 }
 
 /// Decodes a payload like [`decode`] but refuses a field `T` does not know (`malformed`, as
-/// serde's `deny_unknown_fields` would): for requests, where a misspelt field must not be
-/// ignored. The type itself stays tolerant, so copies stored with more fields still decode.
+/// serde's `deny_unknown_fields` would) and a payload over the limits of a request
+/// ([`crate::limits::REQUEST`]): for requests, where a misspelt field must not be ignored. The type itself stays tolerant, so copies stored with more fields still decode.
 pub fn decode_strict<T: DeserializeOwned>(
     content_type: Option<&str>,
     payload: &[u8],
 ) -> Result<T, DecodeError> {
+    crate::limits::check(content_type, payload, &crate::limits::REQUEST)?;
     let mut unknown = Vec::new();
     let result = decode_noting(content_type, payload, &mut unknown);
     // An unknown field seen before a decoding error came first, as it would have with
@@ -146,7 +147,7 @@ pub const MAX_DEPTH: usize = 64;
 
 fn too_deep() -> DecodeError {
     DecodeError {
-        reason: RejectReason::InvalidField,
+        reason: RejectReason::TooDeep,
         message: format!("the message is nested deeper than {MAX_DEPTH} levels"),
     }
 }
@@ -370,7 +371,7 @@ mod tests {
     fn deep_nesting_is_refused_without_recursing() {
         let deep_json = format!(r#"{{"capability":"x","input":{}1{}}}"#, "[".repeat(600), "]".repeat(600));
         let e = decode::<TaskSubmission>(None, deep_json.as_bytes()).unwrap_err();
-        assert_eq!(e.reason, RejectReason::InvalidField);
+        assert_eq!(e.reason, RejectReason::TooDeep);
         let ok_json = format!(r#"{{"capability":"x","input":{}"[{{}}"{}}}"#, "[".repeat(10), "]".repeat(10));
         assert!(
             decode::<TaskSubmission>(None, ok_json.as_bytes()).is_ok(),
@@ -383,7 +384,7 @@ mod tests {
         mp.extend(std::iter::repeat_n(0x91u8, 600));
         mp.push(0x01);
         let e = decode::<TaskSubmission>(None, &mp).unwrap_err();
-        assert_eq!(e.reason, RejectReason::InvalidField);
+        assert_eq!(e.reason, RejectReason::TooDeep);
     }
 
     #[test]

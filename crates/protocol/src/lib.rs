@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod headers;
+pub mod limits;
 pub mod names;
 pub mod roles;
 pub mod schema;

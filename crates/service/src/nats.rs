@@ -85,6 +85,17 @@ pub fn decode_payload<T: DeserializeOwned>(
     codec::decode(content_type(h), payload)
 }
 
+/// Decodes a request to a service like [`decode_payload`], first holding it to the limits of a
+/// request ([`flotilla_protocol::limits::REQUEST`]: `too_large`, `too_deep`, `too_many_fields`,
+/// `string_too_long`).
+pub fn decode_request<T: DeserializeOwned>(
+    h: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<T, codec::DecodeError> {
+    flotilla_protocol::limits::check(content_type(h), payload, &flotilla_protocol::limits::REQUEST)?;
+    codec::decode(content_type(h), payload)
+}
+
 /// The format to answer a request in: the request's own.
 pub fn format_of(h: Option<&HeaderMap>, payload: &[u8]) -> WireFormat {
     if codec::is_json(content_type(h), payload) { WireFormat::Json } else { WireFormat::Msgpack }

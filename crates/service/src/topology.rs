@@ -152,6 +152,13 @@ pub fn bucket_configs(names: &Names, s: &StreamSettings) -> Vec<kv::Config> {
     buckets
         .into_iter()
         .map(|(bucket, description, history, max_age)| kv::Config {
+            // Shared memory is written by agents and operators: its values are bounded here, by
+            // the server, whoever writes them.
+            max_value_size: if bucket == names.memory_bucket() {
+                i32::try_from(flotilla_protocol::limits::MAX_MEMORY_VALUE_BYTES).unwrap_or(i32::MAX)
+            } else {
+                kv::Config::default().max_value_size
+            },
             bucket,
             description: description.to_owned(),
             history,

@@ -11,7 +11,7 @@ use flotilla_protocol::names::runner_op;
 use flotilla_protocol::{
     AgentState, CancelTask, ErrorInfo, ErrorReply, FleetChangeReply, ScaleRequest, StopAgentRequest,
 };
-use flotilla_service::nats::decode_payload;
+use flotilla_service::nats::decode_request;
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -91,7 +91,7 @@ impl Control {
     /// (`{runner_id, task_id, attempt, stopped}` or an `ErrorReply`).
     #[tracing::instrument(skip_all, fields(runner_id = %self.agents.runner_id, subject = %msg.subject, task_id, attempt))]
     async fn cancel(&self, msg: &async_nats::Message) {
-        match decode_payload::<CancelTask>(msg.headers.as_ref(), &msg.payload) {
+        match decode_request::<CancelTask>(msg.headers.as_ref(), &msg.payload) {
             Ok(req) => {
                 let span = tracing::Span::current();
                 span.record("task_id", req.task_id.as_str());
@@ -128,7 +128,7 @@ impl Control {
         apply: impl AsyncFnOnce(&mut Self, R, &mut FleetChangeReply) -> Result<Vec<String>, ErrorInfo>,
     ) -> FleetChangeReply {
         let mut reply = FleetChangeReply { runner_id: self.agents.runner_id.clone(), ..Default::default() };
-        let result = match decode_payload::<R>(msg.headers.as_ref(), &msg.payload) {
+        let result = match decode_request::<R>(msg.headers.as_ref(), &msg.payload) {
             Ok(req) => apply(self, req, &mut reply).await,
             Err(e) => Err(ErrorInfo::new(e.reason.code(), e.message)),
         };

@@ -461,7 +461,7 @@ async fn take_for_template(
                 for m in got {
                     let opened = match source {
                         Source::Inbox => open(&env, m).await,
-                        Source::Topics => Some(open_topic(&env, &template, m)),
+                        Source::Topics => open_topic(&env, &template, m).await,
                     };
                     if let Some(held) = opened {
                         env.mailbox.hold(queue.clone(), held);
@@ -496,7 +496,15 @@ async fn take_for_template(
 /// A topic event as a message for the template: its id names the template and the event's
 /// sequence (so each template acts on each event once), its body is the payload (JSON, else
 /// text), its sender the topic.
-fn open_topic(env: &Env, template: &str, m: Message) -> Held {
+async fn open_topic(env: &Env, template: &str, m: Message) -> Option<Held> {
+    // Over the limits of a topic message: it wakes no agent, and a dead letter says why.
+    let ct = flotilla_service::nats::content_type(m.headers.as_ref()).map(str::to_owned);
+    if let Err(e) =
+        flotilla_protocol::limits::check(ct.as_deref(), &m.payload, &flotilla_protocol::limits::TOPIC)
+    {
+        refuse(env, AckGuard::new(m), "agent-runner.topics", e.code(), &e.message).await;
+        return None;
+    }
     let seq = m.info().map(|i| i.stream_sequence).unwrap_or_default();
     let topic = m
         .subject
@@ -534,12 +542,12 @@ fn open_topic(env: &Env, template: &str, m: Message) -> Held {
         sent_at_ms: now,
         expires_at_ms: u64::MAX,
     };
-    Held {
+    Some(Held {
         guard: AckGuard::new(m),
         envelope,
         class: PriorityClass::Normal,
         held_at: tokio::time::Instant::now(),
-    }
+    })
 }
 
 /// Decodes a stored message; an unreadable one is acked away with a dead letter.
@@ -552,23 +560,26 @@ async fn open(env: &Env, m: Message) -> Option<Held> {
             Some(Held { guard, envelope, class, held_at: tokio::time::Instant::now() })
         }
         Err(e) => {
-            let dl = flotilla_service::nats::dead_letter_of(
-                msg,
-                "agent-runner.messages",
-                e.reason.code(),
-                &e.message,
-            );
-            if let Err(e) =
-                env.ctx.fleet.dead_letter(flotilla_protocol::names::service::AGENT_RUNNER, &dl, None).await
-            {
-                tracing::error!(error = %e, "failed to write a dead letter");
-                guard.nak(None).await;
-                return None;
-            }
-            guard.term().await;
+            refuse(env, guard, "agent-runner.messages", e.reason.code(), &e.message).await;
             None
         }
     }
+}
+
+/// Acks away a stored message no agent may act on, with a dead letter saying why (given back
+/// instead when the dead letter cannot be written).
+async fn refuse(env: &Env, guard: AckGuard, source: &str, reason: &str, message: &str) {
+    let Some(msg) = guard.message() else { return };
+    tracing::warn!(subject = %msg.subject, reason, message, "stored message refused");
+    let dl = flotilla_service::nats::dead_letter_of(msg, source, reason, message);
+    if let Err(e) =
+        env.ctx.fleet.dead_letter(flotilla_protocol::names::service::AGENT_RUNNER, &dl, None).await
+    {
+        tracing::error!(error = %e, "failed to write a dead letter");
+        guard.nak(None).await;
+        return;
+    }
+    guard.term().await;
 }
 
 /// Hands a reply to the call waiting for it (`None`: done), or gives the message back.

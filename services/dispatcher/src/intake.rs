@@ -117,6 +117,16 @@ impl Intake {
         // A tenant's own subject names the tenant; its rejections go to that tenant's events,
         // where its clients (and only they) may look.
         let subject_tenant = self.fleet.names.tenant_of_submit_subject(&m.subject).map(str::to_owned);
+        // Over the limits of a submission (size, depth, fields, string length): refused before
+        // it is decoded, still under its own id when that can be read.
+        if let Err(e) = flotilla_protocol::limits::check(
+            ct.as_deref(),
+            &m.payload,
+            &flotilla_protocol::limits::SUBMISSION,
+        ) {
+            let id = readable_id(ct.as_deref(), &m.payload);
+            return self.reject(m, id, subject_tenant.as_deref(), e.reason, &e.message).await;
+        }
         let (mut sub, unknown) = match codec::decode_reporting::<TaskSubmission>(ct.as_deref(), &m.payload) {
             Ok(v) => v,
             // The rejection goes under the submission's own id when that much can be read, so

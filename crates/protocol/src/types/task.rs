@@ -255,6 +255,14 @@ pub enum RejectReason {
     DeadlineExceeded,
     /// The submission names a tenant other than the one whose subject it was published on.
     TenantMismatch,
+    /// The message is larger than the limit of the way it came in ([`crate::limits`]).
+    TooLarge,
+    /// Objects and arrays are nested deeper than the limit.
+    TooDeep,
+    /// An object has more fields, or an array more items, than the limit.
+    TooManyFields,
+    /// A string (or binary value) is longer than the limit.
+    StringTooLong,
 }
 
 impl RejectReason {
@@ -269,6 +277,10 @@ impl RejectReason {
             Self::InputTooLarge => "input_too_large",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::TenantMismatch => "tenant_mismatch",
+            Self::TooLarge => "too_large",
+            Self::TooDeep => "too_deep",
+            Self::TooManyFields => "too_many_fields",
+            Self::StringTooLong => "string_too_long",
         }
     }
 }

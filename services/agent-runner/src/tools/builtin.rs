@@ -68,7 +68,7 @@ pub fn builtins() -> Vec<Arc<dyn Tool>> {
 
 fn valid_key(key: &str) -> bool {
     !key.is_empty()
-        && key.len() <= 200
+        && key.len() <= flotilla_protocol::limits::MAX_MEMORY_KEY_BYTES
         && !key.starts_with('.')
         && !key.ends_with('.')
         && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/' | '=' | '.'))
@@ -178,8 +178,12 @@ async fn memory_put(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     memory_allowed(ctx, flotilla_protocol::GrantScope::MemoryWrite, &k.namespace)?;
     let value = args.get("value").cloned().unwrap_or(Value::Null);
     let bytes = serde_json::to_vec(&value).map_err(|e| ToolError::new(e.to_string()))?;
-    if bytes.len() > 64 * 1024 {
-        return Err(ToolError::new("value is larger than 64 KiB"));
+    if let Err(e) = flotilla_protocol::limits::check(
+        Some(headers::APPLICATION_JSON),
+        &bytes,
+        &flotilla_protocol::limits::MEMORY,
+    ) {
+        return Err(ToolError::new(format!("{}: the value is refused: {e}", e.code())));
     }
     let revision = match args.get("expected_revision").and_then(Value::as_u64) {
         None => ctx.memory.put(&k.stored, bytes.into()).await.map_err(nats_err)?,
@@ -389,11 +393,19 @@ async fn publish(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     // The same call of the same step publishes once, however often the step is re-run.
     let msg_id = format!("pub:{}:{}:{}:{}", ctx.task.id, ctx.task.attempt, ctx.step, ctx.index);
     h.insert(headers::NATS_MSG_ID, msg_id.as_str());
+    let payload = body.to_string();
+    if let Err(e) = flotilla_protocol::limits::check(
+        Some(headers::APPLICATION_JSON),
+        payload.as_bytes(),
+        &flotilla_protocol::limits::TOPIC,
+    ) {
+        return Err(ToolError::new(format!("{}: the message is refused: {e}", e.code())));
+    }
     let subject = ctx.fleet.names.topic_subject(topic);
     let ack = ctx
         .fleet
         .js
-        .publish_with_headers(subject.clone(), h, body.to_string().into())
+        .publish_with_headers(subject.clone(), h, payload.into())
         .await
         .map_err(nats_err)?
         .await

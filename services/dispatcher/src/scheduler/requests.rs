@@ -14,7 +14,7 @@ use flotilla_protocol::{
     cancel_code as code, codec, failure, time::now_ms,
 };
 use flotilla_service::Fleet;
-use flotilla_service::nats::{FleetError, content_type, decode_payload};
+use flotilla_service::nats::{FleetError, content_type, decode_request};
 use flotilla_service::topology::Topology;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
@@ -37,7 +37,7 @@ impl Scheduler {
         let asked = if req.payload.is_empty() {
             QueueRequest::default()
         } else {
-            match decode_payload::<QueueRequest>(req.headers.as_ref(), &req.payload) {
+            match decode_request::<QueueRequest>(req.headers.as_ref(), &req.payload) {
                 Ok(q) => q,
                 Err(e) => {
                     tracing::info!(error = %e, "unreadable queue request; answering with the defaults");
