@@ -317,7 +317,6 @@ async fn connections_without_a_valid_credential_are_refused_and_reloads_apply_at
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_tenants_see_only_their_own_events_and_memory() {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull};
     use flotilla_service::auth::RoleSpec;
     use futures::StreamExt as _;
     let mut sys = System::with_dispatcher().await;
@@ -340,7 +339,8 @@ async fn two_tenants_see_only_their_own_events_and_memory() {
             let client = connect_with(&server, &server.creds("flotilla", &format!("submitter-{t}")).unwrap())
                 .await
                 .unwrap();
-            let js = async_nats::jetstream::new(client.clone());
+            // A tenant's account reaches the fleet's JetStream under the tenant API prefix.
+            let js = async_nats::jetstream::with_prefix(client.clone(), &names.tenant_js_api());
             let mut live = client.subscribe(names.tenant_task_events(t)).await.unwrap();
             client.flush().await.unwrap();
             for i in 0..n {
@@ -357,29 +357,14 @@ async fn two_tenants_see_only_their_own_events_and_memory() {
                 );
                 completed += usize::from(m.subject.ends_with(".completed"));
             }
-            // The stored history, through a consumer pinned to its own tenant's events.
-            let stream = js.get_stream_no_info(names.events_stream()).await.unwrap();
-            let consumer = stream
-                .create_consumer(pull::OrderedConfig {
-                    name: Some(flotilla_service::nats::ordered_name()),
-                    filter_subject: names.tenant_task_events(t),
-                    deliver_policy: DeliverPolicy::All,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            let mut msgs = consumer.messages().await.unwrap();
-            let mut stored_completed = 0;
-            while stored_completed < n {
-                let m = tokio::time::timeout(Duration::from_secs(10), msgs.next())
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .unwrap();
-                let (tenant, id, kind) = names.parse_task_event_subject(&m.subject).unwrap();
-                assert_eq!(tenant, t);
-                assert!(id.starts_with(t), "{t} read {id}");
-                stored_completed += usize::from(kind == "completed");
+            // The stored results, each task's by subject.
+            let events = js.get_stream_no_info(names.events_stream()).await.unwrap();
+            for i in 0..n {
+                let subject = names.task_event_subject(t, &format!("{t}-{i}"), "completed");
+                let stored = events.direct_get_last_for_subject(subject).await.unwrap();
+                let ev: flotilla_protocol::TaskEvent =
+                    flotilla_protocol::codec::decode(None, &stored.payload).unwrap();
+                assert_eq!(ev.task_id, format!("{t}-{i}"));
             }
             // Its own memory, by key.
             let memory = js.get_stream_no_info(format!("KV_{}", names.memory_bucket())).await.unwrap();
@@ -399,6 +384,19 @@ async fn two_tenants_see_only_their_own_events_and_memory() {
         let b = sys.names.memory_bucket();
         let ways = [
             (format!("$JS.API.DIRECT.GET.KV_{b}.$KV.{b}.{other}.motto"), "get of its memory"),
+            (format!("flotilla.jsapi.DIRECT.GET.KV_{b}.$KV.{b}.{other}.motto"), "imported get of its memory"),
+            (
+                format!(
+                    "flotilla.jsapi.DIRECT.GET.FLOTILLA_EVENTS.flotilla.events.task.{other}.{other}-1.completed"
+                ),
+                "imported get of its task's event",
+            ),
+            (
+                format!("flotilla.jsapi.CONSUMER.CREATE.FLOTILLA_EVENTS.x.flotilla.events.task.{me}.>"),
+                "a consumer even on its own events",
+            ),
+            ("flotilla.jsapi.CONSUMER.CREATE.FLOTILLA_EVENTS".to_owned(), "imported unfiltered consumer"),
+            ("flotilla.jsapi.STREAM.INFO.FLOTILLA_EVENTS".to_owned(), "imported stream info"),
             (format!("$JS.API.DIRECT.GET.KV_{b}"), "direct get by sequence"),
             (format!("$JS.API.STREAM.MSG.GET.KV_{b}"), "message get of memory"),
             ("$JS.API.STREAM.MSG.GET.FLOTILLA_EVENTS".to_owned(), "message get of events"),
@@ -706,5 +704,106 @@ async fn no_api_key_or_credential_appears_in_anything_a_run_wrote() {
             );
         }
     }
+    sys.stop().await;
+}
+
+/// Connects as `identity`, recording every error the server sends.
+async fn connect_recording(
+    server: &NatsServer,
+    identity: &str,
+) -> Result<(async_nats::Client, Arc<Mutex<Vec<String>>>), String> {
+    let creds = server.creds("flotilla", identity).unwrap();
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let log = errors.clone();
+    let client = flotilla_service::ClientAuth::creds(&creds)
+        .options(async_nats::ConnectOptions::new())
+        .map_err(|e| e.to_string())?
+        .connection_timeout(Duration::from_secs(3))
+        .event_callback(move |event| {
+            let log = log.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    log.lock().unwrap().push(e.to_string());
+                }
+            }
+        })
+        .connect(server.url())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((client, errors))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_at_its_account_limits_cannot_exhaust_the_server_for_others() {
+    use flotilla_service::accounts::AccountLimits;
+    use flotilla_service::auth::RoleSpec;
+    let mut sys = System::with_dispatcher().await;
+    sys.start_runner("r1", &worker_fleet(1, 4)).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.server.change_auth("flotilla", |a| {
+        for t in ["acme", "globex"] {
+            a.add(&format!("submitter-{t}"), RoleSpec::Submitter { tenant: t.into() }).unwrap();
+        }
+        let mut limits = a.limits().clone();
+        let tight = AccountLimits {
+            max_connections: Some(2),
+            max_subscriptions: Some(8),
+            max_payload: Some(64 * 1024),
+            ..Default::default()
+        };
+        limits.tenants.insert("acme".into(), tight);
+        a.set_limits(limits).unwrap();
+    });
+
+    // Connections: acme's third is refused; globex, and the fleet, still connect.
+    let (a1, a1_errors) = connect_recording(&sys.server, "submitter-acme").await.unwrap();
+    let (a2, _) = connect_recording(&sys.server, "submitter-acme").await.unwrap();
+    let third = connect_recording(&sys.server, "submitter-acme").await;
+    assert!(third.is_err(), "acme's third connection was let in");
+    let mut others = Vec::new();
+    for _ in 0..4 {
+        others.push(connect_recording(&sys.server, "submitter-globex").await.unwrap());
+    }
+    connect_recording(&sys.server, "operator-test").await.unwrap();
+
+    // Subscriptions: acme runs out at 8; globex subscribes as often as it likes.
+    let mut subs = Vec::new();
+    for _ in 0..12 {
+        subs.push(a1.subscribe(sys.names.tenant_task_events("acme")).await.unwrap());
+    }
+    a1.flush().await.unwrap();
+    let (g, g_errors) = &others[0];
+    for _ in 0..50 {
+        subs.push(g.subscribe(sys.names.tenant_task_events("globex")).await.unwrap());
+    }
+    g.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = a1_errors.lock().unwrap().clone();
+    assert!(refused.iter().any(|e| e.to_lowercase().contains("maximum subscriptions")), "{refused:?}");
+    assert!(g_errors.lock().unwrap().is_empty(), "{:?}", g_errors.lock().unwrap());
+
+    // Payload: a message over acme's 64 KiB never reaches the fleet; globex's larger one does.
+    let big = |t: &str| {
+        let input = "x".repeat(100 * 1024);
+        serde_json::json!({ "id": format!("{t}-big"), "capability": "work", "input": input }).to_string()
+    };
+    let acme = async_nats::jetstream::new(a2.clone());
+    let sent = acme.publish(sys.names.tenant_submit_subject("acme"), big("acme").into());
+    let acme_stored = match sent.await {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!acme_stored, "acme's oversized message was stored");
+    let globex = async_nats::jetstream::new(others[1].0.clone());
+    globex
+        .publish(sys.names.tenant_submit_subject("globex"), big("globex").into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    sys.wait_for_kind("completed", 1, Duration::from_secs(30)).await;
+    assert!(sys.task("globex-big").await.is_some());
+    assert!(sys.task("acme-big").await.is_none());
+    drop((a1, a2, subs));
     sys.stop().await;
 }

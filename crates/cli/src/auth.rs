@@ -1,5 +1,5 @@
 //! `flotilla auth`: the fleet's identities and credentials (init, add-runner, add-submitter,
-//! add-operator, add-auditor, revoke, list), kept in an auth directory whose `auth.conf` the
+//! add-operator, add-auditor, revoke, list) and its accounts' resource limits (limits), kept in an auth directory whose `auth.conf` the
 //! nats-server includes.
 
 use std::path::{Path, PathBuf};
@@ -70,10 +70,110 @@ pub enum AuthCommand {
     Revoke { name: String },
     /// List the identities.
     List,
+    /// Show or set the accounts' resource limits: every tenant's (each tenant's submitters are
+    /// an account of their own), one tenant's (`--tenant`), or the fleet account's (`--fleet`,
+    /// where the JetStream limits apply). No limit flag: print them.
+    Limits(LimitsArgs),
     /// Publish every operator's signing key (and every revocation) into the fleet, where the
     /// services check control actions against them. Run as the admin
     /// (`--creds <dir>/creds/admin.nk`) after adding or revoking an operator.
     Sync,
+}
+
+#[derive(Debug, Args)]
+pub struct LimitsArgs {
+    /// One tenant's limits (what differs from every tenant's).
+    #[arg(long, conflicts_with = "fleet")]
+    pub tenant: Option<String>,
+    /// The fleet account's limits (services, runners, operators, auditors; every stream).
+    #[arg(long)]
+    pub fleet: bool,
+    /// Concurrent connections of the account.
+    #[arg(long)]
+    pub max_connections: Option<u64>,
+    /// Concurrent subscriptions of the account.
+    #[arg(long)]
+    pub max_subscriptions: Option<u64>,
+    /// Largest message a client of the account may publish (bytes, or e.g. 256KiB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub max_payload: Option<u64>,
+    /// JetStream file storage (`--fleet` only).
+    #[arg(long, value_parser = parse_bytes, requires = "fleet")]
+    pub max_file: Option<u64>,
+    /// JetStream memory storage (`--fleet` only).
+    #[arg(long, value_parser = parse_bytes, requires = "fleet")]
+    pub max_mem: Option<u64>,
+    /// JetStream streams (`--fleet` only).
+    #[arg(long, requires = "fleet")]
+    pub max_streams: Option<u64>,
+    /// JetStream consumers (`--fleet` only).
+    #[arg(long, requires = "fleet")]
+    pub max_consumers: Option<u64>,
+}
+
+impl LimitsArgs {
+    fn given(&self) -> flotilla_service::accounts::AccountLimits {
+        flotilla_service::accounts::AccountLimits {
+            max_connections: self.max_connections,
+            max_subscriptions: self.max_subscriptions,
+            max_payload: self.max_payload,
+            max_mem: self.max_mem,
+            max_file: self.max_file,
+            max_streams: self.max_streams,
+            max_consumers: self.max_consumers,
+        }
+    }
+}
+
+/// Bytes as a number or with a unit (`64KiB`, `1MiB`, `10GB`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size (e.g. 65536, 64KiB, 1GiB)"))?;
+    let k: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    n.checked_mul(k).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn limits(dir: &Path, args: &LimitsArgs, json: bool) -> Result<bool, Failure> {
+    let mut auth = AuthDir::open(dir).map_err(|e| Failure::new(2, e))?;
+    let given = args.given();
+    let changed = given != flotilla_service::accounts::AccountLimits::default();
+    if changed {
+        let mut l = auth.limits().clone();
+        match (&args.tenant, args.fleet) {
+            (_, true) => l.fleet = l.fleet.merged(&given),
+            (Some(t), false) => {
+                let own = l.tenants.get(t).cloned().unwrap_or_default().merged(&given);
+                l.tenants.insert(t.clone(), own);
+            }
+            (None, false) => l.tenant = l.tenant.merged(&given),
+        }
+        auth.set_limits(l).map_err(|e| Failure::new(2, e))?;
+    }
+    let l = auth.limits();
+    let shown = match (&args.tenant, args.fleet) {
+        (_, true) => {
+            serde_json::json!({ "account": flotilla_service::accounts::FLEET_ACCOUNT, "limits": l.fleet })
+        }
+        (Some(t), false) => serde_json::json!({ "tenant": t, "limits": l.of_tenant(t) }),
+        (None, false) => serde_json::json!(l),
+    };
+    if json {
+        println!("{shown}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default());
+    }
+    Ok(changed)
 }
 
 pub async fn run(cli: &Cli, args: &AuthArgs) -> Result<(), Failure> {
@@ -152,13 +252,16 @@ fn run_offline(cli: &Cli, args: &AuthArgs) -> Result<(), Failure> {
             print_summary(&auth, cli.json);
             false
         }
+        AuthCommand::Limits(l) => limits(dir, l, cli.json)?,
         AuthCommand::Sync => false,
     };
     if changed {
         match &args.reload_pid_file {
             Some(pid_file) => reload(pid_file).map_err(Failure::from)?,
             None if !matches!(args.command, AuthCommand::Init { .. }) => {
-                eprintln!("reload the server to apply it: nats-server --signal reload[=<pid>]");
+                eprintln!(
+                    "reload the server to apply it: nats-server --signal reload[=<pid>] (twice when a tenant was added)"
+                );
             }
             None => {}
         }
@@ -219,9 +322,16 @@ pub fn reload(pid_file: &Path) -> anyhow::Result<()> {
         "no pid in {}",
         pid_file.display()
     );
-    let status =
-        std::process::Command::new("kill").args(["-HUP", pid]).status().context("failed to run kill")?;
-    anyhow::ensure!(status.success(), "could not signal nats-server {pid}");
+    // Twice, a moment apart: nats-server (2.15) binds the service imports of an account that a
+    // reload added (a new tenant's) only at the next reload.
+    for n in 0..2 {
+        if n > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        let status =
+            std::process::Command::new("kill").args(["-HUP", pid]).status().context("failed to run kill")?;
+        anyhow::ensure!(status.success(), "could not signal nats-server {pid}");
+    }
     eprintln!("nats-server {pid} reloaded");
     Ok(())
 }

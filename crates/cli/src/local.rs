@@ -152,7 +152,8 @@ fn print_auth_help(dir: &std::path::Path, url: &str) {
         "authentication is on (identities in {}; `flotilla auth --dir {} list`):\n  \
          operator CLI:  flotilla --nats-url {url} --creds {} status <task>\n  \
          plain client:  nkey seed {} with inbox prefix {pk},\n                 \
-         submit on flotilla.tasks.submit.default, read flotilla.events.task.default.>",
+         submit on flotilla.tasks.submit.default, read flotilla.events.task.default.>\n                 \
+         (stored events and memory by subject: JetStream API prefix flotilla.jsapi)",
         dir.display(),
         dir.display(),
         creds.join("operator-local.nk").display(),

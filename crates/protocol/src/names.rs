@@ -234,6 +234,10 @@ impl Names {
         recall_subject(tenant) = prefix ".recall.{tenant}";
         /// Everything remembered (the recall stream's subjects).
         recall_all() = prefix ".recall.>";
+        /// The JetStream API prefix of a tenant's submitters (their account imports from the
+        /// fleet's account the parts of `$JS.API` they may use under it): a client passes it as
+        /// its JetStream API prefix.
+        tenant_js_api() = prefix ".jsapi";
     }
 
     // ---- subjects of stored messages (only the router publishes here) -----------------------

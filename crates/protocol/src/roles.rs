@@ -351,13 +351,18 @@ fn runner(g: &mut G<'_>, id: &str, templates: &[String]) {
 fn submitter(g: &mut G<'_>, tenant: &str) {
     let n = g.n;
     let events = n.events_stream();
+    // A submitter is in its tenant's own account, which imports from the fleet's what follows;
+    // the JetStream API parts under the tenant API prefix (`<p>.jsapi`, see `service::accounts`).
+    let tenant_api = |s: String| format!("{}.{s}", n.tenant_js_api());
     g.publish(n.tenant_submit_subject(tenant));
-    // Its tenant's events, live and from the stream through consumers pinned to them.
-    g.subscribe(n.tenant_task_events(tenant)).ordered(&events, Some(&n.tenant_task_events(tenant)));
+    // Its tenant's events: live, and a task's last event of each kind by subject. No consumers:
+    // their creator picks the deliver subject, which NATS does not check.
+    let own = n.tenant_task_events(tenant);
+    g.subscribe(own.clone()).publish(tenant_api(format!("DIRECT.GET.{events}.{own}")));
     // Its tenant's shared memory, by key (memory keys are `<tenant>.<key>`); no listing or
     // watch, which would show every tenant's keys.
     let memory = n.memory_bucket();
-    g.publish(api(format!("DIRECT.GET.{}.$KV.{memory}.{tenant}.>", kv_stream(&memory))));
+    g.publish(tenant_api(format!("DIRECT.GET.{}.$KV.{memory}.{tenant}.>", kv_stream(&memory))));
 }
 
 fn operator(g: &mut G<'_>, name: &str) {

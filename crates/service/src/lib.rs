@@ -1,6 +1,7 @@
 //! Plumbing every Flotilla service shares: layered configuration, telemetry, shutdown, the NATS
 //! connection, idempotent creation of streams / consumers / buckets, publishing and acking.
 
+pub mod accounts;
 pub mod ack;
 pub mod attest;
 pub mod auth;

@@ -216,6 +216,9 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
             max_bytes: s.events_max_bytes,
             duplicate_window: Duration::from_secs(120),
             deny_delete: true,
+            // A task's last event of a kind, by subject: how a tenant's client reads its results
+            // (`<p>.jsapi.DIRECT.GET…`, imported into its account) without a consumer.
+            allow_direct: true,
             ..base(
                 names.events_stream(),
                 vec![names.events_all()],
