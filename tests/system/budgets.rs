@@ -93,13 +93,40 @@ async fn budgets_are_set_and_shown_from_the_cli() {
     let ops: Vec<String> =
         out.lines().map(|l| serde_json::from_str::<LedgerEntry>(l).unwrap().op().to_string()).collect();
     assert_eq!(ops, ["set", "reserve", "set", "rate", "price"], "{out}");
+    // Who changed what: the operator who signed each control operation (the CLI runs as
+    // operator `test`); a runner's reservation is no control operation.
+    let actors: Vec<Option<String>> =
+        out.lines().map(|l| serde_json::from_str::<LedgerEntry>(l).unwrap().actor).collect();
+    let test = Some("test".to_owned());
+    assert_eq!(actors, [test.clone(), None, test.clone(), test.clone(), test], "{out}");
+    assert!(lines[0].contains("by=test"), "{}", lines[0]);
+    // An unsigned control operation is refused, and changes nothing.
+    let unsigned = sys
+        .client
+        .request(
+            sys.names.budget_subject("set"),
+            br#"{"scope": "tenant.acme", "limit_tokens": 1}"#.to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&unsigned.payload).unwrap();
+    assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+    let (_, out, _) = cli(&url, &["--json", "budget", "show", "tenant.acme"]).await;
+    let b: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_ne!(b["limit_tokens"].as_u64(), Some(1), "{b}");
     sys.stop().await;
 }
 
 /// A client of the budget-keeper on the test's connection.
 fn keeper(sys: &System) -> Client {
     let fleet = Fleet::new(sys.client.clone(), sys.names.clone(), WireFormat::Msgpack, "test".into());
-    Client::new(fleet)
+    // As the test server's operator: control operations are signed.
+    match flotilla_testkit::operator_creds(sys.server.url()) {
+        Some(creds) => {
+            Client::new(fleet).signed_by(flotilla_service::auth::Credentials::load(&creds).unwrap())
+        }
+        None => Client::new(fleet),
+    }
 }
 
 /// An `openai` template on the stub.

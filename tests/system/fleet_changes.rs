@@ -103,11 +103,9 @@ async fn scale_requests_from_any_client_are_declarative_and_bad_ones_get_a_reaso
     sys.wait_for_agents("rb", 1).await;
     let subject = sys.names.runner_control("rb", "scale");
     let ask = |body: &'static str| {
-        let (client, subject) = (sys.client.clone(), subject.clone());
+        let (sys, subject) = (&sys, subject.clone());
         async move {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Content-Type", "application/json");
-            let m = client.request_with_headers(subject, h, body.into()).await.unwrap();
+            let m = sys.signed_request(subject, body.as_bytes().to_vec()).await;
             serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap_or_else(|_| {
                 serde_json::to_value(codec::decode::<FleetChangeReply>(None, &m.payload).unwrap()).unwrap()
             })
@@ -144,5 +142,64 @@ async fn scale_requests_from_any_client_are_declarative_and_bad_ones_get_a_reaso
     // Still serving, and still three agents.
     let reply = ask(r#"{"template": "worker", "replicas": 3}"#).await;
     assert_eq!(reply["agents"].as_array().unwrap().len(), 3, "{reply}");
+    sys.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scale_and_stop_record_who_asked_and_unsigned_ones_are_refused() {
+    use flotilla_protocol::ControlEvent;
+    let mut sys = System::start(StreamSettings::default(), WireFormat::Msgpack).await;
+    sys.start_runner("rs", &worker_fleet(1, 1)).await;
+    sys.wait_for_agents("rs", 1).await;
+    let scale = sys.names.runner_control("rs", "scale");
+    let body = br#"{"template": "worker", "replicas": 2}"#.to_vec();
+    // Signed by operator test: done, and recorded as its.
+    let m = sys.signed_request(scale.clone(), body.clone()).await;
+    let reply: FleetChangeReply = codec::decode(None, &m.payload).unwrap();
+    assert!(reply.error.is_none(), "{reply:?}");
+    let stop = sys.names.runner_control("rs", "stop");
+    let m = sys.signed_request(stop.clone(), br#"{"agent_id": "rs-worker-1"}"#.to_vec()).await;
+    assert!(codec::decode::<FleetChangeReply>(None, &m.payload).unwrap().error.is_none());
+    // Unsigned (the harness's admin connection): refused, with an event.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Content-Type", "application/json");
+    let m = sys.client.request_with_headers(
+        scale,
+        h,
+        br#"{"template": "worker", "replicas": 5}"#.to_vec().into(),
+    );
+    let refused: FleetChangeReply = codec::decode(None, &m.await.unwrap().payload).unwrap();
+    assert_eq!(refused.error.unwrap().code, "unauthorized");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events: Vec<ControlEvent> = sys
+            .read_stream(&sys.names.events_stream(), &sys.names.control_event_subject("*"))
+            .await
+            .into_iter()
+            .map(|(_, p)| codec::decode(None, &p).unwrap())
+            .collect();
+        if events.len() >= 3 {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "control events missing: {events:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let of = |action: &str, kind: &str| events.iter().find(|e| e.action == action && e.kind == kind).cloned();
+    let scaled = of("scale", "applied").unwrap();
+    assert_eq!(scaled.actor.as_deref(), Some("test"), "{scaled:?}");
+    let detail = scaled.detail.unwrap();
+    assert_eq!(
+        (detail["template"].as_str(), detail["replicas"].as_u64()),
+        (Some("worker"), Some(2)),
+        "{detail}"
+    );
+    assert_eq!(detail["runner_id"], "rs");
+    let stopped = of("stop", "applied").unwrap();
+    assert_eq!(
+        (stopped.actor.as_deref(), stopped.detail.unwrap()["agent_id"].as_str()),
+        (Some("test"), Some("rs-worker-1"))
+    );
+    assert_eq!(of("scale", "refused").unwrap().reason, "unsigned");
+    // The refused request changed nothing: still one agent running after the stop.
     sys.stop().await;
 }

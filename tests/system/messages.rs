@@ -297,9 +297,9 @@ async fn messages_to_a_template_move_with_it_to_another_runner() {
     }
     // ...and is then stopped, while the template starts on the other runner.
     let ask = |subject: String, body: serde_json::Value| {
-        let client = sys.client.clone();
+        let sys = &sys;
         async move {
-            let m = client.request(subject, serde_json::to_vec(&body).unwrap().into()).await.unwrap();
+            let m = sys.signed_request(subject, serde_json::to_vec(&body).unwrap()).await;
             serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap_or_default()
         }
     };

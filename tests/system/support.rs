@@ -234,6 +234,18 @@ impl System {
         self.server.publish_operators(prefix, self.local.fleet(), &self.topology.operators).await;
     }
 
+    /// A request as the test server's operator (`operator-test`) would send it: signed with its
+    /// key when the server runs with authentication, so the service attributes it.
+    pub async fn signed_request(&self, subject: String, body: Vec<u8>) -> async_nats::Message {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(flotilla_protocol::headers::CONTENT_TYPE, flotilla_protocol::headers::APPLICATION_JSON);
+        if let Some(creds) = flotilla_testkit::operator_creds(self.server.url()) {
+            let signer = flotilla_service::auth::Credentials::load(&creds).unwrap();
+            signer.sign_request(&mut h, &subject, &body).unwrap();
+        }
+        self.client.request_with_headers(subject, h, body.into()).await.unwrap()
+    }
+
     /// The harness's own fleet handle (the admin's connection).
     pub fn fleet(&self) -> &flotilla_service::Fleet {
         self.local.fleet()

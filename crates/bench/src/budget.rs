@@ -148,6 +148,7 @@ fn sample_value() -> anyhow::Result<Bytes> {
             lease_left_ms: Some(LEASE_MS),
             ..Default::default()
         },
+        actor: None,
     };
     Ok(Bytes::from(codec::encode(WireFormat::Msgpack, &entry).context("failed to encode a ledger entry")?))
 }

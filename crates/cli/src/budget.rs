@@ -342,6 +342,9 @@ fn ledger_line(e: &LedgerEntry) -> String {
     if let Some(t) = n.threshold {
         parts.push(format!("threshold {t}%"));
     }
+    if let Some(actor) = &e.actor {
+        parts.push(format!("by={actor}"));
+    }
     parts.join(" ")
 }
 
@@ -357,7 +360,7 @@ mod tests {
     const AT: u64 = 1_764_000_000_123;
 
     fn entry(change: LedgerChange, reply: BudgetReply) -> LedgerEntry {
-        LedgerEntry { change, at_ms: AT, reply }
+        LedgerEntry { change, at_ms: AT, reply, actor: None }
     }
 
     fn strings(v: &[&str]) -> Vec<String> {

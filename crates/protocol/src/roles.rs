@@ -278,6 +278,9 @@ fn budget_keeper(g: &mut G<'_>) {
         .publish(format!("$O.{snap}.>"))
         .ordered(&obj, None);
     g.subscribe(format!("{} q", n.budget_subject("*")));
+    // Who asked for a control operation (set, rate, price): the operators' keys, and the control
+    // events recording what it did or refused.
+    g.kv_read(&n.operators_bucket(), "*").publish(n.control_event_subject("*"));
     g.health(service::BUDGET_KEEPER, "flotilla-budget-keeper")
         .subscribe("$SRV.*.flotilla-budget")
         .subscribe("$SRV.*.flotilla-budget.*")

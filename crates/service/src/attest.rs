@@ -152,6 +152,8 @@ pub async fn publish_refusal(fleet: &Fleet, action: &str, task_id: Option<&str>,
     let ev = ControlEvent {
         kind: "refused".to_owned(),
         action: action.to_owned(),
+        actor: None,
+        detail: None,
         task_id: task_id.map(str::to_owned),
         signer: r.signer.clone(),
         operator: r.operator.clone(),
@@ -164,3 +166,29 @@ pub async fn publish_refusal(fleet: &Fleet, action: &str, task_id: Option<&str>,
         tracing::warn!(error = %e, "failed to record a refused control action");
     }
 }
+
+/// Records a control action done by `actor` (`<p>.events.control.<action>`, kind `applied`)
+/// with what it changed; a failure to record is logged.
+pub async fn publish_applied(fleet: &Fleet, action: &str, actor: &str, detail: serde_json::Value, by: &str) {
+    tracing::info!(action, actor, %detail, "control action applied");
+    let ev = ControlEvent {
+        kind: "applied".to_owned(),
+        action: action.to_owned(),
+        actor: Some(actor.to_owned()),
+        detail: Some(detail),
+        task_id: None,
+        signer: None,
+        operator: None,
+        reason: String::new(),
+        message: String::new(),
+        by: by.to_owned(),
+        at_ms: now_ms(),
+    };
+    if let Err(e) = fleet.publish_durable(fleet.names.control_event_subject(action), &ev, None).await {
+        tracing::warn!(error = %e, "failed to record a control action");
+    }
+}
+
+/// The name a dispatcher's unsigned autoscaling request is attributed to (the runner holds it
+/// to the template's replica limits).
+pub const AUTOSCALER: &str = "autoscaler";

@@ -41,11 +41,25 @@ pub struct Client {
     /// How long an operation is asked again while no keeper answers (a keeper fail-over takes
     /// the lease length plus the ledger replay).
     pub patience: Duration,
+    /// An operator's credentials to sign every request with: control operations (`set`,
+    /// `rate`, `price`) are refused unsigned where authentication is on.
+    pub signer: Option<crate::auth::Credentials>,
 }
 
 impl Client {
     pub fn new(fleet: Fleet) -> Self {
-        Self { fleet, request_timeout: Duration::from_secs(15), patience: Duration::from_secs(60) }
+        Self {
+            fleet,
+            request_timeout: Duration::from_secs(15),
+            patience: Duration::from_secs(60),
+            signer: None,
+        }
+    }
+
+    /// This client, signing its requests as the operator whose seed is `creds`.
+    pub fn signed_by(mut self, creds: crate::auth::Credentials) -> Self {
+        self.signer = Some(creds);
+        self
     }
 
     /// One operation, on the subject of the request's type: the answer, or why there is none.
@@ -63,8 +77,15 @@ impl Client {
         loop {
             // The request's own timeout (the connection's default is shorter than a reservation
             // may wait at the keeper for a rate permit), with a margin for the answer to arrive.
-            let request =
+            let mut request =
                 async_nats::Request::new().payload(body.clone()).timeout(Some(self.request_timeout));
+            if let Some(signer) = &self.signer {
+                let mut h = async_nats::HeaderMap::new();
+                if let Err(e) = signer.sign_request(&mut h, &subject, &body) {
+                    return Err(BudgetError::Unavailable { op, waited: Duration::ZERO, last: e.to_string() });
+                }
+                request = request.headers(h);
+            }
             let last = match tokio::time::timeout(
                 self.request_timeout + Duration::from_secs(1),
                 self.fleet.client.send_request(subject.clone(), request),

@@ -122,18 +122,39 @@ impl Control {
     /// Carries out one fleet change: decodes its request, lets `apply` make the change (it names
     /// the template and returns the agents it started), and answers with the template's agents
     /// after it, registered before the answer goes out.
-    async fn change<R: serde::de::DeserializeOwned>(
+    async fn change<R: Change>(
         &mut self,
         msg: &async_nats::Message,
         apply: impl AsyncFnOnce(&mut Self, R, &mut FleetChangeReply) -> Result<Vec<String>, ErrorInfo>,
     ) -> FleetChangeReply {
         let mut reply = FleetChangeReply { runner_id: self.agents.runner_id.clone(), ..Default::default() };
+        let by = format!("agent-runner {}", self.agents.runner_id);
+        let mut done = None;
         let result = match decode_request::<R>(msg.headers.as_ref(), &msg.payload) {
-            Ok(req) => apply(self, req, &mut reply).await,
+            Ok(req) => match self.actor(msg, &req).await {
+                Ok(actor) => {
+                    let detail = req.detail();
+                    let r = apply(self, req, &mut reply).await;
+                    done = Some((actor, detail));
+                    r
+                }
+                Err(why) => {
+                    flotilla_service::attest::publish_refusal(&self.fleet, R::ACTION, None, &why, &by).await;
+                    Err(ErrorInfo::new("unauthorized", format!("{}: {}", why.reason, why.message)))
+                }
+            },
             Err(e) => Err(ErrorInfo::new(e.reason.code(), e.message)),
         };
         match result {
             Ok(started) => {
+                if let Some((actor, mut detail)) = done {
+                    if let Some(d) = detail.as_object_mut() {
+                        d.insert("runner_id".into(), self.agents.runner_id.clone().into());
+                        d.insert("started".into(), started.clone().into());
+                    }
+                    flotilla_service::attest::publish_applied(&self.fleet, R::ACTION, &actor, detail, &by)
+                        .await;
+                }
                 reply.started = started;
                 let (active, stopping) = self.agents.of_template(&reply.template);
                 reply.agents = active.iter().map(|s| s.agent_id.clone()).collect();
@@ -149,6 +170,23 @@ impl Control {
             }
         }
         reply
+    }
+
+    /// Who asked for a change: a verified operator; the dispatcher's unsigned autoscaling request
+    /// (held to the template's limits) is the autoscaler's.
+    async fn actor<R: Change>(
+        &self,
+        msg: &async_nats::Message,
+        req: &R,
+    ) -> Result<String, flotilla_service::attest::Refusal> {
+        let signed = msg
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(flotilla_protocol::headers::FLOTILLA_SIGNER).is_some());
+        if req.autoscale() && !signed {
+            return Ok(flotilla_service::attest::AUTOSCALER.to_owned());
+        }
+        flotilla_service::attest::request_actor(&self.fleet, &self.topology.operators, msg).await
     }
 
     /// Stops an agent: it takes no new work, finishes what it holds, then deregisters.
@@ -203,5 +241,32 @@ impl Control {
             }
         }
         Ok(started.iter().map(|s| s.agent_id.clone()).collect())
+    }
+}
+
+/// A fleet change request: what it is called in control events and what it asks.
+trait Change: serde::de::DeserializeOwned {
+    const ACTION: &'static str;
+    /// The dispatcher's autoscaling (bounded by the template's limits).
+    fn autoscale(&self) -> bool {
+        false
+    }
+    fn detail(&self) -> serde_json::Value;
+}
+
+impl Change for ScaleRequest {
+    const ACTION: &'static str = "scale";
+    fn autoscale(&self) -> bool {
+        self.autoscale
+    }
+    fn detail(&self) -> serde_json::Value {
+        serde_json::json!({ "template": self.template, "replicas": self.replicas, "autoscale": self.autoscale })
+    }
+}
+
+impl Change for StopAgentRequest {
+    const ACTION: &'static str = "stop";
+    fn detail(&self) -> serde_json::Value {
+        serde_json::json!({ "agent_id": self.agent_id })
     }
 }

@@ -82,7 +82,7 @@ pub(crate) struct Keeper<'a> {
 /// The entry recording a decided command, if it changed the ledger.
 fn entry_of(command: BudgetCommand, changed: bool, at_ms: u64, reply: &BudgetReply) -> Option<LedgerEntry> {
     let change = command.into_change().filter(|_| changed)?;
-    Some(LedgerEntry { change, at_ms, reply: reply.clone() })
+    Some(LedgerEntry { change, at_ms, reply: reply.clone(), actor: None })
 }
 
 impl<'a> Keeper<'a> {
@@ -130,7 +130,7 @@ impl<'a> Keeper<'a> {
             .flat_map(|w| w.request.rates.clone())
             .chain(self.places.iter().filter(|p| p.until > Instant::now()).flat_map(|p| p.rates.clone()))
             .collect();
-        for Incoming { caller, command } in items {
+        for Incoming { caller, command, actor } in items {
             let command = match command {
                 Ok(c) => c,
                 Err(reply) => {
@@ -159,7 +159,10 @@ impl<'a> Keeper<'a> {
                 rate.waiting =
                     self.waiters.iter().filter(|w| w.request.rates.contains(&rate.rate)).count() as u64;
             }
-            let entry = entry_of(command, changed, now, &reply);
+            let mut entry = entry_of(command, changed, now, &reply);
+            if let Some(e) = entry.as_mut() {
+                e.actor = actor;
+            }
             decided.push(Decided { caller, reply, entry });
         }
         self.decide_waiters(now, &mut decided);
@@ -170,6 +173,7 @@ impl<'a> Keeper<'a> {
                     change: LedgerChange::Expire(Expiry { id }),
                     at_ms: now,
                     reply: BudgetReply::default(),
+                    actor: None,
                 });
             }
         }
@@ -292,7 +296,7 @@ impl<'a> Keeper<'a> {
         };
         let pct = alert.threshold.map(|t| format!(" ({t} %)")).unwrap_or_default();
         tracing::warn!(scope = %alert.scope, kind = %change.op(), "budget {}{pct}", change.op());
-        LedgerEntry { change, at_ms: now, reply: BudgetReply { budget, ..Default::default() } }
+        LedgerEntry { change, at_ms: now, reply: BudgetReply { budget, ..Default::default() }, actor: None }
     }
 
     /// Writes the round's entries (all sent, each fenced by the sequence before it, then all

@@ -91,8 +91,16 @@ impl flotilla_service::Service for BudgetKeeper {
         tracing::info!(ledger = %fleet.names.ledger_stream(), "budget-keeper ready");
         let settings = service::Settings { snapshot_every: config.snapshot_every };
         let role = lease::Role { key: lease_key::BUDGET_KEEPER, ttl: config.lease, status: lease_status };
-        let served =
-            service::serve(fleet, topology.leases.clone(), role, snapshots, settings, shutdown.clone()).await;
+        let served = service::serve(
+            fleet,
+            topology.leases.clone(),
+            topology.operators.clone(),
+            role,
+            snapshots,
+            settings,
+            shutdown.clone(),
+        )
+        .await;
         shutdown.cancel();
         let _ = health.await;
         served

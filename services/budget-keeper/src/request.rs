@@ -18,6 +18,8 @@ pub(crate) struct Caller {
 pub(crate) struct Incoming {
     pub caller: Caller,
     pub command: Result<BudgetCommand, BudgetReply>,
+    /// Who asked, for a control operation ([`attribute`]).
+    pub actor: Option<String>,
 }
 
 /// Takes a request of `op` in: `None` (dropped, with a warning) when its reply subject is one the
@@ -44,7 +46,33 @@ pub(crate) fn receive(
     if let Err(reply) = &command {
         tracing::debug!(error = ?reply.error, "budget request refused undecoded");
     }
-    Some(Incoming { caller: Caller { request, format }, command })
+    Some(Incoming { caller: Caller { request, format }, command, actor: None })
+}
+
+/// Who asked for a control operation (`set`, `rate`, `price`): its verified operator goes into
+/// `incoming.actor` and into the ledger entry the operation writes; a request that fails the
+/// check is refused (`unauthorized`) and recorded as a `<p>.events.control.refused` event.
+pub(crate) async fn attribute(
+    op: BudgetOp,
+    incoming: &mut Incoming,
+    fleet: &flotilla_service::Fleet,
+    operators: &async_nats::jetstream::kv::Store,
+) {
+    if !op.is_control() || incoming.command.is_err() {
+        return;
+    }
+    let message = &incoming.caller.request.message;
+    match flotilla_service::attest::request_actor(fleet, operators, message).await {
+        Ok(actor) => incoming.actor = Some(actor),
+        Err(why) => {
+            let action = format!("budget_{}", op.as_str());
+            let by = format!("budget-keeper {}", fleet.instance);
+            flotilla_service::attest::publish_refusal(fleet, &action, None, &why, &by).await;
+            let error =
+                flotilla_protocol::ErrorInfo::new("unauthorized", format!("{}: {}", why.reason, why.message));
+            incoming.command = Err(BudgetReply { error: Some(error), ..Default::default() });
+        }
+    }
 }
 
 impl Caller {

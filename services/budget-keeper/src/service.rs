@@ -44,6 +44,7 @@ impl Default for Settings {
 pub async fn serve(
     fleet: Fleet,
     leases: kv::Store,
+    operators: kv::Store,
     role: lease::Role,
     snapshots: ObjectStore,
     settings: Settings,
@@ -53,7 +54,8 @@ pub async fn serve(
         let fleet = fleet.clone();
         move |lost: CancellationToken| {
             let (fleet, snapshots, settings) = (fleet.clone(), snapshots.clone(), settings.clone());
-            async move { serve_as_leader(&fleet, &snapshots, &settings, &lost).await }
+            let operators = operators.clone();
+            async move { serve_as_leader(&fleet, &operators, &snapshots, &settings, &lost).await }
         }
     };
     lease::hold(fleet, leases, role, shutdown, work).await;
@@ -62,6 +64,7 @@ pub async fn serve(
 
 async fn serve_as_leader(
     fleet: &Fleet,
+    operators: &kv::Store,
     snapshots: &ObjectStore,
     settings: &Settings,
     lost: &CancellationToken,
@@ -127,10 +130,13 @@ async fn serve_as_leader(
                 _ => break,
             }
         }
-        let items = batch
-            .into_iter()
-            .filter_map(|(op, req)| crate::request::receive(op, req, &fleet.names))
-            .collect();
+        let mut items = Vec::with_capacity(batch.len());
+        for (op, req) in batch {
+            if let Some(mut incoming) = crate::request::receive(op, req, &fleet.names) {
+                crate::request::attribute(op, &mut incoming, fleet, operators).await;
+                items.push(incoming);
+            }
+        }
         if let Err(e) = keeper.round(items, false).await {
             break Err(e);
         }

@@ -166,8 +166,14 @@ async fn setup(server: &NatsServer) -> (Fleet, StubLlm) {
     (fleet, stub)
 }
 
-async fn set_limit(fleet: &Fleet) {
+async fn set_limit(server: &NatsServer, fleet: &Fleet) {
+    // A control operation: signed by the test server's operator, whose key the fleet knows.
+    let (_, topology) = server.fleet("t-operators").await;
+    server.publish_operators("flotilla", fleet, &topology.operators).await;
     let mut client = Client::new(fleet.clone());
+    if let Some(creds) = flotilla_testkit::operator_creds(server.url()) {
+        client = client.signed_by(flotilla_service::auth::Credentials::load(&creds).unwrap());
+    }
     client.request_timeout = Duration::from_secs(2);
     let set = SetRequest { scope: SCOPE.into(), limit_tokens: LIMIT, ..Default::default() };
     let r = client.call(&set).await.unwrap();
@@ -179,7 +185,7 @@ async fn a_hundred_reservers_never_overspend() {
     let server = NatsServer::start();
     let (fleet, stub) = setup(&server).await;
     let _keeper = keeper(&server, "bk-a");
-    set_limit(&fleet).await;
+    set_limit(&server, &fleet).await;
     let reported = run(&fleet, &stub, || {}).await;
     check(&fleet, reported).await;
 }
@@ -189,7 +195,7 @@ async fn killing_the_active_keeper_halfway_loses_no_commit_and_overspends_nothin
     let server = NatsServer::start();
     let (fleet, stub) = setup(&server).await;
     let mut active = keeper(&server, "bk-a");
-    set_limit(&fleet).await;
+    set_limit(&server, &fleet).await;
     // The standby starts once the first keeper is active, so which one is active is known.
     let _standby = keeper(&server, "bk-b");
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();

@@ -199,25 +199,37 @@ pub struct OperatorKey {
     pub revoked_ms: Option<u64>,
 }
 
-/// A control action that was refused because of who asked (`<p>.events.control.refused`): not
-/// signed where signatures are required, a bad or stale signature, an unknown or revoked key.
+/// A control action, done or refused because of who asked. Done (`applied`, on
+/// `<p>.events.control.<action>`): who did it (`actor`, a verified operator, `autoscaler` for the
+/// dispatcher's bounded autoscaling, `anonymous` without authentication) and what changed
+/// (`detail`). Refused (`refused`, on `<p>.events.control.refused`): not signed where signatures
+/// are required, a bad or stale signature, an unknown or revoked key.
 #[serde_with::skip_serializing_none]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ControlEvent {
-    /// `refused`.
+    /// `applied` or `refused`.
     pub kind: String,
-    /// What was asked: `cancel`, `approve`, `reject`, …
+    /// What was asked: `cancel`, `approve`, `reject`, `scale`, `stop`, `budget_set`, …
     pub action: String,
+    /// Who did it (an applied action).
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// What it changed (an applied action), e.g. `{"runner_id", "template", "replicas"}`.
+    #[serde(default)]
+    pub detail: Option<serde_json::Value>,
     /// The task it concerned, if any.
     pub task_id: Option<String>,
     /// The public key that signed it, if any.
     pub signer: Option<String>,
     /// The operator that key belongs to, if it is known.
     pub operator: Option<String>,
-    /// `unsigned`, `bad_signature`, `stale_signature`, `unknown_operator`, `revoked_operator`.
+    /// Why it was refused: `unsigned`, `bad_signature`, `stale_signature`, `unknown_operator`,
+    /// `revoked_operator` (empty for an applied action).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
-    /// Which service refused it.
+    /// Which service carried it out or refused it.
     pub by: String,
     pub at_ms: u64,
 }

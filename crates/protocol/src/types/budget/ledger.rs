@@ -97,6 +97,10 @@ pub struct LedgerEntry {
     pub at_ms: u64,
     /// What the operation came to, for auditors (the replay recomputes it).
     pub reply: BudgetReply,
+    /// Who asked, for a control operation (`set`, `rate`, `price`): the verified operator, or
+    /// `anonymous` without authentication.
+    #[serde(default)]
+    pub actor: Option<String>,
 }
 
 impl LedgerEntry {
@@ -107,14 +111,18 @@ impl LedgerEntry {
 }
 
 /// Written field by field, in the order entries have always had: `op`, `at_ms`, `request`,
-/// `reply` (a derived `Serialize` would put `at_ms` after `request`).
+/// `reply`, then `actor` when there is one (a derived `Serialize` would put `at_ms` after
+/// `request`).
 impl Serialize for LedgerEntry {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("LedgerEntry", 4)?;
+        let mut s = serializer.serialize_struct("LedgerEntry", 4 + usize::from(self.actor.is_some()))?;
         s.serialize_field("op", self.op().as_str())?;
         s.serialize_field("at_ms", &self.at_ms)?;
         self.change.serialize_request(&mut s)?;
         s.serialize_field("reply", &self.reply)?;
+        if let Some(actor) = &self.actor {
+            s.serialize_field("actor", actor)?;
+        }
         s.end()
     }
 }
