@@ -59,6 +59,7 @@ fn grant(name: &str, effect: Effect, from: &str, to: &str) -> Grant {
         from: Selector::parse(from).unwrap(),
         to: Selector::parse(to).unwrap(),
         created_at_ms: None,
+        created_by: None,
     }
 }
 
@@ -567,7 +568,7 @@ async fn the_cli_manages_grants_memory_topics_and_sends() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ops-to-acme") && out.contains("client:test -> tenant:acme"), "{out}");
     let (_, out, _) = cli(&url, &["grants", "list"]).await;
-    assert!(out.contains("ops-to-acme"), "{out}");
+    assert!(out.contains("ops-to-acme") && out.contains("(by test)"), "who made it: {out}");
     let started = std::time::Instant::now();
     let answer = loop {
         let (code, out, err) =
@@ -582,6 +583,17 @@ async fn the_cli_manages_grants_memory_topics_and_sends() {
     assert_eq!(code, 0);
     let (code, _, _) = cli(&url, &["grants", "remove", "ops-to-acme"]).await;
     assert_eq!(code, 3, "removing a grant that is not there");
+    // Each change is recorded with who made it (the CLI signs as operator `test`).
+    let changes: Vec<(String, Option<String>)> = sys
+        .read_stream(&sys.names.events_stream(), &sys.names.control_event_subject("*"))
+        .await
+        .into_iter()
+        .map(|(_, p)| codec::decode::<flotilla_protocol::ControlEvent>(None, &p).unwrap())
+        .filter(|e| e.kind == "applied")
+        .map(|e| (e.action, e.actor))
+        .collect();
+    let by_test = Some("test".to_owned());
+    assert_eq!(changes, [("grant".to_owned(), by_test.clone()), ("grant_remove".to_owned(), by_test)]);
 
     // Memory: put, compare-and-swap, history.
     let (code, out, _) = cli(&url, &["memory", "put", "notes.today", "\"sunny\""]).await;

@@ -4,8 +4,8 @@
 
 use anyhow::Context as _;
 use flotilla_protocol::{
-    Address, Effect, Grant, GrantScope, MessageSend, Priority, Selector, SendReply, codec, names::is_token,
-    time::now_ms,
+    Address, Effect, Grant, GrantReply, GrantRequest, GrantScope, MessageSend, Priority, Selector, SendReply,
+    codec, names::is_token, time::now_ms,
 };
 use futures::StreamExt as _;
 
@@ -71,9 +71,13 @@ pub async fn run(cli: &Cli, args: &GrantsArgs) -> Result<(), Failure> {
                 from: Selector::parse(&rule.from).map_err(usage)?,
                 to: Selector::parse(&rule.to).map_err(usage)?,
                 created_at_ms: Some(now_ms()),
+                created_by: None,
             };
-            let body = serde_json::to_vec(&grant).context("failed to encode the grant")?;
-            store.put(&grant.name, body.into()).await.context("failed to store the grant")?;
+            // Through the dispatcher, signed: it alone writes the grants, with who made them.
+            let asked = GrantRequest { grant: Some(grant), remove: None };
+            let grant = changed(&fleet, &asked).await?.grant.ok_or_else(|| {
+                Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("the dispatcher stored no grant"))
+            })?;
             if cli.json {
                 println!("{}", serde_json::to_string(&grant).context("failed to render")?);
             } else {
@@ -104,16 +108,29 @@ pub async fn run(cli: &Cli, args: &GrantsArgs) -> Result<(), Failure> {
             }
         }
         GrantsOp::Remove { name } => {
-            if store.get(name).await.context("failed to read the grant")?.is_none() {
-                return Err(Failure::new(exit::NOT_FOUND, anyhow::anyhow!("no grant named {name}")));
-            }
-            store.delete(name).await.context("failed to remove the grant")?;
+            changed(&fleet, &GrantRequest { grant: None, remove: Some(name.clone()) }).await?;
             if !cli.json {
                 println!("removed {name}");
             }
         }
     }
     Ok(())
+}
+
+/// Asks the dispatcher for a grant change; its refusals map to exit codes.
+async fn changed(fleet: &flotilla_service::Fleet, asked: &GrantRequest) -> Result<GrantReply, Failure> {
+    let reply: GrantReply = request(fleet, fleet.names.dispatcher_grants(), "dispatcher", asked).await?;
+    match &reply.error {
+        None => Ok(reply),
+        Some(e) => {
+            let code = match e.code.as_str() {
+                "not_found" => exit::NOT_FOUND,
+                "invalid_request" | "malformed" => 2,
+                _ => exit::UNAVAILABLE,
+            };
+            Err(Failure::new(code, anyhow::anyhow!("{} ({})", e.message, e.code)))
+        }
+    }
 }
 
 fn line(g: &Grant) -> String {
@@ -126,7 +143,8 @@ fn line(g: &Grant) -> String {
         GrantScope::MemoryRead => "memory-read",
         GrantScope::MemoryWrite => "memory-write",
     };
-    format!("{:<24} {effect:<5} {scope:<12} {} -> {}", g.name, g.from, g.to)
+    let by = g.created_by.as_deref().map(|b| format!(" (by {b})")).unwrap_or_default();
+    format!("{:<24} {effect:<5} {scope:<12} {} -> {}{by}", g.name, g.from, g.to)
 }
 
 #[derive(Debug, clap::Args)]

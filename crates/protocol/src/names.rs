@@ -217,6 +217,7 @@ impl Names {
         dispatcher_queue() = prefix ".dispatcher.queue";
         /// Cancelling a task, answered by the active dispatcher, for a `CancelRequest`.
         dispatcher_cancel() = prefix ".dispatcher.cancel";
+        dispatcher_grants() = prefix ".dispatcher.grants";
         /// A runner's fleet changes: `scale` (a `ScaleRequest`), `stop` (a `StopAgentRequest`),
         /// `cancel` (a `CancelTask`, no reply).
         runner_control(runner_id, op) = prefix ".runners.{runner_id}.{op}";

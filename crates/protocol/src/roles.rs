@@ -250,7 +250,7 @@ fn dispatcher(g: &mut G<'_>) {
         .kv_read(&n.messages_bucket(), ">")
         .kv_read(&n.capabilities_bucket(), ">")
         .kv_read(&n.agents_bucket(), ">")
-        .kv_read(&n.grants_bucket(), ">")
+        .kv_write(&n.grants_bucket(), ">")
         .kv_read(&n.operators_bucket(), "*");
     g.publish(n.control_event_subject("*"));
     for b in [n.tasks_bucket(), n.agents_bucket(), n.grants_bucket(), n.leases_bucket()] {
@@ -258,6 +258,7 @@ fn dispatcher(g: &mut G<'_>) {
     }
     g.subscribe(format!("{} {}", n.dispatcher_queue(), crate::names::queue_group::DISPATCHER))
         .subscribe(format!("{} {}", n.dispatcher_cancel(), crate::names::queue_group::DISPATCHER))
+        .subscribe(format!("{} {}", n.dispatcher_grants(), crate::names::queue_group::DISPATCHER))
         .subscribe(format!("{} {}", n.msg_send_all(), crate::names::ROUTER_QUEUE_GROUP));
     g.health(service::DISPATCHER, "flotilla-dispatcher").responses(1, 10);
 }
@@ -373,6 +374,7 @@ fn operator(g: &mut G<'_>, name: &str) {
     let (events, ledger, topics) = (n.events_stream(), n.ledger_stream(), n.topics_stream());
     g.publish(n.dispatcher_queue())
         .publish(n.dispatcher_cancel())
+        .publish(n.dispatcher_grants())
         .publish(n.runner_control("*", "*"))
         .publish(n.msg_send_client(name))
         .publish(n.health_subject("*"))
@@ -385,10 +387,11 @@ fn operator(g: &mut G<'_>, name: &str) {
     g.info(&events).ordered(&events, Some(&n.task_events_all()));
     g.info(&ledger).ordered(&ledger, None);
     g.info(&topics).publish(api(format!("CONSUMER.LIST.{topics}"))).ordered(&topics, Some(&n.topics_all()));
-    for b in [n.grants_bucket(), n.memory_bucket(), n.approvals_bucket()] {
+    for b in [n.memory_bucket(), n.approvals_bucket()] {
         g.kv_write(&b, ">").kv_watch(&b);
     }
-    for b in [n.tasks_bucket(), n.agents_bucket(), n.capabilities_bucket()] {
+    // Grants are changed through the dispatcher (signed requests), which alone writes them.
+    for b in [n.grants_bucket(), n.tasks_bucket(), n.agents_bucket(), n.capabilities_bucket()] {
         g.kv_read(&b, ">").kv_watch(&b);
     }
     // Whether an existing approval decision is an operator's.

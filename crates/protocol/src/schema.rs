@@ -31,6 +31,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("control-event", s::<ControlEvent>()),
         ("cancel-request", s::<CancelRequest>()),
         ("cancel-reply", s::<CancelReply>()),
+        ("grant-request", s::<GrantRequest>()),
+        ("grant-reply", s::<GrantReply>()),
         ("queue-request", s::<QueueRequest>()),
         ("queue-report", s::<QueueReport>()),
         ("scale-request", s::<ScaleRequest>()),

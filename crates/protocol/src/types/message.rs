@@ -425,6 +425,30 @@ pub struct Grant {
     #[serde(default)]
     pub to: Selector,
     pub created_at_ms: Option<u64>,
+    /// Who made it: the operator whose signed request the dispatcher stored it for
+    /// (`<p>.dispatcher.grants`), or `anonymous` without authentication. Set by the dispatcher.
+    pub created_by: Option<String>,
+}
+
+/// A change of the grants (`<p>.dispatcher.grants`, signed by an operator): store `grant` (under
+/// its name, replacing one of that name), or `remove` the grant of that name.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct GrantRequest {
+    pub grant: Option<Grant>,
+    pub remove: Option<String>,
+}
+
+/// The dispatcher's answer to a [`GrantRequest`]: the grant as stored (with `created_by`), the
+/// name removed, or an `error` (`unauthorized`, `not_found`, `invalid_request`, `unavailable`, or
+/// the code of a request that does not decode).
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GrantReply {
+    pub grant: Option<Grant>,
+    pub removed: Option<String>,
+    pub error: Option<ErrorInfo>,
 }
 
 /// Whether a message may go, and the rule that said so.
@@ -616,6 +640,7 @@ mod tests {
             from: Selector::parse(from).unwrap(),
             to: Selector::parse(to).unwrap(),
             created_at_ms: None,
+            created_by: None,
         }
     }
 

@@ -8,6 +8,7 @@
 
 mod assign;
 mod autoscale;
+mod grants;
 mod housekeeping;
 mod projection;
 mod requests;
@@ -80,6 +81,7 @@ pub async fn run(
     // written by the one writer that also requeues and expires.
     let mut queue_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_queue()).await?;
     let mut cancel_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_cancel()).await?;
+    let mut grant_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_grants()).await?;
     let cancels = Arc::new(tokio::sync::Semaphore::new(requests::CANCELS_AT_ONCE));
     let mut tick = tokio::time::interval(s.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -115,6 +117,10 @@ pub async fn run(
             _ = tick.tick() => s.on_tick().await,
             Some(req) = queue_requests.next() => s.answer_queue_request(&req).await,
             Some(req) = cancel_requests.next() => s.answer_cancel_request(req, &cancels).await,
+            Some(req) = grant_requests.next() => {
+                let (fleet, topology) = (s.fleet.clone(), s.topology.clone());
+                tokio::spawn(grants::answer(fleet, topology, req));
+            }
             Some(w) = done_rx.recv() => {
                 s.on_written(w).await;
                 while let Ok(w) = done_rx.try_recv() {
