@@ -264,6 +264,75 @@ pub fn decode_event(m: &async_nats::jetstream::Message) -> Option<TaskEvent> {
     decode_payload(m.headers.as_ref(), &m.payload).ok()
 }
 
+/// The events of one task as they come, each once, by whichever way this credential may read
+/// them: a consumer of the event stream from the start (an operator's), and a live subscription
+/// of the task's subject (a tenant's submitter's: its account has no consumers), subscribed
+/// before this returns so that nothing published after it is missed.
+async fn watch_task(
+    fleet: &Fleet,
+    id: &str,
+    tenant: &str,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Receiver<async_nats::Message>,
+    tokio::sync::mpsc::Sender<async_nats::Message>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let mut live = fleet
+        .client
+        .subscribe(fleet.names.tenant_task_events_of(tenant, id))
+        .await
+        .context("failed to follow the task's events")?;
+    fleet.client.flush().await.context("failed to follow the task's events")?;
+    let to = tx.clone();
+    tokio::spawn(async move {
+        while let Some(m) = live.next().await {
+            if to.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (f, to, id, tenant) = (fleet.clone(), tx.clone(), id.to_owned(), tenant.to_owned());
+    tokio::spawn(async move {
+        // Refused for a submitter; then the live subscription is the way.
+        let Ok(mut stored) = follow(&f, Some(&id), Some(&tenant), true).await else { return };
+        while let Some(Ok(m)) = stored.next().await {
+            if to.send(m.message).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((rx, tx))
+}
+
+/// The stored final events of a task, read by subject under the tenant API prefix (a tenant's
+/// submitter's way to a result that came before it listened), sent to `to`.
+async fn stored_finals(
+    fleet: &Fleet,
+    id: &str,
+    tenant: &str,
+    to: &tokio::sync::mpsc::Sender<async_nats::Message>,
+) {
+    let js = jetstream::with_prefix(fleet.client.clone(), &fleet.names.tenant_js_api());
+    let Ok(events) = js.get_stream_no_info(fleet.names.events_stream()).await else { return };
+    for kind in [event_kind::COMPLETED, event_kind::FAILED, event_kind::REJECTED] {
+        let subject = fleet.names.task_event_subject(tenant, id, kind);
+        let got =
+            tokio::time::timeout(Duration::from_secs(2), events.direct_get_last_for_subject(subject)).await;
+        if let Ok(Ok(m)) = got {
+            let msg = async_nats::Message {
+                subject: m.subject.clone(),
+                reply: None,
+                payload: m.payload.clone(),
+                headers: Some(m.headers.clone()),
+                status: None,
+                description: None,
+                length: m.payload.len(),
+            };
+            let _ = to.send(msg).await;
+        }
+    }
+}
+
 pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
     let priority = match &args.priority {
         Some(p) => Some(
@@ -288,7 +357,7 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
     };
     let fleet = connect(cli).await?;
     let tenant = args.tenant.as_deref().unwrap_or(flotilla_protocol::DEFAULT_TENANT);
-    let events = if args.wait { Some(follow(&fleet, Some(&id), Some(tenant), true).await?) } else { None };
+    let events = if args.wait { Some(watch_task(&fleet, &id, tenant).await?) } else { None };
     let ack = fleet
         .send_durable(fleet.names.tenant_submit_subject(tenant), &sub, Some(&id))
         .await
@@ -296,7 +365,7 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
         .acked()
         .await
         .context("the submissions stream did not accept the task")?;
-    let Some(mut events) = events else {
+    let Some((mut events, to)) = events else {
         if cli.json {
             println!(
                 "{}",
@@ -310,9 +379,17 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
     if !cli.json {
         eprintln!("submitted {id}; waiting…");
     }
+    if ack.duplicate {
+        // Submitted before: its result may be stored already.
+        let (f, id, tenant) = (fleet.clone(), id.clone(), tenant.to_owned());
+        tokio::spawn(async move { stored_finals(&f, &id, &tenant, &to).await });
+    } else {
+        drop(to);
+    }
     let deadline = tokio::time::Instant::now() + args.wait_timeout;
+    let mut seen = std::collections::HashSet::new();
     loop {
-        let next = tokio::time::timeout_at(deadline, events.next()).await;
+        let next = tokio::time::timeout_at(deadline, events.recv()).await;
         let msg = match next {
             Err(_) => {
                 return Err(Failure::new(
@@ -321,9 +398,18 @@ pub async fn submit(cli: &Cli, args: &SubmitArgs) -> Result<(), Failure> {
                 ));
             }
             Ok(None) => return Err(Failure::new(exit::UNAVAILABLE, anyhow::anyhow!("event stream ended"))),
-            Ok(Some(m)) => m.context("event stream error")?,
+            Ok(Some(m)) => m,
         };
-        let Some(ev) = decode_event(&msg) else { continue };
+        // The same event by both ways: once (events carry their message id).
+        let key = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(flotilla_protocol::headers::NATS_MSG_ID))
+            .map_or_else(|| format!("{}:{:?}", msg.subject, msg.payload), |v| v.as_str().to_owned());
+        if !seen.insert(key) {
+            continue;
+        }
+        let Some(ev) = decode_payload::<TaskEvent>(msg.headers.as_ref(), &msg.payload).ok() else { continue };
         if !cli.json {
             eprintln!("{}", output::event_line(&ev));
         }
