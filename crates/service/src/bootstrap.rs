@@ -91,7 +91,10 @@ impl Loaded {
             // A least-privilege credential creates nothing: the dispatcher owns the topology.
             Topology::open(&fleet.js, &fleet.names, Duration::from_secs(60)).await?
         } else {
-            Topology::ensure(&fleet.js, &fleet.names, &self.common.streams, mode).await?
+            crate::nats::patiently("the fleet's streams and buckets", crate::nats::STARTUP_PATIENCE, || {
+                Topology::ensure(&fleet.js, &fleet.names, &self.common.streams, mode)
+            })
+            .await?
         };
         Ok((fleet, topology))
     }

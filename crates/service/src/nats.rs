@@ -96,6 +96,33 @@ pub fn decode_request<T: DeserializeOwned>(
     codec::decode(content_type(h), payload)
 }
 
+/// How long a service's start-up asks JetStream again ([`patiently`]).
+pub const STARTUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs `step` until it succeeds, asking again (100 ms, doubling to 1 s) for up to `patience`
+/// after a failure: for the JetStream calls of a service's start-up, which fail for a moment
+/// when the server reloads a changed accounts configuration (a runner or tenant added answers
+/// 503 or "stream not found" briefly), and must not take the service down with them.
+pub async fn patiently<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    patience: std::time::Duration,
+    mut step: impl FnMut() -> F,
+) -> Result<T, E> {
+    let started = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() < patience => {
+                tracing::info!(what, error = %e, "not ready yet; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The format to answer a request in: the request's own.
 pub fn format_of(h: Option<&HeaderMap>, payload: &[u8]) -> WireFormat {
     if codec::is_json(content_type(h), payload) { WireFormat::Json } else { WireFormat::Msgpack }

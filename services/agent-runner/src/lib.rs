@@ -255,10 +255,13 @@ async fn run(
         inactive_threshold: Duration::from_secs(24 * 3600),
         ..Default::default()
     };
-    let consumer = stream
-        .create_consumer(consumer_config.clone())
-        .await
-        .context("failed to ensure the runner's assignment consumer")?;
+    let consumer = flotilla_service::nats::patiently(
+        "the assignment consumer",
+        flotilla_service::nats::STARTUP_PATIENCE,
+        || stream.create_consumer(consumer_config.clone()),
+    )
+    .await
+    .context("failed to ensure the runner's assignment consumer")?;
 
     // The budget-keeper, asked before and after every model call (tasks' and direct messages').
     let budgets = config.budgets.then(|| flotilla_service::budget::Client::new(fleet.clone()));

@@ -270,7 +270,13 @@ pub async fn run(
         {
             let subjects: Vec<String> = t.topics.iter().map(|p| ctx.fleet.names.topic_subject(p)).collect();
             bells.extend(subjects.iter().cloned());
-            sources.push((Source::Topics, topic_consumer(env.ack_wait, &ctx.fleet, &t, subjects).await?));
+            let consumer = flotilla_service::nats::patiently(
+                "the topic subscription",
+                flotilla_service::nats::STARTUP_PATIENCE,
+                || topic_consumer(env.ack_wait, &ctx.fleet, &t, subjects.clone()),
+            )
+            .await?;
+            sources.push((Source::Topics, consumer));
         }
         tracker.spawn(take_for_template(env.clone(), template, sources, bells, shutdown.clone()));
     }
@@ -364,7 +370,12 @@ async fn inbox_consumer(
         filter_subject,
         ..consumer_config(ack_wait)
     };
-    Ok(stream.create_consumer(cfg).await?)
+    Ok(flotilla_service::nats::patiently(
+        "a mailbox consumer",
+        flotilla_service::nats::STARTUP_PATIENCE,
+        || stream.create_consumer(cfg.clone()),
+    )
+    .await?)
 }
 
 fn consumer_config(ack_wait: Duration) -> pull::Config {

@@ -56,18 +56,22 @@ pub async fn run(
         .await
         .context("failed to open the submissions stream")?;
     let concurrency = config.intake_concurrency.max(1);
-    let consumer = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(fleet.names.dispatcher_intake_consumer()),
-            description: Some("Flotilla dispatcher: intake of submissions".to_owned()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            max_ack_pending: i64::try_from(concurrency * 4).unwrap_or(256),
-            ..Default::default()
-        })
-        .await
-        .context("failed to ensure the intake consumer")?;
+    let intake_config = pull::Config {
+        durable_name: Some(fleet.names.dispatcher_intake_consumer()),
+        description: Some("Flotilla dispatcher: intake of submissions".to_owned()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: i64::try_from(concurrency * 4).unwrap_or(256),
+        ..Default::default()
+    };
+    let consumer = flotilla_service::nats::patiently(
+        "the intake consumer",
+        flotilla_service::nats::STARTUP_PATIENCE,
+        || stream.create_consumer(intake_config.clone()),
+    )
+    .await
+    .context("failed to ensure the intake consumer")?;
     let intake =
         Arc::new(Intake { config, fleet, topology, stats, known_capabilities: RwLock::new(HashSet::new()) });
     let tracker = TaskTracker::new();
