@@ -20,6 +20,7 @@ mod failover;
 mod fleet_changes;
 mod long_call;
 mod messages;
+mod observability;
 mod prefixes;
 mod real_model;
 mod retries;

@@ -158,7 +158,12 @@ impl System {
     }
 
     pub async fn start_monitor(&mut self) -> std::net::SocketAddr {
-        let (_, addr) = self.local.spawn_monitor("monitor-1", "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        self.start_monitor_named("monitor-1").await
+    }
+
+    /// A monitor instance named `instance`, serving HTTP on a free port.
+    pub async fn start_monitor_named(&mut self, instance: &str) -> std::net::SocketAddr {
+        let (_, addr) = self.local.spawn_monitor(instance, "127.0.0.1:0".parse().unwrap()).await.unwrap();
         addr
     }
 

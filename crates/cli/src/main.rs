@@ -15,6 +15,7 @@ mod local;
 mod memory;
 mod output;
 mod queue;
+mod stats;
 mod topics;
 
 use std::path::PathBuf;
@@ -125,6 +126,9 @@ pub enum Command {
     Agents(fleet::AgentsArgs),
     /// The active dispatcher's queue: by capability, priority and tenant, with waiting times.
     Queue(queue::QueueArgs),
+    /// The fleet's figures over a rolling window (from the monitor): tasks, quality, times,
+    /// resources, and what a successful task costs.
+    Stats(stats::StatsArgs),
     /// Token budgets: set a scope's limit, show its usage.
     Budget(budget::BudgetArgs),
     /// Who may message whom: allow, deny, list, remove.
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
             Command::Memory(args) => memory::run(&cli, args).await,
             Command::Send(args) => grants::send(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,
+            Command::Stats(args) => stats::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::exec(&cli, args),
             Command::Auth(args) => auth::run(&cli, args).await,

@@ -88,6 +88,9 @@ pub mod queue_group {
     /// The active dispatcher's requests (`<p>.dispatcher.queue`, `<p>.dispatcher.cancel`): should
     /// two dispatchers be active for a moment, a request still gets one answer.
     pub const DISPATCHER: &str = "dispatcher";
+    /// The monitors' figures (`<p>.monitor.stats`): every monitor folds the same streams, so any
+    /// one answers.
+    pub const MONITOR: &str = "monitor";
 }
 
 /// Queue group of the message router (`<p>.msg.send.>`): every dispatcher instance routes.
@@ -218,6 +221,7 @@ impl Names {
         /// Cancelling a task, answered by the active dispatcher, for a `CancelRequest`.
         dispatcher_cancel() = prefix ".dispatcher.cancel";
         dispatcher_grants() = prefix ".dispatcher.grants";
+        monitor_stats() = prefix ".monitor.stats";
         /// A runner's fleet changes: `scale` (a `ScaleRequest`), `stop` (a `StopAgentRequest`),
         /// `cancel` (a `CancelTask`, no reply).
         runner_control(runner_id, op) = prefix ".runners.{runner_id}.{op}";

@@ -294,6 +294,7 @@ fn monitor(g: &mut G<'_>) {
     g.info(&events).ordered(&events, Some(&n.task_events_all()));
     g.info(&ledger).ordered(&ledger, None);
     g.kv_watch(&n.agents_bucket());
+    g.subscribe(format!("{} {}", n.monitor_stats(), crate::names::queue_group::MONITOR));
     g.health(service::MONITOR, "flotilla-monitor").responses(1, 5);
 }
 
@@ -375,6 +376,7 @@ fn operator(g: &mut G<'_>, name: &str) {
     g.publish(n.dispatcher_queue())
         .publish(n.dispatcher_cancel())
         .publish(n.dispatcher_grants())
+        .publish(n.monitor_stats())
         .publish(n.runner_control("*", "*"))
         .publish(n.msg_send_client(name))
         .publish(n.health_subject("*"))

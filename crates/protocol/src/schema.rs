@@ -33,6 +33,8 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("cancel-reply", s::<CancelReply>()),
         ("grant-request", s::<GrantRequest>()),
         ("grant-reply", s::<GrantReply>()),
+        ("stats-request", s::<StatsRequest>()),
+        ("stats-report", s::<StatsReport>()),
         ("queue-request", s::<QueueRequest>()),
         ("queue-report", s::<QueueReport>()),
         ("scale-request", s::<ScaleRequest>()),

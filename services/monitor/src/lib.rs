@@ -1,5 +1,10 @@
-//! The monitor: follows the event stream and the agent registry, and serves what it sees as
-//! Prometheus text on `/metrics` (plus `/healthz`) and in health replies.
+//! The monitor: follows the event stream (from its start: a restarted monitor loses nothing, and
+//! every monitor shows the same) and the agent registry, folds them into the fleet's figures
+//! ([`fold`]), and serves them as Prometheus text on `/metrics` ([`metrics`]), as JSON on
+//! `/stats` and `<p>.monitor.stats` (`flotilla stats`), and in health replies.
+
+pub mod fold;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,12 +21,11 @@ use axum::routing::get;
 use flotilla_protocol::{AgentRecord, LedgerOp, codec, time::now_ms};
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+
+use crate::fold::{Fold, KINDS};
+use crate::metrics::{KindLabel, OpLabel, StatusLabel};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -39,86 +43,12 @@ impl Default for Config {
     }
 }
 
-/// Task event kinds counted under their own label.
-const KINDS: [&str; 8] =
-    ["accepted", "rejected", "assigned", "started", "progress", "completed", "failed", "requeued"];
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabel {
-    kind: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StatusLabel {
-    status: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabel {
-    model: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OpLabel {
-    op: String,
-}
-
 /// The label of ledger entries on subjects that name no ledger change of this version (the
 /// others are counted under their change's name, [`LedgerOp`]: the label set stays bounded).
 const OTHER_LEDGER_OP: &str = "other";
 
-/// Most distinct model labels (models come from fleet files, but a bound keeps a bad publisher
-/// from growing the label set).
-const MAX_MODELS: usize = 64;
-
-#[derive(Debug)]
-struct Metrics {
-    registry: Registry,
-    task_events: Family<KindLabel, Counter>,
-    agents: Family<StatusLabel, Gauge>,
-    tokens: Counter,
-    cost: Family<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
-    /// Models with a cost label so far (bounded by [`MAX_MODELS`]).
-    models: std::sync::Mutex<std::collections::HashSet<String>>,
-    ledger: Family<OpLabel, Counter>,
-}
-
-impl Metrics {
-    fn new() -> Self {
-        let mut registry = Registry::default();
-        let task_events = Family::<KindLabel, Counter>::default();
-        let agents = Family::<StatusLabel, Gauge>::default();
-        let tokens = Counter::default();
-        registry.register("flotilla_task_events", "Task lifecycle events seen, by kind", task_events.clone());
-        registry.register(
-            "flotilla_agents",
-            "Registered agents by status (dead: no recent heartbeat)",
-            agents.clone(),
-        );
-        registry.register("flotilla_tokens", "Tokens used by completed tasks", tokens.clone());
-        let cost = Family::<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
-            "flotilla_cost_usd",
-            "What the model calls of finished tasks cost in US dollars, by model (the budget-keeper's prices)",
-            cost.clone(),
-        );
-        let ledger = Family::<OpLabel, Counter>::default();
-        registry.register(
-            "flotilla_budget_ledger_entries",
-            "Budget ledger entries since the monitor started, by operation or budget event",
-            ledger.clone(),
-        );
-        Self { registry, task_events, agents, tokens, cost, models: Default::default(), ledger }
-    }
-
-    fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "failed to render metrics");
-        }
-        out
-    }
-}
+/// What the monitor knows: the fold of the task events and the agent registry's gauges.
+type Shared = Arc<Mutex<Fold>>;
 
 /// The monitor, its HTTP listener bound (so that callers learn the port before it runs), ready to
 /// run ([`flotilla_service::Service`]).
@@ -157,24 +87,23 @@ async fn serve(
     topology: Topology,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let fold: Shared = Arc::new(Mutex::new(Fold::new()));
     let addr = listener.local_addr().context("listener has no address")?;
     let health = {
-        let m = metrics.clone();
+        let f = fold.clone();
         flotilla_service::health::serve(
             fleet.clone(),
             flotilla_protocol::names::service::MONITOR,
             Arc::new(move || {
+                let Ok(f) = f.lock() else { return serde_json::json!({ "http_addr": addr.to_string() }) };
                 let by_kind: serde_json::Map<String, serde_json::Value> = KINDS
                     .iter()
                     .map(|k| {
-                        (
-                            (*k).to_owned(),
-                            m.task_events.get_or_create(&KindLabel { kind: (*k).to_owned() }).get().into(),
-                        )
+                        let n = f.metrics.task_events.get_or_create(&KindLabel { kind: (*k).to_owned() }).get();
+                        ((*k).to_owned(), n.into())
                     })
                     .collect();
-                serde_json::json!({ "http_addr": addr.to_string(), "task_events": by_kind })
+                serde_json::json!({ "http_addr": addr.to_string(), "task_events": by_kind, "events_seen": f.events_seen })
             }),
             shutdown.clone(),
         )
@@ -182,8 +111,9 @@ async fn serve(
     };
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
+        .route("/stats", get(stats_handler))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics.clone());
+        .with_state(Http { fold: fold.clone(), instance: fleet.instance.clone() });
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -191,66 +121,157 @@ async fn serve(
             .await
     });
     tracing::info!(%addr, "monitor serving /metrics");
-    let m = metrics.clone();
+    let f = fold.clone();
     let events = tokio::spawn(follow(
         fleet.clone(),
         fleet.names.events_stream(),
         Some(fleet.names.task_events_all()),
-        From::Start,
         shutdown.clone(),
-        move |msg| count_event(&m, msg),
+        move |msg| count_event(&f, msg),
     ));
-    let agents = tokio::spawn(follow_agents(topology.agents.clone(), metrics.clone(), shutdown.clone()));
+    let agents = tokio::spawn(follow_agents(topology.agents.clone(), fold.clone(), shutdown.clone()));
     // The budget-keeper creates the ledger stream; until it has, the follower retries.
-    let m = metrics.clone();
+    let f = fold.clone();
     let ledger = tokio::spawn(follow(
         fleet.clone(),
         fleet.names.ledger_stream(),
         None,
-        From::Now,
         shutdown.clone(),
-        move |msg| count_ledger_entry(&m, msg),
+        move |msg| count_ledger_entry(&f, msg),
     ));
+    let stats = tokio::spawn(answer_stats(fleet.clone(), fold.clone(), shutdown.clone()));
     shutdown.cancelled().await;
     let _ = events.await;
     let _ = ledger.await;
     let _ = agents.await;
+    let _ = stats.await;
     let _ = health.await;
     http.await.context("http task panicked")?.context("http server failed")?;
     Ok(())
 }
 
+/// What the HTTP handlers share.
+#[derive(Clone)]
+struct Http {
+    fold: Shared,
+    instance: String,
+}
+
+/// The figures of a [`flotilla_protocol::StatsRequest`] from this monitor's fold.
+fn stats_of(
+    fold: &Shared,
+    instance: &str,
+    req: &flotilla_protocol::StatsRequest,
+) -> flotilla_protocol::StatsReport {
+    let window = req.window_ms.unwrap_or(3_600_000);
+    let by = req.by.as_deref().unwrap_or("all");
+    let mut report = match fold.lock() {
+        Ok(f) => f.stats(window, by, now_ms()),
+        Err(_) => flotilla_protocol::StatsReport {
+            error: Some(flotilla_protocol::ErrorInfo::new(
+                "unavailable",
+                "the monitor's figures are unreadable",
+            )),
+            ..Default::default()
+        },
+    };
+    report.monitor = instance.to_owned();
+    report
+}
+
+/// Answers `<p>.monitor.stats` (any monitor: they all fold the same streams) until `shutdown`.
+async fn answer_stats(fleet: Fleet, fold: Shared, shutdown: CancellationToken) {
+    let subject = fleet.names.monitor_stats();
+    let mut requests = match fleet
+        .client
+        .queue_subscribe(subject.clone(), flotilla_protocol::names::queue_group::MONITOR.to_owned())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(%subject, error = %e, "cannot answer stats requests");
+            return;
+        }
+    };
+    loop {
+        let req = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = requests.next() => match r { Some(r) => r, None => return },
+        };
+        let span = tracing::info_span!("stats_request");
+        let _enter = span.enter();
+        let asked = if req.payload.is_empty() {
+            Ok(flotilla_protocol::StatsRequest::default())
+        } else {
+            flotilla_service::nats::decode_request::<flotilla_protocol::StatsRequest>(
+                req.headers.as_ref(),
+                &req.payload,
+            )
+        };
+        let report = match asked {
+            Ok(r) => stats_of(&fold, &fleet.instance, &r),
+            Err(e) => flotilla_protocol::StatsReport {
+                error: Some(flotilla_protocol::ErrorInfo::new(e.reason.code(), e.message)),
+                ..Default::default()
+            },
+        };
+        drop(_enter);
+        fleet.respond(&req, &report).await;
+    }
+}
+
+/// `/stats?window=1h&by=tenant`: the figures as JSON.
 #[tracing::instrument(skip_all)]
-async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
+async fn stats_handler(State(h): State<Http>, uri: axum::http::Uri) -> axum::response::Response {
+    let (mut window_ms, mut by) = (None, None);
+    for pair in uri.query().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "window" => match humantime::parse_duration(v) {
+                Ok(d) => window_ms = Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                Err(e) => return (StatusCode::BAD_REQUEST, format!("window {v:?}: {e}\n")).into_response(),
+            },
+            "by" => by = Some(v.to_owned()),
+            _ => return (StatusCode::BAD_REQUEST, format!("unknown parameter {k:?}\n")).into_response(),
+        }
+    }
+    let report = stats_of(&h.fold, &h.instance, &flotilla_protocol::StatsRequest { window_ms, by });
+    match serde_json::to_string(&report) {
+        Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
-/// Where a follower starts: the stream's first message, or what arrives from now on.
-#[derive(Debug, Clone, Copy)]
-enum From {
-    Start,
-    Now,
+#[tracing::instrument(skip_all)]
+async fn metrics_handler(State(h): State<Http>) -> impl IntoResponse {
+    let text = match h.fold.lock() {
+        Ok(f) => {
+            f.refresh(now_ms());
+            f.metrics.render()
+        }
+        Err(_) => String::new(),
+    };
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }
 
-/// Follows `stream` (optionally only `filter`) with an ordered consumer from `from`, passing each
+/// Follows `stream` (optionally only `filter`) with an ordered consumer from its start, passing each
 /// message to `count`; after an error (the stream missing, the connection lost) it starts again
 /// after the last message it counted, until `shutdown`.
 async fn follow(
     fleet: Fleet,
     stream: String,
     filter: Option<String>,
-    from: From,
     shutdown: CancellationToken,
     mut count: impl FnMut(&async_nats::jetstream::Message),
 ) {
     let mut last_seq = 0u64;
     loop {
         if let Err(e) =
-            follow_once(&fleet, &stream, filter.as_deref(), from, &shutdown, &mut last_seq, &mut count).await
+            follow_once(&fleet, &stream, filter.as_deref(), &shutdown, &mut last_seq, &mut count).await
         {
             // Quiet until the stream has been read (the ledger exists only once a budget-keeper
             // has run).
-            if last_seq > 0 || matches!(from, From::Start) {
+            if last_seq > 0 {
                 tracing::warn!(%stream, error = %e, "stream follower stopped; restarting");
             } else {
                 tracing::debug!(%stream, error = %e, "stream follower stopped; restarting");
@@ -267,16 +288,14 @@ async fn follow_once(
     fleet: &Fleet,
     stream: &str,
     filter: Option<&str>,
-    from: From,
     shutdown: &CancellationToken,
     last_seq: &mut u64,
     count: &mut impl FnMut(&async_nats::jetstream::Message),
 ) -> anyhow::Result<()> {
     let s = fleet.js.get_stream(stream).await.with_context(|| format!("failed to open stream {stream}"))?;
-    let deliver_policy = match (*last_seq, from) {
-        (0, From::Start) => DeliverPolicy::All,
-        (0, From::Now) => DeliverPolicy::New,
-        (seq, _) => DeliverPolicy::ByStartSequence { start_sequence: seq.saturating_add(1) },
+    let deliver_policy = match *last_seq {
+        0 => DeliverPolicy::All,
+        seq => DeliverPolicy::ByStartSequence { start_sequence: seq.saturating_add(1) },
     };
     let consumer = s
         .create_consumer(pull::OrderedConfig {
@@ -303,55 +322,38 @@ async fn follow_once(
     }
 }
 
-/// Counts one task event (the stream is followed from the beginning).
-fn count_event(metrics: &Metrics, msg: &async_nats::jetstream::Message) {
-    // Subject: <prefix>.events.task.<tenant>.<id>.<kind>; unknown kinds share one label, so that no
-    // publisher can grow the label set without bound.
-    let kind = msg.subject.rsplit('.').next().unwrap_or_default();
-    let kind = if KINDS.contains(&kind) { kind } else { "other" };
-    metrics.task_events.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
-    if kind == "completed" || kind == "failed" {
-        let ct = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
-            .map(|v| v.as_str().to_owned());
-        if let Ok(ev) = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload) {
-            if kind == "completed"
-                && let Some(u) = ev.usage
-            {
-                metrics.tokens.inc_by(u.total_tokens);
-            }
-            count_cost(metrics, &ev.calls);
+/// Folds one task event (the stream is followed from the beginning).
+fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
+    let ct = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
+        .map(|v| v.as_str().to_owned());
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+    let Ok(mut f) = fold.lock() else { return };
+    match codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload) {
+        Ok(ev) => f.task_event(&ev, seq),
+        // Unreadable: counted by the kind its subject names, so nothing is silently dropped.
+        Err(_) => {
+            let kind = msg.subject.rsplit('.').next().unwrap_or_default();
+            let kind = if KINDS.contains(&kind) { kind } else { fold::OTHER };
+            f.metrics.task_events.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
         }
     }
 }
 
-/// Counts one budget ledger entry by operation, from the subject alone. The ledger is followed
-/// from when the monitor started (it only grows; a counter restarting at zero is what Prometheus
-/// expects of a restarted process).
-fn count_ledger_entry(metrics: &Metrics, msg: &async_nats::jetstream::Message) {
+/// Counts one budget ledger entry by operation, from the subject alone (the ledger is followed
+/// from its start, like the events).
+fn count_ledger_entry(fold: &Shared, msg: &async_nats::jetstream::Message) {
     let op = msg.subject.rsplit('.').next().unwrap_or_default();
     let op = op.parse::<LedgerOp>().map_or(OTHER_LEDGER_OP, LedgerOp::as_str);
-    metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
-}
-
-/// Keeps the agent gauges current from a watch of the registry.
-fn count_cost(metrics: &Metrics, calls: &[flotilla_protocol::CallUsage]) {
-    for c in calls {
-        let Some(cost) = c.cost_usd.filter(|c| c.is_finite() && *c > 0.0) else { continue };
-        let model = match metrics.models.lock() {
-            Ok(mut seen) if seen.contains(&c.model) || seen.len() < MAX_MODELS => {
-                seen.insert(c.model.clone());
-                c.model.clone()
-            }
-            _ => "other".to_owned(),
-        };
-        metrics.cost.get_or_create(&ModelLabel { model }).inc_by(cost);
+    if let Ok(f) = fold.lock() {
+        f.metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
     }
 }
 
-async fn follow_agents(store: kv::Store, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+/// Keeps the agent gauges current from a watch of the registry.
+async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationToken) {
     let mut agents: std::collections::HashMap<String, AgentRecord> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -379,13 +381,15 @@ async fn follow_agents(store: kv::Store, metrics: Arc<Metrics>, shutdown: Cancel
                     }
                     Some(Err(_)) | None => break,
                 },
-                _ = tick.tick() => set_agent_gauges(&metrics, &agents),
+                _ = tick.tick() => set_agent_gauges(&fold, &agents),
             }
         }
     }
 }
 
-fn set_agent_gauges(metrics: &Metrics, agents: &std::collections::HashMap<String, AgentRecord>) {
+fn set_agent_gauges(fold: &Shared, agents: &std::collections::HashMap<String, AgentRecord>) {
+    let Ok(f) = fold.lock() else { return };
+    let metrics = &f.metrics;
     let mut counts: std::collections::HashMap<&'static str, i64> = Default::default();
     let now = now_ms();
     for rec in agents.values() {

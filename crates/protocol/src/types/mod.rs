@@ -6,6 +6,7 @@ mod budget;
 mod common;
 mod control;
 mod message;
+mod stats;
 mod task;
 mod task_record;
 
@@ -14,5 +15,6 @@ pub use budget::*;
 pub use common::*;
 pub use control::*;
 pub use message::*;
+pub use stats::*;
 pub use task::*;
 pub use task_record::*;

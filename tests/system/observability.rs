@@ -1,0 +1,81 @@
+//! Observability: the monitor's figures are folded from the streams, so two monitors — one of
+//! them started after the work, rebuilding from the stream — report the same, over HTTP, on
+//! `/metrics` and through `flotilla stats`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::time::Duration;
+
+use flotilla_protocol::{StatsReport, TaskSubmission};
+use flotilla_testkit::{eventually, http_get};
+
+use crate::support::*;
+
+fn stats_of(body: &str) -> StatsReport {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_monitors_one_started_late_report_the_same_figures() {
+    let mut sys = System::with_dispatcher().await;
+    sys.start_runner("r1", &worker_fleet(2, 4)).await;
+    sys.wait_for_agents("r1", 2).await;
+    let early = sys.start_monitor_named("monitor-early").await;
+    // 30 tasks in two tenants; every fifth fails for good.
+    for i in 0..30 {
+        let fail = i % 5 == 0;
+        let offline = if fail { serde_json::json!({ "fail": "boom" }) } else { serde_json::json!({}) };
+        sys.submit(&TaskSubmission {
+            id: Some(format!("obs-{i:02}")),
+            capability: "work".into(),
+            tenant: Some(if i % 2 == 0 { "acme" } else { "globex" }.into()),
+            input: serde_json::json!({ "text": i, "_offline": offline }),
+            max_attempts: Some(1),
+            ..Default::default()
+        })
+        .await;
+    }
+    sys.wait_for_kind("completed", 24, Duration::from_secs(60)).await;
+    sys.wait_for_kind("failed", 6, Duration::from_secs(60)).await;
+    let late = sys.start_monitor_named("monitor-late").await;
+
+    let path = "/stats?window=1h&by=tenant";
+    let (a, b) = eventually(Duration::from_secs(20), "both monitors to fold every event", || async {
+        let (a, b) = (stats_of(&http_get(early, path).await), stats_of(&http_get(late, path).await));
+        let done = |r: &StatsReport| r.groups.iter().map(|g| g.completed + g.failed).sum::<u64>() == 30;
+        (done(&a) && done(&b) && a.events_seen == b.events_seen).then_some((a, b))
+    })
+    .await;
+    assert_eq!(a.groups, b.groups, "the late monitor rebuilt the same figures from the stream");
+    assert_eq!((a.monitor.as_str(), b.monitor.as_str()), ("monitor-early", "monitor-late"));
+    for g in &a.groups {
+        assert_eq!((g.submitted, g.completed, g.failed), (15, 12, 3), "{g:?}");
+        assert_eq!(g.success_rate, Some(0.8), "{g:?}");
+        assert!(g.queue_wait_p50_ms.is_some() && g.duration_p95_ms.is_some(), "{g:?}");
+        // One call per completed task; a failed one's call failed and used nothing.
+        assert_eq!(g.model_calls_per_task, Some(0.8), "{g:?}");
+    }
+
+    // The same figures through NATS, from whichever monitor answers.
+    let (code, out, err) =
+        cli(sys.server.url(), &["--json", "stats", "--window", "1h", "--by", "tenant"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stats_of(out.trim()).groups, a.groups);
+    let (code, out, _) = cli(sys.server.url(), &["stats"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("completed 24") && out.contains("success 80.0%"), "{out}");
+
+    // The Prometheus families, the same on both.
+    let text = http_get(late, "/metrics").await;
+    for line in [
+        "flotilla_tasks_completed_total{capability=\"work\",template=\"worker\",tenant=\"acme\"} 12",
+        "flotilla_tasks_failed_total{capability=\"work\",template=\"worker\",tenant=\"globex\"} 3",
+        "flotilla_tasks_submitted_total{capability=\"work\",tenant=\"acme\",priority=\"normal\"} 15",
+        "flotilla_task_queue_wait_seconds_count{capability=\"work\",priority=\"normal\"} 30",
+        "flotilla_task_success_ratio{template=\"worker\",tenant=\"acme\"} 0.8",
+        "flotilla_queue_backlog{capability=\"work\"} 0",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    sys.stop().await;
+}
