@@ -74,6 +74,9 @@ async fn two_monitors_one_started_late_report_the_same_figures() {
         "flotilla_task_queue_wait_seconds_count{capability=\"work\",priority=\"normal\"} 30",
         "flotilla_task_success_ratio{template=\"worker\",tenant=\"acme\"} 0.8",
         "flotilla_queue_backlog{capability=\"work\"} 0",
+        // Reliability, from the agents' lifecycle events: no crash, so all of their time up.
+        "flotilla_agent_uptime_ratio{template=\"worker\"} 1.0",
+        "flotilla_agent_crashes_per_agent_hour{template=\"worker\"} 0.0",
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }

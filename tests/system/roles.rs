@@ -92,24 +92,8 @@ struct Prober {
 impl Prober {
     async fn connect(server: &NatsServer, identity: &str) -> Self {
         let creds = server.creds("flotilla", identity).unwrap();
-        let auth = flotilla_service::ClientAuth::creds(&creds);
         let inbox = flotilla_service::auth::Credentials::load(&creds).unwrap().inbox_prefix();
-        let refused = Arc::new(Mutex::new(Vec::new()));
-        let log = refused.clone();
-        let client = auth
-            .options(async_nats::ConnectOptions::new())
-            .unwrap()
-            .event_callback(move |event| {
-                let log = log.clone();
-                async move {
-                    if let async_nats::Event::ServerError(e) = event {
-                        log.lock().unwrap().push(e.to_string());
-                    }
-                }
-            })
-            .connect(server.url())
-            .await
-            .unwrap();
+        let (client, refused) = connect_recording(server, identity).await.unwrap();
         Self { client, inbox, refused, subs: Vec::new() }
     }
 

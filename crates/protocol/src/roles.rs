@@ -291,7 +291,8 @@ fn budget_keeper(g: &mut G<'_>) {
 fn monitor(g: &mut G<'_>) {
     let n = g.n;
     let (events, ledger) = (n.events_stream(), n.ledger_stream());
-    g.info(&events).ordered(&events, Some(&n.task_events_all()));
+    // Every event: tasks', agents' and messages' (the five families), and control events.
+    g.info(&events).ordered(&events, Some(&n.events_all()));
     g.info(&ledger).ordered(&ledger, None);
     g.kv_watch(&n.agents_bucket());
     g.subscribe(format!("{} {}", n.monitor_stats(), crate::names::queue_group::MONITOR));

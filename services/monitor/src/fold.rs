@@ -6,10 +6,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use flotilla_protocol::names::event_kind;
-use flotilla_protocol::{PriorityClass, StatsGroup, StatsReport, TaskEvent};
+use flotilla_protocol::{
+    AgentEvent, AgentState, MessageEvent, PriorityClass, StatsGroup, StatsReport, TaskEvent, message_event,
+};
 
 use crate::metrics::{
-    CapabilityLabel, DecisionLabel, Families, KindLabel, ModelLabel, SubmitLabels, TaskLabels,
+    CapabilityLabel, DecisionLabel, Families, KindLabel, ModelLabel, SubmitLabels, TaskLabels, TemplateLabel,
     TemplateTenant, TenantLabel, TokenLabels, WaitLabels, WindowLabels,
 };
 
@@ -75,6 +77,24 @@ struct Track {
     escalated: bool,
     approved: u32,
     decided: u32,
+    /// When it was requeued, until it runs again (its recovery).
+    requeued_ms: Option<u64>,
+    requeues: u32,
+    recovery_ms: Option<u64>,
+    /// Attempts that have started.
+    started_attempts: HashSet<u32>,
+    messages: u32,
+}
+
+/// An agent's life as its lifecycle events tell it.
+#[derive(Debug, Clone, Default)]
+struct Life {
+    template: String,
+    first_ms: u64,
+    ended_ms: Option<u64>,
+    error_since: Option<u64>,
+    error_ms: u64,
+    crashes: u64,
 }
 
 /// How a task ended.
@@ -106,6 +126,10 @@ pub struct Finished {
     pub escalated: bool,
     pub approved: u32,
     pub decided: u32,
+    pub requeues: u32,
+    /// The longest requeue → running again.
+    pub recovery_ms: Option<u64>,
+    pub messages: u32,
 }
 
 /// The template of agent `<runner>-<template>-<n>` on `runner`.
@@ -131,6 +155,10 @@ pub struct Fold {
     /// Cumulative (completed, finished, escalated) per (template, tenant), for the ratios.
     outcomes: BTreeMap<(String, String), (u64, u64, u64)>,
     approvals: (u64, u64),
+    lives: HashMap<String, Life>,
+    lost: HashSet<String>,
+    /// Direct messages (sent, answered).
+    handoffs: (u64, u64),
 }
 
 impl Fold {
@@ -194,6 +222,9 @@ impl Fold {
                     escalated: false,
                     approved: 0,
                     decided: 0,
+                    requeues: 0,
+                    recovery_ms: None,
+                    messages: 0,
                 });
             }
             event_kind::ASSIGNED => {
@@ -208,6 +239,17 @@ impl Fold {
                 track.queued_since = None;
                 if template.is_some() {
                     track.template = template;
+                }
+                let capability = CapabilityLabel { capability: track.capability.clone() };
+                if let Some(since) = track.requeued_ms.take() {
+                    let took = ev.at_ms.saturating_sub(since);
+                    track.recovery_ms = Some(track.recovery_ms.map_or(took, |r| r.max(took)));
+                    self.metrics.recovery.get_or_create(&capability).observe(took as f64 / 1000.0);
+                }
+                if let Some(a) = ev.attempt
+                    && !track.started_attempts.insert(a)
+                {
+                    self.metrics.redeliveries.get_or_create(&capability).inc();
                 }
                 if track.started_ms.is_none() {
                     track.started_ms = Some(ev.at_ms);
@@ -229,7 +271,17 @@ impl Fold {
                     track.retries += 1;
                     self.metrics.retries.get_or_create(&labels).inc();
                 } else {
+                    track.requeues += 1;
+                    track.requeued_ms = Some(ev.at_ms);
                     self.metrics.requeues.get_or_create(&labels).inc();
+                    if ev.reason.as_deref() == Some("agent_lost")
+                        && let Some(agent) = &ev.agent_id
+                        && self.lost.insert(agent.clone())
+                    {
+                        let template = template_of(agent, ev.runner_id.as_deref());
+                        let template = self.labels.label("template", template.as_deref());
+                        self.metrics.agents_lost.get_or_create(&TemplateLabel { template }).inc();
+                    }
                 }
             }
             event_kind::PROGRESS => {
@@ -319,6 +371,7 @@ impl Fold {
         m.model_calls_per_task.get_or_create(&tt).observe(f64::from(model_calls));
         m.tool_calls_per_task.get_or_create(&tt).observe(f64::from(track.tool_calls));
         m.retries_per_task.get_or_create(&tt).observe(f64::from(track.retries));
+        m.messages_per_task.get_or_create(&tt).observe(f64::from(track.messages));
         let mut cost = 0.0;
         let mut models = Vec::new();
         for c in &ev.calls {
@@ -367,7 +420,66 @@ impl Fold {
             escalated: track.escalated,
             approved: track.approved,
             decided: track.decided,
+            requeues: track.requeues,
+            recovery_ms: track.recovery_ms,
+            messages: track.messages,
         });
+    }
+
+    /// Folds one agent lifecycle event (stream sequence `seq`).
+    pub fn agent_event(&mut self, ev: &AgentEvent, seq: u64) {
+        self.events_seen = self.events_seen.max(seq);
+        let template = template_of(&ev.agent_id, Some(&ev.runner_id));
+        let template = self.labels.label("template", template.as_deref());
+        let life = self.lives.entry(ev.agent_id.clone()).or_insert_with(|| Life {
+            template: template.clone(),
+            first_ms: ev.at_ms,
+            ..Life::default()
+        });
+        if life.ended_ms.is_some() && ev.to != AgentState::Terminated {
+            // The same agent id started again (its runner restarted).
+            life.ended_ms = None;
+        }
+        if ev.to == AgentState::Error && ev.from != AgentState::Error {
+            life.crashes += 1;
+            life.error_since = Some(ev.at_ms);
+            self.metrics.agent_crashes.get_or_create(&TemplateLabel { template }).inc();
+        } else if ev.from == AgentState::Error
+            && ev.to != AgentState::Error
+            && let Some(since) = life.error_since.take()
+        {
+            life.error_ms += ev.at_ms.saturating_sub(since);
+        }
+        if ev.to == AgentState::Terminated {
+            if let Some(since) = life.error_since.take() {
+                life.error_ms += ev.at_ms.saturating_sub(since);
+            }
+            life.ended_ms = Some(ev.at_ms);
+        }
+    }
+
+    /// Folds one direct-message event (stream sequence `seq`).
+    pub fn message_event(&mut self, ev: &MessageEvent, seq: u64) {
+        self.events_seen = self.events_seen.max(seq);
+        let kind = match ev.kind.as_str() {
+            k @ (message_event::SENT
+            | message_event::REFUSED
+            | message_event::DELIVERED
+            | message_event::ANSWERED
+            | message_event::EXPIRED) => k,
+            _ => OTHER,
+        };
+        self.metrics.messages.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
+        match kind {
+            message_event::SENT => {
+                self.handoffs.0 += 1;
+                if let Some(track) = ev.task_id.as_ref().and_then(|t| self.tracks.get_mut(t)) {
+                    track.messages += 1;
+                }
+            }
+            message_event::ANSWERED => self.handoffs.1 += 1,
+            _ => {}
+        }
     }
 
     fn keep(&mut self, f: Finished) {
@@ -407,6 +519,29 @@ impl Fold {
         }
         if self.approvals.1 > 0 {
             m.approval_ratio.set(self.approvals.0 as f64 / self.approvals.1 as f64);
+        }
+        if self.handoffs.0 > 0 {
+            m.handoff_ratio.set(self.handoffs.1 as f64 / self.handoffs.0 as f64);
+        }
+        let mut per: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+        for life in self.lives.values() {
+            let end = life.ended_ms.unwrap_or(now_ms).max(life.first_ms);
+            let in_error = life.error_ms + life.error_since.map_or(0, |s| end.saturating_sub(s));
+            let e = per.entry(life.template.as_str()).or_default();
+            e.0 += end - life.first_ms;
+            e.1 += in_error;
+            e.2 += life.crashes;
+        }
+        for (template, (lived, in_error, crashes)) in per {
+            let labels = TemplateLabel { template: template.to_owned() };
+            if lived > 0 {
+                m.agent_uptime_ratio
+                    .get_or_create(&labels)
+                    .set(1.0 - in_error.min(lived) as f64 / lived as f64);
+                m.agent_crashes_per_hour
+                    .get_or_create(&labels)
+                    .set(crashes as f64 / (lived as f64 / 3_600_000.0));
+            }
         }
         for (window, ms) in WINDOWS {
             let since = now_ms.saturating_sub(ms);
@@ -502,6 +637,9 @@ struct Acc {
     escalated: u64,
     approved: u64,
     decided: u64,
+    requeues: u64,
+    recoveries: Vec<u64>,
+    messages: u64,
 }
 
 fn percentile(v: &mut [u64], p: f64) -> Option<u64> {
@@ -542,6 +680,9 @@ impl Acc {
         self.escalated += u64::from(f.escalated);
         self.approved += u64::from(f.approved);
         self.decided += u64::from(f.decided);
+        self.requeues += u64::from(f.requeues);
+        self.recoveries.extend(f.recovery_ms);
+        self.messages += u64::from(f.messages);
     }
 
     fn group(mut self, key: String) -> StatsGroup {
@@ -571,6 +712,9 @@ impl Acc {
             approval_rate: ratio(self.approved as f64, self.decided as f64),
             successes_per_usd: ratio(self.completed as f64, self.cost),
             usd_per_success: ratio(self.cost, self.completed as f64),
+            requeues: self.requeues,
+            recovery_p95_ms: percentile(&mut self.recoveries, 0.95),
+            messages_per_task: per(self.messages),
         }
     }
 }
@@ -665,6 +809,71 @@ mod tests {
             "flotilla_model_tokens_total{model=\"m1\",direction=\"input\"} 500",
             "flotilla_task_queue_wait_seconds_count{capability=\"write\",priority=\"normal\"} 5",
             "flotilla_usd_per_successful_task{template=\"writer\",tenant=\"acme\",window=\"1h\"} 0.02",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn reliability_and_communication_come_from_agent_message_and_requeue_events() {
+        let mut f = Fold::new();
+        let agent = |from: AgentState, to: AgentState, at_ms: u64| AgentEvent {
+            agent_id: "r1-writer-0".into(),
+            runner_id: "r1".into(),
+            from,
+            to,
+            task_id: None,
+            reason: None,
+            at_ms,
+        };
+        use AgentState::*;
+        // An hour of life, a quarter of it in ERROR after one crash.
+        f.agent_event(&agent(Initializing, Idle, 0), 1);
+        f.agent_event(&agent(Planning, Error, 1_800_000), 2);
+        f.agent_event(&agent(Error, Idle, 2_700_000), 3);
+        f.agent_event(&agent(Idle, Terminated, 3_600_000), 4);
+        // A task whose agent was lost: requeued, then running again 2 s later.
+        f.task_event(&ev("a1", "accepted", 1_000), 5);
+        let mut started = ev("a1", "started", 1_100);
+        started.attempt = Some(1);
+        f.task_event(&started, 6);
+        let mut requeued = ev("a1", "requeued", 5_000);
+        requeued.reason = Some("agent_lost".into());
+        f.task_event(&requeued, 7);
+        let mut again = ev("a1", "started", 7_000);
+        again.attempt = Some(2);
+        f.task_event(&again, 8);
+        for (kind, seq) in [("sent", 9), ("sent", 10), ("answered", 11), ("refused", 12)] {
+            let m = MessageEvent {
+                message_id: format!("m{seq}"),
+                kind: kind.into(),
+                at_ms: 7_500,
+                from: "agent:r1-writer-0".into(),
+                to: "agent:r2-x-0".into(),
+                task_id: Some("a1".into()),
+                priority: None,
+                agent_id: None,
+                seq: None,
+                in_reply_to: None,
+                error: None,
+                rule: None,
+            };
+            f.message_event(&m, seq);
+        }
+        f.task_event(&ev("a1", "completed", 9_000), 13);
+        let g = &f.stats(u64::MAX, "all", 10_000).groups[0];
+        assert_eq!((g.requeues, g.recovery_p95_ms, g.messages_per_task), (1, Some(2000), Some(2.0)));
+        f.refresh(3_600_000);
+        let text = f.metrics.render();
+        for line in [
+            "flotilla_agent_crashes_total{template=\"writer\"} 1",
+            "flotilla_agent_uptime_ratio{template=\"writer\"} 0.75",
+            "flotilla_agent_crashes_per_agent_hour{template=\"writer\"} 1.0",
+            "flotilla_agents_lost_total{template=\"writer\"} 1",
+            "flotilla_task_recovery_seconds_sum{capability=\"write\"} 2.0",
+            "flotilla_messages_total{kind=\"refused\"} 1",
+            "flotilla_handoff_success_ratio 0.5",
+            "flotilla_task_messages_sum{template=\"writer\",tenant=\"acme\"} 2.0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -125,7 +125,7 @@ async fn serve(
     let events = tokio::spawn(follow(
         fleet.clone(),
         fleet.names.events_stream(),
-        Some(fleet.names.task_events_all()),
+        Some(fleet.names.events_all()),
         shutdown.clone(),
         move |msg| count_event(&f, msg),
     ));
@@ -322,7 +322,13 @@ async fn follow_once(
     }
 }
 
-/// Folds one task event (the stream is followed from the beginning).
+/// The prefix of an event's subject (`<p>` of `<p>.events.…`).
+fn f_prefix(msg: &async_nats::jetstream::Message) -> &str {
+    msg.subject.as_str().split(".events.").next().unwrap_or_default()
+}
+
+/// Folds one event: a task's, an agent's or a direct message's (the stream is followed from the
+/// beginning).
 fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
     let ct = msg
         .headers
@@ -331,6 +337,23 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
         .map(|v| v.as_str().to_owned());
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
     let Ok(mut f) = fold.lock() else { return };
+    let events = format!("{}.events.", f_prefix(msg));
+    let rest = msg.subject.as_str().strip_prefix(&events).unwrap_or_default();
+    if rest.starts_with("agent.") {
+        if let Ok(ev) = codec::decode::<flotilla_protocol::AgentEvent>(ct.as_deref(), &msg.payload) {
+            f.agent_event(&ev, seq);
+        }
+        return;
+    }
+    if rest.starts_with("message.") {
+        if let Ok(ev) = codec::decode::<flotilla_protocol::MessageEvent>(ct.as_deref(), &msg.payload) {
+            f.message_event(&ev, seq);
+        }
+        return;
+    }
+    if !rest.starts_with("task.") {
+        return;
+    }
     match codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload) {
         Ok(ev) => f.task_event(&ev, seq),
         // Unreadable: counted by the kind its subject names, so nothing is silently dropped.

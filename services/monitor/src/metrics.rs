@@ -69,6 +69,11 @@ pub struct TemplateTenant {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TemplateLabel {
+    pub template: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TokenLabels {
     pub model: String,
     pub direction: String,
@@ -149,8 +154,18 @@ pub struct Families {
     pub approval_ratio: FloatGauge,
     pub escalation_ratio: Family<TemplateTenant, FloatGauge>,
     pub error_ratio: Family<TemplateTenant, FloatGauge>,
-    // Reliability (what the task events show).
+    // Reliability.
     pub requeues: Family<CapabilityLabel, Counter>,
+    pub redeliveries: Family<CapabilityLabel, Counter>,
+    pub recovery: Hist<CapabilityLabel>,
+    pub agents_lost: Family<TemplateLabel, Counter>,
+    pub agent_crashes: Family<TemplateLabel, Counter>,
+    pub agent_uptime_ratio: Family<TemplateLabel, FloatGauge>,
+    pub agent_crashes_per_hour: Family<TemplateLabel, FloatGauge>,
+    // Communication.
+    pub messages: Family<KindLabel, Counter>,
+    pub messages_per_task: Hist<TemplateTenant>,
+    pub handoff_ratio: FloatGauge,
     // Cost-adjusted completion.
     pub successes_per_usd: Family<WindowLabels, FloatGauge>,
     pub usd_per_success: Family<WindowLabels, FloatGauge>,
@@ -292,6 +307,48 @@ impl Families {
                 "flotilla_task_requeues",
                 "Tasks put back in the queue (their agent was lost, or handed them back)",
                 Family::default()
+            ),
+            redeliveries: reg!(
+                "flotilla_task_redeliveries",
+                "Attempts started again without a new attempt number (an assignment delivered twice)",
+                Family::default()
+            ),
+            recovery: reg!(
+                "flotilla_task_recovery",
+                "Time from a task's requeue (its agent lost or crashed) to running again",
+                Unit::Seconds,
+                hist(seconds)
+            ),
+            agents_lost: reg!(
+                "flotilla_agents_lost",
+                "Agents whose work was requeued because they were lost",
+                Family::default()
+            ),
+            agent_crashes: reg!("flotilla_agent_crashes", "Agents that went into ERROR", Family::default()),
+            agent_uptime_ratio: reg!(
+                "flotilla_agent_uptime_ratio",
+                "Share of the agents' lives not spent in ERROR",
+                Family::default()
+            ),
+            agent_crashes_per_hour: reg!(
+                "flotilla_agent_crashes_per_agent_hour",
+                "Crashes per agent-hour",
+                Family::default()
+            ),
+            messages: reg!(
+                "flotilla_messages",
+                "Direct messages by what happened to them (sent, refused, delivered, answered, expired)",
+                Family::default()
+            ),
+            messages_per_task: reg!(
+                "flotilla_task_messages",
+                "Direct messages sent for a finished task",
+                hist(counts)
+            ),
+            handoff_ratio: reg!(
+                "flotilla_handoff_success_ratio",
+                "Direct messages answered ÷ sent",
+                FloatGauge::default()
             ),
             successes_per_usd: reg!(
                 "flotilla_successful_tasks_per_usd",

@@ -50,6 +50,13 @@ pub struct StatsGroup {
     pub successes_per_usd: Option<f64>,
     /// Dollars spent per successful task (failed attempts' spend included).
     pub usd_per_success: Option<f64>,
+    /// Times finished tasks were put back in the queue (their agent lost or crashed).
+    #[serde(default)]
+    pub requeues: u64,
+    /// The 95th percentile of requeue → running again.
+    pub recovery_p95_ms: Option<u64>,
+    /// Direct messages sent per finished task.
+    pub messages_per_task: Option<f64>,
 }
 
 /// The answer to a [`StatsRequest`]: one [`StatsGroup`] per label value, largest first.
