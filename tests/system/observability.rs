@@ -82,3 +82,58 @@ async fn two_monitors_one_started_late_report_the_same_figures() {
     }
     sys.stop().await;
 }
+
+/// Every alert event so far.
+async fn alerts(sys: &System) -> Vec<flotilla_protocol::AlertEvent> {
+    sys.read_stream(&sys.names.events_stream(), &format!("{}.events.alert.>", sys.names.prefix()))
+        .await
+        .into_iter()
+        .map(|(_, p)| flotilla_protocol::codec::decode(None, &p).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alerts_fire_once_from_one_of_two_monitors_and_resolve() {
+    let mut sys = System::with_dispatcher().await;
+    let config = || flotilla_monitor::Config {
+        lease: Duration::from_secs(1),
+        alerts: flotilla_monitor::alerts::Thresholds {
+            no_leader_after: Duration::from_secs(2),
+            dead_letter_window: Duration::from_secs(60),
+            expect_budget_keeper: false,
+        },
+        ..Default::default()
+    };
+    sys.start_monitor_configured("monitor-a", config()).await;
+    sys.start_monitor_configured("monitor-b", config()).await;
+    // A dead letter: an undecodable submission.
+    sys.submit_raw(b"\xc1 not a task".to_vec(), None).await;
+    let fired = |kind: &'static str, state: &'static str| {
+        move |a: &[flotilla_protocol::AlertEvent]| {
+            a.iter().filter(|e| e.kind == kind && e.state == state).count()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while fired("dead_letters", "firing")(&alerts(&sys).await) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no dead_letters alert: {:?}", alerts(&sys).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // No dispatcher: an alert after the threshold; back: resolved.
+    sys.stop_dispatchers().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while fired("no_dispatcher", "firing")(&alerts(&sys).await) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no no_dispatcher alert: {:?}", alerts(&sys).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sys.start_dispatcher(dispatcher_config()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while fired("no_dispatcher", "resolved")(&alerts(&sys).await) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "not resolved: {:?}", alerts(&sys).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = alerts(&sys).await;
+    assert_eq!(fired("no_dispatcher", "firing")(&all), 1, "two monitors, one alert: {all:?}");
+    assert_eq!(fired("dead_letters", "firing")(&all), 1, "{all:?}");
+    sys.stop().await;
+}

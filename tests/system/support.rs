@@ -161,6 +161,17 @@ impl System {
         self.start_monitor_named("monitor-1").await
     }
 
+    /// A monitor instance named `instance` with `config` (its HTTP address: a free port).
+    pub async fn start_monitor_configured(
+        &mut self,
+        instance: &str,
+        config: flotilla_monitor::Config,
+    ) -> std::net::SocketAddr {
+        let config = flotilla_monitor::Config { http_addr: "127.0.0.1:0".parse().unwrap(), ..config };
+        let (_, addr) = self.local.spawn_monitor_with(instance, config).await.unwrap();
+        addr
+    }
+
     /// A monitor instance named `instance`, serving HTTP on a free port.
     pub async fn start_monitor_named(&mut self, instance: &str) -> std::net::SocketAddr {
         let (_, addr) = self.local.spawn_monitor(instance, "127.0.0.1:0".parse().unwrap()).await.unwrap();

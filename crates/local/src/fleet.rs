@@ -295,7 +295,16 @@ impl LocalFleet {
         instance: &str,
         http_addr: SocketAddr,
     ) -> anyhow::Result<(ServiceHandle, SocketAddr)> {
-        let monitor = flotilla_monitor::Monitor::bind(&flotilla_monitor::Config { http_addr }).await?;
+        self.spawn_monitor_with(instance, flotilla_monitor::Config { http_addr, ..Default::default() }).await
+    }
+
+    /// Runs the monitor as `instance` with `config`; returns where it listens.
+    pub async fn spawn_monitor_with(
+        &mut self,
+        instance: &str,
+        config: flotilla_monitor::Config,
+    ) -> anyhow::Result<(ServiceHandle, SocketAddr)> {
+        let monitor = flotilla_monitor::Monitor::bind(&config).await?;
         let addr = monitor.local_addr()?;
         Ok((self.spawn(instance, monitor).await?, addr))
     }

@@ -102,6 +102,8 @@ pub mod lease_key {
     pub const DISPATCHER: &str = "dispatcher";
     /// The active budget-keeper (the one that serves budgets).
     pub const BUDGET_KEEPER: &str = "budget-keeper";
+    /// The monitor that raises alerts (every monitor computes them; one publishes).
+    pub const MONITOR: &str = "monitor";
 }
 
 /// All names of one fleet.
@@ -188,6 +190,7 @@ impl Names {
         agent_event_subject(agent_id, kind) = prefix ".events.agent.{agent_id}.{kind}";
         /// A control action refused because of who asked (`kind`: `refused`).
         control_event_subject(kind) = prefix ".events.control.{kind}";
+        alert_event_subject(kind) = prefix ".events.alert.{kind}";
         /// Every event (the events stream's subjects).
         events_all() = prefix ".events.>";
     }

@@ -296,6 +296,12 @@ fn monitor(g: &mut G<'_>) {
     g.info(&ledger).ordered(&ledger, None);
     g.kv_watch(&n.agents_bucket());
     g.subscribe(format!("{} {}", n.monitor_stats(), crate::names::queue_group::MONITOR));
+    // Alerts: the dead letters as they arrive, the leases (and its own, which decides which
+    // monitor publishes), and the alert events.
+    let dl = n.deadletter_stream();
+    g.info(&dl).ordered(&dl, None);
+    g.kv_write(&n.leases_bucket(), crate::names::lease_key::MONITOR).kv_watch(&n.leases_bucket());
+    g.publish(n.alert_event_subject("*"));
     g.health(service::MONITOR, "flotilla-monitor").responses(1, 5);
 }
 

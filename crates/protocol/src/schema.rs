@@ -35,6 +35,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("grant-reply", s::<GrantReply>()),
         ("stats-request", s::<StatsRequest>()),
         ("stats-report", s::<StatsReport>()),
+        ("alert-event", s::<AlertEvent>()),
         ("queue-request", s::<QueueRequest>()),
         ("queue-report", s::<QueueReport>()),
         ("scale-request", s::<ScaleRequest>()),

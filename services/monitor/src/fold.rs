@@ -159,11 +159,17 @@ pub struct Fold {
     lost: HashSet<String>,
     /// Direct messages (sent, answered).
     handoffs: (u64, u64),
+    /// What the alert rules look at, kept current by the followers.
+    pub inputs: crate::alerts::Inputs,
+    /// The alerts firing now.
+    pub alerts: crate::alerts::Alerts,
 }
 
 impl Fold {
     pub fn new() -> Self {
-        Self::default()
+        let mut f = Self::default();
+        f.inputs.started_ms = flotilla_protocol::time::now_ms();
+        f
     }
 
     /// Folds one task event (stream sequence `seq`).

@@ -3,6 +3,7 @@
 //! ([`fold`]), and serves them as Prometheus text on `/metrics` ([`metrics`]), as JSON on
 //! `/stats` and `<p>.monitor.stats` (`flotilla stats`), and in health replies.
 
+pub mod alerts;
 pub mod fold;
 pub mod metrics;
 
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
 use crate::fold::{Fold, KINDS};
-use crate::metrics::{KindLabel, OpLabel, StatusLabel};
+use crate::metrics::{KindLabel, OpLabel, ServiceLabel, StatusLabel};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,11 +36,20 @@ use tokio_util::sync::CancellationToken;
 pub struct Config {
     /// Address of the HTTP endpoint (`/metrics`, `/healthz`); port 0 picks a free one.
     pub http_addr: SocketAddr,
+    /// Length of the `monitor` lease: the monitor holding it publishes the alerts.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Alert thresholds.
+    pub alerts: alerts::Thresholds,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)) }
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            lease: Duration::from_secs(3),
+            alerts: alerts::Thresholds::default(),
+        }
     }
 }
 
@@ -55,6 +65,7 @@ type Shared = Arc<Mutex<Fold>>;
 #[derive(Debug)]
 pub struct Monitor {
     listener: TcpListener,
+    config: Config,
 }
 
 impl Monitor {
@@ -63,7 +74,7 @@ impl Monitor {
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("failed to bind {}", config.http_addr))?;
-        Ok(Self { listener })
+        Ok(Self { listener, config: config.clone() })
     }
 
     /// Where `/metrics` is served.
@@ -77,12 +88,13 @@ impl flotilla_service::Service for Monitor {
 
     /// Serves `/metrics` and health until `shutdown`.
     async fn run(self, fleet: Fleet, topology: Topology, shutdown: CancellationToken) -> anyhow::Result<()> {
-        serve(self.listener, fleet, topology, shutdown).await
+        serve(self.listener, self.config, fleet, topology, shutdown).await
     }
 }
 
 async fn serve(
     listener: TcpListener,
+    config: Config,
     fleet: Fleet,
     topology: Topology,
     shutdown: CancellationToken,
@@ -140,7 +152,51 @@ async fn serve(
         move |msg| count_ledger_entry(&f, msg),
     ));
     let stats = tokio::spawn(answer_stats(fleet.clone(), fold.clone(), shutdown.clone()));
+    let f = fold.clone();
+    let dead_letters = tokio::spawn(follow(
+        fleet.clone(),
+        fleet.names.deadletter_stream(),
+        None,
+        shutdown.clone(),
+        move |msg| count_dead_letter(&f, msg),
+    ));
+    let leases = tokio::spawn(follow_leases(topology.leases.clone(), fold.clone(), shutdown.clone()));
+    let raising = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lease_role = flotilla_service::lease::Role {
+        key: flotilla_protocol::names::lease_key::MONITOR,
+        ttl: config.lease,
+        status: Arc::new(flotilla_service::lease::LeaseStatus::default()),
+    };
+    let holding = {
+        let raising = raising.clone();
+        tokio::spawn(flotilla_service::lease::hold(
+            fleet.clone(),
+            topology.leases.clone(),
+            lease_role,
+            shutdown.clone(),
+            move |lost: CancellationToken| {
+                let raising = raising.clone();
+                async move {
+                    raising.store(true, std::sync::atomic::Ordering::SeqCst);
+                    lost.cancelled().await;
+                    raising.store(false, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        ))
+    };
+    let alerting = tokio::spawn(raise_alerts(
+        fleet.clone(),
+        fold.clone(),
+        config.alerts.clone(),
+        raising,
+        shutdown.clone(),
+    ));
     shutdown.cancelled().await;
+    let _ = dead_letters.await;
+    let _ = leases.await;
+    let _ = holding.await;
+    let _ = alerting.await;
     let _ = events.await;
     let _ = ledger.await;
     let _ = agents.await;
@@ -370,8 +426,107 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
 fn count_ledger_entry(fold: &Shared, msg: &async_nats::jetstream::Message) {
     let op = msg.subject.rsplit('.').next().unwrap_or_default();
     let op = op.parse::<LedgerOp>().map_or(OTHER_LEDGER_OP, LedgerOp::as_str);
-    if let Ok(f) = fold.lock() {
-        f.metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
+    let Ok(mut f) = fold.lock() else { return };
+    f.metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
+    if matches!(op, "exhausted" | "refilled")
+        && let Ok(e) = codec::decode::<flotilla_protocol::LedgerEntry>(None, &msg.payload)
+    {
+        match e.change {
+            flotilla_protocol::LedgerChange::Exhausted(ev) => {
+                f.inputs.exhausted.insert(ev.scope, e.at_ms);
+            }
+            flotilla_protocol::LedgerChange::Refilled(ev) => {
+                f.inputs.exhausted.remove(&ev.scope);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Counts one dead letter, with when the server stored it (the stream is followed from its
+/// start: old dead letters count, but only recent ones make an alert).
+fn count_dead_letter(fold: &Shared, msg: &async_nats::jetstream::Message) {
+    let at = msg
+        .info()
+        .ok()
+        .map(|i| u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).unwrap_or_default());
+    if let Ok(mut f) = fold.lock() {
+        f.inputs.dead_letters += 1;
+        f.inputs.last_dead_letter_ms = f.inputs.last_dead_letter_ms.max(at);
+        f.metrics.dead_letters.inc();
+    }
+}
+
+/// Keeps the last seen lease of every key (the active dispatcher's, budget-keeper's, monitor's).
+async fn follow_leases(store: kv::Store, fold: Shared, shutdown: CancellationToken) {
+    let f = fold.clone();
+    flotilla_service::follow::follow(store, "leases", shutdown, move |key, value| {
+        let Ok(mut fold) = f.lock() else { return };
+        match value.map(|v| codec::decode::<flotilla_protocol::Lease>(None, v)) {
+            Some(Ok(lease)) => {
+                fold.metrics
+                    .leader_epoch
+                    .get_or_create(&ServiceLabel { service: key.to_owned() })
+                    .set(i64::try_from(lease.epoch).unwrap_or(i64::MAX));
+                fold.inputs.leases.insert(key.to_owned(), lease);
+            }
+            // Released (or unreadable): no holder from now on.
+            _ => {
+                let now = now_ms();
+                if let Some(l) = fold.inputs.leases.get_mut(key) {
+                    l.ttl_ms = now.saturating_sub(l.renewed_at_ms).min(l.ttl_ms);
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// Every second: evaluates the alert rules; while this monitor holds the `monitor` lease,
+/// publishes what started or stopped (and, on taking the lease, what fires), each event with a
+/// message id so that a hand-over between monitors does not repeat one.
+async fn raise_alerts(
+    fleet: Fleet,
+    fold: Shared,
+    thresholds: alerts::Thresholds,
+    raising: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_raising = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let raising_now = raising.load(std::sync::atomic::Ordering::SeqCst);
+        let out = {
+            let Ok(mut f) = fold.lock() else { return };
+            let fold = &mut *f;
+            let changes = fold.alerts.evaluate(&fold.inputs, &thresholds, now, &fleet.instance);
+            for (kind, n) in fold.alerts.counts_all() {
+                fold.metrics.alerts_firing.get_or_create(&KindLabel { kind: kind.to_owned() }).set(n);
+            }
+            if raising_now && !was_raising { fold.alerts.firing(now, &fleet.instance) } else { changes }
+        };
+        was_raising = raising_now;
+        if !raising_now {
+            continue;
+        }
+        for ev in out {
+            let span = tracing::info_span!("alert", kind = %ev.kind, key = %ev.key, state = %ev.state);
+            let _enter = span.enter();
+            tracing::warn!(message = %ev.message, "alert {}", ev.state);
+            let id = format!("alert:{}:{}:{}:{}", ev.kind, ev.key, ev.state, ev.since_ms);
+            drop(_enter);
+            if let Err(e) =
+                fleet.publish_durable(fleet.names.alert_event_subject(&ev.kind), &ev, Some(&id)).await
+            {
+                tracing::warn!(error = %e, "failed to publish an alert");
+            }
+        }
     }
 }
 
@@ -411,7 +566,16 @@ async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationTok
 }
 
 fn set_agent_gauges(fold: &Shared, agents: &std::collections::HashMap<String, AgentRecord>) {
-    let Ok(f) = fold.lock() else { return };
+    let Ok(mut f) = fold.lock() else { return };
+    let now = now_ms();
+    f.inputs.agents_in_error = agents
+        .iter()
+        .filter(|(_, r)| {
+            r.status == flotilla_protocol::AgentStatus::Error
+                && now.saturating_sub(r.heartbeat_at_ms) <= r.heartbeat_interval_ms.saturating_mul(3) + 500
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
     let metrics = &f.metrics;
     let mut counts: std::collections::HashMap<&'static str, i64> = Default::default();
     let now = now_ms();

@@ -69,6 +69,11 @@ pub struct TemplateTenant {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TemplateLabel {
     pub template: String,
 }
@@ -162,6 +167,9 @@ pub struct Families {
     pub agent_crashes: Family<TemplateLabel, Counter>,
     pub agent_uptime_ratio: Family<TemplateLabel, FloatGauge>,
     pub agent_crashes_per_hour: Family<TemplateLabel, FloatGauge>,
+    pub leader_epoch: Family<ServiceLabel, Gauge>,
+    pub dead_letters: Counter,
+    pub alerts_firing: Family<KindLabel, Gauge>,
     // Communication.
     pub messages: Family<KindLabel, Counter>,
     pub messages_per_task: Hist<TemplateTenant>,
@@ -335,6 +343,13 @@ impl Families {
                 "Crashes per agent-hour",
                 Family::default()
             ),
+            leader_epoch: reg!(
+                "flotilla_leader_epoch",
+                "Acquisitions of each exclusive role's lease so far (leader changes = epoch - 1)",
+                Family::default()
+            ),
+            dead_letters: reg!("flotilla_dead_letters", "Dead letters recorded", Counter::default()),
+            alerts_firing: reg!("flotilla_alerts_firing", "Alerts firing now, by kind", Family::default()),
             messages: reg!(
                 "flotilla_messages",
                 "Direct messages by what happened to them (sent, refused, delivered, answered, expired)",

@@ -33,6 +33,7 @@ async fn task_events_show_up_in_metrics() {
     }
     let monitor = flotilla_monitor::Monitor::bind(&flotilla_monitor::Config {
         http_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
     })
     .await
     .unwrap();

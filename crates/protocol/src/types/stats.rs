@@ -72,3 +72,31 @@ pub struct StatsReport {
     pub monitor: String,
     pub error: Option<crate::ErrorInfo>,
 }
+
+/// An alert (`<p>.events.alert.<kind>`), raised by the monitor holding the `monitor` lease:
+/// `firing` when a rule starts to hold, `resolved` when it stops. `key` says what it is about
+/// (a service, an agent, a budget scope); one alert per kind and key at a time.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AlertEvent {
+    /// `no_dispatcher`, `no_budget_keeper`, `agent_error`, `budget_exhausted`, `dead_letters`.
+    pub kind: String,
+    pub key: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    pub message: String,
+    /// When the condition began.
+    pub since_ms: u64,
+    pub at_ms: u64,
+    /// The monitor instance that raised it.
+    pub monitor: String,
+}
+
+/// Kinds of [`AlertEvent`].
+pub mod alert_kind {
+    pub const NO_DISPATCHER: &str = "no_dispatcher";
+    pub const NO_BUDGET_KEEPER: &str = "no_budget_keeper";
+    pub const AGENT_ERROR: &str = "agent_error";
+    pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
+    pub const DEAD_LETTERS: &str = "dead_letters";
+}

@@ -1,0 +1,215 @@
+//! Alert rules: evaluated every second by every monitor from what it follows (the leases, the
+//! agent registry, the budget ledger, the dead letters), so that whichever holds the `monitor`
+//! lease publishes the same alerts — `firing` when a rule starts to hold and `resolved` when it
+//! stops, on `<p>.events.alert.<kind>`. Thresholds come from `[monitor.alerts]`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use flotilla_protocol::{AlertEvent, Lease, alert_kind};
+use serde::{Deserialize, Serialize};
+
+/// Alert thresholds (`[monitor.alerts]`, `FLOTILLA_MONITOR__ALERTS__*`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Thresholds {
+    /// No active dispatcher (or budget-keeper) for longer than this: `no_dispatcher`
+    /// (`no_budget_keeper`).
+    #[serde(with = "humantime_serde")]
+    pub no_leader_after: Duration,
+    /// Dead letters arrived within this long: `dead_letters` (resolved once none arrived for as
+    /// long).
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_window: Duration,
+    /// Whether a budget-keeper is expected (off: no `no_budget_keeper` alert).
+    pub expect_budget_keeper: bool,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            no_leader_after: Duration::from_secs(10),
+            dead_letter_window: Duration::from_secs(60),
+            expect_budget_keeper: true,
+        }
+    }
+}
+
+/// What the rules look at.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    /// The leases by key, as last seen.
+    pub leases: BTreeMap<String, Lease>,
+    /// When this monitor started watching (a lease never seen counts as missing from then).
+    pub started_ms: u64,
+    /// Agents in ERROR now (with a live heartbeat).
+    pub agents_in_error: BTreeSet<String>,
+    /// Budget scopes exhausted and not refilled since, with when.
+    pub exhausted: BTreeMap<String, u64>,
+    /// When the latest dead letter arrived, and how many arrived.
+    pub last_dead_letter_ms: Option<u64>,
+    pub dead_letters: u64,
+}
+
+/// The alerts firing now, by (kind, key), with when each began.
+#[derive(Debug, Default)]
+pub struct Alerts {
+    firing: BTreeMap<(String, String), (u64, String)>,
+}
+
+impl Alerts {
+    /// Evaluates every rule at `now_ms`; returns the alerts that started or stopped.
+    pub fn evaluate(&mut self, i: &Inputs, t: &Thresholds, now_ms: u64, monitor: &str) -> Vec<AlertEvent> {
+        let mut holds: BTreeMap<(String, String), (u64, String)> = BTreeMap::new();
+        let after = u64::try_from(t.no_leader_after.as_millis()).unwrap_or(u64::MAX);
+        let mut leaders = vec![(flotilla_protocol::names::lease_key::DISPATCHER, alert_kind::NO_DISPATCHER)];
+        if t.expect_budget_keeper {
+            leaders.push((flotilla_protocol::names::lease_key::BUDGET_KEEPER, alert_kind::NO_BUDGET_KEEPER));
+        }
+        for (key, kind) in leaders {
+            // Without a live lease since: its expiry, or when this monitor started looking.
+            let since = match i.leases.get(key) {
+                Some(l) if l.renewed_at_ms.saturating_add(l.ttl_ms) >= now_ms => None,
+                Some(l) => Some(l.renewed_at_ms.saturating_add(l.ttl_ms)),
+                None => Some(i.started_ms),
+            };
+            if let Some(since) = since.filter(|s| now_ms.saturating_sub(*s) > after) {
+                let what = format!("no active {key} for {} s", now_ms.saturating_sub(since) / 1000);
+                holds.insert((kind.to_owned(), key.to_owned()), (since, what));
+            }
+        }
+        for agent in &i.agents_in_error {
+            let what = format!("agent {agent} is in ERROR");
+            holds.insert((alert_kind::AGENT_ERROR.to_owned(), agent.clone()), (now_ms, what));
+        }
+        for (scope, at) in &i.exhausted {
+            let what = format!("budget {scope} is exhausted");
+            holds.insert((alert_kind::BUDGET_EXHAUSTED.to_owned(), scope.clone()), (*at, what));
+        }
+        let window = u64::try_from(t.dead_letter_window.as_millis()).unwrap_or(u64::MAX);
+        if let Some(last) = i.last_dead_letter_ms.filter(|l| now_ms.saturating_sub(*l) <= window) {
+            let what = format!("dead letters are arriving ({} so far)", i.dead_letters);
+            holds.insert((alert_kind::DEAD_LETTERS.to_owned(), "fleet".to_owned()), (last, what));
+        }
+        let mut changes = Vec::new();
+        let event =
+            |(kind, key): &(String, String), state: &str, since_ms: u64, message: String| AlertEvent {
+                kind: kind.clone(),
+                key: key.clone(),
+                state: state.to_owned(),
+                message,
+                since_ms,
+                at_ms: now_ms,
+                monitor: monitor.to_owned(),
+            };
+        for (k, (since, what)) in &holds {
+            if !self.firing.contains_key(k) {
+                changes.push(event(k, "firing", *since, what.clone()));
+            }
+        }
+        let mut kept = BTreeMap::new();
+        for (k, (since, what)) in std::mem::take(&mut self.firing) {
+            if holds.contains_key(&k) {
+                kept.insert(k, (since, what));
+            } else {
+                changes.push(event(&k, "resolved", since, format!("resolved: {what}")));
+            }
+        }
+        for (k, v) in holds {
+            kept.entry(k).or_insert(v);
+        }
+        self.firing = kept;
+        changes
+    }
+
+    /// The alerts firing now, as events.
+    pub fn firing(&self, now_ms: u64, monitor: &str) -> Vec<AlertEvent> {
+        self.firing
+            .iter()
+            .map(|((kind, key), (since, what))| AlertEvent {
+                kind: kind.clone(),
+                key: key.clone(),
+                state: "firing".to_owned(),
+                message: what.clone(),
+                since_ms: *since,
+                at_ms: now_ms,
+                monitor: monitor.to_owned(),
+            })
+            .collect()
+    }
+
+    /// How many alerts of every kind fire now (0 for kinds not firing).
+    pub fn counts_all(&self) -> BTreeMap<&'static str, i64> {
+        let counts = self.counts();
+        [
+            alert_kind::NO_DISPATCHER,
+            alert_kind::NO_BUDGET_KEEPER,
+            alert_kind::AGENT_ERROR,
+            alert_kind::BUDGET_EXHAUSTED,
+            alert_kind::DEAD_LETTERS,
+        ]
+        .into_iter()
+        .map(|k| (k, counts.get(k).copied().unwrap_or(0)))
+        .collect()
+    }
+
+    /// How many alerts of each kind fire now.
+    pub fn counts(&self) -> BTreeMap<&str, i64> {
+        let mut out = BTreeMap::new();
+        for (kind, _) in self.firing.keys() {
+            *out.entry(kind.as_str()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn lease(renewed_at_ms: u64) -> Lease {
+        Lease { holder: "d1".into(), epoch: 1, acquired_at_ms: 0, renewed_at_ms, ttl_ms: 3000 }
+    }
+
+    #[test]
+    fn rules_fire_once_and_resolve_once() {
+        let t = Thresholds { no_leader_after: Duration::from_secs(5), ..Thresholds::default() };
+        let mut a = Alerts::default();
+        let mut i = Inputs { started_ms: 0, ..Inputs::default() };
+        i.leases.insert("dispatcher".into(), lease(10_000));
+        i.leases.insert("budget-keeper".into(), lease(10_000));
+        assert!(a.evaluate(&i, &t, 11_000, "m").is_empty());
+        // The dispatcher's lease ran out at 13 s; 5 s later it is an alert, once.
+        assert!(a.evaluate(&i, &t, 17_000, "m").iter().all(|e| e.kind != "no_dispatcher"));
+        i.leases.insert("budget-keeper".into(), lease(17_000));
+        let fired = a.evaluate(&i, &t, 18_500, "m");
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        assert_eq!(
+            (fired[0].kind.as_str(), fired[0].state.as_str(), fired[0].since_ms),
+            ("no_dispatcher", "firing", 13_000)
+        );
+        i.leases.insert("budget-keeper".into(), lease(19_000));
+        assert!(a.evaluate(&i, &t, 19_000, "m").is_empty(), "firing is reported once");
+        i.leases.insert("dispatcher".into(), lease(20_000));
+        i.leases.insert("budget-keeper".into(), lease(20_000));
+        let resolved = a.evaluate(&i, &t, 20_000, "m");
+        assert_eq!((resolved.len(), resolved[0].state.as_str()), (1, "resolved"));
+        // Agents, budgets and dead letters.
+        i.agents_in_error.insert("r1-w-0".into());
+        i.exhausted.insert("tenant.acme".into(), 20_000);
+        i.last_dead_letter_ms = Some(19_500);
+        i.dead_letters = 1;
+        let kinds: Vec<String> = a.evaluate(&i, &t, 20_100, "m").into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["agent_error", "budget_exhausted", "dead_letters"]);
+        assert_eq!(a.counts().get("agent_error"), Some(&1));
+        i.agents_in_error.clear();
+        i.exhausted.clear();
+        let later = 19_500 + 61_000;
+        for l in ["dispatcher", "budget-keeper"] {
+            i.leases.insert(l.into(), lease(later));
+        }
+        let resolved: Vec<String> = a.evaluate(&i, &t, later, "m").into_iter().map(|e| e.kind).collect();
+        assert_eq!(resolved, ["agent_error", "budget_exhausted", "dead_letters"]);
+    }
+}
