@@ -65,6 +65,44 @@ async fn two_monitors_one_started_late_report_the_same_figures() {
     assert_eq!(code, 0);
     assert!(out.contains("completed 24") && out.contains("success 80.0%"), "{out}");
 
+    // Health: every service instance, every agent, the streams an operator may see.
+    let (code, out, err) = cli(sys.server.url(), &["--json", "health"]).await;
+    assert_eq!(code, 0, "{err}");
+    let health: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let services: Vec<(String, String)> = health["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap().to_owned(),
+                s["details"]["role"].as_str().unwrap_or("-").to_owned(),
+            )
+        })
+        .collect();
+    for want in [("dispatcher", "active"), ("monitor", "-"), ("agent-runner", "-")] {
+        assert!(
+            services.iter().any(|(s, r)| s == want.0 && (want.1 == "-" || r == want.1)),
+            "{want:?} in {services:?}"
+        );
+    }
+    assert_eq!(services.iter().filter(|(s, _)| s == "monitor").count(), 2, "{services:?}");
+    let agents: Vec<&str> =
+        health["agents"].as_array().unwrap().iter().map(|a| a["agent_id"].as_str().unwrap()).collect();
+    assert_eq!(agents, ["r1-worker-0", "r1-worker-1"]);
+    assert!(
+        health["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["stream"] == "FLOTILLA_EVENTS" && s["messages"].as_u64() > Some(100)),
+        "{}",
+        health["streams"]
+    );
+    let (code, out, _) = cli(sys.server.url(), &["health"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("SERVICE") && out.contains("r1-worker-0"), "{out}");
+
     // The Prometheus families, the same on both.
     let text = http_get(late, "/metrics").await;
     for line in [

@@ -11,6 +11,7 @@ mod cancel;
 mod client;
 mod fleet;
 mod grants;
+mod health;
 mod local;
 mod memory;
 mod output;
@@ -129,6 +130,9 @@ pub enum Command {
     /// The fleet's figures over a rolling window (from the monitor): tasks, quality, times,
     /// resources, and what a successful task costs.
     Stats(stats::StatsArgs),
+    /// Every service instance (active or standby), agent (state, heartbeat age), stream against
+    /// its limits, and the NATS server.
+    Health,
     /// Token budgets: set a scope's limit, show its usage.
     Budget(budget::BudgetArgs),
     /// Who may message whom: allow, deny, list, remove.
@@ -189,6 +193,7 @@ fn main() -> ExitCode {
             Command::Send(args) => grants::send(&cli, args).await,
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Stats(args) => stats::run(&cli, args).await,
+            Command::Health => health::run(&cli).await,
             Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::exec(&cli, args),
             Command::Auth(args) => auth::run(&cli, args).await,
