@@ -34,9 +34,10 @@ async fn instances(fleet: &Fleet) -> anyhow::Result<Vec<HealthReply>> {
     let until = tokio::time::Instant::now() + Duration::from_millis(750);
     while let Ok(Some(m)) = tokio::time::timeout_at(until, answers.next()).await {
         let Ok(info) = serde_json::from_slice::<Value>(&m.payload) else { continue };
-        for e in info["endpoints"].as_array().into_iter().flatten() {
-            if e["name"] == "health-instance"
-                && let Some(subject) = e["subject"].as_str().filter(|s| s.starts_with(&own))
+        for e in info.get("endpoints").and_then(Value::as_array).into_iter().flatten() {
+            if e.get("name").and_then(Value::as_str) == Some("health-instance")
+                && let Some(subject) =
+                    e.get("subject").and_then(Value::as_str).filter(|s| s.starts_with(&own))
             {
                 subjects.push(subject.to_owned());
             }
@@ -78,7 +79,7 @@ async fn streams(fleet: &Fleet) -> Vec<Value> {
     let asks = flotilla_protocol::roles::topology_streams(&fleet.names).into_iter().map(|name| async move {
         let info = tokio::time::timeout(Duration::from_secs(2), async {
             let mut s = fleet.js.get_stream(&name).await.ok()?;
-            s.info().await.ok().map(|i| i.clone())
+            s.info().await.ok().cloned()
         })
         .await;
         match info {
@@ -127,7 +128,7 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
     println!("nats-server {} ({}), JetStream {}", server.server_name, server.version, server.jetstream);
     println!("\n{:<14} {:<28} {:<8} {:<9} {:>9}", "SERVICE", "INSTANCE", "VERSION", "ROLE", "UPTIME");
     for h in &services {
-        let role = h.details["role"].as_str().unwrap_or("-");
+        let role = h.details.get("role").and_then(Value::as_str).unwrap_or("-");
         println!("{:<14} {:<28} {:<8} {:<9} {:>9}", h.service, h.instance, h.version, role, age(h.uptime_ms));
     }
     if services.is_empty() {
@@ -147,19 +148,15 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
     }
     println!("\n{:<28} {:>10} {:>12} {:>12}", "STREAM", "MESSAGES", "BYTES", "MAX BYTES");
     for s in &streams {
-        if s["visible"] == false {
-            println!("{:<28} (not visible to this credential)", s["stream"].as_str().unwrap_or_default());
+        let field = |k: &str| s.get(k).cloned().unwrap_or(Value::Null);
+        let name = field("stream").as_str().unwrap_or_default().to_owned();
+        if field("visible") == Value::Bool(false) {
+            println!("{name:<28} (not visible to this credential)");
             continue;
         }
         let max =
-            s["max_bytes"].as_i64().filter(|m| *m > 0).map_or_else(|| "-".to_owned(), |m| m.to_string());
-        println!(
-            "{:<28} {:>10} {:>12} {:>12}",
-            s["stream"].as_str().unwrap_or_default(),
-            s["messages"],
-            s["bytes"],
-            max
-        );
+            field("max_bytes").as_i64().filter(|m| *m > 0).map_or_else(|| "-".to_owned(), |m| m.to_string());
+        println!("{name:<28} {:>10} {:>12} {max:>12}", field("messages"), field("bytes"));
     }
     Ok(())
 }
