@@ -276,3 +276,25 @@ async fn a_deadline_stops_a_running_task() {
     assert!(of(&sys.events().await, "late", "completed").is_empty());
     sys.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelling_a_parent_cancels_its_running_children_and_theirs() {
+    let mut sys = System::with_dispatcher().await;
+    sys.start_runner("r1", &worker_fleet(1, 4)).await;
+    sys.wait_for_agents("r1", 1).await;
+    sys.submit(&sleeping("p", 30_000)).await;
+    sys.submit(&TaskSubmission { parent_id: Some("p".into()), ..sleeping("c1", 30_000) }).await;
+    sys.submit(&TaskSubmission { parent_id: Some("c1".into()), ..sleeping("g1", 30_000) }).await;
+    sys.wait_for_kind("started", 3, Duration::from_secs(20)).await;
+    let (code, _, err) = cli(sys.server.url(), &["cancel", "p"]).await;
+    assert_eq!(code, 0, "{err}");
+    let events = sys.wait_for_kind("failed", 3, Duration::from_secs(15)).await;
+    for (id, parent) in [("c1", "p"), ("g1", "c1")] {
+        let failed = of(&events, id, "failed");
+        assert_eq!(failed.len(), 1, "{id}: {events:?}");
+        let e = failed[0].error.as_ref().unwrap();
+        assert_eq!(e.code, "cancelled", "{id}");
+        assert!(e.message.contains(&format!("parent task {parent}")), "{id}: {}", e.message);
+    }
+    sys.stop().await;
+}

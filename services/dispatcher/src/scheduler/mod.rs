@@ -46,6 +46,9 @@ struct Scheduler {
     seen_revision: u64,
     /// Assignments whose writes are in flight, and where their outcomes come back.
     in_flight: usize,
+    /// The unfinished children of each parent task: cancelled when their parent fails or is
+    /// cancelled.
+    children: HashMap<String, std::collections::HashSet<String>>,
     done_tx: tokio::sync::mpsc::UnboundedSender<assign::Written>,
 }
 
@@ -71,6 +74,7 @@ pub async fn run(
         agents: HashMap::new(),
         requeue_after,
         pending: HashMap::new(),
+        children: HashMap::new(),
         seen_revision: 0,
         in_flight: 0,
         done_tx,

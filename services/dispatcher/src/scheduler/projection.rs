@@ -99,6 +99,7 @@ impl Scheduler {
         if self.pending.get(&rec.id).is_some_and(|p| rev > p.base_rev) {
             self.pending.remove(&rec.id);
         }
+        self.track_children(&rec);
         match rec.state {
             TaskState::Completed | TaskState::Failed => {
                 // What the attempt used is charged to its tenant's fair share.
@@ -131,6 +132,41 @@ impl Scheduler {
             }
         }
         self.tasks.insert(rec.id.clone(), TaskView::new(rec, rev, raw));
+    }
+
+    /// Keeps the index of unfinished children; a parent that failed (or was cancelled) has its
+    /// unfinished children cancelled, and theirs in turn as they fail.
+    fn track_children(&mut self, rec: &TaskRecord) {
+        let finished = matches!(rec.state, TaskState::Completed | TaskState::Failed);
+        if let Some(parent) = &rec.parent_id {
+            if finished {
+                if let Some(set) = self.children.get_mut(parent) {
+                    set.remove(&rec.id);
+                    if set.is_empty() {
+                        self.children.remove(parent);
+                    }
+                }
+            } else {
+                self.children.entry(parent.clone()).or_default().insert(rec.id.clone());
+            }
+        }
+        if !finished {
+            return;
+        }
+        let Some(children) = self.children.remove(&rec.id) else { return };
+        if rec.state != TaskState::Failed {
+            return;
+        }
+        let how = match rec.error.as_ref().map(|e| e.code.as_str()) {
+            Some(flotilla_protocol::failure::CANCELLED) => "was cancelled",
+            _ => "failed",
+        };
+        for child in children {
+            tracing::info!(parent = %rec.id, child = %child, "parent {how}: cancelling its child");
+            let (fleet, topology) = (self.fleet.clone(), self.topology.clone());
+            let reason = format!("cancelled: its parent task {} {how}", rec.id);
+            tokio::spawn(super::requests::cancel_child(fleet, topology, child, reason));
+        }
     }
 
     pub(super) fn on_task_entry(&mut self, entry: kv::Entry) {

@@ -100,6 +100,16 @@ fn refused(code: &str, message: impl Into<String>) -> CancelReply {
     CancelReply { error: Some(ErrorInfo::new(code, message)), ..Default::default() }
 }
 
+/// Cancels a child task whose parent failed or was cancelled (attributed to the dispatcher).
+#[tracing::instrument(skip(fleet, topology))]
+pub(super) async fn cancel_child(fleet: Fleet, topology: Topology, task_id: String, reason: String) {
+    let req = CancelRequest { task_id, reason: Some(reason) };
+    let reply = cancel(&fleet, &topology, &req, "dispatcher").await;
+    if let Some(e) = reply.error.filter(|e| e.code != code::ALREADY_FINISHED) {
+        tracing::warn!(code = %e.code, error = %e.message, "failed to cancel a child task");
+    }
+}
+
 /// Cancels the task `req` names, if it has not finished.
 async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest, actor: &str) -> CancelReply {
     let id = req.task_id.as_str();
