@@ -18,6 +18,7 @@ mod dedupe;
 mod drain;
 mod failover;
 mod fleet_changes;
+mod genai_traces;
 mod long_call;
 mod messages;
 mod observability;

@@ -303,6 +303,16 @@ impl System {
 
     /// A runner as a separate `flotilla-agent-runner` process.
     pub fn spawn_runner_process(&self, id: &str, fleet_toml: &str) -> ChildProcess {
+        self.spawn_runner_process_with_env(id, fleet_toml, &[])
+    }
+
+    /// A runner process with `extra` environment variables as well.
+    pub fn spawn_runner_process_with_env(
+        &self,
+        id: &str,
+        fleet_toml: &str,
+        extra: &[(&str, &str)],
+    ) -> ChildProcess {
         let path: PathBuf = self.dir.path().join(format!("{id}-fleet.toml"));
         std::fs::write(&path, fleet_toml).unwrap();
         let hb = format!("{}ms", HEARTBEAT.as_millis());
@@ -332,6 +342,7 @@ impl System {
         .filter_map(|(k, v)| v.as_ref().map(|p| (k, p.display().to_string())))
         .collect();
         env.extend(tls_env.iter().map(|(k, v)| (*k, v.as_str())));
+        env.extend(extra.iter().copied());
         ChildProcess::spawn(&bin("flotilla-agent-runner"), &[], &env).unwrap()
     }
 

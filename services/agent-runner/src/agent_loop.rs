@@ -54,7 +54,20 @@ pub enum LoopError {
     Infrastructure(flotilla_service::nats::FleetError),
 }
 
-/// Runs the loop for one claimed task.
+/// Runs the loop for one claimed task: an `invoke_agent {template}` span (OpenTelemetry GenAI
+/// conventions) holding a `chat {model}` span per model call and an `execute_tool {tool}` span
+/// per tool call.
+#[tracing::instrument(
+    name = "invoke_agent",
+    skip_all,
+    fields(
+        otel.name = %format!("invoke_agent {}", env.template.name),
+        gen_ai.operation.name = "invoke_agent",
+        gen_ai.agent.name = %env.template.name,
+        gen_ai.agent.id = %env.tool_ctx.agent_id,
+        task_id = %rec.id,
+    )
+)]
 pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
     let t = &env.template;
     let tools = env.registry.specs(&t.tools);
@@ -117,7 +130,28 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                 (Some(b), Some(h)) => Some(crate::budget::InFlight::new(b, h)),
                 _ => None,
             };
-            let result = call(env, rec, step, &req).await;
+            let span = tracing::info_span!(
+                "chat",
+                otel.name = %format!("chat {}", t.model),
+                gen_ai.operation.name = "chat",
+                gen_ai.provider.name = %t.provider,
+                gen_ai.request.model = %t.model,
+                gen_ai.request.max_tokens = req.max_tokens,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                step,
+            );
+            let result = tracing::Instrument::instrument(call(env, rec, step, &req), span.clone()).await;
+            match &result {
+                Ok(r) => {
+                    span.record("gen_ai.usage.input_tokens", r.usage.prompt_tokens);
+                    span.record("gen_ai.usage.output_tokens", r.usage.completion_tokens);
+                }
+                Err(e) => {
+                    span.record("error.type", e.code());
+                }
+            }
             let (Some(b), Some(in_flight)) = (&env.budgets, in_flight) else {
                 match result {
                     Ok(r) => break (r, None),
@@ -188,7 +222,14 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             let registry = env.registry.clone();
             let allowed = t.tools.clone();
             let (name, args) = (call.name.clone(), call.arguments.clone());
-            let span = tracing::info_span!("tool", tool = %name, step, index);
+            let span = tracing::info_span!(
+                "execute_tool",
+                otel.name = %format!("execute_tool {name}"),
+                gen_ai.operation.name = "execute_tool",
+                gen_ai.tool.name = %name,
+                step,
+                index,
+            );
             let joined = tokio::spawn(tracing::Instrument::instrument(
                 async move { registry.call(&allowed, &name, args, &ctx).await },
                 span,
