@@ -99,9 +99,18 @@ async fn two_monitors_one_started_late_report_the_same_figures() {
         "{}",
         health["streams"]
     );
+    // The work queues' consumers and their lag, as the monitors sample them.
+    let monitor = health["services"].as_array().unwrap().iter().find(|s| s["service"] == "monitor").unwrap();
+    let consumers: Vec<&str> = monitor["details"]["consumers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["consumer"].as_str().unwrap())
+        .collect();
+    assert!(consumers.contains(&"dispatcher-intake") && consumers.contains(&"runner-r1"), "{consumers:?}");
     let (code, out, _) = cli(sys.server.url(), &["health"]).await;
     assert_eq!(code, 0);
-    assert!(out.contains("SERVICE") && out.contains("r1-worker-0"), "{out}");
+    assert!(out.contains("SERVICE") && out.contains("r1-worker-0") && out.contains("runner-r1"), "{out}");
 
     // The Prometheus families, the same on both.
     let text = http_get(late, "/metrics").await;
@@ -139,6 +148,7 @@ async fn alerts_fire_once_from_one_of_two_monitors_and_resolve() {
             no_leader_after: Duration::from_secs(2),
             dead_letter_window: Duration::from_secs(60),
             expect_budget_keeper: false,
+            ..Default::default()
         },
         ..Default::default()
     };

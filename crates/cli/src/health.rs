@@ -134,6 +134,29 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
     if services.is_empty() {
         println!("(no service answered)");
     }
+    // The work queues' durable consumers, as a monitor last sampled them.
+    let consumers = services
+        .iter()
+        .filter(|h| h.service == "monitor")
+        .find_map(|h| h.details.get("consumers").and_then(Value::as_array).cloned())
+        .unwrap_or_default();
+    if !consumers.is_empty() {
+        println!(
+            "\n{:<24} {:<36} {:>9} {:>11} {:>11}",
+            "STREAM", "CONSUMER", "PENDING", "ACK PENDING", "REDELIVERED"
+        );
+        for c in &consumers {
+            let f = |k: &str| c.get(k).cloned().unwrap_or(Value::Null);
+            println!(
+                "{:<24} {:<36} {:>9} {:>11} {:>11}",
+                f("stream").as_str().unwrap_or_default(),
+                f("consumer").as_str().unwrap_or_default(),
+                f("pending"),
+                f("ack_pending"),
+                f("redelivered")
+            );
+        }
+    }
     println!("\n{:<28} {:<12} {:<10} {:<13} {:>9}", "AGENT", "RUNNER", "STATUS", "STATE", "HEARTBEAT");
     for (r, a) in &agents {
         let stale = if *a > r.heartbeat_interval_ms.saturating_mul(3) + 500 { " (lost?)" } else { "" };

@@ -302,6 +302,10 @@ fn monitor(g: &mut G<'_>) {
     g.info(&dl).ordered(&dl, None);
     g.kv_write(&n.leases_bucket(), crate::names::lease_key::MONITOR).kv_watch(&n.leases_bucket());
     g.publish(n.alert_event_subject("*"));
+    // The lag of the work queues' durable consumers.
+    for s in [n.submissions_stream(), n.assignments_stream(), n.messages_stream(), n.topics_stream()] {
+        g.publish(api(format!("CONSUMER.LIST.{s}")));
+    }
     g.health(service::MONITOR, "flotilla-monitor").responses(1, 5);
 }
 

@@ -23,6 +23,9 @@ pub struct Thresholds {
     pub dead_letter_window: Duration,
     /// Whether a budget-keeper is expected (off: no `no_budget_keeper` alert).
     pub expect_budget_keeper: bool,
+    /// A durable consumer whose pending count grew over its last four samples (every 5 s) to at
+    /// least this: `consumer_lag`.
+    pub consumer_lag: u64,
 }
 
 impl Default for Thresholds {
@@ -31,6 +34,7 @@ impl Default for Thresholds {
             no_leader_after: Duration::from_secs(10),
             dead_letter_window: Duration::from_secs(60),
             expect_budget_keeper: true,
+            consumer_lag: 100,
         }
     }
 }
@@ -49,6 +53,9 @@ pub struct Inputs {
     /// When the latest dead letter arrived, and how many arrived.
     pub last_dead_letter_ms: Option<u64>,
     pub dead_letters: u64,
+    /// The last samples (oldest first) of each durable consumer's pending count, by
+    /// `<stream>/<consumer>`.
+    pub pending: BTreeMap<String, Vec<u64>>,
 }
 
 /// The alerts firing now, by (kind, key), with when each began.
@@ -90,6 +97,13 @@ impl Alerts {
         if let Some(last) = i.last_dead_letter_ms.filter(|l| now_ms.saturating_sub(*l) <= window) {
             let what = format!("dead letters are arriving ({} so far)", i.dead_letters);
             holds.insert((alert_kind::DEAD_LETTERS.to_owned(), "fleet".to_owned()), (last, what));
+        }
+        for (consumer, samples) in &i.pending {
+            let growing = samples.len() >= 4 && samples.windows(2).all(|w| matches!(w, [a, b] if b > a));
+            if let Some(last) = samples.last().filter(|l| growing && **l >= t.consumer_lag) {
+                let what = format!("consumer {consumer} falls behind: {last} pending and growing");
+                holds.insert((alert_kind::CONSUMER_LAG.to_owned(), consumer.clone()), (now_ms, what));
+            }
         }
         let mut changes = Vec::new();
         let event =
@@ -147,6 +161,7 @@ impl Alerts {
             alert_kind::AGENT_ERROR,
             alert_kind::BUDGET_EXHAUSTED,
             alert_kind::DEAD_LETTERS,
+            alert_kind::CONSUMER_LAG,
         ]
         .into_iter()
         .map(|k| (k, counts.get(k).copied().unwrap_or(0)))
@@ -211,5 +226,12 @@ mod tests {
         }
         let resolved: Vec<String> = a.evaluate(&i, &t, later, "m").into_iter().map(|e| e.kind).collect();
         assert_eq!(resolved, ["agent_error", "budget_exhausted", "dead_letters"]);
+        // A consumer falling behind: four growing samples ending at the threshold or more.
+        i.pending.insert("S/c".into(), vec![10, 50, 90, 120]);
+        let fired: Vec<String> = a.evaluate(&i, &t, later + 1, "m").into_iter().map(|e| e.kind).collect();
+        assert_eq!(fired, ["consumer_lag"]);
+        i.pending.insert("S/c".into(), vec![50, 90, 120, 120]);
+        let resolved: Vec<String> = a.evaluate(&i, &t, later + 2, "m").into_iter().map(|e| e.state).collect();
+        assert_eq!(resolved, ["resolved"]);
     }
 }

@@ -163,6 +163,8 @@ pub struct Fold {
     pub inputs: crate::alerts::Inputs,
     /// The alerts firing now.
     pub alerts: crate::alerts::Alerts,
+    /// The durable consumers as last sampled (for health replies).
+    pub consumers: Vec<serde_json::Value>,
 }
 
 impl Fold {

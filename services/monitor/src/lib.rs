@@ -111,11 +111,18 @@ async fn serve(
                 let by_kind: serde_json::Map<String, serde_json::Value> = KINDS
                     .iter()
                     .map(|k| {
-                        let n = f.metrics.task_events.get_or_create(&KindLabel { kind: (*k).to_owned() }).get();
+                        let n =
+                            f.metrics.task_events.get_or_create(&KindLabel { kind: (*k).to_owned() }).get();
                         ((*k).to_owned(), n.into())
                     })
                     .collect();
-                serde_json::json!({ "http_addr": addr.to_string(), "task_events": by_kind, "events_seen": f.events_seen })
+                serde_json::json!({
+                    "http_addr": addr.to_string(),
+                    "task_events": by_kind,
+                    "events_seen": f.events_seen,
+                    "consumers": f.consumers,
+                    "alerts_firing": f.alerts.firing(now_ms(), ""),
+                })
             }),
             shutdown.clone(),
         )
@@ -161,6 +168,7 @@ async fn serve(
         move |msg| count_dead_letter(&f, msg),
     ));
     let leases = tokio::spawn(follow_leases(topology.leases.clone(), fold.clone(), shutdown.clone()));
+    let consumers = tokio::spawn(sample_consumers(fleet.clone(), fold.clone(), shutdown.clone()));
     let raising = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let lease_role = flotilla_service::lease::Role {
         key: flotilla_protocol::names::lease_key::MONITOR,
@@ -195,6 +203,7 @@ async fn serve(
     shutdown.cancelled().await;
     let _ = dead_letters.await;
     let _ = leases.await;
+    let _ = consumers.await;
     let _ = holding.await;
     let _ = alerting.await;
     let _ = events.await;
@@ -454,6 +463,75 @@ fn count_dead_letter(fold: &Shared, msg: &async_nats::jetstream::Message) {
         f.inputs.dead_letters += 1;
         f.inputs.last_dead_letter_ms = f.inputs.last_dead_letter_ms.max(at);
         f.metrics.dead_letters.inc();
+    }
+}
+
+/// Most durable consumers sampled (one per runner and class, so a bound keeps the label set finite).
+const MAX_CONSUMERS: usize = 512;
+
+/// Every 5 s: the pending, ack-pending and redelivered counts of every durable consumer of the
+/// streams that have them (the fleet's work queues), for `/metrics`, health and the
+/// `consumer_lag` rule.
+async fn sample_consumers(fleet: Fleet, fold: Shared, shutdown: CancellationToken) {
+    let streams = [
+        fleet.names.submissions_stream(),
+        fleet.names.assignments_stream(),
+        fleet.names.messages_stream(),
+        fleet.names.topics_stream(),
+    ];
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut seen = Vec::new();
+        for name in &streams {
+            let Ok(stream) = fleet.js.get_stream_no_info(name).await else { continue };
+            let mut list = stream.consumers();
+            while let Some(Ok(info)) = list.next().await {
+                if info.config.durable_name.is_some() && seen.len() < MAX_CONSUMERS {
+                    seen.push(info);
+                }
+            }
+        }
+        let Ok(mut f) = fold.lock() else { return };
+        let mut pending = std::collections::BTreeMap::new();
+        for info in &seen {
+            let key = format!("{}/{}", info.stream_name, info.name);
+            let mut samples = f.inputs.pending.remove(&key).unwrap_or_default();
+            samples.push(info.num_pending);
+            if samples.len() > 4 {
+                samples.remove(0);
+            }
+            pending.insert(key, samples);
+            let labels =
+                metrics::ConsumerLabels { stream: info.stream_name.clone(), consumer: info.name.clone() };
+            f.metrics
+                .consumer_pending
+                .get_or_create(&labels)
+                .set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+            f.metrics
+                .consumer_ack_pending
+                .get_or_create(&labels)
+                .set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
+            f.metrics
+                .consumer_redelivered
+                .get_or_create(&labels)
+                .set(i64::try_from(info.num_redelivered).unwrap_or(i64::MAX));
+        }
+        // Consumers gone since are dropped.
+        f.inputs.pending = pending;
+        f.consumers = seen
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "stream": i.stream_name, "consumer": i.name, "pending": i.num_pending,
+                    "ack_pending": i.num_ack_pending, "redelivered": i.num_redelivered,
+                })
+            })
+            .collect();
     }
 }
 

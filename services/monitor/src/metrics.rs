@@ -69,6 +69,12 @@ pub struct TemplateTenant {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    pub stream: String,
+    pub consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
     pub service: String,
 }
@@ -168,6 +174,9 @@ pub struct Families {
     pub agent_uptime_ratio: Family<TemplateLabel, FloatGauge>,
     pub agent_crashes_per_hour: Family<TemplateLabel, FloatGauge>,
     pub leader_epoch: Family<ServiceLabel, Gauge>,
+    pub consumer_pending: Family<ConsumerLabels, Gauge>,
+    pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
+    pub consumer_redelivered: Family<ConsumerLabels, Gauge>,
     pub dead_letters: Counter,
     pub alerts_firing: Family<KindLabel, Gauge>,
     // Communication.
@@ -349,6 +358,21 @@ impl Families {
                 Family::default()
             ),
             dead_letters: reg!("flotilla_dead_letters", "Dead letters recorded", Counter::default()),
+            consumer_pending: reg!(
+                "flotilla_consumer_pending",
+                "Messages a durable consumer has yet to deliver (its lag)",
+                Family::default()
+            ),
+            consumer_ack_pending: reg!(
+                "flotilla_consumer_ack_pending",
+                "Messages a durable consumer delivered and waits to have acked",
+                Family::default()
+            ),
+            consumer_redelivered: reg!(
+                "flotilla_consumer_redelivered",
+                "Messages a durable consumer is redelivering",
+                Family::default()
+            ),
             alerts_firing: reg!("flotilla_alerts_firing", "Alerts firing now, by kind", Family::default()),
             messages: reg!(
                 "flotilla_messages",

@@ -79,7 +79,8 @@ pub struct StatsReport {
 #[serde_with::skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AlertEvent {
-    /// `no_dispatcher`, `no_budget_keeper`, `agent_error`, `budget_exhausted`, `dead_letters`.
+    /// `no_dispatcher`, `no_budget_keeper`, `agent_error`, `budget_exhausted`, `dead_letters`,
+    /// `consumer_lag`.
     pub kind: String,
     pub key: String,
     /// `firing` or `resolved`.
@@ -99,4 +100,5 @@ pub mod alert_kind {
     pub const AGENT_ERROR: &str = "agent_error";
     pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
     pub const DEAD_LETTERS: &str = "dead_letters";
+    pub const CONSUMER_LAG: &str = "consumer_lag";
 }
