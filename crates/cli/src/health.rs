@@ -146,11 +146,16 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
             "STREAM", "CONSUMER", "PENDING", "ACK PENDING", "REDELIVERED"
         );
         for c in &consumers {
-            let f = |k: &str| c.get(k).cloned().unwrap_or(Value::Null);
+            // As text: a JSON value's Display ignores the column width.
+            let f = |k: &str| match c.get(k) {
+                Some(Value::String(v)) => v.clone(),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            };
             println!(
                 "{:<24} {:<36} {:>9} {:>11} {:>11}",
-                f("stream").as_str().unwrap_or_default(),
-                f("consumer").as_str().unwrap_or_default(),
+                f("stream"),
+                f("consumer"),
                 f("pending"),
                 f("ack_pending"),
                 f("redelivered")
@@ -179,7 +184,8 @@ pub async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         let max =
             field("max_bytes").as_i64().filter(|m| *m > 0).map_or_else(|| "-".to_owned(), |m| m.to_string());
-        println!("{name:<28} {:>10} {:>12} {max:>12}", field("messages"), field("bytes"));
+        let (messages, bytes) = (field("messages").to_string(), field("bytes").to_string());
+        println!("{name:<28} {messages:>10} {bytes:>12} {max:>12}");
     }
     Ok(())
 }

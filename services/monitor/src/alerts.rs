@@ -106,16 +106,9 @@ impl Alerts {
             }
         }
         let mut changes = Vec::new();
-        let event =
-            |(kind, key): &(String, String), state: &str, since_ms: u64, message: String| AlertEvent {
-                kind: kind.clone(),
-                key: key.clone(),
-                state: state.to_owned(),
-                message,
-                since_ms,
-                at_ms: now_ms,
-                monitor: monitor.to_owned(),
-            };
+        let event = |k: &(String, String), state: &str, since_ms: u64, message: String| {
+            alert(k, state, since_ms, message, now_ms, monitor)
+        };
         for (k, (since, what)) in &holds {
             if !self.firing.contains_key(k) {
                 changes.push(event(k, "firing", *since, what.clone()));
@@ -140,15 +133,7 @@ impl Alerts {
     pub fn firing(&self, now_ms: u64, monitor: &str) -> Vec<AlertEvent> {
         self.firing
             .iter()
-            .map(|((kind, key), (since, what))| AlertEvent {
-                kind: kind.clone(),
-                key: key.clone(),
-                state: "firing".to_owned(),
-                message: what.clone(),
-                since_ms: *since,
-                at_ms: now_ms,
-                monitor: monitor.to_owned(),
-            })
+            .map(|(k, (since, what))| alert(k, "firing", *since, what.clone(), now_ms, monitor))
             .collect()
     }
 
@@ -175,6 +160,26 @@ impl Alerts {
             *out.entry(kind.as_str()).or_insert(0) += 1;
         }
         out
+    }
+}
+
+/// The event of alert `(kind, key)` in `state`.
+fn alert(
+    (kind, key): &(String, String),
+    state: &str,
+    since_ms: u64,
+    message: String,
+    at_ms: u64,
+    monitor: &str,
+) -> AlertEvent {
+    AlertEvent {
+        kind: kind.clone(),
+        key: key.clone(),
+        state: state.to_owned(),
+        message,
+        since_ms,
+        at_ms,
+        monitor: monitor.to_owned(),
     }
 }
 

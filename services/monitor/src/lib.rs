@@ -401,17 +401,21 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
         .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
         .map(|v| v.as_str().to_owned());
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
-    let Ok(mut f) = fold.lock() else { return };
+    // Decoded before the fold is locked: the HTTP handlers share the lock.
     let events = format!("{}.events.", f_prefix(msg));
     let rest = msg.subject.as_str().strip_prefix(&events).unwrap_or_default();
     if rest.starts_with("agent.") {
-        if let Ok(ev) = codec::decode::<flotilla_protocol::AgentEvent>(ct.as_deref(), &msg.payload) {
+        if let Ok(ev) = codec::decode::<flotilla_protocol::AgentEvent>(ct.as_deref(), &msg.payload)
+            && let Ok(mut f) = fold.lock()
+        {
             f.agent_event(&ev, seq);
         }
         return;
     }
     if rest.starts_with("message.") {
-        if let Ok(ev) = codec::decode::<flotilla_protocol::MessageEvent>(ct.as_deref(), &msg.payload) {
+        if let Ok(ev) = codec::decode::<flotilla_protocol::MessageEvent>(ct.as_deref(), &msg.payload)
+            && let Ok(mut f) = fold.lock()
+        {
             f.message_event(&ev, seq);
         }
         return;
@@ -419,7 +423,9 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
     if !rest.starts_with("task.") {
         return;
     }
-    match codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload) {
+    let decoded = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload);
+    let Ok(mut f) = fold.lock() else { return };
+    match decoded {
         Ok(ev) => f.task_event(&ev, seq),
         // Unreadable: counted by the kind its subject names, so nothing is silently dropped.
         Err(_) => {
