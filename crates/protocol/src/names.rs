@@ -191,6 +191,11 @@ impl Names {
         /// A control action refused because of who asked (`kind`: `refused`).
         control_event_subject(kind) = prefix ".events.control.{kind}";
         alert_event_subject(kind) = prefix ".events.alert.{kind}";
+        /// A wait of an agent's work beginning or ending (`kind`: `waiting`, `resumed`), which the
+        /// monitor's wait-for graph is built from.
+        wait_event_subject(kind) = prefix ".events.wait.{kind}";
+        /// Every wait event.
+        wait_events_all() = prefix ".events.wait.*";
         /// Every event (the events stream's subjects).
         events_all() = prefix ".events.>";
     }

@@ -259,6 +259,12 @@ fn dispatcher(g: &mut G<'_>) {
     g.subscribe(format!("{} {}", n.dispatcher_queue(), crate::names::queue_group::DISPATCHER))
         .subscribe(format!("{} {}", n.dispatcher_cancel(), crate::names::queue_group::DISPATCHER))
         .subscribe(format!("{} {}", n.dispatcher_grants(), crate::names::queue_group::DISPATCHER))
+        // Deadlocks the monitor asks to break (it fails the victim, as a cancel does).
+        .subscribe(format!(
+            "{} {}",
+            n.alert_event_subject(crate::alert_kind::DEADLOCK),
+            crate::names::queue_group::DISPATCHER
+        ))
         .subscribe(format!("{} {}", n.msg_send_all(), crate::names::ROUTER_QUEUE_GROUP));
     g.health(service::DISPATCHER, "flotilla-dispatcher").responses(1, 10);
 }
@@ -338,6 +344,7 @@ fn runner(g: &mut G<'_>, id: &str, templates: &[String]) {
     g.publish(n.task_events_all())
         .publish(n.agent_event_subject("*", "*"))
         .publish(n.message_events_all())
+        .publish(n.wait_events_all())
         .publish(n.deadletter_subject(service::AGENT_RUNNER))
         .publish(n.topics_all())
         .publish(n.recall_subject("*"))

@@ -36,6 +36,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("stats-request", s::<StatsRequest>()),
         ("stats-report", s::<StatsReport>()),
         ("alert-event", s::<AlertEvent>()),
+        ("wait-event", s::<WaitEvent>()),
         ("queue-request", s::<QueueRequest>()),
         ("queue-report", s::<QueueReport>()),
         ("scale-request", s::<ScaleRequest>()),

@@ -846,7 +846,10 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, take_key: &str) -> Resul
         provider,
         template: template.clone(),
         registry: ctx.registry.clone(),
-        tool_ctx: ctx.tool_ctx(slot, &rec, cancel.clone(), states, template.max_tokens_per_task),
+        tool_ctx: crate::tools::ToolCtx {
+            message_id: Some(e.id.clone()),
+            ..ctx.tool_ctx(slot, &rec, cancel.clone(), states, template.max_tokens_per_task)
+        },
         budgets: ctx.budgets.clone().map(|client| crate::budget::Budgets {
             client,
             // Unique to this take of the message, like an attempt's claim.

@@ -84,6 +84,7 @@ impl Context {
             states,
             budgets: self.budgets.clone(),
             task_cap,
+            message_id: None,
         }
     }
 }

@@ -26,6 +26,9 @@ pub struct Thresholds {
     /// A durable consumer whose pending count grew over its last four samples (every 5 s) to at
     /// least this: `consumer_lag`.
     pub consumer_lag: u64,
+    /// Break each deadlock found by failing its youngest waiting task with `deadlock` (off:
+    /// only report it; waits on replies and memory still end at their timeouts).
+    pub break_deadlocks: bool,
 }
 
 impl Default for Thresholds {
@@ -35,6 +38,7 @@ impl Default for Thresholds {
             dead_letter_window: Duration::from_secs(60),
             expect_budget_keeper: true,
             consumer_lag: 100,
+            break_deadlocks: true,
         }
     }
 }
@@ -56,12 +60,16 @@ pub struct Inputs {
     /// The last samples (oldest first) of each durable consumer's pending count, by
     /// `<stream>/<consumer>`.
     pub pending: BTreeMap<String, Vec<u64>>,
+    /// The deadlocks in the wait-for graph now.
+    pub deadlocks: Vec<crate::deadlock::Found>,
 }
 
 /// The alerts firing now, by (kind, key), with when each began.
 #[derive(Debug, Default)]
 pub struct Alerts {
     firing: BTreeMap<(String, String), (u64, String)>,
+    /// What each firing deadlock alert is about.
+    deadlocks: BTreeMap<String, flotilla_protocol::Deadlock>,
 }
 
 impl Alerts {
@@ -105,9 +113,37 @@ impl Alerts {
                 holds.insert((alert_kind::CONSUMER_LAG.to_owned(), consumer.clone()), (now_ms, what));
             }
         }
+        let mut found = BTreeMap::new();
+        for f in &i.deadlocks {
+            let mut d = f.deadlock.clone();
+            if t.break_deadlocks {
+                d.victim.clone_from(&f.youngest);
+            }
+            let what = format!(
+                "deadlock of {} tasks, {} messages, agents {}: {}",
+                d.tasks.len(),
+                d.messages.len(),
+                d.agents.join(", "),
+                d.waits.join("; ")
+            );
+            holds.insert((alert_kind::DEADLOCK.to_owned(), f.key.clone()), (d.formed_at_ms, what));
+            found.insert(f.key.clone(), d);
+        }
         let mut changes = Vec::new();
-        let event = |k: &(String, String), state: &str, since_ms: u64, message: String| {
-            alert(k, state, since_ms, message, now_ms, monitor)
+        let details = &mut self.deadlocks;
+        let mut event = |k: &(String, String), state: &str, since_ms: u64, message: String| {
+            let mut ev = alert(k, state, since_ms, message, now_ms, monitor);
+            if k.0 == alert_kind::DEADLOCK {
+                if state == "firing" {
+                    ev.deadlock = found.get(&k.1).cloned();
+                    if let Some(d) = &ev.deadlock {
+                        details.insert(k.1.clone(), d.clone());
+                    }
+                } else {
+                    ev.deadlock = details.remove(&k.1);
+                }
+            }
+            ev
         };
         for (k, (since, what)) in &holds {
             if !self.firing.contains_key(k) {
@@ -133,7 +169,13 @@ impl Alerts {
     pub fn firing(&self, now_ms: u64, monitor: &str) -> Vec<AlertEvent> {
         self.firing
             .iter()
-            .map(|(k, (since, what))| alert(k, "firing", *since, what.clone(), now_ms, monitor))
+            .map(|(k, (since, what))| {
+                let mut ev = alert(k, "firing", *since, what.clone(), now_ms, monitor);
+                if k.0 == alert_kind::DEADLOCK {
+                    ev.deadlock = self.deadlocks.get(&k.1).cloned();
+                }
+                ev
+            })
             .collect()
     }
 
@@ -147,6 +189,7 @@ impl Alerts {
             alert_kind::BUDGET_EXHAUSTED,
             alert_kind::DEAD_LETTERS,
             alert_kind::CONSUMER_LAG,
+            alert_kind::DEADLOCK,
         ]
         .into_iter()
         .map(|k| (k, counts.get(k).copied().unwrap_or(0)))
@@ -180,6 +223,7 @@ fn alert(
         since_ms,
         at_ms,
         monitor: monitor.to_owned(),
+        deadlock: None,
     }
 }
 

@@ -165,6 +165,12 @@ pub struct Fold {
     pub alerts: crate::alerts::Alerts,
     /// The durable consumers as last sampled (for health replies).
     pub consumers: Vec<serde_json::Value>,
+    /// The wait-for graph, for deadlock detection.
+    pub graph: crate::deadlock::Graph,
+    /// When each deadlock alert fired (from the stream), for windowed counts.
+    deadlocks: VecDeque<u64>,
+    /// Whether the events have been read to the end of the stream once.
+    pub caught_up: bool,
 }
 
 impl Fold {
@@ -174,9 +180,28 @@ impl Fold {
         f
     }
 
+    /// Folds one alert event (stream sequence `seq`): deadlocks are counted from these, so that
+    /// every monitor counts the ones the alerting monitor raised, once each.
+    pub fn alert_event(&mut self, ev: &flotilla_protocol::AlertEvent, seq: u64) {
+        self.events_seen = self.events_seen.max(seq);
+        if ev.kind == flotilla_protocol::alert_kind::DEADLOCK && ev.state == "firing" {
+            self.metrics.deadlocks.inc();
+            self.deadlocks.push_back(ev.at_ms);
+            while self.deadlocks.len() > KEPT {
+                self.deadlocks.pop_front();
+            }
+        }
+    }
+
+    /// Deadlocks raised since `since_ms`.
+    pub fn deadlocks_since(&self, since_ms: u64) -> usize {
+        self.deadlocks.iter().filter(|at| **at >= since_ms).count()
+    }
+
     /// Folds one task event (stream sequence `seq`).
     pub fn task_event(&mut self, ev: &TaskEvent, seq: u64) {
         self.events_seen = self.events_seen.max(seq);
+        self.graph.task_event(ev);
         let m = &self.metrics;
         let kind = if KINDS.contains(&ev.kind.as_str()) { ev.kind.as_str() } else { OTHER };
         m.task_events.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
@@ -469,6 +494,7 @@ impl Fold {
     /// Folds one direct-message event (stream sequence `seq`).
     pub fn message_event(&mut self, ev: &MessageEvent, seq: u64) {
         self.events_seen = self.events_seen.max(seq);
+        self.graph.message_event(ev);
         let kind = match ev.kind.as_str() {
             k @ (message_event::SENT
             | message_event::REFUSED

@@ -4,6 +4,7 @@
 //! `/stats` and `<p>.monitor.stats` (`flotilla stats`), and in health replies.
 
 pub mod alerts;
+pub mod deadlock;
 pub mod fold;
 pub mod metrics;
 
@@ -400,7 +401,12 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
         .as_ref()
         .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
         .map(|v| v.as_str().to_owned());
-    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
+    let (seq, pending) = msg.info().map(|i| (i.stream_sequence, i.pending)).unwrap_or_default();
+    if pending == 0
+        && let Ok(mut f) = fold.lock()
+    {
+        f.caught_up = true;
+    }
     // Decoded before the fold is locked: the HTTP handlers share the lock.
     let events = format!("{}.events.", f_prefix(msg));
     let rest = msg.subject.as_str().strip_prefix(&events).unwrap_or_default();
@@ -417,6 +423,23 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
             && let Ok(mut f) = fold.lock()
         {
             f.message_event(&ev, seq);
+        }
+        return;
+    }
+    if rest.starts_with("wait.") {
+        if let Ok(ev) = codec::decode::<flotilla_protocol::WaitEvent>(ct.as_deref(), &msg.payload)
+            && let Ok(mut f) = fold.lock()
+        {
+            f.events_seen = f.events_seen.max(seq);
+            f.graph.wait_event(&ev);
+        }
+        return;
+    }
+    if rest.starts_with("alert.") {
+        if let Ok(ev) = codec::decode::<flotilla_protocol::AlertEvent>(ct.as_deref(), &msg.payload)
+            && let Ok(mut f) = fold.lock()
+        {
+            f.alert_event(&ev, seq);
         }
         return;
     }
@@ -576,9 +599,11 @@ async fn raise_alerts(
     raising: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Four times a second, so a deadlock is raised well within a second of forming.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_raising = false;
+    let mut last_resend = now_ms();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -586,14 +611,45 @@ async fn raise_alerts(
         }
         let now = now_ms();
         let raising_now = raising.load(std::sync::atomic::Ordering::SeqCst);
+        let resend = now.saturating_sub(last_resend) >= DEADLOCK_RESEND_MS;
+        if resend {
+            last_resend = now;
+        }
         let out = {
             let Ok(mut f) = fold.lock() else { return };
             let fold = &mut *f;
-            let changes = fold.alerts.evaluate(&fold.inputs, &thresholds, now, &fleet.instance);
+            // Only once the events are read to their end: a graph half-way through the history
+            // holds deadlocks that were broken since.
+            if fold.caught_up {
+                fold.inputs.deadlocks = fold.graph.find(now);
+            }
+            for (on, n) in fold.graph.open_waits_all() {
+                fold.metrics.waits_open.get_or_create(&KindLabel { kind: on }).set(n);
+            }
+            let mut changes = fold.alerts.evaluate(&fold.inputs, &thresholds, now, &fleet.instance);
             for (kind, n) in fold.alerts.counts_all() {
                 fold.metrics.alerts_firing.get_or_create(&KindLabel { kind: kind.to_owned() }).set(n);
             }
-            if raising_now && !was_raising { fold.alerts.firing(now, &fleet.instance) } else { changes }
+            if raising_now && !was_raising {
+                fold.alerts.firing(now, &fleet.instance)
+            } else {
+                // A deadlock still there: its alert again (stored once, by its id), so that a
+                // dispatcher that missed it (changing hands) still breaks it.
+                if resend {
+                    let again: Vec<_> = fold
+                        .alerts
+                        .firing(now, &fleet.instance)
+                        .into_iter()
+                        .filter(|a| {
+                            a.kind == flotilla_protocol::alert_kind::DEADLOCK
+                                && now.saturating_sub(a.since_ms) < DEADLOCK_RESEND_FOR_MS
+                                && !changes_has(&changes, a)
+                        })
+                        .collect();
+                    changes.extend(again);
+                }
+                changes
+            }
         };
         was_raising = raising_now;
         if !raising_now {
@@ -612,6 +668,15 @@ async fn raise_alerts(
             }
         }
     }
+}
+
+/// How often a firing deadlock alert is published again, and for how long after it formed
+/// (inside the stream's de-duplication window, so it is stored once).
+const DEADLOCK_RESEND_MS: u64 = 5_000;
+const DEADLOCK_RESEND_FOR_MS: u64 = 60_000;
+
+fn changes_has(changes: &[flotilla_protocol::AlertEvent], a: &flotilla_protocol::AlertEvent) -> bool {
+    changes.iter().any(|c| c.kind == a.kind && c.key == a.key)
 }
 
 /// Keeps the agent gauges current from a watch of the registry.
@@ -635,11 +700,18 @@ async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationTok
                 entry = watch.next() => match entry {
                     Some(Ok(e)) if e.operation == kv::Operation::Put => {
                         if let Ok(rec) = codec::decode::<AgentRecord>(None, &e.value) {
+                            if let Ok(mut f) = fold.lock() {
+                                f.graph.agent(&rec);
+                            }
                             agents.insert(e.key, rec);
                         }
                     }
                     Some(Ok(e)) => {
-                        agents.remove(&e.key);
+                        if let Some(rec) = agents.remove(&e.key)
+                            && let Ok(mut f) = fold.lock()
+                        {
+                            f.graph.agent_gone(&rec.agent_id);
+                        }
                     }
                     Some(Err(_)) | None => break,
                 },

@@ -183,6 +183,8 @@ pub struct Families {
     pub messages: Family<KindLabel, Counter>,
     pub messages_per_task: Hist<TemplateTenant>,
     pub handoff_ratio: FloatGauge,
+    pub deadlocks: Counter,
+    pub waits_open: Family<KindLabel, Gauge>,
     // Cost-adjusted completion.
     pub successes_per_usd: Family<WindowLabels, FloatGauge>,
     pub usd_per_success: Family<WindowLabels, FloatGauge>,
@@ -388,6 +390,16 @@ impl Families {
                 "flotilla_handoff_success_ratio",
                 "Direct messages answered ÷ sent",
                 FloatGauge::default()
+            ),
+            deadlocks: reg!(
+                "flotilla_deadlocks",
+                "Deadlocks found in the wait-for graph (rate over 1h: deadlocks per hour)",
+                Counter::default()
+            ),
+            waits_open: reg!(
+                "flotilla_waits_open",
+                "Waits of agents' work open now, by what they are on (task, reply, memory, approval)",
+                Family::default()
             ),
             successes_per_usd: reg!(
                 "flotilla_successful_tasks_per_usd",

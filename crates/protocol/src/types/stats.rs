@@ -80,7 +80,7 @@ pub struct StatsReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AlertEvent {
     /// `no_dispatcher`, `no_budget_keeper`, `agent_error`, `budget_exhausted`, `dead_letters`,
-    /// `consumer_lag`.
+    /// `consumer_lag`, `deadlock`.
     pub kind: String,
     pub key: String,
     /// `firing` or `resolved`.
@@ -91,6 +91,65 @@ pub struct AlertEvent {
     pub at_ms: u64,
     /// The monitor instance that raised it.
     pub monitor: String,
+    /// What a `deadlock` alert is about: the waits in the cycle or knot.
+    pub deadlock: Option<Deadlock>,
+}
+
+/// A deadlock the monitor found in the wait-for graph: a cycle, or a knot in which every agent
+/// that could make progress is itself waiting.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Deadlock {
+    /// The tasks in it (waiting, or queued for a slot that only waiting work holds).
+    pub tasks: Vec<String>,
+    /// The direct messages in it (awaited replies, or handlings that wait themselves).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<String>,
+    /// The agents whose slots it holds.
+    pub agents: Vec<String>,
+    /// Every wait in it, readable: `task:a waits for task:b`, `task:b queued for a slot of
+    /// capability x held by task:a`.
+    pub waits: Vec<String>,
+    /// When the last of its waits began (the moment it formed, as the events tell).
+    pub formed_at_ms: u64,
+    /// The task failed to break it (the youngest waiter), when the monitor breaks deadlocks.
+    pub victim: Option<String>,
+}
+
+/// A wait of an agent's work (`<p>.events.wait.<kind>`, `kind` `waiting` or `resumed`),
+/// published by the runner before the wait begins and as soon as it ends. The monitor builds its
+/// wait-for graph from these and from the task and message events.
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WaitEvent {
+    /// `waiting` or `resumed`.
+    pub kind: String,
+    /// Unique to this wait (the same on its `waiting` and `resumed`).
+    pub wait_id: String,
+    pub at_ms: u64,
+    pub agent_id: String,
+    pub runner_id: String,
+    pub tenant: String,
+    /// The waiting work: a task, or (`message_id`) the handling of a direct message.
+    pub task_id: Option<String>,
+    pub message_id: Option<String>,
+    /// What is awaited: `task` (a sub-task's end), `reply` (the answer to a direct message),
+    /// `memory` (a change of a shared-memory key) or `approval` (a human's decision).
+    pub on: String,
+    /// The awaited sub-task, message, memory key or approval request.
+    pub target: String,
+    /// When the wait gives up on its own, if it does.
+    pub until_ms: Option<u64>,
+}
+
+/// Kinds of [`WaitEvent`] and what a wait is on.
+pub mod wait_kind {
+    pub const WAITING: &str = "waiting";
+    pub const RESUMED: &str = "resumed";
+    pub const ON_TASK: &str = "task";
+    pub const ON_REPLY: &str = "reply";
+    pub const ON_MEMORY: &str = "memory";
+    pub const ON_APPROVAL: &str = "approval";
 }
 
 /// Kinds of [`AlertEvent`].
@@ -101,4 +160,5 @@ pub mod alert_kind {
     pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
     pub const DEAD_LETTERS: &str = "dead_letters";
     pub const CONSUMER_LAG: &str = "consumer_lag";
+    pub const DEADLOCK: &str = "deadlock";
 }

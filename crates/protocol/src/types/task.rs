@@ -318,6 +318,8 @@ pub mod failure {
     pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
     /// `flotilla cancel`.
     pub const CANCELLED: &str = "cancelled";
+    /// The task was the youngest waiter of a deadlock the monitor found, failed to break it.
+    pub const DEADLOCK: &str = "deadlock";
 }
 
 /// An assignment of one attempt of a task to one agent, published to its runner. It carries the

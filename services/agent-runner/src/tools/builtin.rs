@@ -302,7 +302,8 @@ async fn memory_wait(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
             None => 0,
         },
     };
-    ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    let until = now_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+    let wait = ctx.begin_wait(flotilla_protocol::wait_kind::ON_MEMORY, &k.stored, Some(until)).await;
     let changed = async {
         while let Some(e) = watch.next().await {
             let e = e.map_err(nats_err)?;
@@ -317,7 +318,7 @@ async fn memory_wait(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
         _ = tokio::time::sleep(timeout) => Ok(None),
         _ = ctx.cancel.cancelled() => Err(ToolError::new("cancelled while waiting for a change")),
     };
-    ctx.states.set(flotilla_protocol::AgentState::Executing);
+    wait.end(ctx).await;
     Ok(match result? {
         Some(e) => {
             let deleted = e.operation != async_nats::jetstream::kv::Operation::Put;
@@ -571,9 +572,9 @@ async fn delegate(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
         .await
         .map_err(nats_err)?;
     tracing::info!(child = %id, "delegated; waiting for the sub-task");
-    ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    let wait = ctx.begin_wait(flotilla_protocol::wait_kind::ON_TASK, &id, ctx.task.deadline_ms).await;
     let result = wait_for_child(ctx, &id, &mut events).await;
-    ctx.states.set(flotilla_protocol::AgentState::Executing);
+    wait.end(ctx).await;
     if result.is_ok()
         && let Some(client) = &ctx.budgets
     {
@@ -635,9 +636,27 @@ async fn wait_for_child(
     id: &str,
     events: &mut async_nats::jetstream::consumer::pull::Ordered,
 ) -> Result<Value, ToolError> {
+    // The wait ends at this task's deadline: past it, the sub-task's answer is no use to it.
+    let deadline = ctx
+        .task
+        .deadline_ms
+        .map(|d| tokio::time::Instant::now() + std::time::Duration::from_millis(d.saturating_sub(now_ms())));
+    let past_deadline = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(past_deadline);
     loop {
         let msg = tokio::select! {
             _ = ctx.cancel.cancelled() => return Err(ToolError::new("cancelled while waiting for the sub-task")),
+            () = &mut past_deadline => {
+                return Err(ToolError::fail_task(
+                    flotilla_protocol::failure::DEADLINE_EXCEEDED,
+                    format!("the deadline passed while waiting for sub-task {id}"),
+                ));
+            }
             m = events.next() => match m {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => return Err(nats_err(e)),
@@ -715,7 +734,7 @@ async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     let (decision, by) = match decided {
         Some(found) => found,
         None => {
-            ctx.states.set(flotilla_protocol::AgentState::Waiting);
+            let wait = ctx.begin_wait(flotilla_protocol::wait_kind::ON_APPROVAL, &request_id, None).await;
             let waited = async {
                 loop {
                     let entry = tokio::select! {
@@ -743,7 +762,7 @@ async fn ask_human(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
                 }
             }
             .await;
-            ctx.states.set(flotilla_protocol::AgentState::Executing);
+            wait.end(ctx).await;
             waited?
         }
     };
@@ -860,13 +879,14 @@ async fn send_message(ctx: &ToolCtx, args: Value) -> Result<Value, ToolError> {
     let Some(mut waiting) = waiting else {
         return Ok(json!({ "delivered": delivered, "refused": refused, "id": id }));
     };
-    ctx.states.set(flotilla_protocol::AgentState::Waiting);
+    let until = now_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+    let wait = ctx.begin_wait(flotilla_protocol::wait_kind::ON_REPLY, &id, Some(until)).await;
     let reply = tokio::select! {
         r = &mut waiting.reply => r.ok(),
         _ = tokio::time::sleep(timeout) => None,
         _ = ctx.cancel.cancelled() => None,
     };
-    ctx.states.set(flotilla_protocol::AgentState::Executing);
+    wait.end(ctx).await;
     let Some(reply) = reply else {
         return Err(ToolError::new(format!("no reply within {timeout:?} (message {id} stays delivered)")));
     };

@@ -49,6 +49,78 @@ pub struct ToolCtx {
     /// The budget-keeper, when budgets are enforced, and the task's token cap.
     pub budgets: Option<flotilla_service::budget::Client>,
     pub task_cap: Option<u64>,
+    /// Set when the work is the handling of a direct message (its id), not a task.
+    pub message_id: Option<String>,
+}
+
+/// A wait of the work a tool call belongs to, told to the fleet (`<p>.events.wait.*`): begun by
+/// [`ToolCtx::begin_wait`], ended by [`Wait::end`]. Both are stored before the work goes on, so
+/// the monitor's wait-for graph never holds a wait that ended before something it caused.
+#[derive(Debug)]
+pub struct Wait {
+    event: flotilla_protocol::WaitEvent,
+}
+
+/// Waits begun by this process (with the runner id, unique to a wait).
+static WAITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl ToolCtx {
+    /// Tells the fleet this work now waits `on` (`task`, `reply`, `memory`, `approval`)
+    /// `target`, and moves the agent to `waiting`. A failure to tell it is logged, not fatal:
+    /// the wait goes on, unseen by deadlock detection.
+    pub async fn begin_wait(&self, on: &str, target: &str, until_ms: Option<u64>) -> Wait {
+        let (task_id, message_id) = match &self.message_id {
+            Some(m) => (None, Some(m.clone())),
+            None => (Some(self.task.id.clone()), None),
+        };
+        let event = flotilla_protocol::WaitEvent {
+            kind: flotilla_protocol::wait_kind::WAITING.to_owned(),
+            wait_id: format!(
+                "{}:{}:{}:{}:{}:{}.{}",
+                self.task.id,
+                self.task.attempt,
+                self.step,
+                self.index,
+                self.runner_id,
+                flotilla_protocol::time::now_ms(),
+                WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+            at_ms: flotilla_protocol::time::now_ms(),
+            agent_id: self.agent_id.clone(),
+            runner_id: self.runner_id.clone(),
+            tenant: self.task.tenant.clone(),
+            task_id,
+            message_id,
+            on: on.to_owned(),
+            target: target.to_owned(),
+            until_ms,
+        };
+        self.tell_wait(&event).await;
+        self.states.set(flotilla_protocol::AgentState::Waiting);
+        Wait { event }
+    }
+
+    async fn tell_wait(&self, event: &flotilla_protocol::WaitEvent) {
+        let subject = self.fleet.names.wait_event_subject(&event.kind);
+        let id = format!("{}:{}", event.wait_id, event.kind);
+        let sent = match self.fleet.send_durable(subject, event, Some(&id)).await {
+            Ok(pending) => pending.confirmed().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, wait = %event.wait_id, "failed to tell the fleet about a wait");
+        }
+    }
+}
+
+impl Wait {
+    /// Tells the fleet the wait is over and moves the agent back to `executing`.
+    pub async fn end(mut self, ctx: &ToolCtx) {
+        self.event.kind = flotilla_protocol::wait_kind::RESUMED.to_owned();
+        self.event.at_ms = flotilla_protocol::time::now_ms();
+        ctx.tell_wait(&self.event).await;
+        ctx.states.set(flotilla_protocol::AgentState::Executing);
+    }
 }
 
 /// A tool failure: shown to the model as an error result so it can correct itself, unless it

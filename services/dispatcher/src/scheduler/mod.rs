@@ -86,6 +86,8 @@ pub async fn run(
     let mut queue_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_queue()).await?;
     let mut cancel_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_cancel()).await?;
     let mut grant_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_grants()).await?;
+    let deadlock_subject = s.fleet.names.alert_event_subject(flotilla_protocol::alert_kind::DEADLOCK);
+    let mut deadlocks = subscribe(&s.fleet, deadlock_subject).await?;
     let cancels = Arc::new(tokio::sync::Semaphore::new(requests::CANCELS_AT_ONCE));
     let mut tick = tokio::time::interval(s.config.tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -124,6 +126,10 @@ pub async fn run(
             Some(req) = grant_requests.next() => {
                 let (fleet, topology) = (s.fleet.clone(), s.topology.clone());
                 tokio::spawn(grants::answer(fleet, topology, req));
+            }
+            Some(alert) = deadlocks.next() => {
+                let (fleet, topology) = (s.fleet.clone(), s.topology.clone());
+                tokio::spawn(requests::break_deadlock(fleet, topology, alert));
             }
             Some(w) = done_rx.recv() => {
                 s.on_written(w).await;

@@ -110,11 +110,53 @@ pub(super) async fn cancel_child(fleet: Fleet, topology: Topology, task_id: Stri
     }
 }
 
+/// Breaks a deadlock the monitor raised (`<p>.events.alert.deadlock`, firing, with a victim):
+/// fails the victim with code `deadlock`, as a cancel does (its children are cancelled in turn,
+/// and its runner told to stop). A repeated alert finds the task failed already.
+#[tracing::instrument(skip_all, fields(victim = tracing::field::Empty, key = tracing::field::Empty))]
+pub(super) async fn break_deadlock(fleet: Fleet, topology: Topology, msg: async_nats::Message) {
+    let ct = content_type(msg.headers.as_ref());
+    let alert = match codec::decode::<flotilla_protocol::AlertEvent>(ct, &msg.payload) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable deadlock alert ignored");
+            return;
+        }
+    };
+    let Some(d) = alert.deadlock.filter(|_| alert.state == "firing") else { return };
+    let Some(victim) = d.victim.clone() else { return };
+    let span = tracing::Span::current();
+    span.record("victim", victim.as_str());
+    span.record("key", alert.key.as_str());
+    let reason = format!(
+        "failed to break a deadlock (the youngest waiter of {} tasks: {})",
+        d.tasks.len(),
+        d.tasks.join(", ")
+    );
+    let error = ErrorInfo::new(failure::DEADLOCK, reason);
+    let reply = end_task(&fleet, &topology, &victim, error, "monitor").await;
+    match reply.error {
+        None => tracing::warn!("deadlock broken: its youngest waiter failed"),
+        Some(e) if e.code == code::ALREADY_FINISHED => {}
+        Some(e) => tracing::warn!(code = %e.code, error = %e.message, "failed to break a deadlock"),
+    }
+}
+
 /// Cancels the task `req` names, if it has not finished.
 async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest, actor: &str) -> CancelReply {
-    let id = req.task_id.as_str();
     let default_reason = format!("cancelled by {actor}");
     let error = ErrorInfo::new(failure::CANCELLED, req.reason.as_deref().unwrap_or(&default_reason));
+    end_task(fleet, topology, &req.task_id, error, actor).await
+}
+
+/// Fails task `id` with `error` (a cancel, or a deadlock broken), if it has not finished.
+async fn end_task(
+    fleet: &Fleet,
+    topology: &Topology,
+    id: &str,
+    error: ErrorInfo,
+    actor: &str,
+) -> CancelReply {
     let unavailable = |e: FleetError| refused(code::UNAVAILABLE, format!("failed to cancel task {id}: {e}"));
     for _ in 0..TRIES {
         let (mut rec, rev) = match fleet.kv_get::<TaskRecord>(&topology.tasks, id).await {
@@ -126,7 +168,7 @@ async fn cancel(fleet: &Fleet, topology: &Topology, req: &CancelRequest, actor: 
             Ok(was) => was,
             // Cancelled already (this request asked again, or another answer came first):
             // what the asker wanted holds.
-            Err(_) if rec.error.as_ref().is_some_and(|e| e.code == failure::CANCELLED) => {
+            Err(_) if rec.error.as_ref().is_some_and(|e| e.code == error.code) => {
                 return CancelReply {
                     record: Some(Box::new(rec)),
                     was: Some(TaskState::Failed),
