@@ -79,13 +79,15 @@ impl Client {
             // may wait at the keeper for a rate permit), with a margin for the answer to arrive.
             let mut request =
                 async_nats::Request::new().payload(body.clone()).timeout(Some(self.request_timeout));
-            if let Some(signer) = &self.signer {
-                let mut h = async_nats::HeaderMap::new();
-                if let Err(e) = signer.sign_request(&mut h, &subject, &body) {
-                    return Err(BudgetError::Unavailable { op, waited: Duration::ZERO, last: e.to_string() });
-                }
-                request = request.headers(h);
+            // The caller's trace goes with the request (the keeper's span joins it).
+            let mut h = async_nats::HeaderMap::new();
+            crate::trace::inject(&mut h);
+            if let Some(signer) = &self.signer
+                && let Err(e) = signer.sign_request(&mut h, &subject, &body)
+            {
+                return Err(BudgetError::Unavailable { op, waited: Duration::ZERO, last: e.to_string() });
             }
+            request = request.headers(h);
             let last = match tokio::time::timeout(
                 self.request_timeout + Duration::from_secs(1),
                 self.fleet.client.send_request(subject.clone(), request),

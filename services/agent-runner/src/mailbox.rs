@@ -648,6 +648,11 @@ async fn dispatch(env: Arc<Env>, tracker: &TaskTracker, shutdown: CancellationTo
                     agent_id = %slot.agent_id,
                     from = %held.envelope.from,
                 );
+                // The sender's trace, carried in the stored message's headers.
+                flotilla_service::trace::continue_from(
+                    &span,
+                    held.guard.message().and_then(|m| m.headers.as_ref()),
+                );
                 tracker.spawn(
                     async move {
                         let freed = env.mailbox.freed_on_drop();

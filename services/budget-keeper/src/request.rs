@@ -11,6 +11,9 @@ use tracing::Instrument as _;
 pub(crate) struct Caller {
     request: async_nats::service::Request,
     format: WireFormat,
+    /// The request's span, a child of the caller's trace (`traceparent`), from its arrival to
+    /// its answer.
+    span: tracing::Span,
 }
 
 /// A request as received: who asked, and the command they asked for (or the refusal to answer
@@ -46,7 +49,9 @@ pub(crate) fn receive(
     if let Err(reply) = &command {
         tracing::debug!(error = ?reply.error, "budget request refused undecoded");
     }
-    Some(Incoming { caller: Caller { request, format }, command, actor: None })
+    let span = tracing::info_span!("budget", op = %op, otel.kind = "server");
+    flotilla_service::trace::continue_from(&span, message.headers.as_ref());
+    Some(Incoming { caller: Caller { request, format, span }, command, actor: None })
 }
 
 /// Who asked for a control operation (`set`, `rate`, `price`): its verified operator goes into
@@ -81,7 +86,8 @@ impl Caller {
         let body = codec::encode(self.format, &reply)
             .map(Bytes::from)
             .map_err(|e| async_nats::service::error::Error { status: e.to_string(), code: 500 });
-        if let Err(e) = self.request.respond(body).instrument(tracing::debug_span!("respond")).await {
+        let span = self.span;
+        if let Err(e) = self.request.respond(body).instrument(span).await {
             tracing::debug!(error = %e, "failed to answer a budget request");
         }
     }
