@@ -14,6 +14,7 @@ mod approval;
 mod autoscale;
 mod bad_input;
 mod budgets;
+mod dashboard;
 mod deadlocks;
 mod dedupe;
 mod drain;

@@ -185,3 +185,114 @@ async fn alerts_fire_once_from_one_of_two_monitors_and_resolve() {
     assert_eq!(fired("dead_letters", "firing")(&all), 1, "{all:?}");
     sys.stop().await;
 }
+
+/// Every metric name a PromQL expression of the Grafana dashboard uses.
+fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let path = flotilla_testkit::workspace_root().join("docs/grafana/flotilla-fleet.json");
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("flotilla_") {
+                let tail = &rest[i..];
+                let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+                names.insert(tail[..end].to_owned());
+                rest = &tail[end..];
+            }
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_prometheus_scrapes_the_monitor_and_the_grafana_dashboard_asks_only_for_what_it_exports() {
+    let mut sys = System::with_dispatcher().await;
+    let monitor = sys.start_monitor().await;
+    sys.start_runner("r1", &worker_fleet(1, 4)).await;
+    sys.wait_for_agents("r1", 1).await;
+    for i in 0..5 {
+        sys.submit(&TaskSubmission {
+            id: Some(format!("prom-{i}")),
+            capability: "work".into(),
+            ..Default::default()
+        })
+        .await;
+    }
+    sys.wait_for_kind("completed", 5, Duration::from_secs(30)).await;
+
+    let prometheus = std::env::var("FLOTILLA_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: flotilla\n    static_configs:\n      - targets: ['{monitor}']\n"
+        ),
+    )
+    .unwrap();
+    let port = flotilla_testkit::free_port();
+    let mut prom = flotilla_testkit::ChildProcess::spawn(
+        std::path::Path::new(&prometheus),
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+            &format!("--web.listen-address=127.0.0.1:{port}"),
+        ],
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{prometheus} (scripts/install-browser installs Debian's): {e}"));
+    let http = flotilla_testkit::http_client();
+    let query = "flotilla_tasks_completed_total";
+    let value = eventually(Duration::from_secs(60), "Prometheus to scrape the monitor", || async {
+        let url = format!("http://127.0.0.1:{port}/api/v1/query?query={query}");
+        let v: serde_json::Value = http.get(url).send().await.ok()?.json().await.ok()?;
+        let result = v["data"]["result"].as_array()?.first()?.clone();
+        let n: f64 = result["value"][1].as_str()?.parse().ok()?;
+        (n >= 5.0).then_some((n, result))
+    })
+    .await;
+    assert_eq!(value.0, 5.0, "{:?}", value.1);
+    assert_eq!(value.1["metric"]["job"], "flotilla");
+    assert_eq!(value.1["metric"]["capability"], "work");
+
+    // The Grafana dashboard in the repo queries only families the monitor exports: those on
+    // /metrics now, or registered by the monitor (a family with no sample yet is not written).
+    let text = http_get(monitor, "/metrics").await;
+    let mut exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    let source =
+        std::fs::read_to_string(flotilla_testkit::workspace_root().join("services/monitor/src/metrics.rs"))
+            .unwrap();
+    let registered: Vec<String> = source
+        .split("reg!(")
+        .skip(1)
+        .filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next().map(str::to_owned))
+        .collect();
+    assert!(registered.iter().all(|r| r.starts_with("flotilla_")), "{registered:?}");
+    assert!(
+        exported
+            .iter()
+            .filter(|e| e.starts_with("flotilla_"))
+            .all(|e| registered.contains(e) || registered.iter().any(|r| e.starts_with(r.as_str()))),
+        "{exported:?}"
+    );
+    exported.extend(registered);
+    let names = dashboard_metrics();
+    assert!(names.len() > 20, "{names:?}");
+    for name in &names {
+        let base =
+            ["_total", "_bucket", "_count", "_sum"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        let known = exported.contains(base)
+            || exported.contains(name.as_str())
+            || exported.iter().any(|e| base.starts_with(e.as_str()) && base.len() - e.len() <= 8);
+        assert!(known, "{name} is not on /metrics: {exported:?}");
+    }
+    prom.kill9();
+    sys.stop().await;
+}

@@ -308,6 +308,9 @@ fn monitor(g: &mut G<'_>) {
     g.info(&dl).ordered(&dl, None);
     g.kv_write(&n.leases_bucket(), crate::names::lease_key::MONITOR).kv_watch(&n.leases_bucket());
     g.publish(n.alert_event_subject("*"));
+    // The dashboard's approve/reject: a decision signed with an operator's key (what the agent
+    // checks); the write itself proves nothing, so the monitor may make it.
+    g.kv_write(&n.approvals_bucket(), ">");
     // The lag of the work queues' durable consumers.
     for s in [n.submissions_stream(), n.assignments_stream(), n.messages_stream(), n.topics_stream()] {
         g.publish(api(format!("CONSUMER.LIST.{s}")));

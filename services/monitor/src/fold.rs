@@ -3,7 +3,7 @@
 //! end, the Prometheus families ([`Families`]) are updated as it goes, and every finished task is
 //! kept (the last [`KEPT`]) for the figures over a rolling window ([`Fold::stats`]).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{
@@ -171,6 +171,8 @@ pub struct Fold {
     deadlocks: VecDeque<u64>,
     /// Whether the events have been read to the end of the stream once.
     pub caught_up: bool,
+    /// What the dashboard shows beyond the metrics.
+    pub views: crate::dashboard::Views,
 }
 
 impl Fold {
@@ -521,6 +523,105 @@ impl Fold {
         while self.finished.len() > KEPT {
             self.finished.pop_front();
         }
+    }
+
+    /// The dashboard's overview at `now_ms`: the figures are the metrics' own (the same
+    /// counters and gauges `/metrics` shows), with the queue by priority and tenant, charts of
+    /// the last five minutes, cost and burn rate, and the alerts and deadlocks.
+    pub fn overview(&mut self, now_ms: u64) -> serde_json::Value {
+        use serde_json::json;
+        self.refresh(now_ms);
+        let m = &self.metrics;
+        let kind = |k: &str| m.task_events.get_or_create(&KindLabel { kind: k.to_owned() }).get();
+        let mut agents_by_status = serde_json::Map::new();
+        for status in ["idle", "busy", "draining", "error", "dead"] {
+            let n = m.agents.get_or_create(&crate::metrics::StatusLabel { status: status.to_owned() }).get();
+            agents_by_status.insert(status.to_owned(), json!(n));
+        }
+        let mut by_class: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut by_tenant: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut by_capability: BTreeMap<&str, u64> = BTreeMap::new();
+        for t in self.tracks.values().filter(|t| t.queued_since.is_some()) {
+            *by_class.entry(t.class.as_str()).or_default() += 1;
+            *by_tenant.entry(t.tenant.as_str()).or_default() += 1;
+            *by_capability.entry(t.capability.as_str()).or_default() += 1;
+        }
+        // Ten-second buckets over the last five minutes.
+        const BUCKET: u64 = 10_000;
+        const BUCKETS: u64 = 30;
+        let start = (now_ms / BUCKET).saturating_sub(BUCKETS - 1) * BUCKET;
+        let mut done = vec![0u64; BUCKETS as usize];
+        let mut failed = vec![0u64; BUCKETS as usize];
+        let mut durations: Vec<Vec<u64>> = vec![Vec::new(); BUCKETS as usize];
+        let (mut tokens_5m, mut cost_1h) = (0u64, 0.0f64);
+        for f in self.finished.iter().rev() {
+            if f.at_ms + 3_600_000 < now_ms {
+                break;
+            }
+            cost_1h += f.cost_usd;
+            if f.at_ms + 300_000 >= now_ms {
+                tokens_5m += f.input_tokens + f.output_tokens;
+            }
+            if f.at_ms < start {
+                continue;
+            }
+            let i = usize::try_from((f.at_ms - start) / BUCKET).unwrap_or(usize::MAX);
+            match f.outcome {
+                Outcome::Completed => {
+                    if let Some(b) = done.get_mut(i) {
+                        *b += 1;
+                    }
+                    if let (Some(d), Some(ms)) = (durations.get_mut(i), f.duration_ms) {
+                        d.push(ms);
+                    }
+                }
+                _ => {
+                    if let Some(b) = failed.get_mut(i) {
+                        *b += 1;
+                    }
+                }
+            }
+        }
+        let p50: Vec<Option<u64>> = durations.iter_mut().map(|d| percentile(d, 0.5)).collect();
+        let firing = self.alerts.firing(now_ms, "");
+        let deadlocks: Vec<&flotilla_protocol::AlertEvent> =
+            firing.iter().filter(|a| a.kind == flotilla_protocol::alert_kind::DEADLOCK).collect();
+        let runners: BTreeSet<&str> = self
+            .views
+            .agents
+            .iter()
+            .filter_map(|a| a.get("runner_id").and_then(serde_json::Value::as_str))
+            .collect();
+        json!({
+            "at_ms": now_ms,
+            "events_seen": self.events_seen,
+            "tasks": {
+                "submitted": kind(event_kind::ACCEPTED) + kind(event_kind::REJECTED),
+                "completed": kind(event_kind::COMPLETED),
+                "failed": kind(event_kind::FAILED),
+                "rejected": kind(event_kind::REJECTED),
+                "running": self.tracks.values().filter(|t| t.queued_since.is_none() && t.started_ms.is_some()).count(),
+            },
+            "queue": {
+                "total": by_class.values().sum::<u64>(),
+                "by_priority": by_class,
+                "by_tenant": by_tenant,
+                "by_capability": by_capability,
+            },
+            "agents": { "by_status": agents_by_status, "list": self.views.agents },
+            "runners": runners,
+            "charts": {
+                "bucket_ms": BUCKET, "start_ms": start,
+                "completed": done, "failed": failed, "duration_p50_ms": p50,
+            },
+            "cost": { "usd_last_hour": cost_1h },
+            "burn": { "tokens_per_minute": tokens_5m / 5, "tokens_total": m.tokens.get() },
+            "budgets": { "exhausted": self.inputs.exhausted.keys().collect::<Vec<_>>() },
+            "alerts": firing,
+            "deadlocks": { "total": m.deadlocks.get(), "firing": deadlocks },
+            "waits_open": self.graph.open_waits(),
+            "approvals": self.views.pending.values().collect::<Vec<_>>(),
+        })
     }
 
     /// Sets the families derived from the state at `now_ms` (backlog, ratios, windowed cost) so

@@ -4,6 +4,7 @@
 //! `/stats` and `<p>.monitor.stats` (`flotilla stats`), and in health replies.
 
 pub mod alerts;
+pub mod dashboard;
 pub mod deadlock;
 pub mod fold;
 pub mod metrics;
@@ -42,6 +43,9 @@ pub struct Config {
     pub lease: Duration,
     /// Alert thresholds.
     pub alerts: alerts::Thresholds,
+    /// An operator's seed file (`flotilla auth add-operator`): approvals decided on the
+    /// dashboard are signed with it, as that operator's (unset: the dashboard only shows them).
+    pub operator_creds: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -50,6 +54,7 @@ impl Default for Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
             lease: Duration::from_secs(3),
             alerts: alerts::Thresholds::default(),
+            operator_creds: None,
         }
     }
 }
@@ -101,6 +106,13 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let fold: Shared = Arc::new(Mutex::new(Fold::new()));
+    let operator = match &config.operator_creds {
+        Some(path) => Some(Arc::new(
+            flotilla_service::auth::Credentials::load(path)
+                .with_context(|| format!("failed to read the operator credential {}", path.display()))?,
+        )),
+        None => None,
+    };
     let addr = listener.local_addr().context("listener has no address")?;
     let health = {
         let f = fold.clone();
@@ -133,7 +145,21 @@ async fn serve(
         .route("/metrics", get(metrics_handler))
         .route("/stats", get(stats_handler))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(Http { fold: fold.clone(), instance: fleet.instance.clone() });
+        .route("/", get(dashboard::index))
+        .route("/assets/dashboard.js", get(dashboard::script))
+        .route("/assets/dashboard.css", get(dashboard::style))
+        .route("/api/overview", get(dashboard::overview))
+        .route("/api/live", get(dashboard::live))
+        .route("/api/task/{id}", get(dashboard::task))
+        .route("/api/approvals", get(dashboard::approvals))
+        .route("/api/approvals/{id}/{decision}", axum::routing::post(dashboard::decide))
+        .with_state(Http {
+            fold: fold.clone(),
+            instance: fleet.instance.clone(),
+            fleet: fleet.clone(),
+            approvals: topology.approvals.clone(),
+            operator,
+        });
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -218,9 +244,13 @@ async fn serve(
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
-struct Http {
+pub(crate) struct Http {
     fold: Shared,
     instance: String,
+    fleet: Fleet,
+    approvals: kv::Store,
+    /// The operator credential the dashboard signs approval decisions with, if given.
+    operator: Option<Arc<flotilla_service::auth::Credentials>>,
 }
 
 /// The figures of a [`flotilla_protocol::StatsRequest`] from this monitor's fold.
@@ -423,6 +453,7 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
             && let Ok(mut f) = fold.lock()
         {
             f.message_event(&ev, seq);
+            f.views.message_event(&ev);
         }
         return;
     }
@@ -432,6 +463,7 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
         {
             f.events_seen = f.events_seen.max(seq);
             f.graph.wait_event(&ev);
+            f.views.wait_event(&ev);
         }
         return;
     }
@@ -447,9 +479,13 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
         return;
     }
     let decoded = codec::decode::<flotilla_protocol::TaskEvent>(ct.as_deref(), &msg.payload);
+    let trace_id = dashboard::trace_id_of(msg.headers.as_ref());
     let Ok(mut f) = fold.lock() else { return };
     match decoded {
-        Ok(ev) => f.task_event(&ev, seq),
+        Ok(ev) => {
+            f.task_event(&ev, seq);
+            f.views.task_event(&ev, seq, trace_id);
+        }
         // Unreadable: counted by the kind its subject names, so nothing is silently dropped.
         Err(_) => {
             let kind = msg.subject.rsplit('.').next().unwrap_or_default();
@@ -464,7 +500,17 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
 fn count_ledger_entry(fold: &Shared, msg: &async_nats::jetstream::Message) {
     let op = msg.subject.rsplit('.').next().unwrap_or_default();
     let op = op.parse::<LedgerOp>().map_or(OTHER_LEDGER_OP, LedgerOp::as_str);
+    let ct = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
+        .map(|v| v.as_str().to_owned());
+    let entry = codec::decode::<serde_json::Value>(ct.as_deref(), &msg.payload).ok();
+    let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
     let Ok(mut f) = fold.lock() else { return };
+    if let Some(entry) = &entry {
+        f.views.ledger_entry(entry, seq);
+    }
     f.metrics.ledger.get_or_create(&OpLabel { op: op.to_owned() }).inc();
     if matches!(op, "exhausted" | "refilled")
         && let Ok(e) = codec::decode::<flotilla_protocol::LedgerEntry>(None, &msg.payload)
@@ -724,6 +770,24 @@ async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationTok
 fn set_agent_gauges(fold: &Shared, agents: &std::collections::HashMap<String, AgentRecord>) {
     let Ok(mut f) = fold.lock() else { return };
     let now = now_ms();
+    let mut rows: Vec<serde_json::Value> = agents
+        .values()
+        .map(|r| {
+            let age = now.saturating_sub(r.heartbeat_at_ms);
+            let dead = age > r.heartbeat_interval_ms.saturating_mul(3) + 500;
+            serde_json::json!({
+                "agent_id": r.agent_id, "runner_id": r.runner_id, "template": r.name,
+                "tenant": r.tenant, "capabilities": r.capabilities, "model": r.model,
+                "status": if dead { serde_json::json!("dead") } else { serde_json::json!(r.status) },
+                "state": r.state, "in_flight": r.in_flight, "concurrency": r.concurrency,
+                "heartbeat_age_ms": age,
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        a.get("agent_id").map(ToString::to_string).cmp(&b.get("agent_id").map(ToString::to_string))
+    });
+    f.views.agents = rows;
     f.inputs.agents_in_error = agents
         .iter()
         .filter(|(_, r)| {
