@@ -192,6 +192,23 @@ async fn chromium_shows_the_live_fleet_as_the_metrics_count_it_and_approves_a_ta
     assert!(shown.iter().any(|(css, n)| *css == "#tasks-failed" && *n == 3), "{shown:?}");
     browser.screenshot("dashboard-overview.png").await;
 
+    // `flotilla top` draws the same fleet (one frame, ratatui's test backend), finding the
+    // monitor through its health reply.
+    let (code, frame, err) =
+        cli(sys.server.url(), &["top", "--once", "--width", "150", "--height", "40"]).await;
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "completed 9",
+        "failed 3",
+        "r1-worker-0",
+        "r1-operator-0",
+        "queue by priority",
+        "dead_letters",
+        "agents 3/3",
+    ] {
+        assert!(frame.contains(want), "{want} in\n{frame}");
+    }
+
     // Live: one more task completes, and the open page shows it within a second of the metrics.
     sys.submit(&TaskSubmission {
         id: Some("dash-live".into()),

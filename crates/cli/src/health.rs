@@ -18,7 +18,7 @@ const SERVICES: [&str; 4] = ["dispatcher", "budget-keeper", "monitor", "agent-ru
 
 /// Every instance's health reply: discovered through the NATS micro protocol (`$SRV.INFO`, each
 /// instance answers), then asked on its own `<p>.health.<service>.<instance>`.
-async fn instances(fleet: &Fleet) -> anyhow::Result<Vec<HealthReply>> {
+pub(crate) async fn instances(fleet: &Fleet) -> anyhow::Result<Vec<HealthReply>> {
     let inbox = fleet.client.new_inbox();
     let mut answers = fleet.client.subscribe(inbox.clone()).await.context("failed to listen for services")?;
     for s in SERVICES {

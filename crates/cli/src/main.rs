@@ -17,6 +17,7 @@ mod memory;
 mod output;
 mod queue;
 mod stats;
+mod top;
 mod topics;
 
 use std::path::PathBuf;
@@ -133,6 +134,9 @@ pub enum Command {
     /// Every service instance (active or standby), agent (state, heartbeat age), stream against
     /// its limits, and the NATS server.
     Health,
+    /// A live terminal view of the fleet: agents, queue, throughput, alerts (s sorts, / filters,
+    /// q quits); `--once` prints one frame.
+    Top(top::TopArgs),
     /// Token budgets: set a scope's limit, show its usage.
     Budget(budget::BudgetArgs),
     /// Who may message whom: allow, deny, list, remove.
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
             Command::Queue(args) => queue::run(&cli, args).await,
             Command::Stats(args) => stats::run(&cli, args).await,
             Command::Health => health::run(&cli).await,
+            Command::Top(args) => top::run(&cli, args).await,
             Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::exec(&cli, args),
             Command::Auth(args) => auth::run(&cli, args).await,
