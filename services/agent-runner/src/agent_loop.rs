@@ -102,6 +102,7 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             single_try: env.budgets.is_some(),
         };
         let mut try_n = 0u32;
+        let mut took_ms: Option<u64>;
         let (resp, cost) = loop {
             try_n += 1;
             let held = match &env.budgets {
@@ -142,7 +143,9 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                 error.type = tracing::field::Empty,
                 step,
             );
+            let started = std::time::Instant::now();
             let result = tracing::Instrument::instrument(call(env, rec, step, &req), span.clone()).await;
+            took_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
             match &result {
                 Ok(r) => {
                     span.record("gen_ai.usage.input_tokens", r.usage.prompt_tokens);
@@ -170,6 +173,8 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                             model: t.model.clone(),
                             usage: r.usage,
                             cost_usd: None,
+                            provider: Some(t.provider.to_string()),
+                            duration_ms: took_ms,
                         });
                         return Err(fail(&e.code, e.message, usage, calls));
                     }
@@ -200,7 +205,14 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             }
         };
         usage.add(resp.usage);
-        calls.push(CallUsage { step, model: t.model.clone(), usage: resp.usage, cost_usd: cost });
+        calls.push(CallUsage {
+            step,
+            model: t.model.clone(),
+            usage: resp.usage,
+            cost_usd: cost,
+            provider: Some(t.provider.to_string()),
+            duration_ms: took_ms,
+        });
 
         // A first step that is already the answer has nothing to report that `completed` does
         // not carry (the text, this call's usage): it gets no `progress` event of its own.

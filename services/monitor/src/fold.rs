@@ -413,6 +413,24 @@ impl Fold {
             let model = self.labels.label("model", Some(&c.model));
             let m = &self.metrics;
             m.model_calls.get_or_create(&ModelLabel { model: model.clone() }).inc();
+            let provider = self.labels.label("provider", c.provider.as_deref());
+            for (kind, n) in [("input", c.usage.prompt_tokens), ("output", c.usage.completion_tokens)] {
+                let labels = crate::metrics::GenAiTokenLabels {
+                    gen_ai_operation_name: "chat".to_owned(),
+                    gen_ai_provider_name: provider.clone(),
+                    gen_ai_request_model: model.clone(),
+                    gen_ai_token_type: kind.to_owned(),
+                };
+                m.genai_tokens.get_or_create(&labels).observe(n as f64);
+            }
+            if let Some(ms) = c.duration_ms {
+                let labels = crate::metrics::GenAiLabels {
+                    gen_ai_operation_name: "chat".to_owned(),
+                    gen_ai_provider_name: provider,
+                    gen_ai_request_model: model.clone(),
+                };
+                m.genai_duration.get_or_create(&labels).observe(ms as f64 / 1000.0);
+            }
             for (direction, n) in [("input", c.usage.prompt_tokens), ("output", c.usage.completion_tokens)] {
                 let labels = TokenLabels { model: model.clone(), direction: direction.to_owned() };
                 m.model_tokens.get_or_create(&labels).inc_by(n);
@@ -892,8 +910,14 @@ mod tests {
         }
         let mut end = ev(task, outcome, t0 + 1000);
         end.usage = Some(Usage::new(100, 20));
-        end.calls =
-            vec![CallUsage { step: 1, model: "m1".into(), usage: Usage::new(100, 20), cost_usd: Some(cost) }];
+        end.calls = vec![CallUsage {
+            step: 1,
+            model: "m1".into(),
+            usage: Usage::new(100, 20),
+            cost_usd: Some(cost),
+            provider: Some("offline".into()),
+            duration_ms: Some(40),
+        }];
         if outcome == "failed" && task.contains("cancel") {
             end.error = Some(ErrorInfo::new("cancelled", "by test"));
         }

@@ -102,6 +102,22 @@ pub struct WindowLabels {
     pub window: String,
 }
 
+/// The attributes of the OpenTelemetry GenAI client metrics, as Prometheus labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenAiLabels {
+    pub gen_ai_operation_name: String,
+    pub gen_ai_provider_name: String,
+    pub gen_ai_request_model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenAiTokenLabels {
+    pub gen_ai_operation_name: String,
+    pub gen_ai_provider_name: String,
+    pub gen_ai_request_model: String,
+    pub gen_ai_token_type: String,
+}
+
 pub type FloatGauge = Gauge<f64, AtomicU64>;
 pub type FloatCounter = Counter<f64, AtomicU64>;
 type Hist<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -184,6 +200,9 @@ pub struct Families {
     pub messages_per_task: Hist<TemplateTenant>,
     pub handoff_ratio: FloatGauge,
     pub deadlocks: Counter,
+    // The OpenTelemetry GenAI client metrics, from the model calls the task events report.
+    pub genai_tokens: Hist<GenAiTokenLabels>,
+    pub genai_duration: Hist<GenAiLabels>,
     pub waits_open: Family<KindLabel, Gauge>,
     // Cost-adjusted completion.
     pub successes_per_usd: Family<WindowLabels, FloatGauge>,
@@ -390,6 +409,17 @@ impl Families {
                 "flotilla_handoff_success_ratio",
                 "Direct messages answered ÷ sent",
                 FloatGauge::default()
+            ),
+            genai_tokens: reg!(
+                "gen_ai_client_token_usage",
+                "Tokens of a model call, by token type (OpenTelemetry gen_ai.client.token.usage)",
+                hist(tokens)
+            ),
+            genai_duration: reg!(
+                "gen_ai_client_operation_duration",
+                "Duration of a model call (OpenTelemetry gen_ai.client.operation.duration)",
+                Unit::Seconds,
+                hist(seconds)
             ),
             deadlocks: reg!(
                 "flotilla_deadlocks",

@@ -27,6 +27,8 @@ async fn task_events_show_up_in_metrics() {
                 model: "m".into(),
                 usage: Usage::new(30, 12),
                 cost_usd: Some(0.25),
+                provider: Some("openai".into()),
+                duration_ms: Some(1500),
             }];
         }
         fleet.publish_event(&e).await.unwrap();
@@ -50,6 +52,15 @@ async fn task_events_show_up_in_metrics() {
     assert!(body.contains(r#"flotilla_task_events_total{kind="completed"} 1"#), "{body}");
     assert!(body.contains("flotilla_tokens_total 42"), "{body}");
     assert!(body.contains(r#"flotilla_cost_usd_total{model="m"} 0.25"#), "{body}");
+    // The OpenTelemetry GenAI client histograms.
+    assert!(
+        body.contains(r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="m",gen_ai_token_type="input"} 30.0"#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"gen_ai_client_operation_duration_seconds_sum{gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="m"} 1.5"#),
+        "{body}"
+    );
     assert_eq!(http_get(addr, "/healthz").await, "ok\n");
 
     // Live events keep counting.

@@ -233,6 +233,12 @@ pub struct CallUsage {
     /// What the call cost in US dollars, by the budget-keeper's price table (absent when the
     /// model has no price or budgets are off).
     pub cost_usd: Option<f64>,
+    /// The provider (`openai`, `anthropic`, `offline`), for the GenAI metrics.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// How long the call took (the try that answered), in milliseconds.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
 }
 
 /// Why a submission was rejected.
