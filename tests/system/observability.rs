@@ -274,7 +274,10 @@ async fn a_real_prometheus_scrapes_the_monitor_and_the_grafana_dashboard_asks_on
         .skip(1)
         .filter_map(|r| r.trim_start().strip_prefix('"')?.split('"').next().map(str::to_owned))
         .collect();
-    assert!(registered.iter().all(|r| r.starts_with("flotilla_")), "{registered:?}");
+    assert!(
+        registered.iter().all(|r| r.starts_with("flotilla_") || r.starts_with("gen_ai_")),
+        "{registered:?}"
+    );
     assert!(
         exported
             .iter()

@@ -38,6 +38,9 @@ pub struct UpArgs {
     /// then do anything).
     #[arg(long)]
     pub no_auth: bool,
+    /// What goes into the log file, `<data dir>/flotilla.log` (`RUST_LOG`, when set, wins).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +69,9 @@ pub struct DemoArgs {
     /// Start the local nats-server without authentication.
     #[arg(long)]
     pub no_auth: bool,
+    /// What goes into the log file (`RUST_LOG`, when set, wins).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
 }
 
 /// A local fleet as `up` and `demo` run it: the four services from the configuration (and the
@@ -179,19 +185,24 @@ fn load_fleet(path: Option<&PathBuf>) -> anyhow::Result<FleetFile> {
 }
 
 pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
-    let _telemetry = flotilla_service::telemetry::init("flotilla", "info");
+    // The libraries' logs go to a file; the terminal gets a short live status.
+    let log = args.data_dir.join("flotilla.log");
+    let _telemetry = flotilla_service::telemetry::init_logging_to("flotilla", &args.log_level, Some(&log));
     let fleet_file = load_fleet(args.fleet.as_ref())?;
     let (mut fleet, monitor_addr) =
         start(cli, fleet_file, args.data_dir.clone(), Some(args.port), args.monitor_addr, args.no_auth)
             .await?;
     eprintln!(
-        "flotilla is up: NATS {}  prefix {}  metrics http://{monitor_addr}/metrics  (Ctrl-C to stop)",
+        "flotilla is up: NATS {}  prefix {}\n  dashboard http://{monitor_addr}/   metrics http://{monitor_addr}/metrics\n  \
+         logs {}   (Ctrl-C to stop)",
         fleet.url(),
         cli.prefix,
+        log.display(),
     );
     let ended = tokio::select! {
         _ = flotilla_service::shutdown::wait_for_signal() => None,
         service = fleet.exited() => Some(service.service()),
+        () = status_lines(monitor_addr) => None,
     };
     eprintln!("stopping…");
     let result = stop(fleet).await;
@@ -204,6 +215,68 @@ pub async fn up(cli: &Cli, args: &UpArgs) -> Result<(), Failure> {
             eprintln!("stopped");
             Ok(())
         }
+    }
+}
+
+/// The fleet's status in one line, from the monitor's overview: services, agents, queue,
+/// throughput, alerts.
+fn status_line(o: &serde_json::Value) -> String {
+    let n = |path: &[&str]| {
+        let mut v = o;
+        for p in path {
+            v = v.get(p).unwrap_or(&serde_json::Value::Null);
+        }
+        v.as_u64().unwrap_or(0)
+    };
+    let agents =
+        o.get("agents").and_then(|a| a.get("list")).and_then(serde_json::Value::as_array).map_or(0, Vec::len);
+    let done: u64 = o
+        .get("charts")
+        .and_then(|c| c.get("completed"))
+        .and_then(serde_json::Value::as_array)
+        .map(|a| a.iter().rev().take(6).filter_map(serde_json::Value::as_u64).sum())
+        .unwrap_or(0);
+    let alerts: Vec<String> = o
+        .get("alerts")
+        .and_then(serde_json::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.get("kind").and_then(serde_json::Value::as_str))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "agents {agents} ({} busy, {} idle)  queued {}  running {}  completed {}  failed {}  {done}/min  alerts: {}",
+        n(&["agents", "by_status", "busy"]),
+        n(&["agents", "by_status", "idle"]),
+        n(&["queue", "total"]),
+        n(&["tasks", "running"]),
+        n(&["tasks", "completed"]),
+        n(&["tasks", "failed"]),
+        if alerts.is_empty() { "none".to_owned() } else { alerts.join(", ") },
+    )
+}
+
+/// Prints the status line whenever it changes (at most every two seconds); never returns.
+async fn status_lines(monitor_addr: SocketAddr) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let url = format!("http://{monitor_addr}/api/overview");
+    let mut last = String::new();
+    loop {
+        if let Ok(r) = http.get(&url).timeout(Duration::from_secs(2)).send().await
+            && let Ok(o) = r.json::<serde_json::Value>().await
+        {
+            let line = status_line(&o);
+            if line != last {
+                eprintln!("{line}");
+                last = line;
+            }
+        }
+        // Quickly until the first line, then every two seconds.
+        tokio::time::sleep(if last.is_empty() { Duration::from_millis(250) } else { Duration::from_secs(2) })
+            .await;
     }
 }
 
@@ -229,7 +302,13 @@ const DEMO_TEXTS: [&str; 8] = [
 ];
 
 pub async fn demo(cli: &Cli, args: &DemoArgs) -> Result<(), Failure> {
-    let _telemetry = flotilla_service::telemetry::init("flotilla", "warn");
+    // The libraries' logs go to a file (kept after a demo in a temporary directory).
+    let log = match &args.data_dir {
+        Some(d) => d.join("flotilla.log"),
+        None => std::env::temp_dir().join(format!("flotilla-demo-{}.log", std::process::id())),
+    };
+    let _telemetry = flotilla_service::telemetry::init_logging_to("flotilla", &args.log_level, Some(&log));
+    eprintln!("logs go to {}", log.display());
     let mut fleet_file = match (&args.fleet, &args.llm_url) {
         (None, Some(_)) => FleetFile::parse(LLM_DEMO_FLEET)?,
         (path, _) => load_fleet(path.as_ref())?,

@@ -43,20 +43,23 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
     let data = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
-    let mut up = ChildProcess::spawn(
-        &bin("flotilla"),
-        &[
-            "up",
-            "--data-dir",
-            data.path().to_str().unwrap(),
-            "--port",
-            &port.to_string(),
-            "--monitor-addr",
-            "127.0.0.1:0",
-        ],
-        &[("FLOTILLA_NATS_URL", ""), ("RUST_LOG", "warn")],
-    )
-    .unwrap();
+    // What `up` shows in the terminal, kept to look at.
+    let terminal = data.path().join("terminal.txt");
+    let mut cmd = Command::new(bin("flotilla"));
+    cmd.args([
+        "up",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+        "--monitor-addr",
+        "127.0.0.1:0",
+    ])
+    .env("FLOTILLA_NATS_URL", "")
+    .env_remove("RUST_LOG")
+    .stdin(std::process::Stdio::null())
+    .stderr(std::fs::File::create(&terminal).unwrap());
+    let mut up = ChildProcess::spawn_command(cmd, "flotilla up").unwrap();
 
     // `up` runs its server with authentication: the CLI connects as `up`'s operator.
     let operator = data.path().join("auth/creds/operator-local.nk");
@@ -144,6 +147,13 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
     // Unreachable NATS exits 5.
     assert_eq!(flotilla(&format!("nats://127.0.0.1:{}", free_port()), &["agents"]).0, 5);
 
+    // The status line has shown the agents (it comes every two seconds at most).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&terminal).unwrap_or_default().contains("agents 3") {
+        assert!(std::time::Instant::now() < deadline, "no status line");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // Ctrl-C, as a terminal sends it (to the whole foreground process group): clean exit, and
     // the nats-server is gone too.
     up.signal_group("INT");
@@ -154,4 +164,16 @@ fn up_runs_its_own_nats_and_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!alive(server_pid), "nats-server {server_pid} left behind");
+
+    // A calm terminal: where to look and a short status, no library logs and no colour codes;
+    // the logs are in the data directory.
+    let shown = std::fs::read_to_string(&terminal).unwrap();
+    for want in
+        ["flotilla is up", "dashboard http://127.0.0.1:", "/metrics", "flotilla.log", "agents 3", "stopped"]
+    {
+        assert!(shown.contains(want), "{want} in\n{shown}");
+    }
+    assert!(!shown.contains('\x1b') && !shown.contains(" INFO "), "no logs on the terminal:\n{shown}");
+    let logs = std::fs::read_to_string(data.path().join("flotilla.log")).unwrap();
+    assert!(logs.contains(" INFO ") && !logs.contains('\x1b'), "{logs}");
 }

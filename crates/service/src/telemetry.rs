@@ -38,6 +38,25 @@ fn otlp_configured() -> bool {
 /// Installs the global subscriber once for `service`; later calls (several services in one
 /// process) keep the first and return an inert handle.
 pub fn init(service: &str, default_filter: &str) -> Telemetry {
+    init_logging_to(service, default_filter, None)
+}
+
+/// [`init`], with the log lines going to `log_file` (appended, no colours) instead of stderr,
+/// for commands that keep the terminal for a short status of their own (`flotilla up`,
+/// `flotilla demo`). A file that cannot be opened leaves the logs on stderr, and says so.
+pub fn init_logging_to(service: &str, default_filter: &str, log_file: Option<&std::path::Path>) -> Telemetry {
+    let file = log_file.and_then(|p| {
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match std::fs::OpenOptions::new().create(true).append(true).open(p) {
+            Ok(f) => Some(std::sync::Mutex::new(f)),
+            Err(e) => {
+                eprintln!("cannot write the log file {}: {e}; logging to stderr", p.display());
+                None
+            }
+        }
+    });
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service.to_owned()).build());
@@ -59,14 +78,19 @@ pub fn init(service: &str, default_filter: &str) -> Telemetry {
         .with_tracer(tracer)
         .with_filter(Targets::new().with_target("flotilla", LevelFilter::INFO));
     let registry = tracing_subscriber::registry().with(otel);
-    let installed = if json {
-        registry
+    let installed = match (file, json) {
+        (Some(f), true) => registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(f).with_filter(filter))
+            .try_init(),
+        (Some(f), false) => registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(f).with_filter(filter))
+            .try_init(),
+        (None, true) => registry
             .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(filter))
-            .try_init()
-    } else {
-        registry
+            .try_init(),
+        (None, false) => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
-            .try_init()
+            .try_init(),
     };
     if installed.is_ok() {
         opentelemetry::global::set_tracer_provider(provider.clone());

@@ -119,12 +119,18 @@ impl Alerts {
             if t.break_deadlocks {
                 d.victim.clone_from(&f.youngest);
             }
+            // The message stays readable; every wait is in the alert's `deadlock`.
+            let mut waits: Vec<&str> = d.waits.iter().take(4).map(String::as_str).collect();
+            let more = format!("and {} more waits", d.waits.len().saturating_sub(4));
+            if d.waits.len() > 4 {
+                waits.push(&more);
+            }
             let what = format!(
-                "deadlock of {} tasks, {} messages, agents {}: {}",
+                "deadlock of {} tasks, {} messages, {} agents: {}",
                 d.tasks.len(),
                 d.messages.len(),
-                d.agents.join(", "),
-                d.waits.join("; ")
+                d.agents.len(),
+                waits.join("; ")
             );
             holds.insert((alert_kind::DEADLOCK.to_owned(), f.key.clone()), (d.formed_at_ms, what));
             found.insert(f.key.clone(), d);
