@@ -500,12 +500,8 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
 fn count_ledger_entry(fold: &Shared, msg: &async_nats::jetstream::Message) {
     let op = msg.subject.rsplit('.').next().unwrap_or_default();
     let op = op.parse::<LedgerOp>().map_or(OTHER_LEDGER_OP, LedgerOp::as_str);
-    let ct = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(flotilla_protocol::headers::CONTENT_TYPE))
-        .map(|v| v.as_str().to_owned());
-    let entry = codec::decode::<serde_json::Value>(ct.as_deref(), &msg.payload).ok();
+    let ct = flotilla_service::nats::content_type(msg.headers.as_ref());
+    let entry = codec::decode::<serde_json::Value>(ct, &msg.payload).ok();
     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
     let Ok(mut f) = fold.lock() else { return };
     if let Some(entry) = &entry {
