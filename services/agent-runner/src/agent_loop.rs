@@ -131,12 +131,14 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                 (Some(b), Some(h)) => Some(crate::budget::InFlight::new(b, h)),
                 _ => None,
             };
+            // The offline provider has one model, named after it.
+            let model = if t.model.is_empty() { t.provider.as_str() } else { t.model.as_str() };
             let span = tracing::info_span!(
                 "chat",
-                otel.name = %format!("chat {}", t.model),
+                otel.name = %format!("chat {model}"),
                 gen_ai.operation.name = "chat",
                 gen_ai.provider.name = %t.provider,
-                gen_ai.request.model = %t.model,
+                gen_ai.request.model = %model,
                 gen_ai.request.max_tokens = req.max_tokens,
                 gen_ai.usage.input_tokens = tracing::field::Empty,
                 gen_ai.usage.output_tokens = tracing::field::Empty,
