@@ -224,7 +224,7 @@ async fn a_parent_delegates_to_two_children_that_use_tools() {
 
 /// A tool that panics the first time it is called.
 #[derive(Debug, Default)]
-struct Flaky {
+pub struct Flaky {
     panicked: AtomicBool,
 }
 

@@ -21,6 +21,7 @@ mod drain;
 mod failover;
 mod fleet_changes;
 mod genai_traces;
+mod known_outcomes;
 mod long_call;
 mod messages;
 mod observability;

@@ -144,6 +144,14 @@ impl System {
         self.dispatchers.push(self.local.spawn("dispatcher-1", dispatcher).await.unwrap());
     }
 
+    /// Stops the first dispatcher started of those running, and waits for it to end.
+    pub async fn stop_first_dispatcher(&mut self) {
+        if !self.dispatchers.is_empty() {
+            let h = self.dispatchers.remove(0);
+            self.local.stop_service(&h).await.unwrap();
+        }
+    }
+
     /// Stops every dispatcher (all its state lives in NATS) and waits for them to end.
     pub async fn stop_dispatchers(&mut self) {
         for h in std::mem::take(&mut self.dispatchers) {
@@ -170,6 +178,16 @@ impl System {
         let config = flotilla_monitor::Config { http_addr: "127.0.0.1:0".parse().unwrap(), ..config };
         let (_, addr) = self.local.spawn_monitor_with(instance, config).await.unwrap();
         addr
+    }
+
+    /// A monitor instance named `instance` on a free port, with the handle to stop it by.
+    pub async fn start_monitor_stoppable(&mut self, instance: &str) -> (ServiceHandle, std::net::SocketAddr) {
+        self.local.spawn_monitor(instance, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+    }
+
+    /// Stops a service started in this process and waits for it to end.
+    pub async fn stop_service(&mut self, handle: &ServiceHandle) {
+        self.local.stop_service(handle).await.unwrap();
     }
 
     /// A monitor instance named `instance`, serving HTTP on a free port.

@@ -67,6 +67,10 @@ pub mod event_kind {
 }
 
 /// Fleet-change operations of a runner; the last token of `<prefix>.runners.<runner>.<op>`.
+/// How an agent event's `reason` begins when the agent's work on a task ended because the attempt
+/// crashed (a tool panicked or was aborted, no provider): `crashed: <why>`.
+pub const CRASHED_REASON: &str = "crashed";
+
 pub mod runner_op {
     pub const SCALE: &str = "scale";
     pub const STOP: &str = "stop";

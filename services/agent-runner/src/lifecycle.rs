@@ -80,14 +80,15 @@ impl Lifecycle {
         }
     }
 
-    /// Ends the work on `task`, whatever state it was in.
-    pub fn finish(&self, task: &str) {
+    /// Ends the work on `task`, whatever state it was in; `reason` says why when it did not end
+    /// normally (`crashed: …` when the attempt crashed, which the monitor counts).
+    pub fn finish(&self, task: &str, reason: Option<&str>) {
         let active = {
             let g = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             g.1.contains_key(task)
         };
-        if active {
-            self.set(Some(task), AgentState::Idle);
+        if active && let Err(e) = self.transition(Some(task), AgentState::Idle, reason) {
+            tracing::warn!(agent_id = %self.agent_id, task_id = task, error = %e, "transition refused");
         }
     }
 

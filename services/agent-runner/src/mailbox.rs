@@ -870,7 +870,13 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, take_key: &str) -> Resul
     slot.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let result = agent_loop::run(&loop_env, &rec).await;
     slot.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    slot.lifecycle.finish(&rec.id);
+    let crashed = match &result {
+        Err(agent_loop::LoopError::Crashed(why)) => {
+            Some(format!("{}: {why}", flotilla_protocol::names::CRASHED_REASON))
+        }
+        _ => None,
+    };
+    slot.lifecycle.finish(&rec.id, crashed.as_deref());
     match result {
         Ok(answer) => Ok(answer.text),
         Err(agent_loop::LoopError::Failed { error, .. }) => Err(error),

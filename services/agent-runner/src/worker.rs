@@ -285,7 +285,11 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
     slot.in_flight.fetch_add(1, Ordering::Relaxed);
     let task_id = rec.id.clone();
     let outcome = run_claimed(&ctx, &slot, &guard, rec, rev, &held.cancel).await;
-    slot.lifecycle.finish(&task_id);
+    let crashed = match &outcome {
+        Outcome::Crashed(why) => Some(format!("{}: {why}", flotilla_protocol::names::CRASHED_REASON)),
+        _ => None,
+    };
+    slot.lifecycle.finish(&task_id, crashed.as_deref());
     slot.in_flight.fetch_sub(1, Ordering::Relaxed);
     match outcome {
         Outcome::Done => {

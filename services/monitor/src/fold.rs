@@ -17,6 +17,8 @@ use crate::metrics::{
 
 /// Finished tasks kept for windowed figures.
 pub const KEPT: usize = 200_000;
+/// Completed task ids remembered for a delegation wait stored after its sub-task ended.
+const COMPLETED_RECENT: usize = 10_000;
 
 /// Most distinct values of one label (capabilities, templates and models come from fleet files
 /// and tenants from credentials, but a bound keeps a bad publisher from growing the label set).
@@ -157,8 +159,13 @@ pub struct Fold {
     approvals: (u64, u64),
     lives: HashMap<String, Life>,
     lost: HashSet<String>,
-    /// Direct messages (sent, answered).
+    /// Handoffs: direct messages sent (replies aside) and delegations, and those answered (a
+    /// reply, the sub-task completed).
     handoffs: (u64, u64),
+    /// Sub-tasks a delegating agent waits for, not ended yet.
+    awaited: HashSet<String>,
+    /// The last tasks that completed (a wait may be stored after its sub-task ended).
+    completed_recent: (VecDeque<String>, HashSet<String>),
     /// What the alert rules look at, kept current by the followers.
     pub inputs: crate::alerts::Inputs,
     /// The alerts firing now.
@@ -192,6 +199,21 @@ impl Fold {
             while self.deadlocks.len() > KEPT {
                 self.deadlocks.pop_front();
             }
+        }
+    }
+
+    /// Folds one wait event: a delegation (a wait on a sub-task) is a handoff, answered when the
+    /// sub-task completes.
+    pub fn wait_event(&mut self, ev: &flotilla_protocol::WaitEvent) {
+        if ev.kind != flotilla_protocol::wait_kind::WAITING || ev.on != flotilla_protocol::wait_kind::ON_TASK
+        {
+            return;
+        }
+        self.handoffs.0 += 1;
+        if self.completed_recent.1.contains(&ev.target) {
+            self.handoffs.1 += 1;
+        } else {
+            self.awaited.insert(ev.target.clone());
         }
     }
 
@@ -369,6 +391,17 @@ impl Fold {
             track.template = template;
         }
         let template = track.template.clone().unwrap_or_else(|| OTHER.to_owned());
+        if self.awaited.remove(&ev.task_id) && ev.kind == event_kind::COMPLETED {
+            self.handoffs.1 += 1;
+        }
+        if ev.kind == event_kind::COMPLETED && self.completed_recent.1.insert(ev.task_id.clone()) {
+            self.completed_recent.0.push_back(ev.task_id.clone());
+            while self.completed_recent.0.len() > COMPLETED_RECENT {
+                if let Some(old) = self.completed_recent.0.pop_front() {
+                    self.completed_recent.1.remove(&old);
+                }
+            }
+        }
         let cancelled = ev.error.as_ref().is_some_and(|e| e.code == flotilla_protocol::failure::CANCELLED);
         let outcome = match (ev.kind.as_str(), cancelled) {
             (event_kind::COMPLETED, _) => Outcome::Completed,
@@ -493,10 +526,18 @@ impl Fold {
             // The same agent id started again (its runner restarted).
             life.ended_ms = None;
         }
-        if ev.to == AgentState::Error && ev.from != AgentState::Error {
+        // A crash ends the agent's work on a task with reason `crashed: …`; after a few the agent
+        // goes to ERROR (that transition is not a crash of its own).
+        let crashed = ev.task_id.is_some()
+            && ev.reason.as_deref().is_some_and(|r| {
+                r.strip_prefix(flotilla_protocol::names::CRASHED_REASON).is_some_and(|t| t.starts_with(':'))
+            });
+        if crashed {
             life.crashes += 1;
-            life.error_since = Some(ev.at_ms);
             self.metrics.agent_crashes.get_or_create(&TemplateLabel { template }).inc();
+        }
+        if ev.to == AgentState::Error && ev.from != AgentState::Error {
+            life.error_since = Some(ev.at_ms);
         } else if ev.from == AgentState::Error
             && ev.to != AgentState::Error
             && let Some(since) = life.error_since.take()
@@ -525,7 +566,8 @@ impl Fold {
         };
         self.metrics.messages.get_or_create(&KindLabel { kind: kind.to_owned() }).inc();
         match kind {
-            message_event::SENT => {
+            // A reply is sent too, but it answers a handoff rather than making one.
+            message_event::SENT if ev.in_reply_to.is_none() => {
                 self.handoffs.0 += 1;
                 if let Some(track) = ev.task_id.as_ref().and_then(|t| self.tracks.get_mut(t)) {
                     track.messages += 1;
@@ -988,6 +1030,12 @@ mod tests {
         use AgentState::*;
         // An hour of life, a quarter of it in ERROR after one crash.
         f.agent_event(&agent(Initializing, Idle, 0), 1);
+        let crash = AgentEvent {
+            task_id: Some("t0".into()),
+            reason: Some("crashed: tool flaky panicked".into()),
+            ..agent(Executing, Idle, 1_799_000)
+        };
+        f.agent_event(&crash, 2);
         f.agent_event(&agent(Planning, Error, 1_800_000), 2);
         f.agent_event(&agent(Error, Idle, 2_700_000), 3);
         f.agent_event(&agent(Idle, Terminated, 3_600_000), 4);

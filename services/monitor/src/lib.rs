@@ -463,6 +463,7 @@ fn count_event(fold: &Shared, msg: &async_nats::jetstream::Message) {
         {
             f.events_seen = f.events_seen.max(seq);
             f.graph.wait_event(&ev);
+            f.wait_event(&ev);
             f.views.wait_event(&ev);
         }
         return;
@@ -613,10 +614,17 @@ async fn follow_leases(store: kv::Store, fold: Shared, shutdown: CancellationTok
         let Ok(mut fold) = f.lock() else { return };
         match value.map(|v| codec::decode::<flotilla_protocol::Lease>(None, v)) {
             Some(Ok(lease)) => {
+                let label = ServiceLabel { service: key.to_owned() };
                 fold.metrics
                     .leader_epoch
-                    .get_or_create(&ServiceLabel { service: key.to_owned() })
+                    .get_or_create(&label)
                     .set(i64::try_from(lease.epoch).unwrap_or(i64::MAX));
+                // Epoch 1 is the first holder; every later epoch a change, counted once however
+                // late this monitor started.
+                let before = fold.inputs.leases.get(key).map_or(1, |l| l.epoch.max(1));
+                if lease.epoch > before {
+                    fold.metrics.leader_changes.get_or_create(&label).inc_by(lease.epoch - before);
+                }
                 fold.inputs.leases.insert(key.to_owned(), lease);
             }
             // Released (or unreadable): no holder from now on.

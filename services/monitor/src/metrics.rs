@@ -190,6 +190,7 @@ pub struct Families {
     pub agent_uptime_ratio: Family<TemplateLabel, FloatGauge>,
     pub agent_crashes_per_hour: Family<TemplateLabel, FloatGauge>,
     pub leader_epoch: Family<ServiceLabel, Gauge>,
+    pub leader_changes: Family<ServiceLabel, Counter>,
     pub consumer_pending: Family<ConsumerLabels, Gauge>,
     pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
     pub consumer_redelivered: Family<ConsumerLabels, Gauge>,
@@ -362,7 +363,11 @@ impl Families {
                 "Agents whose work was requeued because they were lost",
                 Family::default()
             ),
-            agent_crashes: reg!("flotilla_agent_crashes", "Agents that went into ERROR", Family::default()),
+            agent_crashes: reg!(
+                "flotilla_agent_crashes",
+                "Attempts that crashed their agent (a tool panicked or was aborted; three in a row put it in ERROR)",
+                Family::default()
+            ),
             agent_uptime_ratio: reg!(
                 "flotilla_agent_uptime_ratio",
                 "Share of the agents' lives not spent in ERROR",
@@ -376,6 +381,11 @@ impl Families {
             leader_epoch: reg!(
                 "flotilla_leader_epoch",
                 "Acquisitions of each exclusive role's lease so far (leader changes = epoch - 1)",
+                Family::default()
+            ),
+            leader_changes: reg!(
+                "flotilla_leader_changes",
+                "Times each exclusive role's lease went to a new holder or incarnation after the first (from the lease's epoch)",
                 Family::default()
             ),
             dead_letters: reg!("flotilla_dead_letters", "Dead letters recorded", Counter::default()),
@@ -407,7 +417,7 @@ impl Families {
             ),
             handoff_ratio: reg!(
                 "flotilla_handoff_success_ratio",
-                "Direct messages answered ÷ sent",
+                "Handoffs answered ÷ made: direct messages replied to and delegations completed ÷ messages sent (replies aside) and delegations",
                 FloatGauge::default()
             ),
             genai_tokens: reg!(
