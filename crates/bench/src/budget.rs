@@ -424,7 +424,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig) -> anyhow
         return Err(Usage(format!("--reservations must be at least 100, --in-flight 1 to {BUDGETS}")).into());
     }
     let started = Instant::now();
-    let timings = profile::install();
+    let timings = profile::install(None);
     let dir = tempfile::Builder::new()
         .prefix("flotilla-bench-")
         .tempdir()

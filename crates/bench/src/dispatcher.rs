@@ -36,6 +36,8 @@ pub struct Sizes {
     pub tasks: usize,
     pub agents: u32,
     pub queued: usize,
+    /// Rounds of (e), the cost of tracing (0: skipped).
+    pub tracing_rounds: usize,
 }
 
 /// The project's goals for the dispatcher.
@@ -44,6 +46,8 @@ const GOAL_P50_MS: f64 = 2.0;
 const GOAL_P99_MS: f64 = 10.0;
 const GOAL_DECISION_P99_US: f64 = 100.0;
 const GOAL_BYTES_PER_TASK: f64 = 1024.0;
+/// Tracing (spans exported) may add at most this share to the submit → completed p50.
+const GOAL_TRACING_P50_RATIO: f64 = 1.02;
 
 /// Publishes in flight when submitting (and in the raw publish test).
 const WINDOW: usize = 256;
@@ -283,7 +287,8 @@ impl Runners {
         }
     }
 
-    async fn start(local: &mut LocalFleet, dir: &std::path::Path, budgets: bool) -> anyhow::Result<Self> {
+    /// The bench fleet file.
+    fn fleet_toml(budgets: bool) -> String {
         let mut fleet_toml = format!(
             "[[agent]]\nname = \"{CAPABILITY}\"\ncapabilities = [\"{CAPABILITY}\"]\nprovider = \"offline\"\n\
              concurrency = {AGENT_CONCURRENCY}\nreplicas = {AGENTS_PER_RUNNER}\n"
@@ -291,6 +296,11 @@ impl Runners {
         if budgets {
             fleet_toml.push_str(&format!("max_tokens_per_task = {TASK_CAP_TOKENS}\n"));
         }
+        fleet_toml
+    }
+
+    async fn start(local: &mut LocalFleet, dir: &std::path::Path, budgets: bool) -> anyhow::Result<Self> {
+        let fleet_toml = Self::fleet_toml(budgets);
         let runner_bin: Option<PathBuf> = std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("flotilla-agent-runner")))
@@ -315,6 +325,12 @@ impl Runners {
             }
             return Ok(Self::Processes(children));
         }
+        Self::start_in_process(local, budgets).await
+    }
+
+    /// The runners in this process.
+    async fn start_in_process(local: &mut LocalFleet, budgets: bool) -> anyhow::Result<Self> {
+        let fleet_toml = Self::fleet_toml(budgets);
         let mut handles = Vec::new();
         for id in RUNNERS {
             // Without --budgets no budget-keeper runs, so budgets are off.
@@ -486,12 +502,16 @@ fn span_summary(timings: &profile::ByName) -> serde_json::Value {
 }
 
 pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: bool) -> anyhow::Result<()> {
-    let Sizes { tasks, agents, queued } = sizes;
+    let Sizes { tasks, agents, queued, tracing_rounds } = sizes;
     if tasks < 10 || agents == 0 || queued < 2 {
         return Err(Usage("--tasks must be at least 10, --agents and --queued at least 2".to_owned()).into());
     }
     let started = Instant::now();
-    let timings = profile::install();
+    // For (e): spans exported as a service exports them, to a receiver here; off until then.
+    let receiver = crate::otlp::Receiver::start().await?;
+    flotilla_service::telemetry::install_propagator();
+    let provider = flotilla_service::telemetry::tracer_provider("flotilla-bench", Some(receiver.url()));
+    let timings = profile::install(Some(&provider));
     let dir = tempfile::Builder::new()
         .prefix("flotilla-bench-")
         .tempdir()
@@ -551,11 +571,21 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: 
     }
     .await;
     let runner_mode = runners.describe();
-    progress(started, "stopping the runners, the dispatcher and the server");
+    progress(started, "stopping the runners");
     runners.stop(&mut local).await;
+    // (e) The cost of tracing, with every service of the path in this process.
+    let e = match (&result, tracing_rounds) {
+        (Ok(m), 1..) => {
+            let run = TracingRun { rounds: tracing_rounds, tasks: (tasks / 20).max(10), rate: m.rate / 2.0 };
+            Some(tracing_cost(&mut local, &topology, budgets, run, &provider, &receiver, started).await)
+        }
+        _ => None,
+    };
+    progress(started, "stopping the dispatcher and the server");
     crate::stop(local).await;
     let mut m = result?;
     m.runner_mode = runner_mode;
+    let e = e.transpose()?;
 
     // (d) The scheduling core alone, with nothing else running.
     progress(started, &format!("(d) scheduling core: {agents} agents, {queued} queued tasks"));
@@ -573,6 +603,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: 
         "decision_p99": d.decision_p99_us < GOAL_DECISION_P99_US,
         "memory_core": d.core_bytes_per_task < GOAL_BYTES_PER_TASK,
         "memory_core_and_cache": total_bytes < GOAL_BYTES_PER_TASK,
+        "tracing_p50": e.as_ref().map(|e| e.ratio <= GOAL_TRACING_P50_RATIO),
     });
     let stored_total: f64 = m.stored.iter().map(|(_, n)| n).sum();
     let mut stored_json: serde_json::Map<String, serde_json::Value> =
@@ -659,6 +690,24 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: 
             "rss_growth_bytes_per_task": round(d.rss_bytes_per_task, 0),
             "goal_bytes_per_task": GOAL_BYTES_PER_TASK,
         },
+        "tracing": e.as_ref().map(|e| json!({
+            "runners": "in process",
+            "rounds": e.rounds.iter().map(|(on, p50)| json!({ "tracing": on, "completed_p50_ms": round(*p50, 3) })).collect::<Vec<_>>(),
+            "tasks_per_round": e.tasks,
+            "rate_per_s": round(e.rate, 0),
+            "off_completed_p50_ms": round(e.off_p50, 3),
+            "on_completed_p50_ms": round(e.on_p50, 3),
+            "off_completed_p99_ms": round(e.off_p99, 3),
+            "on_completed_p99_ms": round(e.on_p99, 3),
+            "p50_ratio": round(e.ratio, 4),
+            "blocks_median_ratio": round(e.block_median, 4),
+            "cpu_us_per_task_off": round(e.cpu_us_per_task[0], 1),
+            "cpu_us_per_task_on": round(e.cpu_us_per_task[1], 1),
+            "off_off_ratio": round(e.off_off, 4),
+            "goal_p50_ratio": GOAL_TRACING_P50_RATIO,
+            "spans_exported": e.spans,
+            "spans_per_task": round(e.spans as f64 / e.on_tasks.max(1) as f64, 1),
+        })),
         "profile": { "throughput": m.profile_b, "half_load": m.profile_c },
         "round_trips": round_trips,
         "goals": goals,
@@ -767,6 +816,50 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: 
         goal(total_bytes < GOAL_BYTES_PER_TASK),
         d.rss_bytes_per_task,
     );
+    if let Some(e) = &e {
+        println!(
+            "(e) tracing: {} rounds of {} tasks at {:.0}/s, off and on in turns (ABBA), dispatcher and two runners in this \
+             process; on = every Flotilla span an OpenTelemetry span, trace context on every message, {} spans \
+             ({:.1} per task) exported over OTLP/HTTP to a receiver here",
+            e.rounds.len(),
+            e.tasks,
+            e.rate,
+            thousands(e.spans as f64),
+            e.spans as f64 / e.on_tasks.max(1) as f64,
+        );
+        println!(
+            "    submit → completed p50: off {:.3} ms, on {:.3} ms = {:.3} × [goal ≤ {GOAL_TRACING_P50_RATIO}: {}]; \
+             p99 off {:.2} ms, on {:.2} ms",
+            e.off_p50,
+            e.on_p50,
+            e.ratio,
+            goal(e.ratio <= GOAL_TRACING_P50_RATIO),
+            e.off_p99,
+            e.on_p99,
+        );
+        println!(
+            "    median of the {} blocks' own ratios (off, on, on, off) {:.3} ×; noise: the first off rounds' p50 over \
+             the last ones' (off against off) {:.3} ×",
+            e.rounds.len() / 4,
+            e.block_median,
+            e.off_off,
+        );
+        println!(
+            "    CPU of the dispatcher and runners (this process) per task: off {:.0} µs, on {:.0} µs (+{:.0} µs = {:.3} ×)",
+            e.cpu_us_per_task[0],
+            e.cpu_us_per_task[1],
+            e.cpu_us_per_task[1] - e.cpu_us_per_task[0],
+            e.cpu_us_per_task[1] / e.cpu_us_per_task[0].max(1e-9),
+        );
+        println!(
+            "    rounds: {}",
+            e.rounds
+                .iter()
+                .map(|(on, p50)| format!("{} {p50:.3} ms", if *on { "on" } else { "off" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!(
         "where the dispatcher's time goes (spans in this process; busy = being polled, the rest is waiting for NATS):"
     );
@@ -838,27 +931,7 @@ async fn measure(
     started: Instant,
     budgets: bool,
 ) -> anyhow::Result<Measured> {
-    let expected = RUNNERS.len() * usize::try_from(AGENTS_PER_RUNNER).unwrap_or(0);
-    let t = Instant::now();
-    loop {
-        let keys: Vec<String> = topology
-            .agents
-            .keys()
-            .await
-            .context("failed to list agents")?
-            .filter_map(|k| async move { k.ok() })
-            .collect()
-            .await;
-        let n = keys.iter().filter(|k| RUNNERS.iter().any(|r| k.starts_with(&format!("{r}-")))).count();
-        if n >= expected {
-            break;
-        }
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(60),
-            "only {n} of {expected} bench agents registered in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    agents_registered(topology).await?;
     let bench = Bench {
         fleet: fleet.clone(),
         submit_subject: fleet.names.submit_subject(),
@@ -948,4 +1021,165 @@ async fn measure(
         profile_b,
         profile_c,
     })
+}
+
+/// Waits (up to 60 s) until every bench agent is registered.
+async fn agents_registered(topology: &Topology) -> anyhow::Result<()> {
+    let expected = RUNNERS.len() * usize::try_from(AGENTS_PER_RUNNER).unwrap_or(0);
+    let t = Instant::now();
+    loop {
+        let keys: Vec<String> = topology
+            .agents
+            .keys()
+            .await
+            .context("failed to list agents")?
+            .filter_map(|k| async move { k.ok() })
+            .collect()
+            .await;
+        let n = keys.iter().filter(|k| RUNNERS.iter().any(|r| k.starts_with(&format!("{r}-")))).count();
+        if n >= expected {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "only {n} of {expected} bench agents registered in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What (e) runs: rounds of `tasks` tasks at `rate` per second.
+struct TracingRun {
+    rounds: usize,
+    tasks: usize,
+    rate: f64,
+}
+
+/// What (e) measured.
+struct TracingCost {
+    /// Each round: tracing on, its submit → completed p50 (ms).
+    rounds: Vec<(bool, f64)>,
+    tasks: usize,
+    rate: f64,
+    off_p50: f64,
+    on_p50: f64,
+    off_p99: f64,
+    on_p99: f64,
+    /// `on_p50 / off_p50`.
+    ratio: f64,
+    /// The noise the ratio stands against: the same ratio between the two off rounds of each
+    /// block of four (off, on, on, off), the first ones' p50 over the last ones' (an A/A test).
+    off_off: f64,
+    /// The median of the blocks' own ratios (each block's on p50 over its off p50).
+    block_median: f64,
+    /// CPU time of this process per task, tracing off and on (µs).
+    cpu_us_per_task: [f64; 2],
+    /// Spans the receiver got, and tasks run with tracing on.
+    spans: u64,
+    on_tasks: usize,
+}
+
+/// (e) Submit → completed latency with tracing off and on in turns (off, on, on, off, …, so
+/// that drift over the run falls on both alike), the dispatcher and two runners in this process
+/// so that one switch covers every span of the path. Off: no span is created at all. On: what a
+/// service does with an OTLP endpoint set — every Flotilla span at INFO an OpenTelemetry span,
+/// W3C trace context on every message, spans batched to an OTLP/HTTP receiver.
+async fn tracing_cost(
+    local: &mut LocalFleet,
+    topology: &Topology,
+    budgets: bool,
+    run: TracingRun,
+    provider: &opentelemetry_sdk::trace::SdkTracerProvider,
+    receiver: &crate::otlp::Receiver,
+    started: Instant,
+) -> anyhow::Result<TracingCost> {
+    let TracingRun { rounds, tasks, rate } = run;
+    progress(started, &format!("(e) tracing off and on: {rounds} rounds of {tasks} tasks at {rate:.0}/s"));
+    let runners = Runners::start_in_process(local, budgets).await?;
+    let fleet = local.fleet().clone();
+    let result = async {
+        agents_registered(topology).await?;
+        let bench = Bench {
+            fleet: fleet.clone(),
+            submit_subject: fleet.names.submit_subject(),
+            events_prefix: format!("{}.events.task.", fleet.names.prefix().as_str()),
+        };
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let tag = tag.get(tag.len().saturating_sub(8)..).unwrap_or("run").to_owned();
+        profile::Tracing::on();
+        bench.phase(&format!("{tag}-ew-"), (tasks / 5).clamp(10, 200), Some(rate)).await?;
+        let _ = provider.force_flush();
+        let spans_before = receiver.spans()?;
+        let (mut off, mut on, mut per_round, mut on_tasks) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let mut latencies: Vec<Vec<f64>> = Vec::new();
+        // CPU time of this process (the dispatcher and the runners) in the off and on rounds.
+        let mut cpu_by_mode = [Duration::ZERO; 2];
+        for r in 0..rounds {
+            let tracing = matches!(r % 4, 1 | 2);
+            if tracing {
+                profile::Tracing::on();
+            } else {
+                profile::Tracing::off();
+            }
+            let cpu0 = crate::figures::cpu_time();
+            let p = bench.phase(&format!("{tag}-e{r}-"), tasks, Some(rate)).await?;
+            let cpu = crate::figures::cpu_time().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+            if let Some(total) = cpu_by_mode.get_mut(usize::from(tracing)) {
+                *total += cpu.unwrap_or_default();
+            }
+            let completed = p.spans(|id, _| p.submitted.get(id).copied(), |s| s.completed);
+            per_round.push((tracing, percentile(&completed, 0.5)));
+            latencies.push(completed.clone());
+            if tracing {
+                on_tasks += tasks;
+                on.extend(completed);
+            } else {
+                off.extend(completed);
+            }
+        }
+        profile::Tracing::off();
+        let _ = provider.force_flush();
+        let spans = receiver.spans()?.saturating_sub(spans_before);
+        anyhow::ensure!(on_tasks == 0 || spans > 0, "no span reached the OTLP receiver with tracing on");
+        off.sort_by(f64::total_cmp);
+        on.sort_by(f64::total_cmp);
+        let (off_p50, on_p50) = (percentile(&off, 0.5), percentile(&on, 0.5));
+        let sorted = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let (mut first_off, mut last_off, mut blocks) = (Vec::new(), Vec::new(), Vec::new());
+        for block in latencies.chunks_exact(4) {
+            let [a, b, c, d] = block else { continue };
+            first_off.extend_from_slice(a);
+            last_off.extend_from_slice(d);
+            let on = sorted([b.as_slice(), c.as_slice()].concat());
+            let off = sorted([a.as_slice(), d.as_slice()].concat());
+            blocks.push(percentile(&on, 0.5) / percentile(&off, 0.5).max(1e-9));
+        }
+        let off_off = percentile(&sorted(first_off), 0.5) / percentile(&sorted(last_off), 0.5).max(1e-9);
+        let block_median = percentile(&sorted(blocks), 0.5);
+        Ok(TracingCost {
+            rounds: per_round,
+            tasks,
+            rate,
+            off_p50,
+            on_p50,
+            off_p99: percentile(&off, 0.99),
+            on_p99: percentile(&on, 0.99),
+            ratio: on_p50 / off_p50.max(1e-9),
+            off_off,
+            block_median,
+            cpu_us_per_task: cpu_by_mode.map(|d| {
+                let n = (rounds / 2).max(1) * tasks;
+                d.as_secs_f64() * 1e6 / n as f64
+            }),
+            spans,
+            on_tasks,
+        })
+    }
+    .await;
+    profile::Tracing::timing();
+    runners.stop(local).await;
+    result
 }

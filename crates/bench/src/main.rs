@@ -14,6 +14,7 @@ mod events;
 mod figures;
 mod heap;
 mod messages;
+mod otlp;
 mod profile;
 mod raw;
 mod recall;
@@ -78,6 +79,11 @@ pub enum BenchWhat {
         /// Tasks queued in the scheduling core alone [default: 1000000; 20000 with --quick].
         #[arg(long)]
         queued: Option<usize>,
+        /// Rounds of part (e), the cost of tracing: submit → completed latency with tracing off
+        /// and on (spans exported over OTLP), in turns (off, on, on, off, …), each round a
+        /// twentieth of --tasks (at least 10); 0 skips it [default: 40; 4 with --quick].
+        #[arg(long)]
+        tracing_rounds: Option<usize>,
         /// Small sizes, for tests and a first look.
         #[arg(long)]
         quick: bool,
@@ -204,11 +210,20 @@ fn server_config(flag: Option<&Path>) -> ServerConfig {
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.what {
         BenchWhat::Runner { agents, tasks } => runner::run(cli, *agents, *tasks).await,
-        BenchWhat::Dispatcher { tasks, agents, queued, quick, server_config: conf, budgets } => {
+        BenchWhat::Dispatcher {
+            tasks,
+            agents,
+            queued,
+            tracing_rounds,
+            quick,
+            server_config: conf,
+            budgets,
+        } => {
             let sizes = dispatcher::Sizes {
                 tasks: tasks.unwrap_or(if *quick { 100 } else { 2000 }),
                 agents: agents.unwrap_or(if *quick { 500 } else { 10_000 }),
                 queued: queued.unwrap_or(if *quick { 20_000 } else { 1_000_000 }),
+                tracing_rounds: tracing_rounds.unwrap_or(if *quick { 4 } else { 40 }),
             };
             dispatcher::run(cli, sizes, server_config(conf.as_deref()), *budgets).await
         }

@@ -5,10 +5,13 @@
 //! waiting, mostly for NATS replies.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::span;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::{Level, span};
 use tracing_subscriber::Layer;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
@@ -92,14 +95,57 @@ where
     }
 }
 
-/// Installs the timing layer (plus warnings to stderr) as the process's subscriber. `None` if a
+/// Whether the timing layer sees spans (on unless [`Tracing::off`]).
+static TIMING: AtomicBool = AtomicBool::new(true);
+/// Whether Flotilla's spans reach OpenTelemetry (off until [`Tracing::on`]).
+static OTEL: AtomicBool = AtomicBool::new(false);
+
+/// Switches what this process traces, for measuring what tracing costs. The filters are dynamic
+/// (asked at each span), so a switch takes effect at the next span.
+pub struct Tracing;
+
+impl Tracing {
+    /// No span at all: no timing, no OpenTelemetry, no trace context on messages.
+    pub fn off() {
+        TIMING.store(false, Ordering::Relaxed);
+        OTEL.store(false, Ordering::Relaxed);
+    }
+
+    /// Flotilla's spans as a service traces them (see `flotilla_service::telemetry`): every span
+    /// of its crates at INFO an OpenTelemetry span, exported when the provider exports; and the
+    /// timing layer off.
+    pub fn on() {
+        TIMING.store(false, Ordering::Relaxed);
+        OTEL.store(true, Ordering::Relaxed);
+    }
+
+    /// As after [`install`]: the timing layer only.
+    pub fn timing() {
+        TIMING.store(true, Ordering::Relaxed);
+        OTEL.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Installs the timing layer (plus warnings to stderr) as the process's subscriber, and, given a
+/// tracer provider, an OpenTelemetry layer switched by [`Tracing`] (off at first). `None` if a
 /// subscriber was installed already.
-pub fn install() -> Option<Timings> {
+pub fn install(otel: Option<&SdkTracerProvider>) -> Option<Timings> {
     let timings = Timings::default();
-    let timer = SpanTimer { timings: timings.clone() }
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.is_span() && TIMED.contains(&m.name())));
+    let timer =
+        SpanTimer { timings: timings.clone() }.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            TIMING.load(Ordering::Relaxed) && m.is_span() && TIMED.contains(&m.name())
+        }));
+    let otel = otel.map(|p| {
+        flotilla_service::telemetry::otel_layer(p.tracer("flotilla-bench")).with_filter(
+            tracing_subscriber::filter::filter_fn(|m| {
+                OTEL.load(Ordering::Relaxed)
+                    && m.target().starts_with("flotilla")
+                    && *m.level() <= Level::INFO
+            }),
+        )
+    });
     let warnings =
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(LevelFilter::WARN);
-    let subscriber = tracing_subscriber::registry().with(timer).with(warnings);
+    let subscriber = tracing_subscriber::registry().with(timer).with(otel).with(warnings);
     tracing::subscriber::set_global_default(subscriber).ok().map(|()| timings)
 }

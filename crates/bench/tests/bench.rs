@@ -76,6 +76,16 @@ fn bench_dispatcher_reports_every_figure() {
     );
     assert_eq!(report["throughput"]["tasks"], 100);
     assert_eq!(report["scheduler"]["queued"], 20_000);
+    // (e) The cost of tracing: rounds off and on, spans really exported.
+    let e = &report["tracing"];
+    assert_eq!(e["rounds"].as_array().map(Vec::len), Some(4), "{e}");
+    assert_eq!(e["rounds"][1]["tracing"], true);
+    assert_eq!(e["rounds"][0]["tracing"], false);
+    assert!(e["spans_exported"].as_u64().unwrap() >= 2 * 10 * 4, "every traced task exports its spans: {e}");
+    for k in ["off_completed_p50_ms", "on_completed_p50_ms", "p50_ratio", "off_off_ratio"] {
+        assert!(e[k].as_f64().unwrap() > 0.0, "{k}: {e}");
+    }
+    assert!(report["goals"]["tracing_p50"].is_boolean());
     assert_eq!(report["setup"]["runner_mode"], "processes");
     assert_eq!(report["setup"]["budgets"], false);
     assert!(report["throughput"]["ledger_entries_per_task"].is_null());

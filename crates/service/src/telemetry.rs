@@ -35,6 +35,54 @@ fn otlp_configured() -> bool {
     !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
+/// The layer that makes `tracing` spans OpenTelemetry spans, as every service installs it. It
+/// leaves out what tracing-opentelemetry does by default and Flotilla does not use, to keep
+/// tracing cheap on the task path (`flotilla-bench dispatcher`, part (e), measures it): making
+/// each span's OpenTelemetry context the current one whenever it is entered (a lock and a context
+/// attach on every poll of an instrumented future; only other OpenTelemetry instrumentation would
+/// read it — Flotilla's propagation reads the `tracing` span's own context), busy/idle times (two
+/// clock reads per poll) and the thread of each span. The code location stays.
+pub fn otel_layer<S>(
+    tracer: opentelemetry_sdk::trace::SdkTracer,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_context_activation(false)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+}
+
+/// W3C trace context as the process's propagator (what [`crate::trace`] injects and extracts).
+pub fn install_propagator() {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
+/// The tracer provider of `service`: spans batched over OTLP/HTTP to `endpoint` (e.g.
+/// `http://127.0.0.1:4318`) when given, else where the standard `OTEL_EXPORTER_OTLP_*`
+/// environment variables say, else nowhere (spans still carry trace context).
+pub fn tracer_provider(service: &str, endpoint: Option<&str>) -> SdkTracerProvider {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(Resource::builder().with_service_name(service.to_owned()).build());
+    if endpoint.is_some() || otlp_configured() {
+        // The exporter's HTTP client uses rustls with the ring provider, as the NATS client does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+        let exporter = match endpoint {
+            Some(e) => exporter.with_endpoint(format!("{}/v1/traces", e.trim_end_matches('/'))).build(),
+            None => exporter.build(),
+        };
+        match exporter {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(e) => eprintln!("OTLP export disabled: {e}"),
+        }
+    }
+    builder.build()
+}
+
 /// Installs the global subscriber once for `service`; later calls (several services in one
 /// process) keep the first and return an inert handle.
 pub fn init(service: &str, default_filter: &str) -> Telemetry {
@@ -57,26 +105,14 @@ pub fn init_logging_to(service: &str, default_filter: &str, log_file: Option<&st
             }
         }
     });
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let mut builder = SdkTracerProvider::builder()
-        .with_resource(Resource::builder().with_service_name(service.to_owned()).build());
-    if otlp_configured() {
-        // The exporter's HTTP client uses rustls with the ring provider, as the NATS client does.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
-            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
-            Err(e) => eprintln!("OTLP export disabled: {e}"),
-        }
-    }
-    let provider = builder.build();
+    install_propagator();
+    let provider = tracer_provider(service, None);
     let tracer = provider.tracer(service.to_owned());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let json = std::env::var("FLOTILLA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     // Flotilla's own spans always reach OpenTelemetry (trace context must propagate even when
     // logging is quiet); other crates' spans only when they are logged.
-    let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer)
-        .with_filter(Targets::new().with_target("flotilla", LevelFilter::INFO));
+    let otel = otel_layer(tracer).with_filter(Targets::new().with_target("flotilla", LevelFilter::INFO));
     let registry = tracing_subscriber::registry().with(otel);
     let installed = match (file, json) {
         (Some(f), true) => registry
