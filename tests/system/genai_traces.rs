@@ -21,7 +21,7 @@ use crate::support::*;
 use flotilla_testkit::{ChildProcess, bin};
 
 /// An OTLP/HTTP receiver: every span posted to `/v1/traces`, with its resource's `service.name`.
-async fn receiver_by_service() -> (std::net::SocketAddr, Arc<Mutex<Vec<(String, Span)>>>) {
+async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<(String, Span)>>>) {
     let spans = Arc::new(Mutex::new(Vec::new()));
     let kept = spans.clone();
     let app = axum::Router::new().route(
@@ -42,31 +42,6 @@ async fn receiver_by_service() -> (std::net::SocketAddr, Arc<Mutex<Vec<(String, 
                         .unwrap_or_default();
                     for ss in rs.scope_spans {
                         kept.lock().unwrap().extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
-                    }
-                }
-                ""
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (addr, spans)
-}
-
-/// An OTLP/HTTP receiver: every span posted to `/v1/traces`.
-async fn receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Span>>>) {
-    let spans = Arc::new(Mutex::new(Vec::new()));
-    let kept = spans.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let kept = kept.clone();
-            async move {
-                let req = ExportTraceServiceRequest::decode(body.as_ref()).unwrap();
-                for rs in req.resource_spans {
-                    for ss in rs.scope_spans {
-                        kept.lock().unwrap().extend(ss.spans);
                     }
                 }
                 ""
@@ -115,7 +90,7 @@ async fn a_runner_exports_genai_spans_of_the_clients_trace() {
     tokio::task::block_in_place(|| runner.wait_timeout(Duration::from_secs(20)));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let got = loop {
-        let got = spans.lock().unwrap().clone();
+        let got: Vec<Span> = spans.lock().unwrap().iter().map(|(_, s)| s.clone()).collect();
         if got.iter().any(|s| s.name.starts_with("invoke_agent")) || tokio::time::Instant::now() > deadline {
             break got;
         }
@@ -165,7 +140,7 @@ fn spawn_service(sys: &System, bin_name: &str, role: &str, endpoint: &str) -> Ch
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_task_is_one_trace_across_every_service_it_touches() {
-    let (addr, spans) = receiver_by_service().await;
+    let (addr, spans) = receiver().await;
     let endpoint = format!("http://{addr}");
     // Nothing in this process schedules or budgets: the dispatcher, the budget-keeper and the
     // runner are processes of their own, each exporting to the receiver.

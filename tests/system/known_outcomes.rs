@@ -271,11 +271,16 @@ async fn a_scripted_run_yields_the_figures_the_script_says_on_every_monitor() {
         assert_eq!(ended(&sys, &id).await.state, TaskState::Completed);
         script.push(Want { tool_calls: 1, ..want(&id, "tooler", "acme", End::Completed, 2) });
     }
-    // A retry: the first attempt's call fails (a server error), the second answers.
-    stubs["flaky"].push([Reply::raw(500, "{\"error\":\"overloaded\"}"), text()]);
+    // A retry: the first attempt pays for a tool step, then its call fails (a server error);
+    // the second answers. The task's figures count both attempts' spend.
+    stubs["flaky"].push([
+        tools("memory_put", json!({ "key": "first", "value": "v" })),
+        Reply::raw(500, "{\"error\":\"overloaded\"}"),
+        text(),
+    ]);
     sys.submit(&submit("retry-ok", "flaky", "acme", Some(2))).await;
     assert_eq!(ended(&sys, "retry-ok").await.state, TaskState::Completed);
-    script.push(Want { retries: 1, ..want("retry-ok", "flaky", "acme", End::Completed, 1) });
+    script.push(Want { retries: 1, tool_calls: 1, ..want("retry-ok", "flaky", "acme", End::Completed, 2) });
     // A failure after spending: a tool step answered and paid, then the model refuses.
     stubs["flaky"].push([
         tools("memory_put", json!({ "key": "spent", "value": "v" })),
@@ -447,8 +452,8 @@ async fn a_scripted_run_yields_the_figures_the_script_says_on_every_monitor() {
     assert!((per_usd - 1.0 / CALL_USD).abs() < 1e-6, "{per_usd}");
     let usd_per = gauge("flotilla_usd_per_successful_task{template=\"flaky\",tenant=\"acme\",window=\"1h\"}");
     assert!(
-        (usd_per - 2.0 * CALL_USD).abs() < 1e-12,
-        "flaky: one success paying for a failure too: {usd_per}"
+        (usd_per - 3.0 * CALL_USD).abs() < 1e-12,
+        "flaky: one success paying for its failed attempt and a failed task too: {usd_per}"
     );
     assert_eq!(successes, 13);
 

@@ -160,7 +160,21 @@ struct Bench {
     events_prefix: String,
 }
 
+/// A short tag unique to one run, to tell its task ids from earlier runs' on the same server.
+fn run_tag() -> String {
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    run.get(run.len().saturating_sub(8)..).unwrap_or("run").to_owned()
+}
+
 impl Bench {
+    fn new(fleet: &Fleet) -> Self {
+        Self {
+            fleet: fleet.clone(),
+            submit_subject: fleet.names.submit_subject(),
+            events_prefix: format!("{}.events.task.", fleet.names.prefix().as_str()),
+        }
+    }
+
     fn payload(id: &str) -> anyhow::Result<Bytes> {
         let sub = TaskSubmission {
             id: Some(id.to_owned()),
@@ -932,13 +946,8 @@ async fn measure(
     budgets: bool,
 ) -> anyhow::Result<Measured> {
     agents_registered(topology).await?;
-    let bench = Bench {
-        fleet: fleet.clone(),
-        submit_subject: fleet.names.submit_subject(),
-        events_prefix: format!("{}.events.task.", fleet.names.prefix().as_str()),
-    };
-    let run = uuid::Uuid::now_v7().simple().to_string();
-    let run = run.get(run.len().saturating_sub(8)..).unwrap_or("run").to_owned();
+    let bench = Bench::new(fleet);
+    let run = run_tag();
     progress(started, "(b) agents registered; warming up");
     bench.phase(&format!("{run}-w-"), (tasks / 10).clamp(10, 100), None).await?;
     if let Some(t) = timings {
@@ -1099,13 +1108,8 @@ async fn tracing_cost(
     let fleet = local.fleet().clone();
     let result = async {
         agents_registered(topology).await?;
-        let bench = Bench {
-            fleet: fleet.clone(),
-            submit_subject: fleet.names.submit_subject(),
-            events_prefix: format!("{}.events.task.", fleet.names.prefix().as_str()),
-        };
-        let tag = uuid::Uuid::now_v7().simple().to_string();
-        let tag = tag.get(tag.len().saturating_sub(8)..).unwrap_or("run").to_owned();
+        let bench = Bench::new(&fleet);
+        let tag = run_tag();
         profile::Tracing::on();
         bench.phase(&format!("{tag}-ew-"), (tasks / 5).clamp(10, 200), Some(rate)).await?;
         let _ = provider.force_flush();

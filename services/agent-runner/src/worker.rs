@@ -582,6 +582,9 @@ async fn announce_outcome(ctx: &Context, rec: &TaskRecord) -> Result<(), FleetEr
             ev.runner_id = last.runner_id.clone();
             ev.error = Some(last.error.clone());
             ev.usage = last.usage;
+            // What the failed attempt spent, so that a task's cost counts every attempt.
+            ev.calls = last.calls.clone();
+            ev.cost_usd = last.calls.iter().filter_map(|c| c.cost_usd).reduce(|a, b| a + b);
             fleet.publish_event(&ev).await
         }
         TaskState::Running => Ok(()),

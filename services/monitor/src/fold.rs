@@ -86,6 +86,11 @@ struct Track {
     /// Attempts that have started.
     started_attempts: HashSet<u32>,
     messages: u32,
+    /// What failed attempts spent (their `retrying` events): tokens in and out, model calls,
+    /// dollars; added to the task's own when it ends.
+    spent_before: (u64, u64, u32, f64),
+    /// Models the failed attempts called.
+    models_before: Vec<String>,
 }
 
 /// An agent's life as its lifecycle events tell it.
@@ -327,6 +332,19 @@ impl Fold {
                 if ev.kind == event_kind::RETRYING {
                     track.retries += 1;
                     self.metrics.retries.get_or_create(&labels).inc();
+                    let usage = ev.usage.unwrap_or_default();
+                    let (cost, models) = self.calls(&ev.calls);
+                    if let Some(track) = self.tracks.get_mut(&ev.task_id) {
+                        track.spent_before.0 += usage.prompt_tokens;
+                        track.spent_before.1 += usage.completion_tokens;
+                        track.spent_before.2 += u32::try_from(ev.calls.len()).unwrap_or(u32::MAX);
+                        track.spent_before.3 += cost;
+                        for m in models {
+                            if !track.models_before.contains(&m) {
+                                track.models_before.push(m);
+                            }
+                        }
+                    }
                 } else {
                     track.requeues += 1;
                     track.requeued_ms = Some(ev.at_ms);
@@ -379,6 +397,47 @@ impl Fold {
         }
     }
 
+    /// Counts model calls into the per-model families; returns what they cost and the models.
+    fn calls(&mut self, calls: &[flotilla_protocol::CallUsage]) -> (f64, Vec<String>) {
+        let mut cost = 0.0;
+        let mut models = Vec::new();
+        for c in calls {
+            let model = self.labels.label("model", Some(&c.model));
+            let m = &self.metrics;
+            m.model_calls.get_or_create(&ModelLabel { model: model.clone() }).inc();
+            let provider = self.labels.label("provider", c.provider.as_deref());
+            for (kind, n) in [("input", c.usage.prompt_tokens), ("output", c.usage.completion_tokens)] {
+                let labels = crate::metrics::GenAiTokenLabels {
+                    gen_ai_operation_name: "chat".to_owned(),
+                    gen_ai_provider_name: provider.clone(),
+                    gen_ai_request_model: model.clone(),
+                    gen_ai_token_type: kind.to_owned(),
+                };
+                m.genai_tokens.get_or_create(&labels).observe(n as f64);
+            }
+            if let Some(ms) = c.duration_ms {
+                let labels = crate::metrics::GenAiLabels {
+                    gen_ai_operation_name: "chat".to_owned(),
+                    gen_ai_provider_name: provider,
+                    gen_ai_request_model: model.clone(),
+                };
+                m.genai_duration.get_or_create(&labels).observe(ms as f64 / 1000.0);
+            }
+            for (direction, n) in [("input", c.usage.prompt_tokens), ("output", c.usage.completion_tokens)] {
+                let labels = TokenLabels { model: model.clone(), direction: direction.to_owned() };
+                m.model_tokens.get_or_create(&labels).inc_by(n);
+            }
+            if let Some(usd) = c.cost_usd.filter(|c| c.is_finite() && *c > 0.0) {
+                cost += usd;
+                m.cost.get_or_create(&ModelLabel { model: model.clone() }).inc_by(usd);
+            }
+            if !models.contains(&model) {
+                models.push(model);
+            }
+        }
+        (cost, models)
+    }
+
     fn finish(&mut self, ev: &TaskEvent, template: Option<String>) {
         let mut track = self.tracks.remove(&ev.task_id).unwrap_or_else(|| Track {
             capability: self.labels.label("capability", ev.capability.as_deref()),
@@ -427,57 +486,34 @@ impl Fold {
         if outcome == Outcome::Completed {
             m.tokens.inc_by(usage.total_tokens);
         }
+        // Every attempt's spend: the failed ones' (from their `retrying` events) and this one's.
+        let (input_tokens, output_tokens) =
+            (usage.prompt_tokens + track.spent_before.0, usage.completion_tokens + track.spent_before.1);
         let duration_ms = track.accepted_ms.map(|a| ev.at_ms.saturating_sub(a));
         if let (Some(d), Outcome::Completed) = (duration_ms, outcome) {
             let capability = CapabilityLabel { capability: track.capability.clone() };
             m.duration.get_or_create(&capability).observe(d as f64 / 1000.0);
         }
-        let model_calls =
-            if ev.calls.is_empty() { track.steps } else { u32::try_from(ev.calls.len()).unwrap_or(u32::MAX) };
-        m.input_tokens.get_or_create(&tt).observe(usage.prompt_tokens as f64);
-        m.output_tokens.get_or_create(&tt).observe(usage.completion_tokens as f64);
+        let model_calls = if ev.calls.is_empty() && track.spent_before.2 == 0 {
+            track.steps
+        } else {
+            u32::try_from(ev.calls.len()).unwrap_or(u32::MAX).saturating_add(track.spent_before.2)
+        };
+        m.input_tokens.get_or_create(&tt).observe(input_tokens as f64);
+        m.output_tokens.get_or_create(&tt).observe(output_tokens as f64);
         m.model_calls_per_task.get_or_create(&tt).observe(f64::from(model_calls));
         m.tool_calls_per_task.get_or_create(&tt).observe(f64::from(track.tool_calls));
         m.retries_per_task.get_or_create(&tt).observe(f64::from(track.retries));
         m.messages_per_task.get_or_create(&tt).observe(f64::from(track.messages));
-        let mut cost = 0.0;
-        let mut models = Vec::new();
-        for c in &ev.calls {
-            let model = self.labels.label("model", Some(&c.model));
-            let m = &self.metrics;
-            m.model_calls.get_or_create(&ModelLabel { model: model.clone() }).inc();
-            let provider = self.labels.label("provider", c.provider.as_deref());
-            for (kind, n) in [("input", c.usage.prompt_tokens), ("output", c.usage.completion_tokens)] {
-                let labels = crate::metrics::GenAiTokenLabels {
-                    gen_ai_operation_name: "chat".to_owned(),
-                    gen_ai_provider_name: provider.clone(),
-                    gen_ai_request_model: model.clone(),
-                    gen_ai_token_type: kind.to_owned(),
-                };
-                m.genai_tokens.get_or_create(&labels).observe(n as f64);
-            }
-            if let Some(ms) = c.duration_ms {
-                let labels = crate::metrics::GenAiLabels {
-                    gen_ai_operation_name: "chat".to_owned(),
-                    gen_ai_provider_name: provider,
-                    gen_ai_request_model: model.clone(),
-                };
-                m.genai_duration.get_or_create(&labels).observe(ms as f64 / 1000.0);
-            }
-            for (direction, n) in [("input", c.usage.prompt_tokens), ("output", c.usage.completion_tokens)] {
-                let labels = TokenLabels { model: model.clone(), direction: direction.to_owned() };
-                m.model_tokens.get_or_create(&labels).inc_by(n);
-            }
-            if let Some(usd) = c.cost_usd.filter(|c| c.is_finite() && *c > 0.0) {
-                cost += usd;
-                m.cost.get_or_create(&ModelLabel { model: model.clone() }).inc_by(usd);
-            }
+        let (mut cost, mut models) = self.calls(&ev.calls);
+        if ev.calls.is_empty() {
+            cost = ev.cost_usd.filter(|c| c.is_finite() && *c > 0.0).unwrap_or(0.0);
+        }
+        cost += track.spent_before.3;
+        for model in std::mem::take(&mut track.models_before) {
             if !models.contains(&model) {
                 models.push(model);
             }
-        }
-        if ev.calls.is_empty() {
-            cost = ev.cost_usd.filter(|c| c.is_finite() && *c > 0.0).unwrap_or(0.0);
         }
         let m = &self.metrics;
         m.cost_per_task.get_or_create(&tt).observe(cost);
@@ -497,8 +533,8 @@ impl Fold {
             outcome,
             queue_wait_ms: track.started_ms.zip(track.accepted_ms).map(|(s, a)| s.saturating_sub(a)),
             duration_ms: duration_ms.filter(|_| outcome == Outcome::Completed),
-            input_tokens: usage.prompt_tokens,
-            output_tokens: usage.completion_tokens,
+            input_tokens,
+            output_tokens,
             model_calls,
             tool_calls: track.tool_calls,
             retries: track.retries,

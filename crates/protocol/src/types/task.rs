@@ -397,7 +397,8 @@ pub struct TaskEvent {
     pub text_delta: Option<String>,
     /// Position (from 1) of a `text_delta` among the partial-text events of its step.
     pub text_seq: Option<u32>,
-    /// Usage of every model call (on `completed` and `failed`).
+    /// Usage of every model call that answered: of the attempt that ended the task (on
+    /// `completed` and `failed`), or of the attempt that failed (on `retrying`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<CallUsage>,
     /// What the task's model calls cost in US dollars (on `completed` and `failed`, when the

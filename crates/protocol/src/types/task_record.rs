@@ -174,7 +174,7 @@ impl TaskRecord {
         if self.state != TaskState::Running {
             return Err(self.wrong_state("failed"));
         }
-        self.record_attempt(error, Some(usage), now_ms);
+        self.record_attempt(error, Some(usage), calls.clone(), now_ms);
         self.error = Some(error.clone());
         self.updated_at_ms = now_ms;
         if may_retry && is_retryable(&error.code) && self.attempt < self.max_attempts {
@@ -229,7 +229,7 @@ impl TaskRecord {
         }
         if was == TaskState::Running {
             // The running attempt ends here: it goes into the history like any failed attempt.
-            self.record_attempt(error, None, now_ms);
+            self.record_attempt(error, None, Vec::new(), now_ms);
         }
         self.state = TaskState::Failed;
         self.error = Some(error.clone());
@@ -240,7 +240,13 @@ impl TaskRecord {
 
     /// Puts the current attempt into `attempts` as failed with `error` (replacing an earlier
     /// entry for the same attempt, so a redelivered outcome writes it once).
-    fn record_attempt(&mut self, error: &ErrorInfo, usage: Option<Usage>, now_ms: u64) {
+    fn record_attempt(
+        &mut self,
+        error: &ErrorInfo,
+        usage: Option<Usage>,
+        calls: Vec<CallUsage>,
+        now_ms: u64,
+    ) {
         let attempt = self.attempt;
         self.attempts.retain(|a| a.attempt != attempt);
         self.attempts.push(AttemptRecord {
@@ -249,6 +255,7 @@ impl TaskRecord {
             runner_id: self.runner_id.clone(),
             error: error.clone(),
             usage,
+            calls,
             started_at_ms: self.started_at_ms,
             finished_at_ms: now_ms,
         });
@@ -284,6 +291,9 @@ pub struct AttemptRecord {
     pub runner_id: Option<String>,
     pub error: ErrorInfo,
     pub usage: Option<Usage>,
+    /// The model calls the attempt made that answered (what it spent), when it reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallUsage>,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: u64,
 }
