@@ -34,3 +34,4 @@ mod scale_out;
 mod scheduling;
 mod tls;
 mod trace_propagation;
+mod transcripts;

@@ -220,6 +220,14 @@ impl Names {
         deadletter_subject(source) = prefix ".deadletter.{source}";
         /// Every dead-letter record.
         deadletter_all() = prefix ".deadletter.>";
+        /// One entry of a task's transcript: a model call (`kind` `model`) or a tool call
+        /// (`tool-<index>`) of one step of one attempt, recorded before the step goes on.
+        transcript_subject(tenant, task_id, attempt, step, kind) =
+            prefix ".transcripts.{tenant}.{task_id}.{attempt}.{step}.{kind}";
+        /// Every transcript entry of one task.
+        transcripts_of(tenant, task_id) = prefix ".transcripts.{tenant}.{task_id}.>";
+        /// Every transcript entry.
+        transcripts_all() = prefix ".transcripts.>";
     }
 
     // ---- request/reply subjects ------------------------------------------------------------
@@ -296,6 +304,9 @@ impl Names {
         /// Texts agents remembered, with their embeddings: every runner's recall index is built
         /// from it.
         recall_stream() = upper "_RECALL";
+        /// What every model call and tool call of a task asked and answered (per-message TTLs:
+        /// each tenant's retention).
+        transcripts_stream() = upper "_TRANSCRIPTS";
     }
 
     // ---- buckets ---------------------------------------------------------------------------

@@ -201,6 +201,7 @@ pub fn topology_streams(n: &Names) -> Vec<String> {
         n.messages_stream(),
         n.topics_stream(),
         n.recall_stream(),
+        n.transcripts_stream(),
     ];
     s.extend(buckets(n).iter().map(|b| kv_stream(b)));
     s
@@ -351,6 +352,7 @@ fn runner(g: &mut G<'_>, id: &str, templates: &[String]) {
         .publish(n.deadletter_subject(service::AGENT_RUNNER))
         .publish(n.topics_all())
         .publish(n.recall_subject("*"))
+        .publish(n.transcripts_all())
         .publish(n.tenant_submit_all())
         .publish(n.msg_send_runner(id));
     for op in BudgetOp::ALL.iter().filter(|op| !op.is_control()) {
@@ -437,7 +439,13 @@ fn auditor(g: &mut G<'_>) {
             .publish(api(format!("DIRECT.GET.{s}.>")));
     }
     // Ordered reads of the streams that hold no durables.
-    for s in [n.events_stream(), n.ledger_stream(), n.deadletter_stream(), n.recall_stream()] {
+    for s in [
+        n.events_stream(),
+        n.ledger_stream(),
+        n.deadletter_stream(),
+        n.recall_stream(),
+        n.transcripts_stream(),
+    ] {
         g.ordered(&s, None);
     }
     for b in buckets(n) {

@@ -37,6 +37,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("stats-report", s::<StatsReport>()),
         ("alert-event", s::<AlertEvent>()),
         ("wait-event", s::<WaitEvent>()),
+        ("transcript-entry", s::<TranscriptEntry>()),
         ("queue-request", s::<QueueRequest>()),
         ("queue-report", s::<QueueReport>()),
         ("scale-request", s::<ScaleRequest>()),

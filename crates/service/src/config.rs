@@ -106,6 +106,10 @@ pub struct StreamSettings {
     /// from the start, can still get).
     #[serde(with = "humantime_serde")]
     pub topics_max_age: Duration,
+    /// How long transcripts are kept at most (a tenant's may be shorter: the runners'
+    /// `transcript_retention`, a per-message TTL).
+    #[serde(with = "humantime_serde")]
+    pub transcripts_max_age: Duration,
 }
 
 impl Default for StreamSettings {
@@ -120,6 +124,7 @@ impl Default for StreamSettings {
             max_msg_size: 1024 * 1024,
             messages_max_age: Duration::from_secs(7 * 24 * 3600),
             topics_max_age: Duration::from_secs(7 * 24 * 3600),
+            transcripts_max_age: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

@@ -293,7 +293,9 @@ impl Fleet {
         self.send_with_headers(subject, self.headers(msg_id), payload).await
     }
 
-    async fn send_with_headers(
+    /// Sends `payload` with `headers` (see [`Self::headers`]) to a stream; awaited as
+    /// [`Self::send_durable`]'s.
+    pub async fn send_with_headers(
         &self,
         subject: String,
         headers: HeaderMap,

@@ -270,5 +270,20 @@ pub fn stream_configs(names: &Names, s: &StreamSettings) -> Vec<stream::Config> 
             max_message_size: 1024 * 1024,
             ..base(names.recall_stream(), vec![names.recall_all()], "Flotilla: what agents remembered")
         },
+        stream::Config {
+            // Audit: kept for the longest retention, each tenant's entries for its own (a TTL on
+            // every message), and never deleted by hand.
+            retention: stream::RetentionPolicy::Limits,
+            max_age: s.transcripts_max_age,
+            allow_message_ttl: true,
+            deny_delete: true,
+            duplicate_window: Duration::from_secs(120),
+            max_message_size: 1024 * 1024,
+            ..base(
+                names.transcripts_stream(),
+                vec![names.transcripts_all()],
+                "Flotilla: transcripts of model and tool calls",
+            )
+        },
     ]
 }

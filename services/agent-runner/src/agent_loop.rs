@@ -32,6 +32,8 @@ pub struct Env {
     /// Publish each step as a task `progress` event (off for work on a direct message, which
     /// belongs to no task of its own).
     pub report_steps: bool,
+    /// Where the task's transcript is recorded (absent: not recorded).
+    pub transcript: Option<crate::transcript::Recorder>,
 }
 
 /// A finished loop.
@@ -215,6 +217,12 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             provider: Some(t.provider.to_string()),
             duration_ms: took_ms,
         });
+        // What the model answered is stored before anything acts on it.
+        if let Some(r) = &env.transcript {
+            r.model(step, &t.provider.to_string(), &req, &resp, took_ms)
+                .await
+                .map_err(LoopError::Infrastructure)?;
+        }
 
         // A first step that is already the answer has nothing to report that `completed` does
         // not carry (the text, this call's usage): it gets no `progress` event of its own.
@@ -262,6 +270,9 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                 }
                 Err(e) => return Err(LoopError::Crashed(format!("tool {} was aborted: {e}", call.name))),
             };
+            if let Some(r) = &env.transcript {
+                r.tool(step, index, &call, &content, is_error).await.map_err(LoopError::Infrastructure)?;
+            }
             previous_results.push(json!({ "name": call.name, "content": content, "is_error": is_error }));
             turns.push(Turn::ToolResult { call_id: call.id, name: call.name, content, is_error });
         }

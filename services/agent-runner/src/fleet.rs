@@ -112,6 +112,10 @@ pub struct AgentTemplate {
     /// Retries of failed provider calls.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Record the transcript of this template's tasks (every model and tool call, see
+    /// `flotilla replay`); off, replay says the task was not recorded.
+    #[serde(default = "yes")]
+    pub transcripts: bool,
     /// Stream the model's answers and publish their text as it arrives (`progress` events with
     /// `text_delta`). Only the `openai` provider streams; default `true` there, ignored elsewhere.
     #[serde(default)]
@@ -180,6 +184,10 @@ fn default_provider() -> String {
 
 fn one() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl FleetFile {

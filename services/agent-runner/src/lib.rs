@@ -14,6 +14,7 @@ mod partial_text;
 pub mod recall;
 mod registry;
 pub mod tools;
+pub mod transcript;
 mod worker;
 
 use std::path::PathBuf;
@@ -61,6 +62,9 @@ pub struct Config {
     /// Reserve every model call's tokens with the budget-keeper first (and commit its usage
     /// after). With this off, only the task's own token cap is checked, by the runner alone.
     pub budgets: bool,
+    /// How long each tenant's transcripts are kept (e.g. `acme = "7d"`), when shorter than the
+    /// transcripts stream's `streams.transcripts_max_age`; a per-message TTL.
+    pub transcript_retention: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             secrets_file: None,
             message_aging: mailbox::DEFAULT_AGING,
             budgets: true,
+            transcript_retention: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -326,6 +331,7 @@ async fn run(
         grants: grants.clone(),
         recall: recall_index.clone(),
         embedders,
+        transcript_retention: config.transcript_retention.iter().map(|(t, d)| (t.clone(), **d)).collect(),
     });
     let messages = fleet
         .js

@@ -866,6 +866,8 @@ async fn act(env: &Env, slot: &Arc<Slot>, e: &Envelope, take_key: &str) -> Resul
             deadline_ms: Some(e.expires_at_ms.max(now_ms().saturating_add(60_000))),
         }),
         report_steps: false,
+        // A message's handling belongs to no task: it has no transcript of its own.
+        transcript: None,
     };
     slot.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let result = agent_loop::run(&loop_env, &rec).await;

@@ -48,6 +48,8 @@ pub struct Context {
     /// What agents remembered, and each template's embedder.
     pub recall: Arc<crate::recall::Index>,
     pub embedders: std::collections::HashMap<String, crate::recall::Embedder>,
+    /// Each tenant's transcript retention, when set.
+    pub transcript_retention: std::collections::BTreeMap<String, Duration>,
 }
 
 impl Context {
@@ -422,6 +424,15 @@ async fn run_claimed(
             crate::budget::Budgets::for_attempt(client, &rec, rev, &slot.agent_id, &slot.template)
         }),
         report_steps: true,
+        transcript: slot.template.transcripts.then(|| {
+            crate::transcript::Recorder::new(
+                ctx.fleet.clone(),
+                &rec,
+                &slot.agent_id,
+                &slot.template.name,
+                ctx.transcript_retention.get(&rec.tenant).copied(),
+            )
+        }),
     };
 
     let mut cancelled = false;

@@ -9,6 +9,7 @@ mod message;
 mod stats;
 mod task;
 mod task_record;
+mod transcript;
 
 pub use agent::*;
 pub use budget::*;
@@ -18,3 +19,4 @@ pub use message::*;
 pub use stats::*;
 pub use task::*;
 pub use task_record::*;
+pub use transcript::*;
