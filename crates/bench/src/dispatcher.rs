@@ -38,6 +38,8 @@ pub struct Sizes {
     pub queued: usize,
     /// Rounds of (e), the cost of tracing (0: skipped).
     pub tracing_rounds: usize,
+    /// The bench template records transcripts (its default).
+    pub transcripts: bool,
 }
 
 /// The project's goals for the dispatcher.
@@ -302,7 +304,7 @@ impl Runners {
     }
 
     /// The bench fleet file.
-    fn fleet_toml(budgets: bool) -> String {
+    fn fleet_toml(budgets: bool, transcripts: bool) -> String {
         let mut fleet_toml = format!(
             "[[agent]]\nname = \"{CAPABILITY}\"\ncapabilities = [\"{CAPABILITY}\"]\nprovider = \"offline\"\n\
              concurrency = {AGENT_CONCURRENCY}\nreplicas = {AGENTS_PER_RUNNER}\n"
@@ -310,11 +312,19 @@ impl Runners {
         if budgets {
             fleet_toml.push_str(&format!("max_tokens_per_task = {TASK_CAP_TOKENS}\n"));
         }
+        if !transcripts {
+            fleet_toml.push_str("transcripts = false\n");
+        }
         fleet_toml
     }
 
-    async fn start(local: &mut LocalFleet, dir: &std::path::Path, budgets: bool) -> anyhow::Result<Self> {
-        let fleet_toml = Self::fleet_toml(budgets);
+    async fn start(
+        local: &mut LocalFleet,
+        dir: &std::path::Path,
+        budgets: bool,
+        transcripts: bool,
+    ) -> anyhow::Result<Self> {
+        let fleet_toml = Self::fleet_toml(budgets, transcripts);
         let runner_bin: Option<PathBuf> = std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("flotilla-agent-runner")))
@@ -339,12 +349,16 @@ impl Runners {
             }
             return Ok(Self::Processes(children));
         }
-        Self::start_in_process(local, budgets).await
+        Self::start_in_process(local, budgets, transcripts).await
     }
 
     /// The runners in this process.
-    async fn start_in_process(local: &mut LocalFleet, budgets: bool) -> anyhow::Result<Self> {
-        let fleet_toml = Self::fleet_toml(budgets);
+    async fn start_in_process(
+        local: &mut LocalFleet,
+        budgets: bool,
+        transcripts: bool,
+    ) -> anyhow::Result<Self> {
+        let fleet_toml = Self::fleet_toml(budgets, transcripts);
         let mut handles = Vec::new();
         for id in RUNNERS {
             // Without --budgets no budget-keeper runs, so budgets are off.
@@ -516,7 +530,7 @@ fn span_summary(timings: &profile::ByName) -> serde_json::Value {
 }
 
 pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: bool) -> anyhow::Result<()> {
-    let Sizes { tasks, agents, queued, tracing_rounds } = sizes;
+    let Sizes { tasks, agents, queued, tracing_rounds, transcripts } = sizes;
     if tasks < 10 || agents == 0 || queued < 2 {
         return Err(Usage("--tasks must be at least 10, --agents and --queued at least 2".to_owned()).into());
     }
@@ -576,7 +590,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: 
         progress(started, "starting the budget-keeper");
         local.spawn("bench-budget-keeper", flotilla_budget_keeper::BudgetKeeper::default()).await?;
     }
-    let runners = Runners::start(&mut local, dir.path(), budgets).await?;
+    let runners = Runners::start(&mut local, dir.path(), budgets, transcripts).await?;
     let result = async {
         if budgets {
             keeper_answers(&fleet).await?;
@@ -591,7 +605,18 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: 
     let e = match (&result, tracing_rounds) {
         (Ok(m), 1..) => {
             let run = TracingRun { rounds: tracing_rounds, tasks: (tasks / 20).max(10), rate: m.rate / 2.0 };
-            Some(tracing_cost(&mut local, &topology, budgets, run, &provider, &receiver, started).await)
+            Some(
+                tracing_cost(
+                    &mut local,
+                    &topology,
+                    (budgets, transcripts),
+                    run,
+                    &provider,
+                    &receiver,
+                    started,
+                )
+                .await,
+            )
         }
         _ => None,
     };
@@ -639,6 +664,7 @@ pub async fn run(cli: &Cli, sizes: Sizes, server_config: ServerConfig, budgets: 
             "slots": RUNNERS.len() as u32 * AGENTS_PER_RUNNER * AGENT_CONCURRENCY,
             "model": "offline, zero latency, one step",
             "budgets": budgets,
+            "transcripts": transcripts,
             "budget_keeper": budgets.then_some("in process, own connection"),
             "task_cap_tokens": budgets.then_some(TASK_CAP_TOKENS),
         },
@@ -1096,7 +1122,7 @@ struct TracingCost {
 async fn tracing_cost(
     local: &mut LocalFleet,
     topology: &Topology,
-    budgets: bool,
+    (budgets, transcripts): (bool, bool),
     run: TracingRun,
     provider: &opentelemetry_sdk::trace::SdkTracerProvider,
     receiver: &crate::otlp::Receiver,
@@ -1104,7 +1130,7 @@ async fn tracing_cost(
 ) -> anyhow::Result<TracingCost> {
     let TracingRun { rounds, tasks, rate } = run;
     progress(started, &format!("(e) tracing off and on: {rounds} rounds of {tasks} tasks at {rate:.0}/s"));
-    let runners = Runners::start_in_process(local, budgets).await?;
+    let runners = Runners::start_in_process(local, budgets, transcripts).await?;
     let fleet = local.fleet().clone();
     let result = async {
         agents_registered(topology).await?;

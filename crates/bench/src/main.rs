@@ -96,6 +96,10 @@ pub enum BenchWhat {
         /// ends. Reports the ledger entries per task too.
         #[arg(long)]
         budgets: bool,
+        /// Run the bench template with `transcripts = false`: no transcript entry is stored
+        /// before the model's answer is acted on (to see what recording costs).
+        #[arg(long)]
+        no_transcripts: bool,
     },
     /// Direct messages send → handled (through the router, offline model) next to raw JetStream
     /// publish → consume on the same server, and the consumers they cost at that many agents.
@@ -218,12 +222,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             quick,
             server_config: conf,
             budgets,
+            no_transcripts,
         } => {
             let sizes = dispatcher::Sizes {
                 tasks: tasks.unwrap_or(if *quick { 100 } else { 2000 }),
                 agents: agents.unwrap_or(if *quick { 500 } else { 10_000 }),
                 queued: queued.unwrap_or(if *quick { 20_000 } else { 1_000_000 }),
                 tracing_rounds: tracing_rounds.unwrap_or(if *quick { 4 } else { 40 }),
+                transcripts: !*no_transcripts,
             };
             dispatcher::run(cli, sizes, server_config(conf.as_deref()), *budgets).await
         }
