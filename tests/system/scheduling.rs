@@ -142,7 +142,10 @@ async fn a_context_stays_on_its_agent_while_it_keeps_up_and_moves_when_it_is_bus
         events.iter().filter(|e| e.kind == "assigned" && e.reason.as_deref() == Some("affinity_hit")).count();
     assert_eq!(hits, 99, "every task after the first is an affinity hit");
 
-    // Hold the home agent busy beyond the affinity wait: the next tasks go elsewhere.
+    // Hold the home agent busy beyond the affinity wait: the next tasks go elsewhere. (First let
+    // the scheduler see the last of the 100 finish: on a loaded machine a slot it still counts
+    // busy would send a hold elsewhere after its affinity wait, and the context with it.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
     sys.submit(&keyed("hold-1".into(), 4000)).await;
     sys.submit(&keyed("hold-2".into(), 4000)).await;
     flotilla_testkit::eventually(Duration::from_secs(10), "the home agent to be busy", || async {
