@@ -11,6 +11,7 @@ mod support;
 mod agent_loop;
 mod any_client;
 mod approval;
+mod audit;
 mod autoscale;
 mod bad_input;
 mod budgets;

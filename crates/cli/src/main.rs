@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 the task failed or was rejected; 2 bad usage; 3 not found;
 //! 4 timed out; 5 NATS or the fleet could not be reached or used.
 
+mod audit;
 mod auth;
 mod bench;
 mod budget;
@@ -16,6 +17,7 @@ mod local;
 mod memory;
 mod output;
 mod queue;
+mod replay;
 mod stats;
 mod top;
 mod topics;
@@ -155,6 +157,12 @@ pub enum Command {
     /// Identities and credentials: init, add-runner, add-submitter, add-operator, add-auditor,
     /// revoke, list.
     Auth(auth::AuthArgs),
+    /// A task's whole story from the streams (events, assignment reasons, transcripts,
+    /// messages, budget ledger, approvals; `--tree` its children), `--follow` a live one, or
+    /// `--rerun` its agent loop against the recorded answers and compare every decision.
+    Replay(replay::ReplayArgs),
+    /// Audit the fleet's history: `verify` it (or an export), `export` it with a hash chain.
+    Audit(audit::AuditArgs),
     /// Approve the pending human-approval request of a task.
     Approve {
         /// Task id.
@@ -202,6 +210,8 @@ fn main() -> ExitCode {
             Command::Budget(args) => budget::run(&cli, args).await,
             Command::Bench(args) => bench::exec(&cli, args),
             Command::Auth(args) => auth::run(&cli, args).await,
+            Command::Replay(args) => replay::run(&cli, args).await,
+            Command::Audit(args) => audit::run(&cli, args).await,
             Command::Approve { id, comment } => client::decide(&cli, id, true, comment.clone()).await,
             Command::Reject { id, comment } => client::decide(&cli, id, false, comment.clone()).await,
         }

@@ -226,6 +226,8 @@ impl Names {
             prefix ".transcripts.{tenant}.{task_id}.{attempt}.{step}.{kind}";
         /// Every transcript entry of one task.
         transcripts_of(tenant, task_id) = prefix ".transcripts.{tenant}.{task_id}.>";
+        /// Every transcript entry of one task (of whatever tenant).
+        task_transcripts(task_id) = prefix ".transcripts.*.{task_id}.>";
         /// Every transcript entry.
         transcripts_all() = prefix ".transcripts.>";
     }

@@ -452,5 +452,8 @@ fn auditor(g: &mut G<'_>) {
         g.ordered(&kv_stream(&b), None);
     }
     g.subscribe(n.events_all()).subscribe(n.ledger_all()).subscribe(n.deadletter_all());
-    g.deny(format!("{}.>", n.prefix())).deny("$KV.>").deny("$O.>");
+    // `audit verify` compares the ledger's budgets with the keeper's (a read): the one subject
+    // of the fleet an auditor publishes to (the allow-list stops every other).
+    g.publish(n.budget_subject(BudgetOp::Show.as_str()));
+    g.deny("$KV.>").deny("$O.>");
 }

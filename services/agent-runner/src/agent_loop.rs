@@ -56,6 +56,55 @@ pub enum LoopError {
     Infrastructure(flotilla_service::nats::FleetError),
 }
 
+/// What one step's model call came to.
+#[derive(Debug)]
+pub(crate) struct Called {
+    pub resp: crate::llm::ChatResponse,
+    /// What it cost (priced by the budget-keeper).
+    pub cost: Option<f64>,
+    pub took_ms: Option<u64>,
+}
+
+/// Why a step ends the loop.
+#[derive(Debug)]
+pub(crate) enum Halt {
+    /// The task fails with `code`; `extra` is a call that ran and is counted although the loop
+    /// did not get its answer.
+    Fail { code: String, message: String, extra: Option<CallUsage> },
+    /// The loop stops without a verdict.
+    Stop(LoopError),
+}
+
+impl Halt {
+    pub(crate) fn fail(code: &str, message: impl Into<String>) -> Self {
+        Self::Fail { code: code.to_owned(), message: message.into(), extra: None }
+    }
+}
+
+/// What the loop does outside itself: the model calls, the tool calls, the reports of a step
+/// and the agent's state. The live loop ([`Live`]) calls the provider under budgets and runs the
+/// tools; a re-run (`crate::rerun`) answers from a recorded transcript.
+pub(crate) trait Io {
+    fn set_state(&self, to: AgentState);
+    /// The model call of `step`; `req.max_tokens` may be lowered by the call's budget.
+    async fn chat(&self, step: u32, req: &mut ChatRequest) -> Result<Called, Halt>;
+    /// The call of `step` answered (what it answered is stored before anything acts on it).
+    async fn answered(
+        &self,
+        step: u32,
+        req: &ChatRequest,
+        called: &Called,
+        previous_results: &[Value],
+    ) -> Result<(), LoopError>;
+    /// Tool call `index` of `step`: its result and whether it is an error.
+    async fn tool(
+        &self,
+        step: u32,
+        index: usize,
+        call: &crate::llm::ToolCall,
+    ) -> Result<(String, bool), Halt>;
+}
+
 /// Runs the loop for one claimed task: an `invoke_agent {template}` span (OpenTelemetry GenAI
 /// conventions) holding a `chat {model}` span per model call and an `execute_tool {tool}` span
 /// per tool call.
@@ -71,8 +120,17 @@ pub enum LoopError {
     )
 )]
 pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
-    let t = &env.template;
-    let tools = env.registry.specs(&t.tools);
+    let tools = env.registry.specs(&env.template.tools);
+    drive(&Live { env, rec }, &env.template, tools, rec).await
+}
+
+/// The loop itself: plan, act, repeat, with every effect through `io`.
+pub(crate) async fn drive(
+    io: &impl Io,
+    t: &AgentTemplate,
+    tools: Vec<crate::llm::ToolSpec>,
+    rec: &TaskRecord,
+) -> Result<Answer, LoopError> {
     let cap = rec.budget_tokens.or(t.max_tokens_per_task);
     let mut turns = vec![Turn::User(input_text(&rec.input))];
     let mut usage = Usage::default();
@@ -84,7 +142,7 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
         calls,
     };
     for step in 1..=t.max_steps {
-        env.states.set(AgentState::Planning);
+        io.set_state(AgentState::Planning);
         let remaining = cap.map(|c| c.saturating_sub(usage.total_tokens));
         if remaining == Some(0) {
             let msg = format!("the task's token cap of {} is used up", cap.unwrap_or_default());
@@ -101,30 +159,87 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
             max_tokens,
             purpose: rec.capability.clone(),
             attempt: rec.attempt,
-            single_try: env.budgets.is_some(),
+            single_try: false,
         };
+        let called = match io.chat(step, &mut req).await {
+            Ok(c) => c,
+            Err(Halt::Stop(e)) => return Err(e),
+            Err(Halt::Fail { code, message, extra }) => {
+                if let Some(c) = extra {
+                    usage.add(c.usage);
+                    calls.push(c);
+                }
+                return Err(fail(&code, message, usage, calls));
+            }
+        };
+        usage.add(called.resp.usage);
+        calls.push(CallUsage {
+            step,
+            model: t.model.clone(),
+            usage: called.resp.usage,
+            cost_usd: called.cost,
+            provider: Some(t.provider.to_string()),
+            duration_ms: called.took_ms,
+        });
+        io.answered(step, &req, &called, &previous_results).await?;
+        let resp = called.resp;
+        if resp.tool_calls.is_empty() {
+            io.set_state(AgentState::Idle);
+            return Ok(Answer { text: resp.text, steps: step, usage, calls });
+        }
+        io.set_state(AgentState::Executing);
+        turns.push(Turn::Assistant { text: resp.text.clone(), tool_calls: resp.tool_calls.clone() });
+        previous_results = Vec::new();
+        for (index, call) in resp.tool_calls.into_iter().enumerate() {
+            let (content, is_error) = match io.tool(step, index, &call).await {
+                Ok(r) => r,
+                Err(Halt::Stop(e)) => return Err(e),
+                Err(Halt::Fail { code, message, .. }) => {
+                    io.set_state(AgentState::Idle);
+                    return Err(fail(&code, message, usage, calls));
+                }
+            };
+            previous_results.push(json!({ "name": call.name, "content": content, "is_error": is_error }));
+            turns.push(Turn::ToolResult { call_id: call.id, name: call.name, content, is_error });
+        }
+    }
+    let msg = format!("no final answer within {} steps", t.max_steps);
+    Err(fail("max_steps_exceeded", msg, usage, calls))
+}
+
+/// The loop's effects on a live fleet: the provider under the task's budgets, the tools of the
+/// registry, the transcript and the task's `progress` events.
+struct Live<'a> {
+    env: &'a Env,
+    rec: &'a TaskRecord,
+}
+
+impl Io for Live<'_> {
+    fn set_state(&self, to: AgentState) {
+        self.env.states.set(to);
+    }
+
+    async fn chat(&self, step: u32, req: &mut ChatRequest) -> Result<Called, Halt> {
+        let (env, rec) = (self.env, self.rec);
+        let t = &env.template;
+        req.single_try = env.budgets.is_some();
+        let max_tokens = req.max_tokens;
         let mut try_n = 0u32;
-        let mut took_ms: Option<u64>;
-        let (resp, cost) = loop {
+        loop {
             try_n += 1;
             let held = match &env.budgets {
                 None => None,
-                Some(b) => match b.reserve(t, &req, step, try_n, &env.tool_ctx.cancel).await {
+                Some(b) => match b.reserve(t, req, step, try_n, &env.tool_ctx.cancel).await {
                     Ok((held, completion)) => {
                         req.max_tokens = max_tokens.min(completion);
                         Some(held)
                     }
                     Err(crate::budget::Denied::Fail(e)) => {
                         env.states.set(AgentState::Idle);
-                        return Err(fail(&e.code, e.message, usage, calls));
+                        return Err(Halt::fail(&e.code, e.message));
                     }
                     Err(crate::budget::Denied::Cancelled) => {
-                        return Err(fail(
-                            "cancelled",
-                            "cancelled while waiting for the budget".into(),
-                            usage,
-                            calls,
-                        ));
+                        return Err(Halt::fail("cancelled", "cancelled while waiting for the budget"));
                     }
                 },
             };
@@ -148,8 +263,8 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                 step,
             );
             let started = std::time::Instant::now();
-            let result = tracing::Instrument::instrument(call(env, rec, step, &req), span.clone()).await;
-            took_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+            let result = tracing::Instrument::instrument(call(env, rec, step, req), span.clone()).await;
+            let took_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
             match &result {
                 Ok(r) => {
                     span.record("gen_ai.usage.input_tokens", r.usage.prompt_tokens);
@@ -160,27 +275,26 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                 }
             }
             let (Some(b), Some(in_flight)) = (&env.budgets, in_flight) else {
-                match result {
-                    Ok(r) => break (r, None),
-                    Err(e) => return Err(fail(e.code(), e.to_string(), usage, calls)),
-                }
+                return match result {
+                    Ok(resp) => Ok(Called { resp, cost: None, took_ms }),
+                    Err(e) => Err(Halt::fail(e.code(), e.to_string())),
+                };
             };
             match result {
-                Ok(r) => match in_flight.commit(r.usage.total_tokens, r.usage.prompt_tokens).await {
-                    Ok(cost) => break (r, cost),
+                Ok(resp) => match in_flight.commit(resp.usage.total_tokens, resp.usage.prompt_tokens).await {
+                    Ok(cost) => return Ok(Called { resp, cost, took_ms }),
                     Err(e) => {
                         // The call ran: its usage is reported even though the keeper did not
                         // record it.
-                        usage.add(r.usage);
-                        calls.push(CallUsage {
+                        let extra = CallUsage {
                             step,
                             model: t.model.clone(),
-                            usage: r.usage,
+                            usage: resp.usage,
                             cost_usd: None,
                             provider: Some(t.provider.to_string()),
                             duration_ms: took_ms,
-                        });
-                        return Err(fail(&e.code, e.message, usage, calls));
+                        };
+                        return Err(Halt::Fail { code: e.code, message: e.message, extra: Some(extra) });
                     }
                 },
                 Err(e) => {
@@ -200,85 +314,92 @@ pub async fn run(env: &Env, rec: &TaskRecord) -> Result<Answer, LoopError> {
                         in_flight.release().await;
                     }
                     if !e.is_retryable() || try_n >= t.retry.max_attempts.max(1) {
-                        return Err(fail(e.code(), e.to_string(), usage, calls));
+                        return Err(Halt::fail(e.code(), e.to_string()));
                     }
                     let wait = hint.unwrap_or_else(|| t.retry.backoff(try_n, None));
                     tracing::warn!(error = %e, try_n, wait = ?wait, "provider call failed; trying again");
                     tokio::time::sleep(wait).await;
                 }
             }
-        };
-        usage.add(resp.usage);
-        calls.push(CallUsage {
-            step,
-            model: t.model.clone(),
-            usage: resp.usage,
-            cost_usd: cost,
-            provider: Some(t.provider.to_string()),
-            duration_ms: took_ms,
-        });
+        }
+    }
+
+    async fn answered(
+        &self,
+        step: u32,
+        req: &ChatRequest,
+        called: &Called,
+        previous_results: &[Value],
+    ) -> Result<(), LoopError> {
+        let (env, resp) = (self.env, &called.resp);
         // What the model answered is stored before anything acts on it.
         if let Some(r) = &env.transcript {
-            r.model(step, &t.provider.to_string(), &req, &resp, took_ms)
+            r.model(step, &env.template.provider.to_string(), req, resp, called.took_ms)
                 .await
                 .map_err(LoopError::Infrastructure)?;
         }
-
         // A first step that is already the answer has nothing to report that `completed` does
         // not carry (the text, this call's usage): it gets no `progress` event of its own.
         let answered_at_once = step == 1 && resp.tool_calls.is_empty();
         if !answered_at_once && env.report_steps {
-            publish_step(env, rec, step, &resp, &previous_results).await?;
+            publish_step(env, self.rec, step, resp, previous_results).await?;
         }
-        if resp.tool_calls.is_empty() {
-            env.states.set(AgentState::Idle);
-            return Ok(Answer { text: resp.text, steps: step, usage, calls });
-        }
-        env.states.set(AgentState::Executing);
-        turns.push(Turn::Assistant { text: resp.text.clone(), tool_calls: resp.tool_calls.clone() });
-        previous_results = Vec::new();
-        for (index, call) in resp.tool_calls.into_iter().enumerate() {
-            let mut ctx = env.tool_ctx.clone();
-            ctx.step = step;
-            ctx.index = index;
-            let registry = env.registry.clone();
-            let allowed = t.tools.clone();
-            let (name, args) = (call.name.clone(), call.arguments.clone());
-            let span = tracing::info_span!(
-                "execute_tool",
-                otel.name = %format!("execute_tool {name}"),
-                gen_ai.operation.name = "execute_tool",
-                gen_ai.tool.name = %name,
-                step,
-                index,
-            );
-            let joined = tokio::spawn(tracing::Instrument::instrument(
-                async move { registry.call(&allowed, &name, args, &ctx).await },
-                span,
-            ))
-            .await;
-            let (content, is_error) = match joined {
-                Ok(Ok(v)) => (v.to_string(), false),
-                Ok(Err(e)) if e.fails_task.is_some() => {
-                    env.states.set(AgentState::Idle);
-                    let code = e.fails_task.unwrap_or("tool_failed");
-                    return Err(fail(code, e.message, usage, calls));
-                }
-                Ok(Err(e)) => (format!("error: {e}"), true),
-                Err(e) if e.is_panic() => {
-                    return Err(LoopError::Crashed(format!("tool {} panicked", call.name)));
-                }
-                Err(e) => return Err(LoopError::Crashed(format!("tool {} was aborted: {e}", call.name))),
-            };
-            if let Some(r) = &env.transcript {
-                r.tool(step, index, &call, &content, is_error).await.map_err(LoopError::Infrastructure)?;
-            }
-            previous_results.push(json!({ "name": call.name, "content": content, "is_error": is_error }));
-            turns.push(Turn::ToolResult { call_id: call.id, name: call.name, content, is_error });
-        }
+        Ok(())
     }
-    let msg = format!("no final answer within {} steps", t.max_steps);
-    Err(fail("max_steps_exceeded", msg, usage, calls))
+
+    async fn tool(
+        &self,
+        step: u32,
+        index: usize,
+        call: &crate::llm::ToolCall,
+    ) -> Result<(String, bool), Halt> {
+        let env = self.env;
+        let mut ctx = env.tool_ctx.clone();
+        ctx.step = step;
+        ctx.index = index;
+        let registry = env.registry.clone();
+        let allowed = env.template.tools.clone();
+        let (name, args) = (call.name.clone(), call.arguments.clone());
+        let span = tracing::info_span!(
+            "execute_tool",
+            otel.name = %format!("execute_tool {name}"),
+            gen_ai.operation.name = "execute_tool",
+            gen_ai.tool.name = %name,
+            step,
+            index,
+        );
+        let joined = tokio::spawn(tracing::Instrument::instrument(
+            async move { registry.call(&allowed, &name, args, &ctx).await },
+            span,
+        ))
+        .await;
+        let (content, is_error) = match joined {
+            Ok(Ok(v)) => (v.to_string(), false),
+            Ok(Err(e)) if e.fails_task.is_some() => {
+                // Recorded too: the tool's answer is what ended the task.
+                if let Some(r) = &env.transcript {
+                    r.tool(step, index, call, &format!("error: {e}"), true)
+                        .await
+                        .map_err(|e| Halt::Stop(LoopError::Infrastructure(e)))?;
+                }
+                let code = e.fails_task.unwrap_or("tool_failed");
+                return Err(Halt::fail(code, e.message));
+            }
+            Ok(Err(e)) => (format!("error: {e}"), true),
+            Err(e) if e.is_panic() => {
+                return Err(Halt::Stop(LoopError::Crashed(format!("tool {} panicked", call.name))));
+            }
+            Err(e) => {
+                return Err(Halt::Stop(LoopError::Crashed(format!("tool {} was aborted: {e}", call.name))));
+            }
+        };
+        if let Some(r) = &env.transcript {
+            r.tool(step, index, call, &content, is_error)
+                .await
+                .map_err(|e| Halt::Stop(LoopError::Infrastructure(e)))?;
+        }
+        Ok((content, is_error))
+    }
 }
 
 /// One model call (its text published while it streams, with a streaming provider).

@@ -13,6 +13,7 @@ pub mod mailbox;
 mod partial_text;
 pub mod recall;
 mod registry;
+pub mod rerun;
 pub mod tools;
 pub mod transcript;
 mod worker;

@@ -60,30 +60,7 @@ impl Recorder {
         resp: &ChatResponse,
         duration_ms: Option<u64>,
     ) -> Result<(), FleetError> {
-        let mut cut = false;
-        let mut system = req.system.clone();
-        cut |= truncate(&mut system);
-        let mut messages: Vec<Value> = req.turns.iter().map(turn_json).collect();
-        let mut text = resp.text.clone();
-        cut |= truncate(&mut text);
-        let mut tool_calls: Vec<Value> = resp.tool_calls.iter().map(call_json).collect();
-        for v in messages.iter_mut().chain(tool_calls.iter_mut()) {
-            redact(v);
-            cut |= truncate_value(v);
-        }
-        let exchange = ModelExchange {
-            provider: provider.to_owned(),
-            model: req.model.clone(),
-            system,
-            messages,
-            tools: req.tools.iter().map(|t| t.name.clone()).collect(),
-            max_tokens: req.max_tokens,
-            text,
-            tool_calls,
-            usage: resp.usage,
-            finish: finish_name(&resp.finish).to_owned(),
-            duration_ms,
-        };
+        let (exchange, cut) = exchange(provider, req, resp, duration_ms);
         let entry = TranscriptEntry {
             step,
             kind: transcript_kind::MODEL.to_owned(),
@@ -103,23 +80,7 @@ impl Recorder {
         result: &str,
         is_error: bool,
     ) -> Result<(), FleetError> {
-        let mut arguments = match &call.arguments {
-            Ok(v) => v.clone(),
-            Err(raw) => Value::String(raw.clone()),
-        };
-        redact(&mut arguments);
-        let mut cut = truncate_value(&mut arguments);
-        let mut result = result.to_owned();
-        redact_text(&mut result);
-        cut |= truncate(&mut result);
-        let exchange = ToolExchange {
-            index: u32::try_from(index).unwrap_or(u32::MAX),
-            call_id: call.id.clone(),
-            name: call.name.clone(),
-            arguments,
-            result,
-            is_error,
-        };
+        let (exchange, cut) = tool_exchange(index, call, result, is_error);
         let entry = TranscriptEntry {
             step,
             kind: transcript_kind::TOOL.to_owned(),
@@ -152,6 +113,94 @@ impl Recorder {
     }
 }
 
+/// A model call as its transcript entry holds it (redacted and cut), and whether anything was cut.
+pub(crate) fn exchange(
+    provider: &str,
+    req: &ChatRequest,
+    resp: &ChatResponse,
+    duration_ms: Option<u64>,
+) -> (ModelExchange, bool) {
+    let mut cut = false;
+    let mut system = req.system.clone();
+    cut |= truncate(&mut system);
+    let mut messages: Vec<Value> = req.turns.iter().map(turn_json).collect();
+    let mut text = resp.text.clone();
+    cut |= truncate(&mut text);
+    let mut tool_calls: Vec<Value> = resp.tool_calls.iter().map(call_json).collect();
+    for v in messages.iter_mut().chain(tool_calls.iter_mut()) {
+        redact(v);
+        cut |= truncate_value(v);
+    }
+    let exchange = ModelExchange {
+        provider: provider.to_owned(),
+        model: req.model.clone(),
+        system,
+        messages,
+        tools: req.tools.iter().map(|t| t.name.clone()).collect(),
+        max_tokens: req.max_tokens,
+        text,
+        tool_calls,
+        usage: resp.usage,
+        finish: finish_name(&resp.finish).to_owned(),
+        duration_ms,
+    };
+    (exchange, cut)
+}
+
+/// A tool call as its transcript entry holds it (redacted and cut), and whether anything was cut.
+pub(crate) fn tool_exchange(
+    index: usize,
+    call: &ToolCall,
+    result: &str,
+    is_error: bool,
+) -> (ToolExchange, bool) {
+    let mut arguments = arguments_json(call);
+    redact(&mut arguments);
+    let mut cut = truncate_value(&mut arguments);
+    let mut result = result.to_owned();
+    redact_text(&mut result);
+    cut |= truncate(&mut result);
+    let exchange = ToolExchange {
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        call_id: call.id.clone(),
+        name: call.name.clone(),
+        arguments,
+        result,
+        is_error,
+    };
+    (exchange, cut)
+}
+
+/// A tool call's arguments as JSON: the object, or the text that did not parse as one.
+fn arguments_json(c: &ToolCall) -> Value {
+    match &c.arguments {
+        Ok(v) => v.clone(),
+        Err(raw) => Value::String(raw.clone()),
+    }
+}
+
+/// A recorded tool call back as the model's (`{"id", "name", "arguments"}`; arguments that are
+/// a string were text that did not parse as a JSON object).
+pub(crate) fn call_of(v: &Value) -> ToolCall {
+    let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let arguments = match v.get("arguments") {
+        Some(Value::String(raw)) => Err(raw.clone()),
+        Some(a) => Ok(a.clone()),
+        None => Ok(Value::Object(Default::default())),
+    };
+    ToolCall { id: text("id"), name: text("name"), arguments }
+}
+
+/// A recorded finish reason back as the provider's.
+pub(crate) fn finish_of(name: &str) -> Finish {
+    match name {
+        "stop" => Finish::Stop,
+        "tool_calls" => Finish::ToolCalls,
+        "length" => Finish::Length,
+        _ => Finish::Other,
+    }
+}
+
 fn finish_name(f: &Finish) -> &'static str {
     match f {
         Finish::Stop => "stop",
@@ -162,11 +211,7 @@ fn finish_name(f: &Finish) -> &'static str {
 }
 
 fn call_json(c: &ToolCall) -> Value {
-    let arguments = match &c.arguments {
-        Ok(v) => v.clone(),
-        Err(raw) => Value::String(raw.clone()),
-    };
-    json!({ "id": c.id, "name": c.name, "arguments": arguments })
+    json!({ "id": c.id, "name": c.name, "arguments": arguments_json(c) })
 }
 
 /// One turn as a provider-neutral message.

@@ -14,7 +14,8 @@ use crate::ledger::Ledger;
 use crate::snapshot::Snapshot;
 
 /// How long an ended reservation is remembered for repeated operations.
-const REMEMBER_MS: u64 = 15 * 60 * 1000;
+/// How long a rebuilt ledger remembers ended reservations and closed budgets.
+pub const REMEMBER_MS: u64 = 15 * 60 * 1000;
 
 type Source = Box<dyn std::error::Error + Send + Sync>;
 

@@ -26,9 +26,12 @@ use tracing::Instrument as _;
 
 use crate::{Config, Stats, UnknownCapability};
 
-/// The `accepted` event of a task record (with the warnings about its submission).
+/// The `accepted` event of a task record (with the warnings about its submission). Its `detail`
+/// is the record as accepted (input, parent, budget, labels, attempts allowed), so the event
+/// stream alone tells an auditor what was asked, after the record itself has expired.
 fn accepted_event(rec: &TaskRecord) -> TaskEvent {
     let mut ev = TaskEvent::for_task(rec, event_kind::ACCEPTED);
+    ev.detail = serde_json::to_value(rec).ok();
     if !rec.warnings.is_empty() {
         ev.reason = Some(rec.warnings.join("; "));
     }

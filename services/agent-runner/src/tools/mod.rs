@@ -150,6 +150,60 @@ pub trait Tool: Send + Sync + std::fmt::Debug {
     fn spec(&self) -> ToolSpec;
     /// Runs the tool with validated arguments.
     fn call<'a>(&'a self, ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>>;
+    /// For a tool whose result depends on its arguments alone (it reads no fleet state and has
+    /// no side effect): its result, computed without a context, so that `flotilla replay
+    /// --rerun` runs it again and compares. `None` (the default): a re-run takes the recorded
+    /// result instead of calling the tool.
+    fn replay(&self, _args: &Value) -> Option<Result<Value, ToolError>> {
+        None
+    }
+    /// True when [`Tool::replay`] computes the result.
+    fn is_pure(&self) -> bool {
+        false
+    }
+}
+
+/// A tool whose result depends on its arguments alone (see [`Tool::replay`]): re-runs execute
+/// it again and report a result that differs from the recorded one.
+pub struct Pure<F> {
+    spec: ToolSpec,
+    f: F,
+}
+
+impl<F> std::fmt::Debug for Pure<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pure").field("name", &self.spec.name).finish_non_exhaustive()
+    }
+}
+
+/// A [`Pure`] tool of `spec` computed by `f`.
+pub fn pure<F>(spec: ToolSpec, f: F) -> Arc<dyn Tool>
+where
+    F: Fn(&Value) -> Result<Value, ToolError> + Send + Sync + 'static,
+{
+    Arc::new(Pure { spec, f })
+}
+
+impl<F> Tool for Pure<F>
+where
+    F: Fn(&Value) -> Result<Value, ToolError> + Send + Sync + 'static,
+{
+    fn spec(&self) -> ToolSpec {
+        self.spec.clone()
+    }
+
+    fn call<'a>(&'a self, _ctx: &'a ToolCtx, args: Value) -> BoxFuture<'a, Result<Value, ToolError>> {
+        let r = (self.f)(&args);
+        Box::pin(async move { r })
+    }
+
+    fn replay(&self, args: &Value) -> Option<Result<Value, ToolError>> {
+        Some((self.f)(args))
+    }
+
+    fn is_pure(&self) -> bool {
+        true
+    }
 }
 
 struct Entry {
@@ -197,6 +251,24 @@ impl Registry {
     /// Specs of the named tools (for a template's allow-list).
     pub fn specs(&self, names: &[String]) -> Vec<ToolSpec> {
         names.iter().filter_map(|n| self.tools.get(n)).map(|e| e.spec.clone()).collect()
+    }
+
+    /// What a re-run gets for a call: the tool's result computed again when it is pure (its
+    /// arguments validated as for a call), `None` when the recorded result stands.
+    pub fn replay(&self, name: &str, args: &Result<Value, String>) -> Option<Result<Value, ToolError>> {
+        let entry = self.tools.get(name).filter(|e| e.tool.is_pure())?;
+        let args = match args {
+            Ok(a) => a,
+            Err(raw) => return Some(Err(ToolError::new(format!("arguments are not a JSON object: {raw}")))),
+        };
+        let problems: Vec<String> = entry.validator.iter_errors(args).map(|e| e.to_string()).collect();
+        if !problems.is_empty() {
+            return Some(Err(ToolError::new(format!(
+                "invalid arguments for {name}: {}",
+                problems.join("; ")
+            ))));
+        }
+        entry.tool.replay(args)
     }
 
     /// Validates the arguments and runs the tool. A tool not in `allowed` is refused.
