@@ -64,11 +64,44 @@ async fn as_auditor(sys: &System, args: &[&str]) -> (i32, String, String) {
 }
 
 async fn wait_finished(sys: &System, ids: &[String]) {
-    for id in ids {
-        eventually(Duration::from_secs(60), "the task to finish", || async {
-            sys.task(id).await.filter(|r| matches!(r.state, TaskState::Completed | TaskState::Failed))
-        })
-        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut left: Vec<String> = ids.to_vec();
+    while !left.is_empty() {
+        let mut still = Vec::new();
+        for id in left {
+            let done = sys
+                .task(&id)
+                .await
+                .is_some_and(|r| matches!(r.state, TaskState::Completed | TaskState::Failed));
+            if !done {
+                still.push(id);
+            }
+        }
+        left = still;
+        if left.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let mut why = String::new();
+            for id in &left {
+                let r = sys.task(id).await;
+                let kinds: Vec<String> = sys
+                    .events()
+                    .await
+                    .iter()
+                    .filter(|e| &e.task_id == id)
+                    .map(|e| format!("{}@{:?}", e.kind, e.attempt))
+                    .collect();
+                why.push_str(&format!(
+                    "\n{id}: {:?} attempt {:?} agent {:?}; events {kinds:?}",
+                    r.as_ref().map(|r| r.state),
+                    r.as_ref().map(|r| r.attempt),
+                    r.as_ref().and_then(|r| r.agent_id.clone())
+                ));
+            }
+            panic!("tasks did not finish in 60 s:{why}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -210,4 +243,183 @@ async fn recorded_tasks_replay_and_rerun_identically_without_calling_the_model()
         "{out}"
     );
     assert_eq!(other.requests().len(), 1);
+}
+
+fn offline(id: &str, capability: &str, input: Value) -> TaskSubmission {
+    TaskSubmission { id: Some(id.to_owned()), capability: capability.into(), input, ..Default::default() }
+}
+
+/// 200 tasks of every kind on two runner processes, one killed with `kill -9` mid-run.
+async fn mixed_run(sys: &mut System) -> Vec<String> {
+    sys.start_budget_keeper().await;
+    let fleet = "[[agent]]\nname = \"worker\"\ncapabilities = [\"work\"]\nprovider = \"offline\"\n\
+                 tools = [\"memory_put\", \"delegate\", \"send_message\", \"ask_human\"]\nconcurrency = 8\nreplicas = 2\n\n\
+                 [[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\nprovider = \"offline\"\nconcurrency = 8\n";
+    let (mut a, _b) = sys.two_runner_processes(fleet, 3).await;
+    let call = |name: &str, arguments: Value| json!([{ "name": name, "arguments": arguments }]);
+    let mut ids = Vec::new();
+    for i in 0..196 {
+        let id = format!("mx-{i}");
+        let mut sub = match i % 7 {
+            0 => offline(
+                &id,
+                "work",
+                json!({ "text": id, "_offline": { "tool_calls": call("memory_put", json!({ "key": format!("mx.{i}"), "value": i })) } }),
+            ),
+            1 => offline(
+                &id,
+                "work",
+                json!({ "text": id, "_offline": { "tool_calls": call("delegate", json!({ "capability": "help", "input": format!("sub {i}") })) } }),
+            ),
+            2 => offline(
+                &id,
+                "work",
+                json!({ "text": id, "_offline": { "tool_calls": call("send_message", json!({ "template": "helper", "message": format!("note {i}") })) } }),
+            ),
+            3 => offline(&id, "work", json!({ "text": id, "_offline": { "fail_attempts": 1 } })),
+            _ => offline(&id, "work", json!({ "text": id, "_offline": { "sleep_ms": 150 } })),
+        };
+        if i % 5 == 0 {
+            sub.budget_tokens = Some(5_000);
+        }
+        sys.submit(&sub).await;
+        ids.push(id);
+        if i == 80 {
+            // Runner ra dies with work in hand; rb takes its agents' tasks over.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            a.kill9();
+        }
+    }
+    // A task cancelled while its model thinks, one a human approves, one rejected.
+    sys.submit(&offline("mx-cancel", "work", json!({ "text": "slow", "_offline": { "sleep_ms": 20_000 } })))
+        .await;
+    let ask = |q: &str| json!({ "text": q, "_offline": { "tool_calls": [{ "name": "ask_human", "arguments": { "question": q } }] } });
+    sys.submit(&offline("mx-approve", "work", ask("ship it?"))).await;
+    sys.submit(&offline("mx-reject", "work", ask("drop it?"))).await;
+    sys.submit(&TaskSubmission {
+        id: Some("mx-bad".into()),
+        capability: "nothing-serves-this".into(),
+        ..Default::default()
+    })
+    .await;
+    ids.extend(["mx-cancel", "mx-approve", "mx-reject"].map(str::to_owned));
+    eventually(Duration::from_secs(30), "mx-cancel to run", || async {
+        sys.task("mx-cancel").await.filter(|r| r.state == TaskState::Running)
+    })
+    .await;
+    let url = sys.server.url().to_owned();
+    assert_eq!(cli(&url, &["cancel", "mx-cancel"]).await.0, 0);
+    for (id, verb) in [("mx-approve", "approve"), ("mx-reject", "reject")] {
+        let (code, out, err) = eventually(Duration::from_secs(30), "the approval request", || async {
+            let r = cli(&url, &[verb, id]).await;
+            (r.0 == 0).then_some(r)
+        })
+        .await;
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    wait_finished(sys, &ids).await;
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mixed_run_verifies_clean_and_tampering_is_named_exactly() {
+    let mut sys = System::with_dispatcher().await;
+    let ids = mixed_run(&mut sys).await;
+    let requeued = sys.events().await.iter().filter(|e| e.kind == "requeued").count();
+    assert!(requeued > 0, "the kill cut some tasks off");
+    // Let the settle time pass and every interrupted reservation be charged.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let (code, out, err) = as_auditor(&sys, &["audit", "verify"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("0 discrepancies"), "{out}");
+    let (_, json_out, _) = as_auditor(&sys, &["--json", "audit", "verify"]).await;
+    let summary: Value = serde_json::from_str(json_out.trim()).unwrap();
+    assert_eq!(
+        summary["tasks"].as_u64().unwrap(),
+        ids.len() as u64 + 1 + 28,
+        "every task, the rejected one and the children: {summary}"
+    );
+    assert!(summary["scopes_compared"].as_u64().unwrap() > 0, "{summary}");
+
+    // The export verifies, and a changed byte or a removed line is found at its line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.jsonl");
+    let file_s = file.to_str().unwrap();
+    let (code, out, err) = as_auditor(&sys, &["audit", "export", "--out", file_s]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = as_auditor(&sys, &["audit", "verify", "--export", file_s]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("hash chain verifies") && out.contains("0 discrepancies"), "{out}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let k = lines
+        .iter()
+        .position(|l| l.contains("\"subject\":\"flotilla.events.task.default.mx-9.completed\""))
+        .unwrap();
+    let changed: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| if i == k { l.replacen("mx-9", "mx-8", 1) } else { (*l).to_owned() })
+        .collect();
+    let bad = dir.path().join("changed.jsonl");
+    std::fs::write(&bad, changed.join("\n") + "\n").unwrap();
+    let (code, out, _) = as_auditor(&sys, &["audit", "verify", "--export", bad.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains(&format!("line {}: its hash does not match", k + 1)), "{out}");
+    let mut removed = lines.clone();
+    removed.remove(k);
+    std::fs::write(&bad, removed.join("\n") + "\n").unwrap();
+    let (code, out, _) = as_auditor(&sys, &["audit", "verify", "--export", bad.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains(&format!("line {}: the chain is broken", k + 1)), "{out}");
+
+    // From the export alone, on a server that has none of this fleet's streams: the same story,
+    // and a re-run that is identical.
+    let scratch = flotilla_testkit::NatsServer::start();
+    let (code, live, _) = as_auditor(&sys, &["--json", "replay", "mx-1", "--tree"]).await;
+    assert_eq!(code, 0);
+    let (code, exported, err) =
+        cli(scratch.url(), &["--json", "replay", "mx-1", "--tree", "--from", file_s]).await;
+    assert_eq!(code, 0, "{exported}{err}");
+    let (live, exported): (Value, Value) =
+        (serde_json::from_str(live.trim()).unwrap(), serde_json::from_str(exported.trim()).unwrap());
+    for part in ["events", "transcript", "messages", "ledger", "child_ids"] {
+        assert_eq!(live[part], exported[part], "{part}");
+    }
+    assert_eq!(live["children"][0]["events"], exported["children"][0]["events"]);
+    let (code, out, err) =
+        cli(scratch.url(), &["replay", "mx-1", "--tree", "--rerun", "--from", file_s]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches("identical: every step").count(), 2, "{out}");
+
+    // One record edited in the bucket, one entry written into the ledger that does not do what
+    // it says: verify names exactly those two.
+    let tasks = sys.js.get_key_value(sys.names.tasks_bucket()).await.unwrap();
+    let (mut rec, _) =
+        sys.fleet().kv_get::<flotilla_protocol::TaskRecord>(&tasks, "mx-12").await.unwrap().unwrap();
+    rec.output = Some(json!({ "answer": "something else", "model": "", "steps": 1 }));
+    sys.fleet().kv_put(&tasks, "mx-12", &rec).await.unwrap();
+    let ledger = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_subject("commit")).await;
+    let (_, payload) = ledger.last().unwrap();
+    let mut forged: Value = flotilla_protocol::codec::decode(None, payload).unwrap();
+    forged["reply"]["charged"] = json!(99_999);
+    let ack = sys
+        .js
+        .publish(
+            sys.names.ledger_subject("commit"),
+            flotilla_protocol::codec::encode(flotilla_protocol::WireFormat::Msgpack, &forged).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (code, out, err) = as_auditor(&sys, &["--json", "audit", "verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    let found: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let found = found["discrepancies"].as_array().unwrap();
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(found.iter().any(|d| d["kind"] == "record" && d["task"] == "mx-12"), "{found:#?}");
+    let at = format!("{}#{}", sys.names.ledger_stream(), ack.sequence);
+    assert!(found.iter().any(|d| d["kind"] == "ledger" && d["at"] == at.as_str()), "{found:#?}");
 }

@@ -5,13 +5,10 @@
 //! first step where the decisions differ.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use flotilla_agent_runner::rerun::{self, Against, Report};
-use flotilla_agent_runner::{FleetFile, llm, tools::Registry};
 use flotilla_audit::history::{Stored, TaskHistory, is_final};
-use flotilla_audit::rerun::recording;
+use flotilla_audit::rerun::{Report, RerunOptions};
 use flotilla_audit::{Loader, Source, story};
 use flotilla_protocol::{MessageEvent, TaskEvent, TranscriptEntry};
 use futures::StreamExt as _;
@@ -121,55 +118,20 @@ pub async fn run(cli: &Cli, args: &ReplayArgs) -> Result<(), Failure> {
 }
 
 async fn rerun_tree(args: &ReplayArgs, h: &TaskHistory) -> Result<Vec<Report>, Failure> {
-    let registry = Registry::with_builtins().map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
-    let fleet = match &args.fleet {
-        Some(p) => Some(FleetFile::load(p).map_err(|e| Failure::new(2, e))?),
-        None => None,
+    let opts = RerunOptions {
+        model_url: args.model.clone(),
+        model_name: args.model_name.clone(),
+        fleet_file: args.fleet.clone(),
+        template: args.template.clone(),
     };
-    let against = match &args.model {
-        Some(url) => {
-            let http = llm::http_client().map_err(|e| Failure::new(exit::UNAVAILABLE, anyhow::anyhow!(e)))?;
-            let key = std::env::var("OPENAI_API_KEY").unwrap_or_default();
-            let settings = llm::HttpSettings {
-                base_url: url.clone(),
-                api_key: llm::Secret::new(key),
-                timeout: Duration::from_secs(120),
-                retry: llm::RetryPolicy::default(),
-            };
-            Against::Model(llm::Provider::OpenAi(llm::openai::Client::new(http, settings)))
-        }
-        None => Against::Recorded,
-    };
-    let mut out = Vec::new();
-    let mut todo = vec![h];
-    while let Some(t) = todo.pop() {
-        todo.extend(t.children.iter().rev());
-        let Some(rec) = recording(t) else {
-            eprintln!(
-                "task {}: nothing recorded to re-run (its template records no transcript, or retention removed it)",
-                t.task_id
-            );
-            continue;
-        };
-        let recorded = rerun::template_of(&rec)
-            .map_err(|e| Failure::new(2, anyhow::anyhow!("task {}: {e}", t.task_id)))?;
-        let mut template = match &fleet {
-            Some(f) => {
-                let name = args.template.clone().unwrap_or_else(|| recorded.name.clone());
-                let mut t = f.agents.iter().find(|a| a.name == name).cloned().ok_or_else(|| {
-                    Failure::new(2, anyhow::anyhow!("the fleet file has no template {name:?}"))
-                })?;
-                t.max_steps = t.max_steps.max(recorded.max_steps);
-                t
-            }
-            None => recorded,
-        };
-        if let Some(m) = &args.model_name {
-            template.model = m.clone();
-        }
-        out.push(rerun::rerun(&template, &registry, &rec, &against).await);
+    let (reports, skipped) =
+        flotilla_audit::rerun::rerun_tree(h, &opts).await.map_err(|e| Failure::new(2, e))?;
+    for id in skipped {
+        eprintln!(
+            "task {id}: nothing recorded to re-run (its template records no transcript, or retention removed it)"
+        );
     }
-    Ok(out)
+    Ok(reports)
 }
 
 /// A re-run's report as text.

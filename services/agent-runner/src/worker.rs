@@ -558,15 +558,9 @@ async fn announce_outcome(ctx: &Context, rec: &TaskRecord) -> Result<(), FleetEr
     let fleet = &ctx.fleet;
     match rec.state {
         TaskState::Completed | TaskState::Failed => {
-            let kind =
-                if rec.state == TaskState::Completed { event_kind::COMPLETED } else { event_kind::FAILED };
-            let mut ev = TaskEvent::for_task(rec, kind);
-            ev.output = rec.output.clone();
-            ev.usage = rec.usage;
-            ev.error = rec.error.clone();
-            ev.calls = rec.calls.clone();
-            ev.cost_usd = rec.calls.iter().filter_map(|c| c.cost_usd).reduce(|a, b| a + b);
-            fleet.publish_event(&ev).await?;
+            if let Some(ev) = TaskEvent::outcome_of(rec) {
+                fleet.publish_event(&ev).await?;
+            }
             // The task ended: its budget closes (a carved one refunds its parent). In the
             // background: the ack must not wait on the budget-keeper (a close that is lost is
             // made by the parent's delegate tool, or by the carve's lease).

@@ -456,4 +456,23 @@ impl TaskEvent {
         e.runner_id = record.runner_id.clone();
         e
     }
+
+    /// The final event (`completed` or `failed`) a finished record announces: its output, usage,
+    /// error, calls and their cost. `None` for a record that has not finished. Whoever publishes
+    /// it (the runner that wrote the outcome, or the dispatcher repairing a runner that died in
+    /// between) publishes the same event under the same message id.
+    pub fn outcome_of(record: &TaskRecord) -> Option<Self> {
+        let kind = match record.state {
+            crate::TaskState::Completed => crate::names::event_kind::COMPLETED,
+            crate::TaskState::Failed => crate::names::event_kind::FAILED,
+            _ => return None,
+        };
+        let mut ev = Self::for_task(record, kind);
+        ev.output = record.output.clone();
+        ev.usage = record.usage;
+        ev.error = record.error.clone();
+        ev.calls = record.calls.clone();
+        ev.cost_usd = record.calls.iter().filter_map(|c| c.cost_usd).reduce(|a, b| a + b);
+        Some(ev)
+    }
 }

@@ -58,6 +58,9 @@ impl Scheduler {
         for (id, why) in requeue {
             self.requeue(&id, why).await;
         }
+        if now >= self.requeue_after {
+            self.announce_lost_outcomes(now);
+        }
         for id in expired {
             self.expire(&id).await;
         }
@@ -90,6 +93,47 @@ impl Scheduler {
             Err(e) if e.is_conflict() => self.refresh(task_id).await,
             Err(e) => tracing::warn!(task_id, error = %e, "requeue failed; will retry"),
         }
+    }
+
+    /// For each agent that was lost soon after finishing tasks: announces their outcomes again
+    /// from their records, in the background. A runner that dies between writing a task's outcome
+    /// and publishing its final event leaves a finished record nobody announced (and clients
+    /// waiting on the event); the event's message id makes one that was published a duplicate.
+    fn announce_lost_outcomes(&mut self, now: Instant) {
+        let window = Duration::from_secs(60);
+        self.recent_finals.retain(|_, v| {
+            v.retain(|(_, at)| now.duration_since(*at) < window);
+            !v.is_empty()
+        });
+        let lost: Vec<String> = self
+            .recent_finals
+            .keys()
+            .filter(|a| self.queue.agent_alive(a, now) != Some(true))
+            .cloned()
+            .collect();
+        let tasks: Vec<String> =
+            lost.iter().filter_map(|a| self.recent_finals.remove(a)).flatten().map(|(t, _)| t).collect();
+        if tasks.is_empty() {
+            return;
+        }
+        let (fleet, store) = (self.fleet.clone(), self.topology.tasks.clone());
+        tokio::spawn(async move {
+            for id in tasks {
+                let rec = match fleet.kv_get::<flotilla_protocol::TaskRecord>(&store, &id).await {
+                    Ok(Some((rec, _))) => rec,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(task_id = %id, error = %e, "cannot read a lost agent's finished task");
+                        continue;
+                    }
+                };
+                if let Some(ev) = TaskEvent::outcome_of(&rec)
+                    && let Err(e) = fleet.publish_event(&ev).await
+                {
+                    tracing::warn!(task_id = %id, error = %e, "failed to announce a lost agent's outcome");
+                }
+            }
+        });
     }
 
     /// Fails a task whose deadline passed, queued or running

@@ -49,6 +49,9 @@ struct Scheduler {
     /// The unfinished children of each parent task: cancelled when their parent fails or is
     /// cancelled.
     children: HashMap<String, std::collections::HashSet<String>>,
+    /// Tasks that finished in the last minute, by the agent that finished them: if that agent is
+    /// lost, its runner may have died between writing the outcome and announcing it.
+    recent_finals: HashMap<String, Vec<(String, Instant)>>,
     done_tx: tokio::sync::mpsc::UnboundedSender<assign::Written>,
 }
 
@@ -75,6 +78,7 @@ pub async fn run(
         requeue_after,
         pending: HashMap::new(),
         children: HashMap::new(),
+        recent_finals: HashMap::new(),
         seen_revision: 0,
         in_flight: 0,
         done_tx,

@@ -104,6 +104,14 @@ impl Scheduler {
             TaskState::Completed | TaskState::Failed => {
                 // What the attempt used is charged to its tenant's fair share.
                 self.queue.finish(&rec.id, rec.usage.map(|u| u.total_tokens));
+                if let Some(agent) = &rec.agent_id
+                    && flotilla_protocol::time::now_ms().saturating_sub(rec.updated_at_ms) < 60_000
+                {
+                    self.recent_finals
+                        .entry(agent.clone())
+                        .or_default()
+                        .push((rec.id.clone(), std::time::Instant::now()));
+                }
                 self.forget_task(&rec.id);
                 return;
             }
