@@ -423,3 +423,144 @@ async fn a_mixed_run_verifies_clean_and_tampering_is_named_exactly() {
     let at = format!("{}#{}", sys.names.ledger_stream(), ack.sequence);
     assert!(found.iter().any(|d| d["kind"] == "ledger" && d["at"] == at.as_str()), "{found:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_at_a_time_is_rebuilt_as_it_was() {
+    let mut sys = System::with_dispatcher().await;
+    sys.start_budget_keeper().await;
+    let fleet = "[[agent]]\nname = \"slow\"\ncapabilities = [\"slow\"]\nprovider = \"offline\"\nconcurrency = 2\n\n\
+                 [[agent]]\nname = \"idle\"\ncapabilities = [\"idle\"]\nprovider = \"offline\"\n";
+    sys.start_runner_configured(
+        "rs",
+        fleet,
+        flotilla_agent_runner::Config { budgets: true, ..runner_config("rs") },
+        Registry::with_builtins().unwrap(),
+    )
+    .await;
+    sys.wait_for_agents("rs", 2).await;
+    let quick: Vec<String> = (0..3).map(|i| format!("q-{i}")).collect();
+    for id in &quick {
+        sys.submit(&offline(id, "slow", json!({ "text": id }))).await;
+    }
+    wait_finished(&sys, &quick).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("st-{i}")).collect();
+    for id in &ids {
+        let mut sub = offline(id, "slow", json!({ "text": id, "_offline": { "sleep_ms": 4_000 } }));
+        sub.budget_tokens = Some(2_000);
+        sys.submit(&sub).await;
+    }
+    eventually(Duration::from_secs(20), "two running", || async {
+        let mut running = 0;
+        for id in &ids {
+            running += usize::from(sys.task(id).await.is_some_and(|r| r.state == TaskState::Running));
+        }
+        (running == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The snapshot at T: records, registry, budgets, as a client sees them.
+    let at = flotilla_protocol::time::now_ms();
+    let mut running = Vec::new();
+    let mut queued = Vec::new();
+    for id in &ids {
+        let r = sys.task(id).await.unwrap();
+        match r.state {
+            TaskState::Running => running.push((id.clone(), r.agent_id.clone().unwrap())),
+            TaskState::Queued => queued.push(id.clone()),
+            other => panic!("{id} is {other}"),
+        }
+    }
+    let agents = sys.js.get_key_value(sys.names.agents_bucket()).await.unwrap();
+    let mut in_flight = std::collections::BTreeMap::new();
+    for agent in ["rs-slow-0", "rs-idle-0"] {
+        let (a, _) =
+            sys.fleet().kv_get::<flotilla_protocol::AgentRecord>(&agents, agent).await.unwrap().unwrap();
+        in_flight.insert(agent.to_owned(), a.in_flight as usize);
+    }
+    let client = flotilla_service::budget::Client::new(sys.fleet().clone());
+    let mut budgets = std::collections::BTreeMap::new();
+    for scope in ["tenant.default", "agent.rs-slow-0"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain(ids.iter().map(|i| format!("task.{i}")))
+    {
+        let show = flotilla_protocol::ShowRequest { scope: Some(scope.clone()), ..Default::default() };
+        if let Ok(r) = client.call(&show).await {
+            let b = r.budget.unwrap();
+            budgets.insert(scope, (b.used, b.held, b.limit_tokens));
+        }
+    }
+    // A queued task followed live: the story so far, then each record as it is stored, until
+    // it ends.
+    let last = queued.last().unwrap().clone();
+    let follow = {
+        let url = sys.server.url().to_owned();
+        let creds = sys.server.auth_dir(sys.names.prefix().as_str()).map(|d| {
+            flotilla_service::auth::AuthDir::open(&d).unwrap().creds_path("auditor").display().to_string()
+        });
+        tokio::spawn(async move {
+            let mut args = vec!["replay".to_owned(), last, "--follow".to_owned()];
+            if let Some(c) = creds {
+                args.extend(["--creds".to_owned(), c]);
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&url, &refs).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_finished(&sys, &ids).await;
+    let (code, followed, err) = tokio::time::timeout(Duration::from_secs(20), follow).await.unwrap().unwrap();
+    assert_eq!(code, 0, "{followed}{err}");
+    let (before, after) =
+        followed.split_once("  not finished: last event").unwrap_or_else(|| panic!("{followed}"));
+    assert!(before.contains("task st-"), "{followed}");
+    assert!(after.contains("started attempt 1"), "{followed}");
+    assert!(
+        after.lines().last().unwrap().contains("completed attempt 1"),
+        "it ends with the task: {followed}"
+    );
+
+    let (code, out, err) = as_auditor(&sys, &["--json", "audit", "state", "--at", &at.to_string()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let state: Value = serde_json::from_str(out.trim()).unwrap();
+    let mut rebuilt_running: Vec<(String, String)> = state["running"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task_id"].as_str().unwrap().to_owned(), t["agent_id"].as_str().unwrap().to_owned()))
+        .collect();
+    rebuilt_running.sort();
+    running.sort();
+    assert_eq!(rebuilt_running, running);
+    let mut rebuilt_queued: Vec<String> = state["queued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    rebuilt_queued.sort();
+    assert_eq!(rebuilt_queued, queued);
+    assert_eq!(state["completed"], 3);
+    for (agent, n) in &in_flight {
+        assert_eq!(state["agents"][agent]["running"].as_array().unwrap().len(), *n, "{agent}: {state}");
+    }
+    let rebuilt: std::collections::BTreeMap<String, (u64, u64, Option<u64>)> = state["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["scope"].as_str().unwrap().to_owned(),
+                (b["used"].as_u64().unwrap(), b["held"].as_u64().unwrap(), b["limit_tokens"].as_u64()),
+            )
+        })
+        .collect();
+    assert!(!budgets.is_empty());
+    for (scope, want) in &budgets {
+        assert_eq!(rebuilt.get(scope), Some(want), "{scope}");
+    }
+    // Before anything was stored: said so.
+    let (code, out, _) = as_auditor(&sys, &["audit", "state", "--at", "1000"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("is older than the oldest event the streams keep"), "{out}");
+}

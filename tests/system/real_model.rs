@@ -110,6 +110,16 @@ async fn a_real_model_calls_a_tool_and_its_usage_matches_what_the_server_reporte
     });
     assert_eq!(completed.usage, Some(total), "usage in the completed event");
     assert!(total.total_tokens > 0);
+
+    // The recorded task re-runs identically from its transcript, and the model is asked nothing.
+    let asked = proxy.calls().len();
+    let source = flotilla_audit::Source::Live(Box::new(sys.fleet().clone()));
+    let history = flotilla_audit::Loader::new(source).load("note-1", false).await.unwrap();
+    let (reports, skipped) = flotilla_audit::rerun::rerun_tree(&history, &Default::default()).await.unwrap();
+    assert!(skipped.is_empty());
+    assert!(reports[0].identical, "{:?}", reports[0]);
+    assert_eq!((reports[0].model_calls, reports[0].steps_recorded), (0, served.len() as u32));
+    assert_eq!(proxy.calls().len(), asked, "the re-run called the model");
     sys.stop().await;
     drop(llm);
 }

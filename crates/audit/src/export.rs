@@ -141,12 +141,22 @@ pub async fn export<W: std::io::Write>(
             _ => Vec::new(),
         };
         let records = source.read(kind, &filters, sel.window).await?;
+        // For a tenant's export, the ledger entries of its tasks and scope.
+        let linked =
+            (sel.tenant.is_some() && kind == Kind::Ledger).then(|| crate::history::Ledger::of(&records));
         let mut kept = 0;
-        for r in &records {
-            if let Some(t) = &sel.tenant
-                && !belongs(&names, kind, r, t, &mut tenant_tasks)
-            {
-                continue;
+        for (i, r) in records.iter().enumerate() {
+            if let Some(t) = &sel.tenant {
+                let keep = match &linked {
+                    Some(l) => {
+                        l.tasks.get(i).is_some_and(|ts| ts.iter().any(|x| tenant_tasks.contains(x)))
+                            || r.data.to_string().contains(&format!("\"tenant.{t}\""))
+                    }
+                    None => belongs(&names, kind, r, &mut tenant_tasks),
+                };
+                if !keep {
+                    continue;
+                }
             }
             w.record(r)?;
             kept += 1;
@@ -157,15 +167,9 @@ pub async fn export<W: std::io::Write>(
     Ok(n)
 }
 
-/// Whether a record of a tenant-wide read is the tenant's (its tasks' message events; the ledger
-/// entries of its tasks and its scope).
-fn belongs(
-    names: &Names,
-    kind: Kind,
-    r: &Record,
-    tenant: &str,
-    tasks: &mut std::collections::BTreeSet<String>,
-) -> bool {
+/// Whether a record of a tenant-wide read of the events is the tenant's (its task events, and the
+/// message events of its tasks).
+fn belongs(names: &Names, kind: Kind, r: &Record, tasks: &mut std::collections::BTreeSet<String>) -> bool {
     match kind {
         Kind::Events => {
             if let Some((_, task, _)) = names.parse_task_event_subject(&r.subject) {
@@ -174,13 +178,6 @@ fn belongs(
             } else {
                 r.data.get("task_id").and_then(|t| t.as_str()).is_some_and(|t| tasks.contains(t))
             }
-        }
-        Kind::Ledger => {
-            let text = r.data.to_string();
-            text.contains(&format!("\"tenant.{tenant}\""))
-                || tasks
-                    .iter()
-                    .any(|t| text.contains(&format!("task.{t}\"")) || text.contains(&format!("\"{t}:")))
         }
         _ => true,
     }

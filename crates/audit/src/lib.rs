@@ -7,6 +7,7 @@ pub mod export;
 pub mod history;
 pub mod rerun;
 pub mod source;
+pub mod state;
 pub mod story;
 pub mod verify;
 

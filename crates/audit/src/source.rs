@@ -98,6 +98,25 @@ impl Source {
         }
     }
 
+    /// When the oldest record of `kind` still kept was stored (`None`: the stream is empty).
+    pub async fn oldest(&self, kind: Kind) -> Result<Option<u64>, AuditError> {
+        let stream = kind.stream(self.names());
+        match self {
+            Source::Live(f) => {
+                let mut s =
+                    f.js.get_stream(&stream)
+                        .await
+                        .map_err(|e| AuditError::Nats(format!("opening stream {stream}: {e}")))?;
+                let info =
+                    s.info().await.map_err(|e| AuditError::Nats(format!("reading stream {stream}: {e}")))?;
+                Ok((info.state.messages > 0).then(|| millis(info.state.first_timestamp)))
+            }
+            Source::Export { records, .. } => {
+                Ok(records.iter().filter(|r| r.stream == stream).map(|r| r.time_ms).min())
+            }
+        }
+    }
+
     /// Every record of `kind` on one of `filters` (NATS subject patterns; none: all) within
     /// `window`, in stream order.
     pub async fn read(

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_protocol::names::event_kind;
 use flotilla_protocol::{LedgerChange, TaskEvent, TaskRecord, TaskState, TranscriptEntry};
+use futures::StreamExt as _;
 use serde::Serialize;
 
 use crate::AuditError;
@@ -130,6 +131,21 @@ pub async fn verify(source: &Source, opts: &Options) -> Result<Summary, AuditErr
     let (replayed_ok, keeper_ledger) = replay_ledger(&ledger, &mut s);
     let charged = committed_by_task(&ledger, &replayed_ok, &mut s);
 
+    // Children by parent, from the accepted events.
+    let mut children: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (cid, c) in &tasks {
+        let parent = c
+            .events
+            .iter()
+            .find(|e| e.item.kind == event_kind::ACCEPTED)
+            .and_then(|e| e.item.detail.as_ref())
+            .and_then(|d| d.get("parent_id"))
+            .and_then(|p| p.as_str());
+        if let Some(p) = parent {
+            children.entry(p).or_default().push(cid);
+        }
+    }
+    let mut to_compare: Vec<&str> = Vec::new();
     for id in &in_scope {
         let Some(t) = tasks.get(id) else { continue };
         s.tasks += 1;
@@ -141,7 +157,8 @@ pub async fn verify(source: &Source, opts: &Options) -> Result<Summary, AuditErr
             .max()
             .unwrap_or(0);
         let settled = now.saturating_sub(last_activity) >= opts.settle_ms;
-        check_lifecycle(id, t, &tasks, &mut s.discrepancies);
+        let kids = children.get(id.as_str()).map(Vec::as_slice).unwrap_or_default();
+        check_lifecycle(id, t, kids, &tasks, &mut s.discrepancies);
         let final_event = t.events.iter().find(|e| is_final(&e.item.kind));
         if final_event.is_some() {
             s.finished += 1;
@@ -153,9 +170,17 @@ pub async fn verify(source: &Source, opts: &Options) -> Result<Summary, AuditErr
         if final_event.is_some() {
             check_usage(id, t, charged.get(id), &mut s.discrepancies);
         }
-        if let (Some(store), Some(fleet)) = (&records, source.fleet()) {
+        to_compare.push(id);
+    }
+    // The records, read many at a time.
+    if let (Some(store), Some(fleet)) = (&records, source.fleet()) {
+        let mut read = futures::stream::iter(to_compare)
+            .map(|id| async move { (id, fleet.kv_get::<TaskRecord>(store, id).await) })
+            .buffered(64);
+        while let Some((id, got)) = read.next().await {
+            let Some(t) = tasks.get(id) else { continue };
             let rejected = t.events.iter().any(|e| e.item.kind == event_kind::REJECTED);
-            match fleet.kv_get::<TaskRecord>(store, id).await {
+            match got {
                 Ok(Some((rec, _))) => check_record(id, t, &rec, &mut s.discrepancies),
                 Ok(None) if rejected => {}
                 Ok(None) => s.records_gone += 1,
@@ -180,7 +205,13 @@ pub async fn verify(source: &Source, opts: &Options) -> Result<Summary, AuditErr
 }
 
 /// The lifecycle rules of one task's events.
-fn check_lifecycle(id: &str, t: &Task, tasks: &BTreeMap<String, Task>, out: &mut Vec<Discrepancy>) {
+fn check_lifecycle(
+    id: &str,
+    t: &Task,
+    kids: &[&str],
+    tasks: &BTreeMap<String, Task>,
+    out: &mut Vec<Discrepancy>,
+) {
     let at = |e: &Stored<TaskEvent>| Some(format!("{}#{}", e.stream, e.seq));
     let accepted: Vec<_> = t.events.iter().filter(|e| e.item.kind == event_kind::ACCEPTED).collect();
     let rejected = t.events.iter().filter(|e| e.item.kind == event_kind::REJECTED).count();
@@ -242,17 +273,8 @@ fn check_lifecycle(id: &str, t: &Task, tasks: &BTreeMap<String, Task>, out: &mut
     }
     // Children ended before their parent completed.
     if let Some(done) = t.events.iter().find(|e| e.item.kind == event_kind::COMPLETED) {
-        for (cid, c) in tasks {
-            let parent = c
-                .events
-                .iter()
-                .find(|e| e.item.kind == event_kind::ACCEPTED)
-                .and_then(|e| e.item.detail.as_ref())
-                .and_then(|d| d.get("parent_id"))
-                .and_then(|p| p.as_str());
-            if parent != Some(id) {
-                continue;
-            }
+        for cid in kids {
+            let Some(c) = tasks.get(*cid) else { continue };
             match c.events.iter().find(|e| is_final(&e.item.kind)) {
                 Some(f) if f.seq < done.seq => {}
                 Some(f) => out.push(d(

@@ -2,12 +2,14 @@
 //! same run. `runner` (an agent-runner's memory and step overhead, [`runner`]), `dispatcher`
 //! (throughput, latency, decision time and memory, [`dispatcher`]), `budget` (budget-keeper
 //! reservations, [`budget`]), `messages` (direct messages send → handled, [`messages`]) and
-//! `recall` (the recall index at many vectors, [`recall`]). Each starts a local nats-server
+//! `recall` (the recall index at many vectors, [`recall`]) and `audit` (verification and replay over
+//! a long history, [`audit`]). Each starts a local nats-server
 //! unless given `--nats-url`, and the services it measures in this process through a
 //! [`LocalFleet`]; `--json` prints one report.
 //!
 //! Exit codes: 0 success; 2 bad usage; 5 the bench could not run (NATS, a service, a failed task).
 
+mod audit;
 mod budget;
 mod dispatcher;
 mod events;
@@ -136,6 +138,21 @@ pub enum BenchWhat {
         #[arg(long)]
         quick: bool,
     },
+    /// Replay and verification over a long history: `audit verify`, an export and one task's
+    /// replay next to a raw ordered read of the same stream.
+    Audit {
+        /// Events in the synthetic history (five per task, plus each task's record and two ledger
+        /// entries) [default: 100000; 2000 with --quick].
+        #[arg(long)]
+        events: Option<usize>,
+        /// Small sizes, for tests and a first look.
+        #[arg(long)]
+        quick: bool,
+        /// Configuration file of the local nats-server [default: the project's nats/server.conf,
+        /// with `sync_interval: always`]; e.g. nats/test.conf to write the history faster.
+        #[arg(long)]
+        server_config: Option<PathBuf>,
+    },
     /// Budget-keeper reservations per second on one hot budget and on 1,000 budgets, next to raw
     /// KV compare-and-swap (sequential and concurrent) on the same server.
     Budget {
@@ -248,6 +265,10 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
                 queries: queries.unwrap_or(if *quick { 50 } else { 500 }),
             };
             recall::run(cli, sizes).await
+        }
+        BenchWhat::Audit { events, quick, server_config: conf } => {
+            let sizes = audit::Sizes { events: events.unwrap_or(if *quick { 2000 } else { 100_000 }) };
+            audit::run(cli, sizes, server_config(conf.as_deref())).await
         }
         BenchWhat::Budget { reservations, in_flight, quick, server_config: conf } => {
             let sizes = budget::Sizes {

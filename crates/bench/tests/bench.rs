@@ -176,3 +176,21 @@ fn bench_recall_reports_latency_and_memory_per_vector() {
     // At least the vector at half precision.
     assert!(report["index_bytes_per_vector"].as_f64().unwrap() >= 384.0 * 2.0, "{report}");
 }
+
+#[test]
+fn bench_audit_reports_verification_and_export_rates_next_to_a_raw_read() {
+    let report = bench(&["audit", "--quick", "--json"]);
+    assert_eq!(report["events"], 2000);
+    positive_figures(
+        &report,
+        &[
+            ("raw_read", &["per_s", "records"]),
+            ("verify", &["per_s", "records"]),
+            ("export", &["per_s", "records"]),
+        ],
+    );
+    // Events and ledger entries verified; every stream exported (with the records' own lines).
+    assert_eq!(report["verify"]["records"], 2000 + 800, "{report}");
+    positive(&report, "/replay_one_task_ms");
+    positive(&report, "/verify_rate_vs_raw");
+}

@@ -26,6 +26,19 @@ pub enum AuditCommand {
     /// Write the audited streams (events, transcripts, ledger, dead letters) as JSON lines with a
     /// hash chain, signed when a key is given.
     Export(ExportArgs),
+    /// The fleet as it was at a time, from the streams: agents, queued and running tasks,
+    /// budgets (and a warning when retention no longer reaches back that far).
+    State(StateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    /// The time (RFC 3339, ms since the epoch, or a duration ago such as `10m`).
+    #[arg(long, value_parser = parse_time)]
+    pub at: u64,
+    /// Read an export instead of the live streams.
+    #[arg(long)]
+    pub from: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,8 +88,11 @@ pub struct ExportArgs {
     pub sign_with: Option<PathBuf>,
 }
 
-/// A time as ms since the epoch: RFC 3339, or a duration before now.
+/// A time as ms since the epoch: RFC 3339, ms since the epoch, or a duration before now.
 pub fn parse_time(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return t
             .duration_since(std::time::UNIX_EPOCH)
@@ -94,7 +110,21 @@ pub async fn run(cli: &Cli, args: &AuditArgs) -> Result<(), Failure> {
     match &args.command {
         AuditCommand::Verify(v) => verify_cmd(cli, v).await,
         AuditCommand::Export(e) => export_cmd(cli, e).await,
+        AuditCommand::State(a) => state_cmd(cli, a).await,
     }
+}
+
+async fn state_cmd(cli: &Cli, args: &StateArgs) -> Result<(), Failure> {
+    let source = crate::replay::source(cli, args.from.as_ref()).await?;
+    let state = flotilla_audit::state::state_at(&source, args.at)
+        .await
+        .map_err(|e| Failure::new(exit::UNAVAILABLE, e))?;
+    if cli.json {
+        println!("{}", serde_json::to_string(&state).context("failed to render")?);
+    } else {
+        print!("{}", flotilla_audit::state::text(&state));
+    }
+    Ok(())
 }
 
 async fn verify_cmd(cli: &Cli, args: &VerifyArgs) -> Result<(), Failure> {
