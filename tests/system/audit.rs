@@ -46,7 +46,8 @@ fn fleet(stub: &StubLlm) -> String {
          base_url = \"{}\"\nstream = false\ntools = [\"quote\", \"memory_put\"]\nsystem_prompt = \"You trade.\"\nconcurrency = 4\n\n\
          [[agent]]\nname = \"clerk\"\ncapabilities = [\"file\"]\nprovider = \"offline\"\ntools = [\"memory_put\", \"delegate\"]\n\
          system_prompt = \"You file.\"\nconcurrency = 4\n\n\
-         [[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\nprovider = \"offline\"\nsystem_prompt = \"You help.\"\nconcurrency = 4\n",
+         [[agent]]\nname = \"helper\"\ncapabilities = [\"help\"]\nprovider = \"offline\"\nsystem_prompt = \"You help.\"\nconcurrency = 4\n\
+         transcripts = false\n",
         stub.openai_base()
     )
 }
@@ -180,6 +181,12 @@ async fn recorded_tasks_replay_and_rerun_identically_without_calling_the_model()
     // A delegation tree: the parent and its child, each told.
     let (code, tree, err) = as_auditor(&sys, &["replay", "cl-25", "--tree"]).await;
     assert_eq!(code, 0, "{tree}{err}");
+    // The helper's template records no transcript: its story says so, and a re-run has nothing
+    // to take.
+    assert!(tree.contains("transcript: not recorded (its template records none"), "{tree}");
+    let (code, out, err) = as_auditor(&sys, &["replay", "cl-25-s1c0", "--rerun"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("nothing recorded to re-run"), "{out}{err}");
     assert!(
         tree.contains("children: cl-25-s1c0")
             && tree.contains("task cl-25-s1c0")
@@ -401,8 +408,13 @@ async fn a_mixed_run_verifies_clean_and_tampering_is_named_exactly() {
     rec.output = Some(json!({ "answer": "something else", "model": "", "steps": 1 }));
     sys.fleet().kv_put(&tasks, "mx-12", &rec).await.unwrap();
     let ledger = sys.read_stream(&sys.names.ledger_stream(), &sys.names.ledger_subject("commit")).await;
-    let (_, payload) = ledger.last().unwrap();
-    let mut forged: Value = flotilla_protocol::codec::decode(None, payload).unwrap();
+    // A copy of a real call's commit (not an interrupted call's), claiming another charge.
+    let mut forged: Value = ledger
+        .iter()
+        .rev()
+        .map(|(_, p)| flotilla_protocol::codec::decode::<Value>(None, p).unwrap())
+        .find(|e| e["request"]["prompt_tokens"].as_u64().is_some_and(|p| p > 0))
+        .unwrap();
     forged["reply"]["charged"] = json!(99_999);
     let ack = sys
         .js

@@ -435,6 +435,7 @@ fn replay_ledger(ledger: &Ledger, s: &mut Summary) -> (Vec<bool>, flotilla_budge
 /// of commits.
 fn committed_by_task(ledger: &Ledger, ok: &[bool], s: &mut Summary) -> BTreeMap<String, (u64, u64)> {
     let mut grants: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut committed: BTreeSet<&str> = BTreeSet::new();
     let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for ((e, tasks), ok) in ledger.entries.iter().zip(&ledger.tasks).zip(ok) {
         match &e.item.change {
@@ -443,7 +444,9 @@ fn committed_by_task(ledger: &Ledger, ok: &[bool], s: &mut Summary) -> BTreeMap<
                     grants.insert(&r.id, t);
                 }
             }
-            LedgerChange::Commit(c) if *ok => {
+            // A reservation is charged once: a commit asked again gets the first answer and
+            // charges nothing more.
+            LedgerChange::Commit(c) if *ok && committed.insert(c.id.as_str()) => {
                 // A call interrupted mid-way is charged its whole grant with no prompt tokens.
                 if c.prompt_tokens == Some(0) && grants.get(c.id.as_str()) == Some(&c.used) {
                     s.interrupted_charges += c.used;

@@ -41,17 +41,31 @@ pub struct StateArgs {
     pub from: Option<PathBuf>,
 }
 
+/// Which part of the history: a time window and a tenant.
 #[derive(Debug, clap::Args)]
-pub struct VerifyArgs {
-    /// Only tasks accepted since this time (RFC 3339, or a duration ago such as `2h`).
+pub struct Scope {
+    /// Since this time (RFC 3339, ms since the epoch, or a duration ago such as `2h`): tasks
+    /// accepted then (verify), records stored then (export).
     #[arg(long, value_parser = parse_time)]
     pub since: Option<u64>,
-    /// Only tasks accepted until this time.
+    /// Until this time.
     #[arg(long, value_parser = parse_time)]
     pub until: Option<u64>,
-    /// Only this tenant's tasks.
+    /// Only this tenant's tasks (their events, transcripts and ledger entries).
     #[arg(long)]
     pub tenant: Option<String>,
+}
+
+impl Scope {
+    fn window(&self) -> Window {
+        Window { since_ms: self.since, until_ms: self.until }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub scope: Scope,
     /// Check this export file: its hash chain and signature, and (unless --chain-only) the
     /// history it holds.
     #[arg(long)]
@@ -70,15 +84,8 @@ pub struct VerifyArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
-    /// Records stored since this time (RFC 3339, or a duration ago such as `24h`).
-    #[arg(long, value_parser = parse_time)]
-    pub since: Option<u64>,
-    /// Records stored until this time.
-    #[arg(long, value_parser = parse_time)]
-    pub until: Option<u64>,
-    /// Only this tenant's tasks (their events, transcripts and ledger entries).
-    #[arg(long)]
-    pub tenant: Option<String>,
+    #[command(flatten)]
+    pub scope: Scope,
     /// The file to write (`-`: standard output).
     #[arg(long, short)]
     pub out: PathBuf,
@@ -168,8 +175,8 @@ async fn verify_cmd(cli: &Cli, args: &VerifyArgs) -> Result<(), Failure> {
         None => Source::Live(Box::new(crate::client::connect(cli).await?)),
     };
     let opts = Options {
-        window: Window { since_ms: args.since, until_ms: args.until },
-        tenant: args.tenant.clone(),
+        window: args.scope.window(),
+        tenant: args.scope.tenant.clone(),
         settle_ms: u64::try_from(args.settle.as_millis()).unwrap_or(u64::MAX),
         compare_keeper: source.fleet().is_some(),
     };
@@ -229,10 +236,7 @@ async fn export_cmd(cli: &Cli, args: &ExportArgs) -> Result<(), Failure> {
         ),
         None => None,
     };
-    let sel = Selection {
-        window: Window { since_ms: args.since, until_ms: args.until },
-        tenant: args.tenant.clone(),
-    };
+    let sel = Selection { window: args.scope.window(), tenant: args.scope.tenant.clone() };
     let to_stdout = args.out.as_os_str() == "-";
     let progress = |stream: &str, n: usize| {
         if !to_stdout {

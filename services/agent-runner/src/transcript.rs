@@ -27,6 +27,8 @@ pub struct Recorder {
     /// The tenant's retention, when it is shorter than the stream's.
     ttl: Option<Duration>,
     base: TranscriptEntry,
+    /// The conversation's turns as recorded so far (redacted and cut once each).
+    turns: std::sync::Arc<std::sync::Mutex<Vec<(Value, bool)>>>,
 }
 
 impl Recorder {
@@ -48,7 +50,7 @@ impl Recorder {
             template: template.to_owned(),
             ..Default::default()
         };
-        Self { fleet, ttl, base }
+        Self { fleet, ttl, base, turns: Default::default() }
     }
 
     /// Records a model call of `step` that answered.
@@ -60,7 +62,10 @@ impl Recorder {
         resp: &ChatResponse,
         duration_ms: Option<u64>,
     ) -> Result<(), FleetError> {
-        let (exchange, cut) = exchange(provider, req, resp, duration_ms);
+        let (exchange, cut) = match self.turns.lock() {
+            Ok(mut turns) => exchange_with(provider, req, resp, duration_ms, &mut turns),
+            Err(_) => exchange(provider, req, resp, duration_ms),
+        };
         let entry = TranscriptEntry {
             step,
             kind: transcript_kind::MODEL.to_owned(),
@@ -120,14 +125,36 @@ pub(crate) fn exchange(
     resp: &ChatResponse,
     duration_ms: Option<u64>,
 ) -> (ModelExchange, bool) {
+    exchange_with(provider, req, resp, duration_ms, &mut Vec::new())
+}
+
+/// [`exchange`], with the turns already made recordable by an earlier call of the same
+/// conversation in `turns` (each turn is redacted and cut once, when it is added).
+fn exchange_with(
+    provider: &str,
+    req: &ChatRequest,
+    resp: &ChatResponse,
+    duration_ms: Option<u64>,
+    turns: &mut Vec<(Value, bool)>,
+) -> (ModelExchange, bool) {
     let mut cut = false;
     let mut system = req.system.clone();
     cut |= truncate(&mut system);
-    let mut messages: Vec<Value> = req.turns.iter().map(turn_json).collect();
+    if turns.len() > req.turns.len() {
+        turns.clear();
+    }
+    for t in req.turns.iter().skip(turns.len()) {
+        let mut v = turn_json(t);
+        redact(&mut v);
+        let c = truncate_value(&mut v);
+        turns.push((v, c));
+    }
+    cut |= turns.iter().any(|(_, c)| *c);
+    let messages: Vec<Value> = turns.iter().map(|(v, _)| v.clone()).collect();
     let mut text = resp.text.clone();
     cut |= truncate(&mut text);
     let mut tool_calls: Vec<Value> = resp.tool_calls.iter().map(call_json).collect();
-    for v in messages.iter_mut().chain(tool_calls.iter_mut()) {
+    for v in tool_calls.iter_mut() {
         redact(v);
         cut |= truncate_value(v);
     }
