@@ -89,6 +89,21 @@ async fn every_model_and_tool_call_is_recorded_before_it_is_acted_on_without_sec
     })
     .await;
     assert_eq!(done.output.unwrap()["answer"], "Oslo is sunny.");
+    // Recorded cut and redacted, the run still re-runs identically: a cut text is not cut again.
+    let source = flotilla_audit::Source::Live(Box::new(sys.fleet().clone()));
+    let h = flotilla_audit::Loader::new(source).load("tx-1", false).await.unwrap();
+    let recording = flotilla_audit::rerun::recording(&h).unwrap();
+    let mut tools = Registry::with_builtins().unwrap();
+    tools.add(std::sync::Arc::new(Lookup)).unwrap();
+    let template = flotilla_agent_runner::rerun::template_of(&recording).unwrap();
+    let report = flotilla_agent_runner::rerun::rerun(
+        &template,
+        &tools,
+        &recording,
+        &flotilla_agent_runner::rerun::Against::Recorded,
+    )
+    .await;
+    assert!(report.identical, "{report:?}");
 
     let entries = transcript(&sys, "default", "tx-1").await;
     let subjects: Vec<&str> = entries.iter().map(|(s, _)| s.as_str()).collect();

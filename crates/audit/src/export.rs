@@ -222,7 +222,8 @@ pub fn verify_lines(
     let mut records = 0u64;
     let mut n = 0u64;
     let broken = |line: u64, problem: String| Ok(Err(Broken { line, problem }));
-    for line in reader.lines() {
+    let mut lines = reader.lines();
+    while let Some(line) = lines.next() {
         let line = line.map_err(|e| AuditError::Io(e.to_string()))?;
         n += 1;
         let Some((h, p, body)) = parts(&line) else {
@@ -267,11 +268,15 @@ pub fn verify_lines(
             {
                 return broken(n, format!("the export is not signed by {want}"));
             }
-            // Only the end may follow.
-            return match header {
-                Some(header) => Ok(Ok(Verified { header, records, signer: signed })),
-                None => broken(n, "no header".into()),
-            };
+            let Some(header) = header else { return broken(n, "no header".into()) };
+            // Nothing may follow the end.
+            if let Some(more) = lines.next() {
+                let more = more.map_err(|e| AuditError::Io(e.to_string()))?;
+                if !more.trim().is_empty() {
+                    return broken(n + 1, "something follows the end line: it was added".into());
+                }
+            }
+            return Ok(Ok(Verified { header, records, signer: signed }));
         }
         match serde_json::from_str::<Record>(body) {
             Ok(r) => each(r),
@@ -349,6 +354,9 @@ mod tests {
         let b = check(&removed, None).unwrap_err();
         assert_eq!(b.line, 3, "{b}");
         assert!(b.problem.contains("chain"), "{b}");
+        // A line added after the end.
+        let added = format!("{text}{}\n", lines[3]);
+        assert!(check(&added, None).unwrap_err().problem.contains("follows the end"));
         // The end removed.
         let cut: Vec<&str> = text.lines().take(6).collect();
         assert!(check(&(cut.join("\n") + "\n"), None).unwrap_err().problem.contains("cut short"));

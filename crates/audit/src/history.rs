@@ -70,8 +70,14 @@ impl TaskHistory {
     /// entries are superseded by the run after it): the last run id seen in the last attempt.
     pub fn last_run(&self) -> Vec<&Stored<TranscriptEntry>> {
         let Some(last) = self.transcript.iter().map(|t| t.item.attempt).max() else { return Vec::new() };
-        let run =
-            self.transcript.iter().rev().find(|t| t.item.attempt == last).map(|t| t.item.run_id.clone());
+        // Of that attempt's runs, the one of the agent that ended the task when there is one (a
+        // fenced-off run may still have written after it), else the last to write.
+        let ender = self.final_event().and_then(|f| f.item.agent_id.clone());
+        let of_attempt = || self.transcript.iter().rev().filter(|t| t.item.attempt == last);
+        let run = of_attempt()
+            .find(|t| ender.as_deref() == Some(t.item.agent_id.as_str()))
+            .or_else(|| of_attempt().next())
+            .map(|t| t.item.run_id.clone());
         self.transcript
             .iter()
             .filter(|t| t.item.attempt == last && Some(&t.item.run_id) == run.as_ref())

@@ -23,7 +23,17 @@ pub fn recording(h: &TaskHistory) -> Option<Recording> {
     let attempt = entries.first().map(|(_, e)| e.attempt)?;
     let mut task = h.task()?.clone();
     task.attempt = attempt;
-    let outcome = h.final_event().map(|f| match f.item.kind.as_str() {
+    // How this attempt ended: its final event, or the `retrying` that closed it.
+    let of_attempt = |kinds: &[&str]| {
+        h.events
+            .iter()
+            .rev()
+            .find(|e| e.item.attempt == Some(attempt) && kinds.contains(&e.item.kind.as_str()))
+    };
+    let ended = of_attempt(&[event_kind::COMPLETED, event_kind::FAILED])
+        .or_else(|| of_attempt(&[event_kind::RETRYING]))
+        .or_else(|| h.final_event().filter(|f| f.item.attempt.is_none()));
+    let outcome = ended.map(|f| match f.item.kind.as_str() {
         event_kind::COMPLETED => {
             let out = f.item.output.clone().unwrap_or(Value::Null);
             Outcome::Completed {

@@ -376,11 +376,12 @@ impl Io for Live<'_> {
         let (content, is_error) = match joined {
             Ok(Ok(v)) => (v.to_string(), false),
             Ok(Err(e)) if e.fails_task.is_some() => {
-                // Recorded too: the tool's answer is what ended the task.
-                if let Some(r) = &env.transcript {
-                    r.tool(step, index, call, &format!("error: {e}"), true)
-                        .await
-                        .map_err(|e| Halt::Stop(LoopError::Infrastructure(e)))?;
+                // Recorded too: the tool's answer is what ended the task (a tool with side
+                // effects is not run again because the entry could not be stored).
+                if let Some(r) = &env.transcript
+                    && let Err(err) = r.tool(step, index, call, &format!("error: {e}"), true).await
+                {
+                    tracing::warn!(error = %err, "the transcript entry of a tool that ended the task was not stored");
                 }
                 let code = e.fails_task.unwrap_or("tool_failed");
                 return Err(Halt::fail(code, e.message));

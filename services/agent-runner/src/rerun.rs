@@ -249,6 +249,13 @@ impl Io for Rerun<'_> {
     async fn tool(&self, step: u32, index: usize, call: &ToolCall) -> Result<(String, bool), Halt> {
         let i = u32::try_from(index).unwrap_or(u32::MAX);
         let Some(&(seq, entry)) = self.tools.get(&(step, i)) else {
+            // The recording stops inside this step's tools: the task was stopped from outside
+            // (a cancel, a deadline) while its tools ran.
+            let after_last =
+                self.last.is_some_and(|(s, _)| s == step) && self.models.keys().next_back() == Some(&step);
+            if after_last && let Some(h) = self.recorded_failure() {
+                return Err(h);
+            }
             let (asked, _) = crate::transcript::tool_exchange(index, call, "", false);
             return Err(self.diverge(
                 step,
@@ -277,7 +284,9 @@ impl Io for Rerun<'_> {
                 json!({ "name": asked.name, "arguments": asked.arguments }),
             ));
         }
-        match self.registry.replay(&call.name, &call.arguments) {
+        // Arguments with a secret were recorded redacted: the recorded result stands for them.
+        let redacted = t.arguments.to_string().contains(flotilla_protocol::REDACTED);
+        match self.registry.replay(&call.name, &call.arguments).filter(|_| !redacted) {
             Some(result) => {
                 self.with(|s| s.tools_executed += 1);
                 let (content, is_error) = match result {

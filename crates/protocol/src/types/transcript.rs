@@ -86,9 +86,18 @@ pub struct ToolExchange {
 
 /// Cuts `text` to at most [`MAX_FIELD_BYTES`] (on a character boundary), marking what was left
 /// out; true when it cut.
+/// A text cut before is left as it is (and counts as cut), so cutting is idempotent: a re-run
+/// that feeds recorded texts back records them the same.
 pub fn truncate(text: &mut String) -> bool {
     if text.len() <= MAX_FIELD_BYTES {
         return false;
+    }
+    if let Some(pos) = text.rfind(TRUNCATED_MARK)
+        && pos <= MAX_FIELD_BYTES
+        && text.ends_with(" bytes]")
+        && text.len() - pos <= TRUNCATED_MARK.len() + 32
+    {
+        return true;
     }
     let mut at = MAX_FIELD_BYTES;
     while !text.is_char_boundary(at) {
@@ -217,5 +226,9 @@ mod tests {
         let mut v = json!({ "a": ["x".repeat(MAX_FIELD_BYTES + 1)], "b": 1 });
         assert!(truncate_value(&mut v));
         assert!(v["a"][0].as_str().unwrap().ends_with("…[truncated 1 bytes]"));
+        // Cut again, a cut text stays as it is.
+        let once = s.clone();
+        assert!(truncate(&mut s));
+        assert_eq!(s, once);
     }
 }
