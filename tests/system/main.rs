@@ -28,6 +28,7 @@ mod messages;
 mod observability;
 mod prefixes;
 mod real_model;
+mod recovery;
 mod retries;
 mod roles;
 mod runner_crash;

@@ -329,6 +329,8 @@ fn runner(g: &mut G<'_>, id: &str, templates: &[String]) {
         n.events_stream(),
     );
     g.durable(&asg, &n.runner_consumer(id), Some(&n.assign_subject(id)));
+    // A restarted runner takes back what its previous incarnation held (recreates its consumer).
+    g.publish(api(format!("CONSUMER.DELETE.{asg}.{}", n.runner_consumer(id))));
     for class in MESSAGE_CLASSES {
         g.durable(&msgs, &n.runner_mailbox_consumer(id, class), Some(&n.inbox_runner(id, class)));
     }

@@ -261,6 +261,7 @@ async fn run(
         inactive_threshold: Duration::from_secs(24 * 3600),
         ..Default::default()
     };
+    take_back_assignments(&stream, &fleet.names.runner_consumer(&runner_id)).await;
     let consumer = flotilla_service::nats::patiently(
         "the assignment consumer",
         flotilla_service::nats::STARTUP_PATIENCE,
@@ -397,4 +398,29 @@ async fn run(
     let _ = health.await;
     tracing::info!(runner = %runner_id, "runner stopped");
     consumed
+}
+
+/// A runner starting under an id whose previous incarnation died holding assignments (killed,
+/// then restarted by its supervisor under the same name): those deliveries are still pending on
+/// the runner's consumer and would come back only after the ack wait. Nothing of this
+/// incarnation has pulled yet, so whatever is pending is the dead one's: the consumer is removed
+/// and made again, and the assignments stream (a work queue, which keeps every unacknowledged
+/// assignment) delivers them at once. Each is claimed again through its record, fenced as any
+/// claim, so nothing runs twice.
+#[tracing::instrument(skip(stream))]
+async fn take_back_assignments(stream: &async_nats::jetstream::stream::Stream<()>, consumer: &str) {
+    let pending = match stream.consumer_info(consumer).await {
+        Ok(info) => info.num_ack_pending,
+        // No consumer yet (a first start), or it cannot be read: nothing to take back here.
+        Err(_) => return,
+    };
+    if pending == 0 {
+        return;
+    }
+    match stream.delete_consumer(consumer).await {
+        Ok(_) => tracing::info!(pending, "a previous incarnation held assignments: taking them back"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take back the previous incarnation's assignments; they return after the ack wait")
+        }
+    }
 }
