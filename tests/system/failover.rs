@@ -52,7 +52,7 @@ async fn health(sys: &System, instance: &str) -> Option<HealthReply> {
 }
 
 /// Starts `d1` and, once it holds the lease, `d2`; waits until `d2` answers as a standby.
-async fn two_dispatchers(sys: &System, ttl: &str) -> HashMap<String, ChildProcess> {
+pub(crate) async fn two_dispatchers(sys: &System, ttl: &str) -> HashMap<String, ChildProcess> {
     let d1 = spawn_dispatcher(sys, "d1", ttl);
     eventually(Duration::from_secs(60), "d1 to hold the lease", || async {
         lease(sys).await.filter(|l| l.holder == "d1").map(drop)

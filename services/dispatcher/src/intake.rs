@@ -63,7 +63,9 @@ pub async fn run(
         durable_name: Some(fleet.names.dispatcher_intake_consumer()),
         description: Some("Flotilla dispatcher: intake of submissions".to_owned()),
         ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        // Short, so a submission held by an instance that died is taken in by another within
+        // seconds; the instance working on one keeps it with in-progress acks.
+        ack_wait: config.intake_ack_wait,
         max_deliver: -1,
         max_ack_pending: i64::try_from(concurrency * 4).unwrap_or(256),
         ..Default::default()
@@ -100,8 +102,9 @@ impl Intake {
             tracing::info_span!("submission", subject = %msg.subject, seq, task_id = tracing::field::Empty);
         flotilla_service::trace::continue_from(&span, msg.headers.as_ref());
         let guard = AckGuard::new(msg);
+        let every = self.config.intake_ack_wait / 3;
         async {
-            match self.process(&guard).await {
+            match guard.with_progress(every, Duration::from_secs(300), self.process(&guard)).await {
                 // A redelivery after a lost ack is de-duplicated.
                 Ok(()) => guard.ack().await,
                 Err(e) => {

@@ -46,6 +46,11 @@ pub struct Config {
     pub assign_timeout: Duration,
     /// Submissions processed concurrently.
     pub intake_concurrency: usize,
+    /// How long a submission an instance took in may stay unacknowledged: if that instance dies,
+    /// another takes the submission in after this (an instance working on one tells the server
+    /// it still is, every third of it).
+    #[serde(with = "humantime_serde")]
+    pub intake_ack_wait: Duration,
     /// How often liveness, timeouts and deadlines are checked.
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
@@ -98,6 +103,7 @@ impl Default for Config {
             missed_heartbeats: 3,
             assign_timeout: Duration::from_secs(30),
             intake_concurrency: 64,
+            intake_ack_wait: Duration::from_secs(2),
             tick: Duration::from_millis(100),
             aging: Duration::from_secs(60),
             affinity_wait: Duration::from_millis(250),
@@ -122,6 +128,10 @@ impl Config {
         anyhow::ensure!(!self.assign_timeout.is_zero(), "dispatcher.assign_timeout must be positive");
         anyhow::ensure!(self.missed_heartbeats >= 1, "dispatcher.missed_heartbeats must be at least 1");
         anyhow::ensure!(self.intake_concurrency >= 1, "dispatcher.intake_concurrency must be at least 1");
+        anyhow::ensure!(
+            self.intake_ack_wait >= Duration::from_millis(300),
+            "dispatcher.intake_ack_wait must be at least 300ms"
+        );
         anyhow::ensure!(
             (1..=flotilla_protocol::MAX_ATTEMPTS_LIMIT).contains(&self.default_max_attempts),
             "dispatcher.default_max_attempts must be 1-{}",
