@@ -368,9 +368,12 @@ fn runner(g: &mut G<'_>, id: &str, templates: &[String]) {
         .kv_write(&n.approvals_bucket(), "*")
         .kv_write(&n.memory_bucket(), ">")
         .kv_read(&n.grants_bucket(), ">")
-        .kv_read(&n.operators_bucket(), "*");
+        .kv_read(&n.operators_bucket(), "*")
+        .kv_read(&n.leases_bucket(), crate::names::lease_key::BUDGET_KEEPER);
     g.publish(n.control_event_subject("*"));
-    for b in [n.approvals_bucket(), n.memory_bucket(), n.grants_bucket()] {
+    // The leases: which budget-keeper serves (a request in flight at one that died is asked
+    // again of its successor at once).
+    for b in [n.approvals_bucket(), n.memory_bucket(), n.grants_bucket(), n.leases_bucket()] {
         g.kv_watch(&b);
     }
     g.subscribe(n.runner_control(id, "*"));
@@ -421,6 +424,8 @@ fn operator(g: &mut G<'_>, name: &str) {
     for b in [n.grants_bucket(), n.tasks_bucket(), n.agents_bucket(), n.capabilities_bucket()] {
         g.kv_read(&b, ">").kv_watch(&b);
     }
+    // Which budget-keeper serves (see the runner's).
+    g.kv_read(&n.leases_bucket(), ">").kv_watch(&n.leases_bucket());
     // Whether an existing approval decision is an operator's.
     g.kv_read(&n.operators_bucket(), "*");
     g.subscribe(n.inbox_client(name));

@@ -1,14 +1,26 @@
 //! The budget-keeper's client: one call per operation, the subject `<p>.budget.<op>` taken from
 //! the request's type ([`BudgetOperation::OP`]), asked again (with the same idempotency key, so
 //! nothing is charged twice) while no keeper answers or the active one says it is unavailable,
-//! for up to [`Client::patience`]. Used by the agent-runner before and after every model call, by
-//! the CLI's benchmarks and by tests.
+//! for up to [`Client::patience`]. A request in flight at a keeper that dies is asked again as
+//! soon as another keeper takes the `budget-keeper` lease (the client follows the lease key), not
+//! after its timeout. Used by the agent-runner before and after every model call, by the CLI's
+//! benchmarks and by tests.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_protocol::{BudgetOp, BudgetOperation, BudgetReply, ErrorInfo, codec};
+use flotilla_protocol::names::lease_key;
+use flotilla_protocol::{BudgetOp, BudgetOperation, BudgetReply, ErrorInfo, Lease, codec};
+use futures::StreamExt as _;
+use tokio::sync::{OnceCell, watch};
 
 use crate::Fleet;
+
+/// Who serves budgets as the lease says: `(holder, epoch)`, `None` while nobody holds it.
+type Holder = Option<(String, u64)>;
+
+/// The longest pause between two tries while no keeper answers.
+const MAX_PAUSE: Duration = Duration::from_millis(500);
 
 /// Why a budget call got no answer to act on.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +56,9 @@ pub struct Client {
     /// An operator's credentials to sign every request with: control operations (`set`,
     /// `rate`, `price`) are refused unsigned where authentication is on.
     pub signer: Option<crate::auth::Credentials>,
+    /// The `budget-keeper` lease as last seen, followed from the first call on (shared by the
+    /// clones of this client); `None` inside when the lease cannot be followed (no permission).
+    holder: Arc<OnceCell<Option<watch::Receiver<Holder>>>>,
 }
 
 impl Client {
@@ -53,7 +68,13 @@ impl Client {
             request_timeout: Duration::from_secs(15),
             patience: Duration::from_secs(60),
             signer: None,
+            holder: Arc::default(),
         }
+    }
+
+    /// The lease's holder, followed by a task that ends with the last clone of this client.
+    async fn holder(&self) -> Option<watch::Receiver<Holder>> {
+        self.holder.get_or_init(|| follow_lease(self.fleet.clone())).await.clone()
     }
 
     /// This client, signing its requests as the operator whose seed is `creds`.
@@ -74,7 +95,9 @@ impl Client {
         let subject = self.fleet.names.budget_subject(op.as_str());
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
+        let mut holder = self.holder().await;
         loop {
+            let asked_of = holder.as_mut().map(|h| h.borrow_and_update().clone());
             // The request's own timeout (the connection's default is shorter than a reservation
             // may wait at the keeper for a rate permit), with a margin for the answer to arrive.
             let mut request =
@@ -88,15 +111,27 @@ impl Client {
                 return Err(BudgetError::Unavailable { op, waited: Duration::ZERO, last: e.to_string() });
             }
             request = request.headers(h);
-            let last = match tokio::time::timeout(
+            let answer = tokio::time::timeout(
                 self.request_timeout + Duration::from_secs(1),
                 self.fleet.client.send_request(subject.clone(), request),
-            )
-            .await
-            {
-                Err(_) => "timed out".to_owned(),
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(msg)) => match codec::decode::<BudgetReply>(None, &msg.payload) {
+            );
+            let answer = tokio::select! {
+                a = answer => Some(a),
+                // The keeper asked died: its successor is asked at once (the same request, so a
+                // call the dead one had stored is answered from the ledger, not made again).
+                () = taken_over(holder.as_mut(), asked_of.flatten()) => None,
+            };
+            let last = match answer {
+                None => {
+                    tracing::info!(
+                        "the budget-keeper changed while a request was in flight; asking the new one"
+                    );
+                    pause = Duration::from_millis(50);
+                    continue;
+                }
+                Some(Err(_)) => "timed out".to_owned(),
+                Some(Ok(Err(e))) => e.to_string(),
+                Some(Ok(Ok(msg))) => match codec::decode::<BudgetReply>(None, &msg.payload) {
                     Err(e) => format!("unreadable answer: {e}"),
                     Ok(reply) => match reply.error.clone() {
                         None => return Ok(reply),
@@ -112,7 +147,68 @@ impl Client {
             }
             tracing::debug!(last = %last, "budget-keeper not answering; asking again");
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+            pause = (pause * 2).min(MAX_PAUSE);
         }
     }
+}
+
+/// Resolves once the lease is held by another keeper (or another epoch) than `asked`; never when
+/// the lease is not followed.
+async fn taken_over(holder: Option<&mut watch::Receiver<Holder>>, asked: Option<(String, u64)>) {
+    let Some(rx) = holder else { return std::future::pending().await };
+    let moved = |h: &Holder| h.as_ref().is_some_and(|h| Some(h) != asked.as_ref());
+    if rx.wait_for(moved).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Follows the `budget-keeper` lease key: its holder and epoch as they change.
+async fn follow_lease(fleet: Fleet) -> Option<watch::Receiver<Holder>> {
+    let bucket = fleet.names.leases_bucket();
+    let kv = match fleet.js.get_key_value(&bucket).await {
+        Ok(kv) => kv,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot open the leases bucket: budget requests wait out their timeout");
+            return None;
+        }
+    };
+    let mut entries = match kv.watch_with_history(lease_key::BUDGET_KEEPER).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot follow the budget-keeper lease: budget requests wait out their timeout");
+            return None;
+        }
+    };
+    // The lease as it is now, so that the first request is not taken for one asked of a keeper
+    // that has since gone (the watch's first entry is the same one).
+    let now = match fleet.kv_get::<Lease>(&kv, lease_key::BUDGET_KEEPER).await {
+        Ok(l) => l.map(|(l, _)| (l.holder, l.epoch)),
+        Err(_) => None,
+    };
+    let (tx, rx) = watch::channel(now);
+    tokio::spawn(async move {
+        loop {
+            let entry = tokio::select! {
+                () = tx.closed() => return,
+                e = entries.next() => e,
+            };
+            let holder = match entry {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "the budget-keeper lease watch failed");
+                    return;
+                }
+                Some(Ok(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                    codec::decode::<Lease>(None, &e.value).ok().map(|l| (l.holder, l.epoch))
+                }
+                Some(Ok(_)) => None,
+            };
+            tx.send_if_modified(|h| {
+                let changed = *h != holder;
+                *h = holder;
+                changed
+            });
+        }
+    });
+    Some(rx)
 }

@@ -37,6 +37,8 @@ pub struct NatsServer {
     auth: Option<std::sync::Mutex<std::collections::BTreeMap<String, flotilla_service::auth::AuthDir>>>,
     /// TLS only, with this PKI; `true`: clients must show a certificate too.
     tls: Option<(tls::TestPki, bool)>,
+    /// The settings file under `nats/` the server runs with.
+    conf: &'static str,
     dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -75,6 +77,17 @@ impl NatsServer {
         Self::start_with(false)
     }
 
+    /// Starts a fresh server with authentication and the deployments' settings,
+    /// `nats/server.conf` (every acknowledged write fsync'd), instead of the suite's faster
+    /// `nats/test.conf`: for tests of timing under the load a real deployment has.
+    pub fn start_durable() -> Self {
+        init_tracing();
+        let dir = tempfile::Builder::new().prefix("flotilla-nats-").tempdir().expect("temp dir");
+        let path = dir.path().to_path_buf();
+        let auth = Some(Self::default_auth(&path));
+        Self::start_in(path, None, Some(dir), auth, None, "server.conf")
+    }
+
     /// Starts a fresh server with authentication that takes TLS connections only, with a
     /// certificate for `127.0.0.1` from a test CA; with `verify_clients`, clients must show a
     /// certificate of that CA too.
@@ -89,7 +102,7 @@ impl NatsServer {
         let path = dir.path().to_path_buf();
         let pki = tls::TestPki::generate(&path.join("pki"), names);
         let auth = Self::default_auth(&path);
-        Self::start_in(path, None, Some(dir), Some(auth), Some((pki, verify_clients)))
+        Self::start_in(path, None, Some(dir), Some(auth), Some((pki, verify_clients)), "test.conf")
     }
 
     fn default_auth(
@@ -104,7 +117,7 @@ impl NatsServer {
         let dir = tempfile::Builder::new().prefix("flotilla-nats-").tempdir().expect("temp dir");
         let path = dir.path().to_path_buf();
         let auth = auth.then(|| Self::default_auth(&path));
-        Self::start_in(path, None, Some(dir), auth, None)
+        Self::start_in(path, None, Some(dir), auth, None, "test.conf")
     }
 
     fn start_in(
@@ -113,11 +126,12 @@ impl NatsServer {
         tmp: Option<tempfile::TempDir>,
         auth: Option<std::sync::Mutex<std::collections::BTreeMap<String, flotilla_service::auth::AuthDir>>>,
         tls: Option<(tls::TestPki, bool)>,
+        conf_name: &'static str,
     ) -> Self {
         let root = workspace_root();
         let binary =
             locate(std::slice::from_ref(&root)).expect("nats-server (run scripts/install-nats-server)");
-        let mut conf = std::fs::read_to_string(root.join("nats/test.conf")).expect("nats/test.conf");
+        let mut conf = std::fs::read_to_string(root.join("nats").join(conf_name)).expect("nats/*.conf");
         if let Some(auth) = &auth {
             let dirs = auth.lock().unwrap();
             conf.push_str("\ninclude \"auth.conf\"\n");
@@ -135,7 +149,7 @@ impl NatsServer {
             config_file: Some(conf_path),
         })
         .expect("nats-server starts");
-        let s = Self { server, auth, tls, dir, _dir: tmp };
+        let s = Self { server, auth, tls, conf: conf_name, dir, _dir: tmp };
         if let Some(creds) =
             s.creds(flotilla_protocol::names::DEFAULT_PREFIX, &format!("operator-{TEST_OPERATOR}"))
         {
@@ -340,7 +354,7 @@ impl NatsServer {
         let tmp = self._dir.take();
         let auth = self.auth.take();
         let tls = self.tls.take();
-        *self = Self::start_in(self.dir.clone(), Some(port), tmp, auth, tls);
+        *self = Self::start_in(self.dir.clone(), Some(port), tmp, auth, tls, self.conf);
     }
 }
 
