@@ -100,3 +100,106 @@ async fn submissions_held_by_a_killed_dispatcher_are_taken_in_within_seconds() {
     assert_eq!(count_by_task(&events, "accepted").len(), N);
     assert!(count_by_task(&events, "accepted").values().all(|&n| n == 1));
 }
+
+/// A tool that panics its first `crashes` calls, then answers.
+#[derive(Debug)]
+struct Crashy {
+    calls: std::sync::atomic::AtomicU32,
+    crashes: u32,
+}
+
+impl flotilla_agent_runner::tools::Tool for Crashy {
+    fn spec(&self) -> flotilla_agent_runner::llm::ToolSpec {
+        flotilla_agent_runner::llm::ToolSpec {
+            name: "crashy".into(),
+            description: "panics a few times".into(),
+            parameters: serde_json::json!({"type": "object"}),
+        }
+    }
+
+    fn call<'a>(
+        &'a self,
+        _ctx: &'a flotilla_agent_runner::tools::ToolCtx,
+        _args: serde_json::Value,
+    ) -> futures::future::BoxFuture<'a, Result<serde_json::Value, flotilla_agent_runner::tools::ToolError>>
+    {
+        Box::pin(async move {
+            if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < self.crashes {
+                panic!("injected crash");
+            }
+            Ok(serde_json::json!("fine now"))
+        })
+    }
+}
+
+/// The agent's registry record.
+async fn record(sys: &System, agent: &str) -> Option<flotilla_protocol::AgentRecord> {
+    sys.fleet()
+        .kv_get::<flotilla_protocol::AgentRecord>(&sys.topology.agents, agent)
+        .await
+        .ok()?
+        .map(|(r, _)| r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_crashed_into_error_takes_work_again_after_its_cool_down() {
+    let mut sys = System::with_dispatcher().await;
+    // Four crashes: three in a row send the agent to ERROR; back after 1 s, its trial attempt
+    // crashes again (ERROR for 2 s, the cool-down doubled); back again, the next attempt ends
+    // the crash loop.
+    let mut registry = flotilla_agent_runner::tools::Registry::with_builtins().unwrap();
+    registry.add(std::sync::Arc::new(Crashy { calls: Default::default(), crashes: 4 })).unwrap();
+    let config = flotilla_agent_runner::Config {
+        error_cooldown: Duration::from_secs(1),
+        error_recoveries: 3,
+        ..runner_config("r1")
+    };
+    let fleet = "[[agent]]\nname = \"fragile\"\ncapabilities = [\"fragile\"]\ntools = [\"crashy\"]\n";
+    sys.start_runner_configured("r1", fleet, config, registry).await;
+    sys.wait_for_agents("r1", 1).await;
+    let submitted = Instant::now();
+    sys.submit(&flotilla_protocol::TaskSubmission {
+        id: Some("bumpy".into()),
+        capability: "fragile".into(),
+        max_attempts: Some(10),
+        input: serde_json::json!({ "text": "try", "_offline": { "tool_calls": [{ "name": "crashy", "arguments": {} }] } }),
+        ..Default::default()
+    })
+    .await;
+    // The registry shows ERROR with when it ends, then the crash loop while on trial.
+    let (mut saw_error, mut saw_second_error, mut saw_loop) = (None, false, false);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while Instant::now() < deadline {
+        if let Some(r) = record(&sys, "r1-fragile-0").await {
+            if r.status == flotilla_protocol::AgentStatus::Error {
+                assert!(r.error_until_ms.is_some(), "a cool-down is shown: {r:?}");
+                saw_error.get_or_insert(Instant::now());
+                saw_second_error |= r.recoveries >= 1;
+            } else if r.recoveries > 0 {
+                saw_loop = true;
+            }
+        }
+        if sys.task("bumpy").await.is_some_and(|t| t.state == flotilla_protocol::TaskState::Completed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec = sys.task("bumpy").await.unwrap();
+    assert_eq!(rec.state, flotilla_protocol::TaskState::Completed, "{rec:?}");
+    assert!(saw_error.is_some() && saw_second_error && saw_loop, "ERROR, trial, ERROR again, trial");
+    eprintln!(
+        "agent driven into ERROR twice by 4 crashes: completed {:.1} s after submission \
+         (cool-downs 1 s then 2 s; ERROR first seen {:.1} s after submission)",
+        submitted.elapsed().as_secs_f64(),
+        saw_error.map(|t| (t - submitted).as_secs_f64()).unwrap_or_default(),
+    );
+    // The loop is over: a clean record again.
+    let r = flotilla_testkit::eventually(Duration::from_secs(5), "the crash loop to end", || async {
+        record(&sys, "r1-fragile-0")
+            .await
+            .filter(|r| r.recoveries == 0 && r.status == flotilla_protocol::AgentStatus::Idle)
+    })
+    .await;
+    assert_eq!(r.error_until_ms, None);
+    sys.stop().await;
+}

@@ -591,6 +591,8 @@ pub fn fake_agent(
         protocol_version: 1,
         min_replicas: 1,
         max_replicas: 1,
+        error_until_ms: None,
+        recoveries: 0,
     };
     tokio::spawn(async move {
         while !stop2.is_cancelled() {

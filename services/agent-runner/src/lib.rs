@@ -66,6 +66,16 @@ pub struct Config {
     /// How long each tenant's transcripts are kept (e.g. `acme = "7d"`), when shorter than the
     /// transcripts stream's `streams.transcripts_max_age`; a per-message TTL.
     pub transcript_retention: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
+    /// How long an agent that crashed its way into ERROR (three crashes in a row) waits before
+    /// it takes work again; doubled each time it comes back in one crash loop.
+    #[serde(with = "humantime_serde")]
+    pub error_cooldown: Duration,
+    /// The longest cool-down.
+    #[serde(with = "humantime_serde")]
+    pub error_cooldown_max: Duration,
+    /// How often an agent comes back from ERROR in one crash loop before it stays there until
+    /// its runner restarts (0: never comes back).
+    pub error_recoveries: u32,
 }
 
 impl Default for Config {
@@ -81,6 +91,9 @@ impl Default for Config {
             message_aging: mailbox::DEFAULT_AGING,
             budgets: true,
             transcript_retention: std::collections::BTreeMap::new(),
+            error_cooldown: registry::Recovery::default().cooldown,
+            error_cooldown_max: registry::Recovery::default().cooldown_max,
+            error_recoveries: registry::Recovery::default().limit,
         }
     }
 }
@@ -231,7 +244,14 @@ async fn run(
         "runner id {runner_id:?} must be 1-48 characters of A-Z a-z 0-9 _ -"
     );
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let agents = Arc::new(Agents::new(&runner_id, &fleet_file, config.heartbeat_interval, &events_tx));
+    let recovery = registry::Recovery {
+        cooldown: config.error_cooldown,
+        cooldown_max: config.error_cooldown_max.max(config.error_cooldown),
+        limit: config.error_recoveries,
+    };
+    let agents = Arc::new(
+        Agents::new(&runner_id, &fleet_file, config.heartbeat_interval, &events_tx).with_recovery(recovery),
+    );
     drop(events_tx);
     let events_stop = CancellationToken::new();
     let lifecycle_events = tokio::spawn(lifecycle::publish_events(

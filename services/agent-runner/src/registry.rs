@@ -29,6 +29,11 @@ pub struct Slot {
     pub running: Mutex<HashSet<(String, u32)>>,
     /// Crashes since the last success; at [`MAX_CRASHES`] the agent goes to `error`.
     pub crashes: AtomicU32,
+    /// In ERROR: when it takes work again (epoch ms); [`NO_RECOVERY`] when it stays; 0 when not
+    /// in ERROR.
+    error_until_ms: AtomicU64,
+    /// Times it came back from ERROR since its last task that ended without a crash.
+    recoveries: AtomicU32,
     pub lifecycle: Arc<Lifecycle>,
     /// Told to stop: takes no new work (the registry shows it draining) and leaves once idle.
     pub stopping: AtomicBool,
@@ -42,6 +47,34 @@ pub struct Slot {
 
 /// Consecutive crashes after which an agent stops taking work.
 pub const MAX_CRASHES: u32 = 3;
+
+/// `error_until_ms` of an agent that stays in ERROR until its runner restarts.
+const NO_RECOVERY: u64 = u64::MAX;
+
+/// How an agent in ERROR comes back: after a cool-down that doubles with each return in one
+/// crash loop (from `cooldown` up to `cooldown_max`), at most `limit` times; then it stays in
+/// ERROR until its runner restarts. Coming back, it has one attempt: a crash sends it back to
+/// ERROR, a task that ends without one ends the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    pub cooldown: Duration,
+    pub cooldown_max: Duration,
+    pub limit: u32,
+}
+
+impl Default for Recovery {
+    fn default() -> Self {
+        Self { cooldown: Duration::from_secs(30), cooldown_max: Duration::from_secs(600), limit: 5 }
+    }
+}
+
+impl Recovery {
+    /// The cool-down before return number `recoveries + 1`, or `None` when there is none.
+    pub fn cooldown(&self, recoveries: u32) -> Option<Duration> {
+        (recoveries < self.limit)
+            .then(|| flotilla_protocol::time::backoff(self.cooldown, recoveries, self.cooldown_max))
+    }
+}
 
 impl Slot {
     fn new(
@@ -60,6 +93,8 @@ impl Slot {
             in_flight: AtomicU32::new(0),
             running: Mutex::new(HashSet::new()),
             crashes: AtomicU32::new(0),
+            error_until_ms: AtomicU64::new(0),
+            recoveries: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             stop: CancellationToken::new(),
@@ -88,6 +123,48 @@ impl Slot {
     /// True when the agent crashed too often and takes no more work.
     pub fn in_error(&self) -> bool {
         self.crashes.load(Ordering::Relaxed) >= MAX_CRASHES
+    }
+
+    /// Counts a crash; at [`MAX_CRASHES`] in a row the agent goes to ERROR, with its cool-down
+    /// per `recovery` (returned; `None`: it stays). Returns the crashes counted so far and, when
+    /// the agent went to ERROR, its cool-down.
+    pub fn crashed(&self, recovery: &Recovery, why: &str) -> (u32, Option<Option<Duration>>) {
+        let crashes = self.crashes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if crashes < MAX_CRASHES {
+            return (crashes, None);
+        }
+        let cooldown = recovery.cooldown(self.recoveries.load(Ordering::Relaxed));
+        let until = match cooldown {
+            Some(c) => now_ms().saturating_add(u64::try_from(c.as_millis()).unwrap_or(u64::MAX)),
+            None => NO_RECOVERY,
+        };
+        self.error_until_ms.store(until, Ordering::Relaxed);
+        if let Err(e) = self.lifecycle.transition(None, flotilla_protocol::AgentState::Error, Some(why)) {
+            tracing::debug!(error = %e, "agent already in error");
+        }
+        (crashes, Some(cooldown))
+    }
+
+    /// A task ended without a crash: the crash count and any crash loop are over.
+    pub fn succeeded(&self) {
+        self.crashes.store(0, Ordering::Relaxed);
+        self.recoveries.store(0, Ordering::Relaxed);
+    }
+
+    /// Takes the agent out of ERROR when its cool-down is over at `now`: it gets one attempt
+    /// (a crash sends it back). Returns the number of this return.
+    fn recover_if_due(&self, now: u64) -> Option<u32> {
+        let until = self.error_until_ms.load(Ordering::Relaxed);
+        if !self.in_error() || until == 0 || until == NO_RECOVERY || now < until {
+            return None;
+        }
+        self.error_until_ms.store(0, Ordering::Relaxed);
+        let n = self.recoveries.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        self.crashes.store(MAX_CRASHES.saturating_sub(1), Ordering::Relaxed);
+        if let Err(e) = self.lifecycle.transition(None, flotilla_protocol::AgentState::Idle, None) {
+            tracing::debug!(error = %e, "agent left error already");
+        }
+        Some(n)
     }
 }
 
@@ -119,6 +196,8 @@ pub struct Agents {
     pub dirty: Arc<Notify>,
     /// The attempts this process holds, by (task, attempt, agent), so a `CancelTask` can stop them.
     attempts: Mutex<HashMap<(String, u32, String), Cancel>>,
+    /// How agents in ERROR come back.
+    pub recovery: Recovery,
 }
 
 /// How one held attempt is stopped: its token, and the reason given by whoever cancelled it.
@@ -177,6 +256,33 @@ impl Agents {
             cancelled: AtomicU64::new(0),
             dirty: Arc::new(Notify::new()),
             attempts: Mutex::new(HashMap::new()),
+            recovery: Recovery::default(),
+        }
+    }
+
+    /// These agents, coming back from ERROR per `recovery`.
+    pub fn with_recovery(mut self, recovery: Recovery) -> Self {
+        self.recovery = recovery;
+        self
+    }
+
+    /// Takes every agent whose cool-down is over out of ERROR.
+    pub fn recover_due(&self) {
+        let now = now_ms();
+        let mut any = false;
+        for slot in self.slots() {
+            if let Some(n) = slot.recover_if_due(now) {
+                any = true;
+                tracing::warn!(
+                    agent_id = %slot.agent_id,
+                    recovery = n,
+                    limit = self.recovery.limit,
+                    "agent back from ERROR after its cool-down: it takes work again (one crash sends it back)"
+                );
+            }
+        }
+        if any {
+            self.dirty.notify_one();
         }
     }
 
@@ -382,6 +488,11 @@ impl Agents {
             protocol_version: PROTOCOL_VERSION,
             min_replicas: slot.template.replica_limits().0,
             max_replicas: slot.template.replica_limits().1,
+            error_until_ms: match slot.error_until_ms.load(Ordering::Relaxed) {
+                0 | NO_RECOVERY => None,
+                until => slot.in_error().then_some(until),
+            },
+            recoveries: slot.recoveries.load(Ordering::Relaxed),
         }
     }
 
@@ -489,6 +600,7 @@ pub async fn heartbeat_loop(
             }
         }
         last = tokio::time::Instant::now();
+        agents.recover_due();
         if let Err(e) = agents.beat(&fleet, &topology).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
@@ -518,5 +630,47 @@ impl ScaleError {
             Self::Draining => "unavailable",
             Self::TooMany => "limit_exceeded",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    fn slot() -> (Slot, mpsc::UnboundedReceiver<AgentEvent>) {
+        let file = FleetFile::parse("[[agent]]\nname = \"w\"\ncapabilities = [\"work\"]\n").unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Slot::new("r1", Arc::new(file.agents[0].clone()), 0, &tx), rx)
+    }
+
+    #[test]
+    fn cool_downs_double_up_to_their_bound_and_end_after_the_limit() {
+        let r = Recovery { cooldown: Duration::from_secs(30), cooldown_max: Duration::from_secs(100), limit: 3 };
+        let c: Vec<Option<Duration>> = (0..4).map(|n| r.cooldown(n)).collect();
+        assert_eq!(c, [Some(30), Some(60), Some(100), None].map(|s| s.map(Duration::from_secs)));
+        assert_eq!(Recovery { limit: 0, ..r }.cooldown(0), None);
+    }
+
+    #[test]
+    fn an_agent_in_error_comes_back_on_trial_and_a_success_ends_the_loop() {
+        let (s, _events) = slot();
+        let r = Recovery { cooldown: Duration::ZERO, cooldown_max: Duration::ZERO, limit: 2 };
+        assert_eq!(s.crashed(&r, "x"), (1, None));
+        assert_eq!(s.crashed(&r, "x"), (2, None));
+        assert_eq!(s.crashed(&r, "x"), (3, Some(Some(Duration::ZERO))));
+        assert!(s.in_error());
+        assert_eq!(s.recover_if_due(now_ms()), Some(1));
+        assert!(!s.in_error());
+        // On trial: one crash sends it back.
+        assert_eq!(s.crashed(&r, "x").1, Some(Some(Duration::ZERO)));
+        assert_eq!(s.recover_if_due(now_ms()), Some(2));
+        // The limit reached: it stays in ERROR.
+        assert_eq!(s.crashed(&r, "x").1, Some(None));
+        assert_eq!(s.recover_if_due(u64::MAX - 1), None);
+        assert!(s.in_error());
+        s.succeeded();
+        assert_eq!(s.recoveries.load(Ordering::Relaxed), 0);
     }
 }

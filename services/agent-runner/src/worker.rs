@@ -22,7 +22,7 @@ use tracing::Instrument as _;
 
 use crate::agent_loop::{self, LoopError};
 use crate::llm::Provider;
-use crate::registry::{Agents, Cancel, MAX_CRASHES, Slot};
+use crate::registry::{Agents, Cancel, Slot};
 use crate::tools::{Registry, ToolCtx};
 
 /// What every handler shares.
@@ -295,7 +295,7 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
     slot.in_flight.fetch_sub(1, Ordering::Relaxed);
     match outcome {
         Outcome::Done => {
-            slot.crashes.store(0, Ordering::Relaxed);
+            slot.succeeded();
             // A redelivery after a lost ack is fenced.
             guard.ack().await;
         }
@@ -304,21 +304,24 @@ async fn handle_assignment(ctx: Arc<Context>, guard: AckGuard, a: Assignment) {
             guard.nak_with_backoff().await;
         }
         Outcome::Crashed(why) => {
-            let crashes = slot.crashes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+            let (crashes, error) = slot.crashed(&ctx.agents.recovery, &why);
             let backoff = flotilla_protocol::time::backoff(
                 Duration::from_secs(1),
                 crashes.saturating_sub(1),
                 Duration::from_secs(32),
             );
-            if crashes >= MAX_CRASHES {
-                tracing::error!(%why, crashes, "agent crashed repeatedly; it goes to error and takes no more work");
-                if let Err(e) =
-                    slot.lifecycle.transition(None, flotilla_protocol::AgentState::Error, Some(&why))
-                {
-                    tracing::debug!(error = %e, "agent already in error");
+            match error {
+                Some(Some(cooldown)) => tracing::error!(
+                    %why, crashes, ?cooldown,
+                    "agent crashed repeatedly; it goes to ERROR and takes work again after its cool-down"
+                ),
+                Some(None) => tracing::error!(
+                    %why, crashes, recoveries = ctx.agents.recovery.limit,
+                    "agent crashed repeatedly and came back from ERROR too often; it stays in ERROR until its runner restarts"
+                ),
+                None => {
+                    tracing::warn!(%why, crashes, ?backoff, "agent crashed; the attempt is retried after a backoff")
                 }
-            } else {
-                tracing::warn!(%why, crashes, ?backoff, "agent crashed; the attempt is retried after a backoff");
             }
             guard.nak(Some(backoff)).await;
         }

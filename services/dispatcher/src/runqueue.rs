@@ -744,6 +744,8 @@ mod tests {
             protocol_version: 1,
             min_replicas: 1,
             max_replicas: 1,
+            error_until_ms: None,
+            recoveries: 0,
         }
     }
 

@@ -3,7 +3,7 @@
 //! lease publishes the same alerts — `firing` when a rule starts to hold and `resolved` when it
 //! stops, on `<p>.events.alert.<kind>`. Thresholds come from `[monitor.alerts]`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_protocol::{AlertEvent, Lease, alert_kind};
@@ -50,8 +50,8 @@ pub struct Inputs {
     pub leases: BTreeMap<String, Lease>,
     /// When this monitor started watching (a lease never seen counts as missing from then).
     pub started_ms: u64,
-    /// Agents in ERROR now (with a live heartbeat).
-    pub agents_in_error: BTreeSet<String>,
+    /// Agents in ERROR or in a crash loop now (with a live heartbeat), with what to say of each.
+    pub agents_in_error: BTreeMap<String, String>,
     /// Budget scopes exhausted and not refilled since, with when.
     pub exhausted: BTreeMap<String, u64>,
     /// When the latest dead letter arrived, and how many arrived.
@@ -93,9 +93,8 @@ impl Alerts {
                 holds.insert((kind.to_owned(), key.to_owned()), (since, what));
             }
         }
-        for agent in &i.agents_in_error {
-            let what = format!("agent {agent} is in ERROR");
-            holds.insert((alert_kind::AGENT_ERROR.to_owned(), agent.clone()), (now_ms, what));
+        for (agent, what) in &i.agents_in_error {
+            holds.insert((alert_kind::AGENT_ERROR.to_owned(), agent.clone()), (now_ms, what.clone()));
         }
         for (scope, at) in &i.exhausted {
             let what = format!("budget {scope} is exhausted");
@@ -266,7 +265,7 @@ mod tests {
         let resolved = a.evaluate(&i, &t, 20_000, "m");
         assert_eq!((resolved.len(), resolved[0].state.as_str()), (1, "resolved"));
         // Agents, budgets and dead letters.
-        i.agents_in_error.insert("r1-w-0".into());
+        i.agents_in_error.insert("r1-w-0".into(), "agent r1-w-0 is in ERROR".into());
         i.exhausted.insert("tenant.acme".into(), 20_000);
         i.last_dead_letter_ms = Some(19_500);
         i.dead_letters = 1;

@@ -771,6 +771,29 @@ async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationTok
     }
 }
 
+/// What the `agent_error` alert says of an agent in ERROR or in a crash loop.
+fn error_text(r: &AgentRecord, now: u64) -> String {
+    let looped = match r.recoveries {
+        0 => String::new(),
+        n => format!(", back from it {n} time{} in this crash loop", if n == 1 { "" } else { "s" }),
+    };
+    match (r.status, r.error_until_ms) {
+        (flotilla_protocol::AgentStatus::Error, Some(until)) => format!(
+            "agent {} is in ERROR{looped}; it takes work again in {} s",
+            r.agent_id,
+            until.saturating_sub(now).div_ceil(1000)
+        ),
+        (flotilla_protocol::AgentStatus::Error, None) if r.recoveries > 0 => {
+            format!("agent {} is in ERROR{looped}; it stays there until its runner restarts", r.agent_id)
+        }
+        (flotilla_protocol::AgentStatus::Error, None) => format!("agent {} is in ERROR", r.agent_id),
+        _ => format!(
+            "agent {} is crash-looping{looped}: on trial until a task of it ends without a crash",
+            r.agent_id
+        ),
+    }
+}
+
 fn set_agent_gauges(fold: &Shared, agents: &std::collections::HashMap<String, AgentRecord>) {
     let Ok(mut f) = fold.lock() else { return };
     let now = now_ms();
@@ -792,13 +815,14 @@ fn set_agent_gauges(fold: &Shared, agents: &std::collections::HashMap<String, Ag
         a.get("agent_id").map(ToString::to_string).cmp(&b.get("agent_id").map(ToString::to_string))
     });
     f.views.agents = rows;
+    // An agent back from ERROR stays alerted until a task of it ends without a crash.
     f.inputs.agents_in_error = agents
         .iter()
         .filter(|(_, r)| {
-            r.status == flotilla_protocol::AgentStatus::Error
+            (r.status == flotilla_protocol::AgentStatus::Error || r.recoveries > 0)
                 && now.saturating_sub(r.heartbeat_at_ms) <= r.heartbeat_interval_ms.saturating_mul(3) + 500
         })
-        .map(|(k, _)| k.clone())
+        .map(|(k, r)| (k.clone(), error_text(r, now)))
         .collect();
     let metrics = &f.metrics;
     let mut counts: std::collections::HashMap<&'static str, i64> = Default::default();

@@ -106,6 +106,8 @@ async fn task_events_show_up_in_metrics() {
             protocol_version: 1,
             min_replicas: 1,
             max_replicas: 1,
+            error_until_ms: None,
+            recoveries: 0,
         };
         fleet.kv_put(&topo_agents, id, &rec).await.unwrap();
     }

@@ -88,7 +88,8 @@ pub enum AgentStatus {
     Idle,
     Busy,
     Draining,
-    /// Crashed repeatedly; takes no work until its runner restarts it.
+    /// Crashed repeatedly; takes no work until its cool-down ends (`error_until_ms`), or until
+    /// its runner restarts when it has come back too often (`recoveries`).
     Error,
 }
 
@@ -129,6 +130,14 @@ pub struct AgentRecord {
     pub min_replicas: u32,
     #[serde(default)]
     pub max_replicas: u32,
+    /// In ERROR: when it takes work again, after its cool-down (epoch ms); absent when it stays
+    /// in ERROR until its runner restarts (it came back too often in one crash loop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_until_ms: Option<u64>,
+    /// How often it came back from ERROR since its last task that ended without a crash: a
+    /// crash loop while above 0 (the monitor's `agent_error` alert stays raised).
+    #[serde(default)]
+    pub recoveries: u32,
 }
 
 /// A capability's entry in the capabilities bucket: some fleet declared it.
