@@ -16,7 +16,7 @@ use flotilla_testkit::{ChildProcess, bin, eventually};
 use futures::StreamExt as _;
 
 /// A dispatcher as a separate process, named `instance`, with lease TTL `ttl` (e.g. `"3s"`).
-fn spawn_dispatcher(sys: &System, instance: &str, ttl: &str) -> ChildProcess {
+pub(crate) fn spawn_dispatcher(sys: &System, instance: &str, ttl: &str) -> ChildProcess {
     let format = if sys.format == WireFormat::Json { "json" } else { "msgpack" };
     let prefix = sys.names.prefix().to_string();
     let creds = sys.server.creds(&prefix, "dispatcher").map(|p| p.display().to_string()).unwrap_or_default();
@@ -38,7 +38,7 @@ fn spawn_dispatcher(sys: &System, instance: &str, ttl: &str) -> ChildProcess {
 }
 
 /// The dispatcher lease as it stands (`None` when free).
-async fn lease(sys: &System) -> Option<Lease> {
+pub(crate) async fn lease(sys: &System) -> Option<Lease> {
     let entry = sys.topology.leases.entry(lease_key::DISPATCHER).await.unwrap()?;
     (entry.operation == kv::Operation::Put).then(|| codec::decode(None, &entry.value).unwrap())
 }

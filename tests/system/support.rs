@@ -364,21 +364,28 @@ impl System {
         ChildProcess::spawn(&bin("flotilla-agent-runner"), &[], &env).unwrap()
     }
 
-    /// Waits until `n` agents of runner `id` have a fresh heartbeat.
+    /// Waits until `n` agents of runner `id` are registered by its running incarnation, whose
+    /// heartbeat is fresh.
     pub async fn wait_for_agents(&self, runner: &str, n: usize) {
-        let store = self.topology.agents.clone();
+        let (store, runners) = (self.topology.agents.clone(), self.topology.runners.clone());
         let prefix = format!("{runner}-");
         flotilla_testkit::eventually(Duration::from_secs(30), "agents to register", || {
-            let store = store.clone();
+            let (store, runners) = (store.clone(), runners.clone());
             let prefix = prefix.clone();
             async move {
+                let beat = runners.get(runner).await.ok()??;
+                let beat: flotilla_protocol::RunnerRecord = codec::decode(None, &beat).ok()?;
+                let now = flotilla_protocol::time::now_ms();
+                if now.saturating_sub(beat.heartbeat_at_ms) >= 1000 {
+                    return None;
+                }
                 let keys: Vec<String> =
                     store.keys().await.ok()?.filter_map(|k| async { k.ok() }).collect().await;
                 let mut fresh = 0;
                 for k in keys.iter().filter(|k| k.starts_with(&prefix)) {
                     let v = store.get(k).await.ok()??;
                     let rec: flotilla_protocol::AgentRecord = codec::decode(None, &v).ok()?;
-                    if flotilla_protocol::time::now_ms().saturating_sub(rec.heartbeat_at_ms) < 1000 {
+                    if beat.vouches_for(&rec) {
                         fresh += 1;
                     }
                 }

@@ -20,6 +20,7 @@ mod otlp;
 mod profile;
 mod raw;
 mod recall;
+mod registry;
 mod runner;
 mod scheduler;
 
@@ -173,6 +174,27 @@ pub enum BenchWhat {
         #[arg(long)]
         server_config: Option<PathBuf>,
     },
+    /// What an idle fleet costs: registry writes per second and the nats-server's CPU share with
+    /// many idle agents on a few runner processes (next to the fsync'd KV puts the same server
+    /// takes), then how fast a killed runner's agents are declared lost and their work requeued.
+    Registry {
+        /// Idle agents, spread over the runners [default: 10000; 400 with --quick].
+        #[arg(long)]
+        agents: Option<u32>,
+        /// Runner processes.
+        #[arg(long, default_value_t = 4)]
+        runners: u32,
+        /// Seconds the idle fleet is measured [default: 30; 6 with --quick].
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Small sizes, for tests and a first look.
+        #[arg(long)]
+        quick: bool,
+        /// Configuration file of the local nats-server [default: the project's nats/server.conf,
+        /// with `sync_interval: always`]; e.g. nats/test.conf to flush on the default interval.
+        #[arg(long)]
+        server_config: Option<PathBuf>,
+    },
 }
 
 /// Bad usage (exit code 2), as opposed to a bench that could not run.
@@ -269,6 +291,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         BenchWhat::Audit { events, quick, server_config: conf } => {
             let sizes = audit::Sizes { events: events.unwrap_or(if *quick { 2000 } else { 100_000 }) };
             audit::run(cli, sizes, server_config(conf.as_deref())).await
+        }
+        BenchWhat::Registry { agents, runners, seconds, quick, server_config: conf } => {
+            let sizes = registry::Sizes {
+                agents: agents.unwrap_or(if *quick { 400 } else { 10_000 }),
+                runners: *runners,
+                seconds: seconds.unwrap_or(if *quick { 6 } else { 30 }),
+            };
+            registry::run(cli, sizes, server_config(conf.as_deref())).await
         }
         BenchWhat::Budget { reservations, in_flight, quick, server_config: conf } => {
             let sizes = budget::Sizes {

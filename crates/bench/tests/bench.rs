@@ -194,3 +194,20 @@ fn bench_audit_reports_verification_and_export_rates_next_to_a_raw_read() {
     positive(&report, "/replay_one_task_ms");
     positive(&report, "/verify_rate_vs_raw");
 }
+
+#[test]
+fn bench_registry_reports_the_idle_fleets_cost_and_the_loss_of_a_runner() {
+    let _runner = bin("flotilla-agent-runner"); // the bench starts them from next to `flotilla-bench`
+    let report = bench(&["registry", "--quick", "--json"]);
+    assert_eq!(report["idle_fleet"]["agents"], 400);
+    positive_figures(
+        &report,
+        &[
+            ("idle_fleet", &["registry_writes_per_s", "runner_record_writes_per_s", "raw_kv_puts_per_s"]),
+            ("runner_killed", &["tasks_held", "all_requeued_after_s", "bound_s"]),
+        ],
+    );
+    // One write per runner per heartbeat, not one per agent: 4 runners beat once a second.
+    let writes = report["idle_fleet"]["registry_writes_per_s"].as_f64().unwrap();
+    assert!(writes < 20.0, "{report}");
+}

@@ -69,12 +69,18 @@ pub async fn run(cli: &Cli, args: &AgentsArgs) -> Result<(), Failure> {
     }
 }
 
-async fn registered(fleet: &Fleet) -> Result<Vec<AgentRecord>, Failure> {
+/// Every registered agent, its heartbeat as last seen through its runner's
+/// ([`AgentRecord::as_seen`]).
+pub(crate) async fn registered(fleet: &Fleet) -> Result<Vec<AgentRecord>, Failure> {
     let store = bucket(fleet, fleet.names.agents_bucket()).await?;
+    let runners = runners(fleet).await?;
     let mut list: Vec<AgentRecord> = Vec::new();
     for key in fleet.kv_keys(&store).await.context("failed to list agents")? {
         match fleet.kv_get::<AgentRecord>(&store, &key).await {
-            Ok(Some((rec, _))) => list.push(rec),
+            Ok(Some((rec, _))) => {
+                let runner = runners.get(&rec.runner_id);
+                list.push(rec.as_seen(runner));
+            }
             // Gone since (deregistered) or unreadable: not listed.
             Ok(None) | Err(FleetError::Decode { .. }) => {}
             Err(e) => return Err(anyhow::Error::from(e).context("failed to read an agent").into()),
@@ -82,6 +88,20 @@ async fn registered(fleet: &Fleet) -> Result<Vec<AgentRecord>, Failure> {
     }
     list.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
     Ok(list)
+}
+
+/// Every runner's heartbeat record, by runner id.
+async fn runners(
+    fleet: &Fleet,
+) -> Result<std::collections::HashMap<String, flotilla_protocol::RunnerRecord>, Failure> {
+    let store = bucket(fleet, fleet.names.runners_bucket()).await?;
+    let mut out = std::collections::HashMap::new();
+    for key in fleet.kv_keys(&store).await.context("failed to list runners")? {
+        if let Ok(Some((rec, _))) = fleet.kv_get::<flotilla_protocol::RunnerRecord>(&store, &key).await {
+            out.insert(key, rec);
+        }
+    }
+    Ok(out)
 }
 
 async fn list(cli: &Cli) -> Result<(), Failure> {

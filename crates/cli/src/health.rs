@@ -10,7 +10,7 @@ use flotilla_service::Fleet;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
-use crate::client::{bucket, connect};
+use crate::client::connect;
 use crate::{Cli, Failure};
 
 /// The services that answer health requests.
@@ -60,17 +60,15 @@ pub(crate) async fn instances(fleet: &Fleet) -> anyhow::Result<Vec<HealthReply>>
 
 /// Every registered agent with its heartbeat's age.
 async fn agents(fleet: &Fleet) -> Result<Vec<(AgentRecord, u64)>, Failure> {
-    let store = bucket(fleet, fleet.names.agents_bucket()).await?;
     let now = now_ms();
-    let mut out = Vec::new();
-    for key in fleet.kv_keys(&store).await.context("failed to list the agents")? {
-        if let Ok(Some((rec, _))) = fleet.kv_get::<AgentRecord>(&store, &key).await {
+    Ok(crate::fleet::registered(fleet)
+        .await?
+        .into_iter()
+        .map(|rec| {
             let age = now.saturating_sub(rec.heartbeat_at_ms);
-            out.push((rec, age));
-        }
-    }
-    out.sort_by(|a, b| a.0.agent_id.cmp(&b.0.agent_id));
-    Ok(out)
+            (rec, age)
+        })
+        .collect())
 }
 
 /// The streams (buckets' included) this credential may read the info of, with their limits.

@@ -315,8 +315,11 @@ impl Names {
     names! {
         /// KV: the current record of every task, by task id.
         tasks_bucket() = lower "_tasks";
-        /// KV: the agent registry with heartbeats, by agent id.
+        /// KV: the agent registry, by agent id (written when an agent's state changes; its
+        /// liveness is its runner's, in [`Self::runners_bucket`]).
         agents_bucket() = lower "_agents";
+        /// KV: every runner's heartbeat and incarnation, by runner id.
+        runners_bucket() = lower "_runners";
         /// KV: every capability a fleet ever declared, by capability.
         capabilities_bucket() = lower "_capabilities";
         /// KV: agents' shared memory, keys `<namespace>.<key>`.
@@ -395,6 +398,7 @@ mod tests {
         assert_eq!(n.submissions_stream(), "ACME_FLEET_SUBMISSIONS");
         assert_eq!(n.tasks_bucket(), "acme_fleet_tasks");
         assert_eq!(n.leases_bucket(), "acme_fleet_leases");
+        assert_eq!(n.runners_bucket(), "acme_fleet_runners");
         assert_eq!(n.instance_health_subject("monitor", "m1"), "acme.fleet.health.monitor.m1");
         assert_eq!(n.runner_control("r1", "scale"), "acme.fleet.runners.r1.scale");
         assert_eq!(n.ledger_stream(), "ACME_FLEET_LEDGER");

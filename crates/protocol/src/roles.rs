@@ -187,6 +187,7 @@ fn buckets(n: &Names) -> Vec<String> {
         n.grants_bucket(),
         n.messages_bucket(),
         n.operators_bucket(),
+        n.runners_bucket(),
     ]
 }
 
@@ -254,7 +255,7 @@ fn dispatcher(g: &mut G<'_>) {
         .kv_write(&n.grants_bucket(), ">")
         .kv_read(&n.operators_bucket(), "*");
     g.publish(n.control_event_subject("*"));
-    for b in [n.tasks_bucket(), n.agents_bucket(), n.grants_bucket(), n.leases_bucket()] {
+    for b in [n.tasks_bucket(), n.agents_bucket(), n.grants_bucket(), n.leases_bucket(), n.runners_bucket()] {
         g.kv_watch(&b);
     }
     g.subscribe(format!("{} {}", n.dispatcher_queue(), crate::names::queue_group::DISPATCHER))
@@ -301,7 +302,7 @@ fn monitor(g: &mut G<'_>) {
     // Every event: tasks', agents' and messages' (the five families), and control events.
     g.info(&events).ordered(&events, Some(&n.events_all()));
     g.info(&ledger).ordered(&ledger, None);
-    g.kv_watch(&n.agents_bucket());
+    g.kv_watch(&n.agents_bucket()).kv_watch(&n.runners_bucket());
     g.subscribe(format!("{} {}", n.monitor_stats(), crate::names::queue_group::MONITOR));
     // Alerts: the dead letters as they arrive, the leases (and its own, which decides which
     // monitor publishes), and the alert events.
@@ -363,6 +364,8 @@ fn runner(g: &mut G<'_>, id: &str, templates: &[String]) {
     // Buckets it works with. Task records of any task it is assigned are fenced by revision.
     g.kv_write(&n.tasks_bucket(), "*")
         .kv_write(&n.agents_bucket(), "*")
+        // Its own heartbeat: no other runner's.
+        .kv_write(&n.runners_bucket(), id)
         .kv_write(&n.capabilities_bucket(), ">")
         .kv_write(&n.messages_bucket(), ">")
         .kv_write(&n.approvals_bucket(), "*")
@@ -421,7 +424,9 @@ fn operator(g: &mut G<'_>, name: &str) {
         g.kv_write(&b, ">").kv_watch(&b);
     }
     // Grants are changed through the dispatcher (signed requests), which alone writes them.
-    for b in [n.grants_bucket(), n.tasks_bucket(), n.agents_bucket(), n.capabilities_bucket()] {
+    for b in
+        [n.grants_bucket(), n.tasks_bucket(), n.agents_bucket(), n.capabilities_bucket(), n.runners_bucket()]
+    {
         g.kv_read(&b, ">").kv_watch(&b);
     }
     // Which budget-keeper serves (see the runner's).

@@ -15,6 +15,7 @@ pub fn all() -> Vec<(&'static str, Schema)> {
         ("task-event", s::<TaskEvent>()),
         ("assignment", s::<Assignment>()),
         ("agent-record", s::<AgentRecord>()),
+        ("runner-record", s::<RunnerRecord>()),
         ("agent-event", s::<AgentEvent>()),
         ("capability-record", s::<CapabilityRecord>()),
         ("dead-letter", s::<DeadLetter>()),

@@ -16,6 +16,16 @@ use crate::config::StreamSettings;
 /// longest lease TTL, or the server could remove a lease its holder still counts on.
 pub const LEASES_MAX_AGE: Duration = Duration::from_secs(60);
 
+/// `max_age` of the agent registry: an agent record is written when the agent's state changes
+/// and refreshed by its runner well within this ([`AGENT_REFRESH`]); the records of agents whose
+/// runner is long gone are removed this long after their last write.
+pub const AGENTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// How often a runner rewrites the record of an agent whose state did not change.
+pub const AGENT_REFRESH: Duration = Duration::from_secs(6 * 3600);
+/// `max_age` of the runners bucket: a runner record is rewritten every heartbeat; a dead
+/// runner's is removed an hour after its last beat.
+pub const RUNNERS_MAX_AGE: Duration = Duration::from_secs(3600);
+
 /// Whether a service owns the task topology (applies configuration changes to existing streams
 /// and buckets) or joins it (creates what is missing, leaves existing ones as they are, so that
 /// services with different settings never fight over a stream).
@@ -48,6 +58,8 @@ pub struct Topology {
     pub messages: kv::Store,
     /// The operators' signing keys (written by the admin only).
     pub operators: kv::Store,
+    /// Every runner's heartbeat and incarnation (its agents' liveness).
+    pub runners: kv::Store,
     /// Replicas of every stream and bucket, as they were ensured (services that own further
     /// buckets create them with as many).
     pub replicas: usize,
@@ -83,7 +95,7 @@ impl Topology {
     /// a bucket the dispatcher has not created yet.
     pub async fn open(js: &jetstream::Context, names: &Names, patience: Duration) -> anyhow::Result<Self> {
         let deadline = tokio::time::Instant::now() + patience;
-        let mut stores = Vec::with_capacity(9);
+        let mut stores = Vec::with_capacity(10);
         for bucket in bucket_configs(names, &StreamSettings::default()).into_iter().map(|c| c.bucket) {
             let mut logged = false;
             let store = loop {
@@ -115,8 +127,9 @@ impl Topology {
     /// The handles, from the stores of the buckets in the order [`Topology::ensure`] and
     /// [`Topology::open`] list them.
     fn from_stores(stores: Vec<kv::Store>, replicas: usize) -> anyhow::Result<Self> {
-        let Ok([tasks, agents, capabilities, memory, approvals, leases, grants, messages, operators]) =
-            <[kv::Store; 9]>::try_from(stores)
+        let Ok(
+            [tasks, agents, capabilities, memory, approvals, leases, grants, messages, operators, runners],
+        ) = <[kv::Store; 10]>::try_from(stores)
         else {
             anyhow::bail!("a bucket of the topology was not opened");
         };
@@ -130,6 +143,7 @@ impl Topology {
             grants,
             messages,
             operators,
+            runners,
             replicas,
         })
     }
@@ -140,7 +154,7 @@ pub fn bucket_configs(names: &Names, s: &StreamSettings) -> Vec<kv::Config> {
     // (bucket, description, history, max age)
     let buckets = [
         (names.tasks_bucket(), "Flotilla: current record of every task", 5, s.tasks_max_age),
-        (names.agents_bucket(), "Flotilla: agent registry and heartbeats", 1, Duration::from_secs(3600)),
+        (names.agents_bucket(), "Flotilla: agent registry", 1, AGENTS_MAX_AGE),
         (names.capabilities_bucket(), "Flotilla: capabilities declared by fleets", 1, Duration::ZERO),
         (names.memory_bucket(), "Flotilla: agents' shared memory", 10, Duration::ZERO),
         (names.approvals_bucket(), "Flotilla: requests for human approval", 5, s.tasks_max_age),
@@ -148,6 +162,7 @@ pub fn bucket_configs(names: &Names, s: &StreamSettings) -> Vec<kv::Config> {
         (names.grants_bucket(), "Flotilla: who may message whom", 5, Duration::ZERO),
         (names.messages_bucket(), "Flotilla: handling of direct messages", 1, s.messages_max_age),
         (names.operators_bucket(), "Flotilla: operators' signing keys", 5, Duration::ZERO),
+        (names.runners_bucket(), "Flotilla: runners' heartbeats", 1, RUNNERS_MAX_AGE),
     ];
     buckets
         .into_iter()

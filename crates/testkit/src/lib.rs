@@ -593,6 +593,7 @@ pub fn fake_agent(
         max_replicas: 1,
         error_until_ms: None,
         recoveries: 0,
+        incarnation: String::new(),
     };
     tokio::spawn(async move {
         while !stop2.is_cancelled() {

@@ -160,7 +160,7 @@ impl Control {
                 reply.agents = active.iter().map(|s| s.agent_id.clone()).collect();
                 reply.stopping = stopping.iter().map(|s| s.agent_id.clone()).collect();
                 // Registered (and the stopped ones marked draining) before the answer goes out.
-                if let Err(e) = self.agents.beat(&self.fleet, &self.topology).await {
+                if let Err(e) = self.agents.beat(&self.fleet, &self.topology, true).await {
                     tracing::warn!(error = %e, "registry write after a fleet change failed; the heartbeat retries");
                 }
             }

@@ -261,7 +261,7 @@ async fn run(
         events_stop.clone(),
     ));
     registry::declare_capabilities(&fleet, &topology, &fleet_file).await?;
-    agents.beat(&fleet, &topology).await.context("failed to register agents")?;
+    agents.beat(&fleet, &topology, true).await.context("failed to register agents")?;
     tracing::info!(runner = %runner_id, agents = agents.len(), "agents registered");
 
     let stream = fleet
@@ -384,7 +384,7 @@ async fn run(
     // Drain: no more intake; mark agents draining; let in-flight work finish within the grace.
     tracing::info!(in_flight = agents.in_flight_total(), "draining");
     agents.draining.store(true, Ordering::SeqCst);
-    let _ = agents.beat(&fleet, &topology).await;
+    let _ = agents.beat(&fleet, &topology, true).await;
     tracker.close();
     if tokio::time::timeout(config.drain_grace, tracker.wait()).await.is_err() {
         tracing::warn!("drain grace over; handing unfinished tasks back for redelivery");
@@ -414,7 +414,7 @@ async fn run(
     let _ = grants_view.await;
     let _ = recall_view.await;
     let _ = recall_graphs.await;
-    agents.deregister(&fleet, &topology).await;
+    agents.deregister(&topology).await;
     let _ = health.await;
     tracing::info!(runner = %runner_id, "runner stopped");
     consumed

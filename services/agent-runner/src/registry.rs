@@ -1,5 +1,7 @@
-//! The runner's agents and their registry entries: registration, heartbeats that carry load and
-//! status, capability declarations, agents started and stopped at runtime, and deregistration.
+//! The runner's agents and their registry entries: registration, the runner's heartbeat (one
+//! record per runner, in the runners bucket, which keeps every agent it hosts alive), agent
+//! records written only when an agent's state, status or load changes, capability declarations,
+//! agents started and stopped at runtime, and deregistration.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -7,7 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use flotilla_protocol::{
-    AgentEvent, AgentRecord, AgentStatus, CapabilityRecord, ErrorInfo, PROTOCOL_VERSION, time::now_ms,
+    AgentEvent, AgentRecord, AgentStatus, CapabilityRecord, ErrorInfo, PROTOCOL_VERSION, RunnerRecord,
+    time::now_ms,
 };
 use flotilla_service::{Fleet, Topology, nats::FleetError};
 use futures::StreamExt as _;
@@ -43,7 +46,16 @@ pub struct Slot {
     pub stop: CancellationToken,
     /// Instance number within its template (`<runner>-<template>-<n>`).
     pub index: u32,
+    /// Its record as last written (heartbeat time left out), and when: a record that would say
+    /// the same is not written again until [`AGENT_REFRESH`].
+    written: Mutex<Option<(AgentRecord, tokio::time::Instant)>>,
 }
+
+pub use flotilla_service::topology::AGENT_REFRESH;
+
+/// Most unchanged agent records refreshed per heartbeat (their refresh spread out, not a burst
+/// of every agent at once).
+const REFRESH_PER_BEAT: usize = 8;
 
 /// Consecutive crashes after which an agent stops taking work.
 pub const MAX_CRASHES: u32 = 3;
@@ -99,6 +111,7 @@ impl Slot {
             removed: AtomicBool::new(false),
             stop: CancellationToken::new(),
             index,
+            written: Mutex::new(None),
         }
     }
 
@@ -172,6 +185,8 @@ impl Slot {
 #[derive(Debug)]
 pub struct Agents {
     pub runner_id: String,
+    /// This process of the runner (a new one each start, also under the same id).
+    pub incarnation: String,
     interval: Duration,
     started_at_ms: u64,
     slots: RwLock<BTreeMap<String, Arc<Slot>>>,
@@ -241,6 +256,7 @@ impl Agents {
         }
         Self {
             runner_id: runner_id.to_owned(),
+            incarnation: uuid::Uuid::now_v7().to_string(),
             interval,
             started_at_ms: now_ms(),
             slots: RwLock::new(slots),
@@ -483,6 +499,7 @@ impl Agents {
             started_at_ms: self.started_at_ms,
             heartbeat_at_ms: now_ms(),
             heartbeat_interval_ms: u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX),
+            incarnation: self.incarnation.clone(),
             state,
             activities,
             protocol_version: PROTOCOL_VERSION,
@@ -496,23 +513,78 @@ impl Agents {
         }
     }
 
-    /// Writes every agent's registry entry once (registration and heartbeat).
-    pub async fn beat(&self, fleet: &Fleet, topology: &Topology) -> Result<(), FleetError> {
+    /// This runner's heartbeat record.
+    fn runner_record(&self, fleet: &Fleet) -> RunnerRecord {
+        RunnerRecord {
+            runner_id: self.runner_id.clone(),
+            incarnation: self.incarnation.clone(),
+            instance: fleet.instance.clone(),
+            started_at_ms: self.started_at_ms,
+            heartbeat_at_ms: now_ms(),
+            heartbeat_interval_ms: u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX),
+            agents: u32::try_from(self.len()).unwrap_or(u32::MAX),
+            in_flight: self.in_flight_total(),
+            draining: self.draining.load(Ordering::Relaxed),
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+
+    /// Writes the runner's heartbeat (with `heartbeat`) and the record of every agent whose
+    /// state, status or load changed since its last write (or that is due for a refresh).
+    /// Returns how many agent records were written.
+    pub async fn beat(
+        &self,
+        fleet: &Fleet,
+        topology: &Topology,
+        heartbeat: bool,
+    ) -> Result<usize, FleetError> {
         let _registry = self.registry_lock.lock().await;
-        let records: Vec<AgentRecord> = self.read().values().map(|s| self.record(s)).collect();
-        let results: Vec<Result<u64, FleetError>> = futures::stream::iter(records)
-            .map(|rec| {
+        if heartbeat {
+            let rec = self.runner_record(fleet);
+            fleet.kv_put(&topology.runners, &self.runner_id, &rec).await?;
+        }
+        let now = tokio::time::Instant::now();
+        let mut refreshes = REFRESH_PER_BEAT;
+        let mut due: Vec<(Arc<Slot>, AgentRecord)> = Vec::new();
+        for slot in self.slots() {
+            let rec = self.record(&slot);
+            let same = AgentRecord { heartbeat_at_ms: 0, ..rec.clone() };
+            let written = slot.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let write = match &*written {
+                Some((last, at)) if *last == same => {
+                    let refresh = now.duration_since(*at) >= AGENT_REFRESH && refreshes > 0;
+                    refreshes = refreshes.saturating_sub(usize::from(refresh));
+                    refresh
+                }
+                _ => true,
+            };
+            drop(written);
+            if write {
+                due.push((slot, rec));
+            }
+        }
+        let count = due.len();
+        let results: Vec<Result<u64, FleetError>> = futures::stream::iter(due)
+            .map(|(slot, rec)| {
                 let (fleet, store) = (fleet.clone(), topology.agents.clone());
-                async move { fleet.kv_put(&store, &rec.agent_id, &rec).await }
+                async move {
+                    let r = fleet.kv_put(&store, &rec.agent_id, &rec).await;
+                    if r.is_ok() {
+                        let same = AgentRecord { heartbeat_at_ms: 0, ..rec };
+                        *slot.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some((same, tokio::time::Instant::now()));
+                    }
+                    r
+                }
             })
             .buffer_unordered(64)
             .collect()
             .await;
-        results.into_iter().collect::<Result<Vec<_>, _>>().map(|_| ())
+        results.into_iter().collect::<Result<Vec<_>, _>>().map(|_| count)
     }
 
-    /// Removes every agent's registry entry.
-    pub async fn deregister(&self, fleet: &Fleet, topology: &Topology) {
+    /// Removes every agent's registry entry, then the runner's.
+    pub async fn deregister(&self, topology: &Topology) {
         let _registry = self.registry_lock.lock().await;
         let ids: Vec<String> = self.read().keys().cloned().collect();
         for id in &ids {
@@ -520,7 +592,9 @@ impl Agents {
                 tracing::warn!(agent = %id, error = %e, "failed to deregister agent");
             }
         }
-        let _ = fleet;
+        if let Err(e) = topology.runners.delete(&self.runner_id).await {
+            tracing::warn!(runner = %self.runner_id, error = %e, "failed to deregister the runner");
+        }
     }
 
     /// Figures for health replies.
@@ -574,8 +648,8 @@ pub async fn declare_capabilities(
 /// Least time between two registry writes asked for by lifecycle changes.
 const DIRTY_GAP: Duration = Duration::from_millis(100);
 
-/// Rewrites the registry entries every `interval` until shutdown, and soon after lifecycle
-/// changes.
+/// Writes the runner's heartbeat every `interval` until shutdown, and the records of agents that
+/// changed at those beats and soon after lifecycle changes.
 pub async fn heartbeat_loop(
     agents: Arc<Agents>,
     fleet: Fleet,
@@ -587,9 +661,9 @@ pub async fn heartbeat_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = tokio::time::Instant::now();
     loop {
-        tokio::select! {
+        let heartbeat = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tick.tick() => true,
             _ = agents.dirty.notified() => {
                 // Lifecycle changes are written within DIRTY_GAP of each other at most often,
                 // however fast the transitions come: a busy agent changes state per task.
@@ -597,11 +671,12 @@ pub async fn heartbeat_loop(
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep_until(last + DIRTY_GAP) => {}
                 }
+                false
             }
-        }
+        };
         last = tokio::time::Instant::now();
         agents.recover_due();
-        if let Err(e) = agents.beat(&fleet, &topology).await {
+        if let Err(e) = agents.beat(&fleet, &topology, heartbeat).await {
             tracing::warn!(error = %e, "heartbeat failed");
         }
         agents.reap(&topology).await;
@@ -647,7 +722,8 @@ mod tests {
 
     #[test]
     fn cool_downs_double_up_to_their_bound_and_end_after_the_limit() {
-        let r = Recovery { cooldown: Duration::from_secs(30), cooldown_max: Duration::from_secs(100), limit: 3 };
+        let r =
+            Recovery { cooldown: Duration::from_secs(30), cooldown_max: Duration::from_secs(100), limit: 3 };
         let c: Vec<Option<Duration>> = (0..4).map(|n| r.cooldown(n)).collect();
         assert_eq!(c, [Some(30), Some(60), Some(100), None].map(|s| s.map(Duration::from_secs)));
         assert_eq!(Recovery { limit: 0, ..r }.cooldown(0), None);

@@ -138,11 +138,26 @@ async fn registers_heartbeats_runs_and_fences() {
     .await;
     assert_eq!(first.capabilities, vec!["echo".to_string()]);
     assert_eq!(first.concurrency, 2);
-    eventually(Duration::from_secs(5), "a later heartbeat", || async {
+    // The runner beats (its record, with the incarnation its agents' records carry); an idle
+    // agent's record is not written again once it has settled (initializing → idle).
+    eventually(Duration::from_secs(5), "the agent to settle", || async {
         let (r, _) = fleet.kv_get::<AgentRecord>(&topo.agents, "r1-echo-1").await.unwrap()?;
-        (r.heartbeat_at_ms > first.heartbeat_at_ms).then_some(())
+        (r.state == flotilla_protocol::AgentState::Idle).then_some(r)
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (first, _) = fleet.kv_get::<AgentRecord>(&topo.agents, "r1-echo-1").await.unwrap().unwrap();
+    let beat: flotilla_protocol::RunnerRecord =
+        eventually(Duration::from_secs(5), "a later heartbeat", || async {
+            let (r, _) =
+                fleet.kv_get::<flotilla_protocol::RunnerRecord>(&topo.runners, "r1").await.unwrap()?;
+            (r.heartbeat_at_ms > first.heartbeat_at_ms + 500).then_some(r)
+        })
+        .await;
+    assert_eq!((beat.incarnation.as_str(), beat.agents), (first.incarnation.as_str(), 2));
+    assert!(first.alive_at(Some(&beat), beat.heartbeat_at_ms + 1_000), "alive through its runner");
+    let (again, _) = fleet.kv_get::<AgentRecord>(&topo.agents, "r1-echo-1").await.unwrap().unwrap();
+    assert_eq!(again.heartbeat_at_ms, first.heartbeat_at_ms, "an idle agent's record is not rewritten");
 
     // An assignment runs and completes, with usage.
     let rec = queued("job-1");

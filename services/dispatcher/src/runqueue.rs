@@ -368,6 +368,13 @@ impl RunQueue {
         self.reindex(&id);
     }
 
+    /// Extends an agent's life to `alive_until` (its runner's heartbeat), its record unchanged.
+    pub fn touch_agent(&mut self, id: &str, alive_until: Instant) {
+        if let Some(a) = self.agents.get_mut(id) {
+            a.alive_until = a.alive_until.max(alive_until);
+        }
+    }
+
     /// Forgets an agent (deregistered or long dead). Its tasks stay running until requeued.
     pub fn remove_agent(&mut self, id: &str) {
         let Some(key) = self.agents.get_key_value(id).map(|(k, _)| k.clone()) else { return };
@@ -746,6 +753,7 @@ mod tests {
             max_replicas: 1,
             error_until_ms: None,
             recoveries: 0,
+            incarnation: String::new(),
         }
     }
 

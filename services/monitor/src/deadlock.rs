@@ -74,6 +74,8 @@ struct Wait {
 
 #[derive(Debug, Clone)]
 struct Agent {
+    runner_id: String,
+    incarnation: String,
     template: String,
     capabilities: Vec<String>,
     concurrency: u32,
@@ -281,6 +283,8 @@ impl Graph {
         self.agents.insert(
             rec.agent_id.clone(),
             Agent {
+                runner_id: rec.runner_id.clone(),
+                incarnation: rec.incarnation.clone(),
                 template: rec.name.clone(),
                 capabilities: rec.capabilities.clone(),
                 concurrency: rec.concurrency.max(1),
@@ -289,6 +293,16 @@ impl Graph {
                 heartbeat_interval_ms: rec.heartbeat_interval_ms,
             },
         );
+    }
+
+    /// A runner's heartbeat: the agents its incarnation registered are seen alive with it.
+    pub fn runner(&mut self, rec: &flotilla_protocol::RunnerRecord) {
+        for a in self.agents.values_mut() {
+            if a.runner_id == rec.runner_id && !a.incarnation.is_empty() && a.incarnation == rec.incarnation {
+                a.heartbeat_at_ms = a.heartbeat_at_ms.max(rec.heartbeat_at_ms);
+                a.heartbeat_interval_ms = rec.heartbeat_interval_ms;
+            }
+        }
     }
 
     /// An agent left the registry.

@@ -21,7 +21,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use flotilla_protocol::{AgentRecord, LedgerOp, codec, time::now_ms};
+use flotilla_protocol::{AgentRecord, LedgerOp, RunnerRecord, codec, time::now_ms};
 use flotilla_service::{Fleet, Topology};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
@@ -175,7 +175,12 @@ async fn serve(
         shutdown.clone(),
         move |msg| count_event(&f, msg),
     ));
-    let agents = tokio::spawn(follow_agents(topology.agents.clone(), fold.clone(), shutdown.clone()));
+    let agents = tokio::spawn(follow_agents(
+        topology.agents.clone(),
+        topology.runners.clone(),
+        fold.clone(),
+        shutdown.clone(),
+    ));
     // The budget-keeper creates the ledger stream; until it has, the follower retries.
     let f = fold.clone();
     let ledger = tokio::spawn(follow(
@@ -729,12 +734,23 @@ fn changes_has(changes: &[flotilla_protocol::AlertEvent], a: &flotilla_protocol:
     changes.iter().any(|c| c.kind == a.kind && c.key == a.key)
 }
 
-/// Keeps the agent gauges current from a watch of the registry.
-async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationToken) {
-    let mut agents: std::collections::HashMap<String, AgentRecord> = Default::default();
+/// Keeps the agent gauges current from watches of the registry: the agents' records and their
+/// runners' heartbeats (an agent is alive while its runner beats).
+async fn follow_agents(
+    agents_store: kv::Store,
+    runners_store: kv::Store,
+    fold: Shared,
+    shutdown: CancellationToken,
+) {
+    let mut agents: Registry = Default::default();
+    let mut runners: Runners = Default::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let mut watch = match store.watch_with_history(">").await {
+        let watches = futures::future::try_join(
+            agents_store.watch_with_history(">"),
+            runners_store.watch_with_history(">"),
+        );
+        let (mut watch, mut beats) = match watches.await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "failed to watch the agent registry; retrying");
@@ -752,6 +768,9 @@ async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationTok
                         if let Ok(rec) = codec::decode::<AgentRecord>(None, &e.value) {
                             if let Ok(mut f) = fold.lock() {
                                 f.graph.agent(&rec);
+                                if let Some(r) = runners.get(&rec.runner_id) {
+                                    f.graph.runner(r);
+                                }
                             }
                             agents.insert(e.key, rec);
                         }
@@ -765,11 +784,28 @@ async fn follow_agents(store: kv::Store, fold: Shared, shutdown: CancellationTok
                     }
                     Some(Err(_)) | None => break,
                 },
-                _ = tick.tick() => set_agent_gauges(&fold, &agents),
+                entry = beats.next() => match entry {
+                    Some(Ok(e)) if e.operation == kv::Operation::Put => {
+                        if let Ok(rec) = codec::decode::<RunnerRecord>(None, &e.value) {
+                            if let Ok(mut f) = fold.lock() {
+                                f.graph.runner(&rec);
+                            }
+                            runners.insert(e.key, rec);
+                        }
+                    }
+                    Some(Ok(e)) => {
+                        runners.remove(&e.key);
+                    }
+                    Some(Err(_)) | None => break,
+                },
+                _ = tick.tick() => set_agent_gauges(&fold, &agents, &runners),
             }
         }
     }
 }
+
+type Registry = std::collections::HashMap<String, AgentRecord>;
+type Runners = std::collections::HashMap<String, RunnerRecord>;
 
 /// What the `agent_error` alert says of an agent in ERROR or in a crash loop.
 fn error_text(r: &AgentRecord, now: u64) -> String {
@@ -794,14 +830,15 @@ fn error_text(r: &AgentRecord, now: u64) -> String {
     }
 }
 
-fn set_agent_gauges(fold: &Shared, agents: &std::collections::HashMap<String, AgentRecord>) {
+fn set_agent_gauges(fold: &Shared, agents: &Registry, runners: &Runners) {
     let Ok(mut f) = fold.lock() else { return };
     let now = now_ms();
+    let alive = |r: &AgentRecord| r.alive_at(runners.get(&r.runner_id), now);
     let mut rows: Vec<serde_json::Value> = agents
         .values()
         .map(|r| {
-            let age = now.saturating_sub(r.heartbeat_at_ms);
-            let dead = age > r.heartbeat_interval_ms.saturating_mul(3) + 500;
+            let age = r.age_ms(runners.get(&r.runner_id), now);
+            let dead = !alive(r);
             serde_json::json!({
                 "agent_id": r.agent_id, "runner_id": r.runner_id, "template": r.name,
                 "tenant": r.tenant, "capabilities": r.capabilities, "model": r.model,
@@ -818,18 +855,13 @@ fn set_agent_gauges(fold: &Shared, agents: &std::collections::HashMap<String, Ag
     // An agent back from ERROR stays alerted until a task of it ends without a crash.
     f.inputs.agents_in_error = agents
         .iter()
-        .filter(|(_, r)| {
-            (r.status == flotilla_protocol::AgentStatus::Error || r.recoveries > 0)
-                && now.saturating_sub(r.heartbeat_at_ms) <= r.heartbeat_interval_ms.saturating_mul(3) + 500
-        })
+        .filter(|(_, r)| (r.status == flotilla_protocol::AgentStatus::Error || r.recoveries > 0) && alive(r))
         .map(|(k, r)| (k.clone(), error_text(r, now)))
         .collect();
     let metrics = &f.metrics;
     let mut counts: std::collections::HashMap<&'static str, i64> = Default::default();
-    let now = now_ms();
     for rec in agents.values() {
-        let stale =
-            now.saturating_sub(rec.heartbeat_at_ms) > rec.heartbeat_interval_ms.saturating_mul(3) + 500;
+        let stale = !alive(rec);
         let status = match (stale, rec.status) {
             (true, _) => "dead",
             (false, flotilla_protocol::AgentStatus::Idle) => "idle",

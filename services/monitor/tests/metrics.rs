@@ -108,6 +108,7 @@ async fn task_events_show_up_in_metrics() {
             max_replicas: 1,
             error_until_ms: None,
             recoveries: 0,
+            incarnation: String::new(),
         };
         fleet.kv_put(&topo_agents, id, &rec).await.unwrap();
     }

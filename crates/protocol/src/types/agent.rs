@@ -93,7 +93,9 @@ pub enum AgentStatus {
     Error,
 }
 
-/// An agent's entry in the registry bucket, rewritten on every heartbeat.
+/// An agent's entry in the registry bucket, written when the agent registers and whenever its
+/// state, status or load changes (and refreshed every few hours). Whether it is alive is its
+/// runner's heartbeat ([`RunnerRecord`]): see [`AgentRecord::alive_at`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AgentRecord {
     pub agent_id: String,
@@ -112,10 +114,17 @@ pub struct AgentRecord {
     pub concurrency: u32,
     pub in_flight: u32,
     pub status: AgentStatus,
+    /// When its runner's process started.
     pub started_at_ms: u64,
+    /// When its runner wrote this record. The runner's own heartbeat, in its [`RunnerRecord`],
+    /// is what says the agent is still alive (see [`AgentRecord::alive_at`]).
     pub heartbeat_at_ms: u64,
-    /// Heartbeat period; the dispatcher treats the agent as dead after a few missed beats.
+    /// Its runner's heartbeat period; the agent counts as dead after a few missed beats.
     pub heartbeat_interval_ms: u64,
+    /// The incarnation of its runner that wrote this record ([`RunnerRecord::incarnation`]):
+    /// that runner's heartbeat vouches for it only while it is the same incarnation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub incarnation: String,
     /// Lifecycle state of the agent as a whole.
     #[serde(default = "initializing")]
     pub state: AgentState,
@@ -138,6 +147,87 @@ pub struct AgentRecord {
     /// crash loop while above 0 (the monitor's `agent_error` alert stays raised).
     #[serde(default)]
     pub recoveries: u32,
+}
+
+/// A runner's entry in the runners bucket, rewritten on every heartbeat: one write per runner
+/// per heartbeat however many agents it hosts. The agents it hosts (their records carry its
+/// `incarnation`) are alive while it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RunnerRecord {
+    pub runner_id: String,
+    /// This process of the runner: a new one each time it starts, also under the same id.
+    pub incarnation: String,
+    /// The NATS client instance it runs as.
+    #[serde(default)]
+    pub instance: String,
+    pub started_at_ms: u64,
+    pub heartbeat_at_ms: u64,
+    /// Its heartbeat period; it (and every agent it hosts) counts as dead after a few missed
+    /// beats.
+    pub heartbeat_interval_ms: u64,
+    /// Agents it hosts now.
+    pub agents: u32,
+    /// Tasks its agents hold now.
+    #[serde(default)]
+    pub in_flight: u32,
+    /// Shutting down: finishing its work, taking none.
+    #[serde(default)]
+    pub draining: bool,
+    #[serde(default)]
+    pub protocol_version: u32,
+}
+
+/// Missed heartbeats after which clients of the registry (the monitor, the CLI) count an agent or
+/// runner as dead; the dispatcher's own bound is its `missed_heartbeats` setting.
+pub const MISSED_BEATS: u64 = 3;
+
+impl RunnerRecord {
+    /// Whether it still beats at `now_ms` (its clock against the reader's: allow for skew).
+    pub fn alive_at(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.heartbeat_at_ms)
+            <= self.heartbeat_interval_ms.saturating_mul(MISSED_BEATS) + 500
+    }
+
+    /// Whether `agent`'s record was written by this incarnation of this runner.
+    pub fn vouches_for(&self, agent: &AgentRecord) -> bool {
+        self.runner_id == agent.runner_id
+            && !agent.incarnation.is_empty()
+            && self.incarnation == agent.incarnation
+    }
+}
+
+impl AgentRecord {
+    /// When the agent was last known alive: the later of this record's write and the heartbeat
+    /// of `runner` (its runner's record, if there is one) when that is the incarnation that
+    /// wrote this record; with the heartbeat period that applies.
+    pub fn seen_at_ms(&self, runner: Option<&RunnerRecord>) -> (u64, u64) {
+        match runner.filter(|r| r.vouches_for(self)) {
+            Some(r) if r.heartbeat_at_ms > self.heartbeat_at_ms => {
+                (r.heartbeat_at_ms, r.heartbeat_interval_ms)
+            }
+            _ => (self.heartbeat_at_ms, self.heartbeat_interval_ms),
+        }
+    }
+
+    /// Whether the agent is alive at `now_ms`: seen (itself or through its runner's heartbeat)
+    /// within [`MISSED_BEATS`] heartbeat periods and half a second.
+    pub fn alive_at(&self, runner: Option<&RunnerRecord>, now_ms: u64) -> bool {
+        let (at, interval) = self.seen_at_ms(runner);
+        now_ms.saturating_sub(at) <= interval.saturating_mul(MISSED_BEATS) + 500
+    }
+
+    /// This record with `heartbeat_at_ms` and `heartbeat_interval_ms` as last seen through
+    /// `runner` ([`Self::seen_at_ms`]): what a reader that judges an agent by its own record's
+    /// heartbeat should be shown.
+    pub fn as_seen(mut self, runner: Option<&RunnerRecord>) -> Self {
+        (self.heartbeat_at_ms, self.heartbeat_interval_ms) = self.seen_at_ms(runner);
+        self
+    }
+
+    /// Milliseconds since the agent was last known alive.
+    pub fn age_ms(&self, runner: Option<&RunnerRecord>, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.seen_at_ms(runner).0)
+    }
 }
 
 /// A capability's entry in the capabilities bucket: some fleet declared it.

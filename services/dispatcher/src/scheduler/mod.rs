@@ -1,5 +1,5 @@
-//! The scheduler: the loop of the active dispatcher. One task owns the projection of the tasks
-//! and agents buckets ([`projection`], fed by KV watches) and carries out the decisions of the
+//! The scheduler: the loop of the active dispatcher. One task owns the projection of the tasks,
+//! agents and runners buckets ([`projection`], fed by KV watches) and carries out the decisions of the
 //! run queue ([`crate::runqueue`]): it sends assignments ([`assign`]); takes back the work of
 //! agents that stopped heartbeating and assignments nobody claimed, and fails tasks past their
 //! deadline ([`housekeeping`]); scales templates with the workload ([`autoscale`]); and answers
@@ -85,6 +85,7 @@ pub async fn run(
     };
     let mut task_watch = watch(&s.topology.tasks).await?;
     let mut agent_watch = watch(&s.topology.agents).await?;
+    let mut runner_watch = watch(&s.topology.runners).await?;
     // Only the scheduling dispatcher answers these: it alone has the queue, and cancels are
     // written by the one writer that also requeues and expires.
     let mut queue_requests = subscribe(&s.fleet, s.fleet.names.dispatcher_queue()).await?;
@@ -121,6 +122,22 @@ pub async fn run(
                 }
                 None => {
                     agent_watch = watch(&s.topology.agents).await?;
+                    s.requeue_after = Instant::now() + liveness_window(&s.config);
+                }
+            },
+            e = runner_watch.next() => match e {
+                Some(Ok(entry)) => {
+                    s.on_runner_entry(entry);
+                    // A runner's beat changes no decision: nothing to schedule for it.
+                    continue;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "runner watch failed; re-watching");
+                    runner_watch = watch(&s.topology.runners).await?;
+                    s.requeue_after = Instant::now() + liveness_window(&s.config);
+                }
+                None => {
+                    runner_watch = watch(&s.topology.runners).await?;
                     s.requeue_after = Instant::now() + liveness_window(&s.config);
                 }
             },

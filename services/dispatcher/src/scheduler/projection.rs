@@ -1,12 +1,13 @@
-//! The scheduler's projection of the tasks and agents buckets: every non-terminal task (a queued
-//! one kept encoded, as stored) and every registered agent, fed into the run queue as the KV
-//! watches deliver them. Any later revision of a task settles an assignment still waiting for its
+//! The scheduler's projection of the tasks, agents and runners buckets: every non-terminal task
+//! (a queued one kept encoded, as stored) and every registered agent, alive while its runner's
+//! heartbeat is seen (or its own record is rewritten), fed into the run queue as the KV watches
+//! deliver them. Any later revision of a task settles an assignment still waiting for its
 //! claim; a finished task charges its tenant's fair share with what it used.
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
-use flotilla_protocol::{AgentRecord, AgentStatus, TaskRecord, TaskState, WireFormat, codec};
+use flotilla_protocol::{AgentRecord, AgentStatus, RunnerRecord, TaskRecord, TaskState, WireFormat, codec};
 use flotilla_service::nats::FleetError;
 
 use super::Scheduler;
@@ -59,6 +60,8 @@ impl TaskView {
 /// What the scheduler keeps of an agent besides the run queue's view.
 pub(super) struct AgentInfo {
     pub(super) runner_id: String,
+    /// The runner incarnation that wrote its record: that incarnation's heartbeat keeps it alive.
+    pub(super) incarnation: String,
     pub(super) status: AgentStatus,
     pub(super) last_seen: Instant,
     pub(super) template: String,
@@ -198,11 +201,12 @@ impl Scheduler {
                     // by its own clock would let clock skew requeue healthy work. A dead one is
                     // found out one liveness window later.
                     let now = Instant::now();
-                    self.queue.upsert_agent(&rec, now + self.liveness(&rec));
+                    self.queue.upsert_agent(&rec, now + self.liveness(rec.heartbeat_interval_ms));
                     self.agents.insert(
                         rec.agent_id.clone(),
                         AgentInfo {
                             runner_id: rec.runner_id.clone(),
+                            incarnation: rec.incarnation.clone(),
                             status: rec.status,
                             last_seen: now,
                             template: rec.name.clone(),
@@ -222,9 +226,32 @@ impl Scheduler {
         }
     }
 
-    /// How long an agent counts as alive after a heartbeat.
-    fn liveness(&self, rec: &AgentRecord) -> Duration {
-        let interval = Duration::from_millis(rec.heartbeat_interval_ms.max(100));
+    /// A runner's heartbeat: every agent its incarnation registered is alive for another
+    /// liveness window. (One write per runner per beat keeps all of its agents alive.)
+    pub(super) fn on_runner_entry(&mut self, entry: kv::Entry) {
+        if entry.operation != kv::Operation::Put {
+            return;
+        }
+        let rec = match codec::decode::<RunnerRecord>(None, &entry.value) {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::error!(key = %entry.key, error = %e, "unreadable runner record ignored");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let until = now + self.liveness(rec.heartbeat_interval_ms);
+        for (id, a) in &mut self.agents {
+            if a.runner_id == rec.runner_id && !a.incarnation.is_empty() && a.incarnation == rec.incarnation {
+                a.last_seen = now;
+                self.queue.touch_agent(id, until);
+            }
+        }
+    }
+
+    /// How long an agent counts as alive after a heartbeat of period `interval_ms`.
+    fn liveness(&self, interval_ms: u64) -> Duration {
+        let interval = Duration::from_millis(interval_ms.max(100));
         interval * self.config.missed_heartbeats.max(1) + Duration::from_millis(500)
     }
 
